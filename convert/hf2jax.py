@@ -1,0 +1,75 @@
+"""HF safetensors checkpoint -> ring_jax model folder (Orbax), streaming one tensor at a time."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+
+from convert.mapping import TIED_HEAD, check_tensors, tensor_table
+from convert.safetensors_io import CheckpointError, SafetensorsFolder
+from ring_jax.checkpoint import ParamWriter, parse_dtype
+from ring_jax.config import RingConfig
+
+# Files beside the weights that a model folder keeps (tokenizer, chat template, generation defaults).
+AUX_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+             "generation_config.json", "chat_template.jinja", "chat_template.json", "tokenizer.model",
+             "vocab.json", "merges.txt")
+
+
+def open_hf_checkpoint(hf_dir: str, config: RingConfig, dtype=None) -> tuple[SafetensorsFolder, np.dtype]:
+    """The folder's tensors, checked against the config's table; and the parameter dtype to use
+    (given, else the config's torch_dtype, else the stored embedding dtype)."""
+    source = SafetensorsFolder(hf_dir)
+    table = tensor_table(config)
+    check_tensors(table, source.names, source.shape)
+    if config.tie_word_embeddings and TIED_HEAD in source.names:
+        if not np.array_equal(source.read(TIED_HEAD), source.read(table[0].hf_names[0])):
+            raise CheckpointError(f"unexpected tensor {TIED_HEAD}: the config ties the head to the "
+                                  "embeddings but the checkpoint's head differs from them")
+    if dtype is None:
+        dtype = parse_dtype(config.torch_dtype) if config.torch_dtype else source.dtype(table[0].hf_names[0])
+    return source, np.dtype(dtype)
+
+
+def _progress(i: int, n: int, label: str, done_bytes: int, start: float) -> None:
+    print(f"[{i:>5}/{n}] {done_bytes / 2**30:8.2f} GiB {time.time() - start:7.1f} s  {label}",
+          file=sys.stderr, flush=True)
+
+
+def convert_hf_to_jax(hf_dir: str, out_dir: str, dtype=None, progress: bool = True) -> None:
+    """Converts an HF folder into a ring_jax model folder at out_dir (which must not exist).
+
+    Every tensor is checked before anything is written; the output is built in a temporary folder
+    beside out_dir and renamed into place at the end, so a failure leaves nothing behind.
+    """
+    if os.path.exists(out_dir):
+        raise FileExistsError(f"{out_dir} exists; choose a new output folder")
+    config = RingConfig.from_hf(hf_dir)
+    source, dtype = open_hf_checkpoint(hf_dir, config, parse_dtype(dtype) if isinstance(dtype, str) else dtype)
+    table = tensor_table(config)
+    nbytes = [int(np.prod(spec.shape)) * (4 if spec.float32 else dtype.itemsize) for spec in table]
+    tmp = f"{os.path.abspath(out_dir)}.tmp-{os.getpid()}"
+    start, done = time.time(), 0
+    try:
+        os.makedirs(tmp)
+        writer = ParamWriter(tmp, flush_bytes=max(nbytes))
+        for i, (spec, size) in enumerate(zip(table, nbytes), 1):
+            writer.add(spec.key, spec.to_param(source.read, dtype))
+            done += size
+            if progress:
+                _progress(i, len(table), f"{spec.hf_label} -> {spec.key} {list(spec.shape)}", done, start)
+        writer.close(dtype)
+        shutil.copy(os.path.join(hf_dir, "config.json"), os.path.join(tmp, "config.json"))
+        for name in AUX_FILES:
+            if os.path.isfile(os.path.join(hf_dir, name)):
+                shutil.copy(os.path.join(hf_dir, name), os.path.join(tmp, name))
+        os.rename(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if progress:
+        print(f"wrote {out_dir}: {len(table)} parameters, {done / 2**30:.2f} GiB {dtype.name}, "
+              f"{time.time() - start:.1f} s", file=sys.stderr)

@@ -1,0 +1,43 @@
+"""ring_jax model folder -> HF safetensors checkpoint (the layout `hf2jax` reads)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+
+import numpy as np
+
+from convert.hf2jax import AUX_FILES
+from convert.mapping import tensor_table
+from convert.safetensors_io import write_hf_weights
+from ring_jax.checkpoint import restore_params
+from ring_jax.config import RingConfig
+
+
+def convert_jax_to_hf(model_dir: str, out_dir: str, max_shard_bytes: int = 5 * 2**30,
+                      progress: bool = True) -> None:
+    """Writes the HF layout of a converted folder: `model.safetensors` or shards of at most
+    max_shard_bytes with their index, config.json and the aux files.
+
+    The parameters are restored whole (host memory of the model's size)."""
+    if os.path.exists(out_dir):
+        raise FileExistsError(f"{out_dir} exists; choose a new output folder")
+    config = RingConfig.from_hf(model_dir)
+    params, _ = restore_params(model_dir, config)
+    tensors = {}
+    for spec in tensor_table(config):
+        tensors.update(spec.to_hf(np.asarray(params.pop(spec.key))))
+    tmp = f"{os.path.abspath(out_dir)}.tmp-{os.getpid()}"
+    try:
+        os.makedirs(tmp)
+        files = write_hf_weights(tmp, {n: (t.dtype, t.shape) for n, t in tensors.items()},
+                                 tensors.__getitem__, max_shard_bytes)
+        for name in ("config.json",) + AUX_FILES:
+            if os.path.isfile(os.path.join(model_dir, name)):
+                shutil.copy(os.path.join(model_dir, name), os.path.join(tmp, name))
+        os.rename(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if progress:
+        print(f"wrote {out_dir}: {len(tensors)} tensors in {len(files)} file(s)", file=sys.stderr)

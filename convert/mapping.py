@@ -1,0 +1,163 @@
+"""THE table between HF checkpoint tensors and RingModel parameters (SPEC.md §9).
+
+Conversion both ways, validation and error messages all read `tensor_table(config)`; nothing else
+spells a tensor name.
+
+Layouts:
+- "same":    the HF tensor is the parameter (norm weights, embeddings, expert bias);
+- "linear":  torch Linear weight [out, in] -> kernel [in, out] (transpose);
+- "experts": E tensors `...experts.{e}.<proj>.weight` [out, in] -> one stacked [E, in, out].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from convert.safetensors_io import CheckpointError
+from ring_jax.config import RingConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    path: tuple[str | int, ...]       # attribute path in RingModel, e.g. ("layers", 3, "mlp", "gate", "kernel")
+    hf_names: tuple[str, ...]         # one HF name, or one per expert for "experts"
+    layout: str                       # "same" | "linear" | "experts"
+    hf_shape: tuple[int, ...]         # shape of each HF tensor
+    float32: bool = False             # stays float32 whatever the model dtype
+
+    @property
+    def key(self) -> str:
+        """The parameter's dotted name, e.g. "layers.3.mlp.gate.kernel"."""
+        return ".".join(str(p) for p in self.path)
+
+    @property
+    def hf_label(self) -> str:
+        """The HF name, or the expert pattern with {e} for a stacked tensor."""
+        if self.layout != "experts":
+            return self.hf_names[0]
+        return self.hf_names[0].replace(".experts.0.", ".experts.{e}.")
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        if self.layout == "same":
+            return self.hf_shape
+        out, inp = self.hf_shape
+        return (inp, out) if self.layout == "linear" else (len(self.hf_names), inp, out)
+
+    def to_param(self, read, dtype) -> np.ndarray:
+        """The parameter, from `read(hf_name) -> np.ndarray`, cast to dtype (or float32)."""
+        dtype = np.float32 if self.float32 else dtype
+        if self.layout == "same":
+            return read(self.hf_names[0]).astype(dtype, copy=False)
+        if self.layout == "linear":
+            return np.ascontiguousarray(read(self.hf_names[0]).T, dtype=dtype)
+        out = np.empty(self.shape, dtype)
+        for e, name in enumerate(self.hf_names):
+            out[e] = read(name).T
+        return out
+
+    def to_hf(self, param: np.ndarray) -> dict[str, np.ndarray]:
+        """The HF tensors of a parameter (inverse of to_param without the cast)."""
+        if self.layout == "same":
+            return {self.hf_names[0]: param}
+        if self.layout == "linear":
+            return {self.hf_names[0]: np.ascontiguousarray(param.T)}
+        return {name: np.ascontiguousarray(param[e].T) for e, name in enumerate(self.hf_names)}
+
+
+def tensor_table(config: RingConfig) -> list[TensorSpec]:
+    """Every tensor of the HF checkpoint of `config`, in checkpoint order."""
+    c = config
+    hidden, D = c.hidden_size, c.head_dim
+    H, Hkv = c.num_attention_heads, c.num_key_value_heads
+    table: list[TensorSpec] = []
+
+    def add(path, hf_name, layout, hf_shape, **kw):
+        table.append(TensorSpec(tuple(path), (hf_name,), layout, tuple(hf_shape), **kw))
+
+    def norm(path, hf, dim):
+        add(path + ("weight",), hf + ".weight", "same", (dim,))
+
+    def linear(path, hf, out, inp):
+        add(path + ("kernel",), hf + ".weight", "linear", (out, inp))
+
+    def softmax_attention(path, hf):
+        linear(path + ("query_key_value",), hf + ".query_key_value", (H + 2 * Hkv) * D, hidden)
+        norm(path + ("query_layernorm",), hf + ".query_layernorm", D)
+        norm(path + ("key_layernorm",), hf + ".key_layernorm", D)
+        linear(path + ("dense",), hf + ".dense", hidden, H * D)
+
+    def linear_attention(path, hf):
+        linear(path + ("query_key_value",), hf + ".query_key_value", 3 * H * D, hidden)
+        norm(path + ("query_layernorm",), hf + ".query_layernorm", D)
+        norm(path + ("key_layernorm",), hf + ".key_layernorm", D)
+        linear(path + ("g_proj",), hf + ".g_proj", H * D, hidden)
+        norm(path + ("g_norm",), hf + ".g_norm", H * D)
+        linear(path + ("dense",), hf + ".dense", hidden, H * D)
+
+    def mlp(path, hf, intermediate):
+        linear(path + ("gate_proj",), hf + ".gate_proj", intermediate, hidden)
+        linear(path + ("up_proj",), hf + ".up_proj", intermediate, hidden)
+        linear(path + ("down_proj",), hf + ".down_proj", hidden, intermediate)
+
+    def moe(path, hf):
+        E, I = c.num_experts, c.moe_intermediate_size
+        linear(path + ("gate",), hf + ".gate", E, hidden)
+        add(path + ("gate", "expert_bias"), hf + ".gate.expert_bias", "same", (E,), float32=True)
+        for proj, (out, inp) in (("gate_proj", (I, hidden)), ("up_proj", (I, hidden)),
+                                 ("down_proj", (hidden, I))):
+            names = tuple(f"{hf}.experts.{e}.{proj}.weight" for e in range(E))
+            table.append(TensorSpec(path + ("experts", proj), names, "experts", (out, inp)))
+        mlp(path + ("shared_experts",), hf + ".shared_experts", c.shared_expert_intermediate_size)
+
+    add(("word_embeddings",), "model.word_embeddings.weight", "same", (c.vocab_size, hidden))
+    for i in range(c.num_decoder_layers):
+        path, hf = ("layers", i), f"model.layers.{i}"
+        norm(path + ("input_layernorm",), hf + ".input_layernorm", hidden)
+        if c.is_softmax_layer(i):
+            softmax_attention(path + ("attention",), hf + ".attention")
+        else:
+            linear_attention(path + ("attention",), hf + ".attention")
+        norm(path + ("post_attention_layernorm",), hf + ".post_attention_layernorm", hidden)
+        if c.is_moe_layer(i):
+            moe(path + ("mlp",), hf + ".mlp")
+        else:
+            mlp(path + ("mlp",), hf + ".mlp", c.intermediate_size)
+    for j, i in enumerate(c.mtp_layer_indices):
+        path, hf = ("mtp_layers", j), f"model.layers.{i}"
+        norm(path + ("enorm",), hf + ".enorm", hidden)
+        norm(path + ("hnorm",), hf + ".hnorm", hidden)
+        linear(path + ("eh_proj",), hf + ".eh_proj", hidden, 2 * hidden)
+        norm(path + ("input_layernorm",), hf + ".input_layernorm", hidden)
+        softmax_attention(path + ("attention",), hf + ".attention")
+        norm(path + ("post_attention_layernorm",), hf + ".post_attention_layernorm", hidden)
+        moe(path + ("mlp",), hf + ".mlp")
+        norm(path + ("final_layernorm",), hf + ".final_layernorm", hidden)
+    norm(("norm",), "model.norm", hidden)
+    if not c.tie_word_embeddings:
+        linear(("lm_head",), "lm_head", c.vocab_size, hidden)
+    return table
+
+
+TIED_HEAD = "lm_head.weight"  # may sit in a tied checkpoint as a copy of the embeddings
+
+
+def check_tensors(table: list[TensorSpec], names: set[str], shape_of) -> None:
+    """Raises CheckpointError naming the first missing, unexpected or misshapen tensor."""
+    expected = {}
+    for spec in table:
+        for name in spec.hf_names:
+            expected[name] = spec.hf_shape
+    missing = [n for n in expected if n not in names]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"missing tensor {missing[0]}{more}")
+    unexpected = sorted(names - set(expected) - {TIED_HEAD})
+    if unexpected:
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        raise CheckpointError(f"unexpected tensor {unexpected[0]}{more}: the config does not use it")
+    for name, shape in expected.items():
+        if tuple(shape_of(name)) != tuple(shape):
+            raise CheckpointError(f"tensor {name} has shape {list(shape_of(name))}, the config needs {list(shape)}")

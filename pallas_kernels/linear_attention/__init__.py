@@ -1,0 +1,3 @@
+from pallas_kernels.linear_attention.api import linear_attention, linear_attention_step
+
+__all__ = ["linear_attention", "linear_attention_step"]

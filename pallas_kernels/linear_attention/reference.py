@@ -1,0 +1,79 @@
+"""Lightning (simple-GLA) linear attention in plain jnp: the reference every kernel is held to.
+
+Per head h with log decay g_h < 0 and scale s (SPEC.md §6.3):
+
+    S_t = exp(g_h) * S_{t-1} + k_t^T v_t          # S: [D, Dv], float32
+    o_t = s * q_t S_t
+
+`linear_attention` evaluates this chunk by chunk: within a chunk of C tokens the output is a masked
+[C, C] product plus the decayed carry-in state; across chunks a `lax.scan` carries the state. Every
+decay factor is exp of a non-positive number (masked differences, never an inverse), so nothing
+overflows at any length.
+"""
+
+import jax
+import jax.numpy as jnp
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def linear_attention(q, k, v, log_decay, *, scale=None, initial_state=None, chunk_size=64):
+    """Causal linear attention over a whole sequence.
+
+    q, k: [B, T, H, D]; v: [B, T, H, Dv] (bf16 or f32); log_decay: [H] f32 (negative);
+    initial_state: [B, H, D, Dv] f32 or None (zeros). Returns (o [B, T, H, Dv] in q.dtype,
+    final_state [B, H, D, Dv] f32).
+    """
+    B, T, H, D = q.shape
+    Dv = v.shape[-1]
+    C = chunk_size
+    n_chunks = -(-T // C)
+    pad = n_chunks * C - T
+    scale = D ** -0.5 if scale is None else scale
+    g = log_decay.astype(jnp.float32)                                     # [H]
+
+    def chunked(x):  # [B, T, H, d] -> [n_chunks, B, H, C, d] float32
+        x = jnp.pad(x.astype(jnp.float32), ((0, 0), (0, pad), (0, 0), (0, 0)))
+        return x.reshape(B, n_chunks, C, H, -1).transpose(1, 0, 3, 2, 4)
+
+    i = jnp.arange(C)
+    lag = i[:, None] - i[None, :]                                         # [C, C], i - j
+    intra_decay = jnp.where(lag >= 0, jnp.exp(jnp.maximum(lag, 0) * g[:, None, None]), 0.0)  # [H, C, C]
+    carry_decay = jnp.exp((i + 1) * g[:, None])                           # [H, C]
+    valid = jnp.full((n_chunks,), C, jnp.int32).at[-1].set(C - pad)       # tokens per chunk
+
+    def step(state, chunk):
+        qc, kc, vc, n = chunk                                             # [B, H, C, d], scalar
+        scores = jnp.einsum("bhid,bhjd->bhij", qc, kc, precision=_HIGHEST) * intra_decay
+        o = jnp.einsum("bhij,bhje->bhie", scores, vc, precision=_HIGHEST)
+        o += carry_decay[..., None] * jnp.einsum("bhid,bhde->bhie", qc, state, precision=_HIGHEST)
+        age = n - 1 - i                                                   # steps to the chunk's last token
+        k_weight = jnp.where(age >= 0, jnp.exp(jnp.maximum(age, 0) * g[:, None]), 0.0)  # [H, C]
+        state = (jnp.exp(n * g)[:, None, None] * state
+                 + jnp.einsum("bhjd,bhje->bhde", kc * k_weight[..., None], vc, precision=_HIGHEST))
+        return state, o * scale
+
+    state0 = (jnp.zeros((B, H, D, Dv), jnp.float32) if initial_state is None
+              else initial_state.astype(jnp.float32))
+    final_state, o = jax.lax.scan(step, state0, (chunked(q), chunked(k), chunked(v), valid))
+    o = o.transpose(1, 0, 3, 2, 4).reshape(B, n_chunks * C, H, Dv)[:, :T]
+    return o.astype(q.dtype), final_state
+
+
+def linear_attention_step(q, k, v, log_decay, state, *, scale=None):
+    """A few tokens (decode or speculative) continuing from `state`, one recurrence step each.
+
+    q, k: [B, S, H, D]; v: [B, S, H, Dv]; state: [B, H, D, Dv] f32.
+    Returns (o [B, S, H, Dv] in q.dtype, new_state [B, H, D, Dv] f32).
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    decay = jnp.exp(log_decay.astype(jnp.float32))[:, None, None]        # [H, 1, 1]
+
+    def step(s, token):
+        qt, kt, vt = (x.astype(jnp.float32) for x in token)              # [B, H, d]
+        s = decay * s + kt[..., :, None] * vt[..., None, :]
+        return s, scale * jnp.einsum("bhd,bhde->bhe", qt, s, precision=_HIGHEST)
+
+    tokens = tuple(x.transpose(1, 0, 2, 3) for x in (q, k, v))
+    new_state, o = jax.lax.scan(step, state.astype(jnp.float32), tokens)
+    return o.transpose(1, 0, 2, 3).astype(q.dtype), new_state

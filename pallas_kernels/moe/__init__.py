@@ -1,0 +1,3 @@
+from pallas_kernels.moe.api import gmm
+
+__all__ = ["gmm"]

@@ -1,0 +1,16 @@
+"""ring-jax: Ring-linear-2.0 hybrid linear-attention MoE models in JAX/Flax NNX."""
+
+from ring_jax.config import ConfigError, RingConfig
+from ring_jax.model import RingModel
+
+__all__ = ["ConfigError", "RingConfig", "RingModel", "load_model", "save_model"]
+
+
+def __getattr__(name):
+    # checkpoint.py reads convert.mapping, which reads ring_jax.config: import it on first use so
+    # that `import convert...` and `import ring_jax` work in either order.
+    if name in ("load_model", "save_model"):
+        from ring_jax import checkpoint
+
+        return getattr(checkpoint, name)
+    raise AttributeError(f"module 'ring_jax' has no attribute {name!r}")

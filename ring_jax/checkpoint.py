@@ -1,0 +1,216 @@
+"""Orbax checkpoints of RingModel: writing piece by piece, restoring, and `load_model()`.
+
+A converted model folder holds:
+
+    config.json          the HF config, as converted
+    ring_jax.json        manifest: format version, parameter dtype, every parameter's shape and dtype
+    params/              an Orbax PyTree checkpoint, {"layers": {"3": {"mlp": ...}}, ...}
+    tokenizer files      copied from the HF folder when present
+
+The parameter names are those of `convert.mapping.tensor_table`, joined by dots.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+
+from convert.mapping import TensorSpec, tensor_table
+from convert.safetensors_io import CheckpointError
+from ring_jax.config import RingConfig
+from ring_jax.model import RingModel
+
+FORMAT_VERSION = 1
+MANIFEST = "ring_jax.json"
+PARAMS_DIR = "params"
+
+
+def dtype_name(dtype) -> str:
+    return np.dtype(dtype).name
+
+
+def parse_dtype(name: str | None):
+    if name is None:
+        return None
+    if name not in ("bfloat16", "float32", "float16"):
+        raise ValueError(f"dtype must be bfloat16, float32 or float16, got {name!r}")
+    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
+
+
+# ------------------------------------------------------------------------------- model <-> tensors
+def _variable(model: RingModel, spec: TensorSpec) -> nnx.Variable:
+    obj = model
+    for part in spec.path:
+        obj = obj[part] if isinstance(part, int) else getattr(obj, part)
+    return obj
+
+
+def get_param(model: RingModel, spec: TensorSpec) -> jax.Array:
+    return _variable(model, spec)[...]
+
+
+def set_param(model: RingModel, spec: TensorSpec, value) -> None:
+    var = _variable(model, spec)
+    if hasattr(var, "set_value"):
+        var.set_value(value)
+    else:  # flax < 0.12
+        var.value = value
+
+
+def model_from_tensors(config: RingConfig, tensors, dtype) -> RingModel:
+    """A RingModel whose parameters come from `tensors(spec) -> array`, without random init."""
+    model = nnx.eval_shape(lambda: RingModel(config, dtype=dtype))
+    for spec in tensor_table(config):
+        value = jnp.asarray(tensors(spec))
+        want = jnp.float32 if spec.float32 else dtype
+        if value.shape != spec.shape or value.dtype != want:
+            raise CheckpointError(f"parameter {spec.key} is {value.dtype}{list(value.shape)}, "
+                                  f"the model needs {np.dtype(want).name}{list(spec.shape)}")
+        set_param(model, spec, value)
+    return model
+
+
+# ------------------------------------------------------------------------------------- writing
+def _nested(key: str, value) -> dict:
+    tree = value
+    for part in reversed(key.split(".")):
+        tree = {part: tree}
+    return tree
+
+
+def _merge(into: dict, tree: dict) -> None:
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            _merge(into.setdefault(k, {}), v)
+        else:
+            into[k] = v
+
+
+class ParamWriter:
+    """Writes parameters into `<folder>/params` in pieces (Orbax partial saves): a caller holds only
+    the arrays not yet flushed, at most about `flush_bytes` beyond the one being added."""
+
+    def __init__(self, folder: str, flush_bytes: int):
+        from orbax.checkpoint.experimental import v1 as ocp_v1
+
+        self._partial = ocp_v1.partial
+        self._folder = folder
+        self._orbax_dir = os.path.join(folder, "orbax_partial")  # no leading dot: Orbax skips those
+        self._flush_bytes = flush_bytes
+        self._pending: dict = {}
+        self._pending_bytes = 0
+        self.manifest: dict[str, list] = {}
+
+    def add(self, key: str, array: np.ndarray) -> None:
+        _merge(self._pending, _nested(key, array))
+        self._pending_bytes += array.nbytes
+        self.manifest[key] = [list(array.shape), dtype_name(array.dtype)]
+        if self._pending_bytes >= self._flush_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._pending:
+            self._partial.save(self._orbax_dir, self._pending)
+        self._pending, self._pending_bytes = {}, 0
+
+    def close(self, dtype) -> None:
+        """Flushes, finalizes, and writes the manifest: the folder is then a complete checkpoint."""
+        self.flush()
+        self._partial.finalize(self._orbax_dir)
+        os.rename(os.path.join(self._orbax_dir, "state"), os.path.join(self._folder, PARAMS_DIR))
+        shutil.rmtree(self._orbax_dir)
+        with open(os.path.join(self._folder, MANIFEST), "w") as f:
+            json.dump({"format": FORMAT_VERSION, "dtype": dtype_name(dtype), "params": self.manifest}, f, indent=1)
+
+
+def save_model(model: RingModel, folder: str) -> None:
+    """Writes model (config.json, manifest, Orbax params) to a new folder, atomically."""
+    if os.path.exists(folder):
+        raise FileExistsError(f"{folder} exists; choose a new folder")
+    tmp = f"{os.path.abspath(folder)}.tmp-{os.getpid()}"
+    try:
+        os.makedirs(tmp)
+        writer = ParamWriter(tmp, flush_bytes=2**62)
+        for spec in tensor_table(model.config):
+            writer.add(spec.key, np.asarray(get_param(model, spec)))
+        writer.close(model.dtype)
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(model.config.to_hf_dict(), f, indent=2)
+        os.rename(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------ restoring
+def read_manifest(folder: str) -> dict:
+    path = os.path.join(folder, MANIFEST)
+    with open(path) as f:
+        manifest = json.load(f)
+    if manifest.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format {manifest.get('format')!r}, this ring_jax reads {FORMAT_VERSION}")
+    return manifest
+
+
+def restore_params(folder: str, config: RingConfig, dtype=None) -> tuple[dict[str, jax.Array], np.dtype]:
+    """Restores every parameter of a converted folder onto the default device.
+
+    Checks the manifest against the config's table first (a missing, unexpected or misshapen
+    parameter is an error naming it). Returns ({dotted key: array}, dtype) with the parameters cast
+    to dtype (default: the stored dtype); expert_bias stays float32.
+    """
+    import orbax.checkpoint as ocp
+
+    manifest = read_manifest(folder)
+    stored = manifest["params"]
+    table = tensor_table(config)
+    expected = {spec.key: spec for spec in table}
+    for key in expected:
+        if key not in stored:
+            raise CheckpointError(f"{folder}: parameter {key} is missing")
+    for key, (shape, _) in stored.items():
+        if key not in expected:
+            raise CheckpointError(f"{folder}: unexpected parameter {key}")
+        if tuple(shape) != expected[key].shape:
+            raise CheckpointError(f"{folder}: parameter {key} has shape {shape}, the config needs {list(expected[key].shape)}")
+    dtype = np.dtype(parse_dtype(manifest["dtype"]) if dtype is None else dtype)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target: dict = {}
+    for spec in table:
+        want = np.float32 if spec.float32 else dtype
+        _merge(target, _nested(spec.key, jax.ShapeDtypeStruct(spec.shape, want, sharding=device)))
+    tree = ocp.StandardCheckpointer().restore(os.path.abspath(os.path.join(folder, PARAMS_DIR)), target)
+    flat = {}
+    for spec in table:
+        node = tree
+        for part in spec.key.split("."):
+            node = node[part]
+        flat[spec.key] = node
+    return flat, dtype
+
+
+def load_model(path: str, dtype=None, **config_overrides) -> RingModel:
+    """Loads a model folder written by `python -m convert hf2jax`, or an HF folder directly.
+
+    path: a converted folder (config.json + params/) or an HF folder (config.json + safetensors,
+    converted in memory). dtype: parameter dtype ("bfloat16", "float32", a numpy dtype), default
+    as stored. config_overrides: RingConfig fields to change (e.g. slope_law="engine").
+    """
+    if isinstance(dtype, str):
+        dtype = parse_dtype(dtype)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path} is not a folder")
+    config = RingConfig.from_hf(path, **config_overrides)
+    if os.path.isfile(os.path.join(path, MANIFEST)):
+        params, dtype = restore_params(path, config, dtype)
+        return model_from_tensors(config, lambda spec: params[spec.key], dtype)
+    from convert.hf2jax import open_hf_checkpoint
+
+    source, dtype = open_hf_checkpoint(path, config, dtype)
+    return model_from_tensors(config, lambda spec: spec.to_param(source.read, dtype), dtype)

@@ -1,0 +1,27 @@
+"""Linear projection without bias: kernel [in, out] (the transpose of torch's weight)."""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def matmul(x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
+    """x [..., K] @ w [K, N] with float32 accumulation, rounded to `out_dtype` (default x.dtype).
+
+    float32 inputs use full-precision passes (a GPU would otherwise use TF32); bf16 inputs use the
+    native bf16 MMA with a float32 accumulator, as torch does.
+    """
+    precision = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
+    y = jnp.matmul(x, w, precision=precision, preferred_element_type=jnp.float32)
+    return y.astype(out_dtype or x.dtype)
+
+
+class Linear(nnx.Module):
+    """y = x @ kernel; kernel: [in_features, out_features]."""
+
+    def __init__(self, in_features: int, out_features: int, *, dtype, rngs: nnx.Rngs):
+        init = jax.random.normal(rngs.params(), (in_features, out_features), jnp.float32)
+        self.kernel = nnx.Param((init / in_features ** 0.5).astype(dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return matmul(x, self.kernel[...])

@@ -1,0 +1,75 @@
+"""The Lightning linear-attention layer (SPEC.md §6): fused qkv, q/k RMSNorm, RoPE, a per-head
+decaying recurrent state, GroupRMSNorm, a sigmoid output gate and `dense`."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import pallas_kernels
+from ring_jax.config import RingConfig
+from ring_jax.layers.linear import Linear
+from ring_jax.layers.norms import GroupRMSNorm, RMSNorm
+from ring_jax.layers.rope import apply_rope
+
+
+def alibi_slopes(n: int) -> list[float]:
+    """The ALiBi head slopes for n heads (float64), as `build_slope_tensor` lists them."""
+    def power_of_two(m):
+        start = 2.0 ** (-(2.0 ** -(math.log2(m) - 3)))
+        return [start * start ** i for i in range(m)]
+
+    if math.log2(n).is_integer():
+        return power_of_two(n)
+    closest = 2 ** math.floor(math.log2(n))
+    return power_of_two(closest) + alibi_slopes(2 * closest)[0::2][: n - closest]
+
+
+def log_decay(config: RingConfig, layer_idx: int) -> np.ndarray:
+    """g: [H] float32 < 0, the per-head log decay of linear layer `layer_idx` (global index).
+
+    The slope buffer is float32; the layer factor multiplies it in float32 (SPEC.md §6.2).
+    """
+    offset = 1 if config.slope_law == "hf" else 0
+    factor = 1 - (layer_idx - offset) / (config.num_hidden_layers - 1) + 1e-5
+    slopes = np.asarray(alibi_slopes(config.num_attention_heads), np.float32)
+    return (-slopes) * np.float32(factor)
+
+
+class LinearAttention(nnx.Module):
+    """Lightning attention; every head has its own q, k and v (MHA)."""
+
+    def __init__(self, config: RingConfig, layer_idx: int, *, dtype, rngs: nnx.Rngs):
+        self.num_heads = H = config.num_attention_heads
+        self.head_dim = D = config.head_dim
+        self.linear_silu = config.linear_silu
+        self.log_decay = tuple(float(x) for x in log_decay(config, layer_idx))  # static, exact f32
+        eps = config.rms_norm_eps
+        self.query_key_value = Linear(config.hidden_size, 3 * H * D, dtype=dtype, rngs=rngs)
+        self.query_layernorm = RMSNorm(D, eps, dtype=dtype)
+        self.key_layernorm = RMSNorm(D, eps, dtype=dtype)
+        self.g_proj = Linear(config.hidden_size, H * D, dtype=dtype, rngs=rngs)
+        self.g_norm = GroupRMSNorm(H * D, config.group_norm_size, eps, dtype=dtype)
+        self.dense = Linear(H * D, config.hidden_size, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array,
+                 initial_state: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """x: [B, T, hidden]; cos, sin: [B, T, rotary_dim]; initial_state: [B, H, D, D] f32 or None.
+
+        Returns (out [B, T, hidden], final_state [B, H, D, D] f32).
+        """
+        B, T, _ = x.shape
+        H, D = self.num_heads, self.head_dim
+        qkv = self.query_key_value(x)
+        if self.linear_silu:                      # SGLang's placement: on the fused projection
+            qkv = jax.nn.silu(qkv)
+        q, k, v = jnp.split(qkv.reshape(B, T, 3 * H, D), 3, axis=2)
+        q = apply_rope(self.query_layernorm(q), cos, sin)
+        k = apply_rope(self.key_layernorm(k), cos, sin)
+        g = jnp.asarray(self.log_decay, jnp.float32)
+        o, state = pallas_kernels.linear_attention(q, k, v, g, initial_state=initial_state)
+        o = self.g_norm(o.reshape(B, T, H * D))
+        o = o * jax.nn.sigmoid(self.g_proj(x))
+        return self.dense(o), state

@@ -1,0 +1,94 @@
+"""The MoE block (SPEC.md §7): sigmoid group-limited router in float32, dropless sort-by-expert
+dispatch through a grouped matmul, float32 weighted combine, plus the shared expert."""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import pallas_kernels
+from ring_jax.config import RingConfig
+from ring_jax.layers.linear import matmul
+from ring_jax.layers.mlp import MLP
+
+
+class Router(nnx.Module):
+    """HF `BailingMoeV2Gate`: kernel [hidden, E] (model dtype), expert_bias [E] (float32)."""
+
+    def __init__(self, config: RingConfig, *, dtype, rngs: nnx.Rngs):
+        E, hidden = config.num_experts, config.hidden_size
+        self.top_k = config.num_experts_per_tok
+        self.n_group = config.n_group
+        self.topk_group = config.topk_group
+        self.routed_scaling_factor = config.routed_scaling_factor
+        self.bias_in_model_dtype = config.expert_bias_dtype == "model"
+        self.kernel = nnx.Param((jax.random.normal(rngs.params(), (hidden, E)) / hidden ** 0.5).astype(dtype))
+        self.expert_bias = nnx.Param(jnp.zeros((E,), jnp.float32))
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """x: [N, hidden] -> (expert ids [N, top_k] int32, weights [N, top_k] float32)."""
+        kernel = self.kernel[...]
+        logits = matmul(x.astype(jnp.float32), kernel.astype(jnp.float32))          # [N, E]
+        scores = jax.nn.sigmoid(logits)
+        bias = self.expert_bias[...]
+        if self.bias_in_model_dtype:
+            bias = bias.astype(kernel.dtype).astype(jnp.float32)
+        ids = self._select(scores + bias)
+        weights = jnp.take_along_axis(scores, ids, axis=-1)
+        if self.top_k > 1:
+            weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20)
+        return ids, weights * self.routed_scaling_factor
+
+    def _select(self, s: jax.Array) -> jax.Array:
+        """Top-k experts of the top `topk_group` groups, groups ranked by their two best scores."""
+        N, E = s.shape
+        grouped = s.reshape(N, self.n_group, E // self.n_group)
+        group_score = jnp.sum(jax.lax.top_k(grouped, 2)[0], axis=-1)               # [N, n_group]
+        _, kept = jax.lax.top_k(group_score, self.topk_group)                        # [N, topk_group]
+        keep = jnp.sum(jax.nn.one_hot(kept, self.n_group, dtype=jnp.int32), axis=1) > 0
+        masked = jnp.where(keep[:, :, None], grouped, -jnp.inf).reshape(N, E)
+        return jax.lax.top_k(masked, self.top_k)[1].astype(jnp.int32)
+
+
+class Experts(nnx.Module):
+    """The routed experts, stacked: gate_proj, up_proj [E, hidden, I]; down_proj [E, I, hidden]."""
+
+    def __init__(self, num_experts: int, hidden: int, intermediate: int, *, dtype, rngs: nnx.Rngs):
+        def init(shape, fan_in):
+            return nnx.Param((jax.random.normal(rngs.params(), shape) / fan_in ** 0.5).astype(dtype))
+
+        self.gate_proj = init((num_experts, hidden, intermediate), hidden)
+        self.up_proj = init((num_experts, hidden, intermediate), hidden)
+        self.down_proj = init((num_experts, intermediate, hidden), intermediate)
+
+    def __call__(self, rows: jax.Array, group_sizes: jax.Array) -> jax.Array:
+        """rows: [M, hidden] sorted by expert, group_sizes: [E] -> SwiGLU outputs [M, hidden]."""
+        gate = pallas_kernels.gmm(rows, self.gate_proj[...], group_sizes)
+        up = pallas_kernels.gmm(rows, self.up_proj[...], group_sizes)
+        return pallas_kernels.gmm(jax.nn.silu(gate) * up, self.down_proj[...], group_sizes)
+
+
+class MoE(nnx.Module):
+    """Routed experts plus one shared expert; HF names: gate, experts, shared_experts."""
+
+    def __init__(self, config: RingConfig, *, dtype, rngs: nnx.Rngs):
+        self.num_experts = config.num_experts
+        self.gate = Router(config, dtype=dtype, rngs=rngs)
+        self.experts = Experts(config.num_experts, config.hidden_size, config.moe_intermediate_size,
+                               dtype=dtype, rngs=rngs)
+        self.shared_experts = MLP(config.hidden_size, config.shared_expert_intermediate_size,
+                                  dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [B, T, hidden] -> [B, T, hidden]."""
+        tokens = x.reshape(-1, x.shape[-1])                                          # [N, hidden]
+        ids, weights = self.gate(tokens)                                             # [N, k]
+        N, k = ids.shape
+        # Dropless dispatch: the N*k (token, slot) pairs sorted by expert, one row each.
+        flat_ids = ids.reshape(-1)
+        order = jnp.argsort(flat_ids, stable=True)                                   # [N*k]
+        group_sizes = jnp.bincount(flat_ids, length=self.num_experts).astype(jnp.int32)
+        out_sorted = self.experts(tokens[order // k], group_sizes)                   # [N*k, hidden]
+        out = out_sorted[jnp.argsort(order)].reshape(N, k, -1)
+        # Combine in float32, then back to the model dtype (HF moe_infer).
+        routed = jnp.sum(out.astype(jnp.float32) * weights[..., None], axis=1).astype(x.dtype)
+        return (routed + self.shared_experts(tokens)).reshape(x.shape)

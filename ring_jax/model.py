@@ -1,0 +1,146 @@
+"""RingModel: embed -> decoder layers -> norm -> head (SPEC.md §3), plus the MTP layers (§8)."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ring_jax.config import RingConfig
+from ring_jax.layers.attention import SoftmaxAttention
+from ring_jax.layers.linear import Linear, matmul
+from ring_jax.layers.linear_attention import LinearAttention
+from ring_jax.layers.mlp import MLP
+from ring_jax.layers.moe import MoE
+from ring_jax.layers.norms import RMSNorm
+from ring_jax.layers.rope import rope_tables
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm residual block: attention (linear or softmax) then MLP (dense or MoE)."""
+
+    def __init__(self, config: RingConfig, layer_idx: int, *, dtype, rngs: nnx.Rngs):
+        hidden, eps = config.hidden_size, config.rms_norm_eps
+        self.is_linear = not config.is_softmax_layer(layer_idx)
+        self.input_layernorm = RMSNorm(hidden, eps, dtype=dtype)
+        self.attention = (LinearAttention(config, layer_idx, dtype=dtype, rngs=rngs) if self.is_linear
+                          else SoftmaxAttention(config, dtype=dtype, rngs=rngs))
+        self.post_attention_layernorm = RMSNorm(hidden, eps, dtype=dtype)
+        self.mlp = (MoE(config, dtype=dtype, rngs=rngs) if config.is_moe_layer(layer_idx)
+                    else MLP(hidden, config.intermediate_size, dtype=dtype, rngs=rngs))
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+        """x: [B, T, hidden] -> [B, T, hidden]; full causal forward."""
+        h = self.attention(self.input_layernorm(x), cos, sin)
+        if self.is_linear:
+            h, _ = h
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class MTPLayer(nnx.Module):
+    """A multi-token-prediction layer (Ling-V2 `BailingMoeV2MTPLayer`): mixes the embedding of the
+    next token with the previous hidden state, then a softmax-attention MoE block."""
+
+    def __init__(self, config: RingConfig, *, dtype, rngs: nnx.Rngs):
+        hidden, eps = config.hidden_size, config.rms_norm_eps
+        self.enorm = RMSNorm(hidden, eps, dtype=dtype)
+        self.hnorm = RMSNorm(hidden, eps, dtype=dtype)
+        self.eh_proj = Linear(2 * hidden, hidden, dtype=dtype, rngs=rngs)
+        self.input_layernorm = RMSNorm(hidden, eps, dtype=dtype)
+        self.attention = SoftmaxAttention(config, dtype=dtype, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(hidden, eps, dtype=dtype)
+        self.mlp = MoE(config, dtype=dtype, rngs=rngs)
+        self.final_layernorm = RMSNorm(hidden, eps, dtype=dtype)
+
+    def __call__(self, embeds, hidden, cos, sin):
+        """embeds, hidden: [B, T, hidden] -> [B, T, hidden] (normed by final_layernorm)."""
+        x = self.eh_proj(jnp.concatenate([self.enorm(embeds), self.hnorm(hidden)], axis=-1))
+        x = x + self.attention(self.input_layernorm(x), cos, sin)
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return self.final_layernorm(x)
+
+
+class RingModel(nnx.Module):
+    """The Ring-linear-2.0 causal LM. `model(input_ids)` -> float32 logits [B, T, vocab]."""
+
+    def __init__(self, config: RingConfig, *, dtype=jnp.bfloat16, rngs: nnx.Rngs | None = None):
+        rngs = rngs or nnx.Rngs(0)
+        self.config = config
+        V, hidden = config.vocab_size, config.hidden_size
+        self.word_embeddings = nnx.Param(jax.random.normal(rngs.params(), (V, hidden)).astype(dtype))
+        self.layers = nnx.List([DecoderLayer(config, i, dtype=dtype, rngs=rngs)
+                                for i in range(config.num_decoder_layers)])
+        self.norm = RMSNorm(hidden, config.rms_norm_eps, dtype=dtype)
+        self.lm_head = None if config.tie_word_embeddings else Linear(hidden, V, dtype=dtype, rngs=rngs)
+        self.mtp_layers = nnx.List([MTPLayer(config, dtype=dtype, rngs=rngs)
+                                    for _ in range(config.num_nextn_predict_layers)])
+
+    @property
+    def dtype(self):
+        return self.word_embeddings[...].dtype
+
+    # ------------------------------------------------------------------------ traceable forward
+    def hidden_states(self, input_ids: jax.Array) -> jax.Array:
+        """input_ids: [B, T] -> final-normed hidden states [B, T, hidden]."""
+        B, T = input_ids.shape
+        x = jnp.take(self.word_embeddings[...], input_ids, axis=0)
+        cos, sin = rope_tables(self.config, jnp.broadcast_to(jnp.arange(T), (B, T)), x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin)
+        return self.norm(x)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """hidden: [..., hidden] -> float32 logits [..., vocab] (the head's matmul in model dtype)."""
+        head = self.word_embeddings[...].T if self.lm_head is None else self.lm_head.kernel[...]
+        return matmul(hidden, head).astype(jnp.float32)
+
+    def forward(self, input_ids: jax.Array) -> jax.Array:
+        """input_ids: [B, T] int -> logits [B, T, vocab] float32 (full causal forward, no cache)."""
+        return self.logits(self.hidden_states(input_ids))
+
+    def mtp_logits(self, input_ids: jax.Array, hidden: jax.Array) -> list[jax.Array]:
+        """Logits of each MTP layer, [B, T, vocab] float32; layer j predicts token t + 2 + j.
+
+        hidden: the main model's final-normed hidden states for input_ids.
+        """
+        B, T = input_ids.shape
+        cos, sin = rope_tables(self.config, jnp.broadcast_to(jnp.arange(T), (B, T)), hidden.dtype)
+        out = []
+        for layer in self.mtp_layers:
+            input_ids = jnp.concatenate([input_ids[:, 1:], jnp.zeros_like(input_ids[:, :1])], axis=1)
+            embeds = jnp.take(self.word_embeddings[...], input_ids, axis=0)
+            hidden = layer(embeds, hidden, cos, sin)
+            out.append(self.logits(hidden))
+        return out
+
+    # ------------------------------------------------------------------------------- user call
+    def __call__(self, input_ids) -> jax.Array:
+        """input_ids: [B, T] (or [T]) integer token ids -> float32 logits [B, T, vocab], jitted."""
+        ids = check_input_ids(input_ids, self.config.vocab_size)
+        graphdef, state = nnx.split(self)
+        return _jit_forward(graphdef, state, ids)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _jit_forward(graphdef, state, input_ids):
+    return nnx.merge(graphdef, state).forward(input_ids)
+
+
+def check_input_ids(input_ids, vocab_size: int) -> jax.Array:
+    """Validates token ids: integer, [B, T] (a [T] vector becomes [1, T]), T >= 1, ids in range."""
+    ids = input_ids if isinstance(input_ids, jax.Array) else np.asarray(input_ids)
+    if not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise TypeError(f"input_ids must be integer token ids, got dtype {ids.dtype}")
+    if ids.ndim == 1:
+        ids = ids[None]
+    if ids.ndim != 2 or ids.shape[1] == 0:
+        raise ValueError(f"input_ids must have shape [batch, seq_len] with seq_len >= 1, got {ids.shape}")
+    if not isinstance(ids, jax.core.Tracer):
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(f"input_ids hold {lo if lo < 0 else hi}, outside the vocabulary [0, {vocab_size})")
+    return jnp.asarray(ids, jnp.int32)
