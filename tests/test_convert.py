@@ -1,0 +1,169 @@
+"""hf2jax / jax2hf: round trip, the error paths, atomic output, and the CLI."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import ring_jax
+from conftest import ROOT
+from convert.__main__ import main as convert_main
+from convert.hf2jax import convert_hf_to_jax
+from convert.jax2hf import convert_jax_to_hf
+from convert.random_hf import write_random_hf_checkpoint
+from convert.safetensors_io import CheckpointError, SafetensorsFolder, write_hf_weights
+
+
+def tensors_of(folder):
+    src = SafetensorsFolder(folder)
+    return {n: src.read(n) for n in src.names}
+
+
+def assert_bit_identical(a_dir, b_dir):
+    a, b = tensors_of(a_dir), tensors_of(b_dir)
+    assert set(a) == set(b)
+    for name in a:
+        assert a[name].dtype == b[name].dtype and a[name].shape == b[name].shape, name
+        assert a[name].tobytes() == b[name].tobytes(), name
+
+
+@pytest.mark.parametrize("dtype, shard_bytes", [("bfloat16", 150_000), ("float32", 5 * 2**30)])
+def test_round_trip_is_bit_identical(tmp_path, tiny_dict, dtype, shard_bytes):
+    hf, jx, back = tmp_path / "hf", tmp_path / "jax", tmp_path / "back"
+    write_random_hf_checkpoint(hf, dict(tiny_dict, num_nextn_predict_layers=1), dtype=dtype,
+                               max_shard_bytes=shard_bytes)
+    (hf / "tokenizer.json").write_text("{}")
+    convert_hf_to_jax(str(hf), str(jx), progress=False)
+    assert sorted(os.listdir(jx)) == ["config.json", "params", "ring_jax.json", "tokenizer.json"]
+    convert_jax_to_hf(str(jx), str(back), max_shard_bytes=shard_bytes, progress=False)
+    assert_bit_identical(hf, back)
+    assert json.loads((back / "config.json").read_text()) == json.loads((hf / "config.json").read_text())
+    assert SafetensorsFolder(str(back)).dtype("model.layers.1.mlp.gate.expert_bias") == np.float32
+
+
+def test_load_model_from_hf_folder_equals_converted(tmp_path, tiny_dict):
+    write_random_hf_checkpoint(tmp_path / "hf", tiny_dict, dtype="float32")
+    convert_hf_to_jax(str(tmp_path / "hf"), str(tmp_path / "jax"), progress=False)
+    a, b = ring_jax.load_model(str(tmp_path / "jax")), ring_jax.load_model(str(tmp_path / "hf"))
+    ids = np.arange(10)[None]
+    np.testing.assert_array_equal(np.asarray(a(ids)), np.asarray(b(ids)))
+    c = ring_jax.load_model(str(tmp_path / "jax"), dtype="bfloat16")
+    assert c.dtype == np.dtype("bfloat16") and c.layers[1].mlp.gate.expert_bias[...].dtype == np.float32
+
+
+def test_save_model_then_load(tmp_path, tiny_dict):
+    write_random_hf_checkpoint(tmp_path / "hf", tiny_dict, dtype="float32")
+    model = ring_jax.load_model(str(tmp_path / "hf"))
+    ring_jax.save_model(model, str(tmp_path / "saved"))
+    again = ring_jax.load_model(str(tmp_path / "saved"))
+    ids = np.arange(9)[None]
+    np.testing.assert_array_equal(np.asarray(model(ids)), np.asarray(again(ids)))
+
+
+def rewrite(hf_dir, out_dir, edit):
+    """Copies an HF folder with its tensors edited: edit(dict name -> array) in place."""
+    tensors = tensors_of(hf_dir)
+    edit(tensors)
+    os.makedirs(out_dir)
+    write_hf_weights(str(out_dir), {n: (t.dtype, t.shape) for n, t in tensors.items()}, tensors.__getitem__)
+    with open(os.path.join(hf_dir, "config.json")) as f, open(os.path.join(out_dir, "config.json"), "w") as g:
+        g.write(f.read())
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: t.pop("model.layers.3.attention.g_norm.weight"), "missing tensor model.layers.3.attention.g_norm.weight"),
+    (lambda t: t.pop("model.layers.2.mlp.experts.7.up_proj.weight"), "missing tensor model.layers.2.mlp.experts.7.up_proj.weight"),
+    (lambda t: t.update({"model.layers.0.attention.rotary_emb.inv_freq": np.ones(4, np.float32)}),
+     "unexpected tensor model.layers.0.attention.rotary_emb.inv_freq"),
+    (lambda t: t.update({"model.norm.weight": np.ones(65, np.float32)}), r"model.norm.weight has shape \[65\]"),
+])
+def test_bad_checkpoints_are_named_and_leave_nothing(tmp_path, tiny_dict, edit, message):
+    write_random_hf_checkpoint(tmp_path / "hf", tiny_dict, dtype="float32")
+    rewrite(tmp_path / "hf", tmp_path / "bad", edit)
+    with pytest.raises(CheckpointError, match=message):
+        convert_hf_to_jax(str(tmp_path / "bad"), str(tmp_path / "out"), progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["bad", "hf"]  # no output, no temporary folder
+    with pytest.raises(CheckpointError, match=message):
+        ring_jax.load_model(str(tmp_path / "bad"))
+
+
+def test_failure_midway_leaves_nothing(tmp_path, tiny_dict, monkeypatch):
+    write_random_hf_checkpoint(tmp_path / "hf", tiny_dict, dtype="float32")
+    calls = {"n": 0}
+    real_read = SafetensorsFolder.read
+
+    def failing_read(self, name):
+        calls["n"] += 1
+        if calls["n"] == 40:
+            raise OSError("disk went away")
+        return real_read(self, name)
+
+    monkeypatch.setattr(SafetensorsFolder, "read", failing_read)
+    with pytest.raises(OSError, match="disk went away"):
+        convert_hf_to_jax(str(tmp_path / "hf"), str(tmp_path / "out"), progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["hf"]
+
+
+def test_existing_output_and_missing_input(tmp_path, tiny_dict):
+    write_random_hf_checkpoint(tmp_path / "hf", tiny_dict, dtype="float32")
+    (tmp_path / "out").mkdir()
+    with pytest.raises(FileExistsError, match="exists"):
+        convert_hf_to_jax(str(tmp_path / "hf"), str(tmp_path / "out"), progress=False)
+    (tmp_path / "hf" / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="neither model.safetensors nor"):
+        convert_hf_to_jax(str(tmp_path / "hf"), str(tmp_path / "out2"), progress=False)
+
+
+def test_index_pointing_to_missing_shard(tmp_path, tiny_dict):
+    write_random_hf_checkpoint(tmp_path / "hf", tiny_dict, dtype="float32", max_shard_bytes=100_000)
+    shards = sorted(p for p in os.listdir(tmp_path / "hf") if p.startswith("model-"))
+    (tmp_path / "hf" / shards[1]).unlink()
+    with pytest.raises(CheckpointError, match=f"lists {shards[1]}, which is missing"):
+        convert_hf_to_jax(str(tmp_path / "hf"), str(tmp_path / "out"), progress=False)
+
+
+def test_tied_head(tmp_path, tiny_dict):
+    tied = dict(tiny_dict, tie_word_embeddings=True)
+    write_random_hf_checkpoint(tmp_path / "hf", tied, dtype="float32")
+    model = ring_jax.load_model(str(tmp_path / "hf"))
+    assert model.lm_head is None
+    # a copy of the embeddings under lm_head.weight is accepted, a different head is not
+    rewrite(tmp_path / "hf", tmp_path / "copy",
+            lambda t: t.update({"lm_head.weight": t["model.word_embeddings.weight"].copy()}))
+    ring_jax.load_model(str(tmp_path / "copy"))
+    rewrite(tmp_path / "hf", tmp_path / "differs",
+            lambda t: t.update({"lm_head.weight": t["model.word_embeddings.weight"] + 1}))
+    with pytest.raises(CheckpointError, match="lm_head.weight"):
+        ring_jax.load_model(str(tmp_path / "differs"))
+
+
+def test_manifest_mismatch_is_named(tmp_path, tiny_dict):
+    write_random_hf_checkpoint(tmp_path / "hf", tiny_dict, dtype="float32")
+    convert_hf_to_jax(str(tmp_path / "hf"), str(tmp_path / "jax"), progress=False)
+    with pytest.raises(CheckpointError, match="parameter layers.6.input_layernorm.weight is missing"):
+        ring_jax.load_model(str(tmp_path / "jax"), num_hidden_layers=7)
+
+
+def test_cli_help_progress_and_errors(tmp_path, tiny_dict, capsys):
+    for command in ([], ["hf2jax"], ["jax2hf"]):
+        with pytest.raises(SystemExit) as e:
+            convert_main(command + ["--help"])
+        assert e.value.code == 0
+    write_random_hf_checkpoint(tmp_path / "hf", tiny_dict, dtype="bfloat16")
+    assert convert_main(["hf2jax", "--hf-dir", str(tmp_path / "hf"), "--out", str(tmp_path / "jax")]) == 0
+    err = capsys.readouterr().err
+    assert "model.layers.1.mlp.experts.{e}.gate_proj.weight -> layers.1.mlp.experts.gate_proj [16, 64, 32]" in err
+    assert convert_main(["hf2jax", "--hf-dir", str(tmp_path / "hf"), "--out", str(tmp_path / "jax")]) == 2
+    assert "exists" in capsys.readouterr().err
+    assert convert_main(["jax2hf", "--model-dir", str(tmp_path / "jax"), "--out", str(tmp_path / "back"),
+                         "--quiet"]) == 0
+    assert_bit_identical(tmp_path / "hf", tmp_path / "back")
+
+
+def test_module_entry_points_run(tmp_path):
+    for module in ("convert", "ring_jax"):
+        out = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True)
+        assert out.returncode == 0 and "usage" in out.stdout

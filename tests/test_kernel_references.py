@@ -1,0 +1,86 @@
+"""The jnp references of the kernels against float64 numpy loops, on fresh random inputs."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import rel_err
+from pallas_kernels.linear_attention import reference as la
+from pallas_kernels.moe import reference as moe
+
+
+def recurrence64(q, k, v, g, state=None, scale=None):
+    """float64 numpy: S = exp(g) S + k^T v; o = scale q S, token by token."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    B, T, H, D = q.shape
+    scale = D ** -0.5 if scale is None else scale
+    S = np.zeros((B, H, D, v.shape[-1])) if state is None else np.array(state, np.float64)
+    lam = np.exp(np.asarray(g, np.float64))[None, :, None, None]
+    o = np.zeros(v.shape)
+    for t in range(T):
+        S = lam * S + k[:, t, :, :, None] * v[:, t, :, None, :]
+        o[:, t] = scale * np.einsum("bhd,bhde->bhe", q[:, t], S)
+    return o, S
+
+
+def random_qkv(seed, B, T, H, D, dtype=jnp.float32):
+    keys = jax.random.split(jax.random.PRNGKey(seed), 5)
+    q, k, v = (jax.random.normal(keys[i], (B, T, H, D), jnp.float32).astype(dtype) for i in range(3))
+    g = -jax.random.uniform(keys[3], (H,), minval=0.005, maxval=0.8)
+    s0 = jax.random.normal(keys[4], (B, H, D, D))
+    return q, k, v, g, s0
+
+
+@pytest.mark.parametrize("T", [1, 63, 64, 65, 200])
+@pytest.mark.parametrize("H, D", [(1, 16), (3, 32)])
+def test_linear_attention_matches_float64_recurrence(T, H, D):
+    q, k, v, g, s0 = random_qkv(T * 7 + H, 2, T, H, D)
+    for state in (None, s0):
+        o, s = la.linear_attention(q, k, v, g, initial_state=state)
+        o64, s64 = recurrence64(q, k, v, g, state)
+        assert rel_err(o, o64) <= 1e-5 and rel_err(s, s64) <= 1e-5
+
+
+def test_linear_attention_long_sequence_small_chunks():
+    q, k, v, g, s0 = random_qkv(11, 1, 1000, 3, 16)
+    o, s = la.linear_attention(q, k, v, g, initial_state=s0, chunk_size=16)
+    o64, s64 = recurrence64(q, k, v, g, s0)
+    assert rel_err(o, o64) <= 1e-5 and rel_err(s, s64) <= 1e-5
+
+
+def test_linear_attention_bf16_inputs():
+    q, k, v, g, _ = random_qkv(5, 2, 130, 2, 32, jnp.bfloat16)
+    o, _ = la.linear_attention(q, k, v, g)
+    assert o.dtype == jnp.bfloat16
+    assert rel_err(o, recurrence64(q, k, v, g)[0]) <= 1e-2
+
+
+def test_prefill_then_steps_equal_one_prefill():
+    q, k, v, g, s0 = random_qkv(3, 2, 70, 3, 16)
+    o_all, s_all = la.linear_attention(q, k, v, g, initial_state=s0)
+    o1, s1 = la.linear_attention(q[:, :65], k[:, :65], v[:, :65], g, initial_state=s0)
+    o2, s2 = la.linear_attention_step(q[:, 65:], k[:, 65:], v[:, 65:], g, s1)
+    assert rel_err(jnp.concatenate([o1, o2], 1), o_all) <= 1e-5 and rel_err(s2, s_all) <= 1e-5
+
+
+def gmm64(lhs, rhs, sizes):
+    lhs, rhs = np.asarray(lhs, np.float64), np.asarray(rhs, np.float64)
+    out = np.zeros((lhs.shape[0], rhs.shape[2]))
+    start = 0
+    for g, n in enumerate(np.asarray(sizes)):
+        out[start:start + n] = lhs[start:start + n] @ rhs[g]
+        start += n
+    return out
+
+
+@pytest.mark.parametrize("sizes", [[0, 5, 0, 3, 9, 0], [17, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0]])
+def test_gmm_matches_float64_loop(sizes):
+    M, K, N = 20, 24, 12
+    key = jax.random.PRNGKey(sum(sizes))
+    lhs = jax.random.normal(key, (M, K))
+    rhs = jax.random.normal(jax.random.fold_in(key, 1), (len(sizes), K, N))
+    out = moe.gmm(lhs, rhs, jnp.asarray(sizes, jnp.int32))
+    want = gmm64(lhs, rhs, sizes)
+    np.testing.assert_allclose(np.asarray(out), want, rtol=1e-5, atol=1e-5 * np.abs(want).max(initial=1))
+    assert not np.any(np.asarray(out)[sum(sizes):])  # rows past the groups are zeros
