@@ -1,0 +1,72 @@
+"""Peak host memory of `python -m convert hf2jax` on a synthetic checkpoint, against its size.
+
+Writes a random HF checkpoint (default about 2.7 GB, bf16) whose largest stacked tensor is one
+layer's expert projection, converts it in a child process, and prints a table: checkpoint bytes,
+largest stacked tensor, the child's peak RSS, and the RSS of a child that only imports the same
+modules (the baseline the conversion adds to).
+
+    python benchmarks/convert_memory.py [--workdir DIR] [--layers 4] [--experts 64]
+"""
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def child_peak_rss(code: str) -> tuple[float, float]:
+    """(peak RSS in bytes, seconds) of a fresh Python running `code`."""
+    start = time.time()
+    out = subprocess.run([sys.executable, "-c", code + "\nimport resource; print(resource.getrusage("
+                          "resource.RUSAGE_SELF).ru_maxrss)"], cwd=ROOT, capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(out.stderr)
+    return int(out.stdout.split()[-1]) * 1024, time.time() - start
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", default=None)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--experts", type=int, default=64)
+    args = p.parse_args()
+
+    from convert.mapping import tensor_table
+    from convert.random_hf import write_random_hf_checkpoint
+    from ring_jax.config import RingConfig
+
+    with open(os.path.join(ROOT, "configs", "ring-mini-linear-2.0.json")) as f:
+        config = json.load(f)
+    config.update(num_hidden_layers=args.layers, layer_group_size=args.layers, num_experts=args.experts,
+                  moe_intermediate_size=1024, vocab_size=32768)
+    table = tensor_table(RingConfig.from_hf(config))
+    sizes = [2 * len(s.hf_names) * int.__mul__(*s.hf_shape[:2]) if len(s.hf_shape) == 2 else 0 for s in table]
+    work = args.workdir or tempfile.mkdtemp(prefix="convert-memory-")
+    try:
+        hf, out = os.path.join(work, "hf"), os.path.join(work, "jax")
+        print(f"writing a random checkpoint to {hf} ...", file=sys.stderr)
+        write_random_hf_checkpoint(hf, config, dtype="bfloat16", max_shard_bytes=2**30)
+        ckpt_bytes = sum(os.path.getsize(os.path.join(hf, n)) for n in os.listdir(hf) if n.endswith(".safetensors"))
+        base, _ = child_peak_rss("import convert.hf2jax, ring_jax.checkpoint, orbax.checkpoint")
+        peak, secs = child_peak_rss(f"from convert.hf2jax import convert_hf_to_jax\n"
+                                    f"convert_hf_to_jax({hf!r}, {out!r}, progress=False)")
+        gib = 2**30
+        print("| checkpoint (bf16) | largest stacked tensor | peak RSS | import-only RSS | peak - import | time |")
+        print("|---|---|---|---|---|---|")
+        print(f"| {ckpt_bytes / gib:.2f} GiB | {max(sizes) / gib:.3f} GiB | {peak / gib:.2f} GiB | "
+              f"{base / gib:.2f} GiB | {(peak - base) / gib:.2f} GiB ({(peak - base) / max(sizes):.1f}x largest) | {secs:.0f} s |")
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
