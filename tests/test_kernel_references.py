@@ -84,3 +84,17 @@ def test_gmm_matches_float64_loop(sizes):
     want = gmm64(lhs, rhs, sizes)
     np.testing.assert_allclose(np.asarray(out), want, rtol=1e-5, atol=1e-5 * np.abs(want).max(initial=1))
     assert not np.any(np.asarray(out)[sum(sizes):])  # rows past the groups are zeros
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padding_does_not_touch_the_state(side):
+    q, k, v, g, s0 = random_qkv(21, 3, 70, 2, 16)
+    lengths = np.array([70, 33, 1])
+    pos = np.arange(70)[None]
+    mask = (pos < lengths[:, None]) if side == "right" else (pos >= 70 - lengths[:, None])
+    o, s = la.linear_attention(q, k, v, g, initial_state=s0, mask=jnp.asarray(mask))
+    for b, n in enumerate(lengths):
+        sl = slice(0, n) if side == "right" else slice(70 - n, 70)
+        o64, s64 = recurrence64(q[b:b + 1, sl], k[b:b + 1, sl], v[b:b + 1, sl], g, s0[b:b + 1])
+        assert rel_err(o[b:b + 1, sl], o64) <= 1e-5 and rel_err(s[b:b + 1], s64) <= 1e-5
+        assert not np.any(np.asarray(o[b])[~mask[b]])   # padded outputs are zeros

@@ -17,12 +17,12 @@ def _resolve(backend: str) -> str:
     return backend
 
 
-def linear_attention(q, k, v, log_decay, *, scale=None, initial_state=None, chunk_size=64,
+def linear_attention(q, k, v, log_decay, *, scale=None, initial_state=None, mask=None, chunk_size=64,
                      backend="auto"):
     """Causal Lightning attention: see `reference.linear_attention` for shapes and math."""
     _resolve(backend)
     return reference.linear_attention(q, k, v, log_decay, scale=scale, initial_state=initial_state,
-                                      chunk_size=chunk_size)
+                                      mask=mask, chunk_size=chunk_size)
 
 
 def linear_attention_step(q, k, v, log_decay, state, *, scale=None, backend="auto"):

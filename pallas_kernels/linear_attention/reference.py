@@ -17,12 +17,13 @@ import jax.numpy as jnp
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def linear_attention(q, k, v, log_decay, *, scale=None, initial_state=None, chunk_size=64):
+def linear_attention(q, k, v, log_decay, *, scale=None, initial_state=None, mask=None, chunk_size=64):
     """Causal linear attention over a whole sequence.
 
     q, k: [B, T, H, D]; v: [B, T, H, Dv] (bf16 or f32); log_decay: [H] f32 (negative);
-    initial_state: [B, H, D, Dv] f32 or None (zeros). Returns (o [B, T, H, Dv] in q.dtype,
-    final_state [B, H, D, Dv] f32).
+    initial_state: [B, H, D, Dv] f32 or None (zeros); mask: [B, T] bool or None (all True): a
+    False token (padding, on either side) neither decays nor feeds the state, and its output is 0.
+    Returns (o [B, T, H, Dv] in q.dtype, final_state [B, H, D, Dv] f32).
     """
     B, T, H, D = q.shape
     Dv = v.shape[-1]
@@ -31,31 +32,38 @@ def linear_attention(q, k, v, log_decay, *, scale=None, initial_state=None, chun
     pad = n_chunks * C - T
     scale = D ** -0.5 if scale is None else scale
     g = log_decay.astype(jnp.float32)                                     # [H]
+    mask = jnp.ones((B, T), bool) if mask is None else mask.astype(bool)
+    mask = jnp.pad(mask, ((0, 0), (0, pad))).reshape(B, n_chunks, C).transpose(1, 0, 2)  # [n, B, C]
 
     def chunked(x):  # [B, T, H, d] -> [n_chunks, B, H, C, d] float32
         x = jnp.pad(x.astype(jnp.float32), ((0, 0), (0, pad), (0, 0), (0, 0)))
         return x.reshape(B, n_chunks, C, H, -1).transpose(1, 0, 3, 2, 4)
 
-    i = jnp.arange(C)
-    lag = i[:, None] - i[None, :]                                         # [C, C], i - j
-    intra_decay = jnp.where(lag >= 0, jnp.exp(jnp.maximum(lag, 0) * g[:, None, None]), 0.0)  # [H, C, C]
-    carry_decay = jnp.exp((i + 1) * g[:, None])                           # [H, C]
-    valid = jnp.full((n_chunks,), C, jnp.int32).at[-1].set(C - pad)       # tokens per chunk
+    causal = jnp.tril(jnp.ones((C, C), bool))
 
     def step(state, chunk):
-        qc, kc, vc, n = chunk                                             # [B, H, C, d], scalar
-        scores = jnp.einsum("bhid,bhjd->bhij", qc, kc, precision=_HIGHEST) * intra_decay
+        qc, kc, vc, m = chunk                                             # [B, H, C, d], [B, C]
+        # Token i of the chunk has seen n_i = (valid tokens <= i) decays since the chunk began;
+        # every factor below is exp(g * a non-negative count): no exponent is ever positive.
+        n = jnp.cumsum(m, axis=-1).astype(jnp.float32)                    # [B, C]
+        lag = n[:, :, None] - n[:, None, :]                               # [B, C, C], n_i - n_j
+        gb = g[None, :, None, None]
+        intra = jnp.where(causal & m[:, None, :, None] & m[:, None, None, :],
+                          jnp.exp(jnp.maximum(lag, 0)[:, None] * gb), 0.0)          # [B, H, C, C]
+        scores = jnp.einsum("bhid,bhjd->bhij", qc, kc, precision=_HIGHEST) * intra
         o = jnp.einsum("bhij,bhje->bhie", scores, vc, precision=_HIGHEST)
-        o += carry_decay[..., None] * jnp.einsum("bhid,bhde->bhie", qc, state, precision=_HIGHEST)
-        age = n - 1 - i                                                   # steps to the chunk's last token
-        k_weight = jnp.where(age >= 0, jnp.exp(jnp.maximum(age, 0) * g[:, None]), 0.0)  # [H, C]
-        state = (jnp.exp(n * g)[:, None, None] * state
+        carry = jnp.where(m[:, None, :], jnp.exp(n[:, None, :] * g[None, :, None]), 0.0)  # [B, H, C]
+        o += carry[..., None] * jnp.einsum("bhid,bhde->bhie", qc, state, precision=_HIGHEST)
+        total = n[:, -1]                                                  # [B] valid tokens in the chunk
+        age = jnp.where(m, total[:, None] - n, 0)                         # decays after token j
+        k_weight = jnp.where(m[:, None, :], jnp.exp(age[:, None, :] * g[None, :, None]), 0.0)  # [B, H, C]
+        state = (jnp.exp(total[:, None] * g[None, :])[..., None, None] * state
                  + jnp.einsum("bhjd,bhje->bhde", kc * k_weight[..., None], vc, precision=_HIGHEST))
         return state, o * scale
 
     state0 = (jnp.zeros((B, H, D, Dv), jnp.float32) if initial_state is None
               else initial_state.astype(jnp.float32))
-    final_state, o = jax.lax.scan(step, state0, (chunked(q), chunked(k), chunked(v), valid))
+    final_state, o = jax.lax.scan(step, state0, (chunked(q), chunked(k), chunked(v), mask))
     o = o.transpose(1, 0, 3, 2, 4).reshape(B, n_chunks * C, H, Dv)[:, :T]
     return o.astype(q.dtype), final_state
 
