@@ -1,0 +1,112 @@
+"""Lightning linear attention on one GPU: our Pallas Mosaic GPU kernel, the jnp reference, and fla's
+`chunk_simple_gla` (Triton, PyTorch) measured side by side in one process.
+
+    pip install --no-deps fla_core-*.whl   # fla-core, pure Python
+    python benchmarks/linear_attention.py [--quick]
+
+Prints, per shape, milliseconds (median of 20 after warm-up), the q,k,v,o bytes over the time and
+its share of the measured device-to-device copy bandwidth; then the decode step inside a jitted
+loop. Also checks our kernel against the jnp reference on every shape (relative error).
+"""
+
+import argparse
+import os
+import sys
+import time
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.linear_attention import gpu, reference
+
+SHAPES = [(1, 4096, 16, 128), (1, 32768, 16, 128), (1, 131072, 16, 128), (8, 4096, 16, 128),
+          (1, 32768, 32, 128), (8, 4096, 32, 128)]
+
+
+def bench_jax(f, *args, n=20):
+    jax.block_until_ready(f(*args))
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        jax.block_until_ready(f(*args))
+        times.append(time.perf_counter() - t)
+    return sorted(times)[n // 2] * 1e3
+
+
+def bench_torch(fn, n=20):
+    import torch
+
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(n):
+        start.record(); fn(); end.record(); torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[n // 2]
+
+
+def copy_bandwidth():
+    x = jnp.ones((2 * 1024**3 // 4,), jnp.float32)
+    f = jax.jit(lambda a: a + 1)
+    ms = bench_jax(f, x)
+    return 2 * x.nbytes / (ms * 1e-3)
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="first two shapes only")
+    args = p.parse_args()
+    try:
+        import torch
+        from fla.ops.simple_gla import chunk_simple_gla
+    except ImportError as e:
+        print(f"# fla not available ({e}); its column stays empty", file=sys.stderr)
+        chunk_simple_gla = None
+    ours = jax.jit(gpu.linear_attention)
+    ref = jax.jit(reference.linear_attention)
+    print("| check B, T, H, D | initial state | o rel err | state rel err |")
+    print("|---|---|---|---|")
+    for B, T, H, D in [(1, 1000, 3, 128), (2, 4160, 2, 128), (1, 64, 1, 128), (1, 20000, 2, 128)]:
+        ks = jax.random.split(jax.random.PRNGKey(T), 5)
+        q, k, v = (jax.random.normal(ks[i], (B, T, H, D), jnp.float32).astype(jnp.bfloat16) for i in range(3))
+        g = -jax.random.uniform(ks[3], (H,), minval=0.01, maxval=0.8)
+        s0 = jax.random.normal(ks[4], (B, H, D, D))
+        o, s = ours(q, k, v, g, initial_state=s0)
+        ro, rs = ref(q, k, v, g, initial_state=s0)
+        print(f"| {B}, {T}, {H}, {D} | yes | {rel_err(o, ro):.1e} | {rel_err(s, rs):.1e} |", flush=True)
+    hbm = copy_bandwidth()
+    print(f"# {jax.devices()[0].device_kind} | jax {jax.__version__} | copy bandwidth {hbm / 1e12:.2f} TB/s")
+    print("| B | T | H | D | ours ms | GB/s | % copy | jnp ref ms | fla ms | fla / ours | max rel err vs ref |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for B, T, H, D in SHAPES[:2] if args.quick else SHAPES:
+        ks = jax.random.split(jax.random.PRNGKey(T + H), 4)
+        q, k, v = (jax.random.normal(ks[i], (B, T, H, D), jnp.float32).astype(jnp.bfloat16) for i in range(3))
+        g = -(2.0 ** (-8.0 * (jnp.arange(H) + 1) / H))
+        io = 4 * B * T * H * D * 2
+        o, s = ours(q, k, v, g)
+        ro, rs = ref(q, k, v, g)
+        err = max(rel_err(o, ro), rel_err(s, rs))
+        t_ours, t_ref = bench_jax(ours, q, k, v, g), bench_jax(ref, q, k, v, g)
+        t_fla = float("nan")
+        if chunk_simple_gla is not None:
+            tq, tk, tv = (torch.from_dlpack(x) for x in (q, k, v))
+            tg = torch.from_dlpack(g.astype(jnp.float32))
+            t_fla = bench_torch(lambda: chunk_simple_gla(tq, tk, tv, g_gamma=tg, output_final_state=True))
+            del tq, tk, tv
+        print(f"| {B} | {T} | {H} | {D} | {t_ours:.3f} | {io / t_ours / 1e6:.0f} | {100 * io / (t_ours * 1e-3) / hbm:.0f}% "
+              f"| {t_ref:.3f} | {t_fla:.3f} | {t_fla / t_ours:.2f}x | {err:.1e} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
