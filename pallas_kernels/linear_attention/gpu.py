@@ -10,8 +10,8 @@ by a TMA pipeline:
 
 Batch x heads x 2 CTAs do not fill 132 SMs at batch 1, so the sequence is cut into segments: a
 first kernel computes each segment's own state contribution U_s (the second line only, from zero;
-it reads k and v), a tiny jnp scan chains them into each segment's incoming state, and the output
-kernel runs all segments in parallel from those states. Bytes: q, k, v, o once each plus k, v once
+it reads k and v), one jnp contraction chains them into each segment's incoming state, and the
+output kernel runs all segments in parallel from those states. Bytes: q, k, v, o once each plus k, v once
 more for all but the last segment.
 
 Numerics: q, k, v and o are bf16; every product accumulates in float32; S stays float32 across the
@@ -27,7 +27,6 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 CHUNK = 64
-TARGET_CTAS = 264  # two per SM on an H100
 
 
 def decay_tables(log_decay, chunk: int, head_dim: int, tail: int):
@@ -51,17 +50,13 @@ def decay_tables(log_decay, chunk: int, head_dim: int, tail: int):
 
 
 def _num_segments(n_chunks: int, parallel: int) -> int:
-    """Largest divisor of n_chunks up to what fills the GPU (segments of at least 4 chunks)."""
-    want = max(1, min(n_chunks // 4, -(-TARGET_CTAS // parallel)))
+    """1 when `parallel` CTAs already cover the SMs; else the largest divisor of n_chunks up to
+    two CTAs per SM (segments of at least 4 chunks)."""
+    sms = getattr(jax.devices()[0], "core_count", 132)
+    if parallel >= sms:
+        return 1
+    want = max(1, min(n_chunks // 4, -(-2 * sms // parallel)))
     return max(d for d in range(1, want + 1) if n_chunks % d == 0)
-
-
-def _wgmma_value(a, b, shape):
-    """a @ b for SMEM refs, as a float32 array in registers."""
-    def scope(acc):
-        plgpu.wgmma(acc, a, b)
-        return acc[...]
-    return pl.run_scoped(scope, plgpu.ACC(shape, jnp.float32))
 
 
 def _wgmma_add(value, a, b):
@@ -95,45 +90,52 @@ def linear_attention(q, k, v, log_decay, *, scale=None, initial_state=None):
     wgmma_layout, row_layout = plgpu.Layout.WGMMA, plgpu.Layout.WGMMA.reduce(1)
     params = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
 
-    def load_tables(h, intra_gmem, rows_gmem, sdec_gmem, intra_smem, rows_smem, sdec_smem, bar):
-        plgpu.copy_gmem_to_smem(intra_gmem.at[h], intra_smem, bar.at[0])
-        plgpu.copy_gmem_to_smem(rows_gmem.at[h], rows_smem, bar.at[1])
-        plgpu.copy_gmem_to_smem(sdec_gmem.at[h], sdec_smem, bar.at[2])
-        for n in range(3):
+    def load_tables(h, pairs, bar):
+        """Copies this head's slice of each (GMEM table, SMEM buffer) pair and waits for all."""
+        for n, (table, buffer) in enumerate(pairs):
+            plgpu.copy_gmem_to_smem(table.at[h], buffer, bar.at[n])
+        for n in range(len(pairs)):
             plgpu.barrier_wait(bar.at[n])
 
-    def column(ref, r, width):  # row r of a [n, len] SMEM table as a [len, width] array
-        return jnp.broadcast_to(plgpu.layout_cast(ref[r, :], row_layout)[:, None], (ref.shape[1], width))
+    def vector(ref, r):  # row r of a [n, len] SMEM table as a [len] vector along the tile rows
+        return plgpu.layout_cast(ref[r, :], row_layout)
 
-    def state_step(is_tail, state, k_smem, v_smem, w_smem, rows_smem, sdec_smem):
-        """S <- chunk_decay * S + k^T @ (k_decay * v), with the tail's factors on the last chunk."""
-        k_decay, chunk_decay = column(rows_smem, 1, half), column(sdec_smem, 0, half)
-        if is_tail is not False:  # traced: the global last chunk holds `tail` tokens
-            k_decay = jnp.where(jnp.broadcast_to(is_tail, (C, half)), column(rows_smem, 2, half), k_decay)
-            chunk_decay = jnp.where(jnp.broadcast_to(is_tail, (D, half)), column(sdec_smem, 1, half),
-                                    chunk_decay)
-        v_tile = plgpu.layout_cast(v_smem[...], wgmma_layout).astype(jnp.float32)
-        w_smem[...] = (v_tile * k_decay).astype(jnp.bfloat16)
-        plgpu.commit_smem()
-        return plgpu.layout_cast(_wgmma_add(state * chunk_decay, k_smem.transpose((1, 0)), w_smem),
-                                 wgmma_layout)
+    def decay_vectors(rows_smem, sdec_smem):
+        """k_decay and chunk_decay vectors of a whole chunk and of the tail chunk."""
+        return ((vector(rows_smem, 1), vector(sdec_smem, 0)), (vector(rows_smem, 2), vector(sdec_smem, 1)))
+
+    def pick(is_tail, full, tail):
+        """The tail's vectors on the global last chunk, the whole chunk's elsewhere."""
+        return tuple(jnp.where(jnp.broadcast_to(is_tail, f.shape), t, f) for f, t in zip(full, tail))
+
+    def load_tile(ref):
+        return plgpu.layout_cast(ref[...], wgmma_layout).astype(jnp.float32)
 
     # ---- kernel 1: each segment's own state contribution (all segments but the last) ----------
-    def segment_body(k_gmem, v_gmem, intra_gmem, rows_gmem, sdec_gmem, u_gmem,
-                     intra_smem, rows_smem, sdec_smem, w_smem, st_smem, bar):
+    # State updates only, so a longer chunk (fewer, larger wgmmas) when the segment allows it.
+    C1 = 2 * C if per_seg % 2 == 0 else C
+    _, rows1, sdec1 = decay_tables(log_decay, C1, D, C1)
+
+    def segment_body(k_gmem, v_gmem, rows_gmem, sdec_gmem, u_gmem, rows_smem, sdec_smem, w_smem,
+                     st_smem, bar):
         b, h, j, s = (lax.axis_index(n) for n in ("b", "h", "j", "s"))
         cols = pl.ds(j * half, half)
-        load_tables(h, intra_gmem, rows_gmem, sdec_gmem, intra_smem, rows_smem, sdec_smem, bar)
+        load_tables(h, [(rows_gmem, rows_smem), (sdec_gmem, sdec_smem)], bar)
+        (k_decay, chunk_decay), _ = decay_vectors(rows_smem, sdec_smem)
 
         def chunk(_, k_smem, v_smem, state):
-            return state_step(False, plgpu.layout_cast(state, wgmma_layout), k_smem, v_smem, w_smem,
-                              rows_smem, sdec_smem)
+            w_smem[...] = (load_tile(v_smem) * k_decay[:, None]).astype(jnp.bfloat16)
+            plgpu.commit_smem()
+            state = _wgmma_add(plgpu.layout_cast(state, wgmma_layout) * chunk_decay[:, None],
+                               k_smem.transpose((1, 0)), w_smem)
+            return plgpu.layout_cast(state, wgmma_layout)
 
-        first = s * per_seg
+        steps = per_seg * C // C1
+        first = s * steps
         state = plgpu.emit_pipeline(
-            chunk, grid=(per_seg,),
-            in_specs=[plgpu.BlockSpec((C, D), lambda c: (first + c, 0)),
-                      plgpu.BlockSpec((C, half), lambda c: (first + c, 0))],
+            chunk, grid=(steps,),
+            in_specs=[plgpu.BlockSpec((C1, D), lambda c: (first + c, 0)),
+                      plgpu.BlockSpec((C1, half), lambda c: (first + c, 0))],
             max_concurrent_steps=2,
             init_carry=plgpu.layout_cast(jnp.zeros((D, half), jnp.float32), wgmma_layout),
         )(k_gmem.at[b, :, h], v_gmem.at[b, :, h, cols])
@@ -142,24 +144,24 @@ def linear_attention(q, k, v, log_decay, *, scale=None, initial_state=None):
         plgpu.copy_smem_to_gmem(st_smem, u_gmem.at[b, h, s, :, cols])
         plgpu.wait_smem_to_gmem(0)
 
-    table_scratch = (plgpu.SMEM((C, C), jnp.float32), plgpu.SMEM((3, C), jnp.float32),
-                     plgpu.SMEM((2, D), jnp.float32))
     if n_seg > 1:
         u = plgpu.kernel(
             segment_body,
             out_type=jax.ShapeDtypeStruct((B, H, n_seg - 1, D, Dv), jnp.float32),
-            scratch_types=table_scratch + (plgpu.SMEM((C, half), jnp.bfloat16),
-                                           plgpu.SMEM((D, half), jnp.float32), plgpu.Barrier(num_barriers=3)),
+            scratch_types=(plgpu.SMEM((3, C1), jnp.float32), plgpu.SMEM((2, D), jnp.float32),
+                           plgpu.SMEM((C1, half), jnp.bfloat16), plgpu.SMEM((D, half), jnp.float32),
+                           plgpu.Barrier(num_barriers=2)),
             grid=(B, H, 2, n_seg - 1), grid_names=("b", "h", "j", "s"), compiler_params=params,
-        )(k, v, intra, rows, sdec)
-        # Chain the segments: S_in[s + 1] = exp(L g) S_in[s] + U_s, L = tokens per segment.
-        seg_decay = jnp.exp(log_decay.astype(jnp.float32) * (per_seg * C))[None, :, None, None]
-
-        def chain(state, u_s):
-            nxt = seg_decay * state + u_s
-            return nxt, nxt
-        _, later = lax.scan(chain, initial_state, jnp.moveaxis(u, 2, 0))
-        seg_states = jnp.concatenate([initial_state[None], later], axis=0)    # [n_seg, B, H, D, Dv]
+        )(k, v, rows1, sdec1)
+        # Chain the segments in closed form: S_in[s] = exp(s L g) S_0 + sum_{r<s} exp((s-1-r) L g) U_r,
+        # L = tokens per segment (all exponents non-positive).
+        g_seg = log_decay.astype(jnp.float32) * (per_seg * C)                    # [H]
+        idx = jnp.arange(n_seg)
+        lag = idx[:, None] - 1 - idx[None, :n_seg - 1]                            # [S, S-1]
+        mix = jnp.where(lag >= 0, jnp.exp(jnp.maximum(lag, 0)[None] * g_seg[:, None, None]), 0.0)
+        carry = jnp.exp(idx[None] * g_seg[:, None])                               # [H, S]
+        seg_states = (jnp.einsum("hs,bhde->sbhde", carry, initial_state)
+                      + jnp.einsum("hsr,bhrde->sbhde", mix, u, precision=lax.Precision.HIGHEST))
     else:
         seg_states = initial_state[None]
 
@@ -169,25 +171,40 @@ def linear_attention(q, k, v, log_decay, *, scale=None, initial_state=None):
                     st_smem, bar):
         b, h, j, s = (lax.axis_index(n) for n in ("b", "h", "j", "s"))
         cols = pl.ds(j * half, half)
-        load_tables(h, intra_gmem, rows_gmem, sdec_gmem, intra_smem, rows_smem, sdec_smem, bar)
+        load_tables(h, [(intra_gmem, intra_smem), (rows_gmem, rows_smem), (sdec_gmem, sdec_smem)], bar)
         plgpu.copy_gmem_to_smem(s_in_gmem.at[s, b, h, :, cols], st_smem, bar.at[3])
         plgpu.barrier_wait(bar.at[3])
         intra_tab = plgpu.layout_cast(intra_smem[...], wgmma_layout)
+        row_decay = vector(rows_smem, 0)
+        full, tail = decay_vectors(rows_smem, sdec_smem)
         first = s * per_seg
 
         def chunk(idx, q_smem, k_smem, v_smem, o_smem, state):
             state = plgpu.layout_cast(state, wgmma_layout)
             s_smem[...] = state.astype(jnp.bfloat16)
+            k_decay, chunk_decay = pick(first + idx[0] == n_chunks - 1, full, tail)
+            w_smem[...] = (load_tile(v_smem) * k_decay[:, None]).astype(jnp.bfloat16)
             plgpu.commit_smem()
-            o = _wgmma_value(q_smem, s_smem, (C, half)) * column(rows_smem, 0, half)
-            p = _wgmma_value(q_smem, k_smem.transpose((1, 0)), (C, C)) * intra_tab
-            p_smem[...] = p.astype(jnp.bfloat16)
+            k_t = k_smem.transpose((1, 0))
+
+            def inter_and_scores(acc_o, acc_p):  # two independent wgmmas in flight together
+                plgpu.wgmma(acc_o, q_smem, s_smem)
+                plgpu.wgmma(acc_p, q_smem, k_t)
+                return acc_o[...], acc_p[...]
+            o, p = pl.run_scoped(inter_and_scores, plgpu.ACC((C, half), jnp.float32),
+                                 plgpu.ACC((C, C), jnp.float32))
+            p_smem[...] = (p * intra_tab).astype(jnp.bfloat16)
             plgpu.commit_smem()
-            o = _wgmma_add(o, p_smem, v_smem)
+
+            def intra_and_update(accs):
+                acc_o, acc_s = accs
+                plgpu.wgmma(acc_o, p_smem, v_smem)
+                plgpu.wgmma(acc_s, k_t, w_smem)
+            o, state = pl.run_state(intra_and_update)(
+                (plgpu.ACC.init(o * row_decay[:, None]), plgpu.ACC.init(state * chunk_decay[:, None])))
             o_smem[...] = (o * scale).astype(o_smem.dtype)
             plgpu.commit_smem()
-            is_tail = first + idx[0] == n_chunks - 1
-            return state_step(is_tail, state, k_smem, v_smem, w_smem, rows_smem, sdec_smem)
+            return plgpu.layout_cast(state, wgmma_layout)
 
         state = plgpu.emit_pipeline(
             chunk, grid=(per_seg,),
@@ -210,7 +227,8 @@ def linear_attention(q, k, v, log_decay, *, scale=None, initial_state=None):
         output_body,
         out_type=(jax.ShapeDtypeStruct((B, n_chunks * C, H, Dv), q.dtype),
                   jax.ShapeDtypeStruct((B, H, D, Dv), jnp.float32)),
-        scratch_types=table_scratch + (
+        scratch_types=(
+            plgpu.SMEM((C, C), jnp.float32), plgpu.SMEM((3, C), jnp.float32), plgpu.SMEM((2, D), jnp.float32),
             plgpu.SMEM((D, half), jnp.bfloat16),
             plgpu.SMEM((C, C), jnp.bfloat16),
             plgpu.SMEM((C, half), jnp.bfloat16),
