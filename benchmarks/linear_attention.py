@@ -106,6 +106,33 @@ def main():
             del tq, tk, tv
         print(f"| {B} | {T} | {H} | {D} | {t_ours:.3f} | {io / t_ours / 1e6:.0f} | {100 * io / (t_ours * 1e-3) / hbm:.0f}% "
               f"| {t_ref:.3f} | {t_fla:.3f} | {t_fla / t_ours:.2f}x | {err:.1e} |", flush=True)
+    decode_table(hbm)
+
+
+def decode_table(hbm):
+    """The decode step inside a jitted loop of 64 steps: us per step per layer."""
+    H, D, steps = 16, 128, 64
+    print("\n| decode B | H | D | us per step | state bytes read+written | floor us | floor / time |")
+    print("|---|---|---|---|---|---|---|")
+    for B in (1, 64):
+        ks = jax.random.split(jax.random.PRNGKey(B), 4)
+        q, k, v = (jax.random.normal(ks[i], (steps, B, 1, H, D), jnp.float32).astype(jnp.bfloat16) for i in range(3))
+        g = -(2.0 ** (-8.0 * (jnp.arange(H) + 1) / H))
+        state = jax.random.normal(ks[3], (B, H, D, D))
+
+        @jax.jit
+        def loop(state, q, k, v):
+            def body(t, carry):
+                state, acc = carry
+                o, state = reference.linear_attention_step(q[t], k[t], v[t], g, state)
+                return state, acc + o[:, 0, :, :1].astype(jnp.float32)
+            return jax.lax.fori_loop(0, steps, body, (state, jnp.zeros((B, H, 1))))
+
+        ms = bench_jax(loop, state, q, k, v)
+        nbytes = 2 * B * H * D * D * 4
+        floor = nbytes / hbm * 1e6
+        us = ms * 1e3 / steps
+        print(f"| {B} | {H} | {D} | {us:.1f} | {nbytes / 1e6:.1f} MB | {floor:.1f} | {floor / us:.0%} |", flush=True)
 
 
 if __name__ == "__main__":

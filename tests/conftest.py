@@ -34,3 +34,22 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def recurrence64(q, k, v, g, state=None, scale=None):
+    """Lightning attention in float64 numpy, token by token: S = exp(g) S + k^T v; o = scale q S.
+
+    q, k: [B, T, H, D]; v: [B, T, H, Dv]; g: [H]; state: [B, H, D, Dv] or None.
+    """
+    import numpy as np
+
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    B, T, H, D = q.shape
+    scale = D ** -0.5 if scale is None else scale
+    S = np.zeros((B, H, D, v.shape[-1])) if state is None else np.array(state, np.float64)
+    decay = np.exp(np.asarray(g, np.float64))[None, :, None, None]
+    o = np.zeros(v.shape)
+    for t in range(T):
+        S = decay * S + k[:, t, :, :, None] * v[:, t, :, None, :]
+        o[:, t] = scale * np.einsum("bhd,bhde->bhe", q[:, t], S)
+    return o, S

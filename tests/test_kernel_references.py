@@ -5,23 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import rel_err
+from conftest import recurrence64, rel_err
 from pallas_kernels.linear_attention import reference as la
 from pallas_kernels.moe import reference as moe
-
-
-def recurrence64(q, k, v, g, state=None, scale=None):
-    """float64 numpy: S = exp(g) S + k^T v; o = scale q S, token by token."""
-    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
-    B, T, H, D = q.shape
-    scale = D ** -0.5 if scale is None else scale
-    S = np.zeros((B, H, D, v.shape[-1])) if state is None else np.array(state, np.float64)
-    lam = np.exp(np.asarray(g, np.float64))[None, :, None, None]
-    o = np.zeros(v.shape)
-    for t in range(T):
-        S = lam * S + k[:, t, :, :, None] * v[:, t, :, None, :]
-        o[:, t] = scale * np.einsum("bhd,bhde->bhe", q[:, t], S)
-    return o, S
 
 
 def random_qkv(seed, B, T, H, D, dtype=jnp.float32):

@@ -1,8 +1,9 @@
 """Entry points of the linear-attention kernels; `backend` picks the implementation.
 
-"auto" takes the Mosaic GPU kernel on Hopper or newer GPUs when the inputs are what it handles
-(bf16, D % 64 == 0, Dv % 128 == 0, no mask), and the jnp reference otherwise. "gpu" and
-"reference" force one (an input the GPU kernel does not handle is then an error).
+"auto": on TPU the Mosaic TPU kernels (any T, masks, bf16 or f32); on Hopper or newer GPUs the
+Mosaic GPU prefill kernel when the inputs are what it handles (bf16, D % 64 == 0, Dv % 128 == 0, no
+mask); the jnp reference otherwise. "reference", "gpu" and "tpu" force one (an input a kernel does
+not handle is then an error).
 """
 
 import functools
@@ -11,16 +12,18 @@ import jax
 
 from pallas_kernels.linear_attention import reference
 
-BACKENDS = ("reference", "gpu")
+BACKENDS = ("reference", "gpu", "tpu")
 
 
 @functools.cache
-def _hopper_gpu() -> bool:
+def _platform() -> str:
+    """"tpu", "hopper" (a CUDA GPU of compute capability 9.0 or newer) or "other"."""
     device = jax.devices()[0]
-    if device.platform != "gpu":
-        return False
-    capability = getattr(device, "compute_capability", "0")
-    return float(capability) >= 9.0
+    if device.platform == "tpu":
+        return "tpu"
+    if device.platform == "gpu" and float(getattr(device, "compute_capability", "0")) >= 9.0:
+        return "hopper"
+    return "other"
 
 
 def _gpu_handles(q, v, mask) -> bool:
@@ -30,7 +33,9 @@ def _gpu_handles(q, v, mask) -> bool:
 
 def _resolve(backend: str, q, v, mask) -> str:
     if backend == "auto":
-        return "gpu" if _hopper_gpu() and _gpu_handles(q, v, mask) else "reference"
+        if _platform() == "tpu":
+            return "tpu"
+        return "gpu" if _platform() == "hopper" and _gpu_handles(q, v, mask) else "reference"
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}: choose 'auto' or one of {BACKENDS}")
     if backend == "gpu" and not _gpu_handles(q, v, mask):
@@ -40,18 +45,38 @@ def _resolve(backend: str, q, v, mask) -> str:
 
 
 def linear_attention(q, k, v, log_decay, *, scale=None, initial_state=None, mask=None, chunk_size=64,
-                     backend="auto"):
-    """Causal Lightning attention: see `reference.linear_attention` for shapes and math."""
-    if _resolve(backend, q, v, mask) == "gpu":
+                     backend="auto", interpret=False):
+    """Causal Lightning attention: see `reference.linear_attention` for shapes and math.
+
+    interpret: run the TPU kernel in interpret mode (False, True or `pltpu.InterpretParams()`).
+    The GPU kernel always uses chunks of 64 tokens.
+    """
+    kind = _resolve(backend, q, v, mask)
+    if kind == "gpu":
         from pallas_kernels.linear_attention import gpu
 
         return gpu.linear_attention(q, k, v, log_decay, scale=scale, initial_state=initial_state)
+    if kind == "tpu":
+        from pallas_kernels.linear_attention import tpu
+
+        return tpu.linear_attention(q, k, v, log_decay, scale=scale, initial_state=initial_state,
+                                    mask=mask, chunk_size=chunk_size, interpret=interpret)
     return reference.linear_attention(q, k, v, log_decay, scale=scale, initial_state=initial_state,
                                       mask=mask, chunk_size=chunk_size)
 
 
-def linear_attention_step(q, k, v, log_decay, state, *, scale=None, backend="auto"):
-    """A few tokens continuing from `state`: see `reference.linear_attention_step`."""
+def linear_attention_step(q, k, v, log_decay, state, *, scale=None, backend="auto", interpret=False):
+    """A few tokens continuing from `state`: see `reference.linear_attention_step`.
+
+    "auto" takes the TPU kernel on TPU and the jnp recurrence elsewhere (XLA fuses it inside a
+    jitted decode loop).
+    """
     if backend not in ("auto",) + BACKENDS:
         raise ValueError(f"backend={backend!r}: choose 'auto' or one of {BACKENDS}")
+    if backend == "tpu" or (backend == "auto" and _platform() == "tpu"):
+        from pallas_kernels.linear_attention import tpu
+
+        return tpu.linear_attention_step(q, k, v, log_decay, state, scale=scale, interpret=interpret)
+    if backend == "gpu":
+        raise NotImplementedError("no GPU decode kernel: the jnp step ('reference') is what runs on GPU")
     return reference.linear_attention_step(q, k, v, log_decay, state, scale=scale)

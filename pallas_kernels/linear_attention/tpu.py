@@ -9,38 +9,42 @@ multiple of 128 lanes (1 for D = Dv = 128, 2 for D = 64 with H even), or all H h
 of H gets there (the block is then the full minor dim, which Mosaic also accepts). This costs no
 HBM traffic beyond the kernel's own; feeding a heads-major [B, H, T, D] copy instead would add a
 transpose of q, k, v and of o, i.e. about twice the kernel's HBM bytes again, unless XLA fuses it
-into the producer. A sequence whose length is not a multiple of C ends in a partial block: its
-rows past T are undefined on read and dropped on write, and the kernel masks them like padding, so
+into the producer. A sequence whose length is not a multiple of C ends in a partial block (one
+shorter than chunk_size is a single chunk of C = T rounded up to a multiple of 8): the block's rows
+past T are undefined on read and dropped on write, and the kernel masks them like padding, so
 nothing is padded or copied in HBM either. The only extra input is a per-token table
-[B, n_chunks, 2, C] float32 (the mask and the within-chunk count of valid tokens), 8 bytes a token.
+[B, n_chunks, 2, C] float32 (the mask and the within-chunk count of valid tokens, as rows), 8 bytes
+a token, read once per head block.
 
 Prefill grid (B, H / hb, n_chunks): batch and head blocks "parallel", chunks "arbitrary" (in order).
 The [hb, D, Dv] float32 state lives in a VMEM scratch for the whole sequence: loaded from
 `initial_state` (or zeroed) at chunk 0, written to `final_state` after the last chunk. Per chunk and
 head, with n_i = valid tokens <= i in the chunk and N = n_{C-1}:
 
-    P = (q @ k^T) * [j <= i, both valid] exp(g (n_i - n_j))                 # [C, C]
-    o = s * (P @ v + exp(g n_i) * (q @ S))                                  # [C, Dv], 0 where masked
-    S = exp(g N) * S + (exp(g (N - n_j)) * k)^T @ v                          # [D, Dv]
+    P = (q @ k^T) * [j <= i, both valid] exp(g (n_i - n_j))    # [C, C]
+    o = s * (P @ v + exp(g n_i) * (q @ S))                     # [C, Dv], 0 where i is masked
+    S = exp(g N) * S + (exp(g (N - n_j)) * k)^T @ v             # [D, Dv]
 
 Every exponent is g times a non-negative count. In VMEM per grid step: the q, k, v, o tiles
 (double-buffered by the pipeline), the state scratch, the initial/final state blocks and a few
 [C, C] float32 temporaries; about 0.5 MiB at C = 64, D = Dv = 128, hb = 1.
 
 Cost per chunk and head: 2 C (C (D + Dv) + 2 D Dv) FLOPs on the MXU (6.3 MFLOP at C = 64,
-D = Dv = 128), C^2 + 2 C exps, and C (2 D + 2 Dv) x itemsize bytes of q, k, v, o (64 KiB in bf16),
-about 96 FLOP/byte: near the HBM roofline of v5e/v5p at bf16; the state adds 2 D Dv x 4 bytes per
-(batch, head) once per sequence.
+D = Dv = 128), C^2 + 2 C exps, and C (2 D + 2 Dv) x itemsize bytes of q, k, v, o (64 KiB in bf16):
+about 96 FLOP/byte, below the ridge point of v5e (~240) and v5p (~170), so bf16 prefill is bound by
+HBM bandwidth (float32 at HIGHEST takes several MXU passes per matmul and is compute-bound). The
+state adds D Dv x 4 bytes in and out per (batch, head), once per sequence.
 
 Numerics: matmul operands stay in the input dtype with float32 accumulation. For bf16 inputs the
 state enters q @ S rounded to bf16, and P and the decayed k are rounded to bf16 before their
 matmuls (as fla's chunk kernels do); the state itself is accumulated in float32. For float32
-inputs every matmul runs at precision HIGHEST, so results track a float64 recurrence to ~1e-6.
+inputs every matmul runs at precision HIGHEST: within a few 1e-7 of a float64 recurrence.
 
 Decode (`linear_attention_step`): grid (B, H / hb), both "parallel"; the state block is read once,
 the S <= 8 new tokens are applied as one all-valid chunk of S tokens (the closed form of S
-recurrence steps), and the state is written back through `input_output_aliases`, in place when the
-caller donates it.
+recurrence steps, the same `_chunk` as prefill), and the state is written back through
+`input_output_aliases`: in place when the caller donates it (e.g. `donate_argnums` on an enclosing
+jit), else XLA copies it first. Decode moves 2 D Dv x 4 bytes of state per (batch, head) and step.
 """
 
 import functools
@@ -86,7 +90,7 @@ def _chunk(q, k, v, state, g, *, lag, n, age, total, valid, pairs, scale, precis
     v = _keep(valid, v.astype(f32)).astype(dtype)
     scores = dot(q, k, _NT)                                                    # [C, C]
     p = _keep(pairs, scores * jnp.exp(g * lag))
-    carry = dot(q, state.astype(dtype), _NN)              # [C, Dv]
+    carry = dot(q, state.astype(dtype), _NN)                                   # [C, Dv]
     o = dot(p.astype(dtype), v, _NN) + jnp.exp(g * n) * carry
     k_decayed = _keep(valid, k.astype(f32) * jnp.exp(g * age))                # [C, D]
     state = jnp.exp(g * total) * state + dot(k_decayed.T.astype(dtype), v, _NN)  # [D, Dv]
@@ -114,7 +118,9 @@ def _prefill_kernel(g_ref, tok_ref, q_ref, k_ref, v_ref, *refs, hb, scale, preci
     chunk = mask_row.shape[1]
     i = lax.broadcasted_iota(jnp.int32, (chunk, chunk), 0)
     j = lax.broadcasted_iota(jnp.int32, (chunk, chunk), 1)
-    column = lambda row: jnp.sum(jnp.where(i == j, row, 0.0), axis=1, keepdims=True)
+    def column(row):
+        return jnp.sum(jnp.where(i == j, row, 0.0), axis=1, keepdims=True)
+
     mask_col, n_col = column(mask_row), column(n_row)
     total = jnp.sum(mask_row, axis=1, keepdims=True)                           # [1, 1]
     tables = dict(lag=jnp.maximum(n_col - n_row, 0.0), n=n_col, age=total - n_col, total=total,
@@ -145,7 +151,8 @@ def linear_attention(q, k, v, log_decay, *, scale=None, initial_state=None, mask
                      interpret=False):
     """Causal Lightning attention over a whole sequence, chunk by chunk.
 
-    q, k: [B, T, H, D]; v: [B, T, H, Dv] (bf16 or f32, one dtype); log_decay: [H] f32 (negative);
+    q, k: [B, T, H, D]; v: [B, T, H, Dv] (bf16 or f32; k, v are cast to q.dtype); log_decay: [H] f32
+    (negative);
     initial_state: [B, H, D, Dv] f32 or None (zeros); mask: [B, T] bool or None (all valid): a False
     token (padding on either side) neither decays nor feeds the state, and its output is 0.
     chunk_size: tokens per grid step, a multiple of 8 (a sequence shorter than it is one chunk).
@@ -155,7 +162,8 @@ def linear_attention(q, k, v, log_decay, *, scale=None, initial_state=None, mask
     B, T, H, D = q.shape
     Dv = v.shape[-1]
     if k.shape != q.shape or v.shape[:3] != q.shape[:3] or log_decay.shape != (H,):
-        raise ValueError(f"shapes q {q.shape}, k {k.shape}, v {v.shape}, log_decay {log_decay.shape}")
+        raise ValueError(f"shapes q {q.shape}, k {k.shape}, v {v.shape}, "
+                         f"log_decay {log_decay.shape}")
     if chunk_size % 8:
         raise ValueError(f"chunk_size={chunk_size} must be a multiple of 8")
     dtype = q.dtype
@@ -235,8 +243,9 @@ def _step_kernel(g_ref, q_ref, k_ref, v_ref, state_ref, o_ref, new_state_ref, *,
 def linear_attention_step(q, k, v, log_decay, state, *, scale=None, interpret=False):
     """A few tokens (decode or speculative) continuing from `state`.
 
-    q, k: [B, S, H, D]; v: [B, S, H, Dv] (S = 1..8, bf16 or f32); log_decay: [H] f32;
-    state: [B, H, D, Dv] f32, updated in place when the caller donates it.
+    q, k: [B, S, H, D]; v: [B, S, H, Dv] (S = 1..8, bf16 or f32; k, v are cast to q.dtype);
+    log_decay: [H] f32; state: [B, H, D, Dv] f32, updated in place when the caller donates it.
+    interpret: False, True or a `pltpu.InterpretParams` (TPU interpret mode on CPU).
     Returns (o [B, S, H, Dv] in q.dtype, new_state [B, H, D, Dv] f32).
     """
     B, S, H, D = q.shape
