@@ -69,19 +69,27 @@ def linear_attention(q, k, v, log_decay, *, scale=None, initial_state=None, mask
 
 
 def linear_attention_step(q, k, v, log_decay, state, *, scale=None):
-    """A few tokens (decode or speculative) continuing from `state`, one recurrence step each.
+    """A few tokens (decode or speculative) continuing from `state`.
 
     q, k: [B, S, H, D]; v: [B, S, H, Dv]; state: [B, H, D, Dv] f32.
     Returns (o [B, S, H, Dv] in q.dtype, new_state [B, H, D, Dv] f32).
+
+    The S tokens are one chunk in closed form (no loop, so nothing but fused kernels inside a
+    jitted decode loop): o_i = s [sum_{j<=i} exp((i-j) g) (q_i.k_j) v_j + exp((i+1) g) q_i S],
+    S' = exp(S g) S + sum_j exp((S-1-j) g) k_j^T v_j.
     """
+    S = q.shape[1]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    decay = jnp.exp(log_decay.astype(jnp.float32))[:, None, None]        # [H, 1, 1]
-
-    def step(s, token):
-        qt, kt, vt = (x.astype(jnp.float32) for x in token)              # [B, H, d]
-        s = decay * s + kt[..., :, None] * vt[..., None, :]
-        return s, scale * jnp.einsum("bhd,bhde->bhe", qt, s, precision=_HIGHEST)
-
-    tokens = tuple(x.transpose(1, 0, 2, 3) for x in (q, k, v))
-    new_state, o = jax.lax.scan(step, state.astype(jnp.float32), tokens)
-    return o.transpose(1, 0, 2, 3).astype(q.dtype), new_state
+    g = log_decay.astype(jnp.float32)                                     # [H]
+    qf, kf, vf = (x.astype(jnp.float32) for x in (q, k, v))
+    i = jnp.arange(S)
+    lag = i[:, None] - i[None, :]
+    intra = jnp.where(lag >= 0, jnp.exp(jnp.maximum(lag, 0) * g[:, None, None]), 0.0)   # [H, S, S]
+    scores = jnp.einsum("bihd,bjhd->bhij", qf, kf, precision=_HIGHEST) * intra
+    o = jnp.einsum("bhij,bjhe->bihe", scores, vf, precision=_HIGHEST)
+    o += jnp.exp((i[:, None] + 1) * g)[None, :, :, None] * jnp.einsum(
+        "bihd,bhde->bihe", qf, state, precision=_HIGHEST)
+    k_weight = jnp.exp((S - 1 - i)[:, None] * g)                          # [S, H]
+    new_state = (jnp.exp(S * g)[None, :, None, None] * state
+                 + jnp.einsum("bjhd,bjhe->bhde", kf * k_weight[None, :, :, None], vf, precision=_HIGHEST))
+    return (scale * o).astype(q.dtype), new_state

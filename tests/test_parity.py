@@ -1,0 +1,161 @@
+"""Parity with the PyTorch transcription of the HF reference (tests/reference), per module and for
+the whole model: float32 against the float64 reference (max relative error <= 1e-5) and bfloat16
+against the bfloat16 reference (SPEC.md §10 dtype steps, bf16-level tolerance).
+
+Every case writes a random checkpoint in the HF layout with the reference and loads it with
+`ring_jax.load_model`, so the conversion path is part of each comparison.
+"""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import ring_jax
+from conftest import rel_err
+from reference.checkpoint import make_hf_checkpoint
+from reference.model import rope_cos_sin
+from ring_jax.layers.rope import rope_tables
+
+F32_TOL = 1e-5
+BF16_TOL = 3e-2
+YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128}
+
+VARIANTS = {  # name -> (config changes, reference options)
+    "default": ({}, {}),
+    "engine_decay": ({"slope_law": "engine"}, {"slope_law": "engine"}),
+    "tied_head": ({"tie_word_embeddings": True}, {}),
+    "dense_only": ({"first_k_dense_replace": 6}, {}),
+    "yarn": ({"rope_scaling": YARN}, {}),
+    "linear_silu_6_heads": ({"linear_silu": True, "num_attention_heads": 6, "num_key_value_heads": 3,
+                             "group_norm_size": 3}, {}),
+    "bias_float32_explicit_shared": ({"expert_bias_dtype": "float32", "shared_expert_size": "explicit",
+                                      "moe_shared_expert_intermediate_size": 48},
+                                     {"expert_bias_dtype": "float32", "shared_expert_size": "explicit"}),
+}
+
+
+def build(tmp_path, tiny_dict, variant="default", dtype=torch.float32, **extra):
+    changes, options = VARIANTS[variant]
+    config = dict(tiny_dict, **changes, **extra)
+    ref = make_hf_checkpoint(str(tmp_path), config, dtype=dtype, seed=1, **options)
+    return ref, ring_jax.load_model(str(tmp_path))
+
+
+def token_ids(B, T, vocab, seed=0):
+    return np.random.default_rng(seed).integers(0, vocab, size=(B, T))
+
+
+def reference_logits(ref, ids, dtype):
+    with torch.no_grad():
+        return ref.with_dtype(dtype)(torch.as_tensor(ids)).numpy()
+
+
+@pytest.mark.parametrize("T", [1, 7, 64, 65, 200])
+def test_model_float32_matches_float64_reference(tmp_path, tiny_dict, T):
+    ref, model = build(tmp_path, tiny_dict)
+    ids = token_ids(2, T, tiny_dict["vocab_size"], seed=T)
+    assert rel_err(model(ids), reference_logits(ref, ids, torch.float64)) <= F32_TOL
+
+
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if v != "default"])
+def test_model_variants_float32(tmp_path, tiny_dict, variant):
+    ref, model = build(tmp_path, tiny_dict, variant)
+    ids = token_ids(2, 70, tiny_dict["vocab_size"])
+    assert rel_err(model(ids), reference_logits(ref, ids, torch.float64)) <= F32_TOL
+
+
+@pytest.mark.parametrize("T", [7, 65])
+def test_model_bfloat16_matches_bfloat16_reference(tmp_path, tiny_dict, T):
+    ref, model = build(tmp_path, tiny_dict, dtype=torch.bfloat16)
+    assert model.dtype == jnp.bfloat16
+    ids = token_ids(2, T, tiny_dict["vocab_size"])
+    got = model(ids)
+    assert rel_err(got, reference_logits(ref, ids, torch.bfloat16)) <= BF16_TOL
+    assert rel_err(got, reference_logits(ref, ids, torch.float64)) <= BF16_TOL
+
+
+def test_mtp_logits(tmp_path, tiny_dict):
+    for placement in ("inside", "after"):
+        path = tmp_path / placement
+        ref, model = None, None
+        config = dict(tiny_dict, num_nextn_predict_layers=1, mtp_placement=placement)
+        ref = make_hf_checkpoint(str(path), config, dtype=torch.float32, seed=2, mtp_placement=placement)
+        model = ring_jax.load_model(str(path))
+        ids = token_ids(1, 9, tiny_dict["vocab_size"])
+        with torch.no_grad():
+            want_logits, want_mtp = ref.with_dtype(torch.float64).forward_with_mtp(torch.as_tensor(ids))
+        hidden = model.hidden_states(jnp.asarray(ids))
+        assert rel_err(model.logits(hidden), want_logits.numpy()) <= F32_TOL
+        (mtp,) = model.mtp_logits(jnp.asarray(ids), hidden)
+        assert rel_err(mtp, want_mtp[0].numpy()) <= F32_TOL
+
+
+# ---------------------------------------------------------------------------------- per module
+def module_inputs(B, T, hidden, seed=0):
+    x = np.random.default_rng(seed).standard_normal((B, T, hidden)).astype(np.float32)
+    return x, torch.as_tensor(x, dtype=torch.float64)
+
+
+def tables(model, ref64, tiny_dict, T):
+    cos, sin = rope_tables(model.config, jnp.broadcast_to(jnp.arange(T), (2, T)), jnp.float32)
+    rc, rs = rope_cos_sin(ref64.config if hasattr(ref64, "config") else tiny_dict, torch.arange(T), torch.float64)
+    return cos, sin, rc, rs
+
+
+@pytest.mark.parametrize("rope_scaling", [None, YARN])
+def test_rope_tables(tiny_dict, rope_scaling):
+    config = ring_jax.RingConfig.from_hf(dict(tiny_dict, rope_scaling=rope_scaling))
+    T = 300
+    cos, sin = rope_tables(config, jnp.arange(T), jnp.float32)
+    rc, rs = rope_cos_sin(dict(tiny_dict, rope_scaling=rope_scaling), torch.arange(T), torch.float64)
+    assert rel_err(cos, rc.numpy()) <= 1e-6 and rel_err(sin, rs.numpy()) <= 1e-6
+
+
+@pytest.mark.parametrize("T", [1, 65])
+def test_layers_one_by_one(tmp_path, tiny_dict, T):
+    ref, model = build(tmp_path, tiny_dict)
+    ref64 = ref.with_dtype(torch.float64)
+    x, x64 = module_inputs(2, T, tiny_dict["hidden_size"], seed=T)
+    cos, sin = rope_tables(model.config, jnp.broadcast_to(jnp.arange(T), (2, T)), jnp.float32)
+    rc, rs = rope_cos_sin(dict(tiny_dict), torch.arange(T), torch.float64)
+    with torch.no_grad():
+        for i, layer in enumerate(model.layers):
+            r = ref64.model.layers[i]
+            assert rel_err(layer.input_layernorm(x), r.input_layernorm(x64).numpy()) <= F32_TOL, i
+            got = layer.attention(x, cos, sin)
+            got = got[0] if layer.is_linear else got
+            assert rel_err(got, r.attention(x64, rc, rs).numpy()) <= F32_TOL, (i, "attention")
+            assert rel_err(layer.mlp(x), r.mlp(x64).numpy()) <= F32_TOL, (i, "mlp")
+            assert rel_err(layer(x, cos, sin), r(x64, rc, rs).numpy()) <= F32_TOL, (i, "layer")
+        g_norm = model.layers[0].attention.g_norm
+        wide = np.random.default_rng(3).standard_normal((2, T, g_norm.weight[...].shape[0])).astype(np.float32)
+        assert rel_err(g_norm(wide), ref64.model.layers[0].attention.g_norm(torch.as_tensor(wide, dtype=torch.float64)).numpy()) <= F32_TOL
+
+
+def test_router_picks_the_reference_experts(tmp_path, tiny_dict):
+    ref, model = build(tmp_path, tiny_dict)
+    x, x64 = module_inputs(1, 50, tiny_dict["hidden_size"], seed=9)
+    ids, weights = model.layers[1].mlp.gate(jnp.asarray(x[0]))
+    with torch.no_grad():
+        want_ids, want_w = ref.with_dtype(torch.float64).model.layers[1].mlp.gate.route(x64[0])
+    order = np.argsort(np.asarray(ids), axis=-1)
+    want_order = np.argsort(want_ids.numpy(), axis=-1)
+    np.testing.assert_array_equal(np.take_along_axis(np.asarray(ids), order, -1),
+                                  np.take_along_axis(want_ids.numpy(), want_order, -1))
+    assert rel_err(np.take_along_axis(np.asarray(weights), order, -1),
+                   np.take_along_axis(want_w.numpy(), want_order, -1)) <= F32_TOL
+
+
+def test_decay_laws(tiny_dict):
+    from ring_jax.layers.linear_attention import alibi_slopes, log_decay
+
+    assert alibi_slopes(16)[0] == pytest.approx(2 ** -0.5) and alibi_slopes(16)[-1] == pytest.approx(2 ** -8)
+    assert alibi_slopes(6) == pytest.approx(alibi_slopes(4) + alibi_slopes(8)[0::2][:2])
+    mini = ring_jax.RingConfig.from_hf(dict(tiny_dict, num_hidden_layers=20, num_attention_heads=16,
+                                            num_key_value_heads=4, layer_group_size=5, group_norm_size=4))
+    # SPEC.md §6.2: layer 0 factor 1.0526416, layer 18 g[0] = -0.074439 (HF law)
+    assert log_decay(mini, 0)[0] == pytest.approx(-2 ** -0.5 * 1.0526416, rel=1e-6)
+    assert log_decay(mini, 18)[0] == pytest.approx(-0.074439, rel=1e-4)
+    engine = ring_jax.RingConfig.from_hf(dict(mini.to_hf_dict(), slope_law="engine"))
+    assert log_decay(engine, 1)[0] == pytest.approx(-2 ** -0.5 * (1 - 1 / 19 + 1e-5), rel=1e-6)
