@@ -16,6 +16,7 @@ E experts, K experts per token, N = B*T tokens.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -381,6 +382,10 @@ class RefGate(nn.Module):
         self.expert_bias_dtype = expert_bias_dtype
         self.weight = _weight(self.E, cfg(config, "hidden_size"), dtype=dtype)
         self.register_buffer("expert_bias", torch.zeros(self.E, dtype=torch.float32), persistent=True)
+        # Test hooks: route() records its choice in last_topk_idx; a [N, K] forced_topk_idx replaces the
+        # selection (the weights are still this gate's renormalised scores of those experts).
+        self.last_topk_idx = None
+        self.forced_topk_idx = None
 
     def route(self, x):
         """x: [N, hidden] -> (topk_idx [N, K] int64, topk_weight [N, K] in acc)."""
@@ -400,6 +405,9 @@ class RefGate(nn.Module):
         expert_mask = group_mask[:, :, None].expand(N, self.n_group, self.E // self.n_group).reshape(N, self.E)
         masked = routing.masked_fill(~expert_mask.bool(), float("-inf"))
         topk_idx = torch.topk(masked, k=self.K, dim=-1).indices  # [N, K], by descending biased score
+        if self.forced_topk_idx is not None:
+            topk_idx = self.forced_topk_idx
+        self.last_topk_idx = topk_idx
 
         weight = scores.gather(1, topk_idx)  # unbiased scores
         if self.K > 1:  # HF renormalises whenever top_k > 1 (norm_topk_prob is not read)
@@ -573,11 +581,46 @@ class RefModel(nn.Module):
         logits = F.linear(hidden, weight)
         return logits if logits.dtype == torch.float64 else logits.float()
 
-    def forward(self, input_ids):  # [B, T] -> [B, T, V]
-        return self.logits(self.hidden_states(input_ids))
+    def forward(self, input_ids, routing=None):  # [B, T] -> [B, T, V]
+        """routing: optional {layer index: topk_idx [B*T, K]} forcing the experts of those MoE layers."""
+        with self._forced_routing(routing):
+            return self.logits(self.hidden_states(input_ids))
 
-    def forward_with_mtp(self, input_ids):
+    def forward_with_mtp(self, input_ids, routing=None):
         """(logits [B, T, V], [mtp logits [B, T, V] per MTP layer]) as in the Ling-V2 HF forward."""
+        with self._forced_routing(routing):
+            return self._forward_with_mtp(input_ids)
+
+    # ------------------------------------------------------------------------- routing hooks
+    def moe_gates(self) -> dict[int, RefGate]:
+        """{HF layer index: router} of every MoE layer (MTP layers included)."""
+        return {i: layer.mlp.gate for i, layer in enumerate(self.model.layers) if isinstance(layer.mlp, RefMoE)}
+
+    def routing(self, input_ids) -> dict[int, torch.Tensor]:
+        """The experts each MoE layer picks for input_ids: {layer index: topk_idx [B*T, K]}.
+
+        Feed it to another dtype's forward(..., routing=...) to compare dtypes without discrete
+        routing flips (a bf16 model picks a different expert near ties; that is not an error).
+        """
+        gates = self.moe_gates()
+        for gate in gates.values():
+            gate.last_topk_idx = None
+        with torch.no_grad():
+            self._forward_with_mtp(input_ids)
+        return {i: gate.last_topk_idx for i, gate in gates.items()}
+
+    @contextlib.contextmanager
+    def _forced_routing(self, routing):
+        gates = self.moe_gates()
+        try:
+            for i, idx in (routing or {}).items():
+                gates[i].forced_topk_idx = idx
+            yield
+        finally:
+            for gate in gates.values():
+                gate.forced_topk_idx = None
+
+    def _forward_with_mtp(self, input_ids):
         cos, sin = self.rope(input_ids.shape[-1])
         h = self.hidden_states(input_ids)
         logits = self.logits(h)
