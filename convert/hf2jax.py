@@ -56,7 +56,7 @@ def convert_hf_to_jax(hf_dir: str, out_dir: str, dtype=None, progress: bool = Tr
     start, done = time.time(), 0
     try:
         os.makedirs(tmp)
-        writer = ParamWriter(tmp, flush_bytes=max(nbytes) // 4)
+        writer = ParamWriter(tmp)
         for i, (spec, size) in enumerate(zip(table, nbytes), 1):
             writer.add(spec.key, spec.to_param(source.read, dtype))
             done += size

@@ -7,6 +7,9 @@ Layouts:
 - "same":    the HF tensor is the parameter (norm weights, embeddings, expert bias);
 - "linear":  torch Linear weight [out, in] -> kernel [in, out] (transpose);
 - "experts": E tensors `...experts.{e}.<proj>.weight` [out, in] -> one stacked [E, in, out].
+A "linear" or "experts" parameter may join `parts` projections along its output axis: the SwiGLU
+gate and up projections become one `gate_up_proj` [.., in, 2 * out] (gate first), so that one
+matmul (one grouped matmul for the experts) computes both.
 """
 
 from __future__ import annotations
@@ -22,9 +25,10 @@ from ring_jax.config import RingConfig
 @dataclasses.dataclass(frozen=True)
 class TensorSpec:
     path: tuple[str | int, ...]       # attribute path in RingModel, e.g. ("layers", 3, "mlp", "gate", "kernel")
-    hf_names: tuple[str, ...]         # one HF name, or one per expert for "experts"
+    hf_names: tuple[str, ...]         # the HF tensors, part by part (and expert by expert within a part)
     layout: str                       # "same" | "linear" | "experts"
     hf_shape: tuple[int, ...]         # shape of each HF tensor
+    parts: int = 1                    # projections joined along the output axis
     float32: bool = False             # stays float32 whatever the model dtype
 
     @property
@@ -33,38 +37,47 @@ class TensorSpec:
         return ".".join(str(p) for p in self.path)
 
     @property
+    def num_experts(self) -> int:
+        return len(self.hf_names) // self.parts if self.layout == "experts" else 1
+
+    @property
     def hf_label(self) -> str:
-        """The HF name, or the expert pattern with {e} for a stacked tensor."""
-        if self.layout != "experts":
-            return self.hf_names[0]
-        return self.hf_names[0].replace(".experts.0.", ".experts.{e}.")
+        """The HF names, with {e} for the experts of a stacked tensor, parts joined by " + "."""
+        firsts = self.hf_names[:: self.num_experts]
+        return " + ".join(n.replace(".experts.0.", ".experts.{e}.") for n in firsts)
 
     @property
     def shape(self) -> tuple[int, ...]:
         if self.layout == "same":
             return self.hf_shape
         out, inp = self.hf_shape
-        return (inp, out) if self.layout == "linear" else (len(self.hf_names), inp, out)
+        shape = (inp, self.parts * out)
+        return shape if self.layout == "linear" else (self.num_experts,) + shape
+
+    def _blocks(self):
+        """(HF name, index into the parameter) of every HF tensor, transposed into place."""
+        out = self.hf_shape[0]
+        for p in range(self.parts):
+            cols = slice(p * out, (p + 1) * out)
+            for e in range(self.num_experts):
+                name = self.hf_names[p * self.num_experts + e]
+                yield name, ((..., cols) if self.layout == "linear" else (e, ..., cols))
 
     def to_param(self, read, dtype) -> np.ndarray:
         """The parameter, from `read(hf_name) -> np.ndarray`, cast to dtype (or float32)."""
         dtype = np.float32 if self.float32 else dtype
         if self.layout == "same":
             return read(self.hf_names[0]).astype(dtype, copy=False)
-        if self.layout == "linear":
-            return np.ascontiguousarray(read(self.hf_names[0]).T, dtype=dtype)
-        out = np.empty(self.shape, dtype)
-        for e, name in enumerate(self.hf_names):
-            out[e] = read(name).T
-        return out
+        param = np.empty(self.shape, dtype)
+        for name, index in self._blocks():
+            param[index] = read(name).T
+        return param
 
     def to_hf(self, param: np.ndarray) -> dict[str, np.ndarray]:
         """The HF tensors of a parameter (inverse of to_param without the cast)."""
         if self.layout == "same":
             return {self.hf_names[0]: param}
-        if self.layout == "linear":
-            return {self.hf_names[0]: np.ascontiguousarray(param.T)}
-        return {name: np.ascontiguousarray(param[e].T) for e, name in enumerate(self.hf_names)}
+        return {name: np.ascontiguousarray(param[index].T) for name, index in self._blocks()}
 
 
 def tensor_table(config: RingConfig) -> list[TensorSpec]:
@@ -76,6 +89,10 @@ def tensor_table(config: RingConfig) -> list[TensorSpec]:
 
     def add(path, hf_name, layout, hf_shape, **kw):
         table.append(TensorSpec(tuple(path), (hf_name,), layout, tuple(hf_shape), **kw))
+
+    def swiglu_in(path, names, layout, out, inp):  # gate and up joined: [.., in, 2 * out]
+        path += ("gate_up_proj", "kernel") if layout == "linear" else ("gate_up_proj",)
+        table.append(TensorSpec(path, tuple(names), layout, (out, inp), parts=2))
 
     def norm(path, hf, dim):
         add(path + ("weight",), hf + ".weight", "same", (dim,))
@@ -98,18 +115,17 @@ def tensor_table(config: RingConfig) -> list[TensorSpec]:
         linear(path + ("dense",), hf + ".dense", hidden, H * D)
 
     def mlp(path, hf, intermediate):
-        linear(path + ("gate_proj",), hf + ".gate_proj", intermediate, hidden)
-        linear(path + ("up_proj",), hf + ".up_proj", intermediate, hidden)
+        swiglu_in(path, (hf + ".gate_proj.weight", hf + ".up_proj.weight"), "linear", intermediate, hidden)
         linear(path + ("down_proj",), hf + ".down_proj", hidden, intermediate)
 
     def moe(path, hf):
         E, I = c.num_experts, c.moe_intermediate_size
         linear(path + ("gate",), hf + ".gate", E, hidden)
         add(path + ("gate", "expert_bias"), hf + ".gate.expert_bias", "same", (E,), float32=True)
-        for proj, (out, inp) in (("gate_proj", (I, hidden)), ("up_proj", (I, hidden)),
-                                 ("down_proj", (hidden, I))):
-            names = tuple(f"{hf}.experts.{e}.{proj}.weight" for e in range(E))
-            table.append(TensorSpec(path + ("experts", proj), names, "experts", (out, inp)))
+        def experts(proj):
+            return tuple(f"{hf}.experts.{e}.{proj}.weight" for e in range(E))
+        swiglu_in(path + ("experts",), experts("gate_proj") + experts("up_proj"), "experts", I, hidden)
+        table.append(TensorSpec(path + ("experts", "down_proj"), experts("down_proj"), "experts", (hidden, I)))
         mlp(path + ("shared_experts",), hf + ".shared_experts", c.shared_expert_intermediate_size)
 
     add(("word_embeddings",), "model.word_embeddings.weight", "same", (c.vocab_size, hidden))

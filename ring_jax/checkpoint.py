@@ -27,7 +27,7 @@ from convert.safetensors_io import CheckpointError
 from ring_jax.config import RingConfig
 from ring_jax.model import RingModel
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: SwiGLU gate and up joined into gate_up_proj
 MANIFEST = "ring_jax.json"
 PARAMS_DIR = "params"
 
@@ -94,35 +94,23 @@ def _merge(into: dict, tree: dict) -> None:
 
 
 class ParamWriter:
-    """Writes parameters into `<folder>/params` in pieces (Orbax partial saves): a caller holds only
-    the arrays not yet flushed, at most about `flush_bytes` beyond the one being added."""
+    """Writes parameters into `<folder>/params` one at a time (Orbax partial saves), so that what
+    is held at once is one parameter and Orbax's copy of it while it writes."""
 
-    def __init__(self, folder: str, flush_bytes: int):
+    def __init__(self, folder: str):
         from orbax.checkpoint.experimental import v1 as ocp_v1
 
         self._partial = ocp_v1.partial
         self._folder = folder
         self._orbax_dir = os.path.join(folder, "orbax_partial")  # no leading dot: Orbax skips those
-        self._flush_bytes = flush_bytes
-        self._pending: dict = {}
-        self._pending_bytes = 0
         self.manifest: dict[str, list] = {}
 
     def add(self, key: str, array: np.ndarray) -> None:
-        _merge(self._pending, _nested(key, array))
-        self._pending_bytes += array.nbytes
+        self._partial.save(self._orbax_dir, _nested(key, array))
         self.manifest[key] = [list(array.shape), dtype_name(array.dtype)]
-        if self._pending_bytes >= self._flush_bytes:
-            self.flush()
-
-    def flush(self) -> None:
-        if self._pending:
-            self._partial.save(self._orbax_dir, self._pending)
-        self._pending, self._pending_bytes = {}, 0
 
     def close(self, dtype) -> None:
-        """Flushes, finalizes, and writes the manifest: the folder is then a complete checkpoint."""
-        self.flush()
+        """Finalizes and writes the manifest: the folder is then a complete checkpoint."""
         self._partial.finalize(self._orbax_dir)
         os.rename(os.path.join(self._orbax_dir, "state"), os.path.join(self._folder, PARAMS_DIR))
         shutil.rmtree(self._orbax_dir)
@@ -137,7 +125,7 @@ def save_model(model: RingModel, folder: str) -> None:
     tmp = f"{os.path.abspath(folder)}.tmp-{os.getpid()}"
     try:
         os.makedirs(tmp)
-        writer = ParamWriter(tmp, flush_bytes=2**62)
+        writer = ParamWriter(tmp)
         for spec in tensor_table(model.config):
             writer.add(spec.key, np.asarray(get_param(model, spec)))
         writer.close(model.dtype)

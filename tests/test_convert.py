@@ -155,7 +155,7 @@ def test_cli_help_progress_and_errors(tmp_path, tiny_dict, capsys):
     write_random_hf_checkpoint(tmp_path / "hf", tiny_dict, dtype="bfloat16")
     assert convert_main(["hf2jax", "--hf-dir", str(tmp_path / "hf"), "--out", str(tmp_path / "jax")]) == 0
     err = capsys.readouterr().err
-    assert "model.layers.1.mlp.experts.{e}.gate_proj.weight -> layers.1.mlp.experts.gate_proj [16, 64, 32]" in err
+    assert "model.layers.1.mlp.experts.{e}.gate_proj.weight + model.layers.1.mlp.experts.{e}.up_proj.weight -> layers.1.mlp.experts.gate_up_proj [16, 64, 64]" in err
     assert convert_main(["hf2jax", "--hf-dir", str(tmp_path / "hf"), "--out", str(tmp_path / "jax")]) == 2
     assert "exists" in capsys.readouterr().err
     assert convert_main(["jax2hf", "--model-dir", str(tmp_path / "jax"), "--out", str(tmp_path / "back"),
@@ -167,3 +167,19 @@ def test_module_entry_points_run(tmp_path):
     for module in ("convert", "ring_jax"):
         out = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True)
         assert out.returncode == 0 and "usage" in out.stdout
+
+
+def test_table_covers_every_parameter_once(tiny_dict):
+    import jax
+    from flax import nnx
+
+    from convert.mapping import tensor_table
+    from ring_jax import RingConfig, RingModel
+
+    for change in ({}, {"num_nextn_predict_layers": 1}, {"tie_word_embeddings": True}):
+        config = RingConfig.from_hf(dict(tiny_dict, **change))
+        model = nnx.eval_shape(lambda: RingModel(config, dtype=np.float32))
+        params = jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]
+        keys = {".".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path[:-1]) for path, _ in params}
+        table = [spec.key for spec in tensor_table(config)]
+        assert sorted(table) == sorted(keys) and len(set(table)) == len(table)

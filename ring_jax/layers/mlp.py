@@ -1,6 +1,7 @@
-"""The dense SwiGLU MLP: down(silu(gate(x)) * up(x)), no biases."""
+"""The dense SwiGLU MLP: down(silu(gate(x)) * up(x)), no biases; gate and up are one matmul."""
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from ring_jax.layers.linear import Linear
@@ -8,10 +9,15 @@ from ring_jax.layers.linear import Linear
 
 class MLP(nnx.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, *, dtype, rngs: nnx.Rngs):
-        self.gate_proj = Linear(hidden_size, intermediate_size, dtype=dtype, rngs=rngs)
-        self.up_proj = Linear(hidden_size, intermediate_size, dtype=dtype, rngs=rngs)
+        self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size, dtype=dtype, rngs=rngs)
         self.down_proj = Linear(intermediate_size, hidden_size, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [..., hidden] -> [..., hidden]."""
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_up_proj(x)))
+
+
+def swiglu(gate_up: jax.Array) -> jax.Array:
+    """silu(gate) * up for gate_up = [..., 2 * I] holding gate then up."""
+    gate, up = jnp.split(gate_up, 2, axis=-1)
+    return jax.nn.silu(gate) * up

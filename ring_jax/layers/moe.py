@@ -8,7 +8,7 @@ from flax import nnx
 import pallas_kernels
 from ring_jax.config import RingConfig
 from ring_jax.layers.linear import matmul
-from ring_jax.layers.mlp import MLP
+from ring_jax.layers.mlp import MLP, swiglu
 
 
 class Router(nnx.Module):
@@ -50,21 +50,19 @@ class Router(nnx.Module):
 
 
 class Experts(nnx.Module):
-    """The routed experts, stacked: gate_proj, up_proj [E, hidden, I]; down_proj [E, I, hidden]."""
+    """The routed experts, stacked: gate_up_proj [E, hidden, 2 I] (gate then up); down_proj [E, I, hidden]."""
 
     def __init__(self, num_experts: int, hidden: int, intermediate: int, *, dtype, rngs: nnx.Rngs):
         def init(shape, fan_in):
             return nnx.Param((jax.random.normal(rngs.params(), shape) / fan_in ** 0.5).astype(dtype))
 
-        self.gate_proj = init((num_experts, hidden, intermediate), hidden)
-        self.up_proj = init((num_experts, hidden, intermediate), hidden)
+        self.gate_up_proj = init((num_experts, hidden, 2 * intermediate), hidden)
         self.down_proj = init((num_experts, intermediate, hidden), intermediate)
 
     def __call__(self, rows: jax.Array, group_sizes: jax.Array) -> jax.Array:
         """rows: [M, hidden] sorted by expert, group_sizes: [E] -> SwiGLU outputs [M, hidden]."""
-        gate = pallas_kernels.gmm(rows, self.gate_proj[...], group_sizes)
-        up = pallas_kernels.gmm(rows, self.up_proj[...], group_sizes)
-        return pallas_kernels.gmm(jax.nn.silu(gate) * up, self.down_proj[...], group_sizes)
+        gate_up = pallas_kernels.gmm(rows, self.gate_up_proj[...], group_sizes)
+        return pallas_kernels.gmm(swiglu(gate_up), self.down_proj[...], group_sizes)
 
 
 class MoE(nnx.Module):
