@@ -175,3 +175,16 @@ def test_decay_laws(tiny_dict):
     assert log_decay(mini, 18)[0] == pytest.approx(-0.074439, rel=1e-4)
     engine = ring_jax.RingConfig.from_hf(dict(mini.to_hf_dict(), slope_law="engine"))
     assert log_decay(engine, 1)[0] == pytest.approx(-2 ** -0.5 * (1 - 1 / 19 + 1e-5), rel=1e-6)
+
+
+def test_moe_gathered_and_grouped_paths_agree(tmp_path, tiny_dict, monkeypatch):
+    from ring_jax.layers import moe
+
+    _, model = build(tmp_path, tiny_dict)
+    experts = model.layers[1].mlp.experts
+    tokens = jnp.asarray(np.random.default_rng(4).standard_normal((5, tiny_dict["hidden_size"])), jnp.float32)
+    ids = jnp.asarray(np.random.default_rng(5).integers(0, tiny_dict["num_experts"], size=(5, 4)), jnp.int32)
+    assert ids.size <= moe.GATHER_MAX_PAIRS
+    gathered = experts(tokens, ids)
+    monkeypatch.setattr(moe, "GATHER_MAX_PAIRS", 0)
+    assert rel_err(gathered, experts(tokens, ids)) <= F32_TOL

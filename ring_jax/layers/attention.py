@@ -5,7 +5,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ring_jax.config import RingConfig
-from ring_jax.layers.linear import Linear
+from ring_jax.layers.linear import Linear, einsum
 from ring_jax.layers.norms import RMSNorm
 from ring_jax.layers.rope import apply_rope
 
@@ -18,15 +18,11 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     """
     B, T, H, D = q.shape
     Hkv = k.shape[2]
-    precision = jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
     qg = q.reshape(B, T, Hkv, H // Hkv, D)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, precision=precision,
-                        preferred_element_type=jnp.float32) * (D ** -0.5)
+    scores = einsum("btkgd,bskd->bkgts", qg, k, jnp.float32) * (D ** -0.5)
     causal = jnp.tril(jnp.ones((T, T), bool))
     probs = jax.nn.softmax(jnp.where(causal, scores, -jnp.inf), axis=-1).astype(q.dtype)
-    o = jnp.einsum("bkgts,bskd->btkgd", probs, v, precision=precision,
-                   preferred_element_type=jnp.float32)
-    return o.reshape(B, T, H, D).astype(q.dtype)
+    return einsum("bkgts,bskd->btkgd", probs, v).reshape(B, T, H, D)
 
 
 class SoftmaxAttention(nnx.Module):

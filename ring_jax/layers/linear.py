@@ -5,15 +5,20 @@ import jax.numpy as jnp
 from flax import nnx
 
 
-def matmul(x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
-    """x [..., K] @ w [K, N] with float32 accumulation, rounded to `out_dtype` (default x.dtype).
+def einsum(spec: str, x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
+    """jnp.einsum with float32 accumulation, rounded to `out_dtype` (default x.dtype).
 
     float32 inputs use full-precision passes (a GPU would otherwise use TF32); bf16 inputs use the
     native bf16 MMA with a float32 accumulator, as torch does.
     """
     precision = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
-    y = jnp.matmul(x, w, precision=precision, preferred_element_type=jnp.float32)
+    y = jnp.einsum(spec, x, w, precision=precision, preferred_element_type=jnp.float32)
     return y.astype(out_dtype or x.dtype)
+
+
+def matmul(x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
+    """x [..., K] @ w [K, N], as `einsum`."""
+    return einsum("...k,kn->...n", x, w, out_dtype)
 
 
 class Linear(nnx.Module):

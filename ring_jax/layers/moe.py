@@ -7,7 +7,7 @@ from flax import nnx
 
 import pallas_kernels
 from ring_jax.config import RingConfig
-from ring_jax.layers.linear import matmul
+from ring_jax.layers.linear import einsum, matmul
 from ring_jax.layers.mlp import MLP, swiglu
 
 
@@ -49,6 +49,11 @@ class Router(nnx.Module):
         return jax.lax.top_k(masked, self.top_k)[1].astype(jnp.int32)
 
 
+# Up to this many (token, expert) pairs, the experts gather their chosen weights instead of sorting
+# rows for grouped matmuls: at decode sizes that reads only the chosen experts and pads nothing.
+GATHER_MAX_PAIRS = 64
+
+
 class Experts(nnx.Module):
     """The routed experts, stacked: gate_up_proj [E, hidden, 2 I] (gate then up); down_proj [E, I, hidden]."""
 
@@ -59,17 +64,33 @@ class Experts(nnx.Module):
         self.gate_up_proj = init((num_experts, hidden, 2 * intermediate), hidden)
         self.down_proj = init((num_experts, intermediate, hidden), intermediate)
 
-    def __call__(self, rows: jax.Array, group_sizes: jax.Array) -> jax.Array:
-        """rows: [M, hidden] sorted by expert, group_sizes: [E] -> SwiGLU outputs [M, hidden]."""
+    def __call__(self, tokens: jax.Array, ids: jax.Array) -> jax.Array:
+        """tokens: [N, hidden]; ids: [N, k] experts per token -> [N, k, hidden], token n through
+        expert ids[n, j] in slot j. Few (token, expert) pairs (decode) gather just the chosen
+        experts' weights; more sort the pairs by expert for grouped matmuls (dropless)."""
+        if ids.size <= GATHER_MAX_PAIRS:
+            return self._gathered(tokens, ids)
+        return self._grouped(tokens, ids)
+
+    def _grouped(self, tokens, ids):
+        N, k = ids.shape
+        flat_ids = ids.reshape(-1)
+        order = jnp.argsort(flat_ids, stable=True)                                   # [N*k]
+        group_sizes = jnp.bincount(flat_ids, length=self.gate_up_proj.shape[0]).astype(jnp.int32)
+        rows = tokens[order // k]                                                    # sorted by expert
         gate_up = pallas_kernels.gmm(rows, self.gate_up_proj[...], group_sizes)
-        return pallas_kernels.gmm(swiglu(gate_up), self.down_proj[...], group_sizes)
+        out = pallas_kernels.gmm(swiglu(gate_up), self.down_proj[...], group_sizes)
+        return out[jnp.argsort(order)].reshape(N, k, -1)
+
+    def _gathered(self, tokens, ids):
+        gate_up = einsum("nh,nkhi->nki", tokens, jnp.take(self.gate_up_proj[...], ids, axis=0))
+        return einsum("nki,nkih->nkh", swiglu(gate_up), jnp.take(self.down_proj[...], ids, axis=0))
 
 
 class MoE(nnx.Module):
     """Routed experts plus one shared expert; HF names: gate, experts, shared_experts."""
 
     def __init__(self, config: RingConfig, *, dtype, rngs: nnx.Rngs):
-        self.num_experts = config.num_experts
         self.gate = Router(config, dtype=dtype, rngs=rngs)
         self.experts = Experts(config.num_experts, config.hidden_size, config.moe_intermediate_size,
                                dtype=dtype, rngs=rngs)
@@ -80,13 +101,7 @@ class MoE(nnx.Module):
         """x: [B, T, hidden] -> [B, T, hidden]."""
         tokens = x.reshape(-1, x.shape[-1])                                          # [N, hidden]
         ids, weights = self.gate(tokens)                                             # [N, k]
-        N, k = ids.shape
-        # Dropless dispatch: the N*k (token, slot) pairs sorted by expert, one row each.
-        flat_ids = ids.reshape(-1)
-        order = jnp.argsort(flat_ids, stable=True)                                   # [N*k]
-        group_sizes = jnp.bincount(flat_ids, length=self.num_experts).astype(jnp.int32)
-        out_sorted = self.experts(tokens[order // k], group_sizes)                   # [N*k, hidden]
-        out = out_sorted[jnp.argsort(order)].reshape(N, k, -1)
+        out = self.experts(tokens, ids)                                              # [N, k, hidden]
         # Combine in float32, then back to the model dtype (HF moe_infer).
         routed = jnp.sum(out.astype(jnp.float32) * weights[..., None], axis=1).astype(x.dtype)
         return (routed + self.shared_experts(tokens)).reshape(x.shape)
