@@ -126,7 +126,8 @@ def tensor_table(config: RingConfig) -> list[TensorSpec]:
             return tuple(f"{hf}.experts.{e}.{proj}.weight" for e in range(E))
         swiglu_in(path + ("experts",), experts("gate_proj") + experts("up_proj"), "experts", I, hidden)
         table.append(TensorSpec(path + ("experts", "down_proj"), experts("down_proj"), "experts", (hidden, I)))
-        mlp(path + ("shared_experts",), hf + ".shared_experts", c.shared_expert_intermediate_size)
+        if c.shared_expert_intermediate_size:
+            mlp(path + ("shared_experts",), hf + ".shared_experts", c.shared_expert_intermediate_size)
 
     add(("word_embeddings",), "model.word_embeddings.weight", "same", (c.vocab_size, hidden))
     for i in range(c.num_decoder_layers):

@@ -59,7 +59,7 @@ class RingConfig:
     partial_rotary_factor: float = 1.0
     use_qk_norm: bool = True
     num_experts: int = 256
-    num_shared_experts: int = 1
+    num_shared_experts: int | None = 1  # None or 0: no shared expert
     num_experts_per_tok: int = 8
     n_group: int = 8
     topk_group: int = 4
@@ -115,6 +115,8 @@ class RingConfig:
             raise ConfigError(f"model_type is {model_type!r}; ring_jax reads {MODEL_TYPE!r} configs")
         if "dtype" in raw and "torch_dtype" not in raw:  # newer transformers write `dtype`
             raw["torch_dtype"] = raw["dtype"]
+        if raw.get("head_dim", 0) is None:  # HF: head_dim or hidden_size // num_attention_heads
+            raw["head_dim"] = raw.get("hidden_size", 2048) // raw.get("num_attention_heads", 16)
         if "layer_group_size" not in raw:
             raise ConfigError("config.json lacks layer_group_size (the softmax-layer period)")
         names = {f.name for f in dataclasses.fields(cls)}
@@ -168,6 +170,9 @@ class RingConfig:
 
     @property
     def shared_expert_intermediate_size(self) -> int:
+        """Width of the shared expert; 0 when there is none."""
+        if not self.num_shared_experts:
+            return 0
         if self.shared_expert_size == "explicit" and self.moe_shared_expert_intermediate_size:
             return self.moe_shared_expert_intermediate_size
         return self.moe_intermediate_size * self.num_shared_experts
@@ -226,7 +231,8 @@ def _validate(c: RingConfig) -> None:
     need(c.topk_group <= c.n_group, "topk_group", f"{c.topk_group} exceeds n_group={c.n_group}")
     need(c.num_experts_per_tok <= c.topk_group * (c.num_experts // c.n_group), "num_experts_per_tok",
          f"{c.num_experts_per_tok} exceeds the experts of topk_group={c.topk_group} groups")
-    need(c.num_shared_experts >= 1, "num_shared_experts", "the MoE without a shared expert is not implemented")
+    need(c.num_shared_experts is None or (isinstance(c.num_shared_experts, int) and c.num_shared_experts >= 0),
+         "num_shared_experts", f"must be a non-negative integer or null, got {c.num_shared_experts!r}")
     need(0 <= c.first_k_dense_replace <= c.num_hidden_layers, "first_k_dense_replace",
          f"must be in [0, num_hidden_layers], got {c.first_k_dense_replace}")
     need(0 <= c.num_nextn_predict_layers < c.num_hidden_layers or c.mtp_placement == "after",

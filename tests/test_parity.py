@@ -29,6 +29,7 @@ VARIANTS = {  # name -> (config changes, reference options)
     "yarn": ({"rope_scaling": YARN}, {}),
     "linear_silu_6_heads": ({"linear_silu": True, "num_attention_heads": 6, "num_key_value_heads": 3,
                              "group_norm_size": 3}, {}),
+    "no_shared_expert_null_head_dim": ({"num_shared_experts": None, "head_dim": None}, {}),
     "bias_float32_explicit_shared": ({"expert_bias_dtype": "float32", "shared_expert_size": "explicit",
                                       "moe_shared_expert_intermediate_size": 48},
                                      {"expert_bias_dtype": "float32", "shared_expert_size": "explicit"}),

@@ -88,14 +88,14 @@ class Experts(nnx.Module):
 
 
 class MoE(nnx.Module):
-    """Routed experts plus one shared expert; HF names: gate, experts, shared_experts."""
+    """Routed experts plus the shared expert (if any); HF names: gate, experts, shared_experts."""
 
     def __init__(self, config: RingConfig, *, dtype, rngs: nnx.Rngs):
         self.gate = Router(config, dtype=dtype, rngs=rngs)
         self.experts = Experts(config.num_experts, config.hidden_size, config.moe_intermediate_size,
                                dtype=dtype, rngs=rngs)
-        self.shared_experts = MLP(config.hidden_size, config.shared_expert_intermediate_size,
-                                  dtype=dtype, rngs=rngs)
+        width = config.shared_expert_intermediate_size
+        self.shared_experts = MLP(config.hidden_size, width, dtype=dtype, rngs=rngs) if width else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [B, T, hidden] -> [B, T, hidden]."""
@@ -104,4 +104,6 @@ class MoE(nnx.Module):
         out = self.experts(tokens, ids)                                              # [N, k, hidden]
         # Combine in float32, then back to the model dtype (HF moe_infer).
         routed = jnp.sum(out.astype(jnp.float32) * weights[..., None], axis=1).astype(x.dtype)
-        return (routed + self.shared_experts(tokens)).reshape(x.shape)
+        if self.shared_experts is not None:
+            routed = routed + self.shared_experts(tokens)
+        return routed.reshape(x.shape)

@@ -428,7 +428,7 @@ class RefMoE(nn.Module):
         self.experts = nn.ModuleList(RefMLP(hidden, moe_I, dtype) for _ in range(cfg(config, "num_experts")))
         n_shared = cfg(config, "num_shared_experts")
         if shared_expert_size == "hf":
-            shared_I = moe_I * n_shared
+            shared_I = moe_I * (n_shared or 0)
         elif shared_expert_size == "explicit":
             # as ring_jax.config: an absent/null explicit size falls back to the HF product
             shared_I = cfg(config, "moe_shared_expert_intermediate_size") or moe_I * n_shared
