@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -25,13 +26,18 @@ def open_hf_checkpoint(hf_dir: str, config: RingConfig, dtype=None) -> tuple[Saf
     (given, else the config's torch_dtype, else the stored embedding dtype)."""
     source = SafetensorsFolder(hf_dir)
     table = tensor_table(config)
-    check_tensors(table, source.names, source.shape)
+    check_tensors(table, source.names, source.shape, source.dtype)
     if config.tie_word_embeddings and TIED_HEAD in source.names:
         if not np.array_equal(source.read(TIED_HEAD), source.read(table[0].hf_names[0])):
             raise CheckpointError(f"unexpected tensor {TIED_HEAD}: the config ties the head to the "
                                   "embeddings but the checkpoint's head differs from them")
+    if dtype is None and config.torch_dtype not in (None, "auto"):
+        try:
+            dtype = parse_dtype(config.torch_dtype)
+        except ValueError as e:
+            raise CheckpointError(f"config.json torch_dtype: {e}") from None
     if dtype is None:
-        dtype = parse_dtype(config.torch_dtype) if config.torch_dtype else source.dtype(table[0].hf_names[0])
+        dtype = source.dtype(table[0].hf_names[0])
     return source, np.dtype(dtype)
 
 
@@ -63,7 +69,11 @@ def convert_hf_to_jax(hf_dir: str, out_dir: str, dtype=None, progress: bool = Tr
             if progress:
                 _progress(i, len(table), f"{spec.hf_label} -> {spec.key} {list(spec.shape)}", done, start)
         writer.close(dtype)
-        shutil.copy(os.path.join(hf_dir, "config.json"), os.path.join(tmp, "config.json"))
+        with open(os.path.join(hf_dir, "config.json")) as f:
+            config_json = json.load(f)
+        config_json["torch_dtype"] = dtype.name  # every other key as the HF folder has it
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(config_json, f, indent=2)
         for name in AUX_FILES:
             if os.path.isfile(os.path.join(hf_dir, name)):
                 shutil.copy(os.path.join(hf_dir, name), os.path.join(tmp, name))

@@ -161,8 +161,11 @@ def tensor_table(config: RingConfig) -> list[TensorSpec]:
 TIED_HEAD = "lm_head.weight"  # may sit in a tied checkpoint as a copy of the embeddings
 
 
-def check_tensors(table: list[TensorSpec], names: set[str], shape_of) -> None:
-    """Raises CheckpointError naming the first missing, unexpected or misshapen tensor."""
+FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def check_tensors(table: list[TensorSpec], names: set[str], shape_of, dtype_of) -> None:
+    """Raises CheckpointError naming the first missing, unexpected, misshapen or non-float tensor."""
     expected = {}
     for spec in table:
         for name in spec.hf_names:
@@ -178,3 +181,6 @@ def check_tensors(table: list[TensorSpec], names: set[str], shape_of) -> None:
     for name, shape in expected.items():
         if tuple(shape_of(name)) != tuple(shape):
             raise CheckpointError(f"tensor {name} has shape {list(shape_of(name))}, the config needs {list(shape)}")
+        if str(dtype_of(name)) not in FLOAT_DTYPES:
+            raise CheckpointError(f"tensor {name} is {dtype_of(name)}; expected one of {FLOAT_DTYPES} "
+                                  "(quantized checkpoints are not supported)")

@@ -40,9 +40,14 @@ def read_header(path: str) -> dict:
         (n,) = struct.unpack("<Q", raw)
         if n > 100 * 2**20:
             raise CheckpointError(f"{path}: not a safetensors file (header of {n} bytes)")
-        header = json.loads(f.read(n))
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise CheckpointError(f"{path}: malformed safetensors header ({e})") from None
     header.pop("__metadata__", None)
     for name, info in header.items():
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+            raise CheckpointError(f"{path}: malformed header entry for tensor {name}")
         info["offset"] = 8 + n
         if info["dtype"] not in DTYPES:
             raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
@@ -58,7 +63,9 @@ class SafetensorsFolder:
         index_path = os.path.join(folder, INDEX_FILE)
         if os.path.isfile(index_path):
             with open(index_path) as f:
-                weight_map = json.load(f)["weight_map"]
+                weight_map = json.load(f).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index_path}: no weight_map")
             files = sorted(set(weight_map.values()))
         elif os.path.isfile(os.path.join(folder, SINGLE_FILE)):
             weight_map, files = None, [SINGLE_FILE]

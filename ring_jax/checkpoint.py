@@ -57,11 +57,7 @@ def get_param(model: RingModel, spec: TensorSpec) -> jax.Array:
 
 
 def set_param(model: RingModel, spec: TensorSpec, value) -> None:
-    var = _variable(model, spec)
-    if hasattr(var, "set_value"):
-        var.set_value(value)
-    else:  # flax < 0.12
-        var.value = value
+    _variable(model, spec).set_value(value)
 
 
 def model_from_tensors(config: RingConfig, tensors, dtype) -> RingModel:

@@ -1,6 +1,8 @@
 """RingConfig: the HF `config.json` of a Ring-linear-2.0 model, validated, plus what derives from it.
 
-Field names and defaults follow the HF remote code (`BailingMoeLinearV2Config`, SPEC.md §1). Four
+Field names follow the HF remote code (`BailingMoeLinearV2Config`, SPEC.md §1); that class could
+not be read, so the defaults of a key a config.json leaves out are those of its Ling-V2 sibling
+`BailingMoeV2Config` (the released configs give every field that matters). Four
 readings are uncertain in SPEC.md; each is a field with the HF reading as its default and can be set
 in `config.json` or as a keyword of `from_hf`:
 
@@ -89,7 +91,7 @@ class RingConfig:
         _validate(self)
 
     def __hash__(self):  # rope_scaling is a dict; the config is a static jit argument
-        return hash(repr(self))
+        return hash(json.dumps(dataclasses.asdict(self), sort_keys=True))
 
     # ----------------------------------------------------------------------------------- loading
     @classmethod
@@ -115,6 +117,12 @@ class RingConfig:
             raise ConfigError(f"model_type is {model_type!r}; ring_jax reads {MODEL_TYPE!r} configs")
         if "dtype" in raw and "torch_dtype" not in raw:  # newer transformers write `dtype`
             raw["torch_dtype"] = raw["dtype"]
+        if "use_linear_silu" in raw:  # SGLang's alias
+            if raw.setdefault("linear_silu", raw["use_linear_silu"]) != raw["use_linear_silu"]:
+                raise ConfigError("linear_silu and use_linear_silu disagree")
+        if raw.get("quantization_config"):
+            raise ConfigError("quantization_config: quantized (e.g. FP8) checkpoints are not supported; "
+                              "use the BF16 release")
         if raw.get("head_dim", 0) is None:  # HF: head_dim or hidden_size // num_attention_heads
             raw["head_dim"] = raw.get("hidden_size", 2048) // raw.get("num_attention_heads", 16)
         if "layer_group_size" not in raw:
@@ -181,7 +189,7 @@ class RingConfig:
     def rope_type(self) -> str:
         if not self.rope_scaling:
             return "default"
-        return self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
+        return self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
@@ -222,8 +230,11 @@ def _validate(c: RingConfig) -> None:
     need((c.num_attention_heads * c.head_dim) % c.group_norm_size == 0, "group_norm_size",
          f"{c.group_norm_size} does not divide num_attention_heads*head_dim="
          f"{c.num_attention_heads * c.head_dim}")
-    need(0 < c.partial_rotary_factor <= 1, "partial_rotary_factor",
-         f"must be in (0, 1], got {c.partial_rotary_factor}")
+    for name in ("partial_rotary_factor", "rms_norm_eps", "routed_scaling_factor", "rope_theta"):
+        value = getattr(c, name)
+        need(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+             and value > 0, name, f"must be a positive number, got {value!r}")
+    need(c.partial_rotary_factor <= 1, "partial_rotary_factor", f"must be at most 1, got {c.partial_rotary_factor}")
     need(c.rotary_dim % 2 == 0 and c.rotary_dim > 0, "partial_rotary_factor",
          f"head_dim*partial_rotary_factor={c.head_dim * c.partial_rotary_factor} must be a positive even integer")
     need(c.num_experts % c.n_group == 0, "n_group", f"{c.n_group} does not divide num_experts={c.num_experts}")
@@ -235,15 +246,17 @@ def _validate(c: RingConfig) -> None:
          "num_shared_experts", f"must be a non-negative integer or null, got {c.num_shared_experts!r}")
     need(0 <= c.first_k_dense_replace <= c.num_hidden_layers, "first_k_dense_replace",
          f"must be in [0, num_hidden_layers], got {c.first_k_dense_replace}")
-    need(0 <= c.num_nextn_predict_layers < c.num_hidden_layers or c.mtp_placement == "after",
+    need(isinstance(c.num_nextn_predict_layers, int) and c.num_nextn_predict_layers >= 0,
+         "num_nextn_predict_layers", f"must be a non-negative integer, got {c.num_nextn_predict_layers!r}")
+    need(c.mtp_placement == "after" or c.num_nextn_predict_layers < c.num_hidden_layers,
          "num_nextn_predict_layers", f"{c.num_nextn_predict_layers} leaves no decoder layer")
     need(c.num_hidden_layers > 1, "num_hidden_layers", "the decay law divides by num_hidden_layers - 1")
     if c.rope_scaling:
         need(isinstance(c.rope_scaling, dict), "rope_scaling", "must be an object or null")
+        need(c.rope_type is not None, "rope_scaling.type", "rope_scaling has neither rope_type nor type")
         need(c.rope_type in ("default", "yarn"), "rope_scaling.type",
              f"{c.rope_type!r} is not implemented (default and yarn are)")
         if c.rope_type == "yarn":
             factor = c.rope_scaling.get("factor")
             need(isinstance(factor, (int, float)) and factor >= 1, "rope_scaling.factor",
                  f"yarn needs a factor >= 1, got {factor!r}")
-    need(math.isfinite(c.rope_theta) and c.rope_theta > 0, "rope_theta", f"must be positive, got {c.rope_theta}")

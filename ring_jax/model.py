@@ -137,8 +137,8 @@ def check_input_ids(input_ids, vocab_size: int) -> jax.Array:
         raise TypeError(f"input_ids must be integer token ids, got dtype {ids.dtype}")
     if ids.ndim == 1:
         ids = ids[None]
-    if ids.ndim != 2 or ids.shape[1] == 0:
-        raise ValueError(f"input_ids must have shape [batch, seq_len] with seq_len >= 1, got {ids.shape}")
+    if ids.ndim != 2 or 0 in ids.shape:
+        raise ValueError(f"input_ids must have shape [batch, seq_len] with both >= 1, got {ids.shape}")
     if not isinstance(ids, jax.core.Tracer):
         lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or hi >= vocab_size:

@@ -55,6 +55,12 @@ def test_yarn_is_read(tiny_dict):
     ({"hidden_size": 0}, "hidden_size"),
     ({"slope_law": "mlx"}, "slope_law"),
     ({"model_type": "llama"}, "model_type"),
+    ({"rope_scaling": {"factor": 4.0}}, "rope_scaling.type"),
+    ({"rms_norm_eps": -1}, "rms_norm_eps"),
+    ({"partial_rotary_factor": "half"}, "partial_rotary_factor"),
+    ({"num_nextn_predict_layers": -1, "mtp_placement": "after"}, "num_nextn_predict_layers"),
+    ({"quantization_config": {"quant_method": "fp8"}}, "quantization_config"),
+    ({"linear_silu": False, "use_linear_silu": True}, "use_linear_silu"),
 ])
 def test_bad_fields_are_named(tiny_dict, change, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
@@ -70,3 +76,14 @@ def test_missing_layer_group_size_and_unknown_override(tiny_dict, tmp_path):
         RingConfig.from_hf(tiny_dict, no_such_field=1)
     with pytest.raises(ConfigError, match="no config.json"):
         RingConfig.from_hf(tmp_path)
+
+
+def test_aliases_nulls_and_hash(tiny_dict):
+    alias = {k: v for k, v in tiny_dict.items() if k != "linear_silu"}
+    assert RingConfig.from_hf(dict(alias, use_linear_silu=True)).linear_silu
+    assert RingConfig.from_hf(dict(tiny_dict, head_dim=None)).head_dim == 64 // 4
+    no_shared = RingConfig.from_hf(dict(tiny_dict, num_shared_experts=None))
+    assert no_shared.shared_expert_intermediate_size == 0
+    a = RingConfig.from_hf(dict(tiny_dict, rope_scaling={"type": "yarn", "factor": 4.0}))
+    b = RingConfig.from_hf(dict(tiny_dict, rope_scaling={"factor": 4.0, "type": "yarn"}))
+    assert a == b and hash(a) == hash(b)

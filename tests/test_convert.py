@@ -79,6 +79,7 @@ def rewrite(hf_dir, out_dir, edit):
     (lambda t: t.update({"model.layers.0.attention.rotary_emb.inv_freq": np.ones(4, np.float32)}),
      "unexpected tensor model.layers.0.attention.rotary_emb.inv_freq"),
     (lambda t: t.update({"model.norm.weight": np.ones(65, np.float32)}), r"model.norm.weight has shape \[65\]"),
+    (lambda t: t.update({"model.norm.weight": np.ones(64, np.int64)}), "model.norm.weight is int64"),
 ])
 def test_bad_checkpoints_are_named_and_leave_nothing(tmp_path, tiny_dict, edit, message):
     write_random_hf_checkpoint(tmp_path / "hf", tiny_dict, dtype="float32")
@@ -183,3 +184,25 @@ def test_table_covers_every_parameter_once(tiny_dict):
         keys = {".".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path[:-1]) for path, _ in params}
         table = [spec.key for spec in tensor_table(config)]
         assert sorted(table) == sorted(keys) and len(set(table)) == len(table)
+
+
+def test_malformed_files_are_named(tmp_path, tiny_dict):
+    write_random_hf_checkpoint(tmp_path / "hf", tiny_dict, dtype="float32")
+    path = tmp_path / "hf" / "model.safetensors"
+    raw = bytearray(path.read_bytes())
+    raw[8:12] = b"!!!!"
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="model.safetensors: malformed safetensors header"):
+        convert_hf_to_jax(str(tmp_path / "hf"), str(tmp_path / "out"), progress=False)
+    (tmp_path / "hf" / "model.safetensors.index.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="no weight_map"):
+        convert_hf_to_jax(str(tmp_path / "hf"), str(tmp_path / "out"), progress=False)
+
+
+def test_written_config_states_the_stored_dtype(tmp_path, tiny_dict):
+    write_random_hf_checkpoint(tmp_path / "hf", tiny_dict, dtype="float32")
+    convert_hf_to_jax(str(tmp_path / "hf"), str(tmp_path / "jax"), dtype="bfloat16", progress=False)
+    written = json.loads((tmp_path / "jax" / "config.json").read_text())
+    assert written["torch_dtype"] == "bfloat16" and written["auto_map"] == tiny_dict["auto_map"]
+    with pytest.raises(ValueError, match="both >= 1"):
+        ring_jax.load_model(str(tmp_path / "jax"))(np.zeros((0, 3), np.int32))

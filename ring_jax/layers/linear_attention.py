@@ -11,6 +11,7 @@ from flax import nnx
 import pallas_kernels
 from ring_jax.config import RingConfig
 from ring_jax.layers.linear import Linear
+from ring_jax.layers.mlp import rounded
 from ring_jax.layers.norms import GroupRMSNorm, RMSNorm
 from ring_jax.layers.rope import apply_rope
 
@@ -64,12 +65,12 @@ class LinearAttention(nnx.Module):
         H, D = self.num_heads, self.head_dim
         qkv = self.query_key_value(x)
         if self.linear_silu:                      # SGLang's placement: on the fused projection
-            qkv = jax.nn.silu(qkv)
+            qkv = rounded(jax.nn.silu, qkv)
         q, k, v = jnp.split(qkv.reshape(B, T, 3 * H, D), 3, axis=2)
         q = apply_rope(self.query_layernorm(q), cos, sin)
         k = apply_rope(self.key_layernorm(k), cos, sin)
         g = jnp.asarray(self.log_decay, jnp.float32)
         o, state = pallas_kernels.linear_attention(q, k, v, g, initial_state=initial_state)
         o = self.g_norm(o.reshape(B, T, H * D))
-        o = o * jax.nn.sigmoid(self.g_proj(x))
+        o = o * rounded(jax.nn.sigmoid, self.g_proj(x))
         return self.dense(o), state

@@ -20,4 +20,9 @@ class MLP(nnx.Module):
 def swiglu(gate_up: jax.Array) -> jax.Array:
     """silu(gate) * up for gate_up = [..., 2 * I] holding gate then up."""
     gate, up = jnp.split(gate_up, 2, axis=-1)
-    return jax.nn.silu(gate) * up
+    return rounded(jax.nn.silu, gate) * up
+
+
+def rounded(fn, x: jax.Array) -> jax.Array:
+    """fn(x) computed in float32 and rounded once to x.dtype, as torch's bf16 activations are."""
+    return fn(x.astype(jnp.float32)).astype(x.dtype)

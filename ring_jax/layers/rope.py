@@ -17,9 +17,9 @@ from ring_jax.config import RingConfig
 def rope_frequencies(config: RingConfig) -> tuple[np.ndarray, float]:
     """(inv_freq [rotary_dim // 2] float32, attention_scaling) for the config's rope type."""
     dim = config.rotary_dim
-    base = np.float32(config.rope_theta)
-    exponents = np.arange(0, dim, 2).astype(np.float32) / np.float32(dim)
-    pos_freqs = base ** exponents                                   # float32 pow, as torch
+    exponents = np.arange(0, dim, 2).astype(np.float32) / np.float32(dim)       # float32, as torch
+    # torch's float32 pow rounds the exact power (mostly); numpy's float32 pow does not always.
+    pos_freqs = (np.float64(np.float32(config.rope_theta)) ** exponents.astype(np.float64)).astype(np.float32)
     if config.rope_type == "default":
         return (np.float32(1.0) / pos_freqs).astype(np.float32), 1.0
     return _yarn_frequencies(config.rope_scaling, config.max_position_embeddings, dim,
