@@ -226,3 +226,17 @@ def test_moe_gathered_and_grouped_paths_agree(tmp_path, tiny_dict, monkeypatch):
     gathered = experts(tokens, ids)
     monkeypatch.setattr(moe, "GATHER_MAX_PAIRS", 0)
     assert rel_err(gathered, experts(tokens, ids)) <= F32_TOL
+
+
+@pytest.mark.gpu
+def test_bf16_model_through_the_gpu_kernels(tmp_path, tiny_dict):
+    """On a Hopper GPU, `auto` runs the Mosaic GPU linear-attention kernel inside the model (head_dim
+    128); the bf16 model still matches the bf16 reference (dense MLPs: no routing flips)."""
+    config = dict(tiny_dict, hidden_size=256, num_attention_heads=2, num_key_value_heads=1, head_dim=128,
+                  first_k_dense_replace=6)
+    ref = make_hf_checkpoint(str(tmp_path), config, dtype=torch.bfloat16, seed=3)
+    model = ring_jax.load_model(str(tmp_path))
+    ids = token_ids(2, 130, tiny_dict["vocab_size"])
+    got = model(ids)
+    assert rel_err(got, reference_logits(ref, ids, torch.bfloat16)) <= BF16_TOL
+    assert rel_err(got, reference_logits(ref, ids, torch.float64)) <= BF16_TOL
