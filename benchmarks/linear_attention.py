@@ -14,7 +14,6 @@ transient slowdown of the shared machine hits neither side alone.
 import argparse
 import os
 import sys
-import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -23,21 +22,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.timing import bench_jax, copy_bandwidth
 from pallas_kernels.linear_attention import api, gpu, reference
 
 ROUNDS = 3
 SHAPES = [(1, 4096, 16, 128), (1, 32768, 16, 128), (1, 131072, 16, 128), (8, 4096, 16, 128),
           (1, 32768, 32, 128), (8, 4096, 32, 128)]
-
-
-def bench_jax(f, *args, n=20):
-    jax.block_until_ready(f(*args))
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        times.append(time.perf_counter() - t)
-    return sorted(times)[n // 2] * 1e3
 
 
 def bench_torch(fn, n=20):
@@ -52,13 +42,6 @@ def bench_torch(fn, n=20):
         start.record(); fn(); end.record(); torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     return sorted(times)[n // 2]
-
-
-def copy_bandwidth():
-    x = jnp.ones((2 * 1024**3 // 4,), jnp.float32)
-    f = jax.jit(lambda a: a + 1)
-    ms = bench_jax(f, x)
-    return 2 * x.nbytes / (ms * 1e-3)
 
 
 def rel_err(a, b):

@@ -14,7 +14,6 @@ Times: medians of 20 after warm-up, milliseconds.
 import argparse
 import os
 import sys
-import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -24,19 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 
 import pallas_kernels
+from benchmarks.timing import bench_jax, copy_bandwidth
 
 SHAPES = {"mini gate_up": (2048, 1024), "mini down": (512, 2048),
           "flash gate_up": (4096, 2048), "flash down": (1024, 4096)}
-
-
-def bench(f, *args, n=20):
-    jax.block_until_ready(f(*args))
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        times.append(time.perf_counter() - t)
-    return sorted(times)[n // 2] * 1e3
 
 
 def group_sizes(M, G, skew, seed=0):
@@ -50,11 +40,6 @@ def group_sizes(M, G, skew, seed=0):
     sizes = np.floor(w * M).astype(int)
     sizes[np.argmax(sizes)] += M - sizes.sum()
     return sizes
-
-
-def copy_bandwidth():
-    x = jnp.ones((2 * 1024**3 // 4,), jnp.float32)
-    return 2 * x.nbytes / (bench(jax.jit(lambda a: a + 1), x) * 1e-3)
 
 
 def gmm_table(Ms, hbm):
@@ -79,13 +64,13 @@ def gmm_table(Ms, hbm):
 
                 def fmt(ms):
                     return f"{ms:.3f} ms ({fl / ms / 1e9:.0f} TF/s)"
-                cells = [fmt(bench(dense, lhs, rhs))]
-                cells.append(fmt(bench(xla, lhs, rhs, sizes)) if M <= 4096 else "(dense expansion: OOM)")
+                cells = [fmt(bench_jax(dense, lhs, rhs))]
+                cells.append(fmt(bench_jax(xla, lhs, rhs, sizes)) if M <= 4096 else "(dense expansion: OOM)")
                 try:
-                    cells.append(fmt(bench(mgpu, lhs, rhs, sizes)) if M >= 128 else "n/a (M < block)")
+                    cells.append(fmt(bench_jax(mgpu, lhs, rhs, sizes)) if M >= 128 else "n/a (M < block)")
                 except Exception as e:  # noqa: BLE001 - a peer's failure is a table cell, not a crash
                     cells.append(f"failed: {type(e).__name__}")
-                cells.append(fmt(bench(ours, lhs, rhs, sizes)) if M <= 4096 else "(= XLA ragged_dot: OOM)")
+                cells.append(fmt(bench_jax(ours, lhs, rhs, sizes)) if M <= 4096 else "(= XLA ragged_dot: OOM)")
                 print(f"| {name} | {M} | {'zipf' if skew else 'equal'} | " + " | ".join(cells) + " |", flush=True)
 
 
@@ -107,7 +92,7 @@ def decode_table(hbm):
         for tokens in (1, 8):
             x = jax.random.normal(key, (tokens, hidden), jnp.float32).astype(jnp.bfloat16)
             ids = jnp.asarray(np.stack([np.random.default_rng(t).choice(256, 8, replace=False) for t in range(tokens)]), jnp.int32)
-            ms = bench(step, state, x, ids)
+            ms = bench_jax(step, state, x, ids)
             nbytes = len(np.unique(np.asarray(ids))) * 3 * hidden * I * 2
             print(f"| {name} | {tokens} | {tokens * 8} | {nbytes / 1e6:.1f} MB | {ms:.3f} | {nbytes / ms / 1e6:.0f} | "
                   f"{100 * nbytes / (ms * 1e-3) / hbm:.0f}% |", flush=True)
