@@ -296,10 +296,13 @@ class RefSoftmaxAttention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k = k.repeat_interleave(H // Hkv, dim=1)  # [B, H, T, D]: kv head j serves q heads j*H/Hkv ...
         v = v.repeat_interleave(H // Hkv, dim=1)
-        scores = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(D)  # [B, H, T, T] in dt
+        # SDPA numerics (transformers' default attention for this model): scores and softmax in acc,
+        # probabilities rounded to dt before the product with v.
+        acc = acc_dtype(x.dtype)
+        scores = torch.matmul(q.to(acc), k.transpose(2, 3).to(acc)) / math.sqrt(D)  # [B, H, T, T] in acc
         causal = torch.ones(T, T, dtype=torch.bool).tril()
         scores = scores.masked_fill(~causal, float("-inf"))
-        probs = torch.softmax(scores, dim=-1, dtype=acc_dtype(x.dtype)).to(x.dtype)
+        probs = torch.softmax(scores, dim=-1).to(x.dtype)
         o = torch.matmul(probs, v)  # [B, H, T, D]
         o = o.transpose(1, 2).reshape(B, T, H * D)
         return self.dense(o)
