@@ -86,9 +86,8 @@ class RingModel(nnx.Module):
     # ------------------------------------------------------------------------ traceable forward
     def hidden_states(self, input_ids: jax.Array) -> jax.Array:
         """input_ids: [B, T] -> final-normed hidden states [B, T, hidden]."""
-        B, T = input_ids.shape
         x = jnp.take(self.word_embeddings[...], input_ids, axis=0)
-        cos, sin = rope_tables(self.config, jnp.broadcast_to(jnp.arange(T), (B, T)), x.dtype)
+        cos, sin = rope_tables(self.config, jnp.arange(input_ids.shape[1]), x.dtype)   # [T, rotary_dim]
         for layer in self.layers:
             x = layer(x, cos, sin)
         return self.norm(x)
@@ -107,8 +106,7 @@ class RingModel(nnx.Module):
 
         hidden: the main model's final-normed hidden states for input_ids.
         """
-        B, T = input_ids.shape
-        cos, sin = rope_tables(self.config, jnp.broadcast_to(jnp.arange(T), (B, T)), hidden.dtype)
+        cos, sin = rope_tables(self.config, jnp.arange(input_ids.shape[1]), hidden.dtype)
         out = []
         for layer in self.mtp_layers:
             input_ids = jnp.concatenate([input_ids[:, 1:], jnp.zeros_like(input_ids[:, :1])], axis=1)

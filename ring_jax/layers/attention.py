@@ -39,7 +39,7 @@ class SoftmaxAttention(nnx.Module):
         self.dense = Linear(self.num_heads * D, config.hidden_size, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-        """x: [B, T, hidden]; cos, sin: [B, T, rotary_dim] -> [B, T, hidden]."""
+        """x: [B, T, hidden]; cos, sin: [T, rotary_dim] or [B, T, rotary_dim] -> [B, T, hidden]."""
         B, T, _ = x.shape
         H, Hkv = self.num_heads, self.num_kv_heads
         qkv = self.query_key_value(x).reshape(B, T, H + 2 * Hkv, self.head_dim)

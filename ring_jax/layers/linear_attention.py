@@ -57,7 +57,7 @@ class LinearAttention(nnx.Module):
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array,
                  initial_state: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-        """x: [B, T, hidden]; cos, sin: [B, T, rotary_dim]; initial_state: [B, H, D, D] f32 or None.
+        """x: [B, T, hidden]; cos, sin: [(B,) T, rotary_dim]; initial_state: [B, H, D, D] f32 or None.
 
         Returns (out [B, T, hidden], final_state [B, H, D, D] f32).
         """
