@@ -5,9 +5,12 @@
 Table 1, grouped matmul [M, K] x [G, K, N] with G = 256 groups, equal or Zipf-skewed sizes, at the
 Ring-mini and Ring-flash expert shapes: a dense matmul of the same FLOPs (the ceiling), XLA's
 `jax.lax.ragged_dot` (a masked dense product on GPU: only small M), JAX's Mosaic GPU
-`ragged_dot_mgpu` (128/128/64, 4 stages), and `pallas_kernels.gmm(backend="auto")`.
-Table 2, the decode-sized expert step of one MoE layer (`Experts` gathered path: tokens x top-8
-pairs, gate_up then down) against the bytes of the chosen experts' weights.
+`ragged_dot_mgpu` (128/128/64, 4 stages), and `pallas_kernels.gmm(backend="auto")` (our Mosaic GPU
+kernel on Hopper).
+Table 2, the decode-sized expert step of one MoE layer (`Experts`: tokens x top-8 pairs sorted by
+expert, gate_up then down through `pallas_kernels.gmm`) against the bytes of the chosen experts'
+weights. Table 3, a whole Ring-mini MoE layer (router, dispatch, experts, combine, shared expert) in
+tokens per second.
 Times: medians of 20 after warm-up, milliseconds.
 """
 
@@ -70,7 +73,7 @@ def gmm_table(Ms, hbm):
                     cells.append(fmt(bench_jax(mgpu, lhs, rhs, sizes)) if M >= 128 else "n/a (M < block)")
                 except Exception as e:  # noqa: BLE001 - a peer's failure is a table cell, not a crash
                     cells.append(f"failed: {type(e).__name__}")
-                cells.append(fmt(bench_jax(ours, lhs, rhs, sizes)) if M <= 4096 else "(= XLA ragged_dot: OOM)")
+                cells.append(fmt(bench_jax(ours, lhs, rhs, sizes)))
                 print(f"| {name} | {M} | {'zipf' if skew else 'equal'} | " + " | ".join(cells) + " |", flush=True)
 
 
@@ -78,8 +81,8 @@ def decode_table(hbm):
     from ring_jax.layers.moe import Experts
     from flax import nnx
 
-    print("\n| model | tokens | pairs | experts' bytes read | ms | GB/s | % copy |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| model | tokens | pairs | experts' bytes read | ms (gmm kernel) | GB/s | % copy | ms (XLA gather of the chosen weights) |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, (hidden, I) in {"mini": (2048, 512), "flash": (4096, 1024)}.items():
         experts = nnx.eval_shape(lambda: Experts(256, hidden, I, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
         key = jax.random.PRNGKey(1)
@@ -89,13 +92,35 @@ def decode_table(hbm):
         experts.down_proj.set_value(down)
         graphdef, state = nnx.split(experts)
         step = jax.jit(lambda s, t, i: nnx.merge(graphdef, s)(t, i))
+        gathered = jax.jit(lambda s, t, i: nnx.merge(graphdef, s)._gathered(t, i))
         for tokens in (1, 8):
             x = jax.random.normal(key, (tokens, hidden), jnp.float32).astype(jnp.bfloat16)
             ids = jnp.asarray(np.stack([np.random.default_rng(t).choice(256, 8, replace=False) for t in range(tokens)]), jnp.int32)
             ms = bench_jax(step, state, x, ids)
             nbytes = len(np.unique(np.asarray(ids))) * 3 * hidden * I * 2
             print(f"| {name} | {tokens} | {tokens * 8} | {nbytes / 1e6:.1f} MB | {ms:.3f} | {nbytes / ms / 1e6:.0f} | "
-                  f"{100 * nbytes / (ms * 1e-3) / hbm:.0f}% |", flush=True)
+                  f"{100 * nbytes / (ms * 1e-3) / hbm:.0f}% | {bench_jax(gathered, state, x, ids):.3f} |", flush=True)
+
+
+def layer_table():
+    from flax import nnx
+
+    from ring_jax.config import RingConfig
+    from ring_jax.layers.moe import MoE
+
+    config = RingConfig.from_hf(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                             "configs", "ring-mini-linear-2.0.json"))
+    layer = MoE(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(layer)
+    step = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
+    print("\n| Ring-mini MoE layer | tokens | ms | tokens/s | expert TFLOP/s |")
+    print("|---|---|---|---|---|")
+    for tokens in (1, 8, 64, 512, 4096, 16384):
+        x = jax.random.normal(jax.random.PRNGKey(tokens), (1, tokens, config.hidden_size)).astype(jnp.bfloat16)
+        ms = bench_jax(step, state, x)
+        flops = tokens * (config.num_experts_per_tok + 1) * 6 * config.hidden_size * config.moe_intermediate_size
+        print(f"| router + dispatch + experts + combine + shared | {tokens} | {ms:.3f} | {tokens / ms * 1e3:,.0f} | "
+              f"{flops / ms / 1e9:.0f} |", flush=True)
 
 
 def main():
@@ -106,6 +131,7 @@ def main():
     print(f"# {jax.devices()[0].device_kind} | jax {jax.__version__} | copy bandwidth {hbm / 1e12:.2f} TB/s")
     gmm_table([4096, 131072] if args.quick else [8, 64, 512, 4096, 16384, 131072], hbm)
     decode_table(hbm)
+    layer_table()
 
 
 if __name__ == "__main__":

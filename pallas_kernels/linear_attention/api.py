@@ -6,24 +6,10 @@ mask); the jnp reference otherwise. "reference", "gpu" and "tpu" force one (an i
 not handle is then an error).
 """
 
-import functools
-
-import jax
-
 from pallas_kernels.linear_attention import reference
+from pallas_kernels.platform import platform
 
 BACKENDS = ("reference", "gpu", "tpu")
-
-
-@functools.cache
-def _platform() -> str:
-    """"tpu", "hopper" (a CUDA GPU of compute capability 9.0 or newer) or "other"."""
-    device = jax.devices()[0]
-    if device.platform == "tpu":
-        return "tpu"
-    if device.platform == "gpu" and float(getattr(device, "compute_capability", "0")) >= 9.0:
-        return "hopper"
-    return "other"
 
 
 def _gpu_handles(q, v, mask) -> bool:
@@ -33,9 +19,9 @@ def _gpu_handles(q, v, mask) -> bool:
 
 def _resolve(backend: str, q, v, mask) -> str:
     if backend == "auto":
-        if _platform() == "tpu":
+        if platform() == "tpu":
             return "tpu"
-        return "gpu" if _platform() == "hopper" and _gpu_handles(q, v, mask) else "reference"
+        return "gpu" if platform() == "hopper" and _gpu_handles(q, v, mask) else "reference"
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}: choose 'auto' or one of {BACKENDS}")
     if backend == "gpu" and not _gpu_handles(q, v, mask):
@@ -73,7 +59,7 @@ def linear_attention_step(q, k, v, log_decay, state, *, scale=None, backend="aut
     """
     if backend not in ("auto",) + BACKENDS:
         raise ValueError(f"backend={backend!r}: choose 'auto' or one of {BACKENDS}")
-    if backend == "tpu" or (backend == "auto" and _platform() == "tpu"):
+    if backend == "tpu" or (backend == "auto" and platform() == "tpu"):
         from pallas_kernels.linear_attention import tpu
 
         return tpu.linear_attention_step(q, k, v, log_decay, state, scale=scale, interpret=interpret)

@@ -1,16 +1,56 @@
 """Entry point of the grouped-matmul kernels; `backend` picks the implementation.
 
-Only the jnp reference exists so far: "auto" resolves to it on every platform until the GPU and TPU
-kernels land behind this same signature.
+"auto": on TPU the Mosaic TPU kernel; on Hopper or newer GPUs the Mosaic GPU kernel when it takes
+the operands (bf16, K % 64 == 0, N % 256 == 0); the jnp reference otherwise. "reference", "gpu" and
+"tpu" force one (operands a kernel does not take are then an error).
 """
 
+import jax.numpy as jnp
+
 from pallas_kernels.moe import reference
+from pallas_kernels.platform import platform
 
-BACKENDS = ("reference",)
+BACKENDS = ("reference", "gpu", "tpu")
+
+# Below this many rows per group on average, the GPU kernel uses 64-row tiles (decode-sized steps
+# compute less of the rows no token fills); above it, 128-row tiles (twice the work per byte).
+GPU_SMALL_TILE_ROWS = 64
 
 
-def gmm(lhs, rhs, group_sizes, *, preferred_element_type=None, backend="auto"):
-    """Grouped matmul, `jax.lax.ragged_dot` semantics: see `reference.gmm`."""
+def gmm_backend(lhs, rhs, preferred_element_type=None, backend="auto") -> str:
+    """The backend `gmm` runs for these operands: "gpu", "tpu" or "reference"."""
     if backend not in ("auto",) + BACKENDS:
         raise ValueError(f"backend={backend!r}: choose 'auto' or one of {BACKENDS}")
-    return reference.gmm(lhs, rhs, group_sizes, preferred_element_type=preferred_element_type)
+    if backend != "auto":
+        return backend
+    if platform() == "tpu":
+        return "tpu"
+    if platform() == "hopper":
+        from pallas_kernels.moe import gpu
+
+        if gpu.supports(lhs, rhs, preferred_element_type or lhs.dtype):
+            return "gpu"
+    return "reference"
+
+
+def gmm(lhs, rhs, group_sizes, *, preferred_element_type=None, backend="auto", interpret=False):
+    """Grouped matmul, `jax.lax.ragged_dot` semantics: lhs [M, K], rhs [G, K, N], group_sizes [G]
+    int32 (sum <= M; rows past the sum come back as zeros) -> [M, N] in preferred_element_type
+    (default lhs.dtype), accumulated in float32. Empty groups read none of their rhs in the kernels.
+
+    interpret: run the TPU kernel in interpret mode (False, True or `pltpu.InterpretParams()`).
+    """
+    kind = gmm_backend(lhs, rhs, preferred_element_type, backend)
+    if kind == "gpu":
+        from pallas_kernels.moe import gpu
+
+        tile_m = 64 if lhs.shape[0] <= GPU_SMALL_TILE_ROWS * rhs.shape[0] else 128
+        return gpu.gmm(lhs, rhs, group_sizes, preferred_element_type=preferred_element_type,
+                       tile_m=tile_m)
+    if kind == "tpu":
+        from pallas_kernels.moe import tpu
+
+        return tpu.gmm(lhs, rhs, group_sizes, preferred_element_type=preferred_element_type,
+                       interpret=interpret)
+    return reference.gmm(lhs, rhs, group_sizes, preferred_element_type=jnp.dtype(
+        preferred_element_type or lhs.dtype))

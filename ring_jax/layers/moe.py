@@ -49,8 +49,9 @@ class Router(nnx.Module):
         return jax.lax.top_k(masked, self.top_k)[1].astype(jnp.int32)
 
 
-# Up to this many (token, expert) pairs, the experts gather their chosen weights instead of sorting
-# rows for grouped matmuls: at decode sizes that reads only the chosen experts and pads nothing.
+# Without a grouped-matmul kernel (the jnp reference reads every expert), up to this many
+# (token, expert) pairs gather their chosen experts' weights instead: at decode sizes that reads
+# only the chosen experts. The kernels skip empty groups themselves.
 GATHER_MAX_PAIRS = 64
 
 
@@ -66,9 +67,10 @@ class Experts(nnx.Module):
 
     def __call__(self, tokens: jax.Array, ids: jax.Array) -> jax.Array:
         """tokens: [N, hidden]; ids: [N, k] experts per token -> [N, k, hidden], token n through
-        expert ids[n, j] in slot j. Few (token, expert) pairs (decode) gather just the chosen
-        experts' weights; more sort the pairs by expert for grouped matmuls (dropless)."""
-        if ids.size <= GATHER_MAX_PAIRS:
+        expert ids[n, j] in slot j: the pairs sorted by expert through grouped matmuls (dropless),
+        or, for few pairs without a kernel, the chosen experts' weights gathered."""
+        kernel = pallas_kernels.gmm_backend(tokens, self.gate_up_proj[...]) != "reference"
+        if ids.size <= GATHER_MAX_PAIRS and not kernel:
             return self._gathered(tokens, ids)
         return self._grouped(tokens, ids)
 
