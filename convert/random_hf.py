@@ -2,7 +2,8 @@
 
 For demos, tests and benchmarks: the weights are N(0, 1) / sqrt(fan_in) for projections, N(0, 1)
 for embeddings, 1 + 0.1 N(0, 1) for norms and 0.05 N(0, 1) (float32) for the expert bias. Written
-one tensor at a time.
+one tensor at a time. `write_small_tokenizer` adds a character-level BPE tokenizer with the Ring
+special tokens that fits a small vocabulary (the released tokenizer has 157184 entries).
 """
 
 from __future__ import annotations
@@ -46,3 +47,32 @@ def write_random_hf_checkpoint(folder: str, config: dict, *, dtype="bfloat16", s
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     write_hf_weights(folder, layout, read, max_shard_bytes)
+
+
+# The Ring special tokens, in id order: pad (0) and eos (1) first, as configs/tiny.json has them.
+SPECIAL_TOKENS = ("<|endoftext|>", "<|role_end|>", "<|startoftext|>", "<role>", "</role>", "<unk>")
+_CORPUS = ("You are a helpful assistant. Hello! How are you today? I am fine, thank you.",
+           "Linear attention keeps a constant-size recurrent state; every fifth layer uses softmax.",
+           "The quick brown fox jumps over the lazy dog. 0123456789 + - * / = ( ) [ ] { } < > ' \" ? !")
+
+
+def write_small_tokenizer(folder: str, vocab_size: int) -> None:
+    """Writes tokenizer.json (a BPE over printable ASCII, merges learned from a few sentences, up to
+    vocab_size entries; other characters become <unk>) and tokenizer_config.json (Ring special
+    tokens, no chat template: `ring_jax.load_tokenizer` supplies the Ring one)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never")
+    tokenizer.decoder = decoders.Metaspace(prepend_scheme="never")
+    alphabet = [chr(c) for c in range(32, 127)] + ["\u2581"]
+    if vocab_size < len(SPECIAL_TOKENS) + len(alphabet):
+        raise ValueError(f"vocab_size={vocab_size} is too small for a character-level tokenizer")
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+                                  initial_alphabet=alphabet, show_progress=False)
+    tokenizer.train_from_iterator(_CORPUS, trainer)
+    os.makedirs(folder, exist_ok=True)
+    tokenizer.save(os.path.join(folder, "tokenizer.json"))
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump({"bos_token": "<|startoftext|>", "eos_token": "<|role_end|>", "pad_token": "<|endoftext|>",
+                   "add_bos_token": False, "add_eos_token": False}, f, indent=2)

@@ -1,9 +1,14 @@
 """ring-jax: Ring-linear-2.0 hybrid linear-attention MoE models in JAX/Flax NNX."""
 
+from ring_jax.cache import Cache, init_cache
+from ring_jax.chat import chat, chat_stream
 from ring_jax.config import ConfigError, RingConfig
+from ring_jax.generate import generate, stream
 from ring_jax.model import RingModel
+from ring_jax.tokenizer import Tokenizer, load_tokenizer
 
-__all__ = ["ConfigError", "RingConfig", "RingModel", "load_model", "save_model"]
+__all__ = ["Cache", "ConfigError", "RingConfig", "RingModel", "Tokenizer", "chat", "chat_stream",
+           "generate", "init_cache", "load_model", "load_tokenizer", "save_model", "stream"]
 
 
 def __getattr__(name):

@@ -1,7 +1,9 @@
-"""python -m ring_jax demo: the whole path on a tiny random model, on any machine.
+"""python -m ring_jax {demo, generate, chat}: the command line.
 
-Writes a random checkpoint in the HF layout, converts it with `convert hf2jax`, loads it with
-`ring_jax.load_model`, and prints logits and a few greedy tokens.
+demo      the whole path on a tiny random model, on any machine: a random checkpoint and tokenizer
+          in the HF layout -> `convert hf2jax` -> `load_model` -> generate() and chat().
+generate  text (or token ids) in, the continuation out, streamed as it comes.
+chat      an interactive conversation through the model's chat template, streamed.
 """
 
 import argparse
@@ -16,52 +18,140 @@ import numpy as np
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
-def demo(args) -> int:
-    import jax.numpy as jnp
+def _sampling(args) -> dict:
+    return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
+            "top_p": args.top_p, "seed": args.seed}
 
+
+def _load(args):
+    import ring_jax
+
+    start = time.perf_counter()
+    model = ring_jax.load_model(args.model, dtype=args.dtype)
+    tokenizer = ring_jax.load_tokenizer(args.tokenizer or args.model) if not getattr(args, "prompt_ids", None) else None
+    print(f"[loaded {args.model} in {time.perf_counter() - start:.1f} s]", file=sys.stderr)
+    return model, tokenizer
+
+
+def demo(args) -> int:
     import ring_jax
     from convert.hf2jax import convert_hf_to_jax
-    from convert.random_hf import write_random_hf_checkpoint
+    from convert.random_hf import write_random_hf_checkpoint, write_small_tokenizer
 
     with open(args.config) as f:
         config = json.load(f)
     with tempfile.TemporaryDirectory() as work:
         hf_dir, jax_dir = os.path.join(work, "hf"), os.path.join(work, "jax")
         write_random_hf_checkpoint(hf_dir, config, dtype=args.dtype, seed=args.seed)
-        print(f"1. random HF checkpoint of {os.path.basename(args.config)}: {sorted(os.listdir(hf_dir))}")
+        write_small_tokenizer(hf_dir, config["vocab_size"])
+        print(f"1. random HF checkpoint and tokenizer of {os.path.basename(args.config)}: {sorted(os.listdir(hf_dir))}")
         convert_hf_to_jax(hf_dir, jax_dir, progress=False)
         print(f"2. python -m convert hf2jax -> {sorted(os.listdir(jax_dir))}")
-        model = ring_jax.load_model(jax_dir)
+        model, tokenizer = ring_jax.load_model(jax_dir), ring_jax.load_tokenizer(jax_dir)
         c = model.config
         print(f"3. load_model: {c.num_decoder_layers} layers {''.join('S' if t == 'softmax' else 'L' for t in c.layer_types)}"
               f" (L linear, S softmax), {c.num_experts} experts top-{c.num_experts_per_tok}, {model.dtype}")
         prompt = np.random.default_rng(args.seed).integers(0, c.vocab_size, size=(1, args.prompt_len))
-        start = time.time()
         logits = model(prompt)
-        print(f"4. model(input_ids {list(prompt.shape)}) -> logits {list(logits.shape)} {logits.dtype} "
-              f"in {time.time() - start:.2f} s (compile included); last row[:5] = {np.asarray(logits[0, -1, :5]).round(4)}")
-        # Greedy continuation by full forwards over a fixed-length buffer (one compile; causal, so
-        # the zeros after position t do not change the logits at t). generate() replaces this.
-        total = args.prompt_len + args.tokens
-        buf = jnp.zeros((1, total), jnp.int32).at[:, : args.prompt_len].set(prompt)
-        for t in range(args.prompt_len, total):
-            buf = buf.at[0, t].set(jnp.argmax(model(buf)[0, t - 1]))
-        print(f"5. greedy tokens after the prompt: {np.asarray(buf[0, args.prompt_len:]).tolist()}")
+        print(f"4. model(input_ids {list(prompt.shape)}) -> logits {list(logits.shape)} {logits.dtype}; "
+              f"last row[:5] = {np.asarray(logits[0, -1, :5]).round(4)}")
+        for run in ("compile + run", "run"):
+            start = time.perf_counter()
+            tokens = ring_jax.generate(model, prompt, max_new_tokens=args.tokens, eos_token_id=[])
+            print(f"5. generate(greedy, {args.tokens} tokens) [{run}: {time.perf_counter() - start:.2f} s]: "
+                  f"{tokens[0].tolist()}")
+        reply = ring_jax.chat(model, tokenizer, [{"role": "user", "content": "Hello!"}],
+                              max_new_tokens=args.tokens, temperature=0.8, seed=args.seed)
+        print(f"6. chat('Hello!') with the Ring chat template (random weights, so noise): {reply!r}")
     return 0
 
 
+def generate(args) -> int:
+    import ring_jax
+
+    model, tokenizer = _load(args)
+    if args.prompt_ids:
+        prompts = [[int(t) for t in p.replace(",", " ").split()] for p in args.prompt_ids]
+    elif args.raw:
+        prompts = tokenizer.batch_encode(args.prompt)
+    else:
+        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=True,
+                                                 enable_thinking=args.thinking) for p in args.prompt]
+    eos = None if tokenizer is None else list(tokenizer.eos_token_ids) or None
+    if len(prompts) == 1 and tokenizer is not None:   # one prompt: stream the text
+        for piece in ring_jax.stream(model, prompts, eos_token_id=eos, **_sampling(args)):
+            ids = [t for t in piece[0].tolist() if t not in (eos or [])]
+            print(tokenizer.decode(ids, skip_special_tokens=True), end="", flush=True)
+        print()
+        return 0
+    tokens = ring_jax.generate(model, prompts, eos_token_id=eos, **_sampling(args))
+    for row in tokens:
+        print(row.tolist() if tokenizer is None else tokenizer.decode(
+            [t for t in row.tolist() if t not in (eos or [])], skip_special_tokens=True))
+    return 0
+
+
+def chat(args) -> int:
+    import ring_jax
+
+    model, tokenizer = _load(args)
+    history = [{"role": "system", "content": args.system}] if args.system else []
+    print("Type a message; /reset clears the conversation, /exit (or end of input) quits.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            return 0
+        if line == "/exit":
+            return 0
+        if line == "/reset":
+            history = history[:1] if args.system else []
+            continue
+        if not line:
+            continue
+        history.append({"role": "user", "content": line})
+        reply = ""
+        for piece in ring_jax.chat_stream(model, tokenizer, history, enable_thinking=args.thinking, **_sampling(args)):
+            reply += piece
+            print(piece, end="", flush=True)
+        print()
+        history.append({"role": "assistant", "content": reply})
+
+
+def _add_model_args(p):
+    p.add_argument("--model", required=True, help="converted folder (python -m convert hf2jax) or HF folder")
+    p.add_argument("--tokenizer", help="folder with tokenizer.json (default: the model folder)")
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), help="parameter dtype (default: as stored)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=None,
+                   help="the chat template's thinking switch (default: the template's default)")
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ring_jax", description="ring-jax command line")
+    parser = argparse.ArgumentParser(prog="python -m ring_jax", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="random tiny model: HF layout -> convert -> load -> logits and greedy tokens",
-                       description=__doc__)
+    d = sub.add_parser("demo", help="tiny random model: HF layout -> convert -> load -> generate and chat")
     d.add_argument("--config", default=os.path.join(CONFIGS, "tiny.json"), help="HF config.json to instantiate")
     d.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     d.add_argument("--prompt-len", type=int, default=12)
-    d.add_argument("--tokens", type=int, default=8, help="greedy tokens to add")
+    d.add_argument("--tokens", type=int, default=8, help="tokens to generate")
     d.add_argument("--seed", type=int, default=0)
+    g = sub.add_parser("generate", help="continue prompts (streamed for one prompt)")
+    _add_model_args(g)
+    source = g.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
+    source.add_argument("--prompt-ids", action="append", help="prompt token ids, '1 2 3' (repeat for a batch)")
+    g.add_argument("--raw", action="store_true", help="feed the text as is, without the chat template")
+    c = sub.add_parser("chat", help="interactive chat through the chat template, streamed")
+    _add_model_args(c)
+    c.add_argument("--system", help="system prompt")
     args = parser.parse_args(argv)
-    return demo(args)
+    return {"demo": demo, "generate": generate, "chat": chat}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ring_jax.cache import Cache
 from ring_jax.config import RingConfig
 from ring_jax.layers.attention import SoftmaxAttention
 from ring_jax.layers.linear import Linear, matmul
@@ -39,6 +40,18 @@ class DecoderLayer(nnx.Module):
             h, _ = h
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def extend(self, x, cos, sin, layer_cache, cursor, start, valid):
+        """x: [B, T, hidden] continuing this layer's cache (a KVCache or a linear state);
+        cursor: [] slot of x's first token; start: [B]; valid: [B, T] bool (False: left padding).
+        Returns (x [B, T, hidden], the layer's new cache)."""
+        h = self.input_layernorm(x)
+        if self.is_linear:
+            h, layer_cache = self.attention(h, cos, sin, initial_state=layer_cache, valid=valid)
+        else:
+            h, layer_cache = self.attention(h, cos, sin, kv=layer_cache, cursor=cursor, start=start)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), layer_cache
 
 
 class MTPLayer(nnx.Module):
@@ -91,6 +104,22 @@ class RingModel(nnx.Module):
         for layer in self.layers:
             x = layer(x, cos, sin)
         return self.norm(x)
+
+    def extend(self, input_ids: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
+        """Runs input_ids [B, T] (the tokens at slots cursor..cursor+T-1) through the model on top
+        of `cache`: chunked prefill and decoding are both this. Returns (final-normed hidden
+        states [B, T, hidden], the cache advanced by T slots)."""
+        T = input_ids.shape[1]
+        slots = cache.cursor + jnp.arange(T, dtype=jnp.int32)                        # [T]
+        valid = slots[None, :] >= cache.start[:, None]                                 # [B, T]
+        positions = jnp.maximum(slots[None, :] - cache.start[:, None], 0)
+        x = jnp.take(self.word_embeddings[...], input_ids, axis=0)
+        cos, sin = rope_tables(self.config, positions, x.dtype)                        # [B, T, rotary_dim]
+        layers = []
+        for layer, layer_cache in zip(self.layers, cache.layers):
+            x, layer_cache = layer.extend(x, cos, sin, layer_cache, cache.cursor, cache.start, valid)
+            layers.append(layer_cache)
+        return self.norm(x), Cache(tuple(layers), cache.start, cache.cursor + T)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """hidden: [..., hidden] -> float32 logits [..., vocab] (the head's matmul in model dtype)."""

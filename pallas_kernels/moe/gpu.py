@@ -50,7 +50,8 @@ def work_items(group_sizes, m: int, tile_m: int):
     n_tiles = jnp.where(ends > starts, (ends - aligned + tile_m - 1) // tile_m, 0)
     item_end = jnp.cumsum(n_tiles)
     w = jnp.arange(pl.cdiv(m, tile_m) + 2 * (G + 1), dtype=jnp.int32)
-    group = jnp.minimum(jnp.searchsorted(item_end, w, side="right"), G).astype(jnp.int32)
+    # All-pairs comparison: one fused kernel (the default binary search is a loop of launches).
+    group = jnp.minimum(jnp.searchsorted(item_end, w, side="right", method="compare_all"), G).astype(jnp.int32)
     row = aligned[group] + (w - item_end[group] + n_tiles[group]) * tile_m
     first = jnp.maximum(starts[group], row)
     end = jnp.minimum(ends[group], row + tile_m)

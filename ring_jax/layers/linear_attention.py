@@ -15,6 +15,9 @@ from ring_jax.layers.mlp import rounded
 from ring_jax.layers.norms import GroupRMSNorm, RMSNorm
 from ring_jax.layers.rope import apply_rope
 
+# Continuations of at most this many tokens (decode, speculative steps) use the closed-form step.
+STEP_MAX_TOKENS = 8
+
 
 def alibi_slopes(n: int) -> list[float]:
     """The ALiBi head slopes for n heads (float64), as `build_slope_tensor` lists them."""
@@ -56,8 +59,14 @@ class LinearAttention(nnx.Module):
         self.dense = Linear(H * D, config.hidden_size, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array,
-                 initial_state: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+                 initial_state: jax.Array | None = None, valid: jax.Array | None = None
+                 ) -> tuple[jax.Array, jax.Array]:
         """x: [B, T, hidden]; cos, sin: [(B,) T, rotary_dim]; initial_state: [B, H, D, D] f32 or None.
+
+        valid: [B, T] bool or None: False marks left padding, tokens before a sequence's first
+        token. Their keys and values are zeroed, which is exact because the state they would enter
+        is still zero for that sequence: they add nothing, and the decays they cause act on zero.
+        A few tokens (T <= STEP_MAX_TOKENS, decoding) continue from initial_state in closed form.
 
         Returns (out [B, T, hidden], final_state [B, H, D, D] f32).
         """
@@ -69,8 +78,13 @@ class LinearAttention(nnx.Module):
         q, k, v = jnp.split(qkv.reshape(B, T, 3 * H, D), 3, axis=2)
         q = apply_rope(self.query_layernorm(q), cos, sin)
         k = apply_rope(self.key_layernorm(k), cos, sin)
+        if valid is not None:
+            k, v = (jnp.where(valid[:, :, None, None], t, 0) for t in (k, v))
         g = jnp.asarray(self.log_decay, jnp.float32)
-        o, state = pallas_kernels.linear_attention(q, k, v, g, initial_state=initial_state)
+        if initial_state is not None and T <= STEP_MAX_TOKENS:
+            o, state = pallas_kernels.linear_attention_step(q, k, v, g, initial_state)
+        else:
+            o, state = pallas_kernels.linear_attention(q, k, v, g, initial_state=initial_state)
         o = self.g_norm(o.reshape(B, T, H * D))
         o = o * rounded(jax.nn.sigmoid, self.g_proj(x))
         return self.dense(o), state

@@ -55,6 +55,28 @@ class Router(nnx.Module):
 GATHER_MAX_PAIRS = 64
 
 
+# Up to this many pairs, `sort_by_expert` ranks them by all-pairs comparison (one fused kernel)
+# instead of a sort (several launches, which dominate a decode step's dispatch on GPU).
+COMPARE_SORT_MAX_PAIRS = 1024
+
+
+def sort_by_expert(ids: jax.Array, num_experts: int):
+    """ids: [P] expert of each pair -> (order [P]: the pairs sorted by expert, stable; rank [P]:
+    each pair's place in that order (the inverse permutation); group_sizes [E] int32)."""
+    P = ids.shape[0]
+    pairs = jnp.arange(P, dtype=jnp.int32)
+    if P <= COMPARE_SORT_MAX_PAIRS:
+        before = (ids[None, :] < ids[:, None]) | ((ids[None, :] == ids[:, None]) & (pairs[None, :] < pairs[:, None]))
+        rank = jnp.sum(before, axis=1, dtype=jnp.int32)
+        order = jnp.zeros_like(pairs).at[rank].set(pairs)
+        sizes = jnp.sum(ids[:, None] == jnp.arange(num_experts)[None, :], axis=0, dtype=jnp.int32)
+    else:
+        order = jnp.argsort(ids, stable=True).astype(jnp.int32)
+        rank = jnp.zeros_like(pairs).at[order].set(pairs)
+        sizes = jnp.bincount(ids, length=num_experts).astype(jnp.int32)
+    return order, rank, sizes
+
+
 class Experts(nnx.Module):
     """The routed experts, stacked: gate_up_proj [E, hidden, 2 I] (gate then up); down_proj [E, I, hidden]."""
 
@@ -76,13 +98,11 @@ class Experts(nnx.Module):
 
     def _grouped(self, tokens, ids):
         N, k = ids.shape
-        flat_ids = ids.reshape(-1)
-        order = jnp.argsort(flat_ids, stable=True)                                   # [N*k]
-        group_sizes = jnp.bincount(flat_ids, length=self.gate_up_proj.shape[0]).astype(jnp.int32)
+        order, rank, group_sizes = sort_by_expert(ids.reshape(-1), self.gate_up_proj.shape[0])
         rows = tokens[order // k]                                                    # sorted by expert
         gate_up = pallas_kernels.gmm(rows, self.gate_up_proj[...], group_sizes)
         out = pallas_kernels.gmm(swiglu(gate_up), self.down_proj[...], group_sizes)
-        return out[jnp.argsort(order)].reshape(N, k, -1)
+        return out[rank].reshape(N, k, -1)
 
     def _gathered(self, tokens, ids):
         gate_up = einsum("nh,nkhi->nki", tokens, jnp.take(self.gate_up_proj[...], ids, axis=0))

@@ -1,0 +1,151 @@
+"""End-to-end generate() at a full model shape with random weights, made on the GPU.
+
+    python benchmarks/generate.py [--config configs/ring-mini-linear-2.0.json]
+                                  [--prefill 4096 32768 131008] [--decode-batch 1 8 64]
+
+The model is `RingModel` with random bf16 weights (the same modules and code path as a loaded
+checkpoint); prefill and decode go through `ring_jax.generate`'s own jitted steps. Each figure is
+the second run of the step (the first one compiles; its excess is the compile time) and sits
+beside its roofline:
+- prefill: FLOPs = 2 x (active non-embedding parameters + head) per token + causal softmax
+  attention; MFU against 989 TFLOP/s (H100 SXM dense bf16);
+- decode: bytes per step = the weights one step reads (every non-expert weight, the head, and the
+  expected number of distinct experts that B x top-k picks touch) + the KV cache and the linear
+  states, over the copy bandwidth measured in the same run.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from benchmarks.timing import copy_bandwidth
+from ring_jax import RingConfig, RingModel
+from ring_jax.cache import cache_bytes
+from ring_jax.generate import _decode, _start
+
+PEAK_FLOPS = 989e12
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make_model(config):
+    """Random bf16 weights made on the device in one jitted init."""
+    return nnx.jit(lambda: RingModel(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))()
+
+
+def weight_counts(config, model):
+    """(expert params per expert, non-expert params excluding the embedding table, head params)."""
+    I, hidden = config.moe_intermediate_size, config.hidden_size
+    per_expert = 3 * hidden * I
+    total = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    n_moe = sum(config.is_moe_layer(i) for i in range(config.num_decoder_layers))
+    head = config.vocab_size * hidden
+    embed = config.vocab_size * hidden
+    non_expert = total - n_moe * config.num_experts * per_expert - embed - (0 if config.tie_word_embeddings else head)
+    return per_expert, non_expert, head, n_moe
+
+
+def prefill_flops(config, counts, T):
+    per_expert, non_expert, head, n_moe = counts
+    active = non_expert + n_moe * config.num_experts_per_tok * per_expert
+    n_soft = sum(config.is_softmax_layer(i) for i in range(config.num_decoder_layers))
+    attention = n_soft * 2 * 2 * config.num_attention_heads * config.head_dim * T * T / 2
+    return 2 * active * T + 2 * head + attention   # the head runs on the last position only
+
+
+def decode_bytes(config, counts, B, context):
+    per_expert, non_expert, head, n_moe = counts
+    E, k = config.num_experts, config.num_experts_per_tok
+    distinct = E * (1 - (1 - 1 / E) ** (B * k))            # expected experts touched per layer
+    weights = 2 * (non_expert + head + n_moe * distinct * per_expert)
+    cache = cache_bytes(config, B, context)
+    return weights + cache["softmax"] + 2 * cache["linear"]   # states are read and written
+
+
+def run_prefill(model, T, chunk):
+    """Seconds of the first (compiling) and second prefill of a [1, T] prompt."""
+    ids = np.random.default_rng(T).integers(0, model.config.vocab_size, (1, T))
+    times = []
+    for _ in range(2):
+        t = time.perf_counter()
+        state = _start(model, ids, attention_mask=None, max_new_tokens=1, temperature=0.0, top_k=None,
+                       top_p=None, seed=0, eos_token_id=[], stop=None, pad_token_id=None, max_len=None,
+                       prefill_chunk=chunk)[2]
+        jax.block_until_ready(state.logits)
+        times.append(time.perf_counter() - t)
+        del state
+    return times
+
+
+def run_decode(model, B, context, steps, chunk):
+    """Seconds of the compiling first 8 steps and of `steps` more, after a [B, context] prefill."""
+    ids = np.random.default_rng(B).integers(0, model.config.vocab_size, (B, context))
+    graphdef, params, state, sampling, rule = _start(
+        model, ids, attention_mask=None, max_new_tokens=8 + steps, temperature=0.0, top_k=None,
+        top_p=None, seed=0, eos_token_id=[], stop=None, pad_token_id=None, max_len=None, prefill_chunk=chunk)
+    t = time.perf_counter()
+    state = _decode(graphdef, params, state, jnp.int32(8), sampling=sampling, rule=rule)
+    jax.block_until_ready(state.tokens)
+    first = time.perf_counter() - t
+    t = time.perf_counter()
+    state = _decode(graphdef, params, state, jnp.int32(8 + steps), sampling=sampling, rule=rule)
+    jax.block_until_ready(state.tokens)
+    assert int(state.step) == 8 + steps
+    return first, time.perf_counter() - t
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=os.path.join(ROOT, "configs", "ring-mini-linear-2.0.json"))
+    parser.add_argument("--prefill", type=int, nargs="*", default=[4096, 32768, 131008],
+                        help="prompt lengths for the prefill table (batch 1)")
+    parser.add_argument("--decode-batch", type=int, nargs="*", default=[1, 8, 64])
+    parser.add_argument("--context", type=int, default=4096, help="prompt length before decoding")
+    parser.add_argument("--steps", type=int, default=128, help="timed decode steps")
+    parser.add_argument("--chunk", type=int, default=2048, help="prefill chunk")
+    args = parser.parse_args(argv)
+
+    config = RingConfig.from_hf(args.config)
+    print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, config {os.path.basename(args.config)}",
+          flush=True)
+    bw = copy_bandwidth()
+    t = time.perf_counter()
+    model = make_model(config)
+    jax.block_until_ready(nnx.state(model))
+    counts = weight_counts(config, model)
+    total = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    print(f"random model: {total / 1e9:.2f}B params in {time.perf_counter() - t:.1f} s; copy bandwidth "
+          f"{bw / 1e12:.2f} TB/s", flush=True)
+
+    print("\n| prefill tokens | first call s (compile incl.) | s | tokens/s | TFLOP/s | MFU |")
+    print("|---|---|---|---|---|---|")
+    for T in args.prefill:
+        first, second = run_prefill(model, T, args.chunk)
+        flops = prefill_flops(config, counts, T)
+        print(f"| {T} | {first:.2f} | {second:.3f} | {T / second:,.0f} | {flops / second / 1e12:.0f} | "
+              f"{flops / second / PEAK_FLOPS:.1%} |", flush=True)
+
+    print(f"\n| decode batch | context | first 8 steps s (compile incl.) | ms/step | tokens/s | roofline tokens/s | % |")
+    print("|---|---|---|---|---|---|---|")
+    for B in args.decode_batch:
+        first, second = run_decode(model, B, args.context, args.steps, args.chunk)
+        step = second / args.steps
+        roof = B / (decode_bytes(config, counts, B, args.context + 8 + args.steps) / bw)
+        print(f"| {B} | {args.context} | {first:.2f} | {step * 1e3:.2f} | {B / step:,.0f} | {roof:,.0f} | "
+              f"{B / step / roof:.0%} |", flush=True)
+
+    stats = jax.devices()[0].memory_stats() or {}
+    print(f"\npeak device memory: {stats.get('peak_bytes_in_use', 0) / 2**30:.1f} GiB")
+
+
+if __name__ == "__main__":
+    main()

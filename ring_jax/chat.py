@@ -1,0 +1,52 @@
+"""chat() and chat_stream(): messages -> chat template -> generate() -> the assistant's text."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+from ring_jax.generate import generate, stream
+
+
+def _prompt_and_eos(model, tokenizer, messages, enable_thinking, eos_token_id):
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                        enable_thinking=enable_thinking)
+    if eos_token_id is None:
+        eos_token_id = list(tokenizer.eos_token_ids) or list(model.config.eos_token_ids)
+    return ids, [int(e) for e in np.atleast_1d(eos_token_id)]
+
+
+def _reply(tokens, eos: list[int]) -> list[int]:
+    """The generated ids up to (without) the first end-of-sequence token."""
+    tokens = [int(t) for t in tokens]
+    ends = [i for i, t in enumerate(tokens) if t in eos]
+    return tokens[: ends[0]] if ends else tokens
+
+
+def chat(model, tokenizer, messages: list[dict], *, enable_thinking: bool | None = None,
+         max_new_tokens: int = 512, eos_token_id=None, **generate_kwargs) -> str:
+    """The assistant's reply to `messages` ([{"role": "system"|"user"|"assistant", "content": str}]).
+
+    The prompt is the tokenizer's chat template with the generation prompt (enable_thinking is
+    passed to it when not None); generation stops at the tokenizer's end-of-sequence ids (or
+    eos_token_id); other keyword arguments go to `generate` (temperature, top_k, top_p, seed, ...).
+    """
+    ids, eos = _prompt_and_eos(model, tokenizer, messages, enable_thinking, eos_token_id)
+    tokens = generate(model, [ids], max_new_tokens=max_new_tokens, eos_token_id=eos, **generate_kwargs)[0]
+    return tokenizer.decode(_reply(tokens, eos), skip_special_tokens=True)
+
+
+def chat_stream(model, tokenizer, messages: list[dict], *, enable_thinking: bool | None = None,
+                max_new_tokens: int = 512, eos_token_id=None, **stream_kwargs) -> Iterator[str]:
+    """chat(), yielding the reply's text as it grows (pieces that concatenate to chat()'s result)."""
+    ids, eos = _prompt_and_eos(model, tokenizer, messages, enable_thinking, eos_token_id)
+    tokens, shown = [], ""
+    for piece in stream(model, [ids], max_new_tokens=max_new_tokens, eos_token_id=eos, **stream_kwargs):
+        tokens += piece[0].tolist()
+        text = tokenizer.decode(_reply(tokens, eos), skip_special_tokens=True)
+        if text.endswith("\ufffd"):        # an incomplete UTF-8 sequence: wait for its next bytes
+            continue
+        if text[len(shown):]:
+            yield text[len(shown):]
+        shown = text

@@ -1,0 +1,263 @@
+"""generate() and stream(): chunked prefill into the hybrid cache, then decoding inside jit.
+
+Prompts of different lengths are left-padded to a length bucket (a power of two up to one prefill
+chunk, a multiple of the chunk beyond), so prefill compiles once per bucket and chunk, not per
+prompt. The prompt runs through `RingModel.extend` one chunk at a time (bounded activation memory
+at any length; softmax layers read the cache block by block). Decoding is one jitted
+`lax.while_loop`: sample, record, stop checks, one `extend` step, until every sequence finished or
+the step limit; the cache is donated, so it is updated in place, and no Python runs per token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ring_jax.cache import Cache, cache_length, init_cache
+
+PREFILL_CHUNK = 4096
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """temperature 0: greedy (argmax). Otherwise logits / temperature, then the top_k most likely
+    tokens (None: all), then the smallest set whose probability reaches top_p (None: all)."""
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature} must be >= 0")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k={self.top_k} must be >= 1 (or None)")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p} must be in (0, 1] (or None)")
+
+
+def sample(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
+    """logits: [B, V] float32 -> token ids [B] int32."""
+    if sampling.temperature == 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / sampling.temperature
+    if sampling.top_k is not None and sampling.top_k < logits.shape[-1]:
+        kth = jax.lax.top_k(logits, sampling.top_k)[0][:, -1:]
+        logits = jnp.where(logits >= kth, logits, -jnp.inf)
+    if sampling.top_p is not None and sampling.top_p < 1:
+        order = jnp.argsort(-logits, axis=-1)
+        probs = jax.nn.softmax(jnp.take_along_axis(logits, order, axis=-1), axis=-1)
+        keep_sorted = jnp.cumsum(probs, axis=-1) - probs < sampling.top_p     # mass before < top_p
+        keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
+        logits = jnp.where(keep, logits, -jnp.inf)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DecodeState:
+    """Everything the decode loop carries. logits: [B, V] float32 for the next token; tokens:
+    [B, N] generated so far (pad after a sequence finished); step: [] tokens generated; done: [B];
+    recent: [B, W] the last W tokens (stop sequences); key: the sampling key."""
+    cache: Cache
+    logits: jax.Array
+    tokens: jax.Array
+    step: jax.Array
+    done: jax.Array
+    recent: jax.Array
+    key: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class StopRule:
+    """When a sequence is finished: it produced one of eos_ids or ended with one of `stop`."""
+    eos_ids: tuple[int, ...]
+    stop: tuple[tuple[int, ...], ...]
+    pad_id: int
+
+    @property
+    def window(self) -> int:
+        return max((len(s) for s in self.stop), default=1)
+
+    def finished(self, token: jax.Array, recent: jax.Array) -> jax.Array:
+        """token: [B]; recent: [B, window] ending with token -> [B] bool."""
+        done = jnp.isin(token, jnp.asarray(self.eos_ids, jnp.int32)) if self.eos_ids else jnp.zeros(token.shape, bool)
+        for seq in self.stop:
+            done |= jnp.all(recent[:, recent.shape[1] - len(seq):] == jnp.asarray(seq, jnp.int32), axis=1)
+        return done
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
+def _prefill_chunk(graphdef, params, cache: Cache, ids: jax.Array):
+    """ids: [B, C] -> (logits of the last position [B, V] float32, cache advanced by C)."""
+    model = nnx.merge(graphdef, params)
+    hidden, cache = model.extend(ids, cache)
+    return model.logits(hidden[:, -1]), cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "rule"), donate_argnames="state")
+def _decode(graphdef, params, state: DecodeState, limit, *, sampling: Sampling, rule: StopRule):
+    """Decodes until `limit` tokens were generated in all or every sequence is done."""
+    model = nnx.merge(graphdef, params)
+
+    def running(s: DecodeState):
+        return (s.step < limit) & ~jnp.all(s.done)
+
+    def step(s: DecodeState) -> DecodeState:
+        token = sample(s.logits, jax.random.fold_in(s.key, s.step), sampling)
+        token = jnp.where(s.done, rule.pad_id, token)
+        recent = jnp.concatenate([s.recent[:, 1:], token[:, None]], axis=1)
+        done = s.done | rule.finished(token, recent)
+        hidden, cache = model.extend(token[:, None], s.cache)
+        tokens = jax.lax.dynamic_update_slice_in_dim(s.tokens, token[:, None], s.step, axis=1)
+        return DecodeState(cache, model.logits(hidden[:, 0]), tokens, s.step + 1, done, recent, s.key)
+
+    return jax.lax.while_loop(running, step, state)
+
+
+def _prompts(input_ids, attention_mask, vocab_size: int) -> list[np.ndarray]:
+    """The real tokens of each prompt: [B, T] (or [T]) ids with an optional [B, T] 0/1 mask (left
+    or right padding), or a list of token-id lists of any lengths."""
+    if isinstance(input_ids, (list, tuple)) and input_ids and isinstance(input_ids[0], (list, tuple, np.ndarray)):
+        if attention_mask is not None:
+            raise ValueError("attention_mask goes with a [B, T] array, not with a list of prompts")
+        prompts = [np.asarray(p) for p in input_ids]
+    else:
+        ids = np.asarray(input_ids)
+        ids = ids[None] if ids.ndim == 1 else ids
+        if ids.ndim != 2:
+            raise ValueError(f"input_ids must be [batch, seq_len], got shape {ids.shape}")
+        if attention_mask is None:
+            prompts = list(ids)
+        else:
+            mask = np.asarray(attention_mask).reshape(ids.shape) if np.size(attention_mask) == ids.size else None
+            if mask is None:
+                raise ValueError(f"attention_mask shape {np.shape(attention_mask)} != input_ids shape {ids.shape}")
+            prompts = []
+            for b, (row, m) in enumerate(zip(ids, mask.astype(bool))):
+                where = np.flatnonzero(m)
+                if where.size and where[-1] - where[0] + 1 != where.size:
+                    raise ValueError(f"attention_mask row {b} has holes: only left or right padding is supported")
+                prompts.append(row[where])
+    for b, p in enumerate(prompts):
+        if p.ndim != 1 or p.size == 0:
+            raise ValueError(f"prompt {b} is empty or not a flat list of token ids")
+        if not np.issubdtype(p.dtype, np.integer):
+            raise TypeError(f"prompt {b}: token ids must be integers, got {p.dtype}")
+        if p.min() < 0 or p.max() >= vocab_size:
+            raise ValueError(f"prompt {b} holds token id {p.min() if p.min() < 0 else p.max()}, "
+                             f"outside the vocabulary [0, {vocab_size})")
+    return prompts
+
+
+def _bucket(length: int, chunk: int) -> int:
+    """Padded prompt length: a power of two (>= 16) up to `chunk`, a multiple of `chunk` beyond."""
+    if length > chunk:
+        return -(-length // chunk) * chunk
+    return min(max(16, 1 << (length - 1).bit_length()), chunk)
+
+
+def _start(model, input_ids, *, attention_mask, max_new_tokens, temperature, top_k, top_p, seed,
+           eos_token_id, stop, pad_token_id, max_len, prefill_chunk):
+    """Validates, prefills, and returns (graphdef, params, DecodeState, Sampling, StopRule)."""
+    config = model.config
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    sampling = Sampling(float(temperature), top_k, top_p)
+    prompts = _prompts(input_ids, attention_mask, config.vocab_size)
+    longest = max(len(p) for p in prompts)
+    max_len = config.max_position_embeddings if max_len is None else max_len
+    if longest + max_new_tokens > max_len:
+        raise ValueError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds max_len="
+                         f"{max_len} (the model's max_position_embeddings unless given)")
+    eos = config.eos_token_ids if eos_token_id is None else tuple(np.atleast_1d(eos_token_id).tolist())
+    pad = pad_token_id if pad_token_id is not None else (
+        config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0))
+    stop = tuple(tuple(int(t) for t in s) for s in (stop or ()))
+    if any(not s for s in stop):
+        raise ValueError("stop sequences must be non-empty lists of token ids")
+    rule = StopRule(tuple(int(e) for e in eos), stop, int(pad))
+
+    if prefill_chunk < 16 or prefill_chunk & (prefill_chunk - 1):
+        raise ValueError(f"prefill_chunk={prefill_chunk} must be a power of two >= 16")
+    padded = _bucket(longest, prefill_chunk)
+    B = len(prompts)
+    ids = np.full((B, padded), pad, np.int32)
+    for b, p in enumerate(prompts):
+        ids[b, padded - len(p):] = p
+    start = np.array([padded - len(p) for p in prompts], np.int32)
+    cache = init_cache(config, B, cache_length(padded + max_new_tokens), start, model.dtype)
+
+    graphdef, params = nnx.split(model)
+    chunk = min(padded, max(16, 1 << (prefill_chunk // B).bit_length() - 1))  # tokens over the batch
+    for c in range(0, padded, chunk):
+        logits, cache = _prefill_chunk(graphdef, params, cache, jnp.asarray(ids[:, c:c + chunk]))
+    state = DecodeState(cache, logits, jnp.full((B, max_new_tokens), pad, jnp.int32),
+                        jnp.zeros((), jnp.int32), jnp.zeros((B,), bool),
+                        jnp.full((B, rule.window), -1, jnp.int32), jax.random.key(seed))
+    return graphdef, params, state, sampling, rule
+
+
+_GENERATE_DOC = """
+    model: a RingModel. input_ids: [B, T] (or [T]) token ids with attention_mask [B, T] (1 = token,
+    0 = left or right padding), or a list of token-id lists of different lengths.
+    max_new_tokens: tokens to generate per sequence. temperature 0 is greedy; otherwise sampling
+    with top_k / top_p, reproducible for a given seed. A sequence finishes at one of
+    eos_token_id (int or list; default: the config's) or when its output ends with one of `stop`
+    (token-id sequences); its later tokens are pad_token_id (default: the config's pad, else eos).
+    The eos or stop tokens themselves are part of the output.
+    max_len: the most prompt + new tokens allowed (default: the config's max_position_embeddings).
+    prefill_chunk: prompt tokens per prefill step, summed over the batch (a power of two; it bounds
+    the activation memory).
+"""
+
+
+def generate(model, input_ids, *, attention_mask=None, max_new_tokens: int, temperature: float = 0.0,
+             top_k: int | None = None, top_p: float | None = None, seed: int = 0, eos_token_id=None,
+             stop: Sequence[Sequence[int]] | None = None, pad_token_id: int | None = None,
+             max_len: int | None = None, prefill_chunk: int = PREFILL_CHUNK) -> np.ndarray:
+    """Generates up to max_new_tokens after each prompt. Returns the new tokens [B, max_new_tokens]
+    int32 (numpy), pad_token_id after a sequence finished.
+    """
+    graphdef, params, state, sampling, rule = _start(
+        model, input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, eos_token_id=eos_token_id,
+        stop=stop, pad_token_id=pad_token_id, max_len=max_len, prefill_chunk=prefill_chunk)
+    state = _decode(graphdef, params, state, jnp.int32(max_new_tokens), sampling=sampling, rule=rule)
+    return np.asarray(state.tokens)
+
+
+def stream(model, input_ids, *, steps_per_call: int = 8, attention_mask=None, max_new_tokens: int,
+           temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+           seed: int = 0, eos_token_id=None, stop: Sequence[Sequence[int]] | None = None,
+           pad_token_id: int | None = None, max_len: int | None = None,
+           prefill_chunk: int = PREFILL_CHUNK) -> Iterator[np.ndarray]:
+    """generate(), yielding the new tokens as they come: arrays [B, n] (n <= steps_per_call; one
+    jitted call of the decode loop each). Concatenated they equal generate()'s output up to the
+    step where every sequence finished.
+    """
+    if steps_per_call < 1:
+        raise ValueError(f"steps_per_call={steps_per_call} must be >= 1")
+    graphdef, params, state, sampling, rule = _start(
+        model, input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, eos_token_id=eos_token_id,
+        stop=stop, pad_token_id=pad_token_id, max_len=max_len, prefill_chunk=prefill_chunk)
+    emitted = 0
+    while emitted < max_new_tokens:
+        limit = min(emitted + steps_per_call, max_new_tokens)
+        state = _decode(graphdef, params, state, jnp.int32(limit), sampling=sampling, rule=rule)
+        step = int(state.step)
+        if step > emitted:
+            yield np.asarray(state.tokens[:, emitted:step])
+        if step < limit:              # every sequence finished
+            return
+        emitted = step
+
+
+generate.__doc__ += _GENERATE_DOC
+stream.__doc__ += _GENERATE_DOC

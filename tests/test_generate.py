@@ -1,0 +1,223 @@
+"""The cache and generate(): cached forwards equal full forwards, generate equals the argmax loop,
+batching and padding change nothing, sampling is reproducible and restricted as asked."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import ring_jax
+from conftest import rel_err
+from ring_jax import cache as cache_module
+from ring_jax.cache import KVCache, cache_bytes, init_cache
+from ring_jax.config import RingConfig
+from ring_jax.generate import _prefill_chunk, generate, stream
+from ring_jax.layers import attention
+from ring_jax.layers.attention import cached_attention, causal_attention
+
+
+@pytest.fixture(scope="module")
+def model():
+    """The tiny config (2 softmax + 4 linear layers, MoE), float32, random expert biases."""
+    config = RingConfig.from_hf("configs/tiny.json")
+    m = RingModel(config)
+    rng = np.random.default_rng(7)
+    for layer in m.layers:
+        if hasattr(layer.mlp, "gate"):
+            bias = layer.mlp.gate.expert_bias
+            bias[...] = jnp.asarray(rng.normal(0, 0.1, bias[...].shape), jnp.float32)
+    return m
+
+
+def RingModel(config, dtype=jnp.float32):
+    return ring_jax.RingModel(config, dtype=dtype, rngs=nnx.Rngs(3))
+
+
+def prompt(length, seed, vocab=256):
+    return np.random.default_rng(seed).integers(2, vocab, size=length)
+
+
+def argmax_loop(model, ids, n):
+    """Greedy tokens by full forwards, one at a time (over one buffer: the forward is causal, so
+    the tokens after position t do not change the logits at t)."""
+    T = len(ids)
+    buf = np.zeros((1, T + n), np.int32)
+    buf[0, :T] = ids
+    for t in range(T, T + n):
+        buf[0, t] = int(jnp.argmax(model(buf)[0, t - 1]))
+    return buf[0, T:].tolist()
+
+
+@jax.jit
+def _extend(params, ids, cache):
+    model = nnx.merge(*params)
+    hidden, cache = model.extend(ids, cache)
+    return model.logits(hidden), cache
+
+
+def extend(model, ids, cache):
+    """Jitted `model.extend` -> (logits [B, T, V], cache)."""
+    return _extend(nnx.split(model), jnp.asarray(ids), cache)
+
+
+def test_cached_forward_equals_full_forward(model):
+    """Chunked prefill of a left-padded batch, then one token at a time: every position's logits
+    equal the full forward of that sequence alone (float32, <= 1e-5 relative)."""
+    a, b = prompt(21, 0), prompt(13, 1)
+    new = np.stack([prompt(4, 2), prompt(4, 3)])
+    cache = init_cache(model.config, 2, 256, [3, 11], jnp.float32)
+    ids = np.zeros((2, 24), np.int32)
+    ids[0, 3:], ids[1, 11:] = a, b
+    logits = []
+    for c in range(0, 24, 8):
+        out, cache = extend(model, ids[:, c:c + 8], cache)
+        logits.append(out)
+    for t in range(4):
+        out, cache = extend(model, new[:, t:t + 1], cache)
+        logits.append(out)
+    logits = jnp.concatenate(logits, axis=1)
+    np.testing.assert_array_equal(cache.lengths, [25, 17])
+    for row, (p, first) in enumerate([(a, 3), (b, 11)]):
+        want = model(np.concatenate([p, new[row]])[None])[0]
+        assert rel_err(logits[row, first:], want) <= 1e-5
+
+
+def test_cached_attention_blocks(monkeypatch):
+    """Several key blocks (the running max and sum), a sequence whose first token lies beyond the
+    first block, and padding queries: equal to the full causal attention of each sequence."""
+    monkeypatch.setattr(attention, "ATTENTION_BLOCK", 16)
+    monkeypatch.setattr(attention, "SCORE_BYTES", 0)
+    rng = np.random.default_rng(0)
+    B, L, H, Hkv, D, T = 2, 64, 4, 2, 8, 5
+    keys, values = (jnp.asarray(rng.normal(size=(B, L, Hkv, D)), jnp.float32) for _ in range(2))
+    start = jnp.asarray([0, 37])
+    q = jnp.asarray(rng.normal(size=(B, T, H, D)), jnp.float32)
+    slots = jnp.arange(T) + 44
+    got = cached_attention(q, KVCache(keys, values), slots, start)
+    assert np.isfinite(np.asarray(got)).all()
+    for b in range(B):
+        s0 = int(start[b])
+        full_q = jnp.zeros((1, 49 - s0, H, D)).at[:, -T:].set(q[b:b + 1])
+        want = causal_attention(full_q, keys[b:b + 1, s0:49], values[b:b + 1, s0:49])[0, -T:]
+        assert rel_err(got[b], want) <= 1e-6
+
+
+def test_long_padding_across_attention_blocks(model, monkeypatch):
+    """A cache of several attention blocks with left padding longer than a block."""
+    monkeypatch.setattr(attention, "ATTENTION_BLOCK", 16)
+    monkeypatch.setattr(attention, "SCORE_BYTES", 0)
+    monkeypatch.setattr(cache_module, "ATTENTION_BLOCK", 16)
+    short, long = prompt(5, 4), prompt(40, 5)
+    got = generate(model, [short, long], max_new_tokens=6, eos_token_id=[], prefill_chunk=16)
+    assert got[0].tolist() == argmax_loop(model, short, 6)
+    assert got[1].tolist() == argmax_loop(model, long, 6)
+
+
+def test_greedy_generate_equals_argmax_loop(model):
+    p = prompt(11, 6)
+    assert generate(model, p, max_new_tokens=12, eos_token_id=[])[0].tolist() == argmax_loop(model, p, 12)
+
+
+@pytest.mark.parametrize("padding", ["list", "left", "right"])
+def test_batch_of_different_lengths_equals_each_alone(model, padding):
+    prompts = [prompt(n, 10 + n) for n in (3, 17, 9)]
+    if padding == "list":
+        kwargs = {"input_ids": prompts}
+    else:
+        ids, mask = np.zeros((3, 17), np.int64), np.zeros((3, 17), np.int64)
+        for b, p in enumerate(prompts):
+            cols = slice(17 - len(p), 17) if padding == "left" else slice(0, len(p))
+            ids[b, cols], mask[b, cols] = p, 1
+        kwargs = {"input_ids": ids, "attention_mask": mask}
+    got = generate(model, max_new_tokens=8, eos_token_id=[], prefill_chunk=16, **kwargs)
+    for b, p in enumerate(prompts):
+        assert got[b].tolist() == generate(model, p, max_new_tokens=8, eos_token_id=[])[0].tolist()
+
+
+def test_prefill_compiles_once_per_bucket(model):
+    generate(model, prompt(5, 0), max_new_tokens=2)
+    compiled = _prefill_chunk._cache_size()
+    for n in (6, 9, 16):                  # all in the 16-token bucket
+        generate(model, prompt(n, n), max_new_tokens=2)
+    assert _prefill_chunk._cache_size() == compiled
+
+
+def test_eos_and_stop_sequences(model):
+    p = prompt(9, 20)
+    free = argmax_loop(model, p, 10)
+    got = generate(model, p, max_new_tokens=10, eos_token_id=free[3], pad_token_id=0)[0].tolist()
+    k = free.index(free[3])
+    assert got == free[:k + 1] + [0] * (9 - k)
+    got = generate(model, p, max_new_tokens=10, eos_token_id=[], stop=[[free[5], free[6]], [999]],
+                   pad_token_id=0)[0].tolist()
+    assert got[:7] == free[:7] and got[7:] == [0, 0, 0]
+
+
+def test_stream_equals_generate(model):
+    prompts = [prompt(4, 30), prompt(12, 31)]
+    kwargs = dict(max_new_tokens=11, temperature=0.8, top_k=20, seed=5)
+    pieces = list(stream(model, prompts, steps_per_call=4, **kwargs))
+    assert [p.shape[1] for p in pieces] == [4, 4, 3]
+    np.testing.assert_array_equal(np.concatenate(pieces, axis=1), generate(model, prompts, **kwargs))
+
+
+def test_sampling_reproducible_and_restricted(model):
+    p = prompt(7, 40)
+    kwargs = dict(max_new_tokens=6, eos_token_id=[], temperature=1.0)
+    a = generate(model, p, seed=1, **kwargs)
+    np.testing.assert_array_equal(a, generate(model, p, seed=1, **kwargs))
+    assert any((generate(model, p, seed=s, **kwargs) != a).any() for s in range(2, 6))
+    greedy = generate(model, p, max_new_tokens=6, eos_token_id=[])
+    np.testing.assert_array_equal(generate(model, p, seed=9, top_k=1, **kwargs), greedy)
+    np.testing.assert_array_equal(generate(model, p, seed=9, top_p=1e-6, **kwargs), greedy)
+    logits = np.asarray(model(p[None])[0, -1])
+    top3 = set(np.argsort(-logits)[:3].tolist())
+    firsts = {int(generate(model, p, seed=s, max_new_tokens=1, temperature=5.0, top_k=3)[0, 0])
+              for s in range(40)}
+    assert firsts <= top3 and len(firsts) > 1
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    nucleus = set(np.argsort(-probs)[: int(np.searchsorted(np.cumsum(np.sort(probs)[::-1]), 0.5)) + 1].tolist())
+    firsts = {int(generate(model, p, seed=s, max_new_tokens=1, temperature=1.0, top_p=0.5)[0, 0])
+              for s in range(40)}
+    assert firsts <= nucleus
+
+
+def test_bfloat16_decode_follows_forward():
+    """bf16 prefill and decode within bf16 tolerance of the full forward (dense MLPs: in a bf16
+    MoE, rounding noise flips near-tie expert choices, as it does between torch runs)."""
+    model = RingModel(RingConfig.from_hf("configs/tiny.json", first_k_dense_replace=6), dtype=jnp.bfloat16)
+    p = prompt(20, 50)
+    cache = init_cache(model.config, 1, 256, [0], jnp.bfloat16)
+    prefill, cache = extend(model, p[None, :16], cache)
+    step, cache = extend(model, p[None, 16:17], cache)
+    want = model(p[None, :17])[0]
+    assert rel_err(prefill[0], want[:16]) <= 3e-2
+    assert rel_err(step[0, 0], want[16]) <= 3e-2
+
+
+def test_misuse_raises_clear_errors(model):
+    with pytest.raises(ValueError, match="exceeds max_len"):
+        generate(model, prompt(500, 0), max_new_tokens=20)       # tiny: max_position_embeddings 512
+    with pytest.raises(ValueError, match="holes"):
+        generate(model, np.ones((1, 4), int), attention_mask=[[1, 0, 1, 1]], max_new_tokens=2)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        generate(model, [[1, 2, 300]], max_new_tokens=2)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(model, [[1, 2]], max_new_tokens=0)
+    with pytest.raises(ValueError, match="empty"):
+        generate(model, np.ones((1, 3), int), attention_mask=[[0, 0, 0]], max_new_tokens=2)
+    with pytest.raises(ValueError, match="top_p"):
+        generate(model, [[1, 2]], max_new_tokens=2, temperature=1.0, top_p=1.5)
+
+
+def test_cache_memory():
+    """Linear layers hold a constant state; only the softmax layers' KV grows with the context."""
+    mini = RingConfig.from_hf("configs/ring-mini-linear-2.0.json")
+    short, long = cache_bytes(mini, 1, 4096), cache_bytes(mini, 1, 131072)
+    assert short["linear"] == long["linear"] == 16 * 16 * 128 * 128 * 4
+    assert long["softmax"] == 32 * short["softmax"] == 4 * 2 * 131072 * 4 * 128 * 2
+    jax.eval_shape(lambda: init_cache(mini, 1, 8192, [0], jnp.bfloat16))
+    with pytest.raises(ValueError, match="multiple"):
+        init_cache(mini, 1, 5000, [0], jnp.bfloat16)
