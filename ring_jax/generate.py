@@ -163,7 +163,7 @@ def _bucket(length: int, chunk: int) -> int:
 
 
 def _start(model, input_ids, *, attention_mask, max_new_tokens, temperature, top_k, top_p, seed,
-           eos_token_id, stop, pad_token_id, max_len, prefill_chunk):
+           eos_token_id, stop, pad_token_id, max_len, prefill_chunk, cache_len=None):
     """Validates, prefills, and returns (graphdef, params, DecodeState, Sampling, StopRule)."""
     config = model.config
     if max_new_tokens < 1:
@@ -191,7 +191,11 @@ def _start(model, input_ids, *, attention_mask, max_new_tokens, temperature, top
     for b, p in enumerate(prompts):
         ids[b, padded - len(p):] = p
     start = np.array([padded - len(p) for p in prompts], np.int32)
-    cache = init_cache(config, B, cache_length(padded + max_new_tokens), start, model.dtype)
+    needed = cache_length(padded + max_new_tokens)
+    if cache_len is not None and cache_len < needed:
+        raise ValueError(f"cache_len={cache_len} is below the {needed} slots this call needs "
+                         f"(prompt bucket {padded} + max_new_tokens {max_new_tokens}, rounded)")
+    cache = init_cache(config, B, cache_len or needed, start, model.dtype)
 
     graphdef, params = nnx.split(model)
     chunk = min(padded, max(16, 1 << (prefill_chunk // B).bit_length() - 1))  # tokens over the batch
@@ -214,20 +218,25 @@ _GENERATE_DOC = """
     max_len: the most prompt + new tokens allowed (default: the config's max_position_embeddings).
     prefill_chunk: prompt tokens per prefill step, summed over the batch (a power of two; it bounds
     the activation memory).
+    cache_len: the cache's slots (default: the prompt bucket + max_new_tokens, rounded up). The
+    compiled steps depend on it: one fixed value serves every prompt length with one compile, at
+    the cost of decode steps that read the whole cache.
 """
 
 
 def generate(model, input_ids, *, attention_mask=None, max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, seed: int = 0, eos_token_id=None,
              stop: Sequence[Sequence[int]] | None = None, pad_token_id: int | None = None,
-             max_len: int | None = None, prefill_chunk: int = PREFILL_CHUNK) -> np.ndarray:
+             max_len: int | None = None, prefill_chunk: int = PREFILL_CHUNK,
+             cache_len: int | None = None) -> np.ndarray:
     """Generates up to max_new_tokens after each prompt. Returns the new tokens [B, max_new_tokens]
     int32 (numpy), pad_token_id after a sequence finished.
     """
     graphdef, params, state, sampling, rule = _start(
         model, input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
         temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, eos_token_id=eos_token_id,
-        stop=stop, pad_token_id=pad_token_id, max_len=max_len, prefill_chunk=prefill_chunk)
+        stop=stop, pad_token_id=pad_token_id, max_len=max_len, prefill_chunk=prefill_chunk,
+        cache_len=cache_len)
     state = _decode(graphdef, params, state, jnp.int32(max_new_tokens), sampling=sampling, rule=rule)
     return np.asarray(state.tokens)
 
@@ -236,7 +245,7 @@ def stream(model, input_ids, *, steps_per_call: int = 8, attention_mask=None, ma
            temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
            seed: int = 0, eos_token_id=None, stop: Sequence[Sequence[int]] | None = None,
            pad_token_id: int | None = None, max_len: int | None = None,
-           prefill_chunk: int = PREFILL_CHUNK) -> Iterator[np.ndarray]:
+           prefill_chunk: int = PREFILL_CHUNK, cache_len: int | None = None) -> Iterator[np.ndarray]:
     """generate(), yielding the new tokens as they come: arrays [B, n] (n <= steps_per_call; one
     jitted call of the decode loop each). Concatenated they equal generate()'s output up to the
     step where every sequence finished.
@@ -246,7 +255,8 @@ def stream(model, input_ids, *, steps_per_call: int = 8, attention_mask=None, ma
     graphdef, params, state, sampling, rule = _start(
         model, input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
         temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, eos_token_id=eos_token_id,
-        stop=stop, pad_token_id=pad_token_id, max_len=max_len, prefill_chunk=prefill_chunk)
+        stop=stop, pad_token_id=pad_token_id, max_len=max_len, prefill_chunk=prefill_chunk,
+        cache_len=cache_len)
     emitted = 0
     while emitted < max_new_tokens:
         limit = min(emitted + steps_per_call, max_new_tokens)
