@@ -15,7 +15,6 @@ beside its roofline:
 """
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -31,7 +30,8 @@ from flax import nnx
 from benchmarks.timing import copy_bandwidth
 from ring_jax import RingConfig, RingModel
 from ring_jax.cache import Cache, KVCache, cache_bytes, cache_length, init_cache
-from ring_jax.generate import DecodeState, Sampling, StopRule, _bucket, _decode, _start
+from ring_jax.generate import DecodeState, Sampling, StopRule, _bucket, _decode, _on, _placer, _start
+from ring_jax.sharding import model_mesh
 
 PEAK_FLOPS = 989e12
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -90,25 +90,31 @@ def run_decode(model, B, context, steps):
     """Seconds of the compiling first 8 steps and of `steps` more, on a cache holding `context`
     tokens per sequence (random keys, values and states: the cost of a step does not depend on
     them, and this skips compiling a prefill for every batch size)."""
-    config = model.config
-    cache = init_cache(config, B, cache_length(context + 8 + steps), np.zeros(B, np.int32), model.dtype)
+    config, mesh = model.config, model_mesh(model)
+    cache = init_cache(config, B, cache_length(context + 8 + steps), np.zeros(B, np.int32), model.dtype, mesh)
+
+    def noise(x, key, scale=1.0):
+        return jax.jit(lambda k: scale * jax.random.normal(k, x.shape, x.dtype), out_shardings=x.sharding)(key)
+
     keys = iter(jax.random.split(jax.random.key(B), 2 * len(cache.layers)))
-    layers = tuple(KVCache(*(jax.random.normal(next(keys), c.keys.shape, c.keys.dtype) for _ in range(2)))
-                   if isinstance(c, KVCache) else 0.01 * jax.random.normal(next(keys), c.shape, c.dtype)
-                   for c in cache.layers)
-    cache = Cache(layers, cache.start, jnp.int32(context))
+    layers = tuple(KVCache(noise(c.keys, next(keys)), noise(c.values, next(keys))) if isinstance(c, KVCache)
+                   else noise(c, next(keys), 0.01) for c in cache.layers)
+    place = _placer(model)
+    cache = Cache(layers, place(np.asarray(cache.start), ("batch",)), place(np.int32(context), ()))
     graphdef, params = nnx.split(model)
-    state = DecodeState(cache, jax.random.normal(jax.random.key(0), (B, config.vocab_size)),
-                        jnp.zeros((B, 8 + steps), jnp.int32), jnp.zeros((), jnp.int32),
-                        jnp.zeros((B,), bool), jnp.full((B, 1), -1, jnp.int32), jax.random.key(0))
+    logits = np.random.default_rng(0).standard_normal((B, config.vocab_size), np.float32)
+    state = DecodeState(cache, place(logits, ("batch", "vocab")), place(np.zeros((B, 8 + steps), np.int32), ("batch", None)),
+                        place(np.int32(0), ()), place(np.zeros(B, bool), ("batch",)),
+                        place(np.full((B, 1), -1, np.int32), ("batch", None)), place(np.uint32(0), ()))
     sampling, rule = Sampling(), StopRule((), (), 0)
-    t = time.perf_counter()
-    state = _decode(graphdef, params, state, jnp.int32(8), sampling=sampling, rule=rule)
-    jax.block_until_ready(state.tokens)
-    first = time.perf_counter() - t
-    t = time.perf_counter()
-    state = _decode(graphdef, params, state, jnp.int32(8 + steps), sampling=sampling, rule=rule)
-    jax.block_until_ready(state.tokens)
+    with _on(mesh):
+        t = time.perf_counter()
+        state = _decode(graphdef, params, state, np.int32(8), sampling=sampling, rule=rule)
+        jax.block_until_ready(state.tokens)
+        first = time.perf_counter() - t
+        t = time.perf_counter()
+        state = _decode(graphdef, params, state, np.int32(8 + steps), sampling=sampling, rule=rule)
+        jax.block_until_ready(state.tokens)
     assert int(state.step) == 8 + steps
     return first, time.perf_counter() - t
 
@@ -146,7 +152,7 @@ def main(argv=None):
         print(f"| {T} | {first:.2f} | {second:.3f} | {T / second:,.0f} | {flops / second / 1e12:.0f} | "
               f"{flops / second / PEAK_FLOPS:.1%} |", flush=True)
 
-    print(f"\n| decode batch | context | first 8 steps s (compile incl.) | ms/step | tokens/s | roofline tokens/s | % |")
+    print("\n| decode batch | context | first 8 steps s (compile incl.) | ms/step | tokens/s | roofline tokens/s | % |")
     print("|---|---|---|---|---|---|---|")
     for B in args.decode_batch:
         first, second = run_decode(model, B, args.context, args.steps)

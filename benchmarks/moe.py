@@ -78,8 +78,9 @@ def gmm_table(Ms, hbm):
 
 
 def decode_table(hbm):
-    from ring_jax.layers.moe import Experts
     from flax import nnx
+
+    from ring_jax.layers.moe import Experts, _gathered
 
     print("\n| model | tokens | pairs | experts' bytes read | ms (gmm kernel) | GB/s | % copy | ms (XLA gather of the chosen weights) |")
     print("|---|---|---|---|---|---|---|---|")
@@ -92,7 +93,7 @@ def decode_table(hbm):
         experts.down_proj.set_value(down)
         graphdef, state = nnx.split(experts)
         step = jax.jit(lambda s, t, i: nnx.merge(graphdef, s)(t, i))
-        gathered = jax.jit(lambda s, t, i: nnx.merge(graphdef, s)._gathered(t, i))
+        gathered = jax.jit(lambda s, t, i: _gathered(t, i, s["gate_up_proj"][...], s["down_proj"][...]))
         for tokens in (1, 8):
             x = jax.random.normal(key, (tokens, hidden), jnp.float32).astype(jnp.bfloat16)
             ids = jnp.asarray(np.stack([np.random.default_rng(t).choice(256, 8, replace=False) for t in range(tokens)]), jnp.int32)

@@ -1,14 +1,24 @@
 """ring-jax: Ring-linear-2.0 hybrid linear-attention MoE models in JAX/Flax NNX."""
 
-from ring_jax.cache import Cache, init_cache
-from ring_jax.chat import chat, chat_stream
-from ring_jax.config import ConfigError, RingConfig
-from ring_jax.generate import generate, stream
-from ring_jax.model import RingModel
-from ring_jax.tokenizer import Tokenizer, load_tokenizer
+import os
+
+# Round every low-precision op's result as PyTorch does: by default XLA may keep float32 between
+# the bf16 ops it fuses ("excess precision"), which makes results depend on fusion choices (and so
+# on sharding). Read when JAX starts its backends: import ring_jax before running JAX code.
+if "xla_allow_excess_precision" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_allow_excess_precision=false").strip()
+
+from ring_jax.cache import Cache, init_cache  # noqa: E402
+from ring_jax.chat import chat, chat_stream  # noqa: E402
+from ring_jax.config import ConfigError, RingConfig  # noqa: E402
+from ring_jax.generate import generate, stream  # noqa: E402
+from ring_jax.model import RingModel  # noqa: E402
+from ring_jax.sharding import make_mesh, shard_model  # noqa: E402
+from ring_jax.tokenizer import Tokenizer, load_tokenizer  # noqa: E402
 
 __all__ = ["Cache", "ConfigError", "RingConfig", "RingModel", "Tokenizer", "chat", "chat_stream",
-           "generate", "init_cache", "load_model", "load_tokenizer", "save_model", "stream"]
+           "generate", "init_cache", "load_model", "load_tokenizer", "make_mesh", "save_model", "shard_model",
+           "stream"]
 
 
 def __getattr__(name):

@@ -26,8 +26,14 @@ def _sampling(args) -> dict:
 def _load(args):
     import ring_jax
 
+    from ring_jax.sharding import make_mesh
+
     start = time.perf_counter()
-    model = ring_jax.load_model(args.model, dtype=args.dtype)
+    try:
+        mesh = make_mesh(**args.mesh) if args.mesh else None
+    except ValueError as e:
+        raise SystemExit(f"error: --mesh: {e}") from None
+    model = ring_jax.load_model(args.model, dtype=args.dtype, mesh=mesh)
     tokenizer = ring_jax.load_tokenizer(args.tokenizer or args.model) if not getattr(args, "prompt_ids", None) else None
     print(f"[loaded {args.model} in {time.perf_counter() - start:.1f} s]", file=sys.stderr)
     return model, tokenizer
@@ -118,10 +124,21 @@ def chat(args) -> int:
         history.append({"role": "assistant", "content": reply})
 
 
+def _mesh_sizes(text: str) -> dict:
+    from ring_jax.sharding import parse_mesh
+
+    try:
+        return parse_mesh(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _add_model_args(p):
     p.add_argument("--model", required=True, help="converted folder (python -m convert hf2jax) or HF folder")
     p.add_argument("--tokenizer", help="folder with tokenizer.json (default: the model folder)")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), help="parameter dtype (default: as stored)")
+    p.add_argument("--mesh", type=_mesh_sizes,
+                   help="shard over this host's devices, e.g. expert=8 or data=2,expert=4 (default: one device)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int)

@@ -9,20 +9,29 @@ each sequence's own start: position = slot - start[b].
 Per layer:
 - softmax layer: keys and values `[B, max_len, Hkv, D]` in the model dtype (grows with context);
 - linear layer: the recurrent state `[B, H, D, D]` float32 (the same size at any context length).
+
+Under a mesh the batch is split over `data`, KV heads and state heads over `tensor`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
 
 from ring_jax.config import RingConfig
+from ring_jax.sharding import constrain, put, spec
 
 # Keys are read in blocks of this many slots (`attention.cached_attention`): a cache longer than
 # one block has a max_len that is a multiple of it.
 ATTENTION_BLOCK = 4096
+
+KV_AXES = ("batch", None, "kv_heads", None)       # keys, values [B, max_len, Hkv, D]
+STATE_AXES = ("batch", "heads", None, None)       # linear state [B, H, D, D]
 
 
 @jax.tree_util.register_dataclass
@@ -59,20 +68,55 @@ def cache_length(needed: int) -> int:
     return -(-needed // step) * step
 
 
-def init_cache(config: RingConfig, batch: int, max_len: int, start, dtype) -> Cache:
-    """An empty cache. start: [batch] int (left padding of each prompt); dtype: the model dtype."""
+def constrain_layer(layer_cache):
+    """A layer's cache (KVCache or state) laid out over the mesh in context."""
+    if isinstance(layer_cache, KVCache):
+        return KVCache(constrain(layer_cache.keys, KV_AXES), constrain(layer_cache.values, KV_AXES))
+    return constrain(layer_cache, STATE_AXES)
+
+
+def cache_shardings(cache: Cache, mesh: jax.sharding.Mesh) -> Cache:
+    """NamedShardings of a (possibly abstract) cache on `mesh`."""
+    def named(x, axes):
+        return NamedSharding(mesh, spec(axes, x.shape, mesh))
+
+    layers = tuple(KVCache(named(c.keys, KV_AXES), named(c.values, KV_AXES)) if isinstance(c, KVCache)
+                   else named(c, STATE_AXES) for c in cache.layers)
+    return Cache(layers, named(cache.start, ("batch",)), named(cache.cursor, ()))
+
+
+def init_cache(config: RingConfig, batch: int, max_len: int, start, dtype, mesh=None) -> Cache:
+    """An empty cache. start: [batch] int (left padding of each prompt); dtype: the model dtype;
+    mesh: lay it out over this mesh (each device allocates only its block)."""
     if max_len > ATTENTION_BLOCK and max_len % ATTENTION_BLOCK:
         raise ValueError(f"max_len={max_len}: beyond {ATTENTION_BLOCK} it must be a multiple of "
                          f"{ATTENTION_BLOCK} (use cache_length)")
+    start = np.asarray(start, np.int32).reshape(batch)
+    if mesh is None:
+        return _empty(config, max_len, jnp.dtype(dtype), jnp.asarray(start))
+    start = put(start, NamedSharding(mesh, spec(("batch",), start.shape, mesh)))
+    return _empty_on(config, max_len, jnp.dtype(dtype), mesh, start)
+
+
+def _empty(config: RingConfig, max_len: int, dtype, start: jax.Array) -> Cache:
+    """An empty cache for start.shape[0] sequences (traceable)."""
+    B = start.shape[0]
     H, Hkv, D = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     layers = []
     for i in range(config.num_decoder_layers):
         if config.is_softmax_layer(i):
-            layers.append(KVCache(jnp.zeros((batch, max_len, Hkv, D), dtype),
-                                  jnp.zeros((batch, max_len, Hkv, D), dtype)))
+            layers.append(KVCache(jnp.zeros((B, max_len, Hkv, D), dtype), jnp.zeros((B, max_len, Hkv, D), dtype)))
         else:
-            layers.append(jnp.zeros((batch, H, D, D), jnp.float32))
-    return Cache(tuple(layers), jnp.asarray(start, jnp.int32).reshape(batch), jnp.zeros((), jnp.int32))
+            layers.append(jnp.zeros((B, H, D, D), jnp.float32))
+    return Cache(tuple(layers), start, jnp.zeros((), jnp.int32))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _empty_on(config: RingConfig, max_len: int, dtype, mesh, start: jax.Array) -> Cache:
+    """`_empty` allocated in its layout on mesh: each device holds only its block."""
+    cache = _empty(config, max_len, dtype, start)
+    shardings = cache_shardings(cache, mesh)
+    return jax.tree.map(jax.lax.with_sharding_constraint, cache, shardings)
 
 
 def cache_bytes(config: RingConfig, batch: int, max_len: int, dtype_bytes: int = 2) -> dict:

@@ -8,6 +8,9 @@ A converted model folder holds:
     tokenizer files      copied from the HF folder when present
 
 The parameter names are those of `convert.mapping.tensor_table`, joined by dots.
+
+With a mesh, every parameter is restored straight into its sharded layout (`ring_jax.sharding`):
+Orbax reads, on each process, only the blocks of that process's devices.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from flax import nnx
 
 from convert.mapping import TensorSpec, tensor_table
 from convert.safetensors_io import CheckpointError
+from ring_jax import sharding
 from ring_jax.config import RingConfig
 from ring_jax.model import RingModel
 
@@ -60,15 +64,31 @@ def set_param(model: RingModel, spec: TensorSpec, value) -> None:
     _variable(model, spec).set_value(value)
 
 
-def model_from_tensors(config: RingConfig, tensors, dtype) -> RingModel:
-    """A RingModel whose parameters come from `tensors(spec) -> array`, without random init."""
+def param_shardings(config: RingConfig, dtype, mesh) -> dict[str, jax.sharding.NamedSharding]:
+    """{dotted key: the parameter's NamedSharding on mesh}, from the model's axis annotations."""
     model = nnx.eval_shape(lambda: RingModel(config, dtype=dtype))
+    shardings = nnx.to_flat_state(sharding.param_shardings(nnx.state(model), mesh))
+    by_path = {path: variable.get_value() for path, variable in shardings}
+    return {spec.key: by_path[spec.path] for spec in tensor_table(config)}
+
+
+def model_from_tensors(config: RingConfig, tensors, dtype, mesh=None) -> RingModel:
+    """A RingModel whose parameters come from `tensors(spec) -> array`, without random init; on
+    `mesh`, each laid out by its annotation (host arrays are split, device arrays must be)."""
+    model = nnx.eval_shape(lambda: RingModel(config, dtype=dtype))
+    placement = None if mesh is None else param_shardings(config, dtype, mesh)
     for spec in tensor_table(config):
-        value = jnp.asarray(tensors(spec))
+        value = tensors(spec)
         want = jnp.float32 if spec.float32 else dtype
         if value.shape != spec.shape or value.dtype != want:
             raise CheckpointError(f"parameter {spec.key} is {value.dtype}{list(value.shape)}, "
                                   f"the model needs {np.dtype(want).name}{list(spec.shape)}")
+        if placement is None:
+            value = jnp.asarray(value)
+        elif not isinstance(value, jax.Array):
+            value = sharding.put(value, placement[spec.key])
+        elif value.sharding != placement[spec.key]:
+            value = jax.device_put(value, placement[spec.key])
         set_param(model, spec, value)
     return model
 
@@ -142,8 +162,9 @@ def read_manifest(folder: str) -> dict:
     return manifest
 
 
-def restore_params(folder: str, config: RingConfig, dtype=None) -> tuple[dict[str, jax.Array], np.dtype]:
-    """Restores every parameter of a converted folder onto the default device.
+def restore_params(folder: str, config: RingConfig, dtype=None, mesh=None) -> tuple[dict[str, jax.Array], np.dtype]:
+    """Restores every parameter of a converted folder onto the default device, or laid out over
+    `mesh` (each process reads only its devices' blocks).
 
     Checks the manifest against the config's table first (a missing, unexpected or misshapen
     parameter is an error naming it). Returns ({dotted key: array}, dtype) with the parameters cast
@@ -164,11 +185,12 @@ def restore_params(folder: str, config: RingConfig, dtype=None) -> tuple[dict[st
         if tuple(shape) != expected[key].shape:
             raise CheckpointError(f"{folder}: parameter {key} has shape {shape}, the config needs {list(expected[key].shape)}")
     dtype = np.dtype(parse_dtype(manifest["dtype"]) if dtype is None else dtype)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    placement = (dict.fromkeys(expected, jax.sharding.SingleDeviceSharding(jax.devices()[0])) if mesh is None
+                 else param_shardings(config, dtype, mesh))
     target: dict = {}
     for spec in table:
         want = np.float32 if spec.float32 else dtype
-        _merge(target, _nested(spec.key, jax.ShapeDtypeStruct(spec.shape, want, sharding=device)))
+        _merge(target, _nested(spec.key, jax.ShapeDtypeStruct(spec.shape, want, sharding=placement[spec.key])))
     tree = ocp.StandardCheckpointer().restore(os.path.abspath(os.path.join(folder, PARAMS_DIR)), target)
     flat = {}
     for spec in table:
@@ -179,22 +201,27 @@ def restore_params(folder: str, config: RingConfig, dtype=None) -> tuple[dict[st
     return flat, dtype
 
 
-def load_model(path: str, dtype=None, **config_overrides) -> RingModel:
+def load_model(path: str, dtype=None, mesh=None, **config_overrides) -> RingModel:
     """Loads a model folder written by `python -m convert hf2jax`, or an HF folder directly.
 
     path: a converted folder (config.json + params/) or an HF folder (config.json + safetensors,
     converted in memory). dtype: parameter dtype ("bfloat16", "float32", a numpy dtype), default
-    as stored. config_overrides: RingConfig fields to change (e.g. slope_law="engine").
+    as stored. mesh: shard the model over this mesh (`ring_jax.make_mesh`); a converted folder is
+    restored straight into the sharded layout, no host holding the whole model (an HF folder is
+    read whole on every process, then split). config_overrides: RingConfig fields to change
+    (e.g. slope_law="engine").
     """
     if isinstance(dtype, str):
         dtype = parse_dtype(dtype)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path} is not a folder")
     config = RingConfig.from_hf(path, **config_overrides)
+    if mesh is not None:
+        sharding.check_mesh(config, mesh)
     if os.path.isfile(os.path.join(path, MANIFEST)):
-        params, dtype = restore_params(path, config, dtype)
+        params, dtype = restore_params(path, config, dtype, mesh)
         return model_from_tensors(config, lambda spec: params[spec.key], dtype)
     from convert.hf2jax import open_hf_checkpoint
 
     source, dtype = open_hf_checkpoint(path, config, dtype)
-    return model_from_tensors(config, lambda spec: spec.to_param(source.read, dtype), dtype)
+    return model_from_tensors(config, lambda spec: spec.to_param(source.read, dtype), dtype, mesh)

@@ -6,10 +6,16 @@ prompt. The prompt runs through `RingModel.extend` one chunk at a time (bounded 
 at any length; softmax layers read the cache block by block). Decoding is one jitted
 `lax.while_loop`: sample, record, stop checks, one `extend` step, until every sequence finished or
 the step limit; the cache is donated, so it is updated in place, and no Python runs per token.
+
+A model sharded over a mesh (`ring_jax.sharding`) runs the same steps under that mesh: the batch is
+padded to a multiple of the `data` axis and split over it, the cache is laid out like the model,
+and on a multi-process launch every process calls generate() with the same prompts (SPMD) and
+gets every sequence's tokens back.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from collections.abc import Iterator, Sequence
@@ -18,8 +24,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
 
 from ring_jax.cache import Cache, cache_length, init_cache
+from ring_jax.sharding import model_mesh, put, spec
 
 PREFILL_CHUNK = 4096
 
@@ -63,14 +72,14 @@ def sample(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
 class DecodeState:
     """Everything the decode loop carries. logits: [B, V] float32 for the next token; tokens:
     [B, N] generated so far (pad after a sequence finished); step: [] tokens generated; done: [B];
-    recent: [B, W] the last W tokens (stop sequences); key: the sampling key."""
+    recent: [B, W] the last W tokens (stop sequences); seed: [] uint32, of the sampling keys."""
     cache: Cache
     logits: jax.Array
     tokens: jax.Array
     step: jax.Array
     done: jax.Array
     recent: jax.Array
-    key: jax.Array
+    seed: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,13 +118,13 @@ def _decode(graphdef, params, state: DecodeState, limit, *, sampling: Sampling, 
         return (s.step < limit) & ~jnp.all(s.done)
 
     def step(s: DecodeState) -> DecodeState:
-        token = sample(s.logits, jax.random.fold_in(s.key, s.step), sampling)
+        token = sample(s.logits, jax.random.fold_in(jax.random.key(s.seed), s.step), sampling)
         token = jnp.where(s.done, rule.pad_id, token)
         recent = jnp.concatenate([s.recent[:, 1:], token[:, None]], axis=1)
         done = s.done | rule.finished(token, recent)
         hidden, cache = model.extend(token[:, None], s.cache)
         tokens = jax.lax.dynamic_update_slice_in_dim(s.tokens, token[:, None], s.step, axis=1)
-        return DecodeState(cache, model.logits(hidden[:, 0]), tokens, s.step + 1, done, recent, s.key)
+        return DecodeState(cache, model.logits(hidden[:, 0]), tokens, s.step + 1, done, recent, s.seed)
 
     return jax.lax.while_loop(running, step, state)
 
@@ -162,9 +171,34 @@ def _bucket(length: int, chunk: int) -> int:
     return min(max(16, 1 << (length - 1).bit_length()), chunk)
 
 
+def _on(mesh):
+    """The context that traces and runs a model's steps under its mesh (none: one device)."""
+    return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
+
+
+def _placer(model):
+    """place(host array, logical axes) -> a device array beside the model's parameters: split over
+    its mesh by the axes, or on its one device. (Committed, as the steps' outputs are, so that a
+    second call of a step finds the first one's compilation.)"""
+    mesh = model_mesh(model)
+    if mesh is None:
+        device = jax.tree.leaves(nnx.state(model))[0].sharding
+        return lambda x, axes: jax.device_put(np.asarray(x), device)
+    return lambda x, axes: put(x, NamedSharding(mesh, spec(axes, np.shape(x), mesh)))
+
+
+def _host(tokens: jax.Array, batch: int) -> np.ndarray:
+    """The first `batch` rows of a (possibly multi-process) array, on every process."""
+    if not tokens.is_fully_addressable:
+        tokens = multihost_utils.process_allgather(tokens, tiled=True)
+    return np.asarray(tokens)[:batch]
+
+
 def _start(model, input_ids, *, attention_mask, max_new_tokens, temperature, top_k, top_p, seed,
            eos_token_id, stop, pad_token_id, max_len, prefill_chunk, cache_len=None):
-    """Validates, prefills, and returns (graphdef, params, DecodeState, Sampling, StopRule)."""
+    """Validates, prefills, and returns (graphdef, params, DecodeState, Sampling, StopRule, mesh,
+    the number of prompts: the state's batch may hold copies of the last one after them, to fill
+    the mesh's data axis)."""
     config = model.config
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
@@ -186,6 +220,9 @@ def _start(model, input_ids, *, attention_mask, max_new_tokens, temperature, top
     if prefill_chunk < 16 or prefill_chunk & (prefill_chunk - 1):
         raise ValueError(f"prefill_chunk={prefill_chunk} must be a power of two >= 16")
     padded = _bucket(longest, prefill_chunk)
+    n_prompts, mesh = len(prompts), model_mesh(model)
+    data = 1 if mesh is None else mesh.shape.get("data", 1)
+    prompts += [prompts[-1]] * (-n_prompts % data)        # filler rows, done from the start
     B = len(prompts)
     ids = np.full((B, padded), pad, np.int32)
     for b, p in enumerate(prompts):
@@ -195,16 +232,19 @@ def _start(model, input_ids, *, attention_mask, max_new_tokens, temperature, top
     if cache_len is not None and cache_len < needed:
         raise ValueError(f"cache_len={cache_len} is below the {needed} slots this call needs "
                          f"(prompt bucket {padded} + max_new_tokens {max_new_tokens}, rounded)")
-    cache = init_cache(config, B, cache_len or needed, start, model.dtype)
+    cache = init_cache(config, B, cache_len or needed, start, model.dtype, mesh)
 
     graphdef, params = nnx.split(model)
+    place = _placer(model)
     chunk = min(padded, max(16, 1 << (prefill_chunk // B).bit_length() - 1))  # tokens over the batch
-    for c in range(0, padded, chunk):
-        logits, cache = _prefill_chunk(graphdef, params, cache, jnp.asarray(ids[:, c:c + chunk]))
-    state = DecodeState(cache, logits, jnp.full((B, max_new_tokens), pad, jnp.int32),
-                        jnp.zeros((), jnp.int32), jnp.zeros((B,), bool),
-                        jnp.full((B, rule.window), -1, jnp.int32), jax.random.key(seed))
-    return graphdef, params, state, sampling, rule
+    with _on(mesh):
+        for c in range(0, padded, chunk):
+            logits, cache = _prefill_chunk(graphdef, params, cache, place(ids[:, c:c + chunk], ("batch", None)))
+    state = DecodeState(cache, logits, place(np.full((B, max_new_tokens), pad, np.int32), ("batch", None)),
+                        place(np.int32(0), ()), place(np.arange(B) >= n_prompts, ("batch",)),
+                        place(np.full((B, rule.window), -1, np.int32), ("batch", None)),
+                        place(np.uint32(seed % 2**32), ()))
+    return graphdef, params, state, sampling, rule, mesh, n_prompts
 
 
 _GENERATE_DOC = """
@@ -232,13 +272,14 @@ def generate(model, input_ids, *, attention_mask=None, max_new_tokens: int, temp
     """Generates up to max_new_tokens after each prompt. Returns the new tokens [B, max_new_tokens]
     int32 (numpy), pad_token_id after a sequence finished.
     """
-    graphdef, params, state, sampling, rule = _start(
+    graphdef, params, state, sampling, rule, mesh, batch = _start(
         model, input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
         temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, eos_token_id=eos_token_id,
         stop=stop, pad_token_id=pad_token_id, max_len=max_len, prefill_chunk=prefill_chunk,
         cache_len=cache_len)
-    state = _decode(graphdef, params, state, jnp.int32(max_new_tokens), sampling=sampling, rule=rule)
-    return np.asarray(state.tokens)
+    with _on(mesh):
+        state = _decode(graphdef, params, state, np.int32(max_new_tokens), sampling=sampling, rule=rule)
+    return _host(state.tokens, batch)
 
 
 def stream(model, input_ids, *, steps_per_call: int = 8, attention_mask=None, max_new_tokens: int,
@@ -252,7 +293,7 @@ def stream(model, input_ids, *, steps_per_call: int = 8, attention_mask=None, ma
     """
     if steps_per_call < 1:
         raise ValueError(f"steps_per_call={steps_per_call} must be >= 1")
-    graphdef, params, state, sampling, rule = _start(
+    graphdef, params, state, sampling, rule, mesh, batch = _start(
         model, input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
         temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, eos_token_id=eos_token_id,
         stop=stop, pad_token_id=pad_token_id, max_len=max_len, prefill_chunk=prefill_chunk,
@@ -260,10 +301,11 @@ def stream(model, input_ids, *, steps_per_call: int = 8, attention_mask=None, ma
     emitted = 0
     while emitted < max_new_tokens:
         limit = min(emitted + steps_per_call, max_new_tokens)
-        state = _decode(graphdef, params, state, jnp.int32(limit), sampling=sampling, rule=rule)
+        with _on(mesh):
+            state = _decode(graphdef, params, state, np.int32(limit), sampling=sampling, rule=rule)
         step = int(state.step)
         if step > emitted:
-            yield np.asarray(state.tokens[:, emitted:step])
+            yield _host(state.tokens[:, emitted:step], batch)
         if step < limit:              # every sequence finished
             return
         emitted = step

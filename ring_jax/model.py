@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ring_jax.cache import Cache
+from ring_jax.cache import Cache, constrain_layer
 from ring_jax.config import RingConfig
 from ring_jax.layers.attention import SoftmaxAttention
 from ring_jax.layers.linear import Linear, matmul
@@ -18,6 +18,9 @@ from ring_jax.layers.mlp import MLP
 from ring_jax.layers.moe import MoE
 from ring_jax.layers.norms import RMSNorm
 from ring_jax.layers.rope import rope_tables
+from ring_jax.sharding import constrain, model_mesh, param, put, spec
+
+ACTIVATION_AXES = ("batch", None, "embed")   # x: [B, T, hidden]
 
 
 class DecoderLayer(nnx.Module):
@@ -39,7 +42,7 @@ class DecoderLayer(nnx.Module):
         if self.is_linear:
             h, _ = h
         x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return constrain(x + self.mlp(self.post_attention_layernorm(x)), ACTIVATION_AXES)
 
     def extend(self, x, cos, sin, layer_cache, cursor, start, valid):
         """x: [B, T, hidden] continuing this layer's cache (a KVCache or a linear state);
@@ -51,7 +54,8 @@ class DecoderLayer(nnx.Module):
         else:
             h, layer_cache = self.attention(h, cos, sin, kv=layer_cache, cursor=cursor, start=start)
         x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x)), layer_cache
+        x = constrain(x + self.mlp(self.post_attention_layernorm(x)), ACTIVATION_AXES)
+        return x, constrain_layer(layer_cache)
 
 
 class MTPLayer(nnx.Module):
@@ -84,11 +88,12 @@ class RingModel(nnx.Module):
         rngs = rngs or nnx.Rngs(0)
         self.config = config
         V, hidden = config.vocab_size, config.hidden_size
-        self.word_embeddings = nnx.Param(jax.random.normal(rngs.params(), (V, hidden)).astype(dtype))
+        self.word_embeddings = param(jax.random.normal(rngs.params(), (V, hidden)).astype(dtype), ("vocab", "embed"))
         self.layers = nnx.List([DecoderLayer(config, i, dtype=dtype, rngs=rngs)
                                 for i in range(config.num_decoder_layers)])
         self.norm = RMSNorm(hidden, config.rms_norm_eps, dtype=dtype)
-        self.lm_head = None if config.tie_word_embeddings else Linear(hidden, V, dtype=dtype, rngs=rngs)
+        self.lm_head = (None if config.tie_word_embeddings
+                        else Linear(hidden, V, axes=("embed", "vocab"), dtype=dtype, rngs=rngs))
         self.mtp_layers = nnx.List([MTPLayer(config, dtype=dtype, rngs=rngs)
                                     for _ in range(config.num_nextn_predict_layers)])
 
@@ -99,7 +104,7 @@ class RingModel(nnx.Module):
     # ------------------------------------------------------------------------ traceable forward
     def hidden_states(self, input_ids: jax.Array) -> jax.Array:
         """input_ids: [B, T] -> final-normed hidden states [B, T, hidden]."""
-        x = jnp.take(self.word_embeddings[...], input_ids, axis=0)
+        x = constrain(jnp.take(self.word_embeddings[...], input_ids, axis=0), ACTIVATION_AXES)
         cos, sin = rope_tables(self.config, jnp.arange(input_ids.shape[1]), x.dtype)   # [T, rotary_dim]
         for layer in self.layers:
             x = layer(x, cos, sin)
@@ -113,7 +118,7 @@ class RingModel(nnx.Module):
         slots = cache.cursor + jnp.arange(T, dtype=jnp.int32)                        # [T]
         valid = slots[None, :] >= cache.start[:, None]                                 # [B, T]
         positions = jnp.maximum(slots[None, :] - cache.start[:, None], 0)
-        x = jnp.take(self.word_embeddings[...], input_ids, axis=0)
+        x = constrain(jnp.take(self.word_embeddings[...], input_ids, axis=0), ACTIVATION_AXES)
         cos, sin = rope_tables(self.config, positions, x.dtype)                        # [B, T, rotary_dim]
         layers = []
         for layer, layer_cache in zip(self.layers, cache.layers):
@@ -146,10 +151,16 @@ class RingModel(nnx.Module):
 
     # ------------------------------------------------------------------------------- user call
     def __call__(self, input_ids) -> jax.Array:
-        """input_ids: [B, T] (or [T]) integer token ids -> float32 logits [B, T, vocab], jitted."""
+        """input_ids: [B, T] (or [T]) integer token ids -> float32 logits [B, T, vocab], jitted
+        (under the model's mesh when it is sharded: the batch is split over `data`)."""
         ids = check_input_ids(input_ids, self.config.vocab_size)
         graphdef, state = nnx.split(self)
-        return _jit_forward(graphdef, state, ids)
+        mesh = model_mesh(self)
+        if mesh is None:
+            return _jit_forward(graphdef, state, ids)
+        with jax.set_mesh(mesh):
+            ids = put(np.asarray(ids), jax.sharding.NamedSharding(mesh, spec(("batch", None), ids.shape, mesh)))
+            return _jit_forward(graphdef, state, ids)
 
 
 @functools.partial(jax.jit, static_argnums=0)

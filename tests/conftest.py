@@ -1,8 +1,16 @@
 import json
 import os
 
-import jax
-import pytest
+# Set before JAX starts: eight CPU devices for the sharding tests (unsharded tests use device 0;
+# on a GPU host the flag only concerns the host platform), and bf16 rounding after every op as
+# `import ring_jax` asks for (whichever test module imports JAX first).
+CPU_DEVICES = 8
+for flag in (f"--xla_force_host_platform_device_count={CPU_DEVICES}", "--xla_allow_excess_precision=false"):
+    if flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_enable_x64", False)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -17,6 +25,19 @@ def load_config_dict(name: str) -> dict:
 @pytest.fixture
 def tiny_dict() -> dict:
     return load_config_dict("tiny.json")
+
+
+def tiny_model_folder(work) -> str:
+    """The tiny random model with a small tokenizer, written in the HF layout to work/hf and
+    converted to work/jax (float32). Returns the converted folder."""
+    from convert.hf2jax import convert_hf_to_jax
+    from convert.random_hf import write_random_hf_checkpoint, write_small_tokenizer
+
+    config = load_config_dict("tiny.json")
+    write_random_hf_checkpoint(os.path.join(work, "hf"), config, dtype="float32")
+    write_small_tokenizer(os.path.join(work, "hf"), config["vocab_size"])
+    convert_hf_to_jax(os.path.join(work, "hf"), os.path.join(work, "jax"), progress=False)
+    return os.path.join(work, "jax")
 
 
 def rel_err(got, want) -> float:

@@ -6,22 +6,15 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
-from conftest import CONFIGS, ROOT
-from convert.hf2jax import convert_hf_to_jax
-from convert.random_hf import write_random_hf_checkpoint, write_small_tokenizer
+from conftest import ROOT, tiny_model_folder
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    work = tmp_path_factory.mktemp("cli")
-    with open(os.path.join(CONFIGS, "tiny.json")) as f:
-        config = json.load(f)
-    write_random_hf_checkpoint(str(work / "hf"), config, dtype="float32")
-    write_small_tokenizer(str(work / "hf"), config["vocab_size"])
-    convert_hf_to_jax(str(work / "hf"), str(work / "jax"), progress=False)
-    return str(work / "jax")
+    return tiny_model_folder(str(tmp_path_factory.mktemp("cli")))
 
 
 def ring_jax_cli(*args, stdin=None):
@@ -40,6 +33,10 @@ def test_generate_and_chat(model_dir):
                        "--max-new-tokens", "4")
     rows = [json.loads(line) for line in ids.strip().splitlines()]
     assert [len(r) for r in rows] == [4, 4]
+    if jax.default_backend() == "cpu":                      # conftest's 8 CPU devices
+        sharded = ring_jax_cli("generate", "--model", model_dir, "--prompt-ids", "5 6 7", "--prompt-ids", "8 9",
+                               "--max-new-tokens", "4", "--mesh", "data=2,expert=4")
+        assert sharded == ids
     text = ring_jax_cli("generate", "--model", model_dir, "--prompt", "Hello", "--max-new-tokens", "6")
     assert text.endswith("\n")
     out = ring_jax_cli("chat", "--model", model_dir, "--max-new-tokens", "5", "--temperature", "0.7",

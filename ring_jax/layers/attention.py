@@ -91,10 +91,11 @@ class SoftmaxAttention(nnx.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = D = config.head_dim
         width = (self.num_heads + 2 * self.num_kv_heads) * D
-        self.query_key_value = Linear(config.hidden_size, width, dtype=dtype, rngs=rngs)
+        self.query_key_value = Linear(config.hidden_size, width, axes=("embed", "fused"), dtype=dtype, rngs=rngs)
         self.query_layernorm = RMSNorm(D, config.rms_norm_eps, dtype=dtype)
         self.key_layernorm = RMSNorm(D, config.rms_norm_eps, dtype=dtype)
-        self.dense = Linear(self.num_heads * D, config.hidden_size, dtype=dtype, rngs=rngs)
+        self.dense = Linear(self.num_heads * D, config.hidden_size, axes=("heads", "embed"), dtype=dtype,
+                            rngs=rngs)
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, kv: KVCache | None = None,
                  cursor: jax.Array | None = None, start: jax.Array | None = None):

@@ -4,6 +4,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ring_jax.sharding import param
+
 
 def einsum(spec: str, x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
     """jnp.einsum with float32 accumulation, rounded to `out_dtype` (default x.dtype).
@@ -22,11 +24,11 @@ def matmul(x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
 
 
 class Linear(nnx.Module):
-    """y = x @ kernel; kernel: [in_features, out_features]."""
+    """y = x @ kernel; kernel: [in_features, out_features] with logical axes `axes`."""
 
-    def __init__(self, in_features: int, out_features: int, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, in_features: int, out_features: int, *, axes=(None, None), dtype, rngs: nnx.Rngs):
         init = jax.random.normal(rngs.params(), (in_features, out_features), jnp.float32)
-        self.kernel = nnx.Param((init / in_features ** 0.5).astype(dtype))
+        self.kernel = param((init / in_features ** 0.5).astype(dtype), axes)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return matmul(x, self.kernel[...])

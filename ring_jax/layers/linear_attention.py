@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 import pallas_kernels
 from ring_jax.config import RingConfig
@@ -14,6 +15,7 @@ from ring_jax.layers.linear import Linear
 from ring_jax.layers.mlp import rounded
 from ring_jax.layers.norms import GroupRMSNorm, RMSNorm
 from ring_jax.layers.rope import apply_rope
+from ring_jax.sharding import in_mesh, mesh_axis
 
 # Continuations of at most this many tokens (decode, speculative steps) use the closed-form step.
 STEP_MAX_TOKENS = 8
@@ -42,6 +44,24 @@ def log_decay(config: RingConfig, layer_idx: int) -> np.ndarray:
     return (-slopes) * np.float32(factor)
 
 
+def scan(q, k, v, g, state):
+    """The kernels on q, k, v: [B, T, H, D], g: [H], state: [B, H, D, D] f32 or None ->
+    (o [B, T, H, D], final state). A few tokens after a state take the closed-form step. Under a
+    mesh, each device runs them on its (batch, head) block."""
+    def run(q, k, v, g, *state):
+        if state and q.shape[1] <= STEP_MAX_TOKENS:
+            return pallas_kernels.linear_attention_step(q, k, v, g, state[0])
+        return pallas_kernels.linear_attention(q, k, v, g, initial_state=state[0] if state else None)
+
+    args = (q, k, v, g) + (() if state is None else (state,))
+    if not in_mesh():
+        return run(*args)
+    b, h = mesh_axis("batch", q.shape[0]), mesh_axis("heads", q.shape[2])
+    tokens, states = P(b, None, h, None), P(b, h, None, None)
+    specs = (tokens, tokens, tokens, P(h)) + (() if state is None else (states,))
+    return jax.shard_map(run, in_specs=specs, out_specs=(tokens, states), check_vma=False)(*args)
+
+
 class LinearAttention(nnx.Module):
     """Lightning attention; every head has its own q, k and v (MHA)."""
 
@@ -51,12 +71,13 @@ class LinearAttention(nnx.Module):
         self.linear_silu = config.linear_silu
         self.log_decay = tuple(float(x) for x in log_decay(config, layer_idx))  # static, exact f32
         eps = config.rms_norm_eps
-        self.query_key_value = Linear(config.hidden_size, 3 * H * D, dtype=dtype, rngs=rngs)
+        self.query_key_value = Linear(config.hidden_size, 3 * H * D, axes=("embed", "fused"),
+                                      dtype=dtype, rngs=rngs)
         self.query_layernorm = RMSNorm(D, eps, dtype=dtype)
         self.key_layernorm = RMSNorm(D, eps, dtype=dtype)
-        self.g_proj = Linear(config.hidden_size, H * D, dtype=dtype, rngs=rngs)
+        self.g_proj = Linear(config.hidden_size, H * D, axes=("embed", "heads"), dtype=dtype, rngs=rngs)
         self.g_norm = GroupRMSNorm(H * D, config.group_norm_size, eps, dtype=dtype)
-        self.dense = Linear(H * D, config.hidden_size, dtype=dtype, rngs=rngs)
+        self.dense = Linear(H * D, config.hidden_size, axes=("heads", "embed"), dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array,
                  initial_state: jax.Array | None = None, valid: jax.Array | None = None
@@ -80,11 +101,7 @@ class LinearAttention(nnx.Module):
         k = apply_rope(self.key_layernorm(k), cos, sin)
         if valid is not None:
             k, v = (jnp.where(valid[:, :, None, None], t, 0) for t in (k, v))
-        g = jnp.asarray(self.log_decay, jnp.float32)
-        if initial_state is not None and T <= STEP_MAX_TOKENS:
-            o, state = pallas_kernels.linear_attention_step(q, k, v, g, initial_state)
-        else:
-            o, state = pallas_kernels.linear_attention(q, k, v, g, initial_state=initial_state)
+        o, state = scan(q, k, v, jnp.asarray(self.log_decay, jnp.float32), initial_state)
         o = self.g_norm(o.reshape(B, T, H * D))
         o = o * rounded(jax.nn.sigmoid, self.g_proj(x))
         return self.dense(o), state

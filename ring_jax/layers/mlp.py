@@ -9,8 +9,9 @@ from ring_jax.layers.linear import Linear
 
 class MLP(nnx.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, *, dtype, rngs: nnx.Rngs):
-        self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size, dtype=dtype, rngs=rngs)
-        self.down_proj = Linear(intermediate_size, hidden_size, dtype=dtype, rngs=rngs)
+        self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size, axes=("embed", "fused"),
+                                   dtype=dtype, rngs=rngs)
+        self.down_proj = Linear(intermediate_size, hidden_size, axes=("mlp", "embed"), dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [..., hidden] -> [..., hidden]."""

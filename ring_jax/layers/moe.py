@@ -1,14 +1,28 @@
 """The MoE block (SPEC.md §7): sigmoid group-limited router in float32, dropless sort-by-expert
-dispatch through a grouped matmul, float32 weighted combine, plus the shared expert."""
+dispatch through a grouped matmul, float32 weighted combine, plus the shared expert.
+
+Expert parallelism: under a mesh whose `expert` axis splits the experts, each device holds whole
+experts and sees every token of its batch shard (activations are replicated over `expert`). It
+routes all of them and runs only the (token, expert) pairs whose expert it holds; the pairs'
+outputs meet in one psum over `expert` of [tokens, top_k, hidden] in the model dtype, where every
+pair is nonzero on exactly one device, so the sum is exact. The float32 combine then runs as on one
+device: the sharded model gives the unsharded model's bits. (A psum of per-device float32 partial
+combines would move top_k / 2 times fewer bytes but sum in another order, and in bf16 one flipped
+rounding can flip a later layer's routing.) The dispatch itself moves no data.
+"""
+
+import functools
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 import pallas_kernels
 from ring_jax.config import RingConfig
 from ring_jax.layers.linear import einsum, matmul
 from ring_jax.layers.mlp import MLP, swiglu
+from ring_jax.sharding import in_mesh, mesh_axis, param
 
 
 class Router(nnx.Module):
@@ -77,36 +91,82 @@ def sort_by_expert(ids: jax.Array, num_experts: int):
     return order, rank, sizes
 
 
+def gathers(tokens: jax.Array, ids: jax.Array, gate_up: jax.Array) -> bool:
+    """Whether the pairs `ids` [N, k] of tokens [N, hidden] take the gathered path: few pairs and
+    no grouped-matmul kernel for these operands."""
+    return ids.size <= GATHER_MAX_PAIRS and pallas_kernels.gmm_backend(tokens, gate_up) == "reference"
+
+
+def expert_outputs(tokens, ids, gate_up, down, expert_axis=None, gathered=None):
+    """Each (token, expert) pair through its expert: out[n, j] = expert_{ids[n, j]}(tokens[n]).
+
+    tokens: [N, hidden]; ids: [N, k] int32; gate_up: [E, hidden, 2 I] and down: [E, I, hidden], the
+    experts held here. expert_axis: inside shard_map, the mesh axis the experts are split over
+    (this device holds experts [i E, (i + 1) E), i its index on the axis; pairs whose expert is
+    elsewhere come back as zeros). Returns [N, k, hidden] in tokens' dtype.
+
+    The pairs run sorted by expert through grouped matmuls (dropless), or, for few pairs without
+    a kernel, through the chosen experts' weights gathered (`gathers`; inside shard_map the caller
+    decides from the global pairs, so that a sharded model takes the unsharded model's path).
+    """
+    E = gate_up.shape[0]
+    here = None
+    if expert_axis is not None:
+        local = ids - jax.lax.axis_index(expert_axis) * E
+        here = (local >= 0) & (local < E)
+        ids = jnp.where(here, local, E)                     # elsewhere: a group past the last
+    if gathers(tokens, ids, gate_up) if gathered is None else gathered:
+        out = _gathered(tokens, jnp.minimum(ids, E - 1), gate_up, down)
+        return out if here is None else jnp.where(here[..., None], out, 0)
+    return _grouped(tokens, ids, gate_up, down)
+
+
+def _grouped(tokens, ids, gate_up, down):
+    """-> [N, k, hidden]; pairs with ids == E (experts held elsewhere) give zeros."""
+    N, k = ids.shape
+    E = gate_up.shape[0]
+    order, rank, group_sizes = sort_by_expert(ids.reshape(-1), E + 1)
+    group_sizes = group_sizes[:E]                           # rows past their sum come back as zeros
+    rows = tokens[order // k]                                                    # sorted by expert
+    out = pallas_kernels.gmm(rows, gate_up, group_sizes)
+    out = pallas_kernels.gmm(swiglu(out), down, group_sizes)
+    return out[rank].reshape(N, k, -1)
+
+
+def _gathered(tokens, ids, gate_up, down):
+    """-> [N, k, hidden], reading only the chosen experts' weights."""
+    out = einsum("nh,nkhi->nki", tokens, jnp.take(gate_up, ids, axis=0))
+    return einsum("nki,nkih->nkh", swiglu(out), jnp.take(down, ids, axis=0))
+
+
 class Experts(nnx.Module):
     """The routed experts, stacked: gate_up_proj [E, hidden, 2 I] (gate then up); down_proj [E, I, hidden]."""
 
     def __init__(self, num_experts: int, hidden: int, intermediate: int, *, dtype, rngs: nnx.Rngs):
-        def init(shape, fan_in):
-            return nnx.Param((jax.random.normal(rngs.params(), shape) / fan_in ** 0.5).astype(dtype))
+        def init(shape, fan_in, axes):
+            return param((jax.random.normal(rngs.params(), shape) / fan_in ** 0.5).astype(dtype), axes)
 
-        self.gate_up_proj = init((num_experts, hidden, 2 * intermediate), hidden)
-        self.down_proj = init((num_experts, intermediate, hidden), intermediate)
+        self.gate_up_proj = init((num_experts, hidden, 2 * intermediate), hidden, ("experts", "embed", "expert_mlp"))
+        self.down_proj = init((num_experts, intermediate, hidden), intermediate, ("experts", "expert_mlp", "embed"))
 
     def __call__(self, tokens: jax.Array, ids: jax.Array) -> jax.Array:
-        """tokens: [N, hidden]; ids: [N, k] experts per token -> [N, k, hidden], token n through
-        expert ids[n, j] in slot j: the pairs sorted by expert through grouped matmuls (dropless),
-        or, for few pairs without a kernel, the chosen experts' weights gathered."""
-        kernel = pallas_kernels.gmm_backend(tokens, self.gate_up_proj[...]) != "reference"
-        if ids.size <= GATHER_MAX_PAIRS and not kernel:
-            return self._gathered(tokens, ids)
-        return self._grouped(tokens, ids)
+        """tokens: [N, hidden]; ids: [N, k] -> [N, k, hidden] (`expert_outputs`). Under a mesh: per
+        (batch shard, expert shard) block, the blocks' outputs summed over `expert`."""
+        gate_up, down = self.gate_up_proj[...], self.down_proj[...]
+        if not in_mesh():
+            return expert_outputs(tokens, ids, gate_up, down)
+        batch = mesh_axis("batch", tokens.shape[0])
+        axis = mesh_axis("experts", gate_up.shape[0])
+        experts = P(axis, None, None)
+        gathered = gathers(tokens, ids, gate_up)
 
-    def _grouped(self, tokens, ids):
-        N, k = ids.shape
-        order, rank, group_sizes = sort_by_expert(ids.reshape(-1), self.gate_up_proj.shape[0])
-        rows = tokens[order // k]                                                    # sorted by expert
-        gate_up = pallas_kernels.gmm(rows, self.gate_up_proj[...], group_sizes)
-        out = pallas_kernels.gmm(swiglu(gate_up), self.down_proj[...], group_sizes)
-        return out[rank].reshape(N, k, -1)
+        @functools.partial(jax.shard_map, in_specs=(P(batch, None), P(batch, None), experts, experts),
+                           out_specs=P(batch, None, None), check_vma=False)
+        def block(tokens, ids, gate_up, down):
+            out = expert_outputs(tokens, ids, gate_up, down, expert_axis=axis, gathered=gathered)
+            return out if axis is None else jax.lax.psum(out, axis)
 
-    def _gathered(self, tokens, ids):
-        gate_up = einsum("nh,nkhi->nki", tokens, jnp.take(self.gate_up_proj[...], ids, axis=0))
-        return einsum("nki,nkih->nkh", swiglu(gate_up), jnp.take(self.down_proj[...], ids, axis=0))
+        return block(tokens, ids, gate_up, down)
 
 
 class MoE(nnx.Module):

@@ -1,0 +1,158 @@
+"""Device meshes and the logical-axis rules that place parameters, activations and the cache.
+
+The mesh has three named axes:
+- `data`: the batch (each data shard decodes its own sequences);
+- `expert`: the routed experts, whole experts per device (the intermediate dim is never split);
+- `tensor`: attention heads (the linear-attention scan, the KV cache and the states), the
+  row-parallel output projections, the vocabulary.
+
+Parameters carry logical axis names as NNX metadata (`out_sharding`, e.g. `("experts", "embed",
+None)` for the stacked experts); `RULES` maps each logical name to a mesh axis. A logical axis whose
+mesh axis does not divide the dimension (4 KV heads over 8 devices) stays replicated, so any mesh
+is valid for any config. The fused projections ([q | k | v], [gate | up]) are replicated over
+`tensor`: their outputs would otherwise split along the fused dimension, not along heads.
+
+Kernels (Pallas calls, which XLA cannot partition) run under `shard_map` on local blocks: the
+linear-attention scan per (batch, head) block, the experts per (batch, expert) block. Everything
+else is partitioned by XLA from the parameter layouts and the constraints in the model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+AXES = ("data", "expert", "tensor")
+
+# logical axis -> mesh axis (None: replicated)
+RULES = {
+    "batch": "data",
+    "experts": "expert",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "mlp": "tensor",
+    "vocab": "tensor",
+    "embed": None,
+    "fused": None,       # [q | k | v] and [gate | up] output dims
+    "expert_mlp": None,  # an expert's intermediate dim: never split
+}
+
+
+def param(value: jax.Array, axes: Sequence[str | None]) -> nnx.Param:
+    """An nnx.Param annotated with logical axis names, one per dimension."""
+    if len(axes) != value.ndim:
+        raise ValueError(f"{len(axes)} axis names {tuple(axes)} for a {value.ndim}-d parameter")
+    return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
+
+
+def parse_mesh(text: str) -> dict[str, int | None]:
+    """"data=1,expert=8,tensor=1" -> {"data": 1, "expert": 8, "tensor": 1}: `make_mesh`'s
+    arguments (data and tensor default to 1, expert to the devices they leave)."""
+    sizes = {"data": 1, "expert": None, "tensor": 1}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, eq, value = part.partition("=")
+        if not eq or name.strip() not in AXES:
+            raise ValueError(f"{text!r}: {part!r} is not AXIS=SIZE with AXIS one of {AXES}")
+        try:
+            sizes[name.strip()] = int(value)
+        except ValueError:
+            raise ValueError(f"{text!r}: size {value!r} of {name.strip()} is not an integer") from None
+        if sizes[name.strip()] < 1:
+            raise ValueError(f"{text!r}: the size of {name.strip()} must be >= 1")
+    return sizes
+
+
+def make_mesh(data: int = 1, expert: int | None = None, tensor: int = 1, *,
+              devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+    """A mesh ("data", "expert", "tensor") over `devices` (default: every device of every
+    process). expert=None takes the devices that data x tensor leaves."""
+    devices = list(jax.devices() if devices is None else devices)
+    if expert is None:
+        if len(devices) % (data * tensor):
+            raise ValueError(f"{len(devices)} devices do not split into data={data} x tensor={tensor}")
+        expert = len(devices) // (data * tensor)
+    if data * expert * tensor != len(devices):
+        raise ValueError(f"mesh data={data} x expert={expert} x tensor={tensor} = {data * expert * tensor} "
+                         f"devices, but there are {len(devices)}")
+    return jax.make_mesh((data, expert, tensor), AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def check_mesh(config, mesh: jax.sharding.Mesh) -> None:
+    """Refuses a mesh whose `expert` axis does not split the experts evenly: they would be
+    replicated on every device instead (the whole model per device)."""
+    experts = mesh.shape.get("expert", 1)
+    if experts > 1 and config.num_experts % experts:
+        raise ValueError(f"mesh axis expert={experts} does not divide num_experts={config.num_experts}: "
+                         "choose an expert size that divides it")
+
+
+def mesh_axis(name: str | None, dim: int, mesh=None) -> str | None:
+    """The mesh axis that logical axis `name` of size `dim` is split over (in `mesh`, default the
+    mesh in context), or None: no mesh, an axis of size 1, or one that does not divide `dim`."""
+    mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+    axis = RULES.get(name) if name is not None else None
+    if name is not None and name not in RULES:
+        raise KeyError(f"no sharding rule for logical axis {name!r}")
+    if axis is None or mesh.empty or axis not in mesh.shape:
+        return None
+    size = mesh.shape[axis]
+    return axis if size > 1 and dim % size == 0 else None
+
+
+def spec(names: Sequence[str | None], shape: Sequence[int], mesh=None) -> P:
+    """The PartitionSpec of an array of `shape` with logical axes `names`."""
+    return P(*(mesh_axis(n, d, mesh) for n, d in zip(names, shape)))
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """x laid out by its logical axes over the mesh in context (no-op without a mesh)."""
+    if jax.sharding.get_abstract_mesh().empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, spec(names, x.shape))
+
+
+def in_mesh() -> bool:
+    """True while tracing under a mesh with more than one device."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return not mesh.empty and math.prod(mesh.shape.values()) > 1
+
+
+def param_shardings(state: nnx.State, mesh: jax.sharding.Mesh) -> nnx.State:
+    """The state's structure with each Variable's value replaced by its NamedSharding on `mesh`
+    (state: a model's parameters, abstract or concrete)."""
+    def sharding(variable):
+        names = variable.get_metadata().get("out_sharding") or (None,) * variable.ndim
+        return variable.replace(NamedSharding(mesh, spec(names, variable.shape, mesh)))
+
+    return jax.tree.map(sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def shard_model(model: nnx.Module, mesh: jax.sharding.Mesh) -> nnx.Module:
+    """Places model's parameters (a RingModel or any module of it) on `mesh` by their annotations
+    (in place; returns model)."""
+    if hasattr(model, "config"):
+        check_mesh(model.config, mesh)
+    state = nnx.state(model)
+    nnx.update(model, jax.device_put(state, param_shardings(state, mesh)))
+    return model
+
+
+def model_mesh(model: nnx.Module) -> jax.sharding.Mesh | None:
+    """The mesh a model's parameters live on (None: one device)."""
+    leaf = jax.tree.leaves(nnx.state(model))[0]
+    sharding = getattr(leaf, "sharding", None)
+    if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:
+        return sharding.mesh
+    return None
+
+
+def put(x: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
+    """A host array (the same on every process) as a global array laid out by `sharding`; each
+    process places only its own devices' blocks."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])

@@ -1,0 +1,159 @@
+"""Sharding: a model split over a mesh of the 8 CPU devices (conftest) computes what the unsharded
+model computes: forward logits, generate, stream and sampling, loaded straight into the layout."""
+
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+import ring_jax
+from conftest import rel_err
+from convert.hf2jax import convert_hf_to_jax
+from convert.random_hf import write_random_hf_checkpoint
+from ring_jax.cache import init_cache
+from ring_jax.layers.moe import MoE
+from ring_jax.sharding import make_mesh, parse_mesh
+
+# The meshes are of the 8 host devices that conftest asks for; on a GPU host the default devices
+# are the GPUs (the sharded GPU run is benchmarks/sharded.py).
+pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="needs the 8 CPU devices as default devices")
+
+F32_TOL = 1e-5
+MESHES = [(1, 8, 1), (2, 2, 2), (4, 1, 2), (1, 1, 8)]   # (data, expert, tensor); (1, 1, 8): 4 heads over 8
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory, tiny_dict_module):
+    folder = tmp_path_factory.mktemp("sharding")
+    write_random_hf_checkpoint(str(folder / "hf"), tiny_dict_module, dtype="float32", seed=7)
+    convert_hf_to_jax(str(folder / "hf"), str(folder / "jax"), progress=False)
+    return str(folder / "jax")
+
+
+@pytest.fixture(scope="module")
+def tiny_dict_module():
+    from conftest import load_config_dict
+
+    return load_config_dict("tiny.json")
+
+
+@pytest.fixture(scope="module")
+def unsharded(converted):
+    return ring_jax.load_model(converted)
+
+
+def full_spec(x: jax.Array) -> tuple:
+    """x's PartitionSpec with one entry per dimension (trailing Nones written out)."""
+    spec = tuple(x.sharding.spec)
+    return spec + (None,) * (x.ndim - len(spec))
+
+
+def prompts(vocab):
+    rng = np.random.default_rng(3)
+    return [rng.integers(2, vocab, n).tolist() for n in (5, 17, 9)]     # 3 prompts: data=2 pads one
+
+
+def test_mesh_arguments():
+    assert parse_mesh("data=2, expert=4") == {"data": 2, "expert": 4, "tensor": 1}
+    assert dict(make_mesh(**parse_mesh("data=2")).shape) == {"data": 2, "expert": 4, "tensor": 1}
+    for bad, message in [("data=2,pipe=2", "not AXIS=SIZE"), ("expert=x", "not an integer"), ("data=0", ">= 1")]:
+        with pytest.raises(ValueError, match=message):
+            parse_mesh(bad)
+    assert dict(make_mesh(2, tensor=2).shape) == {"data": 2, "expert": 2, "tensor": 2}
+    with pytest.raises(ValueError, match="there are 8"):
+        make_mesh(2, 2, 1)
+    with pytest.raises(ValueError, match="do not split"):
+        make_mesh(3)
+
+
+def test_experts_must_split_evenly(converted):
+    with pytest.raises(ValueError, match="expert=3 does not divide num_experts=16"):
+        ring_jax.load_model(converted, mesh=make_mesh(2, 3, 1, devices=jax.devices()[:6]))
+
+
+def test_load_places_every_parameter_and_the_cache(converted):
+    mesh = make_mesh(1, 2, 4)
+    model = ring_jax.load_model(converted, mesh=mesh)
+    layer = model.layers[1]                                   # linear attention + MoE
+    specs = {
+        "experts": layer.mlp.experts.gate_up_proj, "g_proj": layer.attention.g_proj.kernel,
+        "dense": layer.attention.dense.kernel, "qkv": layer.attention.query_key_value.kernel,
+        "router": layer.mlp.gate.kernel, "embed": model.word_embeddings, "head": model.lm_head.kernel,
+        "mlp_down": model.layers[0].mlp.down_proj.kernel,
+    }
+    got = {name: v[...].sharding.spec for name, v in specs.items()}
+    assert got == {"experts": P("expert", None, None), "g_proj": P(None, "tensor"), "dense": P("tensor", None),
+                   "qkv": P(None, None), "router": P(None, None), "embed": P("tensor", None),
+                   "head": P(None, "tensor"), "mlp_down": P("tensor", None)}
+    # Every device holds 1/2 of the experts, not all of them.
+    shard = layer.mlp.experts.gate_up_proj[...].addressable_shards[0].data
+    assert shard.shape[0] == model.config.num_experts // 2
+    cache = init_cache(model.config, 4, 64, np.zeros(4, np.int32), model.dtype, mesh)
+    kv = next(c for c in cache.layers if not isinstance(c, jax.Array))
+    state = next(c for c in cache.layers if isinstance(c, jax.Array))
+    assert full_spec(state) == (None, "tensor", None, None)             # 4 heads over tensor=4
+    assert full_spec(kv.keys) == (None, None, None, None)               # 2 KV heads: replicated
+
+
+@pytest.mark.parametrize("sizes", MESHES, ids=lambda s: "data%d-expert%d-tensor%d" % s)
+def test_sharded_forward_equals_unsharded(converted, unsharded, sizes):
+    model = ring_jax.load_model(converted, mesh=make_mesh(*sizes))
+    for B in (4, 3):                                     # 3 rows: the batch stays whole over `data`
+        ids = np.random.default_rng(B).integers(0, unsharded.config.vocab_size, (B, 13))
+        assert rel_err(model(ids), unsharded(ids)) <= F32_TOL
+
+
+@pytest.mark.parametrize("sizes", [(2, 2, 2), (1, 8, 1)], ids=lambda s: "data%d-expert%d-tensor%d" % s)
+def test_sharded_generate_equals_unsharded(converted, unsharded, sizes):
+    model = ring_jax.load_model(converted, mesh=make_mesh(*sizes))
+    batch = prompts(model.config.vocab_size)
+    kwargs = dict(max_new_tokens=6, eos_token_id=[])
+    want = ring_jax.generate(unsharded, batch, **kwargs)
+    got = ring_jax.generate(model, batch, **kwargs)
+    assert got.shape == (3, 6) and (got == want).all()
+    streamed = np.concatenate(list(ring_jax.stream(model, batch, steps_per_call=4, **kwargs)), axis=1)
+    assert (streamed == want).all()
+    sampled = dict(kwargs, temperature=1.0, top_k=5, seed=11)
+    assert (ring_jax.generate(model, batch, **sampled) == ring_jax.generate(unsharded, batch, **sampled)).all()
+
+
+def test_bf16_expert_parallel_model_is_bit_exact(converted):
+    """bf16 over data and expert axes: every pair's output comes from one device and the float32
+    combine runs as on one device, so logits and tokens are the unsharded model's bits. (From the
+    HF folder: the host arrays are split on load.)"""
+    model = ring_jax.load_model(os.path.join(os.path.dirname(converted), "hf"), dtype="bfloat16",
+                                mesh=make_mesh(2, 4, 1))
+    single = ring_jax.load_model(converted, dtype="bfloat16")
+    ids = np.random.default_rng(2).integers(0, model.config.vocab_size, (2, 24))
+    assert (np.asarray(model(ids)) == np.asarray(single(ids))).all()
+    batch = prompts(model.config.vocab_size)
+    assert (ring_jax.generate(model, batch, max_new_tokens=8, eos_token_id=[]) ==
+            ring_jax.generate(single, batch, max_new_tokens=8, eos_token_id=[])).all()
+    # Early stops: each sequence ends at its own first token (the filler row starts finished).
+    eos = [int(t[0]) for t in ring_jax.generate(single, batch, max_new_tokens=1, eos_token_id=[])]
+    want = list(ring_jax.stream(single, batch, max_new_tokens=8, eos_token_id=eos, steps_per_call=2))
+    got = list(ring_jax.stream(model, batch, max_new_tokens=8, eos_token_id=eos, steps_per_call=2))
+    assert len(got) == len(want) and all((g == w).all() for g, w in zip(got, want))
+
+
+@pytest.mark.parametrize("tokens", [8, 32], ids=["gathered", "grouped"])
+def test_expert_parallel_moe_moves_only_the_pairs_outputs(tiny_dict, tokens):
+    """Under an expert mesh the MoE layer's one collective is the all-reduce of the pairs' outputs
+    [tokens, top_k, hidden]: no expert weights or tokens are gathered (both dispatch paths)."""
+    from ring_jax.layers import moe
+
+    config = ring_jax.RingConfig.from_hf(tiny_dict)
+    mesh = make_mesh(1, 8, 1)
+    layer = ring_jax.shard_model(MoE(config, dtype=jnp.float32, rngs=nnx.Rngs(0)), mesh)
+    graphdef, state = nnx.split(layer)
+    x = jax.random.normal(jax.random.key(0), (1, tokens, config.hidden_size))
+    assert (tokens * config.num_experts_per_tok <= moe.GATHER_MAX_PAIRS) == (tokens == 8)
+    with jax.set_mesh(mesh):
+        hlo = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)).lower(state, x).compile().as_text()
+    collectives = re.findall(r"= (\S+) (all-gather|all-reduce|all-to-all|reduce-scatter|collective-permute)\(", hlo)
+    assert collectives == [(f"f32[{tokens},{config.num_experts_per_tok},{config.hidden_size}]{{2,1,0}}", "all-reduce")]
