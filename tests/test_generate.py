@@ -167,6 +167,8 @@ def test_sampling_reproducible_and_restricted(model):
     kwargs = dict(max_new_tokens=6, eos_token_id=[], temperature=1.0)
     a = generate(model, p, seed=1, **kwargs)
     np.testing.assert_array_equal(a, generate(model, p, seed=1, **kwargs))
+    # Seeds are taken mod 2**32, as jax.random.key takes them.
+    np.testing.assert_array_equal(generate(model, p, seed=-1, **kwargs), generate(model, p, seed=2**32 - 1, **kwargs))
     assert any((generate(model, p, seed=s, **kwargs) != a).any() for s in range(2, 6))
     greedy = generate(model, p, max_new_tokens=6, eos_token_id=[])
     np.testing.assert_array_equal(generate(model, p, seed=9, top_k=1, **kwargs), greedy)
