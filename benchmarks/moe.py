@@ -7,7 +7,7 @@ Ring-mini and Ring-flash expert shapes: a dense matmul of the same FLOPs (the ce
 `jax.lax.ragged_dot` (a masked dense product on GPU: only small M), JAX's Mosaic GPU
 `ragged_dot_mgpu` (128/128/64, 4 stages), and `pallas_kernels.gmm(backend="auto")` (our Mosaic GPU
 kernel on Hopper).
-Table 2, the decode-sized expert step of one MoE layer (`Experts`: tokens x top-8 pairs sorted by
+Table 2, the decode-sized expert step of one MoE layer (`expert_outputs`: tokens x top-8 pairs sorted by
 expert, gate_up then down through `pallas_kernels.gmm`) against the bytes of the chosen experts'
 weights. Table 3, a whole Ring-mini MoE layer (router, dispatch, experts, combine, shared expert) in
 tokens per second.
@@ -80,7 +80,7 @@ def gmm_table(Ms, hbm):
 def decode_table(hbm):
     from flax import nnx
 
-    from ring_jax.layers.moe import Experts, _gathered
+    from ring_jax.layers.moe import Experts, _gathered, expert_outputs
 
     print("\n| model | tokens | pairs | experts' bytes read | ms (gmm kernel) | GB/s | % copy | ms (XLA gather of the chosen weights) |")
     print("|---|---|---|---|---|---|---|---|")
@@ -91,8 +91,8 @@ def decode_table(hbm):
         down = (jax.random.normal(key, (256, I, hidden), jnp.float32) / 20).astype(jnp.bfloat16)
         experts.gate_up_proj.set_value(gate_up)
         experts.down_proj.set_value(down)
-        graphdef, state = nnx.split(experts)
-        step = jax.jit(lambda s, t, i: nnx.merge(graphdef, s)(t, i))
+        state = nnx.state(experts)
+        step = jax.jit(lambda s, t, i: expert_outputs(t, i, s["gate_up_proj"][...], s["down_proj"][...]))
         gathered = jax.jit(lambda s, t, i: _gathered(t, i, s["gate_up_proj"][...], s["down_proj"][...]))
         for tokens in (1, 8):
             x = jax.random.normal(key, (tokens, hidden), jnp.float32).astype(jnp.bfloat16)

@@ -42,13 +42,14 @@ the file already holds to the others. Progress and bad lines are reported on pro
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -255,7 +256,7 @@ class OrderedWriter:
         already in the file, in its first `size` bytes (anything after them is cut)."""
         self._file = open(path, "ab")
         self._file.truncate(size)
-        self._order, self._next, self._ready = list(order), written, {}
+        self._order, self._next, self._ready, self._failed = list(order), written, {}, False
         self._position = {line: i for i, line in enumerate(self._order)}
 
     @property
@@ -270,16 +271,26 @@ class OrderedWriter:
 
     def flush(self) -> None:
         start = self._next
-        while self._next < len(self._order) and self._order[self._next] in self._ready:
-            rec = self._ready.pop(self._order[self._next])
-            self._file.write(json.dumps(rec, ensure_ascii=False).encode() + b"\n")
-            self._next += 1
-        if self._next > start:
-            self._file.flush()
-            os.fsync(self._file.fileno())
+        try:
+            while self._next < len(self._order) and self._order[self._next] in self._ready:
+                rec = self._ready.pop(self._order[self._next])
+                self._file.write(json.dumps(rec, ensure_ascii=False).encode() + b"\n")
+                self._next += 1
+            if self._next > start:
+                self._file.flush()
+                os.fsync(self._file.fileno())
+        except OSError:
+            self._failed = True
+            raise
 
     def close(self) -> None:
-        self._file.close()
+        """Closes the file. After a failed flush, closing fails the same way (the buffered records
+        cannot be written either): that error is already being reported, so it is not raised again."""
+        if not self._failed:
+            self._file.close()
+            return
+        with contextlib.suppress(OSError):
+            self._file.close()
 
 
 def log(message: str) -> None:
@@ -333,35 +344,53 @@ def build_mesh(spec: str | None):
 
 
 def stop_all(failure: JobError | None) -> None:
-    """Raises `failure` (process 0's) on every process, so that the others do not wait for it in
-    the next batch's collectives."""
+    """Raises `failure` (process 0's output error, or None) on every process, so that the others
+    do not wait for process 0 in their next collective. Every process must call it."""
     failed = failure is not None
     if jax.process_count() > 1:
         failed = bool(multihost_utils.broadcast_one_to_all(np.int32(failed)))
     if failed:
-        raise failure or JobError("process 0 failed to write the output (see its log)")
+        raise failure or JobError("process 0 failed to open or write the output (see its error)")
 
 
 def open_output(path: str, items: Sequence[Item], digest: str) -> tuple[int, OrderedWriter | None]:
     """Process 0 reads what an earlier run left in the output (with the same fingerprint) and opens
     it for appending; every process learns how many records are there (broadcast). Returns (that
     count, the writer on process 0, None on the others)."""
-    written, writer, error = -1, None, None
+    written, writer, failure = 0, None, None
     if jax.process_index() == 0:
         try:
-            count, size = existing_records(path, items)
+            written, size = existing_records(path, items)
             check_sidecar(path, digest)
-            writer = OrderedWriter(path, [item.line for item in items], count, size)
-            written = count
+            writer = OrderedWriter(path, [item.line for item in items], written, size)
         except JobError as e:
-            error = e
+            failure = e
         except OSError as e:
-            error = JobError(f"--output {path!r}: {e}")
+            failure = JobError(f"--output {path!r}: {e}")
+    stop_all(failure)
     if jax.process_count() > 1:
         written = int(multihost_utils.broadcast_one_to_all(np.int32(written)))
-    if written < 0:
-        raise error or JobError("process 0 could not open the output (see its log)")
     return written, writer
+
+
+def write(writer: OrderedWriter | None, make_records: Callable[[], list[dict]], path: str) -> list[dict]:
+    """Process 0 makes the records, queues them and writes those that are ready (durably); when
+    any of that fails, every process stops with the error (stop_all), so that none waits for
+    process 0 in a collective. The others (writer None) join the broadcast. Returns the records
+    (none on the others)."""
+    records, failure = [], None
+    if writer:
+        try:
+            records = make_records()
+            for rec in records:
+                writer.add(rec)
+            writer.flush()
+        except OSError as e:
+            failure = JobError(f"writing {path}: {e}")
+        except Exception as e:  # noqa: BLE001  (any failure here must reach the other processes)
+            failure = JobError(f"making the records for {path}: {type(e).__name__}: {e}")
+    stop_all(failure)
+    return records
 
 
 # ------------------------------------------------------------------------------------- the job
@@ -402,8 +431,10 @@ def load_config_and_tokenizer(args):
     return config, tokenizer
 
 
-def run(args) -> int:
-    """The job (see the module docstring). Returns the exit status."""
+def run(args, load=ring_jax.load_model) -> int:
+    """The job (see the module docstring). Returns the exit status.
+
+    load(args.model, dtype=args.dtype, mesh=mesh) makes the model: a benchmark can make a random one."""
     check_args(args)
     init_distributed(args)
     mesh = build_mesh(args.mesh)
@@ -418,7 +449,7 @@ def run(args) -> int:
     check_same_everywhere(digest)
     written, writer = open_output(args.output, items, digest)
     try:
-        generate_all(args, items, written, mesh, config, tokenizer, writer)
+        generate_all(args, items, written, mesh, config, tokenizer, writer, load)
     finally:
         if writer:
             writer.close()
@@ -426,9 +457,9 @@ def run(args) -> int:
 
 
 def generate_all(args, items: Sequence[Item], written: int, mesh, config, tokenizer,
-                 writer: OrderedWriter | None) -> None:
+                 writer: OrderedWriter | None, load) -> None:
     """Runs every batch with an item beyond the first `written`, and hands the records to the
-    writer (process 0; None on the others)."""
+    writer (process 0; None on the others). load: makes the model (see run)."""
     done = {item.line for item in items[:written]}
     errors = [item for item in items[written:] if item.error is not None]
     batches = [(index, batch) for index, batch in enumerate(plan_batches(items, args.batch_size, args.sort_window))
@@ -437,13 +468,10 @@ def generate_all(args, items: Sequence[Item], written: int, mesh, config, tokeni
         f"{len(batches)} batches to run on {jax.device_count()} devices in {jax.process_count()} processes")
     for item in errors:
         log(f"input line {item.line}: {item.error}")
-        if writer:
-            writer.add(error_record(item))
-    if writer:
-        writer.flush()
+    write(writer, lambda: [error_record(item) for item in errors], args.output)
     if not batches:
         return
-    model = ring_jax.load_model(args.model, dtype=args.dtype, mesh=mesh)
+    model = load(args.model, dtype=args.dtype, mesh=mesh)
     log(f"loaded {args.model}")
     eos_ids = list(tokenizer.eos_token_ids) or list(config.eos_token_ids)
     progress = Progress(len(items), written + len(errors))
@@ -452,18 +480,9 @@ def generate_all(args, items: Sequence[Item], written: int, mesh, config, tokeni
             model, [list(item.ids) for item in batch], max_new_tokens=args.max_new_tokens,
             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
             seed=batch_seed(args.seed, index), eos_token_id=eos_ids)
-        failure = None
-        if writer:
-            records = [record(item, row, eos_ids, tokenizer) for item, row in zip(batch, tokens)
-                       if item.line not in done]
-            for rec in records:
-                writer.add(rec)
-            try:
-                writer.flush()
-            except OSError as e:
-                failure = JobError(f"writing {args.output}: {e}")
-            progress.update(len(records), sum(rec["num_tokens"] for rec in records))
-        stop_all(failure)
+        records = write(writer, lambda: [record(item, row, eos_ids, tokenizer) for item, row in zip(batch, tokens)
+                                         if item.line not in done], args.output)
+        progress.update(len(records), sum(rec["num_tokens"] for rec in records))
     if writer:
         log(f"done: {writer.written} records in {args.output}")
 

@@ -156,7 +156,7 @@ class RingModel(nnx.Module):
         ids = check_input_ids(input_ids, self.config.vocab_size)
         graphdef, state = nnx.split(self)
         mesh = model_mesh(self)
-        if mesh is None:
+        if mesh is None or isinstance(ids, jax.core.Tracer):          # traced: under the caller's mesh
             return _jit_forward(graphdef, state, ids)
         with jax.set_mesh(mesh):
             ids = put(np.asarray(ids), jax.sharding.NamedSharding(mesh, spec(("batch", None), ids.shape, mesh)))

@@ -105,8 +105,12 @@ def mesh_axis(name: str | None, dim: int, mesh=None) -> str | None:
 
 
 def spec(names: Sequence[str | None], shape: Sequence[int], mesh=None) -> P:
-    """The PartitionSpec of an array of `shape` with logical axes `names`."""
-    return P(*(mesh_axis(n, d, mesh) for n, d in zip(names, shape)))
+    """The PartitionSpec of an array of `shape` with logical axes `names`, without trailing Nones
+    (as XLA writes its outputs' specs: P(None) and P() are one layout but two jit cache keys)."""
+    axes = [mesh_axis(n, d, mesh) for n, d in zip(names, shape)]
+    while axes and axes[-1] is None:
+        axes.pop()
+    return P(*axes)
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
@@ -143,12 +147,11 @@ def shard_model(model: nnx.Module, mesh: jax.sharding.Mesh) -> nnx.Module:
 
 
 def model_mesh(model: nnx.Module) -> jax.sharding.Mesh | None:
-    """The mesh a model's parameters live on (None: one device)."""
-    leaf = jax.tree.leaves(nnx.state(model))[0]
-    sharding = getattr(leaf, "sharding", None)
-    if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:
-        return sharding.mesh
-    return None
+    """The mesh a model's parameters were placed on, of any size (None: placed on one device
+    without a mesh). A model on a mesh runs its steps under it, so that the steps' inputs and
+    outputs keep one kind of sharding and a second call finds the first one's compilation."""
+    sharding = getattr(jax.tree.leaves(nnx.state(model))[0], "sharding", None)
+    return sharding.mesh if isinstance(sharding, NamedSharding) else None
 
 
 def put(x: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:

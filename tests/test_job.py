@@ -178,23 +178,72 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+JOB = [sys.executable, "-m", "ring_jax.job"]
+# python -m ring_jax.job with the files it writes capped at a size (the first argument, bytes): a
+# write past it fails with EFBIG (Python ignores SIGXFSZ), as on a full disk
+JOB_WITH_FILES_CAPPED = [sys.executable, "-c", """import resource, runpy, sys
+limit = int(sys.argv.pop(1))
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+runpy.run_module("ring_jax.job", run_name="__main__", alter_sys=True)
+"""]
+MESH = ("--mesh", "data=2,expert=2,tensor=1")   # two processes of two CPU devices
+
+
+def run_two_processes(commands: list[list[str]], timeout: float) -> tuple[list[int], list[str]]:
+    """Runs commands[i] + the flags of process i of a two-process run on localhost, each process on
+    two CPU devices -> (their exit statuses, their stdout and stderr). Fails when one hangs."""
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    coordinator = f"localhost:{free_port()}"
+    procs = [subprocess.Popen(
+        [*command, "--coordinator", coordinator, "--num-processes", "2", "--process-id", str(i)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i, command in enumerate(commands)]
+    try:
+        logs = [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    return [p.returncode for p in procs], logs
+
+
 def test_two_processes_equal_one(work, full_run, tmp_path):
     """Two processes of two CPU devices each, the batch over data=2 and the experts over expert=2."""
     if jax.default_backend() != "cpu":
         pytest.skip("compares CPU processes with the in-process run, which is on this host's accelerator")
     out = tmp_path / "two.jsonl"
-    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    coordinator = f"localhost:{free_port()}"
-    procs = [subprocess.Popen(
-        [sys.executable, "-m", "ring_jax.job", *job_args(work, out, "--mesh", "data=2,expert=2,tensor=1",
-                                                          "--coordinator", coordinator, "--num-processes", "2",
-                                                          "--process-id", str(i))],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    try:
-        logs = [p.communicate(timeout=300)[0] for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    assert [p.returncode for p in procs] == [0, 0], "\n\n".join(logs)
+    statuses, logs = run_two_processes([JOB + job_args(work, out, *MESH)] * 2, timeout=300)
+    assert statuses == [0, 0], "\n\n".join(logs)
     assert "4 devices in 2 processes" in logs[0] and "[job]" not in logs[1]
     assert out.read_text() == full_run[0]
+
+
+def test_two_processes_given_different_prompts_stop(work, tmp_path):
+    """check_same_everywhere: processes that read different inputs all stop before the output is
+    opened or the model loaded."""
+    other = tmp_path / "other.jsonl"
+    other.write_text((work / "prompts.jsonl").read_text() + '{"prompt": "one more"}\n')
+    out = tmp_path / "out.jsonl"
+    statuses, logs = run_two_processes(
+        [JOB + job_args(work, out, *MESH), JOB + job_args(work, out, *MESH, "--input", str(other))], timeout=60)
+    assert statuses == [2, 2], "\n\n".join(logs)
+    assert all("error: the processes read different prompts or settings" in log for log in logs), logs
+    assert not out.exists() and not (tmp_path / "out.jsonl.job.json").exists()
+
+
+@pytest.mark.parametrize("limit, message", [
+    (0, "error: --output '{out}': [Errno 27] File too large"),    # the sidecar cannot be written
+    (100, "error: writing {out}: [Errno 27] File too large"),     # the sidecar can, line 1's record cannot
+], ids=["open", "first-write"])
+def test_output_failure_on_process_0_stops_every_process(work, tmp_path, limit, message):
+    """stop_all: when process 0 cannot write the output (its files capped at `limit` bytes), every
+    process stops with a clean error instead of the others waiting for it in a collective. Line 1
+    is bad, so its error record is written before the first batch (and the model is not loaded)."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("{not json\n" + (work / "prompts.jsonl").read_text())
+    out = tmp_path / "out.jsonl"
+    argv = job_args(work, out, *MESH, "--input", str(prompts))
+    statuses, logs = run_two_processes([JOB_WITH_FILES_CAPPED + [str(limit)] + argv, JOB + argv], timeout=60)
+    assert statuses == [2, 2], "\n\n".join(logs)
+    assert message.format(out=out) in logs[0] and "Traceback" not in logs[0], logs[0]
+    assert "error: process 0 failed to open or write the output" in logs[1], logs[1]
+    assert "loaded" not in logs[0]                                 # it stopped before the model
+    assert "\n" not in (out.read_text() if out.exists() else "")  # no complete record

@@ -3,12 +3,20 @@ dispatch through a grouped matmul, float32 weighted combine, plus the shared exp
 
 Expert parallelism: under a mesh whose `expert` axis splits the experts, each device holds whole
 experts and sees every token of its batch shard (activations are replicated over `expert`). It
-routes all of them and runs only the (token, expert) pairs whose expert it holds; the pairs'
-outputs meet in one psum over `expert` of [tokens, top_k, hidden] in the model dtype, where every
-pair is nonzero on exactly one device, so the sum is exact. The float32 combine then runs as on one
-device: the sharded model gives the unsharded model's bits. (A psum of per-device float32 partial
-combines would move top_k / 2 times fewer bytes but sum in another order, and in bf16 one flipped
-rounding can flip a later layer's routing.) The dispatch itself moves no data.
+routes all of them and runs only the (token, expert) pairs whose expert it holds, so the dispatch
+moves no data. Every pair's output [tokens, top_k, hidden] (model dtype) is nonzero on exactly one
+device, and the outputs come back in one of two exact ways:
+- few tokens (decode): one psum over `expert`, then the float32 combine on every device: one
+  collective, which is what a latency-bound step wants;
+- many tokens (prefill): a reduce-scatter over the tokens, the float32 combine of each device's
+  token shard, and an all-gather of the combined [tokens, hidden]: (top_k + 1) / (2 top_k) of the
+  psum's bytes, and the combine split over the devices.
+Both add each pair's output to zeros only, then combine in one device's order: no rounding differs
+from an op-by-op evaluation of the layer. The psum way gives the unsharded jitted model's bits; the
+scatter way gives the op-by-op evaluation's, which the unsharded jitted layer may miss by a bf16
+step where XLA fuses it otherwise (XLA:CPU does from about 130 tokens; tests/test_sharding.py).
+(A psum of per-device float32 partial combines would sum in another order, and in bf16 one flipped
+rounding can flip a later layer's routing.)
 """
 
 import functools
@@ -149,24 +157,53 @@ class Experts(nnx.Module):
         self.gate_up_proj = init((num_experts, hidden, 2 * intermediate), hidden, ("experts", "embed", "expert_mlp"))
         self.down_proj = init((num_experts, intermediate, hidden), intermediate, ("experts", "expert_mlp", "embed"))
 
-    def __call__(self, tokens: jax.Array, ids: jax.Array) -> jax.Array:
-        """tokens: [N, hidden]; ids: [N, k] -> [N, k, hidden] (`expert_outputs`). Under a mesh: per
-        (batch shard, expert shard) block, the blocks' outputs summed over `expert`."""
+    def __call__(self, tokens: jax.Array, ids: jax.Array, weights: jax.Array) -> jax.Array:
+        """tokens: [N, hidden]; ids, weights: [N, k] -> the weighted sum of each token's pairs'
+        outputs (`expert_outputs`, `combine`) [N, hidden]. Under a mesh: per (batch shard, expert
+        shard) block, the pairs' outputs brought together over `expert` (module docstring)."""
         gate_up, down = self.gate_up_proj[...], self.down_proj[...]
         if not in_mesh():
-            return expert_outputs(tokens, ids, gate_up, down)
+            return combine(expert_outputs(tokens, ids, gate_up, down), weights)
         batch = mesh_axis("batch", tokens.shape[0])
         axis = mesh_axis("experts", gate_up.shape[0])
         experts = P(axis, None, None)
         gathered = gathers(tokens, ids, gate_up)
 
-        @functools.partial(jax.shard_map, in_specs=(P(batch, None), P(batch, None), experts, experts),
-                           out_specs=P(batch, None, None), check_vma=False)
-        def block(tokens, ids, gate_up, down):
+        @functools.partial(jax.shard_map, in_specs=(P(batch, None), P(batch, None), P(batch, None), experts, experts),
+                           out_specs=P(batch, None), check_vma=False)
+        def block(tokens, ids, weights, gate_up, down):
             out = expert_outputs(tokens, ids, gate_up, down, expert_axis=axis, gathered=gathered)
-            return out if axis is None else jax.lax.psum(out, axis)
+            if axis is None:
+                return combine(out, weights)
+            if tokens.shape[0] < SCATTER_MIN_TOKENS:
+                return combine(jax.lax.psum(out, axis), weights)
+            return _scattered_combine(out, weights, axis)
 
-        return block(tokens, ids, gate_up, down)
+        return block(tokens, ids, weights, gate_up, down)
+
+
+# From this many tokens per device block, the pairs' outputs come back by reduce-scatter, combine
+# and all-gather instead of a psum (module docstring). On 2 x H200 the psum won up to 16 tokens,
+# they tied at 64 and the scatter won from 256 on (docs/PERFORMANCE.md).
+SCATTER_MIN_TOKENS = 256
+
+
+def combine(out: jax.Array, weights: jax.Array) -> jax.Array:
+    """out: [N, k, hidden]; weights: [N, k] float32 -> [N, hidden] in out's dtype: the weighted sum
+    in float32, then rounded once (HF moe_infer)."""
+    return jnp.sum(out.astype(jnp.float32) * weights[..., None], axis=1).astype(out.dtype)
+
+
+def _scattered_combine(out, weights, axis):
+    """Inside shard_map: out [N, k, hidden] (each pair nonzero on one device of `axis`), weights
+    [N, k] -> [N, hidden]: reduce-scatter over the tokens, combine, all-gather."""
+    N, n = out.shape[0], jax.lax.axis_size(axis)
+    pad = -N % n
+    out = jnp.pad(out, ((0, pad), (0, 0), (0, 0)))
+    shard = jax.lax.psum_scatter(out, axis, scatter_dimension=0, tiled=True)           # [(N + pad) / n, k, hidden]
+    rows = shard.shape[0]
+    weights = jax.lax.dynamic_slice_in_dim(jnp.pad(weights, ((0, pad), (0, 0))), jax.lax.axis_index(axis) * rows, rows)
+    return jax.lax.all_gather(combine(shard, weights), axis, axis=0, tiled=True)[:N]
 
 
 class MoE(nnx.Module):
@@ -183,9 +220,7 @@ class MoE(nnx.Module):
         """x: [B, T, hidden] -> [B, T, hidden]."""
         tokens = x.reshape(-1, x.shape[-1])                                          # [N, hidden]
         ids, weights = self.gate(tokens)                                             # [N, k]
-        out = self.experts(tokens, ids)                                              # [N, k, hidden]
-        # Combine in float32, then back to the model dtype (HF moe_infer).
-        routed = jnp.sum(out.astype(jnp.float32) * weights[..., None], axis=1).astype(x.dtype)
+        routed = self.experts(tokens, ids, weights)                                  # [N, hidden]
         if self.shared_experts is not None:
             routed = routed + self.shared_experts(tokens)
         return routed.reshape(x.shape)
