@@ -42,7 +42,6 @@ the file already holds to the others. Progress and bad lines are reported on pro
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -286,11 +285,11 @@ class OrderedWriter:
     def close(self) -> None:
         """Closes the file. After a failed flush, closing fails the same way (the buffered records
         cannot be written either): that error is already being reported, so it is not raised again."""
-        if not self._failed:
+        try:
             self._file.close()
-            return
-        with contextlib.suppress(OSError):
-            self._file.close()
+        except OSError:
+            if not self._failed:
+                raise
 
 
 def log(message: str) -> None:
