@@ -28,7 +28,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
 from ring_jax.cache import Cache, cache_length, init_cache
-from ring_jax.sharding import model_mesh, put, spec
+from ring_jax.sharding import first_array, model_mesh, put, spec
 
 PREFILL_CHUNK = 4096
 
@@ -182,7 +182,7 @@ def _placer(model):
     second call of a step finds the first one's compilation.)"""
     mesh = model_mesh(model)
     if mesh is None:
-        device = jax.tree.leaves(nnx.state(model))[0].sharding
+        device = first_array(model).sharding
         return lambda x, axes: jax.device_put(np.asarray(x), device)
     return lambda x, axes: put(x, NamedSharding(mesh, spec(axes, np.shape(x), mesh)))
 

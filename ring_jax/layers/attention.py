@@ -5,6 +5,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
+from pallas_kernels.platform import platform
 from ring_jax.cache import ATTENTION_BLOCK, KVCache
 from ring_jax.config import RingConfig
 from ring_jax.layers.linear import Linear, einsum
@@ -83,6 +84,72 @@ def cached_attention(q: jax.Array, kv: KVCache, q_slots: jax.Array, start: jax.A
     return out.astype(q.dtype).reshape(B, T, H, D)
 
 
+# Continuations of more than this many tokens (prefill chunks) take cuDNN's flash attention on GPU.
+FLASH_MIN_TOKENS = 8
+
+
+def _shift_rows(x: jax.Array, shift: jax.Array) -> jax.Array:
+    """x: [B, T, ...]; row b moved `shift[b]` places towards the front (its last rows repeat)."""
+    idx = jnp.minimum(jnp.arange(x.shape[1])[None, :] + shift[:, None], x.shape[1] - 1)
+    return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+def flash_cached_attention(q: jax.Array, kv: KVCache, cursor: jax.Array, start: jax.Array) -> jax.Array:
+    """`cached_attention` for queries at slots cursor..cursor+T-1, by cuDNN's flash attention (GPU).
+
+    Two cuDNN calls, merged by their float32 log-sum-exps: the chunk's own keys (causal), and the
+    keys before it. Left padding becomes cuDNN's sequence lengths by moving each sequence's real
+    tokens to the front: the chunk's rows by max(start - cursor, 0), the cache's by start. A
+    padding query reads its own slot only, as in `cached_attention`. The numerics are flash
+    attention's (float32 scores and running softmax; unnormalised probabilities rounded to bf16
+    before the product with v), as PyTorch's SDPA flash kernel computes them; the two parts' outputs
+    are rounded to q.dtype before the merge.
+    q: [B, T, H, D] bf16 or f16; kv: the layer's cache [B, L, Hkv, D] holding the chunk's keys;
+    cursor: [] int32; start: [B]. Returns [B, T, H, D] in q.dtype.
+    """
+    from jax._src.cudnn.fused_attention_stablehlo import MaskType, dot_product_attention
+
+    B, T, H, D = q.shape
+    L = kv.keys.shape[1]
+    chunk = [lax.dynamic_slice_in_dim(c, cursor, T, axis=1) for c in (kv.keys, kv.values)]
+    pad = jnp.clip(start - cursor, 0, T).astype(jnp.int32)          # padding rows of the chunk
+    n_own = T - pad
+    n_before = jnp.maximum(cursor - start, 0).astype(jnp.int32)     # real slots before the chunk
+
+    def attend(q, k, v, q_len, kv_len, mask):                       # -> o [B, T, H, D], lse [B, T, H] f32
+        o, lse = dot_product_attention(q, k, v, q_seqlen=q_len, kv_seqlen=kv_len, scale=D ** -0.5,
+                                       mask_type=mask, return_residual=True)
+        return o, jnp.swapaxes(lse, 1, 2)
+
+    own_q, own_k, own_v = (_shift_rows(x, pad) for x in (q, *chunk))
+    o_own, lse_own = attend(own_q, own_k, own_v, n_own, n_own, MaskType.PADDING_CAUSAL)
+    back = jnp.maximum(jnp.arange(T)[None, :] - pad[:, None], 0)    # undo the shift
+    o_own = jnp.take_along_axis(o_own, back[:, :, None, None], axis=1)
+    lse_own = jnp.take_along_axis(lse_own, back[:, :, None], axis=1)
+
+    def before():
+        k, v = (_shift_rows(c, start) for c in (kv.keys, kv.values))
+        return attend(q, k, v, jnp.full((B,), T, jnp.int32), n_before, MaskType.PADDING)
+
+    o_before, lse_before = lax.cond(jnp.any(n_before > 0), before,
+                                    lambda: (jnp.zeros_like(q), jnp.full((B, T, H), -jnp.inf)))
+    seen = n_before[:, None, None] > 0
+    lse_before = jnp.where(seen, lse_before, -jnp.inf)
+    lse = jnp.logaddexp(lse_own, lse_before)
+    out = (o_own.astype(jnp.float32) * jnp.exp(lse_own - lse)[..., None]
+           + jnp.where(seen[..., None], o_before.astype(jnp.float32), 0.0) * jnp.exp(lse_before - lse)[..., None])
+    Hkv = kv.keys.shape[2]
+    own_value = jnp.repeat(chunk[1], H // Hkv, axis=2)              # what a padding query reads
+    padding = jnp.arange(T)[None, :] < pad[:, None]
+    return jnp.where(padding[:, :, None, None], own_value.astype(jnp.float32), out).astype(q.dtype)
+
+
+def use_flash(q: jax.Array) -> bool:
+    """Whether attention of q [B, T, H, D] takes cuDNN's flash attention: more than
+    FLASH_MIN_TOKENS queries (a prefill chunk, a full forward) in bf16 or f16 on a Hopper GPU."""
+    return q.shape[1] > FLASH_MIN_TOKENS and q.dtype in (jnp.bfloat16, jnp.float16) and platform() == "hopper"
+
+
 class SoftmaxAttention(nnx.Module):
     """query_key_value -> split [H | Hkv | Hkv] heads -> q/k RMSNorm -> RoPE -> attention -> dense."""
 
@@ -112,8 +179,13 @@ class SoftmaxAttention(nnx.Module):
         q = apply_rope(self.query_layernorm(q), cos, sin)
         k = apply_rope(self.key_layernorm(k), cos, sin)
         if kv is None:
-            return self.dense(causal_attention(q, k, v).reshape(B, T, H * self.head_dim))
+            o = (jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn") if use_flash(q)
+                 else causal_attention(q, k, v))
+            return self.dense(o.reshape(B, T, H * self.head_dim))
         kv = KVCache(lax.dynamic_update_slice_in_dim(kv.keys, k.astype(kv.keys.dtype), cursor, axis=1),
                      lax.dynamic_update_slice_in_dim(kv.values, v.astype(kv.values.dtype), cursor, axis=1))
-        o = cached_attention(q, kv, cursor + jnp.arange(T, dtype=jnp.int32), start)
+        if use_flash(q):
+            o = flash_cached_attention(q, kv, cursor, start)
+        else:
+            o = cached_attention(q, kv, cursor + jnp.arange(T, dtype=jnp.int32), start)
         return self.dense(o.reshape(B, T, H * self.head_dim)), kv
