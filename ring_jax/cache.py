@@ -85,15 +85,19 @@ def cache_shardings(cache: Cache, mesh: jax.sharding.Mesh) -> Cache:
     return Cache(layers, named(cache.start, ("batch",)), named(cache.cursor, ()))
 
 
-def init_cache(config: RingConfig, batch: int, max_len: int, start, dtype, mesh=None) -> Cache:
+def init_cache(config: RingConfig, batch: int, max_len: int, start, dtype, mesh=None, device=None) -> Cache:
     """An empty cache. start: [batch] int (left padding of each prompt); dtype: the model dtype;
-    mesh: lay it out over this mesh (each device allocates only its block)."""
+    mesh: lay it out over this mesh (each device allocates only its block); else device: the
+    device (or single-device sharding) it is committed to, like the outputs of the steps that
+    continue it, so that the first prefill chunk and the later ones share one compilation
+    (default: JAX's default device)."""
     if max_len > ATTENTION_BLOCK and max_len % ATTENTION_BLOCK:
         raise ValueError(f"max_len={max_len}: beyond {ATTENTION_BLOCK} it must be a multiple of "
                          f"{ATTENTION_BLOCK} (use cache_length)")
     start = np.asarray(start, np.int32).reshape(batch)
     if mesh is None:
-        return _empty(config, max_len, jnp.dtype(dtype), jnp.asarray(start))
+        start = jax.device_put(start, device if device is not None else jax.devices()[0])
+        return _empty_jit(config, max_len, jnp.dtype(dtype), start)
     start = put(start, NamedSharding(mesh, spec(("batch",), start.shape, mesh)))
     return _empty_on(config, max_len, jnp.dtype(dtype), mesh, start)
 
@@ -109,6 +113,9 @@ def _empty(config: RingConfig, max_len: int, dtype, start: jax.Array) -> Cache:
         else:
             layers.append(jnp.zeros((B, H, D, D), jnp.float32))
     return Cache(tuple(layers), start, jnp.zeros((), jnp.int32))
+
+
+_empty_jit = jax.jit(_empty, static_argnums=(0, 1, 2))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))

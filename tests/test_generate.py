@@ -141,6 +141,9 @@ def test_prefill_compiles_once_per_bucket(model):
     for n in (6, 9, 16):                  # all in the 16-token bucket
         generate(model, prompt(n, n), max_new_tokens=2)
     assert _prefill_chunk._cache_size() == compiled
+    for n in (40, 70):                    # later chunks of 16 run the first chunk's compilation
+        generate(model, prompt(n, n), max_new_tokens=2, prefill_chunk=16, cache_len=256)
+    assert _prefill_chunk._cache_size() == compiled
 
 
 def test_eos_and_stop_sequences(model):
