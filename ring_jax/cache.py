@@ -88,15 +88,15 @@ def cache_shardings(cache: Cache, mesh: jax.sharding.Mesh) -> Cache:
 def init_cache(config: RingConfig, batch: int, max_len: int, start, dtype, mesh=None, device=None) -> Cache:
     """An empty cache. start: [batch] int (left padding of each prompt); dtype: the model dtype;
     mesh: lay it out over this mesh (each device allocates only its block); else device: the
-    device (or single-device sharding) it is committed to, like the outputs of the steps that
+    device (or single-device sharding) to commit it to, like the outputs of the steps that
     continue it, so that the first prefill chunk and the later ones share one compilation
-    (default: JAX's default device)."""
+    (default: uncommitted, on JAX's default device)."""
     if max_len > ATTENTION_BLOCK and max_len % ATTENTION_BLOCK:
         raise ValueError(f"max_len={max_len}: beyond {ATTENTION_BLOCK} it must be a multiple of "
                          f"{ATTENTION_BLOCK} (use cache_length)")
     start = np.asarray(start, np.int32).reshape(batch)
     if mesh is None:
-        start = jax.device_put(start, device if device is not None else jax.devices()[0])
+        start = jnp.asarray(start) if device is None else jax.device_put(start, device)
         return _empty_jit(config, max_len, jnp.dtype(dtype), start)
     start = put(start, NamedSharding(mesh, spec(("batch",), start.shape, mesh)))
     return _empty_on(config, max_len, jnp.dtype(dtype), mesh, start)

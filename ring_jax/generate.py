@@ -233,7 +233,7 @@ def _start(model, input_ids, *, attention_mask, max_new_tokens, temperature, top
         raise ValueError(f"cache_len={cache_len} is below the {needed} slots this call needs "
                          f"(prompt bucket {padded} + max_new_tokens {max_new_tokens}, rounded)")
     cache = init_cache(config, B, cache_len or needed, start, model.dtype, mesh,
-                       device=None if mesh else first_array(model).sharding)
+                       device=first_array(model).sharding if mesh is None else None)
 
     graphdef, params = nnx.split(model)
     place = _placer(model)

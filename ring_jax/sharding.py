@@ -12,9 +12,10 @@ mesh axis does not divide the dimension (4 KV heads over 8 devices) stays replic
 is valid for any config. The fused projections ([q | k | v], [gate | up]) are replicated over
 `tensor`: their outputs would otherwise split along the fused dimension, not along heads.
 
-Kernels (Pallas calls, which XLA cannot partition) run under `shard_map` on local blocks: the
-linear-attention scan per (batch, head) block, the experts per (batch, expert) block. Everything
-else is partitioned by XLA from the parameter layouts and the constraints in the model.
+Kernels (Pallas calls, which XLA cannot partition, and the cuDNN attention calls) run under
+`shard_map` on local blocks: the linear-attention scan and the flash attention per (batch, head)
+block, the experts per (batch, expert) block. Everything else is partitioned by XLA from the
+parameter layouts and the constraints in the model.
 """
 
 from __future__ import annotations

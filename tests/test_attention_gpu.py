@@ -7,12 +7,13 @@ import pytest
 from flax import nnx
 
 from conftest import load_config_dict, rel_err
+from pallas_kernels.platform import platform
 from ring_jax import RingConfig
 from ring_jax.cache import KVCache
 from ring_jax.layers import attention
 from ring_jax.layers.rope import rope_tables
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(platform() != "hopper", reason="the flash path runs on Hopper")]
 
 
 def attention64(q, keys, values, cursor, start):
@@ -37,10 +38,10 @@ def attention64(q, keys, values, cursor, start):
 @pytest.mark.parametrize("T, cursor, start", [
     (64, 0, [0, 5, 64]),            # first chunk: no padding, padding inside it, all padding
     (300, 600, [0, 17, 700]),       # a later chunk: keys before it, padding reaching into it
-    (128, 384, [200, 384, 0]),      # padding that ends before, at, and with no padding
+    (128, 384, [200, 384, 0, 600]),  # padding ending before the chunk, at it, none, beyond it
 ])
 def test_flash_matches_float64_and_the_jnp_path(T, cursor, start):
-    B, L, H, Hkv, D = 3, 1024, 16, 4, 128
+    B, L, H, Hkv, D = len(start), 1024, 16, 4, 128
     ks = jax.random.split(jax.random.PRNGKey(T + cursor), 3)
     q = jax.random.normal(ks[0], (B, T, H, D), jnp.float32).astype(jnp.bfloat16)
     keys, values = (jax.random.normal(k, (B, L, Hkv, D), jnp.float32).astype(jnp.bfloat16) for k in ks[1:])
@@ -72,25 +73,28 @@ def test_softmax_layer_takes_flash(monkeypatch):
     cos, sin = rope_tables(config, jnp.maximum(jnp.arange(T)[None, :] - start[:, None], 0), jnp.bfloat16)
     calls = []
     monkeypatch.setattr(attention, "flash_cached_attention",
-                        lambda *a, f=attention.flash_cached_attention: calls.append(1) or f(*a))
+                        lambda *a, f=attention.flash_cached_attention: calls.append("chunk") or f(*a))
+    monkeypatch.setattr(attention, "_flash_causal",
+                        lambda *a, f=attention._flash_causal: calls.append("forward") or f(*a))
 
     def run():
         chunk = jax.jit(lambda x, kv: layer(x, cos, sin, kv=kv, cursor=jnp.int32(0), start=start))(x, kv)
         return chunk, jax.jit(lambda x: layer(x, cos[0], sin[0]))(x)
 
     (got, got_kv), got_full = run()
-    assert calls, "a prefill chunk did not take the flash path"
+    assert calls == ["chunk", "forward"], calls
     monkeypatch.setattr(attention, "FLASH_MIN_TOKENS", 1 << 30)
     (want, want_kv), want_full = run()
     np.testing.assert_array_equal(np.asarray(got_kv.keys, np.float32), np.asarray(want_kv.keys, np.float32))
     for b in range(B):
         assert rel_err(got[b, int(start[b]):], want[b, int(start[b]):]) <= 2e-2
     assert rel_err(got_full, want_full) <= 2e-2
-    assert not attention.use_flash(jnp.zeros((1, 1, 16, 128), jnp.bfloat16))
+    one = jnp.zeros((1, 1, 16, 128), jnp.bfloat16)
+    assert not attention.use_flash(one, one)                   # a decode step
 
 
-def test_full_forward_takes_flash():
-    """The cache-free causal forward (model(ids), the MTP layers) on the cuDNN path."""
+def test_cudnn_causal_attention_matches_float64():
+    """The cuDNN call of the cache-free causal forward (model(ids), the MTP layers) with GQA."""
     B, T, H, Hkv, D = 2, 200, 16, 4, 128
     ks = jax.random.split(jax.random.PRNGKey(3), 3)
     q = jax.random.normal(ks[0], (B, T, H, D)).astype(jnp.bfloat16)

@@ -12,7 +12,7 @@ from conftest import rel_err
 from ring_jax import cache as cache_module
 from ring_jax.cache import KVCache, cache_bytes, init_cache
 from ring_jax.config import RingConfig
-from ring_jax.generate import _prefill_chunk, generate, stream
+from ring_jax.generate import Sampling, _prefill_chunk, generate, sample, stream
 from ring_jax.layers import attention
 from ring_jax.layers.attention import cached_attention, causal_attention
 
@@ -176,17 +176,24 @@ def test_sampling_reproducible_and_restricted(model):
     greedy = generate(model, p, max_new_tokens=6, eos_token_id=[])
     np.testing.assert_array_equal(generate(model, p, seed=9, top_k=1, **kwargs), greedy)
     np.testing.assert_array_equal(generate(model, p, seed=9, top_p=1e-6, **kwargs), greedy)
+    # The support: 200 draws of the sampler that generate() runs (one vmapped call), on the full
+    # forward's logits at the prompt's last position.
     logits = np.asarray(model(p[None])[0, -1])
+    keys = jax.random.split(jax.random.key(0), 200)
+
+    def firsts(sampling):
+        return set(np.asarray(jax.vmap(lambda key: sample(jnp.asarray(logits)[None], key, sampling))(keys)).ravel().tolist())
+
     top3 = set(np.argsort(-logits)[:3].tolist())
-    firsts = {int(generate(model, p, seed=s, max_new_tokens=1, temperature=5.0, top_k=3)[0, 0])
-              for s in range(40)}
-    assert firsts <= top3 and len(firsts) > 1
+    got = firsts(Sampling(temperature=5.0, top_k=3))
+    assert got <= top3 and len(got) > 1
     probs = np.exp(logits - logits.max())
     probs /= probs.sum()
     nucleus = set(np.argsort(-probs)[: int(np.searchsorted(np.cumsum(np.sort(probs)[::-1]), 0.5)) + 1].tolist())
-    firsts = {int(generate(model, p, seed=s, max_new_tokens=1, temperature=1.0, top_p=0.5)[0, 0])
-              for s in range(40)}
-    assert firsts <= nucleus
+    assert firsts(Sampling(temperature=1.0, top_p=0.5)) <= nucleus
+    assert len(firsts(Sampling(temperature=1.0))) > len(nucleus)    # unrestricted: more tokens than that
+    # and generate() samples with them: its first token is one of the support's
+    assert int(generate(model, p, seed=3, max_new_tokens=1, temperature=5.0, top_k=3)[0, 0]) in top3
 
 
 def test_bfloat16_decode_follows_forward():

@@ -122,6 +122,35 @@ def test_sharded_generate_equals_unsharded(converted, unsharded, sizes):
     assert (ring_jax.generate(model, batch, **sampled) == ring_jax.generate(unsharded, batch, **sampled)).all()
 
 
+def test_flash_attention_path_runs_per_block(converted, unsharded, monkeypatch):
+    """The GPU's flash-attention path under a mesh: its calls run on each device's (batch, heads)
+    block (data=2, tensor=2: 2 of the 4 query heads with 1 of the 2 KV heads). On the CPU the
+    cuDNN calls are swapped for the jnp attention they stand for, so the sharded model gives the
+    unsharded model's logits and tokens."""
+    from ring_jax.layers import attention
+
+    seen = []
+
+    def cached(q, kv, cursor, start):
+        seen.append(q.shape)
+        return attention.cached_attention(q, kv, cursor + jnp.arange(q.shape[1], dtype=jnp.int32), start)
+
+    monkeypatch.setattr(attention, "use_flash", lambda q, k: q.shape[1] > attention.FLASH_MIN_TOKENS)
+    monkeypatch.setattr(attention, "flash_cached_attention", cached)
+    monkeypatch.setattr(attention, "_flash_causal", lambda q, k, v: seen.append(q.shape) or attention.causal_attention(q, k, v))
+    ids = np.random.default_rng(4).integers(0, unsharded.config.vocab_size, (2, 20))
+    # a cache length no other test uses: the steps are traced afresh, with the swapped functions
+    batch, kwargs = prompts(unsharded.config.vocab_size), dict(max_new_tokens=4, eos_token_id=[], cache_len=512)
+    want_logits, want_tokens = unsharded(ids), ring_jax.generate(unsharded, batch, **kwargs)
+    seen.clear()
+    model = ring_jax.load_model(converted, mesh=make_mesh(2, 2, 2))
+    assert rel_err(model(ids), want_logits) <= F32_TOL
+    assert (ring_jax.generate(model, batch, **kwargs) == want_tokens).all()
+    assert (1, 20, 2, 16) in seen                     # the forward: 2 rows over data=2
+    assert (2, 32, 2, 16) in seen                     # the prefill chunk: 3 prompts + 1 filler over data=2
+    assert all(shape[2] == 2 for shape in seen)
+
+
 def test_bf16_expert_parallel_model_is_bit_exact(converted):
     """bf16 over data and expert axes: every pair's output comes from one device and the float32
     combine runs as on one device, so logits and tokens are the unsharded model's bits. (From the

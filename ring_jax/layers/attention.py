@@ -1,9 +1,12 @@
 """Softmax GQA attention with q/k RMSNorm and partial RoPE (SPEC.md §5)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
 from pallas_kernels.platform import platform
 from ring_jax.cache import ATTENTION_BLOCK, KVCache
@@ -11,6 +14,7 @@ from ring_jax.config import RingConfig
 from ring_jax.layers.linear import Linear, einsum
 from ring_jax.layers.norms import RMSNorm
 from ring_jax.layers.rope import apply_rope
+from ring_jax.sharding import in_mesh, mesh_axis
 
 # The largest float32 score matrix [B, H, T, L] computed whole; longer caches go block by block.
 SCORE_BYTES = 1 << 30
@@ -84,8 +88,21 @@ def cached_attention(q: jax.Array, kv: KVCache, q_slots: jax.Array, start: jax.A
     return out.astype(q.dtype).reshape(B, T, H, D)
 
 
-# Continuations of more than this many tokens (prefill chunks) take cuDNN's flash attention on GPU.
+# Continuations of more than this many tokens (prefill chunks) take cuDNN's flash attention on
+# Hopper GPUs.
 FLASH_MIN_TOKENS = 8
+
+
+@functools.cache
+def _cudnn_attention():
+    """JAX's internal cuDNN attention entry point (it returns the float32 log-sum-exps, which the
+    public `jax.nn.dot_product_attention` rounds to the inputs' dtype): (function, MaskType), or
+    None where this JAX does not have it (then the jnp path runs)."""
+    try:
+        from jax._src.cudnn.fused_attention_stablehlo import MaskType, dot_product_attention
+    except ImportError:
+        return None
+    return dot_product_attention, MaskType
 
 
 def _shift_rows(x: jax.Array, shift: jax.Array) -> jax.Array:
@@ -101,16 +118,15 @@ def flash_cached_attention(q: jax.Array, kv: KVCache, cursor: jax.Array, start: 
     keys before it. Left padding becomes cuDNN's sequence lengths by moving each sequence's real
     tokens to the front: the chunk's rows by max(start - cursor, 0), the cache's by start. A
     padding query reads its own slot only, as in `cached_attention`. The numerics are flash
-    attention's (float32 scores and running softmax; unnormalised probabilities rounded to bf16
-    before the product with v), as PyTorch's SDPA flash kernel computes them; the two parts' outputs
-    are rounded to q.dtype before the merge.
-    q: [B, T, H, D] bf16 or f16; kv: the layer's cache [B, L, Hkv, D] holding the chunk's keys;
-    cursor: [] int32; start: [B]. Returns [B, T, H, D] in q.dtype.
+    attention's (float32 scores and running softmax; unnormalised probabilities rounded to q.dtype
+    before the product with v), as PyTorch's SDPA flash kernel computes them; the two parts'
+    outputs are rounded to q.dtype before the merge. Inference only: JAX's backward pass of the
+    cuDNN call ignores the log-sum-exps' cotangent, so gradients through the merge are wrong.
+    q: [B, T, H, D] bf16 or f16; kv: the layer's cache [B, L, Hkv, D] in q's dtype, holding the
+    chunk's keys; cursor: [] int32; start: [B]. Returns [B, T, H, D] in q.dtype.
     """
-    from jax._src.cudnn.fused_attention_stablehlo import MaskType, dot_product_attention
-
+    dot_product_attention, MaskType = _cudnn_attention()
     B, T, H, D = q.shape
-    L = kv.keys.shape[1]
     chunk = [lax.dynamic_slice_in_dim(c, cursor, T, axis=1) for c in (kv.keys, kv.values)]
     pad = jnp.clip(start - cursor, 0, T).astype(jnp.int32)          # padding rows of the chunk
     n_own = T - pad
@@ -127,12 +143,11 @@ def flash_cached_attention(q: jax.Array, kv: KVCache, cursor: jax.Array, start: 
     o_own = jnp.take_along_axis(o_own, back[:, :, None, None], axis=1)
     lse_own = jnp.take_along_axis(lse_own, back[:, :, None], axis=1)
 
-    def before():
-        k, v = (_shift_rows(c, start) for c in (kv.keys, kv.values))
-        return attend(q, k, v, jnp.full((B,), T, jnp.int32), n_before, MaskType.PADDING)
-
-    o_before, lse_before = lax.cond(jnp.any(n_before > 0), before,
-                                    lambda: (jnp.zeros_like(q), jnp.full((B, T, H), -jnp.inf)))
+    # At least one key per row, and no lax.cond (on GPU it syncs with the host): rows with
+    # nothing before the chunk read one key and drop the result.
+    k, v = (_shift_rows(c, start) for c in (kv.keys, kv.values))
+    o_before, lse_before = attend(q, k, v, jnp.full((B,), T, jnp.int32), jnp.maximum(n_before, 1),
+                                  MaskType.PADDING)
     seen = n_before[:, None, None] > 0
     lse_before = jnp.where(seen, lse_before, -jnp.inf)
     lse = jnp.logaddexp(lse_own, lse_before)
@@ -144,10 +159,33 @@ def flash_cached_attention(q: jax.Array, kv: KVCache, cursor: jax.Array, start: 
     return jnp.where(padding[:, :, None, None], own_value.astype(jnp.float32), out).astype(q.dtype)
 
 
-def use_flash(q: jax.Array) -> bool:
-    """Whether attention of q [B, T, H, D] takes cuDNN's flash attention: more than
-    FLASH_MIN_TOKENS queries (a prefill chunk, a full forward) in bf16 or f16 on a Hopper GPU."""
-    return q.shape[1] > FLASH_MIN_TOKENS and q.dtype in (jnp.bfloat16, jnp.float16) and platform() == "hopper"
+def _flash_causal(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """The cache-free causal forward by cuDNN: q [B, T, H, D], k, v [B, T, Hkv, D] -> [B, T, H, D]."""
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+
+
+def _per_block(fn, q, k, v, *rest):
+    """fn(q, k, v, *rest) on each device's (batch, heads) block under a mesh, as the Pallas kernels
+    run (XLA is not asked to partition the cuDNN call). q: [B, T, H, D]; k, v: [B, S, Hkv, D];
+    rest: cursor [] and start [B], when given. The heads are split only when `tensor` splits both
+    q's and the keys' heads (a GQA group stays on one device); else each device takes them all."""
+    if not in_mesh():
+        return fn(q, k, v, *rest)
+    b, h = mesh_axis("batch", q.shape[0]), mesh_axis("heads", q.shape[2])
+    if h != mesh_axis("kv_heads", k.shape[2]):
+        h = None
+    heads = P(b, None, h, None)
+    specs = (heads, heads, heads) + (P(), P(b))[:len(rest)]
+    return jax.shard_map(fn, in_specs=specs, out_specs=heads, check_vma=False)(q, k, v, *rest)
+
+
+def use_flash(q: jax.Array, k: jax.Array) -> bool:
+    """Whether attention of q [B, T, H, D] over keys k [B, S, Hkv, D] takes cuDNN's flash
+    attention: more than FLASH_MIN_TOKENS queries (a prefill chunk, a full forward), q and k both
+    bf16 or both f16, a head size cuDNN takes (a multiple of 8 up to 256), on a Hopper GPU."""
+    return (q.shape[1] > FLASH_MIN_TOKENS and q.dtype in (jnp.bfloat16, jnp.float16) and k.dtype == q.dtype
+            and q.shape[3] % 8 == 0 and q.shape[3] <= 256 and platform() == "hopper"
+            and _cudnn_attention() is not None)
 
 
 class SoftmaxAttention(nnx.Module):
@@ -179,13 +217,13 @@ class SoftmaxAttention(nnx.Module):
         q = apply_rope(self.query_layernorm(q), cos, sin)
         k = apply_rope(self.key_layernorm(k), cos, sin)
         if kv is None:
-            o = (jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn") if use_flash(q)
-                 else causal_attention(q, k, v))
+            o = _per_block(_flash_causal, q, k, v) if use_flash(q, k) else causal_attention(q, k, v)
             return self.dense(o.reshape(B, T, H * self.head_dim))
         kv = KVCache(lax.dynamic_update_slice_in_dim(kv.keys, k.astype(kv.keys.dtype), cursor, axis=1),
                      lax.dynamic_update_slice_in_dim(kv.values, v.astype(kv.values.dtype), cursor, axis=1))
-        if use_flash(q):
-            o = flash_cached_attention(q, kv, cursor, start)
+        if use_flash(q, kv.keys):
+            o = _per_block(lambda q, k, v, cursor, start: flash_cached_attention(q, KVCache(k, v), cursor, start),
+                           q, kv.keys, kv.values, cursor, start)
         else:
             o = cached_attention(q, kv, cursor + jnp.arange(T, dtype=jnp.int32), start)
         return self.dense(o.reshape(B, T, H * self.head_dim)), kv
