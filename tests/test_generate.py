@@ -103,6 +103,51 @@ def test_cached_attention_blocks(monkeypatch):
         assert rel_err(got[b], want) <= 1e-6
 
 
+class _StandInMask:
+    PADDING, PADDING_CAUSAL = "padding", "padding_causal"
+
+
+def _cudnn_stand_in(q, k, v, *, q_seqlen, kv_seqlen, scale, mask_type, return_residual):
+    """What the cuDNN call computes, in jnp: q [B, T, N, D], k, v [B, S, K, D]; row t of sequence
+    b reads keys s < kv_seqlen[b] (and s <= t when causal, top-left aligned). Returns the output
+    and the natural-log log-sum-exps [B, N, T] of the scaled scores. Rows t >= q_seqlen[b] are
+    NaN, output and log-sum-exp: the caller must not read them."""
+    assert return_residual
+    B, T, N, _ = q.shape
+    S, G = k.shape[1], N // k.shape[2]
+    kk, vv = (jnp.repeat(x, G, axis=2).astype(jnp.float32) for x in (k, v))
+    scores = jnp.einsum("btnd,bsnd->bnts", q.astype(jnp.float32), kk) * scale
+    rows, cols = jnp.arange(T)[:, None], jnp.arange(S)[None, :]
+    seen = (cols[None] < kv_seqlen[:, None, None]) & (rows[None] < q_seqlen[:, None, None])
+    if mask_type == _StandInMask.PADDING_CAUSAL:
+        seen &= (cols <= rows)[None]
+    scores = jnp.where(seen[:, None], scores, -jnp.inf)
+    lse = jax.nn.logsumexp(scores, axis=-1)
+    out = jnp.einsum("bnts,bsnd->btnd", jnp.exp(scores - lse[..., None]), vv)
+    real = jnp.arange(T)[None] < q_seqlen[:, None]                                   # [B, T]
+    return (jnp.where(real[:, :, None, None], out, jnp.nan).astype(q.dtype),
+            jnp.where(real[:, None, :], lse, jnp.nan))
+
+
+@pytest.mark.parametrize("T, cursor", [(16, 0), (16, 16), (12, 20), (9, 5)])
+def test_flash_cached_attention_indexing(T, cursor, monkeypatch):
+    """The flash path's shifts, sequence lengths and log-sum-exp merge (the GPU tests run the real
+    cuDNN calls): with a jnp stand-in for cuDNN (NaN in every row it must not read), equal to
+    `cached_attention` for sequences starting before, at, inside, at the end of, and after the
+    chunk, and for one with nothing before it."""
+    monkeypatch.setattr(attention, "_cudnn_attention", lambda: (_cudnn_stand_in, _StandInMask))
+    L, H, Hkv, D = 64, 4, 2, 8
+    start = jnp.asarray([0, 3, cursor, cursor + T // 2, cursor + T - 1, cursor + T + 5], jnp.int32)
+    B = start.shape[0]
+    rng = np.random.default_rng(T + cursor)
+    q = jnp.asarray(rng.normal(size=(B, T, H, D)), jnp.float32)
+    kv = KVCache(*(jnp.asarray(rng.normal(size=(B, L, Hkv, D)), jnp.float32) for _ in range(2)))
+    got = jax.jit(attention.flash_cached_attention)(q, kv, jnp.int32(cursor), start)
+    want = cached_attention(q, kv, cursor + jnp.arange(T, dtype=jnp.int32), start)
+    assert np.isfinite(np.asarray(got)).all()
+    assert rel_err(got, want) <= 1e-5
+
+
 def test_long_padding_across_attention_blocks(model, monkeypatch):
     """A cache of several attention blocks with left padding longer than a block."""
     monkeypatch.setattr(attention, "ATTENTION_BLOCK", 16)
