@@ -1,6 +1,7 @@
 """Kernels of ring-jax, each behind one entry point with a plain-jnp reference beside it."""
 
 from pallas_kernels.linear_attention import linear_attention, linear_attention_step
+from pallas_kernels.matvec import matvec, matvec_backend
 from pallas_kernels.moe import gmm, gmm_backend
 
-__all__ = ["gmm", "gmm_backend", "linear_attention", "linear_attention_step"]
+__all__ = ["gmm", "gmm_backend", "linear_attention", "linear_attention_step", "matvec", "matvec_backend"]

@@ -28,7 +28,7 @@ from jax.sharding import PartitionSpec as P
 
 import pallas_kernels
 from ring_jax.config import RingConfig
-from ring_jax.layers.linear import einsum, matmul
+from ring_jax.layers.linear import matmul
 from ring_jax.layers.mlp import MLP, swiglu
 from ring_jax.sharding import in_mesh, mesh_axis, param
 
@@ -49,7 +49,7 @@ class Router(nnx.Module):
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """x: [N, hidden] -> (expert ids [N, top_k] int32, weights [N, top_k] float32)."""
         kernel = self.kernel[...]
-        logits = matmul(x.astype(jnp.float32), kernel.astype(jnp.float32))          # [N, E]
+        logits = matmul(x.astype(jnp.float32), kernel)       # [N, E] float32 (kernel promoted)
         scores = jax.nn.sigmoid(logits)
         bias = self.expert_bias[...]
         if self.bias_in_model_dtype:
@@ -64,16 +64,55 @@ class Router(nnx.Module):
         """Top-k experts of the top `topk_group` groups, groups ranked by their two best scores."""
         N, E = s.shape
         grouped = s.reshape(N, self.n_group, E // self.n_group)
-        group_score = jnp.sum(jax.lax.top_k(grouped, 2)[0], axis=-1)               # [N, n_group]
-        _, kept = jax.lax.top_k(group_score, self.topk_group)                        # [N, topk_group]
-        keep = jnp.sum(jax.nn.one_hot(kept, self.n_group, dtype=jnp.int32), axis=1) > 0
+        group_score = jnp.sum(jnp.where(in_top_k(grouped, 2), grouped, 0.0), axis=-1)  # [N, n_group]
+        keep = in_top_k(group_score, self.topk_group)
         masked = jnp.where(keep[:, :, None], grouped, -jnp.inf).reshape(N, E)
-        return jax.lax.top_k(masked, self.top_k)[1].astype(jnp.int32)
+        return top_k_indices(masked, self.top_k)
 
 
-# Without a grouped-matmul kernel (the jnp reference reads every expert), up to this many
-# (token, expert) pairs gather their chosen experts' weights instead: at decode sizes that reads
-# only the chosen experts. The kernels skip empty groups themselves.
+# Up to this many comparisons (rows x n x n: a decode step of up to 16 tokens), the router's
+# selections compare all pairs of scores (a few fused reductions) instead of calling lax.top_k,
+# which XLA:GPU lowers to a sort per selection: 3 sorts and their glue per MoE layer, about 12 us of
+# a batch-1 decode step's layer on an H200. Both give the same experts in the same order. Past it,
+# the comparisons cost more than the sorts (and XLA:GPU took minutes to compile them for 4096 rows).
+COMPARE_TOP_K_MAX = 1 << 20
+
+
+def ranks(s: jax.Array) -> jax.Array:
+    """s: [..., n] float32 -> [..., n] int32, each entry's place in lax.top_k's order: descending
+    in the total order of floats (-0.0 below +0.0), ties to the lower index."""
+    bits = jax.lax.bitcast_convert_type(s, jnp.int32)
+    key = bits ^ ((bits >> 31) & 0x7FFFFFFF)        # the same order as signed integers
+    i = jnp.arange(s.shape[-1])
+    other, this = key[..., None, :], key[..., :, None]
+    ahead = (other > this) | ((other == this) & (i[None, :] < i[:, None]))
+    return jnp.sum(ahead, axis=-1, dtype=jnp.int32)
+
+
+def _few_rows(s: jax.Array) -> bool:
+    return s.size * s.shape[-1] <= COMPARE_TOP_K_MAX
+
+
+def in_top_k(s: jax.Array, k: int) -> jax.Array:
+    """s: [..., n] float32 -> [..., n] bool, the entries lax.top_k(s, k) picks."""
+    if _few_rows(s):
+        return ranks(s) < k
+    picked = jax.nn.one_hot(jax.lax.top_k(s, k)[1], s.shape[-1], dtype=jnp.int32)   # [..., k, n]
+    return jnp.sum(picked, axis=-2) > 0
+
+
+def top_k_indices(s: jax.Array, k: int) -> jax.Array:
+    """s: [..., n] float32 -> [..., k] int32, lax.top_k(s, k)[1]."""
+    if not _few_rows(s):
+        return jax.lax.top_k(s, k)[1].astype(jnp.int32)
+    places = ranks(s)[..., None, :] == jnp.arange(k)[:, None]                         # [..., k, n]
+    return jnp.sum(jnp.where(places, jnp.arange(s.shape[-1]), 0), axis=-1, dtype=jnp.int32)
+
+
+# Up to this many (token, expert) pairs (a decode step), each pair reads its chosen expert's
+# weights directly (`pallas_kernels.matvec`): no sort and no dispatch, and only the chosen experts
+# are read (the jnp reference of the grouped matmul reads every expert). On a TPU the grouped-matmul
+# kernel, which skips empty groups itself, is kept.
 GATHER_MAX_PAIRS = 64
 
 
@@ -100,9 +139,11 @@ def sort_by_expert(ids: jax.Array, num_experts: int):
 
 
 def gathers(tokens: jax.Array, ids: jax.Array, gate_up: jax.Array) -> bool:
-    """Whether the pairs `ids` [N, k] of tokens [N, hidden] take the gathered path: few pairs and
-    no grouped-matmul kernel for these operands."""
-    return ids.size <= GATHER_MAX_PAIRS and pallas_kernels.gmm_backend(tokens, gate_up) == "reference"
+    """Whether the pairs `ids` [N, k] of tokens [N, hidden] take the gathered path: few pairs, and
+    the matvec kernel or no grouped-matmul kernel for these operands."""
+    return ids.size <= GATHER_MAX_PAIRS and (
+        pallas_kernels.matvec_backend(tokens[:, None], gate_up) == "gpu"
+        or pallas_kernels.gmm_backend(tokens, gate_up) == "reference")
 
 
 def expert_outputs(tokens, ids, gate_up, down, expert_axis=None, gathered=None):
@@ -142,9 +183,12 @@ def _grouped(tokens, ids, gate_up, down):
 
 
 def _gathered(tokens, ids, gate_up, down):
-    """-> [N, k, hidden], reading only the chosen experts' weights."""
-    out = einsum("nh,nkhi->nki", tokens, jnp.take(gate_up, ids, axis=0))
-    return einsum("nki,nkih->nkh", swiglu(out), jnp.take(down, ids, axis=0))
+    """-> [N, k, hidden], reading only the chosen experts' weights (pair n k + j takes token n)."""
+    N, k = ids.shape
+    pairs = ids.reshape(-1)
+    out = pallas_kernels.matvec(tokens[:, None], gate_up, pairs).astype(tokens.dtype)     # [N k, 1, 2 I]
+    out = pallas_kernels.matvec(swiglu(out), down, pairs).astype(tokens.dtype)            # [N k, 1, hidden]
+    return out.reshape(N, k, -1)
 
 
 class Experts(nnx.Module):

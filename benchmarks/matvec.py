@@ -1,0 +1,99 @@
+"""Decode-step matmuls (a few rows times a weight matrix): the matvec kernel against XLA.
+
+    python benchmarks/matvec.py [--config configs/ring-mini-linear-2.0.json] [--rows 1 8]
+
+Each weight matrix of one decode step of the model (the projections, the router in float32, the
+shared and dense MLPs, 8 routed experts' matrices picked by id, and the LM head for reference),
+multiplied by `rows` rows. Both ways return float32 sums. Each is timed as R products on R
+distinct matrices (more than 256 MB in all, so that the 50 MB L2 does not serve them) inside one
+jitted call, median of 20, divided by R. Bytes: the weights each product reads; the roofline is
+the copy bandwidth measured in the same run.
+"""
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.timing import bench_jax, copy_bandwidth
+from pallas_kernels.matvec import gpu, reference
+from ring_jax import RingConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def shapes(config):
+    """(name, x dtype, K, N, experts in the stack, groups per product) of one decode step."""
+    h, H, D = config.hidden_size, config.num_attention_heads, config.head_dim
+    Hkv = config.num_key_value_heads
+    out = [("linear qkv", "bfloat16", h, 3 * H * D, 1, 1),
+           ("softmax qkv", "bfloat16", h, (H + 2 * Hkv) * D, 1, 1),
+           ("g_proj", "bfloat16", h, H * D, 1, 1),
+           ("dense / o_proj", "bfloat16", H * D, h, 1, 1),
+           ("router (f32 x)", "float32", h, config.num_experts, 1, 1),
+           ("dense MLP gate_up", "bfloat16", h, 2 * config.intermediate_size, 1, 1),
+           ("dense MLP down", "bfloat16", config.intermediate_size, h, 1, 1)]
+    if config.shared_expert_intermediate_size:
+        Is = config.shared_expert_intermediate_size
+        out += [("shared gate_up", "bfloat16", h, 2 * Is, 1, 1), ("shared down", "bfloat16", Is, h, 1, 1)]
+    E, k, I = config.num_experts, config.num_experts_per_tok, config.moe_intermediate_size
+    out += [(f"{k} experts gate_up", "bfloat16", h, 2 * I, E, k), (f"{k} experts down", "bfloat16", I, h, E, k),
+            ("LM head", "bfloat16", h, config.vocab_size, 1, 1)]
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=os.path.join(ROOT, "configs", "ring-mini-linear-2.0.json"))
+    parser.add_argument("--rows", type=int, nargs="*", default=[1, 8], help="rows per product (decode batch)")
+    args = parser.parse_args(argv)
+    config = RingConfig.from_hf(args.config)
+    bandwidth = copy_bandwidth()
+    print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}; copy bandwidth {bandwidth / 1e12:.2f} TB/s",
+          flush=True)
+    print("\n| product | rows | K x N | MB read | XLA us | XLA TB/s | kernel us | kernel TB/s | XLA / kernel "
+          "| % of copy bw | rel err |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    rng = np.random.default_rng(0)
+    for M in args.rows:
+        for name, x_dtype, K, N, E, groups in shapes(config):
+            nbytes = groups * K * N * 2
+            R = int(min(32, max(1, -(-256e6 // nbytes)))) if E == 1 else 32
+            key = jax.random.key(K * N + M)
+            ws = jax.random.normal(key, (max(E, R) if E > 1 else R, K, N), jnp.float32).astype(jnp.bfloat16)
+            x = jax.random.normal(jax.random.fold_in(key, 1), (1, M, K), jnp.float32).astype(x_dtype)
+            ids = jnp.asarray(np.stack([rng.choice(ws.shape[0], groups, replace=False) if E > 1 else [r]
+                                        for r in range(R)]), jnp.int32)                       # [R, groups]
+            kernel_ok = gpu.supports(x, ws) or name == "LM head"
+
+            def xla(x, ws, ids):
+                precision = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
+                return [jnp.einsum("mk,gkn->gmn", x[0], ws[ids[r]] if E > 1 else ws[r:r + 1], precision=precision,
+                                   preferred_element_type=jnp.float32) for r in range(R)]
+
+            def kernel(x, ws, ids):
+                return [gpu.matvec(x, ws, ids[r]) for r in range(R)]
+
+            xla_us = bench_jax(jax.jit(xla), x, ws, ids) * 1e3 / R
+            row = f"| {name} | {M} | {K} x {N}{f' x {groups}' if groups > 1 else ''} | {nbytes / 1e6:.1f} | " \
+                  f"{xla_us:.2f} | {nbytes / xla_us / 1e6:.2f} |"
+            if kernel_ok and jax.devices()[0].platform == "gpu":
+                got = jax.jit(kernel)(x, ws, ids)[0]
+                want = reference.matvec(x.astype(jnp.float32), ws.astype(jnp.float32), ids[0])
+                err = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
+                us = bench_jax(jax.jit(kernel), x, ws, ids) * 1e3 / R
+                row += f" {us:.2f} | {nbytes / us / 1e6:.2f} | {xla_us / us:.2f}x | {100 * nbytes / us / 1e6 / (bandwidth / 1e12):.0f}% | {err:.1e} |"
+            else:
+                row += " - | - | - | - | - |"
+            print(row, flush=True)
+            del ws
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""Entry point of the few-row matmul kernel; `backend` picks the implementation.
+
+A decode step multiplies a handful of rows by each weight matrix. XLA:GPU rewrites a product of a
+vector and a matrix under 10M elements into a multiply and a reduce, and runs the larger ones
+through GEMM tilings built for many rows; both stream the weights well below the copy bandwidth
+(docs/PERFORMANCE.md). The GPU kernel streams them with the whole chip. With `ids`, each row
+group reads its own matrix of a stack: a decode step's routed experts without sorting the pairs.
+
+"auto": on Hopper GPUs the Pallas Triton kernel when it takes the operands (`gpu.supports`); the
+jnp reference otherwise (including the TPU, where XLA's own matrix-vector products are used).
+"""
+
+import jax.numpy as jnp
+
+from pallas_kernels.matvec import reference
+from pallas_kernels.platform import platform
+
+BACKENDS = ("reference", "gpu")
+
+
+def matvec_backend(x, w, backend="auto") -> str:
+    """The backend `matvec` runs for these operands: "gpu" or "reference"."""
+    if backend not in ("auto",) + BACKENDS:
+        raise ValueError(f"backend={backend!r}: choose 'auto' or one of {BACKENDS}")
+    if backend != "auto":
+        return backend
+    if platform() == "hopper":
+        from pallas_kernels.matvec import gpu
+
+        if gpu.supports(x, w):
+            return "gpu"
+    return "reference"
+
+
+def matvec(x, w, ids=None, *, backend="auto", interpret=False):
+    """Row groups times weight matrices, accumulated in float32.
+
+    x: [X, M, K], X groups of M rows (M small: a decode step's tokens); w: [E, K, N];
+    ids: [P] int32 in [0, E), the matrix of each output group, P a multiple of X; output group p
+    takes the rows x[p // (P / X)] (so a token's top-k experts share its row). None: one output
+    group per x group, and w must hold one matrix.
+    Returns [P, M, N] float32: out[p] = x[p // (P / X)] @ w[ids[p]]. Products of bf16 are exact
+    in float32; a float32 operand makes it a full-precision float32 product. The caller rounds.
+
+    interpret: run the GPU kernel in Pallas interpret mode (CPU tests).
+    """
+    X, M, K = x.shape
+    E, K_w, N = w.shape
+    if K_w != K:
+        raise ValueError(f"matvec: x is [{X}, {M}, {K}] but w is [{E}, {K_w}, {N}]: K differs")
+    if ids is None:
+        if E != 1:
+            raise ValueError(f"matvec: w stacks {E} matrices; pass ids")
+        ids = jnp.zeros((X,), jnp.int32)
+    if ids.ndim != 1 or ids.shape[0] % X:
+        raise ValueError(f"matvec: ids must be [P] with P a multiple of {X}, got {ids.shape}")
+    ids = ids.astype(jnp.int32)
+    if interpret or matvec_backend(x, w, backend) == "gpu":
+        from pallas_kernels.matvec import gpu
+
+        return gpu.matvec(x, w, ids, interpret=interpret)
+    return reference.matvec(x, w, ids)

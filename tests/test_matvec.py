@@ -1,0 +1,96 @@
+"""The few-row matmul (`pallas_kernels.matvec`) in Pallas interpret mode and its jnp reference,
+against float64; and the router's comparison-based top-k against lax.top_k."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import rel_err
+from pallas_kernels.matvec import matvec, matvec_backend, reference
+from ring_jax.layers import moe
+
+# (X groups of rows, M rows, K, E matrices, N, P output groups, x dtype, w dtype)
+CASES = {
+    "one row, one matrix": (1, 1, 256, 1, 128, 1, jnp.bfloat16, jnp.bfloat16),
+    "3 rows, 8 groups share 2 row groups": (2, 3, 512, 6, 192, 8, jnp.bfloat16, jnp.bfloat16),
+    "float32 rows, bf16 matrices (router)": (4, 1, 256, 16, 64, 4, jnp.float32, jnp.bfloat16),
+    "float32 both": (1, 2, 128, 3, 128, 3, jnp.float32, jnp.float32),
+}
+
+
+def operands(X, M, K, E, N, P, x_dtype, w_dtype, seed):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((X, M, K)), x_dtype)
+    w = jnp.asarray(rng.standard_normal((E, K, N)), w_dtype)
+    ids = jnp.asarray(rng.integers(0, E, P), jnp.int32)
+    return x, w, ids
+
+
+def matvec64(x, w, ids):
+    x, w, ids = np.asarray(x, np.float64), np.asarray(w, np.float64), np.asarray(ids)
+    return np.einsum("pmk,pkn->pmn", np.repeat(x, len(ids) // len(x), axis=0), w[ids])
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_kernel_and_reference_match_float64(case):
+    X, M, K, E, N, P, xd, wd = CASES[case]
+    x, w, ids = operands(X, M, K, E, N, P, xd, wd, seed=len(case))
+    want = matvec64(x, w, ids)
+    for out in (matvec(x, w, ids, interpret=True), reference.matvec(x, w, ids)):
+        assert out.shape == (P, M, N) and out.dtype == jnp.float32
+        assert rel_err(out, want) <= 1e-6
+
+
+def test_ids_default_and_errors():
+    x, w, _ = operands(2, 1, 128, 1, 64, 2, jnp.bfloat16, jnp.bfloat16, seed=0)
+    assert rel_err(matvec(x, w, interpret=True), matvec64(x, w, np.zeros(2, int))) <= 1e-6
+    with pytest.raises(ValueError, match="K differs"):
+        matvec(x, w[:, :64])
+    with pytest.raises(ValueError, match="pass ids"):
+        matvec(x, jnp.concatenate([w, w]))
+    with pytest.raises(ValueError, match="multiple of 2"):
+        matvec(x, w, jnp.zeros(3, jnp.int32))
+    with pytest.raises(ValueError, match="backend"):
+        matvec(x, w, backend="cuda")
+    assert matvec_backend(x, w) == "reference"           # no GPU here
+
+
+def scores(rng, shape):
+    """float32 scores with many ties, +-0.0 and -inf."""
+    s = np.round(rng.standard_normal(shape) * rng.choice([1, 4])) / 4
+    s[rng.random(shape) < 0.1] = -np.inf
+    s[rng.random(shape) < 0.05] = -0.0
+    s[rng.random(shape) < 0.05] = 0.0
+    return jnp.asarray(s, jnp.float32)
+
+
+@pytest.mark.parametrize("rows", [3, 100])
+def test_comparison_top_k_equals_lax_top_k(rows):
+    """`top_k_indices` and `in_top_k` give lax.top_k's picks in its order (descending, -0.0 below
+    +0.0, ties to the lower index), on the comparison path (3 rows) and the lax path (100 x 256 x
+    256 > COMPARE_TOP_K_MAX)."""
+    rng = np.random.default_rng(rows)
+    for n in (8, 32, 256):
+        s = scores(rng, (rows, n))
+        for k in (1, 2, 4, 8):
+            want = np.asarray(jax.lax.top_k(s, k)[1])
+            np.testing.assert_array_equal(moe.top_k_indices(s, k), want)
+            mask = np.zeros(s.shape, bool)
+            np.put_along_axis(mask, want, True, axis=-1)
+            np.testing.assert_array_equal(moe.in_top_k(s, k), mask)
+
+
+def test_router_selection_same_on_both_paths(monkeypatch):
+    from flax import nnx
+
+    from conftest import load_config_dict
+    from ring_jax.config import RingConfig
+
+    config = RingConfig.from_hf(load_config_dict("tiny.json"), num_experts=64, n_group=8, topk_group=3,
+                                num_experts_per_tok=6)
+    router = moe.Router(config, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    s = scores(np.random.default_rng(5), (40, 64))
+    compared = router._select(s)
+    monkeypatch.setattr(moe, "COMPARE_TOP_K_MAX", 0)
+    np.testing.assert_array_equal(compared, router._select(s))

@@ -1,0 +1,75 @@
+"""The matvec kernel on a Hopper GPU: against float64 at Ring-mini decode shapes, and a decode
+step that takes it against the full forward and against the same step through XLA."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import ring_jax
+from conftest import load_config_dict, rel_err
+from pallas_kernels.matvec import gpu
+from pallas_kernels.platform import platform
+from ring_jax import RingConfig
+from ring_jax.cache import init_cache
+from test_generate import extend
+from test_matvec import matvec64, operands
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(platform() != "hopper", reason="the kernel runs on Hopper")]
+
+# Ring-mini's decode products: projections, router (float32 rows), 8 of 256 experts, a 3-row call.
+CASES = [(1, 1, 2048, 1, 6144, 1, jnp.bfloat16, jnp.bfloat16),
+         (1, 1, 2048, 1, 2048, 1, jnp.bfloat16, jnp.bfloat16),
+         (1, 1, 2048, 1, 256, 1, jnp.float32, jnp.bfloat16),
+         (1, 1, 2048, 256, 1024, 8, jnp.bfloat16, jnp.bfloat16),
+         (8, 1, 512, 256, 2048, 8, jnp.bfloat16, jnp.bfloat16),
+         (2, 3, 512, 6, 192, 8, jnp.float32, jnp.float32)]
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_kernel_matches_float64(case):
+    x, w, ids = operands(*CASES[case], seed=100 + case)
+    out = gpu.matvec(x, w, ids)
+    assert not np.isnan(np.asarray(out)).any()
+    assert rel_err(out, matvec64(x, w, ids)) <= 1e-6
+
+
+def model_with_kernel_shapes(dtype):
+    """The tiny config widened so that every product of a decode step fits the kernel's tiles."""
+    config = load_config_dict("tiny.json")
+    config.update(hidden_size=256, head_dim=64, intermediate_size=128, moe_intermediate_size=128,
+                  moe_shared_expert_intermediate_size=128, num_experts=64)
+    return ring_jax.RingModel(RingConfig.from_hf(config), dtype=dtype, rngs=nnx.Rngs(1))
+
+
+def decode_logits(model, p, steps):
+    """Prefill p[:-steps], then one token at a time -> the steps' logits [steps, V]."""
+    cache = init_cache(model.config, 1, 128, [0], model.dtype)
+    _, cache = extend(model, p[None, :-steps], cache)
+    out = []
+    for t in range(len(p) - steps, len(p)):
+        logits, cache = extend(model, p[None, t:t + 1], cache)
+        out.append(logits[0, 0])
+    return jnp.stack(out)
+
+
+def test_decode_through_kernel_matches_forward_and_xla(monkeypatch):
+    calls = []
+    monkeypatch.setattr(gpu, "matvec", lambda *a, _f=gpu.matvec, **k: calls.append(a[1].shape) or _f(*a, **k))
+    p = np.random.default_rng(3).integers(2, 256, 24)
+    model = model_with_kernel_shapes(jnp.float32)
+    got = decode_logits(model, p, 4)
+    assert (64, 256, 256) in calls and (1, 256, 768) in calls           # experts and qkv took it
+    assert rel_err(got, model(p[None])[0, -4:]) <= 1e-5
+
+    bf16 = model_with_kernel_shapes(jnp.bfloat16)
+    calls.clear()
+    got = decode_logits(bf16, p, 4)
+    assert calls
+    calls.clear()
+    monkeypatch.setattr(gpu, "supports", lambda *a: False)          # every product through XLA
+    jax.clear_caches()
+    want = decode_logits(bf16, p, 4)
+    assert not calls
+    assert rel_err(got, want) <= 2e-2
