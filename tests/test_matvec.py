@@ -53,6 +53,8 @@ def test_ids_default_and_errors():
         matvec(x, w, jnp.zeros(3, jnp.int32))
     with pytest.raises(ValueError, match="backend"):
         matvec(x, w, backend="cuda")
+    with pytest.raises(NotImplementedError, match="K % 128"):
+        matvec(x[:, :, :100], w[:, :100], interpret=True)
     assert matvec_backend(x, w) == "reference"           # no GPU here
 
 

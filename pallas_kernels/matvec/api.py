@@ -58,5 +58,9 @@ def matvec(x, w, ids=None, *, backend="auto", interpret=False):
     if interpret or matvec_backend(x, w, backend) == "gpu":
         from pallas_kernels.matvec import gpu
 
+        if not gpu.fits(x, w):
+            raise NotImplementedError(
+                f"the gpu kernel takes bf16 or float32 operands with K % {gpu.block_k(w.dtype)} == 0 and "
+                f"N % {gpu.BLOCK_N} == 0 (got {x.dtype} x {w.dtype}, K={K}, N={N}); use backend='reference'")
         return gpu.matvec(x, w, ids, interpret=interpret)
     return reference.matvec(x, w, ids)

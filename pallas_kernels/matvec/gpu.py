@@ -39,12 +39,18 @@ def block_k(w_dtype) -> int:
     return TILE_BYTES // (BLOCK_N * jnp.dtype(w_dtype).itemsize)
 
 
-def supports(x, w) -> bool:
-    """Whether "auto" takes the kernel: bf16 or float32 operands, at most MAX_ROWS rows per group,
-    K and N whole tiles, a matrix of at most MAX_WEIGHT_ELEMENTS."""
+def fits(x, w) -> bool:
+    """Whether the kernel computes these operands: bf16 or float32, K and N whole tiles."""
     K, N = w.shape[-2:]
-    return (jnp.dtype(x.dtype) in DTYPES and jnp.dtype(w.dtype) in DTYPES and x.shape[-2] <= MAX_ROWS
-            and K % block_k(w.dtype) == 0 and N % BLOCK_N == 0 and K * N <= MAX_WEIGHT_ELEMENTS)
+    return (jnp.dtype(x.dtype) in DTYPES and jnp.dtype(w.dtype) in DTYPES
+            and K % block_k(w.dtype) == 0 and N % BLOCK_N == 0)
+
+
+def supports(x, w) -> bool:
+    """Whether "auto" takes the kernel: it `fits`, at most MAX_ROWS rows per group and a matrix of
+    at most MAX_WEIGHT_ELEMENTS."""
+    K, N = w.shape[-2:]
+    return fits(x, w) and x.shape[-2] <= MAX_ROWS and K * N <= MAX_WEIGHT_ELEMENTS
 
 
 def _kernel(ids_ref, x_ref, w_ref, out_ref, *, rows, bk, bn):
