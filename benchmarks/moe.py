@@ -7,11 +7,13 @@ Ring-mini and Ring-flash expert shapes: a dense matmul of the same FLOPs (the ce
 `jax.lax.ragged_dot` (a masked dense product on GPU: only small M), JAX's Mosaic GPU
 `ragged_dot_mgpu` (128/128/64, 4 stages), and `pallas_kernels.gmm(backend="auto")` (our Mosaic GPU
 kernel on Hopper).
-Table 2, the decode-sized expert step of one MoE layer (`expert_outputs`: tokens x top-8 pairs sorted by
-expert, gate_up then down through `pallas_kernels.gmm`) against the bytes of the chosen experts'
-weights. Table 3, a whole Ring-mini MoE layer (router, dispatch, experts, combine, shared expert) in
+Table 2, the decode-sized expert step of one MoE layer (tokens x top-8 pairs, gate_up then down)
+two ways: sorted by expert through `pallas_kernels.gmm`, and each pair reading its expert by id
+through `pallas_kernels.matvec` (what a decode step of up to 64 pairs runs on one GPU), against the
+bytes of the chosen experts' weights; times are the GPU kernels' own (`timing.device_ms`, from a
+trace). Table 3, a whole Ring-mini MoE layer (router, dispatch, experts, combine, shared expert) in
 tokens per second.
-Times: medians of 20 after warm-up, milliseconds.
+Times: medians of 20 after warm-up, milliseconds (table 2: kernel time per call).
 """
 
 import argparse
@@ -26,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import pallas_kernels
-from benchmarks.timing import bench_jax, copy_bandwidth
+from benchmarks.timing import bench_jax, copy_bandwidth, device_ms
 
 SHAPES = {"mini gate_up": (2048, 1024), "mini down": (512, 2048),
           "flash gate_up": (4096, 2048), "flash down": (1024, 4096)}
@@ -80,9 +82,10 @@ def gmm_table(Ms, hbm):
 def decode_table(hbm):
     from flax import nnx
 
-    from ring_jax.layers.moe import Experts, _gathered, expert_outputs
+    from ring_jax.layers.moe import Experts, _gathered, _grouped
 
-    print("\n| model | tokens | pairs | experts' bytes read | ms (gmm kernel) | GB/s | % copy | ms (XLA gather of the chosen weights) |")
+    print("\n| model | tokens | pairs | chosen experts' bytes | sorted + gmm kernel ms | % copy | matvec by ids ms "
+          "| % copy |")
     print("|---|---|---|---|---|---|---|---|")
     for name, (hidden, I) in {"mini": (2048, 512), "flash": (4096, 1024)}.items():
         experts = nnx.eval_shape(lambda: Experts(256, hidden, I, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
@@ -92,15 +95,17 @@ def decode_table(hbm):
         experts.gate_up_proj.set_value(gate_up)
         experts.down_proj.set_value(down)
         state = nnx.state(experts)
-        step = jax.jit(lambda s, t, i: expert_outputs(t, i, s["gate_up_proj"][...], s["down_proj"][...]))
-        gathered = jax.jit(lambda s, t, i: _gathered(t, i, s["gate_up_proj"][...], s["down_proj"][...]))
+        paths = [jax.jit(lambda s, t, i, f=f: f(t, i, s["gate_up_proj"][...], s["down_proj"][...]))
+                 for f in (_grouped, _gathered)]
         for tokens in (1, 8):
             x = jax.random.normal(key, (tokens, hidden), jnp.float32).astype(jnp.bfloat16)
             ids = jnp.asarray(np.stack([np.random.default_rng(t).choice(256, 8, replace=False) for t in range(tokens)]), jnp.int32)
-            ms = bench_jax(step, state, x, ids)
             nbytes = len(np.unique(np.asarray(ids))) * 3 * hidden * I * 2
-            print(f"| {name} | {tokens} | {tokens * 8} | {nbytes / 1e6:.1f} MB | {ms:.3f} | {nbytes / ms / 1e6:.0f} | "
-                  f"{100 * nbytes / (ms * 1e-3) / hbm:.0f}% | {bench_jax(gathered, state, x, ids):.3f} |", flush=True)
+            cells = []
+            for path in paths:
+                ms = device_ms(path, state, x, ids) or bench_jax(path, state, x, ids)
+                cells += [f"{ms:.4f}", f"{100 * nbytes / (ms * 1e-3) / hbm:.0f}%"]
+            print(f"| {name} | {tokens} | {tokens * 8} | {nbytes / 1e6:.1f} MB | " + " | ".join(cells) + " |", flush=True)
 
 
 def layer_table():

@@ -1,14 +1,22 @@
 """The few-row matmul (`pallas_kernels.matvec`) in Pallas interpret mode and its jnp reference,
 against float64; and the router's comparison-based top-k against lax.top_k."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
-from conftest import rel_err
-from pallas_kernels.matvec import matvec, matvec_backend, reference
+import ring_jax
+from conftest import load_config_dict, rel_err
+from pallas_kernels.matvec import api, gpu, matvec, matvec_backend, reference
+from pallas_kernels.platform import platform
+from ring_jax import RingConfig
+from ring_jax.cache import init_cache
 from ring_jax.layers import moe
+from test_generate import extend
 
 # (X groups of rows, M rows, K, E matrices, N, P output groups, x dtype, w dtype)
 CASES = {
@@ -55,13 +63,16 @@ def test_ids_default_and_errors():
         matvec(x, w, backend="cuda")
     with pytest.raises(NotImplementedError, match="K % 128"):
         matvec(x[:, :, :100], w[:, :100], interpret=True)
-    assert matvec_backend(x, w) == "reference"           # no GPU here
+    assert matvec_backend(x, w) == ("gpu" if platform() == "hopper" else "reference")
+    empty = matvec(x[:0], w, jnp.zeros(0, jnp.int32))
+    assert empty.shape == (0, 1, 64) and empty.dtype == jnp.float32
 
 
 def scores(rng, shape):
-    """float32 scores with many ties, +-0.0 and -inf."""
+    """float32 scores with many ties, +-0.0 and +-inf."""
     s = np.round(rng.standard_normal(shape) * rng.choice([1, 4])) / 4
     s[rng.random(shape) < 0.1] = -np.inf
+    s[rng.random(shape) < 0.02] = np.inf
     s[rng.random(shape) < 0.05] = -0.0
     s[rng.random(shape) < 0.05] = 0.0
     return jnp.asarray(s, jnp.float32)
@@ -96,3 +107,69 @@ def test_router_selection_same_on_both_paths(monkeypatch):
     compared = router._select(s)
     monkeypatch.setattr(moe, "COMPARE_TOP_K_MAX", 0)
     np.testing.assert_array_equal(compared, router._select(s))
+
+
+def model_with_kernel_shapes(dtype):
+    """The tiny config widened so that every product of a decode step fits the kernel's tiles."""
+    config = load_config_dict("tiny.json")
+    config.update(hidden_size=256, head_dim=64, intermediate_size=128, moe_intermediate_size=128,
+                  moe_shared_expert_intermediate_size=128, num_experts=64)
+    return ring_jax.RingModel(RingConfig.from_hf(config), dtype=dtype, rngs=nnx.Rngs(1))
+
+
+def decode_logits(model, p, steps):
+    """Prefill p[:-steps], then one token at a time -> the steps' logits [steps, V]."""
+    cache = init_cache(model.config, 1, 128, [0], model.dtype)
+    _, cache = extend(model, p[None, :-steps], cache)
+    out = []
+    for t in range(len(p) - steps, len(p)):
+        logits, cache = extend(model, p[None, t:t + 1], cache)
+        out.append(logits[0, 0])
+    return jnp.stack(out)
+
+
+def as_if_on_hopper(monkeypatch):
+    """"auto" answers as on a Hopper GPU, and the kernel runs in interpret mode. Returns the list of
+    the weight shapes it is called with."""
+    calls = []
+    kernel = functools.partial(gpu.matvec, interpret=True)
+    monkeypatch.setattr(api, "platform", lambda: "hopper")
+    monkeypatch.setattr(gpu, "matvec", lambda x, w, ids, **k: calls.append(w.shape) or kernel(x, w, ids))
+    jax.clear_caches()
+    return calls
+
+
+def test_decode_step_through_the_kernel_on_the_cpu(monkeypatch):
+    """The model's kernel branches (one-row `matmul`, the routed experts by id) in interpret mode:
+    batch-1 decode logits equal the full forward (float32)."""
+    model = model_with_kernel_shapes(jnp.float32)
+    p = np.random.default_rng(3).integers(2, 256, 12)
+    calls = as_if_on_hopper(monkeypatch)
+    got = decode_logits(model, p, 2)
+    assert (64, 256, 256) in calls and (64, 128, 256) in calls     # experts gate_up and down
+    assert (1, 256, 768) in calls and (1, 256, 64) in calls        # linear qkv and the router
+    jax.clear_caches()
+    assert rel_err(got, model(p[None])[0, -2:]) <= 1e-5
+
+
+def test_gathered_path_choice(monkeypatch):
+    """On a Hopper GPU, up to GATHER_MAX_PAIRS pairs take the matvec kernel, not under expert
+    parallelism; without a grouped-matmul kernel (CPU) always; on a TPU never."""
+    tokens = jnp.zeros((8, 256), jnp.bfloat16)
+    gate_up, down = jnp.zeros((64, 256, 256), jnp.bfloat16), jnp.zeros((64, 128, 256), jnp.bfloat16)
+    ids = jnp.zeros((8, 8), jnp.int32)
+    assert moe.gathers(tokens, ids, gate_up, down) and moe.gathers(tokens, ids, gate_up, down, True)
+    assert not moe.gathers(jnp.zeros((9, 256), jnp.bfloat16), jnp.zeros((9, 8), jnp.int32), gate_up, down)
+    monkeypatch.setattr(api, "platform", lambda: "hopper")
+    monkeypatch.setattr(moe.pallas_kernels, "gmm_backend", lambda *a, **k: "gpu")
+    assert moe.gathers(tokens, ids, gate_up, down)
+    assert not moe.gathers(tokens, ids, gate_up, down, expert_parallel=True)
+    assert not moe.gathers(tokens, ids, gate_up, jnp.zeros((64, 100, 256), jnp.bfloat16))
+    monkeypatch.setattr(api, "platform", lambda: "tpu")
+    assert not moe.gathers(tokens, ids, gate_up, down)
+
+
+def test_moe_layer_with_no_tokens():
+    config = RingConfig.from_hf(load_config_dict("tiny.json"))
+    layer = moe.MoE(config, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    assert layer(jnp.zeros((1, 0, config.hidden_size))).shape == (1, 0, config.hidden_size)

@@ -5,16 +5,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
-import ring_jax
-from conftest import load_config_dict, rel_err
+from conftest import rel_err
 from pallas_kernels.matvec import gpu
 from pallas_kernels.platform import platform
-from ring_jax import RingConfig
-from ring_jax.cache import init_cache
-from test_generate import extend
-from test_matvec import matvec64, operands
+from test_matvec import decode_logits, matvec64, model_with_kernel_shapes, operands
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(platform() != "hopper", reason="the kernel runs on Hopper")]
 
@@ -33,25 +28,6 @@ def test_kernel_matches_float64(case):
     out = gpu.matvec(x, w, ids)
     assert not np.isnan(np.asarray(out)).any()
     assert rel_err(out, matvec64(x, w, ids)) <= 1e-6
-
-
-def model_with_kernel_shapes(dtype):
-    """The tiny config widened so that every product of a decode step fits the kernel's tiles."""
-    config = load_config_dict("tiny.json")
-    config.update(hidden_size=256, head_dim=64, intermediate_size=128, moe_intermediate_size=128,
-                  moe_shared_expert_intermediate_size=128, num_experts=64)
-    return ring_jax.RingModel(RingConfig.from_hf(config), dtype=dtype, rngs=nnx.Rngs(1))
-
-
-def decode_logits(model, p, steps):
-    """Prefill p[:-steps], then one token at a time -> the steps' logits [steps, V]."""
-    cache = init_cache(model.config, 1, 128, [0], model.dtype)
-    _, cache = extend(model, p[None, :-steps], cache)
-    out = []
-    for t in range(len(p) - steps, len(p)):
-        logits, cache = extend(model, p[None, t:t + 1], cache)
-        out.append(logits[0, 0])
-    return jnp.stack(out)
 
 
 def test_decode_through_kernel_matches_forward_and_xla(monkeypatch):

@@ -36,14 +36,17 @@ def matvec(x, w, ids=None, *, backend="auto", interpret=False):
     """Row groups times weight matrices, accumulated in float32.
 
     x: [X, M, K], X groups of M rows (M small: a decode step's tokens); w: [E, K, N];
-    ids: [P] int32 in [0, E), the matrix of each output group, P a multiple of X; output group p
-    takes the rows x[p // (P / X)] (so a token's top-k experts share its row). None: one output
-    group per x group, and w must hold one matrix.
+    ids: [P] int32 in [0, E) (others are undefined: each backend does something else), the
+    matrix of each output group, P a multiple of X; output group p takes the rows x[p // (P / X)]
+    (so a token's top-k experts share its row). None: one output group per x group, and w must
+    hold one matrix.
     Returns [P, M, N] float32: out[p] = x[p // (P / X)] @ w[ids[p]]. Products of bf16 are exact
     in float32; a float32 operand makes it a full-precision float32 product. The caller rounds.
 
     interpret: run the GPU kernel in Pallas interpret mode (CPU tests).
     """
+    if backend not in ("auto",) + BACKENDS:
+        raise ValueError(f"backend={backend!r}: choose 'auto' or one of {BACKENDS}")
     X, M, K = x.shape
     E, K_w, N = w.shape
     if K_w != K:
@@ -52,9 +55,11 @@ def matvec(x, w, ids=None, *, backend="auto", interpret=False):
         if E != 1:
             raise ValueError(f"matvec: w stacks {E} matrices; pass ids")
         ids = jnp.zeros((X,), jnp.int32)
-    if ids.ndim != 1 or ids.shape[0] % X:
+    if ids.ndim != 1 or (ids.shape[0] % X if X else ids.shape[0]):
         raise ValueError(f"matvec: ids must be [P] with P a multiple of {X}, got {ids.shape}")
     ids = ids.astype(jnp.int32)
+    if ids.shape[0] == 0:
+        return jnp.zeros((0, M, N), jnp.float32)
     if interpret or matvec_backend(x, w, backend) == "gpu":
         from pallas_kernels.matvec import gpu
 

@@ -5,8 +5,9 @@ for 2048 x 2048 bf16), so the whole chip must stream them at once. Every program
 a single [block_k, block_n] tile of one matrix (16 KB) and no loop: the grid is
 (groups, N / block_n, K / block_k), hundreds to thousands of programs. Each writes its float32
 partial sums [M, block_n] for its K slice to out[k slice, group]; the K slices are summed in
-float32 afterwards (in XLA, which fuses the sum into the caller's next operation). The partials
-add 2 M / block_k of the weight bytes (1.6% at M = 1).
+float32 afterwards (in XLA: one more small reduction, or fused into the caller's next
+operation). The partials are written and read back: 4 M / block_k of the weight bytes for bf16
+weights, 3% at M = 1.
 
 Each row of x is multiplied with the tile and reduced over K inside the program (a static loop
 over the M rows: Triton tensors must have power-of-two shapes, M need not). Output group p reads

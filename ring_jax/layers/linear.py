@@ -22,12 +22,15 @@ def einsum(spec: str, x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
 
 
 def matmul(x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
-    """x [..., K] @ w [K, N], as `einsum`. A few rows (a decode step) on one GPU take the matvec
-    kernel, which streams the weights faster than XLA's products of that shape."""
-    rows = x.reshape(1, math.prod(x.shape[:-1]), x.shape[-1])
-    if not in_mesh() and pallas_kernels.matvec_backend(rows, w[None]) == "gpu":
-        y = pallas_kernels.matvec(rows, w[None])
-        return y.reshape(*x.shape[:-1], w.shape[-1]).astype(out_dtype or x.dtype)
+    """x [..., K] @ w [K, N], as `einsum`. A single row (a batch-1 decode step) on one Hopper GPU
+    takes the matvec kernel, which streams the weights faster than XLA's product of that shape.
+    (Not under a mesh: there XLA partitions the product.)"""
+    K, N = w.shape
+    rows = math.prod(x.shape[:-1])
+    if not in_mesh() and pallas_kernels.matvec_backend(
+            jax.ShapeDtypeStruct((1, rows, K), x.dtype), jax.ShapeDtypeStruct((1, K, N), w.dtype)) == "gpu":
+        y = pallas_kernels.matvec(x.reshape(1, rows, K), w[None])
+        return y.reshape(*x.shape[:-1], N).astype(out_dtype or x.dtype)
     return einsum("...k,kn->...n", x, w, out_dtype)
 
 

@@ -111,8 +111,8 @@ def top_k_indices(s: jax.Array, k: int) -> jax.Array:
 
 # Up to this many (token, expert) pairs (a decode step), each pair reads its chosen expert's
 # weights directly (`pallas_kernels.matvec`): no sort and no dispatch, and only the chosen experts
-# are read (the jnp reference of the grouped matmul reads every expert). On a TPU the grouped-matmul
-# kernel, which skips empty groups itself, is kept.
+# are read (the jnp reference of the grouped matmul reads every expert). On a TPU, and under expert
+# parallelism on a GPU, the grouped-matmul kernel, which skips empty groups itself, is kept.
 GATHER_MAX_PAIRS = 64
 
 
@@ -138,12 +138,20 @@ def sort_by_expert(ids: jax.Array, num_experts: int):
     return order, rank, sizes
 
 
-def gathers(tokens: jax.Array, ids: jax.Array, gate_up: jax.Array) -> bool:
-    """Whether the pairs `ids` [N, k] of tokens [N, hidden] take the gathered path: few pairs, and
-    the matvec kernel or no grouped-matmul kernel for these operands."""
-    return ids.size <= GATHER_MAX_PAIRS and (
-        pallas_kernels.matvec_backend(tokens[:, None], gate_up) == "gpu"
-        or pallas_kernels.gmm_backend(tokens, gate_up) == "reference")
+def gathers(tokens: jax.Array, ids: jax.Array, gate_up: jax.Array, down: jax.Array,
+            expert_parallel: bool = False) -> bool:
+    """Whether the pairs `ids` [N, k] of tokens [N, hidden] take the gathered path (each pair reads
+    its expert's weights directly): few pairs, and either no grouped-matmul kernel for these
+    operands, or the matvec kernel for both products. Not the matvec kernel under expert
+    parallelism: every device would run every pair there (pairs held elsewhere point at a local
+    expert and are masked), where the grouped kernel skips them."""
+    if ids.size > GATHER_MAX_PAIRS:
+        return False
+    if pallas_kernels.gmm_backend(tokens, gate_up) == "reference":
+        return True
+    kernel = all(pallas_kernels.matvec_backend(jax.ShapeDtypeStruct((1, 1, w.shape[1]), tokens.dtype), w) == "gpu"
+                 for w in (gate_up, down))
+    return kernel and not expert_parallel
 
 
 def expert_outputs(tokens, ids, gate_up, down, expert_axis=None, gathered=None):
@@ -154,9 +162,9 @@ def expert_outputs(tokens, ids, gate_up, down, expert_axis=None, gathered=None):
     (this device holds experts [i E, (i + 1) E), i its index on the axis; pairs whose expert is
     elsewhere come back as zeros). Returns [N, k, hidden] in tokens' dtype.
 
-    The pairs run sorted by expert through grouped matmuls (dropless), or, for few pairs without
-    a kernel, through the chosen experts' weights gathered (`gathers`; inside shard_map the caller
-    decides from the global pairs, so that a sharded model takes the unsharded model's path).
+    The pairs run sorted by expert through grouped matmuls (dropless), or, for few pairs, each
+    through its chosen expert's weights (`gathers`; inside shard_map the caller decides from the
+    global pairs).
     """
     E = gate_up.shape[0]
     here = None
@@ -164,7 +172,7 @@ def expert_outputs(tokens, ids, gate_up, down, expert_axis=None, gathered=None):
         local = ids - jax.lax.axis_index(expert_axis) * E
         here = (local >= 0) & (local < E)
         ids = jnp.where(here, local, E)                     # elsewhere: a group past the last
-    if gathers(tokens, ids, gate_up) if gathered is None else gathered:
+    if gathers(tokens, ids, gate_up, down, expert_axis is not None) if gathered is None else gathered:
         out = _gathered(tokens, jnp.minimum(ids, E - 1), gate_up, down)
         return out if here is None else jnp.where(here[..., None], out, 0)
     return _grouped(tokens, ids, gate_up, down)
@@ -188,7 +196,7 @@ def _gathered(tokens, ids, gate_up, down):
     pairs = ids.reshape(-1)
     out = pallas_kernels.matvec(tokens[:, None], gate_up, pairs).astype(tokens.dtype)     # [N k, 1, 2 I]
     out = pallas_kernels.matvec(swiglu(out), down, pairs).astype(tokens.dtype)            # [N k, 1, hidden]
-    return out.reshape(N, k, -1)
+    return out.reshape(N, k, down.shape[-1])
 
 
 class Experts(nnx.Module):
@@ -211,7 +219,7 @@ class Experts(nnx.Module):
         batch = mesh_axis("batch", tokens.shape[0])
         axis = mesh_axis("experts", gate_up.shape[0])
         experts = P(axis, None, None)
-        gathered = gathers(tokens, ids, gate_up)
+        gathered = gathers(tokens, ids, gate_up, down, expert_parallel=axis is not None)
 
         @functools.partial(jax.shard_map, in_specs=(P(batch, None), P(batch, None), P(batch, None), experts, experts),
                            out_specs=P(batch, None), check_vma=False)
