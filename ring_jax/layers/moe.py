@@ -89,13 +89,13 @@ def ranks(s: jax.Array) -> jax.Array:
     return jnp.sum(ahead, axis=-1, dtype=jnp.int32)
 
 
-def _few_rows(s: jax.Array) -> bool:
+def _by_comparison(s: jax.Array) -> bool:
     return s.size * s.shape[-1] <= COMPARE_TOP_K_MAX
 
 
 def in_top_k(s: jax.Array, k: int) -> jax.Array:
     """s: [..., n] float32 -> [..., n] bool, the entries lax.top_k(s, k) picks."""
-    if _few_rows(s):
+    if _by_comparison(s):
         return ranks(s) < k
     picked = jax.nn.one_hot(jax.lax.top_k(s, k)[1], s.shape[-1], dtype=jnp.int32)   # [..., k, n]
     return jnp.sum(picked, axis=-2) > 0
@@ -103,7 +103,7 @@ def in_top_k(s: jax.Array, k: int) -> jax.Array:
 
 def top_k_indices(s: jax.Array, k: int) -> jax.Array:
     """s: [..., n] float32 -> [..., k] int32, lax.top_k(s, k)[1]."""
-    if not _few_rows(s):
+    if not _by_comparison(s):
         return jax.lax.top_k(s, k)[1].astype(jnp.int32)
     places = ranks(s)[..., None, :] == jnp.arange(k)[:, None]                         # [..., k, n]
     return jnp.sum(jnp.where(places, jnp.arange(s.shape[-1]), 0), axis=-1, dtype=jnp.int32)
