@@ -1,5 +1,5 @@
 """The few-row matmul (`pallas_kernels.matvec`) in Pallas interpret mode and its jnp reference,
-against float64; and the router's comparison-based top-k against lax.top_k."""
+against float64."""
 
 import functools
 
@@ -68,47 +68,6 @@ def test_ids_default_and_errors():
     assert empty.shape == (0, 1, 64) and empty.dtype == jnp.float32
 
 
-def scores(rng, shape):
-    """float32 scores with many ties, +-0.0 and +-inf."""
-    s = np.round(rng.standard_normal(shape) * rng.choice([1, 4])) / 4
-    s[rng.random(shape) < 0.1] = -np.inf
-    s[rng.random(shape) < 0.02] = np.inf
-    s[rng.random(shape) < 0.05] = -0.0
-    s[rng.random(shape) < 0.05] = 0.0
-    return jnp.asarray(s, jnp.float32)
-
-
-@pytest.mark.parametrize("rows", [3, 100])
-def test_comparison_top_k_equals_lax_top_k(rows):
-    """`top_k_indices` and `in_top_k` give lax.top_k's picks in its order (descending, -0.0 below
-    +0.0, ties to the lower index), on the comparison path (3 rows) and the lax path (100 x 256 x
-    256 > COMPARE_TOP_K_MAX)."""
-    rng = np.random.default_rng(rows)
-    for n in (8, 32, 256):
-        s = scores(rng, (rows, n))
-        for k in (1, 2, 4, 8):
-            want = np.asarray(jax.lax.top_k(s, k)[1])
-            np.testing.assert_array_equal(moe.top_k_indices(s, k), want)
-            mask = np.zeros(s.shape, bool)
-            np.put_along_axis(mask, want, True, axis=-1)
-            np.testing.assert_array_equal(moe.in_top_k(s, k), mask)
-
-
-def test_router_selection_same_on_both_paths(monkeypatch):
-    from flax import nnx
-
-    from conftest import load_config_dict
-    from ring_jax.config import RingConfig
-
-    config = RingConfig.from_hf(load_config_dict("tiny.json"), num_experts=64, n_group=8, topk_group=3,
-                                num_experts_per_tok=6)
-    router = moe.Router(config, dtype=jnp.float32, rngs=nnx.Rngs(0))
-    s = scores(np.random.default_rng(5), (40, 64))
-    compared = router._select(s)
-    monkeypatch.setattr(moe, "COMPARE_TOP_K_MAX", 0)
-    np.testing.assert_array_equal(compared, router._select(s))
-
-
 def model_with_kernel_shapes(dtype):
     """The tiny config widened so that every product of a decode step fits the kernel's tiles."""
     config = load_config_dict("tiny.json")
@@ -129,25 +88,32 @@ def decode_logits(model, p, steps):
 
 
 def as_if_on_hopper(monkeypatch):
-    """"auto" answers as on a Hopper GPU, and the kernel runs in interpret mode. Returns the list of
-    the weight shapes it is called with."""
+    """"auto" answers as on a Hopper GPU, and the matvec and router kernels run in interpret mode.
+    Returns the list of the weight shapes matvec is called with, then "router" per router call."""
+    from pallas_kernels.router import api as router_api, gpu as router_gpu
+
     calls = []
     kernel = functools.partial(gpu.matvec, interpret=True)
     monkeypatch.setattr(api, "platform", lambda: "hopper")
     monkeypatch.setattr(gpu, "matvec", lambda x, w, ids, **k: calls.append(w.shape) or kernel(x, w, ids))
+    route = router_gpu.select_experts
+    monkeypatch.setattr(router_api, "platform", lambda: "hopper")
+    monkeypatch.setattr(router_gpu, "select_experts",
+                        lambda *a, **k: calls.append("router") or route(*a, **{**k, "interpret": True}))
     jax.clear_caches()
     return calls
 
 
 def test_decode_step_through_the_kernel_on_the_cpu(monkeypatch):
-    """The model's kernel branches (one-row `matmul`, the routed experts by id) in interpret mode:
-    batch-1 decode logits equal the full forward (float32)."""
+    """The model's kernel branches (one-row `matmul`, the routed experts by id, the router's
+    selection) in interpret mode: batch-1 decode logits equal the full forward (float32)."""
     model = model_with_kernel_shapes(jnp.float32)
     p = np.random.default_rng(3).integers(2, 256, 12)
     calls = as_if_on_hopper(monkeypatch)
     got = decode_logits(model, p, 2)
     assert (64, 256, 256) in calls and (64, 128, 256) in calls     # experts gate_up and down
     assert (1, 256, 768) in calls and (1, 256, 64) in calls        # linear qkv and the router
+    assert "router" in calls
     jax.clear_caches()
     assert rel_err(got, model(p[None])[0, -2:]) <= 1e-5
 

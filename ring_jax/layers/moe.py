@@ -54,59 +54,10 @@ class Router(nnx.Module):
         bias = self.expert_bias[...]
         if self.bias_in_model_dtype:
             bias = bias.astype(kernel.dtype).astype(jnp.float32)
-        ids = self._select(scores + bias)
-        weights = jnp.take_along_axis(scores, ids, axis=-1)
-        if self.top_k > 1:
-            weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20)
-        return ids, weights * self.routed_scaling_factor
-
-    def _select(self, s: jax.Array) -> jax.Array:
-        """Top-k experts of the top `topk_group` groups, groups ranked by their two best scores."""
-        N, E = s.shape
-        grouped = s.reshape(N, self.n_group, E // self.n_group)
-        group_score = jnp.sum(jnp.where(in_top_k(grouped, 2), grouped, 0.0), axis=-1)  # [N, n_group]
-        keep = in_top_k(group_score, self.topk_group)
-        masked = jnp.where(keep[:, :, None], grouped, -jnp.inf).reshape(N, E)
-        return top_k_indices(masked, self.top_k)
-
-
-# Up to this many comparisons (rows x n x n: a decode step of up to 16 tokens), the router's
-# selections compare all pairs of scores (a few fused reductions) instead of calling lax.top_k,
-# which XLA:GPU lowers to a sort per selection: 3 sorts and their glue per MoE layer, about 12 us of
-# a batch-1 decode step's layer on an H200. Both give the same experts in the same order. Past it,
-# the comparisons cost more than the sorts (and XLA:GPU took minutes to compile them for 4096 rows).
-COMPARE_TOP_K_MAX = 1 << 20
-
-
-def ranks(s: jax.Array) -> jax.Array:
-    """s: [..., n] float32 -> [..., n] int32, each entry's place in lax.top_k's order: descending
-    in the total order of floats (-0.0 below +0.0), ties to the lower index."""
-    bits = jax.lax.bitcast_convert_type(s, jnp.int32)
-    key = bits ^ ((bits >> 31) & 0x7FFFFFFF)        # the same order as signed integers
-    i = jnp.arange(s.shape[-1])
-    other, this = key[..., None, :], key[..., :, None]
-    ahead = (other > this) | ((other == this) & (i[None, :] < i[:, None]))
-    return jnp.sum(ahead, axis=-1, dtype=jnp.int32)
-
-
-def _by_comparison(s: jax.Array) -> bool:
-    return s.size * s.shape[-1] <= COMPARE_TOP_K_MAX
-
-
-def in_top_k(s: jax.Array, k: int) -> jax.Array:
-    """s: [..., n] float32 -> [..., n] bool, the entries lax.top_k(s, k) picks."""
-    if _by_comparison(s):
-        return ranks(s) < k
-    picked = jax.nn.one_hot(jax.lax.top_k(s, k)[1], s.shape[-1], dtype=jnp.int32)   # [..., k, n]
-    return jnp.sum(picked, axis=-2) > 0
-
-
-def top_k_indices(s: jax.Array, k: int) -> jax.Array:
-    """s: [..., n] float32 -> [..., k] int32, lax.top_k(s, k)[1]."""
-    if not _by_comparison(s):
-        return jax.lax.top_k(s, k)[1].astype(jnp.int32)
-    places = ranks(s)[..., None, :] == jnp.arange(k)[:, None]                         # [..., k, n]
-    return jnp.sum(jnp.where(places, jnp.arange(s.shape[-1]), 0), axis=-1, dtype=jnp.int32)
+        # Under a mesh XLA partitions the jnp selection; a kernel call would not be partitioned.
+        return pallas_kernels.select_experts(
+            scores, bias, top_k=self.top_k, n_group=self.n_group, topk_group=self.topk_group,
+            scaling=self.routed_scaling_factor, backend="reference" if in_mesh() else "auto")
 
 
 # Up to this many (token, expert) pairs (a decode step), each pair reads its chosen expert's

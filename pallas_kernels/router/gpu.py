@@ -1,0 +1,102 @@
+"""The router's expert selection on CUDA GPUs: a Pallas kernel through the Triton lowering.
+
+One program per token: it loads the token's scores as [n_group, E / n_group], picks each group's
+two best, the best groups, then the best experts one at a time (a maximum, then the lowest index
+holding it), and writes the ids and normalised weights. Every comparison is on the scores' total
+order as integers (`reference.order_key`), so the picks are lax.top_k's, ties included. XLA runs
+the same selection as 3 sorts (or, for a few tokens, as about 7 chained reductions), each its own
+kernel; here it is one launch.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from pallas_kernels.router.reference import order_key
+
+NUM_WARPS = 2
+_EXCLUDED = jnp.iinfo(jnp.int32).min     # below every score's key, -inf's included
+
+
+def _pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def fits(E: int, top_k: int, n_group: int) -> bool:
+    """Whether the kernel takes this router: Triton blocks need power-of-two sizes."""
+    return _pow2(n_group) and E % n_group == 0 and _pow2(E // n_group) and _pow2(top_k)
+
+
+def _pick(key, index, size):
+    """key, index: [a, b] int32 -> [1, 1] int32, the lowest index holding the largest key."""
+    best = jnp.max(jnp.max(key, axis=1, keepdims=True), axis=0, keepdims=True)
+    return jnp.min(jnp.min(jnp.where(key == best, index, size), axis=1, keepdims=True), axis=0, keepdims=True)
+
+
+def _kernel(scores_ref, bias_ref, ids_ref, weights_ref, *, top_k, topk_group, scaling):
+    scores = scores_ref[...]                                               # [G, g] float32
+    biased = scores + bias_ref[...]
+    key = order_key(biased)
+    G, g = scores.shape
+    column = jnp.arange(g, dtype=jnp.int32)[None, :]                      # [1, g]
+    group = jnp.arange(G, dtype=jnp.int32)[:, None]                       # [G, 1]
+    expert = group * g + column                                            # [G, g]
+
+    # Each group's score: the sum of its two best entries of scores + bias.
+    best1 = jnp.max(key, axis=1, keepdims=True)
+    first = jnp.min(jnp.where(key == best1, column, g), axis=1, keepdims=True)
+    rest = jnp.where(column == first, _EXCLUDED, key)
+    best2 = jnp.max(rest, axis=1, keepdims=True)
+    second = jnp.min(jnp.where(rest == best2, column, g), axis=1, keepdims=True)
+    two = (column == first) | (column == second)
+    group_score = jnp.sum(jnp.where(two, biased, 0.0), axis=1, keepdims=True)   # [G, 1]
+
+    # The best groups.
+    group_key = order_key(group_score)
+    keep = group < 0                                                       # [G, 1] all False
+    for _ in range(topk_group):
+        chosen = group == _pick(group_key, group, G)
+        keep = keep | chosen
+        group_key = jnp.where(chosen, _EXCLUDED, group_key)
+
+    # The best experts of those groups, in descending order.
+    key = jnp.where(keep, key, order_key(jnp.full_like(scores, -jnp.inf)))
+    slot = jnp.arange(top_k, dtype=jnp.int32)[None, :]                    # [1, top_k]
+    ids = jnp.zeros((1, top_k), jnp.int32)
+    weights = jnp.zeros((1, top_k), jnp.float32)
+    for j in range(top_k):
+        pick = _pick(key, expert, G * g)                                   # [1, 1]
+        chosen = expert == pick
+        weight = jnp.sum(jnp.sum(jnp.where(chosen, scores, 0.0), axis=1, keepdims=True), axis=0, keepdims=True)
+        ids = jnp.where(slot == j, pick, ids)
+        weights = jnp.where(slot == j, weight, weights)
+        key = jnp.where(chosen, _EXCLUDED, key)
+    if top_k > 1:
+        weights = weights / (jnp.sum(weights, axis=1, keepdims=True) + 1e-20)
+    ids_ref[...] = ids
+    weights_ref[...] = weights * scaling
+
+
+@functools.partial(jax.jit, static_argnames=("top_k", "n_group", "topk_group", "scaling", "interpret"))
+def select_experts(scores, bias, *, top_k, n_group, topk_group, scaling, interpret=False):
+    """scores: [N, E] float32; bias: [E] float32 -> (ids [N, top_k] int32, weights [N, top_k]
+    float32) (api.select_experts)."""
+    N, E = scores.shape
+    G, g = n_group, E // n_group
+    row = pl.BlockSpec((None, G, g), lambda n: (n, 0, 0))
+    out = pl.BlockSpec((None, 1, top_k), lambda n: (n, 0, 0))
+    ids, weights = pl.pallas_call(
+        functools.partial(_kernel, top_k=top_k, topk_group=topk_group, scaling=scaling),
+        grid=(N,),
+        in_specs=[row, pl.BlockSpec((G, g), lambda n: (0, 0))],
+        out_specs=[out, out],
+        out_shape=[jax.ShapeDtypeStruct((N, 1, top_k), jnp.int32),
+                   jax.ShapeDtypeStruct((N, 1, top_k), jnp.float32)],
+        compiler_params=pltriton.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
+        interpret=interpret,
+        name="select_experts",
+    )(scores.reshape(N, G, g), bias.reshape(G, g))
+    return ids.reshape(N, top_k), weights.reshape(N, top_k)

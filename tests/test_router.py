@@ -1,0 +1,146 @@
+"""The router's expert selection (`pallas_kernels.select_experts`): the GPU kernel in Pallas
+interpret mode against the jnp reference (ties, +-0.0, -inf included) and against a float64 numpy
+loop; the reference's comparison top-k against lax.top_k."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import load_config_dict
+from pallas_kernels.platform import platform
+from pallas_kernels.router import gpu, reference, select_experts
+from ring_jax.config import RingConfig
+from ring_jax.layers import moe
+
+# (experts, groups, groups kept, top_k)
+ROUTERS = [(256, 8, 4, 8), (64, 8, 3, 4), (32, 1, 1, 2), (16, 4, 2, 8), (128, 16, 5, 1)]
+
+
+def scores(rng, shape):
+    """float32 scores with many ties, +-0.0 and +-inf."""
+    s = np.round(rng.standard_normal(shape) * rng.choice([1, 4])) / 4
+    s[rng.random(shape) < 0.1] = -np.inf
+    s[rng.random(shape) < 0.02] = np.inf
+    s[rng.random(shape) < 0.05] = -0.0
+    s[rng.random(shape) < 0.05] = 0.0
+    return jnp.asarray(s, jnp.float32)
+
+
+def tied_router_inputs(rng, N, E):
+    """Sigmoid-like scores in [0, 1] in steps of 1/8 (many ties, some -0.0), a bias with ties,
+    +-0.0 and a few -inf."""
+    s = np.round(rng.random((N, E)) * 8) / 8
+    s[rng.random((N, E)) < 0.05] = -0.0
+    bias = np.round(rng.standard_normal(E) * 2) / 16
+    bias[rng.random(E) < 0.1] = -0.0
+    bias[rng.random(E) < 0.03] = -np.inf
+    return jnp.asarray(s, jnp.float32), jnp.asarray(bias, jnp.float32)
+
+
+def select64(s, bias, top_k, n_group, topk_group, scaling):
+    """A float64 numpy loop over tokens (inputs without ties)."""
+    s, b = np.asarray(s, np.float64), np.asarray(bias, np.float64)
+    N, E = s.shape
+    ids, weights = np.zeros((N, top_k), np.int64), np.zeros((N, top_k))
+    for n in range(N):
+        grouped = (s[n] + b).reshape(n_group, -1)
+        group_score = np.sort(grouped, axis=1)[:, -2:].sum(axis=1)
+        kept = np.argsort(-group_score)[:topk_group]
+        masked = np.full_like(grouped, -np.inf)
+        masked[kept] = grouped[kept]
+        ids[n] = np.argsort(-masked.reshape(-1))[:top_k]
+        w = s[n, ids[n]]
+        weights[n] = (w / (w.sum() + 1e-20) if top_k > 1 else w) * scaling
+    return ids, weights
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+def test_kernel_equals_reference_with_ties(router):
+    """Same experts in the same order as the reference (lax.top_k's order), ties to the lower
+    index, -0.0 below +0.0, -inf biases; the weights equal up to the order of their sum."""
+    E, G, kept, top_k = router
+    rng = np.random.default_rng(E + top_k)
+    for N in (1, 7):
+        s, bias = tied_router_inputs(rng, N, E)
+        args = dict(top_k=top_k, n_group=G, topk_group=kept, scaling=2.5)
+        ids, weights = select_experts(s, bias, interpret=True, **args)
+        want_ids, want_weights = select_experts(s, bias, backend="reference", **args)
+        np.testing.assert_array_equal(ids, want_ids)
+        np.testing.assert_allclose(weights, want_weights, rtol=1e-6)
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+def test_kernel_and_reference_match_float64(router):
+    E, G, kept, top_k = router
+    rng = np.random.default_rng(100 + E)
+    s = jnp.asarray(jax.nn.sigmoid(rng.standard_normal((5, E))), jnp.float32)
+    bias = jnp.asarray(rng.standard_normal(E) * 0.1, jnp.float32)
+    args = dict(top_k=top_k, n_group=G, topk_group=kept, scaling=2.5)
+    want_ids, want_weights = select64(s, bias, **args)
+    for got_ids, got_weights in (select_experts(s, bias, interpret=True, **args),
+                                 select_experts(s, bias, backend="reference", **args)):
+        np.testing.assert_array_equal(got_ids, want_ids)
+        np.testing.assert_allclose(got_weights, want_weights, rtol=1e-6)
+
+
+def test_errors_and_backend_choice():
+    s, bias = jnp.ones((2, 24), jnp.float32), jnp.zeros(24, jnp.float32)
+    with pytest.raises(ValueError, match="bias"):
+        select_experts(s, bias[:8], top_k=2, n_group=4, topk_group=2)
+    with pytest.raises(ValueError, match="top_k=9"):
+        select_experts(s, bias, top_k=9, n_group=4, topk_group=1)
+    with pytest.raises(ValueError, match="backend"):
+        select_experts(s, bias, top_k=2, n_group=4, topk_group=2, backend="cuda")
+    with pytest.raises(NotImplementedError, match="power-of-two"):
+        select_experts(s, bias, top_k=2, n_group=4, topk_group=2, interpret=True)   # groups of 6
+    ids, _ = select_experts(s, bias, top_k=2, n_group=4, topk_group=2)             # reference
+    np.testing.assert_array_equal(ids, [[0, 1], [0, 1]])
+    assert gpu.fits(256, 8, 8) and not gpu.fits(24, 2, 4) and not gpu.fits(256, 6, 8)
+    assert platform() != "hopper" or gpu.fits(256, 8, 8)
+
+
+@pytest.mark.parametrize("rows", [3, 100])
+def test_comparison_top_k_equals_lax_top_k(rows):
+    """`top_k_indices` and `in_top_k` give lax.top_k's picks in its order (descending, -0.0 below
+    +0.0, ties to the lower index), on the comparison path (3 rows) and the lax path (100 x 256 x
+    256 > COMPARE_TOP_K_MAX)."""
+    rng = np.random.default_rng(rows)
+    for n in (8, 32, 256):
+        s = scores(rng, (rows, n))
+        for k in (1, 2, 4, 8):
+            want = np.asarray(jax.lax.top_k(s, k)[1])
+            np.testing.assert_array_equal(reference.top_k_indices(s, k), want)
+            mask = np.zeros(s.shape, bool)
+            np.put_along_axis(mask, want, True, axis=-1)
+            np.testing.assert_array_equal(reference.in_top_k(s, k), mask)
+
+
+def test_reference_selection_same_on_both_paths(monkeypatch):
+    s = scores(np.random.default_rng(5), (40, 64))
+    bias = jnp.zeros(64, jnp.float32)
+    args = dict(top_k=6, n_group=8, topk_group=3, scaling=1.0)
+    compared = reference.select_experts(s, bias, **args)[0]
+    monkeypatch.setattr(reference, "COMPARE_TOP_K_MAX", 0)
+    np.testing.assert_array_equal(compared, reference.select_experts(s, bias, **args)[0])
+
+
+def test_router_takes_the_kernel_as_on_hopper(monkeypatch):
+    """The MoE router with "auto" on a Hopper GPU runs the kernel (here in interpret mode) and
+    returns what the reference returns."""
+    from pallas_kernels.router import api
+
+    config = RingConfig.from_hf(load_config_dict("tiny.json"), num_experts=64, n_group=8, topk_group=3,
+                                num_experts_per_tok=4)
+    router = moe.Router(config, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((6, config.hidden_size)), jnp.float32)
+    want_ids, want_weights = router(x)
+    calls = []
+    kernel = gpu.select_experts
+    monkeypatch.setattr(api, "platform", lambda: "hopper")
+    monkeypatch.setattr(gpu, "select_experts", lambda *a, **k: calls.append(1) or kernel(*a, **{**k, "interpret": True}))
+    ids, weights = router(x)
+    assert calls
+    np.testing.assert_array_equal(ids, want_ids)
+    np.testing.assert_allclose(weights, want_weights, rtol=1e-6)
