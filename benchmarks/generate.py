@@ -8,7 +8,8 @@ checkpoint); prefill and decode go through `ring_jax.generate`'s own jitted step
 the second run of the step (the first one compiles; its excess is the compile time) and sits
 beside its roofline:
 - prefill: FLOPs = 2 x (active non-embedding parameters + head) per token + causal softmax
-  attention; MFU against 989 TFLOP/s (H100 SXM dense bf16);
+  attention; MFU against 989 TFLOP/s (H100 SXM dense bf16); and the time to first token through
+  `ring_jax.stream` (the prefill plus validation, cache set-up and the first sampled token);
 - decode: bytes per step = the weights one step reads (every non-expert weight, the head, and the
   expected number of distinct experts that B x top-k picks touch) + the KV cache and the linear
   states, over the copy bandwidth measured in the same run.
@@ -30,7 +31,7 @@ from flax import nnx
 from benchmarks.timing import copy_bandwidth
 from ring_jax import RingConfig, RingModel
 from ring_jax.cache import Cache, KVCache, cache_bytes, cache_length, init_cache
-from ring_jax.generate import DecodeState, Sampling, StopRule, _bucket, _decode, _on, _placer, _start
+from ring_jax.generate import DecodeState, Sampling, StopRule, _bucket, _decode, _on, _placer, _start, stream
 from ring_jax.sharding import model_mesh
 
 PEAK_FLOPS = 989e12
@@ -84,6 +85,20 @@ def run_prefill(model, T, chunk, cache_len):
         times.append(time.perf_counter() - t)
         del state
     return times
+
+
+def time_to_first_token(model, T, chunk, cache_len):
+    """Seconds from calling `ring_jax.stream` on a [1, T] prompt to its first token on the host
+    (validation, cache set-up, prefill, the first sampled token), the second of two calls: the
+    first compiles."""
+    ids = np.random.default_rng(T).integers(0, model.config.vocab_size, (1, T))
+    times = []
+    for _ in range(2):
+        t = time.perf_counter()
+        next(stream(model, ids, steps_per_call=1, max_new_tokens=1, eos_token_id=[], prefill_chunk=chunk,
+                    cache_len=cache_len))
+        times.append(time.perf_counter() - t)
+    return times[1]
 
 
 def run_decode(model, B, context, steps):
@@ -142,15 +157,16 @@ def main(argv=None):
     print(f"random model: {total / 1e9:.2f}B params in {time.perf_counter() - t:.1f} s; copy bandwidth "
           f"{bw / 1e12:.2f} TB/s", flush=True)
 
-    print("\n| prefill tokens | first call s (compile incl.) | s | tokens/s | TFLOP/s | MFU |")
-    print("|---|---|---|---|---|---|")
+    print("\n| prefill tokens | first call s (compile incl.) | s | tokens/s | TFLOP/s | MFU | time to first token s |")
+    print("|---|---|---|---|---|---|---|")
     # One cache length for every prompt: the prefill step compiles once.
     cache_len = cache_length(max((_bucket(T, args.chunk) for T in args.prefill), default=0) + 1)
     for T in args.prefill:
         first, second = run_prefill(model, T, args.chunk, cache_len)
         flops = prefill_flops(config, counts, T)
+        ttft = time_to_first_token(model, T, args.chunk, cache_len)
         print(f"| {T} | {first:.2f} | {second:.3f} | {T / second:,.0f} | {flops / second / 1e12:.0f} | "
-              f"{flops / second / PEAK_FLOPS:.1%} |", flush=True)
+              f"{flops / second / PEAK_FLOPS:.1%} | {ttft:.3f} |", flush=True)
 
     print("\n| decode batch | context | first 8 steps s (compile incl.) | ms/step | tokens/s | roofline tokens/s | % |")
     print("|---|---|---|---|---|---|---|")
