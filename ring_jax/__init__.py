@@ -10,6 +10,7 @@ if "xla_allow_excess_precision" not in os.environ.get("XLA_FLAGS", ""):
 
 from ring_jax.cache import Cache, init_cache  # noqa: E402
 from ring_jax.chat import chat, chat_stream  # noqa: E402
+from ring_jax.compilation_cache import enable_compilation_cache  # noqa: E402
 from ring_jax.config import ConfigError, RingConfig  # noqa: E402
 from ring_jax.generate import generate, stream  # noqa: E402
 from ring_jax.model import RingModel  # noqa: E402
@@ -17,7 +18,7 @@ from ring_jax.sharding import make_mesh, shard_model  # noqa: E402
 from ring_jax.tokenizer import Tokenizer, load_tokenizer  # noqa: E402
 
 __all__ = ["Cache", "ConfigError", "RingConfig", "RingModel", "Tokenizer", "chat", "chat_stream",
-           "generate", "init_cache", "load_model", "load_tokenizer", "make_mesh", "save_model", "shard_model",
+           "enable_compilation_cache", "generate", "init_cache", "load_model", "load_tokenizer", "make_mesh", "save_model", "shard_model",
            "stream"]
 
 

@@ -26,8 +26,11 @@ def _sampling(args) -> dict:
 def _load(args):
     import ring_jax
 
+    from ring_jax.compilation_cache import default_cache_dir
     from ring_jax.sharding import make_mesh
 
+    if (args.compilation_cache or default_cache_dir()) != "off":
+        ring_jax.enable_compilation_cache(args.compilation_cache)
     start = time.perf_counter()
     try:
         mesh = make_mesh(**args.mesh) if args.mesh else None
@@ -146,6 +149,9 @@ def _add_model_args(p):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=None,
                    help="the chat template's thinking switch (default: the template's default)")
+    p.add_argument("--compilation-cache", metavar="DIR",
+                   help="keep compiled steps in DIR for later runs, or 'off' (default: "
+                        "$RING_JAX_COMPILATION_CACHE, else ~/.cache/ring_jax/xla)")
 
 
 def main(argv=None) -> int:

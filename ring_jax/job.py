@@ -57,6 +57,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 import ring_jax
+from ring_jax.compilation_cache import default_cache_dir
 from ring_jax.config import ConfigError, RingConfig
 from ring_jax.generate import Sampling
 from ring_jax.sharding import check_mesh, make_mesh, parse_mesh
@@ -436,6 +437,8 @@ def run(args, load=ring_jax.load_model) -> int:
     load(args.model, dtype=args.dtype, mesh=mesh) makes the model: a benchmark can make a random one."""
     check_args(args)
     init_distributed(args)
+    if (args.compilation_cache or default_cache_dir()) != "off":
+        ring_jax.enable_compilation_cache(args.compilation_cache)
     mesh = build_mesh(args.mesh)
     config, tokenizer = load_config_and_tokenizer(args)
     try:
@@ -506,6 +509,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--top-p", type=float)
     p.add_argument("--seed", type=int, default=0, help="sampling seed (batch i samples with one derived from it and i)")
     p.add_argument("--chat", action="store_true", help='render "prompt" lines as a user message with the chat template')
+    p.add_argument("--compilation-cache", metavar="DIR",
+                   help="keep compiled steps in DIR for later runs (on a shared filesystem for multi-host runs), "
+                        "or 'off' (default: $RING_JAX_COMPILATION_CACHE, else ~/.cache/ring_jax/xla)")
     dist = p.add_argument_group("multi-process runs (one process per host, the same arguments but --process-id)")
     dist.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address: join a run of --num-processes")
     dist.add_argument("--num-processes", type=int)

@@ -10,6 +10,7 @@ import jax
 import pytest
 
 from conftest import ROOT, tiny_model_folder
+from ring_jax.compilation_cache import ENV
 
 
 @pytest.fixture(scope="module")
@@ -17,10 +18,22 @@ def model_dir(tmp_path_factory):
     return tiny_model_folder(str(tmp_path_factory.mktemp("cli")))
 
 
-def ring_jax_cli(*args, stdin=None):
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    return subprocess.run([sys.executable, "-m", "ring_jax", *args], input=stdin, capture_output=True,
-                          text=True, env=env, timeout=300, check=True).stdout
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """The CLI's compilation cache, in a folder of this module's (not ~/.cache)."""
+    path, before = str(tmp_path_factory.mktemp("xla_cache")), os.environ.get(ENV)
+    os.environ[ENV] = path
+    yield path
+    os.environ[ENV] = before if before is not None else "off"
+
+
+def ring_jax_cli(*args, stdin=None, log_compiles=False):
+    """stdout of `python -m ring_jax args`; with log_compiles, (stdout, stderr) with JAX's logs of
+    compilations and persistent-cache hits."""
+    env = dict(os.environ, PYTHONPATH=ROOT, **({"JAX_LOG_COMPILES": "1"} if log_compiles else {}))
+    run = subprocess.run([sys.executable, "-m", "ring_jax", *args], input=stdin, capture_output=True,
+                         text=True, env=env, timeout=300, check=True)
+    return (run.stdout, run.stderr) if log_compiles else run.stdout
 
 
 def test_help():
@@ -28,11 +41,18 @@ def test_help():
         assert "usage" in ring_jax_cli(*command, "--help")
 
 
-def test_generate_and_chat(model_dir):
+def test_generate_and_chat(model_dir, compilation_cache):
     ids = ring_jax_cli("generate", "--model", model_dir, "--prompt-ids", "5 6 7", "--prompt-ids", "8 9",
                        "--max-new-tokens", "4")
     rows = [json.loads(line) for line in ids.strip().splitlines()]
     assert [len(r) for r in rows] == [4, 4]
+    # The steps' compilations went to the cache; the same command again loads them.
+    assert os.listdir(compilation_cache)
+    again, log = ring_jax_cli("generate", "--model", model_dir, "--prompt-ids", "5 6 7", "--prompt-ids", "8 9",
+                              "--max-new-tokens", "4", log_compiles=True)
+    assert again == ids
+    for step in ("_prefill_chunk", "_decode"):
+        assert f"Persistent compilation cache hit for 'jit_{step}'" in log, log[-2000:]
     if jax.default_backend() == "cpu":                      # conftest's 8 CPU devices
         sharded = ring_jax_cli("generate", "--model", model_dir, "--prompt-ids", "5 6 7", "--prompt-ids", "8 9",
                                "--max-new-tokens", "4", "--mesh", "data=2,expert=4")
