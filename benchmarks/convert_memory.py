@@ -11,7 +11,6 @@ modules (the baseline the conversion adds to).
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys

@@ -1,7 +1,6 @@
 """The few-row matmul (`pallas_kernels.matvec`) in Pallas interpret mode and its jnp reference,
 against float64."""
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -88,32 +87,36 @@ def decode_logits(model, p, steps):
 
 
 def as_if_on_hopper(monkeypatch):
-    """"auto" answers as on a Hopper GPU, and the matvec and router kernels run in interpret mode.
-    Returns the list of the weight shapes matvec is called with, then "router" per router call."""
+    """"auto" answers as on a Hopper GPU, and the decode-step kernels (matvec, the router's
+    selection, the residual add + RMSNorm) run in interpret mode. Returns the list of calls: the
+    weight shape for matvec, "router" and "norm" for the others."""
+    from pallas_kernels.norm import api as norm_api, gpu as norm_gpu
     from pallas_kernels.router import api as router_api, gpu as router_gpu
 
     calls = []
-    kernel = functools.partial(gpu.matvec, interpret=True)
-    monkeypatch.setattr(api, "platform", lambda: "hopper")
-    monkeypatch.setattr(gpu, "matvec", lambda x, w, ids, **k: calls.append(w.shape) or kernel(x, w, ids))
-    route = router_gpu.select_experts
-    monkeypatch.setattr(router_api, "platform", lambda: "hopper")
-    monkeypatch.setattr(router_gpu, "select_experts",
-                        lambda *a, **k: calls.append("router") or route(*a, **{**k, "interpret": True}))
+    kernels = [(api, gpu, "matvec", lambda x, w, ids, **k: w.shape),
+               (router_api, router_gpu, "select_experts", lambda *a, **k: "router"),
+               (norm_api, norm_gpu, "add_rms_norm", lambda *a, **k: "norm")]
+    for module_api, module_gpu, name, label in kernels:
+        kernel = getattr(module_gpu, name)
+        monkeypatch.setattr(module_api, "platform", lambda: "hopper")
+        monkeypatch.setattr(module_gpu, name, lambda *a, kernel=kernel, label=label, **k:
+                            calls.append(label(*a, **k)) or kernel(*a, **{**k, "interpret": True}))
     jax.clear_caches()
     return calls
 
 
 def test_decode_step_through_the_kernel_on_the_cpu(monkeypatch):
     """The model's kernel branches (one-row `matmul`, the routed experts by id, the router's
-    selection) in interpret mode: batch-1 decode logits equal the full forward (float32)."""
+    selection, the residual add + RMSNorm) in interpret mode: batch-1 decode logits equal the full
+    forward (float32)."""
     model = model_with_kernel_shapes(jnp.float32)
     p = np.random.default_rng(3).integers(2, 256, 12)
     calls = as_if_on_hopper(monkeypatch)
     got = decode_logits(model, p, 2)
     assert (64, 256, 256) in calls and (64, 128, 256) in calls     # experts gate_up and down
     assert (1, 256, 768) in calls and (1, 256, 64) in calls        # linear qkv and the router
-    assert "router" in calls
+    assert "router" in calls and "norm" in calls
     jax.clear_caches()
     assert rel_err(got, model(p[None])[0, -2:]) <= 1e-5
 
