@@ -10,8 +10,8 @@ trace of 20 calls), which is what each adds to a step; without a GPU, wall-clock
 kernels in interpret mode (a smoke run).
 - Router: the sigmoid scores [tokens, experts] float32 and the expert bias -> each token's top-k
   ids and normalised weights (SPEC.md §7.1). "same" compares the ids.
-- Norm: [tokens, hidden] bf16 rows and the output to add -> their sum and its RMSNorm (only up to
-  `gpu.MAX_ROWS` rows: "auto" leaves prefill to XLA). "same" gives the largest difference of the
+- Norm: [tokens, hidden] bf16 rows and the output to add -> their sum and its RMSNorm (up to
+  `gpu.DECODE_ROWS` rows, decode steps). "same" gives the largest difference of the
   normalised rows in bf16 steps (the sums of squares may round differently).
 """
 
@@ -70,7 +70,7 @@ def main(argv=None):
         bias = jnp.asarray(rng.standard_normal(E) * 0.01, jnp.float32)
         same = bool(np.array_equal(select(s, bias)[0], select_xla(s, bias)[0]))
         row("router selection", N, select, select_xla, (s, bias), same)
-        if N <= norm_gpu.MAX_ROWS:
+        if N <= norm_gpu.DECODE_ROWS:
             x, d = (jnp.asarray(rng.standard_normal((N, K)), jnp.bfloat16) for _ in range(2))
             w = jnp.asarray(1 + 0.1 * rng.standard_normal(K), jnp.bfloat16)
             got, want = (np.asarray(f(x, d, w)[1], np.float32) for f in (norm, norm_xla))

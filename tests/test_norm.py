@@ -58,10 +58,12 @@ def test_errors_and_backend_choice():
 
 
 def test_auto_takes_the_kernel_for_decode_rows_on_hopper(monkeypatch):
+    """With MAX_ROWS at its intended setting (it is 0 until the kernel has run on a GPU)."""
     from pallas_kernels.norm import api
 
     calls = []
     monkeypatch.setattr(api, "platform", lambda: "hopper")
+    monkeypatch.setattr(gpu, "MAX_ROWS", gpu.DECODE_ROWS)
     monkeypatch.setattr(gpu, "add_rms_norm", lambda x, *a, **k: calls.append(x.shape) or reference.add_rms_norm(x, *a, eps=k["eps"]))
     for rows in (1, gpu.MAX_ROWS, gpu.MAX_ROWS + 1):
         x, delta, weight = operands((rows, 256), jnp.bfloat16, rows)
