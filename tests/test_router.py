@@ -70,7 +70,7 @@ def test_kernel_equals_reference_with_ties(router):
     np.testing.assert_allclose(weights, want_weights, rtol=1e-6)
 
 
-@pytest.mark.parametrize("router", ROUTERS)
+@pytest.mark.parametrize("router", [ROUTERS[0], ROUTERS[-1]])
 def test_kernel_and_reference_match_float64(router):
     E, G, kept, top_k = router
     rng = np.random.default_rng(100 + E)
