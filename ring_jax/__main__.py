@@ -26,11 +26,9 @@ def _sampling(args) -> dict:
 def _load(args):
     import ring_jax
 
-    from ring_jax.compilation_cache import default_cache_dir
     from ring_jax.sharding import make_mesh
 
-    if (args.compilation_cache or default_cache_dir()) != "off":
-        ring_jax.enable_compilation_cache(args.compilation_cache)
+    ring_jax.enable_compilation_cache(args.compilation_cache)
     start = time.perf_counter()
     try:
         mesh = make_mesh(**args.mesh) if args.mesh else None

@@ -7,6 +7,7 @@ the same).
 """
 
 import os
+import warnings
 
 import jax
 
@@ -14,20 +15,30 @@ ENV = "RING_JAX_COMPILATION_CACHE"
 
 
 def default_cache_dir() -> str:
-    """$RING_JAX_COMPILATION_CACHE (a folder, or "off" for none: the command lines then leave the
-    cache off), else $XDG_CACHE_HOME/ring_jax/xla (~/.cache/ring_jax/xla)."""
+    """$RING_JAX_COMPILATION_CACHE (a folder, or "off"), else $XDG_CACHE_HOME/ring_jax/xla
+    (~/.cache/ring_jax/xla)."""
     if os.environ.get(ENV):
         return os.environ[ENV]
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "ring_jax", "xla")
 
 
-def enable_compilation_cache(path: str | None = None, *, min_compile_seconds: float = 1.0) -> str:
-    """Keeps every compilation that took at least `min_compile_seconds` in `path` (default:
-    `default_cache_dir()`) and looks there before compiling. Call it before the first compilation.
-    Returns the folder."""
-    path = os.path.abspath(os.path.expanduser(path or default_cache_dir()))
-    os.makedirs(path, exist_ok=True)
+def enable_compilation_cache(path: str | None = None) -> str | None:
+    """Keeps compilations in `path` (default: `default_cache_dir()`) and looks there before
+    compiling; "off" (any case) leaves the cache off. Call it before the first compilation.
+
+    Only compilations of at least `jax_persistent_cache_min_compile_time_secs` (JAX's setting:
+    1 s unless changed, e.g. by $JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS) are kept. A folder that
+    cannot be created is a warning, and the cache stays off. Returns the folder, or None when off.
+    """
+    path = path or default_cache_dir()
+    if path.lower() == "off":
+        return None
+    path = os.path.abspath(os.path.expanduser(path))
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        warnings.warn(f"compilation cache off: cannot create {path}: {e}", stacklevel=2)
+        return None
     jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_seconds))
     return path

@@ -57,7 +57,6 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 import ring_jax
-from ring_jax.compilation_cache import default_cache_dir
 from ring_jax.config import ConfigError, RingConfig
 from ring_jax.generate import Sampling
 from ring_jax.sharding import check_mesh, make_mesh, parse_mesh
@@ -437,8 +436,7 @@ def run(args, load=ring_jax.load_model) -> int:
     load(args.model, dtype=args.dtype, mesh=mesh) makes the model: a benchmark can make a random one."""
     check_args(args)
     init_distributed(args)
-    if (args.compilation_cache or default_cache_dir()) != "off":
-        ring_jax.enable_compilation_cache(args.compilation_cache)
+    ring_jax.enable_compilation_cache(args.compilation_cache)
     mesh = build_mesh(args.mesh)
     config, tokenizer = load_config_and_tokenizer(args)
     try:

@@ -29,8 +29,9 @@ def compilation_cache(tmp_path_factory):
 
 def ring_jax_cli(*args, stdin=None, log_compiles=False):
     """stdout of `python -m ring_jax args`; with log_compiles, (stdout, stderr) with JAX's logs of
-    compilations and persistent-cache hits."""
-    env = dict(os.environ, PYTHONPATH=ROOT, **({"JAX_LOG_COMPILES": "1"} if log_compiles else {}))
+    compilations and persistent-cache hits. Every compilation goes to the cache, however short."""
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               **({"JAX_LOG_COMPILES": "1"} if log_compiles else {}))
     run = subprocess.run([sys.executable, "-m", "ring_jax", *args], input=stdin, capture_output=True,
                          text=True, env=env, timeout=300, check=True)
     return (run.stdout, run.stderr) if log_compiles else run.stdout
@@ -39,6 +40,20 @@ def ring_jax_cli(*args, stdin=None, log_compiles=False):
 def test_help():
     for command in ([], ["generate"], ["chat"], ["demo"]):
         assert "usage" in ring_jax_cli(*command, "--help")
+
+
+def test_compilation_cache_off_and_unwritable(tmp_path):
+    """"off" in any case leaves the cache off; a folder that cannot be made is a warning, not a
+    crash; neither touches JAX's setting."""
+    from ring_jax import enable_compilation_cache
+
+    before = jax.config.jax_compilation_cache_dir
+    assert enable_compilation_cache("OFF") is None
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.warns(UserWarning, match="compilation cache off"):
+        assert enable_compilation_cache(str(blocker / "cache")) is None
+    assert jax.config.jax_compilation_cache_dir == before
 
 
 def test_generate_and_chat(model_dir, compilation_cache):

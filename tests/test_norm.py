@@ -31,14 +31,13 @@ def test_kernel_matches_reference_and_float64(shape, dtype, with_delta):
     want_total, want_normed = reference.add_rms_norm(x, delta, weight, eps=1e-6)
     assert total.dtype == normed.dtype == dtype and total.shape == normed.shape == shape
     np.testing.assert_array_equal(total, want_total)                 # the add rounds once, as XLA's
-    s64, n64 = norm64(x, delta, weight, 1e-6)
-    if dtype == jnp.float32:
-        assert rel_err(normed, want_normed) <= 1e-6 and rel_err(normed, n64) <= 1e-6
-    else:
-        # The mean of squares may round differently (the order of the sum): at most one bf16 step.
-        step = np.abs(np.asarray(want_normed, np.float32)) * 2 ** -7
-        assert np.all(np.abs(np.asarray(normed, np.float32) - np.asarray(want_normed, np.float32)) <= step)
-        assert rel_err(normed, n64) <= 2 ** -7
+    # On the CPU the kernel's sum of squares runs through XLA's reduction as the reference's does:
+    # float32 results may differ in the last bit; bf16 ones come out equal, which checks every
+    # rounding step of the reference (the GPU test allows a rare bf16 step).
+    if dtype == jnp.bfloat16:
+        np.testing.assert_array_equal(normed, want_normed)
+    assert rel_err(normed, want_normed) <= 1e-6
+    assert rel_err(normed, norm64(x, delta, weight, 1e-6)[1]) <= (1e-6 if dtype == jnp.float32 else 2 ** -7)
 
 
 def test_errors_and_backend_choice():
@@ -55,6 +54,8 @@ def test_errors_and_backend_choice():
     assert not gpu.fits(x, weight.astype(jnp.float32))
     total, _ = add_rms_norm(x, delta, weight, eps=1e-6)
     np.testing.assert_array_equal(total, x + delta)
+    total, normed = add_rms_norm(x[:0], delta[:0], weight, eps=1e-6, interpret=True)   # no rows
+    assert total.shape == normed.shape == (0, 256)
 
 
 def test_auto_takes_the_kernel_for_decode_rows_on_hopper(monkeypatch):

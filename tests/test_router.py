@@ -58,16 +58,19 @@ def select64(s, bias, top_k, n_group, topk_group, scaling):
 
 
 @pytest.mark.parametrize("router", ROUTERS)
-def test_kernel_equals_reference_with_ties(router):
-    """Same experts in the same order as the reference (lax.top_k's order), ties to the lower
-    index, -0.0 below +0.0, -inf biases; the weights equal up to the order of their sum."""
+def test_kernel_equals_reference_with_ties(router, monkeypatch):
+    """Same experts in the same order as the reference on both of its paths (comparisons, and
+    lax.top_k itself), ties to the lower index, -0.0 below +0.0, -inf biases; the weights equal up
+    to the order of their sum."""
     E, G, kept, top_k = router
     s, bias = tied_router_inputs(np.random.default_rng(E + top_k), 9, E)
     args = dict(top_k=top_k, n_group=G, topk_group=kept, scaling=2.5)
     ids, weights = select_experts(s, bias, interpret=True, **args)
-    want_ids, want_weights = select_experts(s, bias, backend="reference", **args)
-    np.testing.assert_array_equal(ids, want_ids)
-    np.testing.assert_allclose(weights, want_weights, rtol=1e-6)
+    for compare_max in (reference.COMPARE_TOP_K_MAX, 0):
+        monkeypatch.setattr(reference, "COMPARE_TOP_K_MAX", compare_max)
+        want_ids, want_weights = select_experts(s, bias, backend="reference", **args)
+        np.testing.assert_array_equal(ids, want_ids)
+        np.testing.assert_allclose(weights, want_weights, rtol=1e-6)
 
 
 @pytest.mark.parametrize("router", [ROUTERS[0], ROUTERS[-1]])
@@ -88,6 +91,13 @@ def test_errors_and_backend_choice():
     s, bias = jnp.ones((2, 24), jnp.float32), jnp.zeros(24, jnp.float32)
     with pytest.raises(ValueError, match="bias"):
         select_experts(s, bias[:8], top_k=2, n_group=4, topk_group=2)
+    with pytest.raises(ValueError, match="float32"):
+        select_experts(s.astype(jnp.bfloat16), bias, top_k=2, n_group=4, topk_group=2)
+    with pytest.raises(ValueError, match="at least 2"):
+        select_experts(s, bias, top_k=2, n_group=24, topk_group=2)
+    for interpret in (False, True):                                   # no tokens: empty, no launch
+        ids, weights = select_experts(s[:0, :16], bias[:16], top_k=2, n_group=4, topk_group=2, interpret=interpret)
+        assert ids.shape == weights.shape == (0, 2) and ids.dtype == jnp.int32
     with pytest.raises(ValueError, match="top_k=9"):
         select_experts(s, bias, top_k=9, n_group=4, topk_group=1)
     with pytest.raises(ValueError, match="backend"):

@@ -16,7 +16,8 @@ def add_rms_norm(x, delta, weight, *, eps, backend="auto", interpret=False):
     """The residual add and RMSNorm of a pre-norm block: see `reference.add_rms_norm`.
 
     x: [..., K]; delta: [..., K] or None (then x itself is normalised); weight: [K].
-    Returns (x + delta, weight * normalize(x + delta)) in x's dtype.
+    Returns (x + delta, weight * normalize(x + delta)): the sum in x's dtype, the norm in the
+    promoted dtype of x and weight (x's where they match; the kernel requires that).
     interpret: run the GPU kernel in Pallas interpret mode (CPU tests).
     """
     if backend not in ("auto",) + BACKENDS:
@@ -26,15 +27,15 @@ def add_rms_norm(x, delta, weight, *, eps, backend="auto", interpret=False):
         raise ValueError(f"add_rms_norm: x {x.shape} {x.dtype}, delta "
                          f"{None if delta is None else (delta.shape, delta.dtype)}, weight {weight.shape}: "
                          f"delta must match x and weight must be [{K}]")
-    from pallas_kernels.norm import gpu
-
-    forced = interpret or backend == "gpu"
-    if forced and not gpu.fits(x, weight):
-        raise NotImplementedError(f"the gpu kernel takes bf16 or float32 rows of a power-of-two length with a "
-                                  f"weight of their dtype (got {x.dtype} [{K}], weight {weight.dtype}); "
-                                  f"use backend='reference'")
     rows = math.prod(x.shape[:-1])
-    if forced or (backend == "auto" and platform() == "hopper" and rows <= gpu.MAX_ROWS
-                  and gpu.fits(x, weight)):
-        return gpu.add_rms_norm(x, delta, weight, eps=float(eps), interpret=interpret)
+    forced = interpret or backend == "gpu"
+    if rows and (forced or (backend == "auto" and platform() == "hopper")):
+        from pallas_kernels.norm import gpu
+
+        if forced and not gpu.fits(x, weight):
+            raise NotImplementedError(f"the gpu kernel takes bf16 or float32 rows of a power-of-two length with "
+                                      f"a weight of their dtype (got {x.dtype} [{K}], weight {weight.dtype}); "
+                                      f"use backend='reference'")
+        if forced or (rows <= gpu.MAX_ROWS and gpu.fits(x, weight)):
+            return gpu.add_rms_norm(x, delta, weight, eps=float(eps), interpret=interpret)
     return reference.add_rms_norm(x, delta, weight, eps=eps)

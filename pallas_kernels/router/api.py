@@ -4,6 +4,8 @@
 the jnp reference otherwise.
 """
 
+import jax.numpy as jnp
+
 from pallas_kernels.platform import platform
 from pallas_kernels.router import reference
 
@@ -21,19 +23,24 @@ def select_experts(scores, bias, *, top_k, n_group, topk_group, scaling=1.0, bac
     if backend not in ("auto",) + BACKENDS:
         raise ValueError(f"backend={backend!r}: choose 'auto' or one of {BACKENDS}")
     N, E = scores.shape
-    if bias.shape != (E,):
-        raise ValueError(f"select_experts: scores are [{N}, {E}] but bias is {bias.shape}")
-    if E % n_group or not 0 < topk_group <= n_group or not 0 < top_k <= topk_group * (E // n_group):
-        raise ValueError(f"select_experts: {E} experts in {n_group} groups cannot give top_k={top_k} "
-                         f"from topk_group={topk_group} groups")
-    from pallas_kernels.router import gpu
-
+    if scores.dtype != jnp.float32 or bias.dtype != jnp.float32 or bias.shape != (E,):
+        raise ValueError(f"select_experts: scores [{N}, {E}] and bias [{E}] must be float32, got "
+                         f"{scores.dtype} {scores.shape} and {bias.dtype} {bias.shape}")
+    if (n_group < 1 or E % n_group or E // n_group < 2 or not 0 < topk_group <= n_group
+            or not 0 < top_k <= topk_group * (E // n_group)):
+        raise ValueError(f"select_experts: {E} experts in {n_group} groups (of at least 2) cannot give "
+                         f"top_k={top_k} from topk_group={topk_group} groups")
+    if N == 0:
+        return jnp.zeros((0, top_k), jnp.int32), jnp.zeros((0, top_k), jnp.float32)
     forced = interpret or backend == "gpu"
-    if forced and not gpu.fits(E, top_k, n_group):
-        raise NotImplementedError(f"the gpu kernel takes power-of-two group sizes and top_k (got {E} "
-                                  f"experts in {n_group} groups, top_k={top_k}); use backend='reference'")
-    if forced or (backend == "auto" and platform() == "hopper" and gpu.fits(E, top_k, n_group)):
-        return gpu.select_experts(scores, bias, top_k=top_k, n_group=n_group, topk_group=topk_group,
-                                  scaling=float(scaling), interpret=interpret)
+    if forced or (backend == "auto" and platform() == "hopper"):
+        from pallas_kernels.router import gpu
+
+        if gpu.fits(E, top_k, n_group):
+            return gpu.select_experts(scores, bias, top_k=top_k, n_group=n_group, topk_group=topk_group,
+                                      scaling=float(scaling), interpret=interpret)
+        if forced:
+            raise NotImplementedError(f"the gpu kernel takes power-of-two group sizes and top_k (got {E} "
+                                      f"experts in {n_group} groups, top_k={top_k}); use backend='reference'")
     return reference.select_experts(scores, bias, top_k=top_k, n_group=n_group, topk_group=topk_group,
                                     scaling=scaling)
