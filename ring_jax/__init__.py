@@ -18,8 +18,8 @@ from ring_jax.sharding import make_mesh, shard_model  # noqa: E402
 from ring_jax.tokenizer import Tokenizer, load_tokenizer  # noqa: E402
 
 __all__ = ["Cache", "ConfigError", "RingConfig", "RingModel", "Tokenizer", "chat", "chat_stream",
-           "enable_compilation_cache", "generate", "init_cache", "load_model", "load_tokenizer", "make_mesh", "save_model", "shard_model",
-           "stream"]
+           "enable_compilation_cache", "generate", "init_cache", "load_model", "load_tokenizer", "make_mesh",
+           "save_model", "shard_model", "stream"]
 
 
 def __getattr__(name):

@@ -65,7 +65,8 @@ def test_auto_takes_the_kernel_for_decode_rows_on_hopper(monkeypatch):
     calls = []
     monkeypatch.setattr(api, "platform", lambda: "hopper")
     monkeypatch.setattr(gpu, "MAX_ROWS", gpu.DECODE_ROWS)
-    monkeypatch.setattr(gpu, "add_rms_norm", lambda x, *a, **k: calls.append(x.shape) or reference.add_rms_norm(x, *a, eps=k["eps"]))
+    monkeypatch.setattr(gpu, "add_rms_norm", lambda x, *a, **k:
+                        calls.append(x.shape) or reference.add_rms_norm(x, *a, eps=k["eps"]))
     for rows in (1, gpu.MAX_ROWS, gpu.MAX_ROWS + 1):
         x, delta, weight = operands((rows, 256), jnp.bfloat16, rows)
         add_rms_norm(x, delta, weight, eps=1e-6)
