@@ -3,8 +3,7 @@
 from pallas_kernels.linear_attention import linear_attention, linear_attention_step
 from pallas_kernels.matvec import matvec, matvec_backend
 from pallas_kernels.moe import gmm, gmm_backend
-from pallas_kernels.norm import add_rms_norm
 from pallas_kernels.router import select_experts
 
-__all__ = ["add_rms_norm", "gmm", "gmm_backend", "linear_attention", "linear_attention_step", "matvec", "matvec_backend",
+__all__ = ["gmm", "gmm_backend", "linear_attention", "linear_attention_step", "matvec", "matvec_backend",
            "select_experts"]

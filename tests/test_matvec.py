@@ -88,29 +88,25 @@ def decode_logits(model, p, steps):
 
 def as_if_on_hopper(monkeypatch):
     """"auto" answers as on a Hopper GPU, and the decode-step kernels (matvec, the router's
-    selection, the residual add + RMSNorm) run in interpret mode. Returns the list of calls: the
-    weight shape for matvec, "router" and "norm" for the others."""
-    from pallas_kernels.norm import api as norm_api, gpu as norm_gpu
+    selection) run in interpret mode. Returns the list of calls: the weight shape for matvec,
+    "router" for the selection."""
     from pallas_kernels.router import api as router_api, gpu as router_gpu
 
     calls = []
     kernels = [(api, gpu, "matvec", lambda x, w, ids, **k: w.shape),
-               (router_api, router_gpu, "select_experts", lambda *a, **k: "router"),
-               (norm_api, norm_gpu, "add_rms_norm", lambda *a, **k: "norm")]
+               (router_api, router_gpu, "select_experts", lambda *a, **k: "router")]
     for module_api, module_gpu, name, label in kernels:
         kernel = getattr(module_gpu, name)
         monkeypatch.setattr(module_api, "platform", lambda: "hopper")
         monkeypatch.setattr(module_gpu, name, lambda *a, kernel=kernel, label=label, **k:
                             calls.append(label(*a, **k)) or kernel(*a, **{**k, "interpret": True}))
-    monkeypatch.setattr(norm_gpu, "MAX_ROWS", norm_gpu.DECODE_ROWS)     # its intended setting
     jax.clear_caches()
     return calls
 
 
 def test_decode_step_through_the_kernel_on_the_cpu(monkeypatch):
     """The model's kernel branches (one-row `matmul`, the routed experts by id, the router's
-    selection, the residual add + RMSNorm) in interpret mode: batch-1 decode logits equal the full
-    forward (float32)."""
+    selection) in interpret mode: batch-1 decode logits equal the full forward (float32)."""
     model = model_with_kernel_shapes(jnp.float32)
     p = np.random.default_rng(3).integers(2, 256, 12)
     want = model(p[None])[0, -2:]                    # the full forward, before the kernels come in
@@ -118,7 +114,7 @@ def test_decode_step_through_the_kernel_on_the_cpu(monkeypatch):
     got = decode_logits(model, p, 2)
     assert (64, 256, 256) in calls and (64, 128, 256) in calls     # experts gate_up and down
     assert (1, 256, 768) in calls and (1, 256, 64) in calls        # linear qkv and the router
-    assert "router" in calls and "norm" in calls
+    assert "router" in calls
     assert rel_err(got, want) <= 1e-5
 
 

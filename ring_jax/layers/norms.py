@@ -1,16 +1,19 @@
 """RMSNorm and GroupRMSNorm with the HF numerics (SPEC.md §3, §6.4, §10.2).
 
 Statistics are taken in float32 and the normalised value is rounded to the input dtype *before*
-the multiply by the weight, as `BailingMoeV2RMSNorm` does (`pallas_kernels.norm.reference`).
+the multiply by the weight, as `BailingMoeV2RMSNorm` does.
 """
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-import pallas_kernels
-from pallas_kernels.norm.reference import normalize
-from ring_jax.sharding import in_mesh
+
+def normalize(x: jax.Array, eps: float) -> jax.Array:
+    """x * rsqrt(mean(x^2) + eps) over the last axis, computed in float32, returned in x.dtype."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
+    return y.astype(x.dtype)
 
 
 class RMSNorm(nnx.Module):
@@ -25,10 +28,10 @@ class RMSNorm(nnx.Module):
 
     def add(self, x: jax.Array, delta: jax.Array | None) -> tuple[jax.Array, jax.Array]:
         """The residual add before a pre-norm block: (x + delta, this norm of it); delta None
-        normalises x. A decode step's few rows take one fused kernel on a Hopper GPU (not under
-        a mesh, where XLA partitions the jnp ops)."""
-        return pallas_kernels.add_rms_norm(x, delta, self.weight[...], eps=self.eps,
-                                           backend="reference" if in_mesh() else "auto")
+        normalises x."""
+        if delta is not None:
+            x = x + delta
+        return x, self(x)
 
 
 class GroupRMSNorm(nnx.Module):
