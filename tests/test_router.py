@@ -153,3 +153,21 @@ def test_router_takes_the_kernel_as_on_hopper(monkeypatch):
     assert calls
     np.testing.assert_array_equal(ids, want_ids)
     np.testing.assert_allclose(weights, want_weights, rtol=1e-6)
+
+
+def test_bf16_router_multiplies_in_float32():
+    """A bf16 model's router multiplies in float32 (SPEC.md §7.1, §10.4): its logits are not rounded
+    to bf16 anywhere (same experts and weights as float64 logits)."""
+    config = RingConfig.from_hf(load_config_dict("tiny.json"), num_experts=64, n_group=8, topk_group=3,
+                                num_experts_per_tok=4)
+    router = moe.Router(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(1))
+    rng = np.random.default_rng(6)
+    router.expert_bias[...] = jnp.asarray(rng.standard_normal(64) * 0.01, jnp.float32)
+    x = jnp.asarray(rng.standard_normal((32, config.hidden_size)), jnp.bfloat16)
+    ids, weights = router(x)
+    logits = np.asarray(x, np.float64) @ np.asarray(router.kernel[...], np.float64)
+    scores = jnp.asarray(1 / (1 + np.exp(-logits)), jnp.float32)
+    want_ids, want_weights = reference.select_experts(scores, router.expert_bias[...], top_k=4, n_group=8,
+                                                      topk_group=3, scaling=config.routed_scaling_factor)
+    np.testing.assert_array_equal(ids, want_ids)
+    np.testing.assert_allclose(weights, want_weights, rtol=1e-6)
