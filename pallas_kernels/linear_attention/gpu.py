@@ -123,6 +123,7 @@ def linear_attention(q, k, v, log_decay, *, scale=None, initial_state=None):
     def store_state(state, dst):
         """Writes the [D, width] f32 state through SMEM scoped here (it reuses the pipeline's)."""
         def store(st_smem):
+            plgpu.commit_smem()  # every warp's share of the last wgmma has read the memory reused here
             st_smem[...] = state
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(st_smem, dst)
