@@ -36,34 +36,26 @@ class DecoderLayer(nnx.Module):
         self.mlp = (MoE(config, dtype=dtype, rngs=rngs) if config.is_moe_layer(layer_idx)
                     else MLP(hidden, config.intermediate_size, dtype=dtype, rngs=rngs))
 
-    def __call__(self, x: jax.Array, delta: jax.Array | None, cos: jax.Array, sin: jax.Array
-                 ) -> tuple[jax.Array, jax.Array]:
-        """Full causal forward. x: [B, T, hidden], the residual stream; delta: [B, T, hidden], the
-        previous layer's output, not yet added to it (None before the first layer).
-
-        Returns (x, delta) after this layer: the residual stream with the attention output added,
-        and the MLP's output, which the next layer's input norm (or the final norm) adds, so that
-        the add and the norm are one operation (`RMSNorm.add`)."""
-        x, h = self.input_layernorm.add(x, delta)
-        x = constrain(x, ACTIVATION_AXES)
-        h = self.attention(h, cos, sin)
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+        """x: [B, T, hidden] -> [B, T, hidden]; full causal forward."""
+        h = self.attention(self.input_layernorm(x), cos, sin)
         if self.is_linear:
             h, _ = h
-        x, h = self.post_attention_layernorm.add(x, h)
-        return x, self.mlp(h)
+        x = x + h
+        return constrain(x + self.mlp(self.post_attention_layernorm(x)), ACTIVATION_AXES)
 
-    def extend(self, x, delta, cos, sin, layer_cache, cursor, start, valid):
-        """As __call__, continuing this layer's cache (a KVCache or a linear state) with x's T
-        tokens; cursor: [] slot of x's first token; start: [B]; valid: [B, T] bool (False: left
-        padding). Returns (x, delta, the layer's new cache)."""
-        x, h = self.input_layernorm.add(x, delta)
-        x = constrain(x, ACTIVATION_AXES)
+    def extend(self, x, cos, sin, layer_cache, cursor, start, valid):
+        """x: [B, T, hidden] continuing this layer's cache (a KVCache or a linear state);
+        cursor: [] slot of x's first token; start: [B]; valid: [B, T] bool (False: left padding).
+        Returns (x [B, T, hidden], the layer's new cache)."""
+        h = self.input_layernorm(x)
         if self.is_linear:
             h, layer_cache = self.attention(h, cos, sin, initial_state=layer_cache, valid=valid)
         else:
             h, layer_cache = self.attention(h, cos, sin, kv=layer_cache, cursor=cursor, start=start)
-        x, h = self.post_attention_layernorm.add(x, h)
-        return x, self.mlp(h), constrain_layer(layer_cache)
+        x = x + h
+        x = constrain(x + self.mlp(self.post_attention_layernorm(x)), ACTIVATION_AXES)
+        return x, constrain_layer(layer_cache)
 
 
 class MTPLayer(nnx.Module):
@@ -114,10 +106,9 @@ class RingModel(nnx.Module):
         """input_ids: [B, T] -> final-normed hidden states [B, T, hidden]."""
         x = constrain(jnp.take(self.word_embeddings[...], input_ids, axis=0), ACTIVATION_AXES)
         cos, sin = rope_tables(self.config, jnp.arange(input_ids.shape[1]), x.dtype)   # [T, rotary_dim]
-        delta = None
         for layer in self.layers:
-            x, delta = layer(x, delta, cos, sin)
-        return self.norm.add(x, delta)[1]
+            x = layer(x, cos, sin)
+        return self.norm(x)
 
     def extend(self, input_ids: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
         """Runs input_ids [B, T] (the tokens at slots cursor..cursor+T-1) through the model on top
@@ -129,11 +120,11 @@ class RingModel(nnx.Module):
         positions = jnp.maximum(slots[None, :] - cache.start[:, None], 0)
         x = constrain(jnp.take(self.word_embeddings[...], input_ids, axis=0), ACTIVATION_AXES)
         cos, sin = rope_tables(self.config, positions, x.dtype)                        # [B, T, rotary_dim]
-        layers, delta = [], None
+        layers = []
         for layer, layer_cache in zip(self.layers, cache.layers):
-            x, delta, layer_cache = layer.extend(x, delta, cos, sin, layer_cache, cache.cursor, cache.start, valid)
+            x, layer_cache = layer.extend(x, cos, sin, layer_cache, cache.cursor, cache.start, valid)
             layers.append(layer_cache)
-        return self.norm.add(x, delta)[1], Cache(tuple(layers), cache.start, cache.cursor + T)
+        return self.norm(x), Cache(tuple(layers), cache.start, cache.cursor + T)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """hidden: [..., hidden] -> float32 logits [..., vocab] (the head's matmul in model dtype)."""

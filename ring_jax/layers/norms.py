@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 
-def normalize(x: jax.Array, eps: float) -> jax.Array:
+def _normalize(x: jax.Array, eps: float) -> jax.Array:
     """x * rsqrt(mean(x^2) + eps) over the last axis, computed in float32, returned in x.dtype."""
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
@@ -24,14 +24,7 @@ class RMSNorm(nnx.Module):
         self.weight = nnx.Param(jnp.ones((dim,), dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.weight[...] * normalize(x, self.eps)
-
-    def add(self, x: jax.Array, delta: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-        """The residual add before a pre-norm block: (x + delta, this norm of it); delta None
-        normalises x."""
-        if delta is not None:
-            x = x + delta
-        return x, self(x)
+        return self.weight[...] * _normalize(x, self.eps)
 
 
 class GroupRMSNorm(nnx.Module):
@@ -47,4 +40,4 @@ class GroupRMSNorm(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         grouped = x.reshape(*x.shape[:-1], self.num_groups, x.shape[-1] // self.num_groups)
-        return self.weight[...] * normalize(grouped, self.eps).reshape(x.shape)
+        return self.weight[...] * _normalize(grouped, self.eps).reshape(x.shape)
