@@ -130,9 +130,6 @@ def linear_attention(q, k, v, log_decay, *, scale=None, initial_state=None):
             plgpu.wait_smem_to_gmem(0)
         pl.run_scoped(store, plgpu.SMEM((D, width), jnp.float32))
 
-    # SMEM that is only read before the chunk loop is scoped to that prologue, and the final state
-    # goes out through SMEM scoped after the loop, so the loop's buffers reuse both.
-
     # ---- kernel 1: each segment's own state contribution (all segments but the last) ----------
     # State updates only, so a longer chunk (fewer, larger wgmmas) when the segment allows it.
     C1 = 2 * C if per_seg % 2 == 0 else C
