@@ -13,7 +13,9 @@ through `pallas_kernels.matvec` (what a decode step of up to 64 pairs runs on on
 bytes of the chosen experts' weights; times are the GPU kernels' own (`timing.device_ms`, from a
 trace). Table 3, a whole Ring-mini MoE layer (router, dispatch, experts, combine, shared expert) in
 tokens per second.
-Times: medians of 20 after warm-up, milliseconds (table 2: kernel time per call).
+Times in milliseconds. Tables 1 and 2: the GPU kernels' own time per call, summed over a trace of 20
+calls after warm-up (no per-call host round trip, which is 0.1-0.2 ms on the shared GPU host and
+would blur every row under a millisecond). Table 3: median wall-clock time of 20 jitted calls.
 """
 
 import argparse
@@ -67,15 +69,16 @@ def gmm_table(Ms, hbm):
                 sizes = jnp.asarray(group_sizes(M, G, skew), jnp.int32)
                 fl = 2 * M * K * N
 
-                def fmt(ms):
+                def cell(f, *args):
+                    ms = device_ms(f, *args) or bench_jax(f, *args)
                     return f"{ms:.3f} ms ({fl / ms / 1e9:.0f} TF/s)"
-                cells = [fmt(bench_jax(dense, lhs, rhs))]
-                cells.append(fmt(bench_jax(xla, lhs, rhs, sizes)) if M <= 4096 else "(dense expansion: OOM)")
+                cells = [cell(dense, lhs, rhs)]
+                cells.append(cell(xla, lhs, rhs, sizes) if M <= 4096 else "(dense expansion: OOM)")
                 try:
-                    cells.append(fmt(bench_jax(mgpu, lhs, rhs, sizes)) if M >= 128 else "n/a (M < block)")
+                    cells.append(cell(mgpu, lhs, rhs, sizes) if M >= 128 else "n/a (M < block)")
                 except Exception as e:  # noqa: BLE001 - a peer's failure is a table cell, not a crash
                     cells.append(f"failed: {type(e).__name__}")
-                cells.append(fmt(bench_jax(ours, lhs, rhs, sizes)))
+                cells.append(cell(ours, lhs, rhs, sizes))
                 print(f"| {name} | {M} | {'zipf' if skew else 'equal'} | " + " | ".join(cells) + " |", flush=True)
 
 

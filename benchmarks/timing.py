@@ -20,10 +20,39 @@ def bench_jax(f, *args, n=20):
     return sorted(times)[n // 2] * 1e3
 
 
+def back_to_back_ms(f, *args, n=20):
+    """Milliseconds per call of n calls of f(*args) queued back to back, one wait at the end: the
+    throughput of a stream of calls, without the per-call host round trip of `bench_jax`."""
+    jax.block_until_ready(f(*args))
+    t = time.perf_counter()
+    for _ in range(n):
+        out = f(*args)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - t) / n * 1e3
+
+
 def copy_bandwidth():
     """Device bytes read + written per second by a 2 GiB elementwise pass (the memory ceiling)."""
     x = jnp.ones((2 * 1024**3 // 4,), jnp.float32)
     return 2 * x.nbytes / (bench_jax(jax.jit(lambda a: a + 1), x) * 1e-3)
+
+
+def _traced_gpu_ms(run, n):
+    """Milliseconds per call of GPU time in run() (n calls and a wait for them): the durations of
+    every kernel, memset and copy in a JAX profiler trace. The trace is CUPTI's, process-wide, so it
+    holds the GPU work of other libraries (PyTorch) too; one profiler at a time, so this one serves
+    both (torch.profiler and JAX's cannot both subscribe to CUPTI in one process)."""
+    from jax.profiler import ProfileData
+
+    with tempfile.TemporaryDirectory() as trace:
+        with jax.profiler.trace(trace):
+            run()
+        data = ProfileData.from_file(glob.glob(f"{trace}/**/*.xplane.pb", recursive=True)[0])
+        ns = sum(event.duration_ns for plane in data.planes if plane.name.startswith("/device:GPU")
+                 for line in plane.lines if line.name.startswith("Stream") for event in line.events)
+    if not ns:
+        raise RuntimeError("the profiler trace holds no GPU work")
+    return ns / n / 1e6
 
 
 def device_ms(f, *args, n=20):
@@ -32,15 +61,41 @@ def device_ms(f, *args, n=20):
     (which dominate wall-clock timing of microsecond kernels). None where there is no GPU."""
     if jax.devices()[0].platform != "gpu":
         return None
-    from jax.profiler import ProfileData
-
     jax.block_until_ready(f(*args))
-    with tempfile.TemporaryDirectory() as trace:
-        with jax.profiler.trace(trace):
-            for _ in range(n):
-                out = f(*args)
-            jax.block_until_ready(out)
-        data = ProfileData.from_file(glob.glob(f"{trace}/**/*.xplane.pb", recursive=True)[0])
-        ns = sum(event.duration_ns for plane in data.planes if plane.name.startswith("/device:GPU")
-                 for line in plane.lines if line.name.startswith("Stream") for event in line.events)
-    return ns / n / 1e6
+
+    def run():
+        for _ in range(n):
+            out = f(*args)
+        jax.block_until_ready(out)
+    return _traced_gpu_ms(run, n)
+
+
+def torch_device_ms(fn, n=20):
+    """`device_ms` for a PyTorch callable on the GPU, after three warm-up calls."""
+    import torch
+
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+
+    def run():
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+    return _traced_gpu_ms(run, n)
+
+
+def torch_back_to_back_ms(fn, n=20):
+    """`back_to_back_ms` for a PyTorch callable, timed by CUDA events around the n calls."""
+    import torch
+
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(n):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / n
