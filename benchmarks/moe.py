@@ -6,14 +6,15 @@ Table 1, grouped matmul [M, K] x [G, K, N] with G = 256 groups, equal or Zipf-sk
 Ring-mini and Ring-flash expert shapes: a dense matmul of the same FLOPs (the ceiling), XLA's
 `jax.lax.ragged_dot` (a masked dense product on GPU: only small M), JAX's Mosaic GPU
 `ragged_dot_mgpu` (128/128/64, 4 stages), and `pallas_kernels.gmm(backend="auto")` (our Mosaic GPU
-kernel on Hopper).
+kernel on Hopper). Then the gate_up product with SwiGLU: our gmm followed by XLA's SwiGLU, against
+SwiGLU in the kernel's epilogue, at prefill sizes.
 Table 2, the decode-sized expert step of one MoE layer (tokens x top-8 pairs, gate_up then down)
 two ways: sorted by expert through `pallas_kernels.gmm`, and each pair reading its expert by id
 through `pallas_kernels.matvec` (what a decode step of up to 64 pairs runs on one GPU), against the
 bytes of the chosen experts' weights; times are the GPU kernels' own (`timing.device_ms`, from a
 trace). Table 3, a whole Ring-mini MoE layer (router, dispatch, experts, combine, shared expert) in
 tokens per second.
-Times in milliseconds. Tables 1 and 2: the GPU kernels' own time per call, summed over a trace of 20
+Times in milliseconds. Tables 1 and 2 and the SwiGLU table: the GPU kernels' own time per call, summed over a trace of 20
 calls after warm-up (no per-call host round trip, which is 0.1-0.2 ms on the shared GPU host and
 would blur every row under a millisecond). Table 3: median wall-clock time of 20 jitted calls.
 """
@@ -82,6 +83,28 @@ def gmm_table(Ms, hbm):
                 print(f"| {name} | {M} | {'zipf' if skew else 'equal'} | " + " | ".join(cells) + " |", flush=True)
 
 
+def swiglu_table(Ms):
+    """The gate_up product and SwiGLU: our gmm then XLA's SwiGLU, against SwiGLU in the kernel's
+    epilogue (`pallas_kernels.gmm_swiglu`, which skips writing and re-reading the [M, 2 I] product)."""
+    from pallas_kernels.moe import gpu, reference
+
+    print("\n| gate_up + SwiGLU | M | sizes | gmm, then XLA SwiGLU | SwiGLU in the epilogue | saved |")
+    print("|---|---|---|---|---|---|")
+    key = jax.random.PRNGKey(1)
+    unfused = jax.jit(lambda a, b, c: reference.swiglu(gpu.gmm(a, b, c)))
+    fused = jax.jit(lambda a, b, c: gpu.gmm(a, b, c, swiglu=True))
+    for name in ("mini gate_up", "flash gate_up"):
+        K, N = SHAPES[name]
+        rhs = (jax.random.normal(key, (256, K, N), jnp.float32) / 30).astype(jnp.bfloat16)
+        for M in Ms:
+            lhs = jax.random.normal(jax.random.fold_in(key, M), (M, K), jnp.float32).astype(jnp.bfloat16)
+            for skew in (False, True):
+                sizes = jnp.asarray(group_sizes(M, 256, skew), jnp.int32)
+                a, b = (device_ms(f, lhs, rhs, sizes) or bench_jax(f, lhs, rhs, sizes) for f in (unfused, fused))
+                print(f"| {name} | {M} | {'zipf' if skew else 'equal'} | {a:.3f} ms | {b:.3f} ms | {1 - b / a:.0%} |",
+                      flush=True)
+
+
 def decode_table(hbm):
     from flax import nnx
 
@@ -139,6 +162,7 @@ def main():
     hbm = copy_bandwidth()
     print(f"# {jax.devices()[0].device_kind} | jax {jax.__version__} | copy bandwidth {hbm / 1e12:.2f} TB/s")
     gmm_table([4096, 131072] if args.quick else [8, 64, 512, 4096, 16384, 131072], hbm)
+    swiglu_table([32768, 131072])
     decode_table(hbm)
     layer_table()
 

@@ -2,8 +2,8 @@
 
 from pallas_kernels.linear_attention import linear_attention, linear_attention_step
 from pallas_kernels.matvec import matvec, matvec_backend
-from pallas_kernels.moe import gmm, gmm_backend
+from pallas_kernels.moe import gmm, gmm_backend, gmm_swiglu
 from pallas_kernels.router import select_experts
 
-__all__ = ["gmm", "gmm_backend", "linear_attention", "linear_attention_step", "matvec", "matvec_backend",
+__all__ = ["gmm", "gmm_backend", "gmm_swiglu", "linear_attention", "linear_attention_step", "matvec", "matvec_backend",
            "select_experts"]

@@ -3,7 +3,8 @@
 The kernel is held to a float64 numpy loop over groups (`gmm64`) and to the jnp reference, on
 fresh random inputs: group sizes with zeros, an empty first and last group, one group holding
 every row, groups of 1-3 rows (many per tile), rows past the sum (must come back as zeros), M not
-a multiple of 8 or of the tile, both tile heights, bf16 and float32 outputs.
+a multiple of 8 or of the tile, both tile heights, bf16 and float32 outputs. The kernel with SwiGLU
+in its epilogue is held to the kernel without it followed by the jnp SwiGLU.
 """
 
 import jax
@@ -13,7 +14,7 @@ import pytest
 
 from conftest import load_config_dict, rel_err
 from pallas_kernels.moe import gpu, reference
-from test_kernel_references import gmm64
+from test_kernel_references import gmm64, swiglu64
 
 
 def random_sizes(rng, M, G, total=None):
@@ -80,9 +81,29 @@ def test_gpu_gmm_matches_float64(case, tile_m):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("case", CASES)
+def test_gpu_gmm_swiglu_epilogue_matches_unfused(case):
+    """Same roundings as gmm then SwiGLU: bit-equal but for rare one-ulp differences of silu's exp."""
+    M, K, N, sizes = CASES[case]
+    if sizes is None:
+        sizes = random_sizes(np.random.default_rng(0), M, 256)
+    lhs, rhs, group_sizes = operands(len(case) + 1, M, K, N, sizes)
+    total = int(np.sum(sizes))
+    fused = np.asarray(jax.jit(lambda a, b, s: gpu.gmm(a, b, s, swiglu=True))(lhs, rhs, group_sizes), np.float32)
+    unfused = np.asarray(jax.jit(lambda a, b, s: reference.swiglu(gpu.gmm(a, b, s)))(lhs, rhs, group_sizes),
+                         np.float32)
+    assert fused.shape == (M, N // 2)
+    assert not fused[total:].any()
+    differ = fused != unfused
+    assert differ.mean() <= 1e-3
+    assert (np.abs(fused - unfused)[differ] <= np.abs(unfused)[differ] * 2.0 ** -7).all()  # one bf16 ulp
+    assert rel_err(fused[:total], swiglu64(gmm64(lhs, rhs, group_sizes))[:total]) <= 1e-2
+
+
+@pytest.mark.gpu
 def test_moe_layer_through_gpu_kernel_matches_reference_path(monkeypatch):
     """A whole MoE layer (router -> sorted dispatch -> kernel gmm -> SwiGLU -> gmm -> combine)
-    against the same layer with the jnp reference gmm, at prefill and decode sizes."""
+    against the same layer with the jnp reference gmm and SwiGLU, at prefill and decode sizes."""
     from flax import nnx
 
     from ring_jax.config import RingConfig
@@ -91,11 +112,12 @@ def test_moe_layer_through_gpu_kernel_matches_reference_path(monkeypatch):
     config = RingConfig.from_hf(load_config_dict("tiny.json"), hidden_size=256, moe_intermediate_size=128)
     layer = moe.MoE(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
     monkeypatch.setattr(moe, "GATHER_MAX_PAIRS", 0)      # decode sizes through the gmm too, not matvec
-    for tokens in (1, 8, 300):
+    for tokens in (1, 8, 300, 1000):  # 1000 x top-4 rows: 128-row tiles, SwiGLU in the kernel
         x = jax.random.normal(jax.random.PRNGKey(tokens), (1, tokens, 256)).astype(jnp.bfloat16)
         fast = layer(x)
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(moe.pallas_kernels, "gmm_backend", lambda *a, **k: "reference")
             mp.setattr(moe.pallas_kernels, "gmm", lambda *a, **k: reference.gmm(*a, **k))
+            mp.setattr(moe.pallas_kernels, "gmm_swiglu", lambda *a, **k: reference.gmm_swiglu(*a, **k))
             slow = layer(x)
         assert rel_err(fast, slow) <= 1e-2

@@ -44,9 +44,8 @@ def gmm(lhs, rhs, group_sizes, *, preferred_element_type=None, backend="auto", i
     if kind == "gpu":
         from pallas_kernels.moe import gpu
 
-        tile_m = 64 if lhs.shape[0] <= GPU_SMALL_TILE_ROWS * rhs.shape[0] else 128
         return gpu.gmm(lhs, rhs, group_sizes, preferred_element_type=preferred_element_type,
-                       tile_m=tile_m)
+                       tile_m=_gpu_tile_m(lhs, rhs))
     if kind == "tpu":
         from pallas_kernels.moe import tpu
 
@@ -54,3 +53,19 @@ def gmm(lhs, rhs, group_sizes, *, preferred_element_type=None, backend="auto", i
                        interpret=interpret)
     return reference.gmm(lhs, rhs, group_sizes, preferred_element_type=jnp.dtype(
         preferred_element_type or lhs.dtype))
+
+
+def gmm_swiglu(lhs, rhs, group_sizes, *, backend="auto", interpret=False):
+    """`reference.swiglu(gmm(lhs, rhs, group_sizes))`: the experts' gate and up products (rhs
+    [G, K, 2 I], gate columns then up) and SwiGLU -> [M, I] in lhs.dtype. Where the GPU kernel runs
+    with 128-row tiles, SwiGLU runs in its epilogue, so the [M, 2 I] product is never written."""
+    if gmm_backend(lhs, rhs, None, backend) == "gpu" and _gpu_tile_m(lhs, rhs) == 128:
+        from pallas_kernels.moe import gpu
+
+        if gpu.supports(lhs, rhs, lhs.dtype, swiglu=True):
+            return gpu.gmm(lhs, rhs, group_sizes, swiglu=True)
+    return reference.swiglu(gmm(lhs, rhs, group_sizes, backend=backend, interpret=interpret))
+
+
+def _gpu_tile_m(lhs, rhs) -> int:
+    return 64 if lhs.shape[0] <= GPU_SMALL_TILE_ROWS * rhs.shape[0] else 128

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pallas_kernels.moe.reference import swiglu
 from ring_jax.layers.linear import Linear
 
 
@@ -16,12 +17,6 @@ class MLP(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [..., hidden] -> [..., hidden]."""
         return self.down_proj(swiglu(self.gate_up_proj(x)))
-
-
-def swiglu(gate_up: jax.Array) -> jax.Array:
-    """silu(gate) * up for gate_up = [..., 2 * I] holding gate then up."""
-    gate, up = jnp.split(gate_up, 2, axis=-1)
-    return rounded(jax.nn.silu, gate) * up
 
 
 def rounded(fn, x: jax.Array) -> jax.Array:

@@ -136,8 +136,8 @@ def _grouped(tokens, ids, gate_up, down):
     order, rank, group_sizes = sort_by_expert(ids.reshape(-1), E + 1)
     group_sizes = group_sizes[:E]                           # rows past their sum come back as zeros
     rows = tokens[order // k]                                                    # sorted by expert
-    out = pallas_kernels.gmm(rows, gate_up, group_sizes)
-    out = pallas_kernels.gmm(swiglu(out), down, group_sizes)
+    out = pallas_kernels.gmm_swiglu(rows, gate_up, group_sizes)
+    out = pallas_kernels.gmm(out, down, group_sizes)
     return out[rank].reshape(N, k, -1)
 
 
