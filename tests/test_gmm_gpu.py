@@ -1,4 +1,4 @@
-"""The Mosaic GPU grouped matmul: its work table on the CPU, the kernel on a Hopper GPU.
+"""The Mosaic GPU grouped matmul: its work table and its lowering on the CPU, the kernel on a Hopper GPU.
 
 The kernel is held to a float64 numpy loop over groups (`gmm64`) and to the jnp reference, on
 fresh random inputs: group sizes with zeros, an empty first and last group, one group holding
@@ -40,6 +40,16 @@ def test_work_items_cover_every_row_once(tile_m, seed):
         owner[first:end] = group
     expected = np.concatenate([np.repeat(np.arange(G), sizes), np.full(M - sizes.sum(), G)])
     np.testing.assert_array_equal(owner, expected)
+
+
+@pytest.mark.parametrize("swiglu, tile_m", [(False, 64), (False, 128), (True, 128)])
+def test_kernel_lowers_for_cuda_on_any_machine(swiglu, tile_m):
+    """The Mosaic GPU kernel lowers (layout inference, pipelines, TMA boxes) without a GPU."""
+    S = jax.ShapeDtypeStruct
+    f = jax.jit(lambda a, b, s: gpu.gmm(a, b, s, swiglu=swiglu, tile_m=tile_m))
+    exported = jax.export.export(f, platforms=["cuda"])(
+        S((1000, 256), jnp.bfloat16), S((8, 256, 512), jnp.bfloat16), S((8,), jnp.int32))
+    assert exported.out_avals[0].shape == (1000, 256 if swiglu else 512)
 
 
 def operands(seed, M, K, N, sizes):

@@ -2,19 +2,29 @@
 
 "auto": on TPU the Mosaic TPU kernels (any T, masks, bf16 or f32); on Hopper or newer GPUs the
 Mosaic GPU prefill kernel when the inputs are what it handles (bf16, D % 64 == 0, Dv % 128 == 0, no
-mask); the jnp reference otherwise. "reference", "gpu" and "tpu" force one (an input a kernel does
-not handle is then an error).
+mask) on JAX 0.11 or newer; the jnp reference otherwise. "reference", "gpu" and "tpu" force one (an
+input a kernel does not handle is then an error).
 """
+
+import jax
 
 from pallas_kernels.linear_attention import reference
 from pallas_kernels.platform import platform
 
 BACKENDS = ("reference", "gpu", "tpu")
 
+# JAX 0.10's Mosaic GPU layout inference finds no layout for the prefill kernel (lowering it for
+# CUDA on a CPU with JAX 0.10.2 fails); it is built and measured on JAX 0.11.
+GPU_MIN_JAX = (0, 11)
+
 
 def _gpu_handles(q, v, mask) -> bool:
     return (mask is None and q.dtype == "bfloat16" and v.dtype == "bfloat16"
-            and q.shape[-1] % 64 == 0 and v.shape[-1] % 128 == 0)
+            and q.shape[-1] % 64 == 0 and v.shape[-1] % 128 == 0 and _jax_version() >= GPU_MIN_JAX)
+
+
+def _jax_version() -> tuple[int, int]:
+    return tuple(int(part) for part in jax.__version__.split(".")[:2])
 
 
 def _resolve(backend: str, q, v, mask) -> str:
@@ -26,7 +36,7 @@ def _resolve(backend: str, q, v, mask) -> str:
         raise ValueError(f"backend={backend!r}: choose 'auto' or one of {BACKENDS}")
     if backend == "gpu" and not _gpu_handles(q, v, mask):
         raise NotImplementedError("the gpu backend takes bf16 q/k/v with D % 64 == 0, "
-                                  "Dv % 128 == 0 and no mask; use backend='reference'")
+                                  "Dv % 128 == 0 and no mask, on JAX >= 0.11; use backend='reference'")
     return backend
 
 
