@@ -33,7 +33,7 @@ def back_to_back_ms(f, *args, n=20):
 
 def copy_bandwidth():
     """Device bytes read + written per second by a 2 GiB elementwise pass (the memory ceiling),
-    from its GPU time (a per-call host clock adds a round trip: 3.5-3.7 TB/s instead of 4.3 on an
+    from its GPU time (a per-call host clock adds a round trip: 3.1-3.5 TB/s instead of 4.3 on an
     H200); the median wall clock where there is no GPU."""
     x = jnp.ones((2 * 1024**3 // 4,), jnp.float32)
     f = jax.jit(lambda a: a + 1)

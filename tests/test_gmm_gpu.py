@@ -93,7 +93,8 @@ def test_gpu_gmm_matches_float64(case, tile_m):
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", CASES)
 def test_gpu_gmm_swiglu_epilogue_matches_unfused(case):
-    """Same roundings as gmm then SwiGLU: bit-equal but for rare one-ulp differences of silu's exp."""
+    """Same roundings as gmm then SwiGLU: bit-equal but for rare one-ulp differences (the kernel's
+    exp is not XLA's)."""
     M, K, N, sizes = CASES[case]
     if sizes is None:
         sizes = random_sizes(np.random.default_rng(0), M, 256)
@@ -104,9 +105,10 @@ def test_gpu_gmm_swiglu_epilogue_matches_unfused(case):
                          np.float32)
     assert fused.shape == (M, N // 2)
     assert not fused[total:].any()
-    differ = fused != unfused
+    differ = fused[:total] != unfused[:total]
     assert differ.mean() <= 1e-3
-    assert (np.abs(fused - unfused)[differ] <= np.abs(unfused)[differ] * 2.0 ** -7).all()  # one bf16 ulp
+    gap, size = np.abs(fused - unfused)[:total][differ], np.abs(unfused)[:total][differ]
+    assert (gap <= size * 2.0 ** -7).all()  # one bf16 ulp
     assert rel_err(fused[:total], swiglu64(gmm64(lhs, rhs, group_sizes))[:total]) <= 1e-2
 
 
@@ -122,7 +124,7 @@ def test_moe_layer_through_gpu_kernel_matches_reference_path(monkeypatch):
     config = RingConfig.from_hf(load_config_dict("tiny.json"), hidden_size=256, moe_intermediate_size=128)
     layer = moe.MoE(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
     monkeypatch.setattr(moe, "GATHER_MAX_PAIRS", 0)      # decode sizes through the gmm too, not matvec
-    for tokens in (1, 8, 300, 1000):  # 1000 x top-4 rows: 128-row tiles, SwiGLU in the kernel
+    for tokens in (1, 8, 300, 1000):  # from 300 x top-4 rows on: 128-row tiles, SwiGLU in the kernel
         x = jax.random.normal(jax.random.PRNGKey(tokens), (1, tokens, 256)).astype(jnp.bfloat16)
         fast = layer(x)
         with pytest.MonkeyPatch.context() as mp:

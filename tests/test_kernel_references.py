@@ -1,5 +1,7 @@
 """The jnp references of the kernels against float64 numpy loops, on fresh random inputs."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -95,6 +97,30 @@ def test_gmm_swiglu_matches_float64_and_the_entry_point():
     bf16 = [x.astype(jnp.bfloat16) for x in (lhs, rhs)]
     np.testing.assert_array_equal(pallas_kernels.gmm_swiglu(*bf16, group_sizes),
                                   moe.swiglu(moe.gmm(*bf16, group_sizes)))
+
+
+def test_gmm_swiglu_takes_the_fused_kernel_only_where_it_applies(monkeypatch):
+    """On a (pretended) Hopper GPU: the SwiGLU epilogue at 128-row tiles; at 64-row tiles the kernel's
+    product then the jnp SwiGLU; float32 or N % 256 != 0 operands through the reference."""
+    from pallas_kernels.moe import api, gpu
+
+    calls = []
+
+    def fake_gmm(lhs, rhs, group_sizes, **kwargs):
+        calls.append(kwargs)
+        return jnp.zeros((lhs.shape[0], rhs.shape[2] // (2 if kwargs.get("swiglu") else 1)), lhs.dtype)
+
+    monkeypatch.setattr(api, "platform", lambda: "hopper")
+    monkeypatch.setattr(gpu, "gmm", fake_gmm)
+    sizes = jnp.zeros(4, jnp.int32)
+    bf16 = functools.partial(jnp.zeros, dtype=jnp.bfloat16)
+    assert api.gmm_swiglu(bf16((1024, 64)), bf16((4, 64, 512)), sizes).shape == (1024, 256)
+    assert calls == [{"swiglu": True}]                       # 256 rows per group: 128-row tiles
+    assert api.gmm_swiglu(bf16((128, 64)), bf16((4, 64, 512)), sizes).shape == (128, 256)
+    assert calls[1] == {"preferred_element_type": None, "tile_m": 64}   # 32 rows per group
+    api.gmm_swiglu(jnp.zeros((1024, 64)), jnp.zeros((4, 64, 512)), sizes)
+    api.gmm_swiglu(bf16((1024, 64)), bf16((4, 64, 384)), sizes)
+    assert len(calls) == 2
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
