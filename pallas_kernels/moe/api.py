@@ -62,8 +62,7 @@ def gmm_swiglu(lhs, rhs, group_sizes, *, backend="auto", interpret=False):
     if gmm_backend(lhs, rhs, None, backend) == "gpu" and _gpu_tile_m(lhs, rhs) == 128:
         from pallas_kernels.moe import gpu
 
-        if gpu.supports(lhs, rhs, lhs.dtype, swiglu=True):
-            return gpu.gmm(lhs, rhs, group_sizes, swiglu=True)
+        return gpu.gmm(lhs, rhs, group_sizes, swiglu=True)
     return reference.swiglu(gmm(lhs, rhs, group_sizes, backend=backend, interpret=interpret))
 
 
