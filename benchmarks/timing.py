@@ -73,13 +73,20 @@ def device_ms(f, *args, n=20):
     return _traced_gpu_ms(run, n)
 
 
-def torch_device_ms(fn, n=20):
-    """`device_ms` for a PyTorch callable on the GPU, after three warm-up calls."""
+def _torch_warm_up(fn):
+    """Three calls of a PyTorch callable (Triton compiles and autotunes), then a wait."""
     import torch
 
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
+
+
+def torch_device_ms(fn, n=20):
+    """`device_ms` for a PyTorch callable on the GPU, after three warm-up calls."""
+    import torch
+
+    _torch_warm_up(fn)
 
     def run():
         for _ in range(n):
@@ -92,9 +99,7 @@ def torch_back_to_back_ms(fn, n=20):
     """`back_to_back_ms` for a PyTorch callable, timed by CUDA events around the n calls."""
     import torch
 
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
+    _torch_warm_up(fn)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(n):
