@@ -8,7 +8,9 @@ checkpoint); prefill and decode go through `ring_jax.generate`'s own jitted step
 the second run of the step (the first one compiles; its excess is the compile time) and sits
 beside its roofline:
 - prefill: FLOPs = 2 x (active non-embedding parameters + head) per token + causal softmax
-  attention; MFU against 989 TFLOP/s (H100 SXM dense bf16); and the time to first token through
+  attention; MFU against 989 TFLOP/s (H100 SXM dense bf16), of the wall time of generate()'s
+  prefill (set-up included) and of its GPU time alone (kernel durations in a trace, a third call:
+  the difference is host work and idle GPU); and the time to first token through
   `ring_jax.stream` (the prefill plus validation, cache set-up and the first sampled token);
 - decode: bytes per step = the weights one step reads (every non-expert weight, the head, and the
   expected number of distinct experts that B x top-k picks touch) + the KV cache and the linear
@@ -28,10 +30,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from benchmarks.timing import copy_bandwidth
+from benchmarks.timing import traced_gpu_ms, copy_bandwidth
 from ring_jax import RingConfig, RingModel
 from ring_jax.cache import Cache, KVCache, cache_bytes, cache_length, init_cache
-from ring_jax.generate import DecodeState, Sampling, StopRule, _bucket, _decode, _on, _placer, _start, stream
+from ring_jax.generate import (DecodeState, Sampling, StopRule, _decode, _on, _placer, _start, _steps,
+                               default_prefill_chunk, stream)
 from ring_jax.sharding import model_mesh
 
 PEAK_FLOPS = 989e12
@@ -73,18 +76,23 @@ def decode_bytes(config, counts, B, context):
 
 
 def run_prefill(model, T, chunk, cache_len):
-    """Seconds of the first (compiling, if this cache_len is new) and second prefill of [1, T]."""
+    """Seconds of the first (compiling, if this cache_len is new) and second prefill of [1, T], and
+    the GPU time of a third (its kernels' durations in a trace; None without a GPU)."""
     ids = np.random.default_rng(T).integers(0, model.config.vocab_size, (1, T))
+
+    def prefill():
+        state = _start(model, ids, attention_mask=None, max_new_tokens=1, temperature=0.0, top_k=None,
+                       top_p=None, seed=0, eos_token_id=[], stop=None, pad_token_id=None, max_len=None,
+                       prefill_chunk=chunk, cache_len=cache_len)[0]
+        jax.block_until_ready(state.logits)
+
     times = []
     for _ in range(2):
         t = time.perf_counter()
-        state = _start(model, ids, attention_mask=None, max_new_tokens=1, temperature=0.0, top_k=None,
-                       top_p=None, seed=0, eos_token_id=[], stop=None, pad_token_id=None, max_len=None,
-                       prefill_chunk=chunk, cache_len=cache_len)[2]
-        jax.block_until_ready(state.logits)
+        prefill()
         times.append(time.perf_counter() - t)
-        del state
-    return times
+    gpu = traced_gpu_ms(prefill, 1) * 1e-3 if jax.devices()[0].platform == "gpu" else None
+    return times + [gpu]
 
 
 def time_to_first_token(model, T, chunk, cache_len):
@@ -116,7 +124,6 @@ def run_decode(model, B, context, steps):
                    else noise(c, next(keys), 0.01) for c in cache.layers)
     place = _placer(model)
     cache = Cache(layers, place(np.asarray(cache.start), ("batch",)), place(np.int32(context), ()))
-    graphdef, params = nnx.split(model)
     logits = np.random.default_rng(0).standard_normal((B, config.vocab_size), np.float32)
     state = DecodeState(cache, place(logits, ("batch", "vocab")), place(np.zeros((B, 8 + steps), np.int32), ("batch", None)),
                         place(np.int32(0), ()), place(np.zeros(B, bool), ("batch",)),
@@ -124,11 +131,11 @@ def run_decode(model, B, context, steps):
     sampling, rule = Sampling(), StopRule((), (), 0)
     with _on(mesh):
         t = time.perf_counter()
-        state = _decode(graphdef, params, state, np.int32(8), sampling=sampling, rule=rule)
+        state = _decode(model, state, np.int32(8), sampling=sampling, rule=rule)
         jax.block_until_ready(state.tokens)
         first = time.perf_counter() - t
         t = time.perf_counter()
-        state = _decode(graphdef, params, state, np.int32(8 + steps), sampling=sampling, rule=rule)
+        state = _decode(model, state, np.int32(8 + steps), sampling=sampling, rule=rule)
         jax.block_until_ready(state.tokens)
     assert int(state.step) == 8 + steps
     return first, time.perf_counter() - t
@@ -142,12 +149,14 @@ def main(argv=None):
     parser.add_argument("--decode-batch", type=int, nargs="*", default=[1, 8, 64])
     parser.add_argument("--context", type=int, default=4096, help="prompt length before decoding")
     parser.add_argument("--steps", type=int, default=128, help="timed decode steps")
-    parser.add_argument("--chunk", type=int, default=4096, help="prefill chunk (tokens)")
+    parser.add_argument("--chunk", type=int, default=None,
+                        help="prefill chunk (tokens; default: generate()'s, 32768 on Hopper GPUs, else 4096)")
     args = parser.parse_args(argv)
 
     config = RingConfig.from_hf(args.config)
-    print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, config {os.path.basename(args.config)}",
-          flush=True)
+    args.chunk = args.chunk or default_prefill_chunk()
+    print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, config {os.path.basename(args.config)}, "
+          f"prefill chunk {args.chunk}", flush=True)
     bw = copy_bandwidth()
     t = time.perf_counter()
     model = make_model(config)
@@ -157,16 +166,18 @@ def main(argv=None):
     print(f"random model: {total / 1e9:.2f}B params in {time.perf_counter() - t:.1f} s; copy bandwidth "
           f"{bw / 1e12:.2f} TB/s", flush=True)
 
-    print("\n| prefill tokens | first call s (compile incl.) | s | tokens/s | TFLOP/s | MFU | time to first token s |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| prefill tokens | first call s (compile incl.) | s | tokens/s | TFLOP/s | MFU | GPU s | MFU of GPU s | "
+          "time to first token s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     # One cache length for every prompt: the prefill step compiles once.
-    cache_len = cache_length(max((_bucket(T, args.chunk) for T in args.prefill), default=0) + 1)
+    cache_len = cache_length(max((sum(_steps(T, args.chunk)) for T in args.prefill), default=0) + 1)
     for T in args.prefill:
-        first, second = run_prefill(model, T, args.chunk, cache_len)
+        first, second, gpu = run_prefill(model, T, args.chunk, cache_len)
         flops = prefill_flops(config, counts, T)
         ttft = time_to_first_token(model, T, args.chunk, cache_len)
+        on_gpu = "- | - |" if gpu is None else f"{gpu:.3f} | {flops / gpu / PEAK_FLOPS:.1%} |"
         print(f"| {T} | {first:.2f} | {second:.3f} | {T / second:,.0f} | {flops / second / 1e12:.0f} | "
-              f"{flops / second / PEAK_FLOPS:.1%} | {ttft:.3f} |", flush=True)
+              f"{flops / second / PEAK_FLOPS:.1%} | {on_gpu} {ttft:.3f} |", flush=True)
 
     print("\n| decode batch | context | first 8 steps s (compile incl.) | ms/step | tokens/s | roofline tokens/s | % |")
     print("|---|---|---|---|---|---|---|")

@@ -46,7 +46,7 @@ from benchmarks.generate import decode_bytes, prefill_flops, run_decode, run_pre
 from benchmarks.timing import bench_jax, copy_bandwidth  # noqa: E402
 from ring_jax import RingConfig, RingModel, job  # noqa: E402
 from ring_jax.cache import cache_length  # noqa: E402
-from ring_jax.generate import _bucket  # noqa: E402
+from ring_jax.generate import _steps  # noqa: E402
 from ring_jax.layers import moe  # noqa: E402
 from ring_jax.sharding import make_mesh, param_shardings, parse_mesh  # noqa: E402
 
@@ -239,9 +239,9 @@ def main(argv=None):
     if args.prefill:
         print("\n| prefill tokens | first call s (compile incl.) | s | tokens/s | MFU (of all devices) | MoE comm share |")
         print("|---|---|---|---|---|---|")
-    cache_len = cache_length(max((_bucket(T, args.chunk) for T in args.prefill), default=0) + 1)
+    cache_len = cache_length(max((sum(_steps(T, args.chunk)) for T in args.prefill), default=0) + 1)
     for T in args.prefill:
-        first, second = run_prefill(model, T, args.chunk, cache_len)
+        first, second, _ = run_prefill(model, T, args.chunk, cache_len)
         flops = prefill_flops(config, counts, T)
         comm = n_moe * (T // min(T, args.chunk)) * model_way_ms(mesh, config, min(T, args.chunk)) * 1e-3  # batch 1
         print(f"| {T} | {first:.1f} | {second:.3f} | {T / second:,.0f} | "

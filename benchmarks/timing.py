@@ -40,7 +40,7 @@ def copy_bandwidth():
     return 2 * x.nbytes / ((device_ms(f, x) or bench_jax(f, x)) * 1e-3)
 
 
-def _traced_gpu_ms(run, n):
+def traced_gpu_ms(run, n):
     """Milliseconds per call of GPU time in run() (n calls and a wait for them): the durations of
     every kernel, memset and copy in a JAX profiler trace. The trace is CUPTI's, process-wide, so it
     holds the GPU work of other libraries (PyTorch) too; one profiler at a time, so this one serves
@@ -70,7 +70,7 @@ def device_ms(f, *args, n=20):
         for _ in range(n):
             out = f(*args)
         jax.block_until_ready(out)
-    return _traced_gpu_ms(run, n)
+    return traced_gpu_ms(run, n)
 
 
 def _torch_warm_up(fn):
@@ -92,7 +92,7 @@ def torch_device_ms(fn, n=20):
         for _ in range(n):
             fn()
         torch.cuda.synchronize()
-    return _traced_gpu_ms(run, n)
+    return traced_gpu_ms(run, n)
 
 
 def torch_back_to_back_ms(fn, n=20):

@@ -1,9 +1,9 @@
 """generate() and stream(): chunked prefill into the hybrid cache, then decoding inside jit.
 
-Prompts of different lengths are left-padded to a length bucket (a power of two up to one prefill
-chunk, a multiple of the chunk beyond), so prefill compiles once per bucket and chunk, not per
-prompt. The prompt runs through `RingModel.extend` one chunk at a time (bounded activation memory
-at any length; softmax layers read the cache block by block). Decoding is one jitted
+Prompts of different lengths are left-padded to a length bucket: whole prefill chunks after one
+step of the rest rounded up to a power of two (`_steps`), so prefill compiles once per step size
+(powers of two up to the chunk), not per prompt. The prompt runs through `RingModel.extend` one step
+at a time (bounded activation memory at any length; softmax layers read the cache block by block). Decoding is one jitted
 `lax.while_loop`: sample, record, stop checks, one `extend` step, until every sequence finished or
 the step limit; the cache is donated, so it is updated in place, and no Python runs per token.
 
@@ -23,14 +23,22 @@ from collections.abc import Iterator, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
+from pallas_kernels.platform import platform
 from ring_jax.cache import Cache, cache_length, init_cache
 from ring_jax.sharding import first_array, model_mesh, put, spec
 
-PREFILL_CHUNK = 4096
+
+def default_prefill_chunk() -> int:
+    """Prompt tokens per prefill step (summed over the batch) when the caller gives none. On Hopper
+    GPUs 32768: there the prefill's attention is cuDNN's flash attention, and every MoE layer's
+    grouped matmuls read all expert weights once per step, which bounds 4096-token steps by
+    bandwidth (5-layer Ring-mini, 32k tokens on an H200: 28.7% MFU at 4096, 37.2% at 32768;
+    docs/PERFORMANCE.md). Elsewhere 4096: the jnp attention holds [B, H, chunk, block] float32
+    scores."""
+    return 32768 if platform() == "hopper" else 4096
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,18 +109,19 @@ class StopRule:
         return done
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
-def _prefill_chunk(graphdef, params, cache: Cache, ids: jax.Array):
+# The steps take the model as a pytree (NNX modules are): its arrays are arguments, its structure
+# the compilation's key. Flattening Ring-mini's takes about 2.5 ms on the host, where nnx.split took
+# about 17 ms and hashing its GraphDef 5 (the prefill's fixed cost per generate() call).
+@functools.partial(jax.jit, donate_argnums=1)
+def _prefill_chunk(model, cache: Cache, ids: jax.Array):
     """ids: [B, C] -> (logits of the last position [B, V] float32, cache advanced by C)."""
-    model = nnx.merge(graphdef, params)
     hidden, cache = model.extend(ids, cache)
     return model.logits(hidden[:, -1]), cache
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "rule"), donate_argnames="state")
-def _decode(graphdef, params, state: DecodeState, limit, *, sampling: Sampling, rule: StopRule):
+@functools.partial(jax.jit, static_argnames=("sampling", "rule"), donate_argnames="state")
+def _decode(model, state: DecodeState, limit, *, sampling: Sampling, rule: StopRule):
     """Decodes until `limit` tokens were generated in all or every sequence is done."""
-    model = nnx.merge(graphdef, params)
 
     def running(s: DecodeState):
         return (s.step < limit) & ~jnp.all(s.done)
@@ -164,11 +173,12 @@ def _prompts(input_ids, attention_mask, vocab_size: int) -> list[np.ndarray]:
     return prompts
 
 
-def _bucket(length: int, chunk: int) -> int:
-    """Padded prompt length: a power of two (>= 16) up to `chunk`, a multiple of `chunk` beyond."""
-    if length > chunk:
-        return -(-length // chunk) * chunk
-    return min(max(16, 1 << (length - 1).bit_length()), chunk)
+def _steps(length: int, chunk: int) -> list[int]:
+    """Prefill step sizes for a prompt of `length` tokens, `chunk` tokens per step: the rest of the
+    length over whole chunks rounded up to a power of two (>= 16) first, then the whole chunks.
+    Their sum is the padded prompt length."""
+    full, rest = divmod(length, chunk)
+    return ([min(max(16, 1 << (rest - 1).bit_length()), chunk)] if rest else []) + [chunk] * full
 
 
 def _on(mesh):
@@ -196,7 +206,7 @@ def _host(tokens: jax.Array, batch: int) -> np.ndarray:
 
 def _start(model, input_ids, *, attention_mask, max_new_tokens, temperature, top_k, top_p, seed,
            eos_token_id, stop, pad_token_id, max_len, prefill_chunk, cache_len=None):
-    """Validates, prefills, and returns (graphdef, params, DecodeState, Sampling, StopRule, mesh,
+    """Validates, prefills, and returns (DecodeState, Sampling, StopRule, mesh,
     the number of prompts: the state's batch may hold copies of the last one after them, to fill
     the mesh's data axis)."""
     config = model.config
@@ -217,13 +227,15 @@ def _start(model, input_ids, *, attention_mask, max_new_tokens, temperature, top
         raise ValueError("stop sequences must be non-empty lists of token ids")
     rule = StopRule(tuple(int(e) for e in eos), stop, int(pad))
 
+    prefill_chunk = default_prefill_chunk() if prefill_chunk is None else prefill_chunk
     if prefill_chunk < 16 or prefill_chunk & (prefill_chunk - 1):
         raise ValueError(f"prefill_chunk={prefill_chunk} must be a power of two >= 16")
-    padded = _bucket(longest, prefill_chunk)
     n_prompts, mesh = len(prompts), model_mesh(model)
     data = 1 if mesh is None else mesh.shape.get("data", 1)
     prompts += [prompts[-1]] * (-n_prompts % data)        # filler rows, done from the start
     B = len(prompts)
+    steps = _steps(longest, max(16, 1 << (prefill_chunk // B).bit_length() - 1))   # tokens over the batch
+    padded = sum(steps)
     ids = np.full((B, padded), pad, np.int32)
     for b, p in enumerate(prompts):
         ids[b, padded - len(p):] = p
@@ -235,17 +247,15 @@ def _start(model, input_ids, *, attention_mask, max_new_tokens, temperature, top
     cache = init_cache(config, B, cache_len or needed, start, model.dtype, mesh,
                        device=first_array(model).sharding if mesh is None else None)
 
-    graphdef, params = nnx.split(model)
     place = _placer(model)
-    chunk = min(padded, max(16, 1 << (prefill_chunk // B).bit_length() - 1))  # tokens over the batch
     with _on(mesh):
-        for c in range(0, padded, chunk):
-            logits, cache = _prefill_chunk(graphdef, params, cache, place(ids[:, c:c + chunk], ("batch", None)))
+        for c, n in zip(np.cumsum([0] + steps[:-1]), steps):
+            logits, cache = _prefill_chunk(model, cache, place(ids[:, c:c + n], ("batch", None)))
     state = DecodeState(cache, logits, place(np.full((B, max_new_tokens), pad, np.int32), ("batch", None)),
                         place(np.int32(0), ()), place(np.arange(B) >= n_prompts, ("batch",)),
                         place(np.full((B, rule.window), -1, np.int32), ("batch", None)),
                         place(np.uint32(seed % 2**32), ()))
-    return graphdef, params, state, sampling, rule, mesh, n_prompts
+    return state, sampling, rule, mesh, n_prompts
 
 
 _GENERATE_DOC = """
@@ -258,7 +268,7 @@ _GENERATE_DOC = """
     The eos or stop tokens themselves are part of the output.
     max_len: the most prompt + new tokens allowed (default: the config's max_position_embeddings).
     prefill_chunk: prompt tokens per prefill step, summed over the batch (a power of two; it bounds
-    the activation memory).
+    the activation memory). None: `default_prefill_chunk()`, 32768 on Hopper GPUs, else 4096.
     cache_len: the cache's slots (default: the prompt bucket + max_new_tokens, rounded up). The
     compiled steps depend on it: one fixed value serves every prompt length with one compile, at
     the cost of decode steps that read the whole cache.
@@ -268,18 +278,18 @@ _GENERATE_DOC = """
 def generate(model, input_ids, *, attention_mask=None, max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, seed: int = 0, eos_token_id=None,
              stop: Sequence[Sequence[int]] | None = None, pad_token_id: int | None = None,
-             max_len: int | None = None, prefill_chunk: int = PREFILL_CHUNK,
+             max_len: int | None = None, prefill_chunk: int | None = None,
              cache_len: int | None = None) -> np.ndarray:
     """Generates up to max_new_tokens after each prompt. Returns the new tokens [B, max_new_tokens]
     int32 (numpy), pad_token_id after a sequence finished.
     """
-    graphdef, params, state, sampling, rule, mesh, batch = _start(
+    state, sampling, rule, mesh, batch = _start(
         model, input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
         temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, eos_token_id=eos_token_id,
         stop=stop, pad_token_id=pad_token_id, max_len=max_len, prefill_chunk=prefill_chunk,
         cache_len=cache_len)
     with _on(mesh):
-        state = _decode(graphdef, params, state, np.int32(max_new_tokens), sampling=sampling, rule=rule)
+        state = _decode(model, state, np.int32(max_new_tokens), sampling=sampling, rule=rule)
     return _host(state.tokens, batch)
 
 
@@ -287,14 +297,14 @@ def stream(model, input_ids, *, steps_per_call: int = 8, attention_mask=None, ma
            temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
            seed: int = 0, eos_token_id=None, stop: Sequence[Sequence[int]] | None = None,
            pad_token_id: int | None = None, max_len: int | None = None,
-           prefill_chunk: int = PREFILL_CHUNK, cache_len: int | None = None) -> Iterator[np.ndarray]:
+           prefill_chunk: int | None = None, cache_len: int | None = None) -> Iterator[np.ndarray]:
     """generate(), yielding the new tokens as they come: arrays [B, n] (n <= steps_per_call; one
     jitted call of the decode loop each). Concatenated they equal generate()'s output up to the
     step where every sequence finished.
     """
     if steps_per_call < 1:
         raise ValueError(f"steps_per_call={steps_per_call} must be >= 1")
-    graphdef, params, state, sampling, rule, mesh, batch = _start(
+    state, sampling, rule, mesh, batch = _start(
         model, input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
         temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, eos_token_id=eos_token_id,
         stop=stop, pad_token_id=pad_token_id, max_len=max_len, prefill_chunk=prefill_chunk,
@@ -303,7 +313,7 @@ def stream(model, input_ids, *, steps_per_call: int = 8, attention_mask=None, ma
     while emitted < max_new_tokens:
         limit = min(emitted + steps_per_call, max_new_tokens)
         with _on(mesh):
-            state = _decode(graphdef, params, state, np.int32(limit), sampling=sampling, rule=rule)
+            state = _decode(model, state, np.int32(limit), sampling=sampling, rule=rule)
         step = int(state.step)
         if step > emitted:
             yield _host(state.tokens[:, emitted:step], batch)

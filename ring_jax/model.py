@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -154,18 +153,19 @@ class RingModel(nnx.Module):
         """input_ids: [B, T] (or [T]) integer token ids -> float32 logits [B, T, vocab], jitted
         (under the model's mesh when it is sharded: the batch is split over `data`)."""
         ids = check_input_ids(input_ids, self.config.vocab_size)
-        graphdef, state = nnx.split(self)
         mesh = model_mesh(self)
         if mesh is None or isinstance(ids, jax.core.Tracer):          # traced: under the caller's mesh
-            return _jit_forward(graphdef, state, ids)
+            return _jit_forward(self, ids)
         with jax.set_mesh(mesh):
             ids = put(np.asarray(ids), jax.sharding.NamedSharding(mesh, spec(("batch", None), ids.shape, mesh)))
-            return _jit_forward(graphdef, state, ids)
+            return _jit_forward(self, ids)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _jit_forward(graphdef, state, input_ids):
-    return nnx.merge(graphdef, state).forward(input_ids)
+@jax.jit
+def _jit_forward(model, input_ids):
+    """The model goes in as a pytree (NNX modules are): its arrays are the arguments and its
+    structure the cache key, flattened in about 2.5 ms for Ring-mini where nnx.split took 17."""
+    return model.forward(input_ids)
 
 
 def check_input_ids(input_ids, vocab_size: int) -> jax.Array:

@@ -1,6 +1,8 @@
 """The cache and generate(): cached forwards equal full forwards, generate equals the argmax loop,
 batching and padding change nothing, sampling is reproducible and restricted as asked."""
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +14,7 @@ from conftest import rel_err
 from ring_jax import cache as cache_module
 from ring_jax.cache import KVCache, cache_bytes, init_cache
 from ring_jax.config import RingConfig
-from ring_jax.generate import Sampling, _prefill_chunk, generate, sample, stream
+from ring_jax.generate import Sampling, _prefill_chunk, _steps, default_prefill_chunk, generate, sample, stream
 from ring_jax.layers import attention
 from ring_jax.layers.attention import cached_attention, causal_attention
 
@@ -189,6 +191,18 @@ def test_prefill_compiles_once_per_bucket(model):
     for n in (40, 70):                    # later chunks of 16 run the first chunk's compilation
         generate(model, prompt(n, n), max_new_tokens=2, prefill_chunk=16, cache_len=256)
     assert _prefill_chunk._cache_size() == compiled
+
+
+def test_prefill_steps_and_default_chunk(monkeypatch):
+    """Whole chunks after one power-of-two step of the rest; 32768 tokens per step on Hopper."""
+    assert _steps(5, 4096) == [16] and _steps(4096, 4096) == [4096] and _steps(3000, 4096) == [4096]
+    assert _steps(33000, 32768) == [256, 32768] and _steps(131008, 32768) == [32768] * 4
+    assert _steps(70, 16) == [16] * 5 and _steps(100, 32) == [16, 32, 32, 32]
+    module = importlib.import_module("ring_jax.generate")        # the package's `generate` is the function
+    monkeypatch.setattr(module, "platform", lambda: "hopper")
+    assert default_prefill_chunk() == 32768
+    monkeypatch.setattr(module, "platform", lambda: "other")
+    assert default_prefill_chunk() == 4096
 
 
 def test_eos_and_stop_sequences(model):

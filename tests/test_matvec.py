@@ -49,6 +49,22 @@ def test_kernel_and_reference_match_float64(case):
         assert rel_err(out, want) <= 1e-6
 
 
+def test_stacks_addressed_as_one_match_float64():
+    """A tuple of stacks (the routed experts and the shared expert) equals their concatenation."""
+    x, w, ids = operands(3, 1, 256, 6, 128, 9, jnp.bfloat16, jnp.bfloat16, seed=5)
+    ids = ids.at[2::3].set(6)                                   # every token's last pair: the extra stack
+    extra = jnp.asarray(np.random.default_rng(6).standard_normal((1, 256, 128)), jnp.bfloat16)
+    want = matvec64(x, jnp.concatenate([w, extra]), ids)
+    kernel, ref = matvec(x, (w, extra), ids, interpret=True), reference.matvec(x, (w, extra), ids)
+    assert rel_err(kernel, want) <= 1e-6 and rel_err(ref, want) <= 1e-6
+    together = matvec(x, jnp.concatenate([w, extra]), ids, interpret=True)
+    assert np.array_equal(np.asarray(kernel), np.asarray(together))
+    with pytest.raises(ValueError, match="differ in K, N or dtype"):
+        matvec(x, (w, extra[:, :, :64]), ids)
+    with pytest.raises(ValueError, match="differ in K, N or dtype"):
+        matvec(x, (w, extra.astype(jnp.float32)), ids)
+
+
 def test_ids_default_and_errors():
     x, w, _ = operands(2, 1, 128, 1, 64, 2, jnp.bfloat16, jnp.bfloat16, seed=0)
     assert rel_err(matvec(x, w, interpret=True), matvec64(x, w, np.zeros(2, int))) <= 1e-6
@@ -93,7 +109,7 @@ def as_if_on_hopper(monkeypatch):
     from pallas_kernels.router import api as router_api, gpu as router_gpu
 
     calls = []
-    kernels = [(api, gpu, "matvec", lambda x, w, ids, **k: w.shape),
+    kernels = [(api, gpu, "matvec", lambda x, w, ids, **k: tuple(s.shape for s in w) if isinstance(w, tuple) else w.shape),
                (router_api, router_gpu, "select_experts", lambda *a, **k: "router")]
     for module_api, module_gpu, name, label in kernels:
         kernel = getattr(module_gpu, name)
@@ -112,10 +128,38 @@ def test_decode_step_through_the_kernel_on_the_cpu(monkeypatch):
     want = model(p[None])[0, -2:]                    # the full forward, before the kernels come in
     calls = as_if_on_hopper(monkeypatch)
     got = decode_logits(model, p, 2)
-    assert (64, 256, 256) in calls and (64, 128, 256) in calls     # experts gate_up and down
+    # experts gate_up and down, each with the shared expert as one more matrix
+    assert ((64, 256, 256), (1, 256, 256)) in calls and ((64, 128, 256), (1, 128, 256)) in calls
     assert (1, 256, 768) in calls and (1, 256, 64) in calls        # linear qkv and the router
     assert "router" in calls
     assert rel_err(got, want) <= 1e-5
+
+
+def test_shared_expert_rides_along_with_the_same_bits(monkeypatch):
+    """At batch 1 on a Hopper GPU the shared expert runs as one more pair in the routed experts'
+    matvec calls: the MoE layer's output is the same bits as with its own calls, and it is taken
+    only when its shapes match a routed expert's."""
+    model = model_with_kernel_shapes(jnp.bfloat16)
+    layer = model.layers[1].mlp
+    x = jnp.asarray(np.random.default_rng(7).standard_normal((1, 1, 256)), jnp.bfloat16)
+    calls = as_if_on_hopper(monkeypatch)
+    together = layer(x)
+    assert ((64, 256, 256), (1, 256, 256)) in calls
+    calls.clear()
+    monkeypatch.setattr(moe, "shared_rides_along", lambda *a: False)
+    alone = layer(x)
+    assert (1, 256, 256) in calls and (64, 256, 256) in calls
+    assert np.array_equal(np.asarray(together), np.asarray(alone))
+    monkeypatch.undo()
+    config = load_config_dict("tiny.json")
+    config.update(hidden_size=256, head_dim=64, intermediate_size=128, moe_intermediate_size=128,
+                  num_shared_experts=2, num_experts=64)
+    wider = moe.MoE(RingConfig.from_hf(config), dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    tokens, ids = x[0], jnp.zeros((1, 8), jnp.int32)
+    gate_up, down = wider.experts.gate_up_proj[...], wider.experts.down_proj[...]
+    as_if_on_hopper(monkeypatch)
+    assert not moe.shared_rides_along(tokens, ids, gate_up, down, wider.shared_experts)
+    assert moe.shared_rides_along(tokens, ids, gate_up, down, layer.shared_experts)
 
 
 def test_gathered_path_choice(monkeypatch):

@@ -30,13 +30,25 @@ def test_kernel_matches_float64(case):
     assert rel_err(out, matvec64(x, w, ids)) <= 1e-6
 
 
+def test_stacks_in_one_launch_match_float64_and_the_concatenation():
+    """Ring-mini's routed experts and its shared expert in one call: 8 pairs and the shared one."""
+    x, w, ids = operands(1, 1, 2048, 256, 1024, 9, jnp.bfloat16, jnp.bfloat16, seed=7)
+    ids = ids.at[8].set(256)
+    extra = jnp.asarray(np.random.default_rng(8).standard_normal((1, 2048, 1024)), jnp.bfloat16)
+    both = jnp.concatenate([w, extra])
+    out = gpu.matvec(x, (w, extra), ids)
+    assert rel_err(out, matvec64(x, both, ids)) <= 1e-6
+    assert np.array_equal(np.asarray(out), np.asarray(gpu.matvec(x, both, ids)))
+
+
 def test_decode_through_kernel_matches_forward_and_xla(monkeypatch):
     calls = []
-    monkeypatch.setattr(gpu, "matvec", lambda *a, _f=gpu.matvec, **k: calls.append(a[1].shape) or _f(*a, **k))
+    monkeypatch.setattr(gpu, "matvec", lambda *a, _f=gpu.matvec, **k: calls.append(
+        tuple(s.shape for s in a[1]) if isinstance(a[1], tuple) else a[1].shape) or _f(*a, **k))
     p = np.random.default_rng(3).integers(2, 256, 24)
     model = model_with_kernel_shapes(jnp.float32)
     got = decode_logits(model, p, 4)
-    assert (64, 256, 256) in calls and (1, 256, 768) in calls           # experts and qkv took it
+    assert ((64, 256, 256), (1, 256, 256)) in calls and (1, 256, 768) in calls     # experts and qkv took it
     assert rel_err(got, model(p[None])[0, -4:]) <= 1e-5
 
     bf16 = model_with_kernel_shapes(jnp.bfloat16)

@@ -19,7 +19,8 @@ BACKENDS = ("reference", "gpu")
 
 
 def matvec_backend(x, w, backend="auto") -> str:
-    """The backend `matvec` runs for these operands: "gpu" or "reference"."""
+    """The backend `matvec` runs for these operands (w: a stack or a tuple of stacks): "gpu" or
+    "reference"."""
     if backend not in ("auto",) + BACKENDS:
         raise ValueError(f"backend={backend!r}: choose 'auto' or one of {BACKENDS}")
     if backend != "auto":
@@ -35,7 +36,9 @@ def matvec_backend(x, w, backend="auto") -> str:
 def matvec(x, w, ids=None, *, backend="auto", interpret=False):
     """Row groups times weight matrices, accumulated in float32.
 
-    x: [X, M, K], X groups of M rows (M small: a decode step's tokens); w: [E, K, N];
+    x: [X, M, K], X groups of M rows (M small: a decode step's tokens); w: [E, K, N], or a tuple of
+    such stacks (one K, N and dtype), which ids address as one stack of their concatenation
+    without concatenating them (the routed experts and the shared expert in one call);
     ids: [P] int32 in [0, E) (others are undefined: each backend does something else), the
     matrix of each output group, P a multiple of X; output group p takes the rows x[p // (P / X)]
     (so a token's top-k experts share its row). None: one output group per x group, and w must
@@ -47,10 +50,14 @@ def matvec(x, w, ids=None, *, backend="auto", interpret=False):
     """
     if backend not in ("auto",) + BACKENDS:
         raise ValueError(f"backend={backend!r}: choose 'auto' or one of {BACKENDS}")
+    stacks = w if isinstance(w, tuple) else (w,)
     X, M, K = x.shape
-    E, K_w, N = w.shape
+    E, K_w, N = stacks[0].shape
     if K_w != K:
         raise ValueError(f"matvec: x is [{X}, {M}, {K}] but w is [{E}, {K_w}, {N}]: K differs")
+    if any(s.shape[1:] != (K, N) or s.dtype != stacks[0].dtype for s in stacks):
+        raise ValueError(f"matvec: the stacks {[(s.shape, str(s.dtype)) for s in stacks]} differ in K, N or dtype")
+    E = sum(s.shape[0] for s in stacks)
     if ids is None:
         if E != 1:
             raise ValueError(f"matvec: w stacks {E} matrices; pass ids")
@@ -65,7 +72,7 @@ def matvec(x, w, ids=None, *, backend="auto", interpret=False):
 
         if not gpu.fits(x, w):
             raise NotImplementedError(
-                f"the gpu kernel takes bf16 or float32 operands with K % {gpu.block_k(w.dtype)} == 0 and "
-                f"N % {gpu.BLOCK_N} == 0 (got {x.dtype} x {w.dtype}, K={K}, N={N}); use backend='reference'")
+                f"the gpu kernel takes bf16 or float32 operands with K % {gpu.block_k(stacks[0].dtype)} == 0 and "
+                f"N % {gpu.BLOCK_N} == 0 (got {x.dtype} x {stacks[0].dtype}, K={K}, N={N}); use backend='reference'")
         return gpu.matvec(x, w, ids, interpret=interpret)
     return reference.matvec(x, w, ids)

@@ -118,14 +118,15 @@ def expert_outputs(tokens, ids, gate_up, down, expert_axis=None, gathered=None):
     global pairs).
     """
     E = gate_up.shape[0]
-    here = None
-    if expert_axis is not None:
-        local = ids - jax.lax.axis_index(expert_axis) * E
-        here = (local >= 0) & (local < E)
-        ids = jnp.where(here, local, E)                     # elsewhere: a group past the last
-    if gathers(tokens, ids, gate_up, down, expert_axis is not None) if gathered is None else gathered:
-        out = _gathered(tokens, jnp.minimum(ids, E - 1), gate_up, down)
-        return out if here is None else jnp.where(here[..., None], out, 0)
+    if expert_axis is None:
+        if gathers(tokens, ids, gate_up, down) if gathered is None else gathered:
+            return _gathered(tokens, ids, gate_up, down)
+        return _grouped(tokens, ids, gate_up, down)
+    local = ids - jax.lax.axis_index(expert_axis) * E
+    here = (local >= 0) & (local < E)
+    ids = jnp.where(here, local, E)                          # elsewhere: a group past the last
+    if gathers(tokens, ids, gate_up, down, True) if gathered is None else gathered:
+        return jnp.where(here[..., None], _gathered(tokens, jnp.minimum(ids, E - 1), gate_up, down), 0)
     return _grouped(tokens, ids, gate_up, down)
 
 
@@ -142,12 +143,28 @@ def _grouped(tokens, ids, gate_up, down):
 
 
 def _gathered(tokens, ids, gate_up, down):
-    """-> [N, k, hidden], reading only the chosen experts' weights (pair n k + j takes token n)."""
+    """-> [N, k, hidden], reading only the chosen experts' weights (pair n k + j takes token n).
+    gate_up and down may be tuples of stacks (`pallas_kernels.matvec`) that ids address as one."""
     N, k = ids.shape
     pairs = ids.reshape(-1)
     out = pallas_kernels.matvec(tokens[:, None], gate_up, pairs).astype(tokens.dtype)     # [N k, 1, 2 I]
     out = pallas_kernels.matvec(swiglu(out), down, pairs).astype(tokens.dtype)            # [N k, 1, hidden]
-    return out.reshape(N, k, down.shape[-1])
+    return out.reshape(N, k, out.shape[-1])
+
+
+def shared_rides_along(tokens, ids, gate_up, down, shared) -> bool:
+    """Whether the shared expert (an MLP) runs as one more pair per token in the routed experts'
+    matvec calls (`MoE.__call__`): the pairs take the matvec kernel (`gathers`, one device), and
+    its weights have a routed expert's shapes and dtype. One launch per product instead of two,
+    with the same per-tile products and sums."""
+    if shared is None or in_mesh() or not gathers(tokens, ids, gate_up, down):
+        return False
+    mine = (shared.gate_up_proj.kernel[...], shared.down_proj.kernel[...])
+    if any(w.shape != e.shape[1:] or w.dtype != e.dtype for w, e in zip(mine, (gate_up, down))):
+        return False
+    return all(pallas_kernels.matvec_backend(jax.ShapeDtypeStruct((1, 1, e.shape[1]), tokens.dtype),
+                                             (e, jax.ShapeDtypeStruct((1,) + w.shape, w.dtype))) == "gpu"
+               for w, e in zip(mine, (gate_up, down)))
 
 
 class Experts(nnx.Module):
@@ -223,6 +240,13 @@ class MoE(nnx.Module):
         """x: [B, T, hidden] -> [B, T, hidden]."""
         tokens = x.reshape(-1, x.shape[-1])                                          # [N, hidden]
         ids, weights = self.gate(tokens)                                             # [N, k]
+        gate_up, down = self.experts.gate_up_proj[...], self.experts.down_proj[...]
+        if shared_rides_along(tokens, ids, gate_up, down, self.shared_experts):
+            shared = self.shared_experts                # pair k of each token: matrix E of the tuples
+            ids = jnp.concatenate([ids, jnp.full((ids.shape[0], 1), gate_up.shape[0], ids.dtype)], axis=1)
+            out = _gathered(tokens, ids, (gate_up, shared.gate_up_proj.kernel[...][None]),
+                            (down, shared.down_proj.kernel[...][None]))              # [N, k + 1, hidden]
+            return (combine(out[:, :-1], weights) + out[:, -1]).reshape(x.shape)
         routed = self.experts(tokens, ids, weights)                                  # [N, hidden]
         if self.shared_experts is not None:
             routed = routed + self.shared_experts(tokens)
