@@ -75,23 +75,25 @@ def decode_bytes(config, counts, B, context):
     return weights + cache["softmax"] + 2 * cache["linear"]   # states are read and written
 
 
-def run_prefill(model, T, chunk, cache_len):
+def run_prefill(model, T, chunk, cache_len, gpu_time=False):
     """Seconds of the first (compiling, if this cache_len is new) and second prefill of [1, T], and
-    the GPU time of a third (its kernels' durations in a trace; None without a GPU)."""
+    with gpu_time the GPU time of a third (its kernels' durations in a trace; None without a GPU
+    or gpu_time)."""
     ids = np.random.default_rng(T).integers(0, model.config.vocab_size, (1, T))
 
     def prefill():
         state = _start(model, ids, attention_mask=None, max_new_tokens=1, temperature=0.0, top_k=None,
                        top_p=None, seed=0, eos_token_id=[], stop=None, pad_token_id=None, max_len=None,
                        prefill_chunk=chunk, cache_len=cache_len)[0]
-        jax.block_until_ready(state.logits)
+        return jax.block_until_ready(state)
 
     times = []
     for _ in range(2):
         t = time.perf_counter()
-        prefill()
+        state = prefill()
         times.append(time.perf_counter() - t)
-    gpu = traced_gpu_ms(prefill, 1) * 1e-3 if jax.devices()[0].platform == "gpu" else None
+        del state                                       # freed outside the timing
+    gpu = traced_gpu_ms(prefill, 1) * 1e-3 if gpu_time and jax.devices()[0].platform == "gpu" else None
     return times + [gpu]
 
 
@@ -154,17 +156,17 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     config = RingConfig.from_hf(args.config)
-    args.chunk = args.chunk or default_prefill_chunk()
-    print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, config {os.path.basename(args.config)}, "
-          f"prefill chunk {args.chunk}", flush=True)
+    print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, config {os.path.basename(args.config)}",
+          flush=True)
     bw = copy_bandwidth()
     t = time.perf_counter()
     model = make_model(config)
     jax.block_until_ready(nnx.state(model))
     counts = weight_counts(config, model)
     total = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    args.chunk = args.chunk or default_prefill_chunk(model)
     print(f"random model: {total / 1e9:.2f}B params in {time.perf_counter() - t:.1f} s; copy bandwidth "
-          f"{bw / 1e12:.2f} TB/s", flush=True)
+          f"{bw / 1e12:.2f} TB/s; prefill chunk {args.chunk}", flush=True)
 
     print("\n| prefill tokens | first call s (compile incl.) | s | tokens/s | TFLOP/s | MFU | GPU s | MFU of GPU s | "
           "time to first token s |")
@@ -172,7 +174,7 @@ def main(argv=None):
     # One cache length for every prompt: the prefill step compiles once.
     cache_len = cache_length(max((sum(_steps(T, args.chunk)) for T in args.prefill), default=0) + 1)
     for T in args.prefill:
-        first, second, gpu = run_prefill(model, T, args.chunk, cache_len)
+        first, second, gpu = run_prefill(model, T, args.chunk, cache_len, gpu_time=True)
         flops = prefill_flops(config, counts, T)
         ttft = time_to_first_token(model, T, args.chunk, cache_len)
         on_gpu = "- | - |" if gpu is None else f"{gpu:.3f} | {flops / gpu / PEAK_FLOPS:.1%} |"

@@ -243,7 +243,7 @@ def main(argv=None):
     for T in args.prefill:
         first, second, _ = run_prefill(model, T, args.chunk, cache_len)
         flops = prefill_flops(config, counts, T)
-        comm = n_moe * (T // min(T, args.chunk)) * model_way_ms(mesh, config, min(T, args.chunk)) * 1e-3  # batch 1
+        comm = n_moe * len(_steps(T, args.chunk)) * model_way_ms(mesh, config, min(T, args.chunk)) * 1e-3  # batch 1
         print(f"| {T} | {first:.1f} | {second:.3f} | {T / second:,.0f} | "
               f"{flops / second / (PEAK_FLOPS * mesh.size):.1%} | {comm / second:.0%} |", flush=True)
 

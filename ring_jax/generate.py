@@ -26,19 +26,22 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
-from pallas_kernels.platform import platform
 from ring_jax.cache import Cache, cache_length, init_cache
+from ring_jax.layers.attention import FLASH_MIN_TOKENS, use_flash
 from ring_jax.sharding import first_array, model_mesh, put, spec
 
 
-def default_prefill_chunk() -> int:
-    """Prompt tokens per prefill step (summed over the batch) when the caller gives none. On Hopper
-    GPUs 32768: there the prefill's attention is cuDNN's flash attention, and every MoE layer's
-    grouped matmuls read all expert weights once per step, which bounds 4096-token steps by
-    bandwidth (5-layer Ring-mini, 32k tokens on an H200: 28.7% MFU at 4096, 37.2% at 32768;
-    docs/PERFORMANCE.md). Elsewhere 4096: the jnp attention holds [B, H, chunk, block] float32
-    scores."""
-    return 32768 if platform() == "hopper" else 4096
+def default_prefill_chunk(model) -> int:
+    """Prompt tokens per prefill step (summed over the batch) when the caller gives none: 32768
+    where the model's prefill attention is cuDNN's flash attention (a Hopper GPU and a bf16 or f16
+    model: `attention.use_flash`), 4096 elsewhere, where the jnp attention holds [B, H, chunk,
+    block] float32 scores. On the GPU every MoE layer's grouped matmuls read all expert weights
+    once per step, which bounds 4096-token steps by bandwidth (5-layer Ring-mini, 32k tokens on an
+    H200: 28.7% MFU at 4096, 37.2% at 32768; docs/PERFORMANCE.md)."""
+    config = model.config
+    q = jax.ShapeDtypeStruct((1, 2 * FLASH_MIN_TOKENS, config.num_attention_heads, config.head_dim), model.dtype)
+    k = jax.ShapeDtypeStruct((1, 2 * FLASH_MIN_TOKENS, config.num_key_value_heads, config.head_dim), model.dtype)
+    return 32768 if use_flash(q, k) else 4096
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,14 +230,14 @@ def _start(model, input_ids, *, attention_mask, max_new_tokens, temperature, top
         raise ValueError("stop sequences must be non-empty lists of token ids")
     rule = StopRule(tuple(int(e) for e in eos), stop, int(pad))
 
-    prefill_chunk = default_prefill_chunk() if prefill_chunk is None else prefill_chunk
+    prefill_chunk = default_prefill_chunk(model) if prefill_chunk is None else prefill_chunk
     if prefill_chunk < 16 or prefill_chunk & (prefill_chunk - 1):
         raise ValueError(f"prefill_chunk={prefill_chunk} must be a power of two >= 16")
     n_prompts, mesh = len(prompts), model_mesh(model)
     data = 1 if mesh is None else mesh.shape.get("data", 1)
     prompts += [prompts[-1]] * (-n_prompts % data)        # filler rows, done from the start
     B = len(prompts)
-    steps = _steps(longest, max(16, 1 << (prefill_chunk // B).bit_length() - 1))   # tokens over the batch
+    steps = _steps(longest, max(16, 1 << max(prefill_chunk // B, 1).bit_length() - 1))   # chunk over the batch
     padded = sum(steps)
     ids = np.full((B, padded), pad, np.int32)
     for b, p in enumerate(prompts):
@@ -268,7 +271,8 @@ _GENERATE_DOC = """
     The eos or stop tokens themselves are part of the output.
     max_len: the most prompt + new tokens allowed (default: the config's max_position_embeddings).
     prefill_chunk: prompt tokens per prefill step, summed over the batch (a power of two; it bounds
-    the activation memory). None: `default_prefill_chunk()`, 32768 on Hopper GPUs, else 4096.
+    the activation memory). None: `default_prefill_chunk(model)`: 32768 for bf16 models on
+    Hopper GPUs, else 4096.
     cache_len: the cache's slots (default: the prompt bucket + max_new_tokens, rounded up). The
     compiled steps depend on it: one fixed value serves every prompt length with one compile, at
     the cost of decode steps that read the whole cache.

@@ -1,8 +1,6 @@
 """The cache and generate(): cached forwards equal full forwards, generate equals the argmax loop,
 batching and padding change nothing, sampling is reproducible and restricted as asked."""
 
-import importlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -193,16 +191,21 @@ def test_prefill_compiles_once_per_bucket(model):
     assert _prefill_chunk._cache_size() == compiled
 
 
-def test_prefill_steps_and_default_chunk(monkeypatch):
-    """Whole chunks after one power-of-two step of the rest; 32768 tokens per step on Hopper."""
+def test_prefill_steps_and_default_chunk(monkeypatch, model):
+    """Whole chunks after one power-of-two step of the rest; 32768 tokens per step where the
+    prefill attention is cuDNN's (a bf16 model on Hopper), else 4096; more prompts than chunk
+    tokens still take 16-token steps."""
     assert _steps(5, 4096) == [16] and _steps(4096, 4096) == [4096] and _steps(3000, 4096) == [4096]
     assert _steps(33000, 32768) == [256, 32768] and _steps(131008, 32768) == [32768] * 4
     assert _steps(70, 16) == [16] * 5 and _steps(100, 32) == [16, 32, 32, 32]
-    module = importlib.import_module("ring_jax.generate")        # the package's `generate` is the function
-    monkeypatch.setattr(module, "platform", lambda: "hopper")
-    assert default_prefill_chunk() == 32768
-    monkeypatch.setattr(module, "platform", lambda: "other")
-    assert default_prefill_chunk() == 4096
+    bf16 = RingModel(model.config, dtype=jnp.bfloat16)
+    assert default_prefill_chunk(bf16) == default_prefill_chunk(model) == 4096
+    monkeypatch.setattr(attention, "platform", lambda: "hopper")
+    assert default_prefill_chunk(bf16) == (32768 if attention._cudnn_attention() is not None else 4096)
+    assert default_prefill_chunk(model) == 4096                  # float32: the jnp attention
+    prompts = [prompt(3, 40 + b) for b in range(17)]
+    got = generate(model, prompts, max_new_tokens=1, eos_token_id=[], prefill_chunk=16)
+    assert got.shape == (17, 1)
 
 
 def test_eos_and_stop_sequences(model):

@@ -47,11 +47,12 @@ def block_k(w_dtype) -> int:
 
 def fits(x, w) -> bool:
     """Whether the kernel computes these operands: bf16 or float32, K and N whole tiles, and
-    stacks of one dtype."""
+    stacks of one K, N and dtype."""
     stacks = _stacks(w)
     K, N = stacks[0].shape[-2:]
     dtype = jnp.dtype(stacks[0].dtype)
-    return (jnp.dtype(x.dtype) in DTYPES and dtype in DTYPES and all(jnp.dtype(s.dtype) == dtype for s in stacks)
+    same = all(s.shape[-2:] == (K, N) and jnp.dtype(s.dtype) == dtype for s in stacks)
+    return (same and jnp.dtype(x.dtype) in DTYPES and dtype in DTYPES
             and K % block_k(dtype) == 0 and N % BLOCK_N == 0)
 
 

@@ -13,7 +13,7 @@ def matvec(x, w, ids):
     precision = jax.lax.Precision.HIGHEST if jnp.float32 in (x.dtype, stacks[0].dtype) else None
     rows = jnp.repeat(x, P // X, axis=0)
     out, first = None, 0
-    for stack in stacks:                                    # each pair from the stack holding it
+    for stack in stacks:          # every pair through every stack, kept where the stack holds it
         local = ids - first
         y = jnp.einsum("pmk,pkn->pmn", rows, jnp.take(stack, jnp.clip(local, 0, stack.shape[0] - 1), axis=0),
                        precision=precision, preferred_element_type=jnp.float32)
