@@ -152,7 +152,7 @@ def main(argv=None):
     parser.add_argument("--context", type=int, default=4096, help="prompt length before decoding")
     parser.add_argument("--steps", type=int, default=128, help="timed decode steps")
     parser.add_argument("--chunk", type=int, default=None,
-                        help="prefill chunk (tokens; default: generate()'s, 32768 on Hopper GPUs, else 4096)")
+                        help="prefill chunk (tokens; default: generate()'s, 32768 for bf16 models on Hopper GPUs, else 4096)")
     args = parser.parse_args(argv)
 
     config = RingConfig.from_hf(args.config)

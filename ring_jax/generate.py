@@ -2,10 +2,11 @@
 
 Prompts of different lengths are left-padded to a length bucket: whole prefill chunks after one
 step of the rest rounded up to a power of two (`_steps`), so prefill compiles once per step size
-(powers of two up to the chunk), not per prompt. The prompt runs through `RingModel.extend` one step
-at a time (bounded activation memory at any length; softmax layers read the cache block by block). Decoding is one jitted
-`lax.while_loop`: sample, record, stop checks, one `extend` step, until every sequence finished or
-the step limit; the cache is donated, so it is updated in place, and no Python runs per token.
+(powers of two up to the chunk), not per prompt. The prompt runs through `RingModel.extend` one
+step at a time (bounded activation memory at any length; softmax layers read the cache block by
+block). Decoding is one jitted `lax.while_loop`: sample, record, stop checks, one `extend` step,
+until every sequence finished or the step limit; the cache is donated, so it is updated in place,
+and no Python runs per token.
 
 A model sharded over a mesh (`ring_jax.sharding`) runs the same steps under that mesh: the batch is
 padded to a multiple of the `data` axis and split over it, the cache is laid out like the model,

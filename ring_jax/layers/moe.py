@@ -154,14 +154,13 @@ def _gathered(tokens, ids, gate_up, down):
 
 def shared_rides_along(tokens, ids, gate_up, down, shared) -> bool:
     """Whether the shared expert (an MLP) runs as one more pair per token in the routed experts'
-    matvec calls (`MoE.__call__`): the pairs take the matvec kernel (`gathers`, one device), and
-    its weights have a routed expert's shapes and dtype. One launch per product instead of two,
-    with the same per-tile products and sums."""
+    matvec calls (`MoE.__call__`): the pairs take the matvec kernel (`gathers`, one device), with
+    the shared weights as one more stack (the kernel takes them when they have a routed expert's
+    shapes and dtype). One launch per product instead of two, with the same per-tile products and
+    sums."""
     if shared is None or in_mesh() or not gathers(tokens, ids, gate_up, down):
         return False
     mine = (shared.gate_up_proj.kernel[...], shared.down_proj.kernel[...])
-    if any(w.shape != e.shape[1:] or w.dtype != e.dtype for w, e in zip(mine, (gate_up, down))):
-        return False
     return all(pallas_kernels.matvec_backend(jax.ShapeDtypeStruct((1, 1, e.shape[1]), tokens.dtype),
                                              (e, jax.ShapeDtypeStruct((1,) + w.shape, w.dtype))) == "gpu"
                for w, e in zip(mine, (gate_up, down)))
