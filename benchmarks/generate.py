@@ -131,13 +131,14 @@ def run_decode(model, B, context, steps):
                         place(np.int32(0), ()), place(np.zeros(B, bool), ("batch",)),
                         place(np.full((B, 1), -1, np.int32), ("batch", None)), place(np.uint32(0), ()))
     sampling, rule = Sampling(), StopRule((), (), 0)
+    arrays, structure = jax.tree.flatten(model)
     with _on(mesh):
         t = time.perf_counter()
-        state = _decode(model, state, np.int32(8), sampling=sampling, rule=rule)
+        state = _decode(structure, arrays, state, np.int32(8), sampling=sampling, rule=rule)
         jax.block_until_ready(state.tokens)
         first = time.perf_counter() - t
         t = time.perf_counter()
-        state = _decode(model, state, np.int32(8 + steps), sampling=sampling, rule=rule)
+        state = _decode(structure, arrays, state, np.int32(8 + steps), sampling=sampling, rule=rule)
         jax.block_until_ready(state.tokens)
     assert int(state.step) == 8 + steps
     return first, time.perf_counter() - t

@@ -39,3 +39,19 @@ def test_auto_picks_the_gpu_kernel_and_falls_back():
         api.linear_attention(q, k, v, g, mask=mask, backend="gpu")
     o_masked, _ = api.linear_attention(q, k, v, g, mask=mask)  # auto: the reference takes masks
     assert rel_err(o_masked, o_gpu) <= 1e-2
+
+
+@pytest.mark.parametrize("B", [1, 5])
+def test_decode_kernel_matches_reference_and_float64(B):
+    """The one-token decode kernel at Ring-mini's head shape (16 heads of 128, rotary 64, bf16)."""
+    from test_linear_attention_decode import decode64, operands
+
+    args = operands(B, 16, 128, 64, jnp.bfloat16, seed=B)
+    assert api.linear_attention_decode_backend(args[0], args[6], 64) == "gpu"
+    o, state = api.linear_attention_decode(*args, eps=1e-6)
+    ro, rs = api.linear_attention_decode(*args, eps=1e-6, backend="reference")
+    want_o, want_state = decode64(*args, eps=1e-6)
+    assert rel_err(o, ro) <= 1e-2 and rel_err(state, rs) <= 1e-2
+    assert rel_err(o, want_o) <= 2e-2 and rel_err(state, want_state) <= 2e-2
+    if B > 1:
+        np.testing.assert_array_equal(np.asarray(state[1]), np.asarray(rs[1]))     # padding: decayed only

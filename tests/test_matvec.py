@@ -104,13 +104,15 @@ def decode_logits(model, p, steps):
 
 def as_if_on_hopper(monkeypatch):
     """"auto" answers as on a Hopper GPU, and the decode-step kernels (matvec, the router's
-    selection) run in interpret mode. Returns the list of calls: the weight shape for matvec,
-    "router" for the selection."""
+    selection, the linear-attention step) run in interpret mode. Returns the list of calls: the
+    weight shape for matvec, "router" for the selection, "linear attention" for the step."""
+    from pallas_kernels.linear_attention import api as la_api, step_gpu
     from pallas_kernels.router import api as router_api, gpu as router_gpu
 
     calls = []
     kernels = [(api, gpu, "matvec", lambda x, w, ids, **k: tuple(s.shape for s in w) if isinstance(w, tuple) else w.shape),
-               (router_api, router_gpu, "select_experts", lambda *a, **k: "router")]
+               (router_api, router_gpu, "select_experts", lambda *a, **k: "router"),
+               (la_api, step_gpu, "decode_step", lambda *a, **k: "linear attention")]
     for module_api, module_gpu, name, label in kernels:
         kernel = getattr(module_gpu, name)
         monkeypatch.setattr(module_api, "platform", lambda: "hopper")
@@ -122,7 +124,7 @@ def as_if_on_hopper(monkeypatch):
 
 def test_decode_step_through_the_kernel_on_the_cpu(monkeypatch):
     """The model's kernel branches (one-row `matmul`, the routed experts by id, the router's
-    selection) in interpret mode: batch-1 decode logits equal the full forward (float32)."""
+    selection, the linear-attention step) in interpret mode: batch-1 decode logits equal the full forward (float32)."""
     model = model_with_kernel_shapes(jnp.float32)
     p = np.random.default_rng(3).integers(2, 256, 12)
     want = model(p[None])[0, -2:]                    # the full forward, before the kernels come in
@@ -131,7 +133,7 @@ def test_decode_step_through_the_kernel_on_the_cpu(monkeypatch):
     # experts gate_up and down, each with the shared expert as one more matrix
     assert ((64, 256, 256), (1, 256, 256)) in calls and ((64, 128, 256), (1, 128, 256)) in calls
     assert (1, 256, 768) in calls and (1, 256, 64) in calls        # linear qkv and the router
-    assert "router" in calls
+    assert "router" in calls and "linear attention" in calls
     assert rel_err(got, want) <= 1e-5
 
 

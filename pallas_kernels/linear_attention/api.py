@@ -1,5 +1,8 @@
 """Entry points of the linear-attention kernels; `backend` picks the implementation.
 
+`linear_attention` (a sequence) and `linear_attention_step` (a few tokens after a state) take q,
+k and v; `linear_attention_decode` takes one token per sequence from the layer's fused projection.
+
 "auto": on TPU the Mosaic TPU kernels (any T, masks, bf16 or f32); on Hopper or newer GPUs the
 Mosaic GPU prefill kernel when the inputs are what it handles (bf16, D % 64 == 0, Dv % 128 == 0, no
 mask) on JAX 0.11 or newer; the jnp reference otherwise. "reference", "gpu" and "tpu" force one (an
@@ -7,6 +10,7 @@ input a kernel does not handle is then an error).
 """
 
 import jax
+import jax.numpy as jnp
 
 from pallas_kernels.linear_attention import reference
 from pallas_kernels.platform import platform
@@ -76,3 +80,44 @@ def linear_attention_step(q, k, v, log_decay, state, *, scale=None, backend="aut
     if backend == "gpu":
         raise NotImplementedError("no GPU decode kernel: the jnp step ('reference') is what runs on GPU")
     return reference.linear_attention_step(q, k, v, log_decay, state, scale=scale)
+
+
+def linear_attention_decode_backend(qkv, state, rotary_dim: int, backend="auto") -> str:
+    """The backend `linear_attention_decode` runs for these operands: "gpu" (the Pallas Triton
+    kernel, on Hopper GPUs when it takes them: `step_gpu.fits`) or "reference"."""
+    if backend not in ("auto", "reference", "gpu"):
+        raise ValueError(f"backend={backend!r}: choose 'auto', 'reference' or 'gpu'")
+    if backend != "auto":
+        return backend
+    from pallas_kernels.linear_attention import step_gpu
+
+    return "gpu" if platform() == "hopper" and step_gpu.fits(qkv, state, rotary_dim) else "reference"
+
+
+def linear_attention_decode(qkv, q_weight, k_weight, cos, sin, log_decay, state, valid=None, *, eps,
+                            scale=None, backend="auto", interpret=False):
+    """One token per sequence of the Lightning layer, from its fused projection to the attention
+    output and the new state: see `reference.decode_step` for shapes and math (valid None: all).
+    The GPU kernel does in one launch what XLA runs as four fusions.
+
+    interpret: run the GPU kernel in Pallas interpret mode (CPU tests).
+    """
+    B, H, D, Dv = state.shape
+    if qkv.shape != (B, 3 * H * D) or D != Dv:
+        raise ValueError(f"linear_attention_decode: qkv {qkv.shape} does not hold q, k and v for the "
+                         f"state {state.shape} ([B, 3 H D] with Dv == D)")
+    if cos.shape != sin.shape or cos.shape[0] != B or cos.shape[-1] > D:
+        raise ValueError(f"linear_attention_decode: cos {cos.shape} and sin {sin.shape} must be [{B}, rotary_dim <= {D}]")
+    valid = jnp.ones((B,), bool) if valid is None else valid
+    scale = D ** -0.5 if scale is None else scale
+    if interpret or linear_attention_decode_backend(qkv, state, cos.shape[-1], backend) == "gpu":
+        from pallas_kernels.linear_attention import step_gpu
+
+        if not step_gpu.fits(qkv, state, cos.shape[-1]):
+            raise NotImplementedError(
+                f"the gpu kernel takes bf16 or float32 qkv with D % {step_gpu.BLOCK_V} == 0 and "
+                f"power-of-two rotary halves (got {qkv.dtype}, D={D}, rotary_dim={cos.shape[-1]}); "
+                "use backend='reference'")
+        return step_gpu.decode_step(qkv, q_weight, k_weight, cos, sin, log_decay, state, valid, eps=eps,
+                                    scale=scale, interpret=interpret)
+    return reference.decode_step(qkv, q_weight, k_weight, cos, sin, log_decay, state, valid, eps=eps, scale=scale)

@@ -93,3 +93,32 @@ def linear_attention_step(q, k, v, log_decay, state, *, scale=None):
     new_state = (jnp.exp(S * g)[None, :, None, None] * state
                  + jnp.einsum("bjhd,bjhe->bhde", kf * k_weight[None, :, :, None], vf, precision=_HIGHEST))
     return (scale * o).astype(q.dtype), new_state
+
+
+def decode_step(qkv, q_weight, k_weight, cos, sin, log_decay, state, valid, *, eps, scale=None):
+    """One token per sequence of the Lightning layer, from its fused projection (SPEC.md §6).
+
+    q and k are RMS-normalised over D (float32 statistics, rounded to qkv.dtype before the weight
+    multiplies), rotated on their first rotary_dim = cos.shape[-1] channels (NeoX halves, each
+    product and the sum rounded to qkv.dtype), k and v are zeroed where not valid, and then
+    `linear_attention_step` runs.
+
+    qkv: [B, 3 H D] (q heads, k heads, v heads); q_weight, k_weight: [D]; cos, sin: [B, rotary_dim];
+    log_decay: [H]; state: [B, H, D, D] f32; valid: [B] bool.
+    Returns (o [B, H, D] in qkv.dtype, new_state [B, H, D, D] f32).
+    """
+    B, H, D, _ = state.shape
+    q, k, v = jnp.split(qkv.reshape(B, 1, 3 * H, D), 3, axis=2)              # [B, 1, H, D] each
+    r = cos.shape[-1]
+    c, s = cos[:, None, None, :], sin[:, None, None, :]
+
+    def head(x, w):
+        x32 = x.astype(jnp.float32)
+        x = w * (x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)).astype(x.dtype)
+        rotated = jnp.concatenate([-x[..., r // 2:r], x[..., :r // 2]], axis=-1)
+        return jnp.concatenate([x[..., :r] * c + rotated * s, x[..., r:]], axis=-1)
+
+    keep = valid[:, None, None, None]
+    q, k, v = head(q, q_weight), jnp.where(keep, head(k, k_weight), 0), jnp.where(keep, v, 0)
+    o, state = linear_attention_step(q, k, v, log_decay, state, scale=scale)
+    return o[:, 0], state

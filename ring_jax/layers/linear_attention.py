@@ -93,15 +93,29 @@ class LinearAttention(nnx.Module):
         """
         B, T, _ = x.shape
         H, D = self.num_heads, self.head_dim
+        g = jnp.asarray(self.log_decay, jnp.float32)
         qkv = self.query_key_value(x)
         if self.linear_silu:                      # SGLang's placement: on the fused projection
             qkv = rounded(jax.nn.silu, qkv)
-        q, k, v = jnp.split(qkv.reshape(B, T, 3 * H, D), 3, axis=2)
-        q = apply_rope(self.query_layernorm(q), cos, sin)
-        k = apply_rope(self.key_layernorm(k), cos, sin)
-        if valid is not None:
-            k, v = (jnp.where(valid[:, :, None, None], t, 0) for t in (k, v))
-        o, state = scan(q, k, v, jnp.asarray(self.log_decay, jnp.float32), initial_state)
+        if self._one_kernel(T, qkv, cos, initial_state):
+            cos, sin = (jnp.broadcast_to(t, (B, T, t.shape[-1]))[:, 0] for t in (cos, sin))
+            o, state = pallas_kernels.linear_attention_decode(
+                qkv[:, 0], self.query_layernorm.weight[...], self.key_layernorm.weight[...], cos, sin, g,
+                initial_state, None if valid is None else valid[:, 0], eps=self.query_layernorm.eps)
+        else:
+            q, k, v = jnp.split(qkv.reshape(B, T, 3 * H, D), 3, axis=2)
+            q = apply_rope(self.query_layernorm(q), cos, sin)
+            k = apply_rope(self.key_layernorm(k), cos, sin)
+            if valid is not None:
+                k, v = (jnp.where(valid[:, :, None, None], t, 0) for t in (k, v))
+            o, state = scan(q, k, v, g, initial_state)
         o = self.g_norm(o.reshape(B, T, H * D))
         o = o * rounded(jax.nn.sigmoid, self.g_proj(x))
         return self.dense(o), state
+
+    def _one_kernel(self, T, qkv, cos, state) -> bool:
+        """Whether a decode token (T == 1 after a state, one device) takes the GPU kernel that
+        runs the norms, the rotation and the recurrence in one launch
+        (`pallas_kernels.linear_attention_decode`)."""
+        return (T == 1 and state is not None and not in_mesh()
+                and pallas_kernels.linear_attention_decode_backend(qkv, state, cos.shape[-1]) == "gpu")
