@@ -4,12 +4,13 @@
                                   [--prefill 4096 32768 131008] [--decode-batch 1 8 64]
 
 The model is `RingModel` with random bf16 weights (the same modules and code path as a loaded
-checkpoint); prefill and decode go through `ring_jax.generate`'s own jitted steps. Each figure is
-the second run of the step (the first one compiles; its excess is the compile time) and sits
-beside its roofline:
+checkpoint); prefill and decode go through `ring_jax.generate`'s own jitted steps. A prefill figure
+is the median of three runs after the first (which compiles: its excess is the compile time; the
+second run can still be slower by a few percent while the allocator grows), a decode figure the
+run after the compiling one; each sits beside its roofline:
 - prefill: FLOPs = 2 x (active non-embedding parameters + head) per token + causal softmax
   attention; MFU against 989 TFLOP/s (H100 SXM dense bf16), of the wall time of generate()'s
-  prefill (set-up included) and of its GPU time alone (kernel durations in a trace, a third call:
+  prefill (set-up included) and of its GPU time alone (kernel durations in a trace, one more call:
   the difference is host work and idle GPU); and the time to first token through
   `ring_jax.stream` (the prefill plus validation, cache set-up and the first sampled token);
 - decode: bytes per step = the weights one step reads (every non-expert weight, the head, and the
@@ -75,10 +76,10 @@ def decode_bytes(config, counts, B, context):
     return weights + cache["softmax"] + 2 * cache["linear"]   # states are read and written
 
 
-def run_prefill(model, T, chunk, cache_len, gpu_time=False):
-    """Seconds of the first (compiling, if this cache_len is new) and second prefill of [1, T], and
-    with gpu_time the GPU time of a third (its kernels' durations in a trace; None without a GPU
-    or gpu_time)."""
+def run_prefill(model, T, chunk, cache_len, gpu_time=False, repeats=3):
+    """Seconds of the first (compiling, if this cache_len is new) prefill of [1, T], the median of
+    `repeats` more, and with gpu_time the GPU time of one more (its kernels' durations in a trace;
+    None without a GPU or gpu_time)."""
     ids = np.random.default_rng(T).integers(0, model.config.vocab_size, (1, T))
 
     def prefill():
@@ -88,27 +89,27 @@ def run_prefill(model, T, chunk, cache_len, gpu_time=False):
         return jax.block_until_ready(state)
 
     times = []
-    for _ in range(2):
+    for _ in range(1 + repeats):
         t = time.perf_counter()
         state = prefill()
         times.append(time.perf_counter() - t)
         del state                                       # freed outside the timing
     gpu = traced_gpu_ms(prefill, 1) * 1e-3 if gpu_time and jax.devices()[0].platform == "gpu" else None
-    return times + [gpu]
+    return times[0], float(np.median(times[1:])), gpu
 
 
-def time_to_first_token(model, T, chunk, cache_len):
+def time_to_first_token(model, T, chunk, cache_len, repeats=3):
     """Seconds from calling `ring_jax.stream` on a [1, T] prompt to its first token on the host
-    (validation, cache set-up, prefill, the first sampled token), the second of two calls: the
-    first compiles."""
+    (validation, cache set-up, prefill, the first sampled token): the median of `repeats` calls
+    after one that compiles."""
     ids = np.random.default_rng(T).integers(0, model.config.vocab_size, (1, T))
     times = []
-    for _ in range(2):
+    for _ in range(1 + repeats):
         t = time.perf_counter()
         next(stream(model, ids, steps_per_call=1, max_new_tokens=1, eos_token_id=[], prefill_chunk=chunk,
                     cache_len=cache_len))
         times.append(time.perf_counter() - t)
-    return times[1]
+    return float(np.median(times[1:]))
 
 
 def run_decode(model, B, context, steps):
@@ -169,7 +170,7 @@ def main(argv=None):
     print(f"random model: {total / 1e9:.2f}B params in {time.perf_counter() - t:.1f} s; copy bandwidth "
           f"{bw / 1e12:.2f} TB/s; prefill chunk {args.chunk}", flush=True)
 
-    print("\n| prefill tokens | first call s (compile incl.) | s | tokens/s | TFLOP/s | MFU | GPU s | MFU of GPU s | "
+    print("\n| prefill tokens | first call s (compile incl.) | s (median of 3) | tokens/s | TFLOP/s | MFU | GPU s | MFU of GPU s | "
           "time to first token s |")
     print("|---|---|---|---|---|---|---|---|---|")
     # One cache length for every prompt: the prefill step compiles once.

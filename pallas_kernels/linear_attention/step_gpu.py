@@ -65,6 +65,7 @@ def _kernel(q_ref, k_ref, v_ref, qw_ref, kw_ref, cos_ref, sin_ref, decay_ref, va
         sin1, sin2 = sin_ref[pl.ds(0, half)].astype(f32), sin_ref[pl.ds(half, half)].astype(f32)
         return [rnd(rnd(x1 * cos1) + rnd(-x2 * sin1)), rnd(rnd(x2 * cos2) + rnd(x1 * sin2))] + parts[2:]
 
+    blocks = [s_ref[pl.ds(a, n), :] for a, n in spans]          # [n, BLOCK_V] each, loads issued first
     valid = valid_ref[0] != 0
     q = head(q_ref, qw_ref)
     k = [jnp.where(valid, p, 0.0) for p in head(k_ref, kw_ref)]
@@ -72,8 +73,7 @@ def _kernel(q_ref, k_ref, v_ref, qw_ref, kw_ref, cos_ref, sin_ref, decay_ref, va
     decay = decay_ref[0]                                                    # exp(g_h)
     qk = sum(jnp.sum(a * b) for a, b in zip(q, k))
     q_state = jnp.zeros_like(v)
-    for (a, n), q_part, k_part in zip(spans, q, k):
-        rows = s_ref[pl.ds(a, n), :]                                        # [n, BLOCK_V]
+    for (a, n), rows, q_part, k_part in zip(spans, blocks, q, k):
         q_state += jnp.sum(q_part[:, None] * rows, axis=0)
         s_out_ref[pl.ds(a, n), :] = decay * rows + k_part[:, None] * v[None, :]
     o_ref[...] = (scale * (qk * v + decay * q_state)).astype(o_ref.dtype)
