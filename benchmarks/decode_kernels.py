@@ -1,14 +1,19 @@
 """The small kernels of a decode step against the jnp references (XLA): the router's expert
-selection.
+selection and the linear-attention layer's one-token step.
 
     python benchmarks/decode_kernels.py [--config configs/ring-mini-linear-2.0.json] [--tokens 1 8 64 4096]
+                                        [--batch 1 8 64]
 
-It moves a few KB per token, so its floor is one kernel's latency; XLA runs it as several kernels
-(chained reductions for a few tokens, sorts for many). Timed as the GPU kernels' own time per call (`timing.device_ms`, from a profiler
-trace of 20 calls), which is what each adds to a step; without a GPU, wall-clock medians of the
-kernels in interpret mode (a smoke run).
-The sigmoid scores [tokens, experts] float32 and the expert bias -> each token's top-k ids and
-normalised weights (SPEC.md §7.1). "same" compares the ids.
+Each moves little (a few KB per token; the step reads and writes a 1 MB float32 state per sequence
+and layer at Ring-mini's shape), so its floor is one kernel's latency, where XLA runs several
+kernels. Timed as the GPU kernels' own time per call (`timing.device_ms`, from a profiler trace of
+20 calls), which is what each adds to a step; without a GPU, wall-clock medians of the kernels in
+interpret mode (a smoke run).
+- router selection: the sigmoid scores [tokens, experts] float32 and the expert bias -> each
+  token's top-k ids and normalised weights (SPEC.md §7.1); "agreement" says whether the ids are the same.
+- linear-attention step: qkv [batch, 3 H D] bf16 and the state -> q/k norms, RoPE, the output and
+  the new state (`pallas_kernels.linear_attention_decode`); "agreement" is the largest difference
+  of the outputs over their largest value.
 """
 
 import argparse
@@ -24,6 +29,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks.timing import bench_jax, device_ms  # noqa: E402
+from pallas_kernels.linear_attention import reference as la_reference, step_gpu  # noqa: E402
 from pallas_kernels.router import gpu as router_gpu, reference as router_reference  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,15 +40,16 @@ def timed_us(f, *args):
     return (device_ms(f, *args) if on_gpu else bench_jax(f, *args, n=3)) * 1e3
 
 
-def row(name, tokens, kernel, xla, args, same):
+def row(name, tokens, kernel, xla, args, agreement):
     t_kernel, t_xla = timed_us(kernel, *args), timed_us(xla, *args)
-    print(f"| {name} | {tokens} | {t_kernel:.1f} | {t_xla:.1f} | {t_xla / t_kernel:.1f}x | {same} |", flush=True)
+    print(f"| {name} | {tokens} | {t_kernel:.1f} | {t_xla:.1f} | {t_xla / t_kernel:.1f}x | {agreement} |", flush=True)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=os.path.join(ROOT, "configs", "ring-mini-linear-2.0.json"))
-    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64, 4096])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64, 4096], help="router selection")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8, 64], help="linear-attention step")
     args = parser.parse_args(argv)
     config = ring_jax.RingConfig.from_hf(args.config)
     interpret = jax.devices()[0].platform != "gpu"
@@ -52,7 +59,7 @@ def main(argv=None):
     print(f"device: {jax.devices()[0].device_kind}; {os.path.basename(args.config)}: {E} experts in "
           f"{config.n_group} groups, top {config.topk_group} groups, top-{config.num_experts_per_tok}; "
           f"{'wall clock, interpret mode (smoke run)' if interpret else 'kernel time from a trace'}")
-    print("| kernel | tokens | kernel us | jnp reference us | reference / kernel | same |")
+    print("| kernel | tokens | kernel us | jnp reference us | reference / kernel | agreement |")
     print("|---|---|---|---|---|---|")
     select = jax.jit(lambda s, b: router_gpu.select_experts(s, b, interpret=interpret, **route))
     select_xla = jax.jit(lambda s, b: router_reference.select_experts(s, b, **route))
@@ -61,7 +68,22 @@ def main(argv=None):
         s = jnp.asarray(jax.nn.sigmoid(rng.standard_normal((N, E))), jnp.float32)
         bias = jnp.asarray(rng.standard_normal(E) * 0.01, jnp.float32)
         same = bool(np.array_equal(select(s, bias)[0], select_xla(s, bias)[0]))
-        row("router selection", N, select, select_xla, (s, bias), same)
+        row("router selection", N, select, select_xla, (s, bias), f"same ids: {same}")
+
+    H, D, r = config.num_attention_heads, config.head_dim, config.rotary_dim
+    norm = dict(eps=config.rms_norm_eps, scale=D ** -0.5)
+    step = jax.jit(lambda *a: step_gpu.decode_step(*a, interpret=interpret, **norm))
+    step_xla = jax.jit(lambda *a: la_reference.decode_step(*a, **norm))
+    for B in args.batch:
+        qkv = jnp.asarray(rng.standard_normal((B, 3 * H * D)), jnp.bfloat16)
+        weights = tuple(jnp.asarray(1 + 0.1 * rng.standard_normal(D), jnp.bfloat16) for _ in range(2))
+        angles = np.tile(rng.uniform(0, 6.3, (B, r // 2)), 2)
+        rope = (jnp.asarray(np.cos(angles), jnp.bfloat16), jnp.asarray(np.sin(angles), jnp.bfloat16))
+        g = jnp.asarray(-rng.uniform(0.01, 0.9, H), jnp.float32)
+        state = jnp.asarray(rng.standard_normal((B, H, D, D)), jnp.float32)
+        a = (qkv, *weights, *rope, g, state, jnp.ones((B,), bool))
+        o, want = np.asarray(step(*a)[0], np.float64), np.asarray(step_xla(*a)[0], np.float64)
+        row("linear-attention step", B, step, step_xla, a, f"{np.max(np.abs(o - want)) / np.max(np.abs(want)):.1e}")
 
 
 if __name__ == "__main__":

@@ -117,7 +117,7 @@ class StopRule:
 # static key, flattened once per generate() call. A jitted call that takes the NNX module itself
 # walks its graph in Python every time: about 5.5 ms per call for Ring-mini's on a 2-core host,
 # against 3 ms to flatten once and 0.5 ms per call after (nnx.split took 17 ms and hashing its
-# GraphDef 5). On an H200 host it was a 9 ms gap before each 32k prefill's first kernel.
+# GraphDef 5).
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
 def _prefill_chunk(structure, arrays, cache: Cache, ids: jax.Array):
     """ids: [B, C] -> (logits of the last position [B, V] float32, cache advanced by C)."""
