@@ -19,6 +19,7 @@ interpret mode (a smoke run).
 import argparse
 import os
 import sys
+import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -28,7 +29,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.timing import bench_jax, device_ms  # noqa: E402
+from benchmarks.timing import bench_jax, device_ms, traced_gpu_ms  # noqa: E402
 from pallas_kernels.linear_attention import reference as la_reference, step_gpu  # noqa: E402
 from pallas_kernels.router import gpu as router_gpu, reference as router_reference  # noqa: E402
 
@@ -40,8 +41,25 @@ def timed_us(f, *args):
     return (device_ms(f, *args) if on_gpu else bench_jax(f, *args, n=3)) * 1e3
 
 
-def row(name, tokens, kernel, xla, args, agreement):
-    t_kernel, t_xla = timed_us(kernel, *args), timed_us(xla, *args)
+def threaded_us(step, args, n=20):
+    """Microseconds per call of step(*args) -> (o, state), the state (the last argument, donated)
+    fed back in as a decode loop does, so that the kernel updates it in place without a copy."""
+    args = list(args)
+
+    def run(count):
+        for _ in range(count):
+            _, args[-1] = step(*args)
+        jax.block_until_ready(args[-1])
+
+    run(1)
+    if jax.devices()[0].platform == "gpu":
+        return traced_gpu_ms(lambda: run(n), n) * 1e3
+    t = time.perf_counter()
+    run(3)
+    return (time.perf_counter() - t) / 3 * 1e6
+
+
+def row(name, tokens, t_kernel, t_xla, agreement):
     print(f"| {name} | {tokens} | {t_kernel:.1f} | {t_xla:.1f} | {t_xla / t_kernel:.1f}x | {agreement} |", flush=True)
 
 
@@ -68,12 +86,13 @@ def main(argv=None):
         s = jnp.asarray(jax.nn.sigmoid(rng.standard_normal((N, E))), jnp.float32)
         bias = jnp.asarray(rng.standard_normal(E) * 0.01, jnp.float32)
         same = bool(np.array_equal(select(s, bias)[0], select_xla(s, bias)[0]))
-        row("router selection", N, select, select_xla, (s, bias), f"same ids: {same}")
+        row("router selection", N, timed_us(select, s, bias), timed_us(select_xla, s, bias), f"same ids: {same}")
 
     H, D, r = config.num_attention_heads, config.head_dim, config.rotary_dim
-    norm = dict(eps=config.rms_norm_eps, scale=D ** -0.5)
-    step = jax.jit(lambda *a: step_gpu.decode_step(*a, interpret=interpret, **norm))
-    step_xla = jax.jit(lambda *a: la_reference.decode_step(*a, **norm))
+    constants = dict(eps=config.rms_norm_eps, scale=D ** -0.5)
+    # (qkv, q_weight, k_weight, cos, sin, log_decay, valid, state): the state last, to be donated
+    step = jax.jit(lambda *a: step_gpu.decode_step(*a[:6], a[7], a[6], interpret=interpret, **constants))
+    step_xla = jax.jit(lambda *a: la_reference.decode_step(*a[:6], a[7], a[6], **constants))
     for B in args.batch:
         qkv = jnp.asarray(rng.standard_normal((B, 3 * H * D)), jnp.bfloat16)
         weights = tuple(jnp.asarray(1 + 0.1 * rng.standard_normal(D), jnp.bfloat16) for _ in range(2))
@@ -81,10 +100,12 @@ def main(argv=None):
         rope = (jnp.asarray(np.cos(angles), jnp.bfloat16), jnp.asarray(np.sin(angles), jnp.bfloat16))
         g = jnp.asarray(-rng.uniform(0.01, 0.9, H), jnp.float32)
         state = jnp.asarray(rng.standard_normal((B, H, D, D)), jnp.float32)
-        a = (qkv, *weights, *rope, g, state, jnp.ones((B,), bool))
-        o, want = np.asarray(step(*a)[0], np.float64), np.asarray(step_xla(*a)[0], np.float64)
-        row("linear-attention step", B, step, step_xla, a, f"{np.max(np.abs(o - want)) / np.max(np.abs(want)):.1e}")
-
+        a = (qkv, *weights, *rope, g, jnp.ones((B,), bool), state)
+        diffs = [np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))) / np.max(np.abs(np.asarray(y, np.float64)))
+                 for x, y in zip(step(*a), step_xla(*a))]
+        donated = (jax.jit(step, donate_argnums=len(a) - 1), jax.jit(step_xla, donate_argnums=len(a) - 1))
+        times = [threaded_us(f, [jnp.copy(x) for x in a]) for f in donated]
+        row("linear-attention step", B, *times, f"o {diffs[0]:.1e}, state {diffs[1]:.1e}")
 
 if __name__ == "__main__":
     main()

@@ -176,12 +176,12 @@ def main(argv=None):
     # One cache length for every prompt: the prefill step compiles once.
     cache_len = cache_length(max((sum(_steps(T, args.chunk)) for T in args.prefill), default=0) + 1)
     for T in args.prefill:
-        first, second, gpu = run_prefill(model, T, args.chunk, cache_len, gpu_time=True)
+        first, median, gpu = run_prefill(model, T, args.chunk, cache_len, gpu_time=True)
         flops = prefill_flops(config, counts, T)
         ttft = time_to_first_token(model, T, args.chunk, cache_len)
         on_gpu = "- | - |" if gpu is None else f"{gpu:.3f} | {flops / gpu / PEAK_FLOPS:.1%} |"
-        print(f"| {T} | {first:.2f} | {second:.3f} | {T / second:,.0f} | {flops / second / 1e12:.0f} | "
-              f"{flops / second / PEAK_FLOPS:.1%} | {on_gpu} {ttft:.3f} |", flush=True)
+        print(f"| {T} | {first:.2f} | {median:.3f} | {T / median:,.0f} | {flops / median / 1e12:.0f} | "
+              f"{flops / median / PEAK_FLOPS:.1%} | {on_gpu} {ttft:.3f} |", flush=True)
 
     print("\n| decode batch | context | first 8 steps s (compile incl.) | ms/step | tokens/s | roofline tokens/s | % |")
     print("|---|---|---|---|---|---|---|")

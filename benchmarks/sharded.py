@@ -237,15 +237,15 @@ def main(argv=None):
     n_moe = sum(config.is_moe_layer(i) for i in range(config.num_decoder_layers))
 
     if args.prefill:
-        print("\n| prefill tokens | first call s (compile incl.) | s | tokens/s | MFU (of all devices) | MoE comm share |")
+        print("\n| prefill tokens | first call s (compile incl.) | s (median of 3) | tokens/s | MFU (of all devices) | MoE comm share |")
         print("|---|---|---|---|---|---|")
     cache_len = cache_length(max((sum(_steps(T, args.chunk)) for T in args.prefill), default=0) + 1)
     for T in args.prefill:
-        first, second, _ = run_prefill(model, T, args.chunk, cache_len)
+        first, median, _ = run_prefill(model, T, args.chunk, cache_len)
         flops = prefill_flops(config, counts, T)
         comm = n_moe * len(_steps(T, args.chunk)) * model_way_ms(mesh, config, min(T, args.chunk)) * 1e-3  # batch 1
-        print(f"| {T} | {first:.1f} | {second:.3f} | {T / second:,.0f} | "
-              f"{flops / second / (PEAK_FLOPS * mesh.size):.1%} | {comm / second:.0%} |", flush=True)
+        print(f"| {T} | {first:.1f} | {median:.3f} | {T / median:,.0f} | "
+              f"{flops / median / (PEAK_FLOPS * mesh.size):.1%} | {comm / median:.0%} |", flush=True)
 
     if args.decode_batch:
         print("\n| decode batch | context | first 8 steps s (compile incl.) | ms/step | tokens/s | "

@@ -58,8 +58,8 @@ def test_kernel_and_reference_match_float64(B, H, D, rotary_dim, dtype):
     for o, state in (ref, kernel):
         assert o.shape == (B, H, D) and o.dtype == dtype and state.dtype == jnp.float32
         assert rel_err(o, want_o) <= tol and rel_err(state, want_state) <= tol
-    assert rel_err(kernel[0], ref[0]) <= (1e-6 if dtype == jnp.float32 else 1e-2)
-    assert rel_err(kernel[1], ref[1]) <= (1e-6 if dtype == jnp.float32 else 1e-2)
+    assert rel_err(kernel[0], ref[0]) <= (1e-6 if dtype == jnp.float32 else 4e-3)
+    assert rel_err(kernel[1], ref[1]) <= (1e-6 if dtype == jnp.float32 else 4e-3)
     np.testing.assert_array_equal(np.asarray(kernel[1][1]), np.asarray(ref[1][1]))      # padding: decayed only
 
 
@@ -70,21 +70,26 @@ def test_errors_and_backend_choice(monkeypatch):
         api.linear_attention_decode(qkv[:, :-128], *rest, eps=1e-6)
     with pytest.raises(ValueError, match="rotary_dim"):
         api.linear_attention_decode(qkv, rest[0], rest[1], rest[2][:, :48], rest[3], *rest[4:], eps=1e-6)
-    with pytest.raises(NotImplementedError, match="power-of-two rotary halves"):
+    with pytest.raises(NotImplementedError, match="rotary_dim / 2"):
         api.linear_attention_decode(qkv, rest[0], rest[1], rest[2][:, :48], rest[3][:, :48], *rest[4:], eps=1e-6,
                                     interpret=True)
-    assert api.linear_attention_decode_backend(qkv, rest[5], 64) == "reference"             # not on Hopper
+    with pytest.raises(ValueError, match="must have qkv's dtype"):
+        api.linear_attention_decode(qkv, rest[0].astype(jnp.float32), *rest[1:], eps=1e-6)
+    monkeypatch.setattr(api, "platform", lambda: "cpu")
+    assert api.linear_attention_decode_backend(qkv, rest[5], 64) == "reference"
     monkeypatch.setattr(api, "platform", lambda: "hopper")
     assert api.linear_attention_decode_backend(qkv, rest[5], 64) == "gpu"
     assert api.linear_attention_decode_backend(qkv, rest[5], 48) == "reference"
     assert not step_gpu.fits(qkv.astype(jnp.float16), rest[5], 64)
+    assert not step_gpu.fits(qkv, rest[5].astype(jnp.bfloat16), 64)
+    assert not step_gpu.fits(jnp.zeros((1, 6 * 96), jnp.bfloat16), jnp.zeros((1, 2, 96, 96)), 64)   # D = 96
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_layer_takes_the_kernel_with_its_own_numerics(monkeypatch, dtype):
-    """The layer's decode token through the kernel (interpret mode, as if on a Hopper GPU) against
-    the same layer's jnp path: same output and state, to float32 sum order (bf16: a few roundings
-    may flip); a left-padding row keeps its state decayed only."""
+def test_layer_takes_the_kernel_with_its_own_numerics(monkeypatch):
+    """A bf16 layer's decode token through the kernel (interpret mode, as if on a Hopper GPU)
+    against the same layer's jnp path: the same roundings, so the same output and state up to the
+    float32 sum order; a left-padding row keeps its state decayed only."""
+    dtype = jnp.bfloat16
     config = load_config_dict("tiny.json")
     config.update(head_dim=64, partial_rotary_factor=0.5)
     config = RingConfig.from_hf(config)
@@ -96,6 +101,7 @@ def test_layer_takes_the_kernel_with_its_own_numerics(monkeypatch, dtype):
     cos, sin = (f(jnp.concatenate([angles, angles], -1)).astype(dtype) for f in (jnp.cos, jnp.sin))
     state = jnp.asarray(rng.standard_normal((B, H, D, D)), jnp.float32)
     valid = jnp.asarray([[True], [False], [True]])
+    monkeypatch.setattr(api, "platform", lambda: "cpu")                   # the layer's jnp path
     want = layer(x, cos, sin, state, valid)
 
     calls = []
@@ -104,8 +110,7 @@ def test_layer_takes_the_kernel_with_its_own_numerics(monkeypatch, dtype):
                         calls.append(a[0].shape) or _f(*a, **{**k, "interpret": True}))
     got = layer(x, cos, sin, state, valid)
     assert calls == [(B, 3 * H * D)]
-    tol = 1e-6 if dtype == jnp.float32 else 1e-2
-    assert rel_err(got[0], want[0]) <= tol and rel_err(got[1], want[1]) <= tol
+    assert rel_err(got[0], want[0]) <= 4e-3 and rel_err(got[1], want[1]) <= 4e-3      # a flipped rounding: one step
     np.testing.assert_array_equal(np.asarray(got[1][1]), np.asarray(want[1][1]))
     calls.clear()
     layer(jnp.concatenate([x, x], axis=1), jnp.concatenate([cos, cos], 1), jnp.concatenate([sin, sin], 1), state)

@@ -1,7 +1,8 @@
 """Entry points of the linear-attention kernels; `backend` picks the implementation.
 
 `linear_attention` (a sequence) and `linear_attention_step` (a few tokens after a state) take q,
-k and v; `linear_attention_decode` takes one token per sequence from the layer's fused projection.
+k and v; `linear_attention_decode` takes one token per sequence from the layer's fused projection
+(its backends: "reference" and "gpu", the Pallas Triton kernel in `step_gpu.py`).
 
 "auto": on TPU the Mosaic TPU kernels (any T, masks, bf16 or f32); on Hopper or newer GPUs the
 Mosaic GPU prefill kernel when the inputs are what it handles (bf16, D % 64 == 0, Dv % 128 == 0, no
@@ -78,7 +79,8 @@ def linear_attention_step(q, k, v, log_decay, state, *, scale=None, backend="aut
 
         return tpu.linear_attention_step(q, k, v, log_decay, state, scale=scale, interpret=interpret)
     if backend == "gpu":
-        raise NotImplementedError("no GPU decode kernel: the jnp step ('reference') is what runs on GPU")
+        raise NotImplementedError("no GPU kernel takes q, k and v for a few tokens: the jnp step ('reference') "
+                                  "runs there; a decode token from the fused projection has linear_attention_decode")
     return reference.linear_attention_step(q, k, v, log_decay, state, scale=scale)
 
 
@@ -98,9 +100,11 @@ def linear_attention_decode(qkv, q_weight, k_weight, cos, sin, log_decay, state,
                             scale=None, backend="auto", interpret=False):
     """One token per sequence of the Lightning layer, from its fused projection to the attention
     output and the new state: see `reference.decode_step` for shapes and math (valid None: all).
-    The GPU kernel does in one launch what XLA runs as four fusions.
+    The GPU kernel does in one launch what XLA runs as four fusions. "auto" takes it on Hopper GPUs
+    when it takes the operands (`step_gpu.fits`), the jnp reference elsewhere (on a TPU too: the
+    layer calls this only where the kernel runs, and takes `linear_attention_step` otherwise).
 
-    interpret: run the GPU kernel in Pallas interpret mode (CPU tests).
+    interpret: run the GPU kernel in Pallas interpret mode, whatever `backend` says (CPU tests).
     """
     B, H, D, Dv = state.shape
     if qkv.shape != (B, 3 * H * D) or D != Dv:
@@ -108,6 +112,9 @@ def linear_attention_decode(qkv, q_weight, k_weight, cos, sin, log_decay, state,
                          f"state {state.shape} ([B, 3 H D] with Dv == D)")
     if cos.shape != sin.shape or cos.shape[0] != B or cos.shape[-1] > D:
         raise ValueError(f"linear_attention_decode: cos {cos.shape} and sin {sin.shape} must be [{B}, rotary_dim <= {D}]")
+    if any(t.dtype != qkv.dtype for t in (q_weight, k_weight, cos, sin)):
+        raise ValueError(f"linear_attention_decode: the norm weights, cos and sin must have qkv's dtype {qkv.dtype}, got "
+                         f"{[str(t.dtype) for t in (q_weight, k_weight, cos, sin)]}")
     valid = jnp.ones((B,), bool) if valid is None else valid
     scale = D ** -0.5 if scale is None else scale
     if interpret or linear_attention_decode_backend(qkv, state, cos.shape[-1], backend) == "gpu":
@@ -115,9 +122,9 @@ def linear_attention_decode(qkv, q_weight, k_weight, cos, sin, log_decay, state,
 
         if not step_gpu.fits(qkv, state, cos.shape[-1]):
             raise NotImplementedError(
-                f"the gpu kernel takes bf16 or float32 qkv with D % {step_gpu.BLOCK_V} == 0 and "
-                f"power-of-two rotary halves (got {qkv.dtype}, D={D}, rotary_dim={cos.shape[-1]}); "
-                "use backend='reference'")
+                f"the gpu kernel takes bf16 or float32 qkv, a float32 state, D a power of two >= {step_gpu.BLOCK_V}, "
+                f"and rotary_dim / 2 and D - rotary_dim powers of two (or D - rotary_dim = 0); got {qkv.dtype}, "
+                f"state {state.dtype}, D={D}, rotary_dim={cos.shape[-1]}; use backend='reference'")
         return step_gpu.decode_step(qkv, q_weight, k_weight, cos, sin, log_decay, state, valid, eps=eps,
                                     scale=scale, interpret=interpret)
     return reference.decode_step(qkv, q_weight, k_weight, cos, sin, log_decay, state, valid, eps=eps, scale=scale)

@@ -37,12 +37,14 @@ def _spans(D: int, rotary_dim: int) -> tuple[tuple[int, int], ...]:
 
 
 def fits(qkv, state, rotary_dim: int) -> bool:
-    """Whether the kernel takes these operands: bf16 or float32 qkv, Dv a multiple of BLOCK_V, and
-    the spans of D power-of-two sizes."""
+    """Whether the kernel takes these operands (Triton blocks have power-of-two sizes): bf16 or
+    float32 qkv, a float32 state [B, H, D, D] with D a power of two of at least BLOCK_V, and
+    rotary_dim / 2 and D - rotary_dim (unless 0) powers of two."""
     D, Dv = state.shape[2:]
     spans_ok = rotary_dim % 2 == 0 and 0 < rotary_dim <= D and all(_pow2(n) for _, n in _spans(D, rotary_dim))
     return (jnp.dtype(qkv.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
-            and D == Dv and Dv % BLOCK_V == 0 and spans_ok)
+            and jnp.dtype(state.dtype) == jnp.dtype(jnp.float32) and D == Dv and _pow2(D) and D >= BLOCK_V
+            and spans_ok)
 
 
 def _kernel(q_ref, k_ref, v_ref, qw_ref, kw_ref, cos_ref, sin_ref, decay_ref, valid_ref, s_ref,

@@ -97,7 +97,7 @@ class LinearAttention(nnx.Module):
         qkv = self.query_key_value(x)
         if self.linear_silu:                      # SGLang's placement: on the fused projection
             qkv = rounded(jax.nn.silu, qkv)
-        if self._one_kernel(T, qkv, cos, initial_state):
+        if self._takes_decode_kernel(T, qkv, cos, initial_state):
             cos, sin = (jnp.broadcast_to(t, (B, T, t.shape[-1]))[:, 0] for t in (cos, sin))
             o, state = pallas_kernels.linear_attention_decode(
                 qkv[:, 0], self.query_layernorm.weight[...], self.key_layernorm.weight[...], cos, sin, g,
@@ -113,7 +113,7 @@ class LinearAttention(nnx.Module):
         o = o * rounded(jax.nn.sigmoid, self.g_proj(x))
         return self.dense(o), state
 
-    def _one_kernel(self, T, qkv, cos, state) -> bool:
+    def _takes_decode_kernel(self, T, qkv, cos, state) -> bool:
         """Whether a decode token (T == 1 after a state, one device) takes the GPU kernel that
         runs the norms, the rotation and the recurrence in one launch
         (`pallas_kernels.linear_attention_decode`)."""
