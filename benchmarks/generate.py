@@ -6,7 +6,7 @@
 The model is `RingModel` with random bf16 weights (the same modules and code path as a loaded
 checkpoint); prefill and decode go through `ring_jax.generate`'s own jitted steps. A prefill figure
 is the median of three runs after the first (which compiles: its excess is the compile time; the
-second run can still be slower by a few percent while the allocator grows), a decode figure the
+second run was up to 6% slower than later ones at 32k, cause not established), a decode figure the
 run after the compiling one; each sits beside its roofline:
 - prefill: FLOPs = 2 x (active non-embedding parameters + head) per token + causal softmax
   attention; MFU against 989 TFLOP/s (H100 SXM dense bf16), of the wall time of generate()'s
