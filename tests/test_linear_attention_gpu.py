@@ -41,13 +41,14 @@ def test_auto_picks_the_gpu_kernel_and_falls_back():
     assert rel_err(o_masked, o_gpu) <= 1e-2
 
 
-@pytest.mark.parametrize("B", [1, 5])
-def test_decode_kernel_matches_reference_and_float64(B):
-    """The one-token decode kernel at Ring-mini's head shape (16 heads of 128, rotary 64, bf16)."""
+@pytest.mark.parametrize("B, rotary_dim", [(1, 64), (5, 64), (2, 128)])
+def test_decode_kernel_matches_reference_and_float64(B, rotary_dim):
+    """The one-token decode kernel at Ring-mini's head shape (16 heads of 128, rotary 64, bf16),
+    and with the rotation over the whole head."""
     from test_linear_attention_decode import decode64, operands
 
-    args = operands(B, 16, 128, 64, jnp.bfloat16, seed=B)
-    assert api.linear_attention_decode_backend(args[0], args[6], 64) == "gpu"
+    args = operands(B, 16, 128, rotary_dim, jnp.bfloat16, seed=B)
+    assert api.linear_attention_decode_backend(args[0], args[6], rotary_dim) == "gpu"
     o, state = api.linear_attention_decode(*args, eps=1e-6)
     ro, rs = api.linear_attention_decode(*args, eps=1e-6, backend="reference")
     want_o, want_state = decode64(*args, eps=1e-6)
