@@ -1,10 +1,13 @@
 """One decode token of the Lightning layer on CUDA GPUs: a Pallas kernel through the Triton lowering.
 
 From the layer's fused projection to the attention output and the new state in one launch, where
-XLA runs four fusions (about 8 us of a Ring-mini layer's 68 on an H200): per head h, q and k are
-RMS-normalised over D, weighted and rotated (partial NeoX RoPE), then
+XLA runs four fusions (about 8 us of a Ring-mini layer's 68 on an H200; this kernel takes 4.8):
+per head h, q and k are RMS-normalised over D, weighted and rotated (partial NeoX RoPE), then
 
-    o = scale (exp(g_h) q S + (q . k) v),      S' = exp(g_h) S + k^T v.
+    o = scale (exp(g_h) q S + (q . k) v) = scale q S',      S' = exp(g_h) S + k^T v.
+
+Block sizes of 16-64 columns and 2-8 warps time the same: the kernel is bound by its chain of
+dependent loads and reductions, not by its state bytes.
 
 Grid (B, H, Dv / BLOCK_V). Every program recomputes its head's q and k (D values each, from L2)
 and owns a [D, BLOCK_V] column block of the state, which it reads once and writes once, in place.
