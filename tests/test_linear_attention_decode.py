@@ -1,7 +1,6 @@
 """The Lightning layer's one-token decode kernel (`pallas_kernels.linear_attention_decode`) in
 Pallas interpret mode and its jnp reference, against float64 and against the layer's own path."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
