@@ -36,7 +36,7 @@ from ring_jax import RingConfig, RingModel
 from ring_jax.cache import Cache, KVCache, cache_bytes, cache_length, init_cache
 from ring_jax.generate import (DecodeState, Sampling, StopRule, _decode, _on, _placer, _start, _steps,
                                default_prefill_chunk, stream)
-from ring_jax.sharding import model_mesh
+from ring_jax.sharding import first_array, model_mesh
 
 PEAK_FLOPS = 989e12
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -125,7 +125,7 @@ def run_decode(model, B, context, steps):
     keys = iter(jax.random.split(jax.random.key(B), 2 * len(cache.layers)))
     layers = tuple(KVCache(noise(c.keys, next(keys)), noise(c.values, next(keys))) if isinstance(c, KVCache)
                    else noise(c, next(keys), 0.01) for c in cache.layers)
-    place = _placer(model)
+    place = _placer(first_array(model).sharding)
     cache = Cache(layers, place(np.asarray(cache.start), ("batch",)), place(np.int32(context), ()))
     logits = np.random.default_rng(0).standard_normal((B, config.vocab_size), np.float32)
     state = DecodeState(cache, place(logits, ("batch", "vocab")), place(np.zeros((B, 8 + steps), np.int32), ("batch", None)),

@@ -3,8 +3,9 @@
 from pallas_kernels.linear_attention import (linear_attention, linear_attention_decode, linear_attention_decode_backend,
                                              linear_attention_step)
 from pallas_kernels.matvec import matvec, matvec_backend
-from pallas_kernels.moe import gmm, gmm_backend, gmm_swiglu
+from pallas_kernels.moe import gmm, gmm_backend, gmm_swiglu, take_rows
 from pallas_kernels.router import select_experts
 
 __all__ = ["gmm", "gmm_backend", "gmm_swiglu", "linear_attention", "linear_attention_decode",
-           "linear_attention_decode_backend", "linear_attention_step", "matvec", "matvec_backend", "select_experts"]
+           "linear_attention_decode_backend", "linear_attention_step", "matvec", "matvec_backend", "select_experts",
+           "take_rows"]

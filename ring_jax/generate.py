@@ -29,7 +29,7 @@ from jax.sharding import NamedSharding
 
 from ring_jax.cache import Cache, cache_length, init_cache
 from ring_jax.layers.attention import FLASH_MIN_TOKENS, use_flash
-from ring_jax.sharding import first_array, model_mesh, put, spec
+from ring_jax.sharding import put, sharding_mesh, spec
 
 
 def default_prefill_chunk(model) -> int:
@@ -194,14 +194,14 @@ def _on(mesh):
     return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
 
 
-def _placer(model):
-    """place(host array, logical axes) -> a device array beside the model's parameters: split over
-    its mesh by the axes, or on its one device. (Committed, as the steps' outputs are, so that a
-    second call of a step finds the first one's compilation.)"""
-    mesh = model_mesh(model)
+def _placer(placed: jax.sharding.Sharding):
+    """place(host array, logical axes) -> a device array beside the model's parameters, which are
+    `placed` (a parameter's sharding): split over their mesh by the axes, or on their one device.
+    (Committed, as the steps' outputs are, so that a second call of a step finds the first one's
+    compilation.)"""
+    mesh = sharding_mesh(placed)
     if mesh is None:
-        device = first_array(model).sharding
-        return lambda x, axes: jax.device_put(np.asarray(x), device)
+        return lambda x, axes: jax.device_put(np.asarray(x), placed)
     return lambda x, axes: put(x, NamedSharding(mesh, spec(axes, np.shape(x), mesh)))
 
 
@@ -238,7 +238,10 @@ def _start(model, input_ids, *, attention_mask, max_new_tokens, temperature, top
     prefill_chunk = default_prefill_chunk(model) if prefill_chunk is None else prefill_chunk
     if prefill_chunk < 16 or prefill_chunk & (prefill_chunk - 1):
         raise ValueError(f"prefill_chunk={prefill_chunk} must be a power of two >= 16")
-    n_prompts, mesh = len(prompts), model_mesh(model)
+    # Flattened once (the steps take the arrays); a parameter's sharding says where the rest goes.
+    arrays, structure = jax.tree.flatten(model)
+    placed = arrays[0].sharding
+    n_prompts, mesh = len(prompts), sharding_mesh(placed)
     data = 1 if mesh is None else mesh.shape.get("data", 1)
     prompts += [prompts[-1]] * (-n_prompts % data)        # filler rows, done from the start
     B = len(prompts)
@@ -253,10 +256,9 @@ def _start(model, input_ids, *, attention_mask, max_new_tokens, temperature, top
         raise ValueError(f"cache_len={cache_len} is below the {needed} slots this call needs "
                          f"(prompt bucket {padded} + max_new_tokens {max_new_tokens}, rounded)")
     cache = init_cache(config, B, cache_len or needed, start, model.dtype, mesh,
-                       device=first_array(model).sharding if mesh is None else None)
+                       device=placed if mesh is None else None)
 
-    place = _placer(model)
-    arrays, structure = jax.tree.flatten(model)
+    place = _placer(placed)
     with _on(mesh):
         for c, n in zip(np.cumsum([0] + steps[:-1]), steps):
             logits, cache = _prefill_chunk(structure, arrays, cache, place(ids[:, c:c + n], ("batch", None)))

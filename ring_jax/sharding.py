@@ -151,7 +151,11 @@ def model_mesh(model: nnx.Module) -> jax.sharding.Mesh | None:
     """The mesh a model's parameters were placed on, of any size (None: placed on one device
     without a mesh). A model on a mesh runs its steps under it, so that the steps' inputs and
     outputs keep one kind of sharding and a second call finds the first one's compilation."""
-    sharding = getattr(first_array(model), "sharding", None)
+    return sharding_mesh(getattr(first_array(model), "sharding", None))
+
+
+def sharding_mesh(sharding) -> jax.sharding.Mesh | None:
+    """The mesh of a NamedSharding; None for any other placement."""
     return sharding.mesh if isinstance(sharding, NamedSharding) else None
 
 

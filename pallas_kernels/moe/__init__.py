@@ -1,3 +1,3 @@
-from pallas_kernels.moe.api import gmm, gmm_backend, gmm_swiglu
+from pallas_kernels.moe.api import gmm, gmm_backend, gmm_swiglu, take_rows
 
-__all__ = ["gmm", "gmm_backend", "gmm_swiglu"]
+__all__ = ["gmm", "gmm_backend", "gmm_swiglu", "take_rows"]

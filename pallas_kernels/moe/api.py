@@ -3,6 +3,9 @@
 "auto": on TPU the Mosaic TPU kernel; on Hopper or newer GPUs the Mosaic GPU kernel when it takes
 the operands (bf16, K % 64 == 0, N % 256 == 0); the jnp reference otherwise. "reference", "gpu" and
 "tpu" force one (operands a kernel does not take are then an error).
+
+`take_rows`, the dispatch's row gather before the grouped matmuls, has a Pallas Triton kernel on
+Hopper GPUs and is XLA's gather elsewhere.
 """
 
 import jax.numpy as jnp
@@ -68,3 +71,24 @@ def gmm_swiglu(lhs, rhs, group_sizes, *, backend="auto", interpret=False):
 
 def _gpu_tile_m(lhs, rhs) -> int:
     return 64 if lhs.shape[0] <= GPU_SMALL_TILE_ROWS * rhs.shape[0] else 128
+
+
+def take_rows(x, idx, *, backend="auto", interpret=False):
+    """x [R, H], idx [N] integer in [0, R) -> [N, H]: out[n] = x[idx[n]] (the dispatch's rows in
+    expert order). Indices outside [0, R) are undefined (XLA clamps them; the kernel reads past x).
+
+    "auto": on Hopper GPUs the Pallas Triton kernel when it takes the operands (`rows_gpu.fits`),
+    XLA's gather otherwise; "gpu" forces the kernel. interpret: the kernel in interpret mode (CPU).
+    """
+    if backend not in ("auto", "reference", "gpu"):
+        raise ValueError(f"backend={backend!r}: choose 'auto', 'reference' or 'gpu'")
+    from pallas_kernels.moe import rows_gpu
+
+    forced = interpret or backend == "gpu"
+    if forced or (backend == "auto" and platform() == "hopper" and rows_gpu.fits(x, idx)):
+        if not rows_gpu.fits(x, idx):
+            raise NotImplementedError(f"the gpu kernel takes x [R, H] with H % {rows_gpu.MIN_BLOCK_H} == 0 and idx [N] "
+                                      f"with N % {rows_gpu.ROWS} == 0 (got {x.shape} and {idx.shape}); use "
+                                      "backend='reference'")
+        return rows_gpu.take_rows(x, idx, interpret=interpret)
+    return reference.take_rows(x, idx)

@@ -26,3 +26,8 @@ def swiglu(gate_up):
 def gmm_swiglu(lhs, rhs, group_sizes):
     """`swiglu(gmm(lhs, rhs, group_sizes))`: [M, N / 2] in lhs.dtype."""
     return swiglu(gmm(lhs, rhs, group_sizes))
+
+
+def take_rows(x, idx):
+    """x [R, H], idx [N] -> [N, H]: out[n] = x[idx[n]]."""
+    return x[idx]

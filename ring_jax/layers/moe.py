@@ -136,7 +136,7 @@ def _grouped(tokens, ids, gate_up, down):
     E = gate_up.shape[0]
     order, rank, group_sizes = sort_by_expert(ids.reshape(-1), E + 1)
     group_sizes = group_sizes[:E]                           # rows past their sum come back as zeros
-    rows = tokens[order // k]                                                    # sorted by expert
+    rows = pallas_kernels.take_rows(tokens, order // k)                          # sorted by expert
     out = pallas_kernels.gmm_swiglu(rows, gate_up, group_sizes)
     out = pallas_kernels.gmm(out, down, group_sizes)
     return out[rank].reshape(N, k, -1)
