@@ -1,6 +1,6 @@
 """MoE expert products on one GPU: grouped matmul peers and our paths, measured in one process.
 
-    python benchmarks/moe.py [--quick]
+    python benchmarks/moe.py [--quick] [--only gmm swiglu gather decode layer]
 
 Table 1, grouped matmul [M, K] x [G, K, N] with G = 256 groups, equal or Zipf-skewed sizes, at the
 Ring-mini and Ring-flash expert shapes: a dense matmul of the same FLOPs (the ceiling), XLA's
@@ -12,9 +12,12 @@ Table 2, the decode-sized expert step of one MoE layer (tokens x top-8 pairs, ga
 two ways: sorted by expert through `pallas_kernels.gmm`, and each pair reading its expert by id
 through `pallas_kernels.matvec` (what a decode step of up to 64 pairs runs on one GPU), against the
 bytes of the chosen experts' weights; times are the GPU kernels' own (`timing.device_ms`, from a
-trace). Table 3, a whole Ring-mini MoE layer (router, dispatch, experts, combine, shared expert) in
+trace). The dispatch's row gather at prefill sizes (tokens x top-8 rows of the hidden size in
+expert order): XLA's gather against `pallas_kernels.take_rows` (the kernel on Hopper), in bytes
+read and written per second (the tokens' rows are read top-8 times, partly from L2, so this can
+pass the copy bandwidth). Table 3, a whole Ring-mini MoE layer (router, dispatch, experts, combine, shared expert) in
 tokens per second.
-Times in milliseconds. Tables 1 and 2 and the SwiGLU table: the GPU kernels' own time per call, summed over a trace of 20
+Times in milliseconds. Tables 1 and 2, the SwiGLU and the gather tables: the GPU kernels' own time per call, summed over a trace of 20
 calls after warm-up (no per-call host round trip, which is 0.1-0.2 ms on the shared GPU host and
 would blur every row under a millisecond). Table 3: median wall-clock time of 20 jitted calls.
 """
@@ -105,6 +108,22 @@ def swiglu_table(Ms):
                       flush=True)
 
 
+def gather_table():
+    print("\n| hidden | tokens x top-8 rows | bytes read + written | XLA gather ms | TB/s | take_rows ms | TB/s | same bits |")
+    print("|---|---|---|---|---|---|---|---|")
+    xla = jax.jit(lambda x, i: x[i])
+    kernel = jax.jit(pallas_kernels.take_rows)
+    for hidden in (2048, 4096):
+        for tokens in (4096, 32768):
+            x = jax.random.normal(jax.random.PRNGKey(tokens), (tokens, hidden), jnp.float32).astype(jnp.bfloat16)
+            idx = jnp.asarray(np.random.default_rng(tokens).permutation(tokens * 8) // 8, jnp.int32)
+            nbytes = 2 * idx.shape[0] * hidden * 2
+            same = bool(jnp.all(xla(x, idx) == kernel(x, idx)))
+            a, b = (device_ms(f, x, idx) or bench_jax(f, x, idx) for f in (xla, kernel))
+            print(f"| {hidden} | {idx.shape[0]} | {nbytes / 1e9:.2f} GB | {a:.3f} | {nbytes / a / 1e9:.2f} | {b:.3f} | "
+                  f"{nbytes / b / 1e9:.2f} | {same} |", flush=True)
+
+
 def decode_table(hbm):
     from flax import nnx
 
@@ -158,13 +177,21 @@ def layer_table():
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="M in {4096, 131072} only")
+    tables = ("gmm", "swiglu", "gather", "decode", "layer")
+    p.add_argument("--only", nargs="+", choices=tables, default=tables, help="the tables to run (default: all)")
     args = p.parse_args()
     hbm = copy_bandwidth()
     print(f"# {jax.devices()[0].device_kind} | jax {jax.__version__} | copy bandwidth {hbm / 1e12:.2f} TB/s")
-    gmm_table([4096, 131072] if args.quick else [8, 64, 512, 4096, 16384, 131072], hbm)
-    swiglu_table([32768, 131072])
-    decode_table(hbm)
-    layer_table()
+    if "gmm" in args.only:
+        gmm_table([4096, 131072] if args.quick else [8, 64, 512, 4096, 16384, 131072], hbm)
+    if "swiglu" in args.only:
+        swiglu_table([32768, 131072])
+    if "gather" in args.only:
+        gather_table()
+    if "decode" in args.only:
+        decode_table(hbm)
+    if "layer" in args.only:
+        layer_table()
 
 
 if __name__ == "__main__":

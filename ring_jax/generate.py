@@ -238,7 +238,8 @@ def _start(model, input_ids, *, attention_mask, max_new_tokens, temperature, top
     prefill_chunk = default_prefill_chunk(model) if prefill_chunk is None else prefill_chunk
     if prefill_chunk < 16 or prefill_chunk & (prefill_chunk - 1):
         raise ValueError(f"prefill_chunk={prefill_chunk} must be a power of two >= 16")
-    # Flattened once (the steps take the arrays); a parameter's sharding says where the rest goes.
+    # Flattened once (the steps take the arrays). All parameters are placed alike (on one device or
+    # over one mesh), so the first leaf's sharding says where the inputs and the cache go.
     arrays, structure = jax.tree.flatten(model)
     placed = arrays[0].sharding
     n_prompts, mesh = len(prompts), sharding_mesh(placed)

@@ -34,9 +34,12 @@ def test_take_rows_kernel_copies_the_indexed_rows(dtype, R, H, N):
 def test_take_rows_kernel_names_shapes_it_does_not_take():
     import pallas_kernels
 
-    with pytest.raises(NotImplementedError, match="N % 8"):
+    with pytest.raises(NotImplementedError, match="positive multiple of 8"):
         pallas_kernels.take_rows(jnp.ones((4, 64)), jnp.zeros((5,), jnp.int32), backend="gpu")
     with pytest.raises(NotImplementedError, match="H % 32"):
         pallas_kernels.take_rows(jnp.ones((4, 40)), jnp.zeros((8,), jnp.int32), backend="gpu")
     np.testing.assert_array_equal(pallas_kernels.take_rows(jnp.arange(8.0).reshape(4, 2), jnp.asarray([3, 0])),
                                   [[6, 7], [0, 1]])
+    x = jnp.arange(8.0).reshape(4, 2)                    # forced to the reference even with interpret
+    np.testing.assert_array_equal(pallas_kernels.take_rows(x, jnp.asarray([1]), backend="reference", interpret=True),
+                                  [[2, 3]])

@@ -75,7 +75,8 @@ def _gpu_tile_m(lhs, rhs) -> int:
 
 def take_rows(x, idx, *, backend="auto", interpret=False):
     """x [R, H], idx [N] integer in [0, R) -> [N, H]: out[n] = x[idx[n]] (the dispatch's rows in
-    expert order). Indices outside [0, R) are undefined (XLA clamps them; the kernel reads past x).
+    expert order). Indices outside [0, R) are undefined (the reference follows jnp indexing; the
+    kernel reads outside x).
 
     "auto": on Hopper GPUs the Pallas Triton kernel when it takes the operands (`rows_gpu.fits`),
     XLA's gather otherwise; "gpu" forces the kernel. interpret: the kernel in interpret mode (CPU).
@@ -84,11 +85,11 @@ def take_rows(x, idx, *, backend="auto", interpret=False):
         raise ValueError(f"backend={backend!r}: choose 'auto', 'reference' or 'gpu'")
     from pallas_kernels.moe import rows_gpu
 
-    forced = interpret or backend == "gpu"
+    forced = backend == "gpu" or (interpret and backend == "auto")
     if forced or (backend == "auto" and platform() == "hopper" and rows_gpu.fits(x, idx)):
         if not rows_gpu.fits(x, idx):
-            raise NotImplementedError(f"the gpu kernel takes x [R, H] with H % {rows_gpu.MIN_BLOCK_H} == 0 and idx [N] "
-                                      f"with N % {rows_gpu.ROWS} == 0 (got {x.shape} and {idx.shape}); use "
-                                      "backend='reference'")
+            raise NotImplementedError(f"the gpu kernel takes a 2-D x [R > 0, H] with H % {rows_gpu.MIN_BLOCK_H} == 0 "
+                                      f"and an integer idx [N] with N a positive multiple of {rows_gpu.ROWS} (got "
+                                      f"{x.shape} and {idx.dtype} {idx.shape}); use backend='reference'")
         return rows_gpu.take_rows(x, idx, interpret=interpret)
     return reference.take_rows(x, idx)
