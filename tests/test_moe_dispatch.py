@@ -43,3 +43,28 @@ def test_take_rows_kernel_names_shapes_it_does_not_take():
     x = jnp.arange(8.0).reshape(4, 2)                    # forced to the reference even with interpret
     np.testing.assert_array_equal(pallas_kernels.take_rows(x, jnp.asarray([1]), backend="reference", interpret=True),
                                   [[2, 3]])
+
+
+def test_prefill_dispatch_takes_the_row_kernel(monkeypatch):
+    """A prefill-sized MoE layer, "auto" answering as on a Hopper GPU: the sorted dispatch gathers
+    its rows through the row kernel (interpret mode; the grouped matmuls stay the jnp reference),
+    and the layer's output is the same bits as with XLA's gather."""
+    from flax import nnx
+
+    from conftest import load_config_dict
+    from pallas_kernels.moe import api, reference, rows_gpu
+    from ring_jax.config import RingConfig
+
+    config = RingConfig.from_hf(load_config_dict("tiny.json"), hidden_size=256, moe_intermediate_size=128)
+    layer = moe.MoE(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    x = jnp.asarray(np.random.default_rng(5).standard_normal((1, 40, 256)), jnp.bfloat16)
+    want = layer(x)
+    calls = []
+    kernel = rows_gpu.take_rows
+    monkeypatch.setattr(api, "platform", lambda: "hopper")
+    monkeypatch.setattr(rows_gpu, "take_rows", lambda *a, **k: calls.append(a[1].shape) or kernel(*a, interpret=True))
+    monkeypatch.setattr(moe.pallas_kernels, "gmm", lambda *a, **k: reference.gmm(*a, **k))
+    monkeypatch.setattr(moe.pallas_kernels, "gmm_swiglu", lambda *a, **k: reference.gmm_swiglu(*a, **k))
+    got = layer(x)
+    assert calls == [(40 * config.num_experts_per_tok,)]
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

@@ -19,11 +19,11 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+# Measured at 262144 rows x 2048 (H200): 1-16 rows per program, 512-2048 columns and 2-8 warps
+# gave 454-504 us; these were the fastest.
 ROWS = 8
 BLOCK_H = 512
 NUM_WARPS = 4
-
-
 MIN_BLOCK_H = 32
 
 
