@@ -69,8 +69,10 @@ SLOW_MODULES = ("test_sharding.py", "test_linear_attention_tpu.py", "test_genera
 
 
 def pytest_configure(config):
-    if hasattr(config.option, "loadscopereorder"):      # xdist: hand out modules in collection order
-        config.option.loadscopereorder = False           # (not the most tests first)
+    # xdist: hand out modules in collection order, not the most tests first (this overrides
+    # --loadscope-reorder).
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
 
 
 def pytest_collection_modifyitems(config, items):
