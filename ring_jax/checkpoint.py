@@ -110,8 +110,12 @@ def _merge(into: dict, tree: dict) -> None:
 
 
 class ParamWriter:
-    """Writes parameters into `<folder>/params` one at a time (Orbax partial saves), so that what
-    is held at once is one parameter and Orbax's copy of it while it writes."""
+    """Writes parameters into `<folder>/params` by Orbax partial saves, so that what is held at once
+    is at most one large parameter, or small ones up to FLUSH_BYTES, and Orbax's copy of them while
+    it writes. (Each partial save also reads the metadata of everything saved before, so a save per
+    small parameter would make writing a model quadratic in its number of parameters.)"""
+
+    FLUSH_BYTES = 64 * 2**20
 
     def __init__(self, folder: str):
         from orbax.checkpoint.experimental import v1 as ocp_v1
@@ -119,14 +123,25 @@ class ParamWriter:
         self._partial = ocp_v1.partial
         self._folder = folder
         self._orbax_dir = os.path.join(folder, "orbax_partial")  # no leading dot: Orbax skips those
+        self._pending: dict = {}
+        self._pending_bytes = 0
         self.manifest: dict[str, list] = {}
 
     def add(self, key: str, array: np.ndarray) -> None:
-        self._partial.save(self._orbax_dir, _nested(key, array))
+        _merge(self._pending, _nested(key, array))
+        self._pending_bytes += array.nbytes
         self.manifest[key] = [list(array.shape), dtype_name(array.dtype)]
+        if self._pending_bytes >= self.FLUSH_BYTES:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._pending:
+            self._partial.save(self._orbax_dir, self._pending)
+        self._pending, self._pending_bytes = {}, 0
 
     def close(self, dtype) -> None:
         """Finalizes and writes the manifest: the folder is then a complete checkpoint."""
+        self._flush()
         self._partial.finalize(self._orbax_dir)
         os.rename(os.path.join(self._orbax_dir, "state"), os.path.join(self._folder, PARAMS_DIR))
         shutil.rmtree(self._orbax_dir)
