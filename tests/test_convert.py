@@ -206,3 +206,30 @@ def test_written_config_states_the_stored_dtype(tmp_path, tiny_dict):
     assert written["torch_dtype"] == "bfloat16" and written["auto_map"] == tiny_dict["auto_map"]
     with pytest.raises(ValueError, match="both >= 1"):
         ring_jax.load_model(str(tmp_path / "jax"))(np.zeros((0, 3), np.int32))
+
+
+def test_param_writer_groups_small_parameters(tmp_path, monkeypatch):
+    """Small parameters share an Orbax partial save up to FLUSH_BYTES (one save each made writing
+    quadratic in their number); one at or over it is saved at once; the checkpoint holds them all."""
+    import orbax.checkpoint as ocp
+
+    from ring_jax.checkpoint import PARAMS_DIR, ParamWriter
+
+    writer = ParamWriter(str(tmp_path))
+    saves, save = [], writer._partial.save
+    monkeypatch.setattr(writer._partial, "save", lambda path, tree: saves.append(tree) or save(path, tree))
+    monkeypatch.setattr(ParamWriter, "FLUSH_BYTES", 1000)
+    rng = np.random.default_rng(0)
+    arrays = {"a.x": rng.standard_normal(100, np.float32), "a.y": rng.standard_normal(100, np.float32),
+              "b": rng.standard_normal(300, np.float32), "c": rng.standard_normal(10, np.float32)}
+    for key, array in arrays.items():
+        writer.add(key, array)
+    assert len(saves) == 1                           # 400 + 400 + 1200 bytes: flushed after "b"
+    writer.close(np.float32)
+    assert len(saves) == 2 and list(saves[1]) == ["c"]
+    restored = ocp.StandardCheckpointer().restore(str(tmp_path / PARAMS_DIR))
+    for key, array in arrays.items():
+        node = restored
+        for part in key.split("."):
+            node = node[part]
+        np.testing.assert_array_equal(np.asarray(node), array)
