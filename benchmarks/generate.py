@@ -33,7 +33,7 @@ from flax import nnx
 
 from benchmarks.timing import traced_gpu_ms, copy_bandwidth
 from ring_jax import RingConfig, RingModel
-from ring_jax.cache import Cache, KVCache, cache_bytes, cache_length, init_cache
+from ring_jax.cache import Cache, cache_bytes, cache_length, init_cache
 from ring_jax.generate import (DecodeState, Sampling, StopRule, _decode, _on, _placer, _start, _steps,
                                default_prefill_chunk, stream)
 from ring_jax.sharding import first_array, model_mesh
@@ -122,11 +122,10 @@ def run_decode(model, B, context, steps):
     def noise(x, key, scale=1.0):
         return jax.jit(lambda k: scale * jax.random.normal(k, x.shape, x.dtype), out_shardings=x.sharding)(key)
 
-    keys = iter(jax.random.split(jax.random.key(B), 2 * len(cache.layers)))
-    layers = tuple(KVCache(noise(c.keys, next(keys)), noise(c.values, next(keys))) if isinstance(c, KVCache)
-                   else noise(c, next(keys), 0.01) for c in cache.layers)
+    keys = jax.random.split(jax.random.key(B), 3)
     place = _placer(first_array(model).sharding)
-    cache = Cache(layers, place(np.asarray(cache.start), ("batch",)), place(np.int32(context), ()))
+    cache = Cache(noise(cache.states, keys[0], 0.01), noise(cache.keys, keys[1]), noise(cache.values, keys[2]),
+                  place(np.asarray(cache.start), ("batch",)), place(np.int32(context), ()))
     logits = np.random.default_rng(0).standard_normal((B, config.vocab_size), np.float32)
     state = DecodeState(cache, place(logits, ("batch", "vocab")), place(np.zeros((B, 8 + steps), np.int32), ("batch", None)),
                         place(np.int32(0), ()), place(np.zeros(B, bool), ("batch",)),

@@ -6,9 +6,12 @@ left-padded, so sequence b's first real token sits at slot `start[b]` and the sl
 padding, never attended to and never fed to a recurrent state. Token positions (RoPE) count from
 each sequence's own start: position = slot - start[b].
 
-Per layer:
-- softmax layer: keys and values `[B, max_len, Hkv, D]` in the model dtype (grows with context);
-- linear layer: the recurrent state `[B, H, D, D]` float32 (the same size at any context length).
+Layers. The entries of layers of one attention type are stacked (`ring_jax.schedule`: a layer
+addresses its own by its slot), so that scanned layers update them in place:
+- softmax layers: keys and values `[n_softmax, B, max_len, Hkv, D]` in the model dtype (they grow
+  with the context);
+- linear layers: the recurrent states `[n_linear, B, H, D, D]` float32 (the same size at any
+  context length).
 
 Under a mesh the batch is split over `data`, KV heads and state heads over `tensor`.
 """
@@ -24,20 +27,22 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from ring_jax.config import RingConfig
-from ring_jax.sharding import constrain, put, spec
+from ring_jax.schedule import Schedule
+from ring_jax.sharding import put, spec
 
 # Keys are read in blocks of this many slots (`attention.cached_attention`): a cache longer than
 # one block has a max_len that is a multiple of it.
 ATTENTION_BLOCK = 4096
 
-KV_AXES = ("batch", None, "kv_heads", None)       # keys, values [B, max_len, Hkv, D]
-STATE_AXES = ("batch", "heads", None, None)       # linear state [B, H, D, D]
+KV_AXES = ("layers", "batch", None, "kv_heads", None)     # keys, values [n_softmax, B, max_len, Hkv, D]
+STATE_AXES = ("layers", "batch", "heads", None, None)     # linear states [n_linear, B, H, D, D]
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-    """keys, values: [B, max_len, Hkv, D]."""
+    """One softmax layer's keys and values: [B, max_len, Hkv, D] each (arrays, or `StackSlice`s
+    of the cache's stacks)."""
     keys: jax.Array
     values: jax.Array
 
@@ -45,20 +50,26 @@ class KVCache:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Cache:
-    """layers: per decoder layer, a KVCache (softmax) or a state [B, H, D, D] f32 (linear);
+    """states: [n_linear, B, H, D, D] float32; keys, values: [n_softmax, B, max_len, Hkv, D];
     start: [B] int32, slot of each sequence's first token; cursor: [] int32, next slot to write."""
-    layers: tuple
+    states: jax.Array
+    keys: jax.Array
+    values: jax.Array
     start: jax.Array
     cursor: jax.Array
 
     @property
     def max_len(self) -> int:
-        return next(c.keys.shape[1] for c in self.layers if isinstance(c, KVCache))
+        return self.keys.shape[2]
 
     @property
     def lengths(self) -> jax.Array:
         """[B] int32: the tokens each sequence holds."""
         return self.cursor - self.start
+
+    def advanced(self, tokens: int) -> "Cache":
+        """The cache with its cursor moved past `tokens` written slots."""
+        return dataclasses.replace(self, cursor=self.cursor + tokens)
 
 
 def cache_length(needed: int) -> int:
@@ -68,21 +79,13 @@ def cache_length(needed: int) -> int:
     return -(-needed // step) * step
 
 
-def constrain_layer(layer_cache):
-    """A layer's cache (KVCache or state) laid out over the mesh in context."""
-    if isinstance(layer_cache, KVCache):
-        return KVCache(constrain(layer_cache.keys, KV_AXES), constrain(layer_cache.values, KV_AXES))
-    return constrain(layer_cache, STATE_AXES)
-
-
 def cache_shardings(cache: Cache, mesh: jax.sharding.Mesh) -> Cache:
     """NamedShardings of a (possibly abstract) cache on `mesh`."""
     def named(x, axes):
         return NamedSharding(mesh, spec(axes, x.shape, mesh))
 
-    layers = tuple(KVCache(named(c.keys, KV_AXES), named(c.values, KV_AXES)) if isinstance(c, KVCache)
-                   else named(c, STATE_AXES) for c in cache.layers)
-    return Cache(layers, named(cache.start, ("batch",)), named(cache.cursor, ()))
+    return Cache(named(cache.states, STATE_AXES), named(cache.keys, KV_AXES), named(cache.values, KV_AXES),
+                 named(cache.start, ("batch",)), named(cache.cursor, ()))
 
 
 def init_cache(config: RingConfig, batch: int, max_len: int, start, dtype, mesh=None, device=None) -> Cache:
@@ -106,13 +109,11 @@ def _empty(config: RingConfig, max_len: int, dtype, start: jax.Array) -> Cache:
     """An empty cache for start.shape[0] sequences (traceable)."""
     B = start.shape[0]
     H, Hkv, D = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-    layers = []
-    for i in range(config.num_decoder_layers):
-        if config.is_softmax_layer(i):
-            layers.append(KVCache(jnp.zeros((B, max_len, Hkv, D), dtype), jnp.zeros((B, max_len, Hkv, D), dtype)))
-        else:
-            layers.append(jnp.zeros((B, H, D, D), jnp.float32))
-    return Cache(tuple(layers), start, jnp.zeros((), jnp.int32))
+    schedule = Schedule.of(config)
+    n_linear, n_softmax = schedule.count("linear"), schedule.count("softmax")
+    kv = (n_softmax, B, max_len, Hkv, D)
+    return Cache(jnp.zeros((n_linear, B, H, D, D), jnp.float32), jnp.zeros(kv, dtype), jnp.zeros(kv, dtype),
+                 start, jnp.zeros((), jnp.int32))
 
 
 _empty_jit = jax.jit(_empty, static_argnums=(0, 1, 2))
@@ -129,7 +130,6 @@ def _empty_on(config: RingConfig, max_len: int, dtype, mesh, start: jax.Array) -
 def cache_bytes(config: RingConfig, batch: int, max_len: int, dtype_bytes: int = 2) -> dict:
     """Bytes of a cache: {"softmax": KV bytes, "linear": state bytes} (the KV part grows with max_len)."""
     H, Hkv, D = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-    n_soft = sum(config.is_softmax_layer(i) for i in range(config.num_decoder_layers))
-    n_lin = config.num_decoder_layers - n_soft
-    return {"softmax": n_soft * 2 * batch * max_len * Hkv * D * dtype_bytes,
-            "linear": n_lin * batch * H * D * D * 4}
+    schedule = Schedule.of(config)
+    return {"softmax": schedule.count("softmax") * 2 * batch * max_len * Hkv * D * dtype_bytes,
+            "linear": schedule.count("linear") * batch * H * D * D * 4}

@@ -15,6 +15,7 @@ Orbax reads, on each process, only the blocks of that process's devices.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -30,6 +31,7 @@ from convert.safetensors_io import CheckpointError
 from ring_jax import sharding
 from ring_jax.config import RingConfig
 from ring_jax.model import RingModel
+from ring_jax.schedule import kind_index
 
 FORMAT_VERSION = 2  # 2: SwiGLU gate and up joined into gate_up_proj
 MANIFEST = "ring_jax.json"
@@ -49,32 +51,58 @@ def parse_dtype(name: str | None):
 
 
 # ------------------------------------------------------------------------------- model <-> tensors
-def _variable(model: RingModel, spec: TensorSpec) -> nnx.Variable:
-    obj = model
-    for part in spec.path:
+def locate(model: RingModel, spec: TensorSpec) -> tuple[nnx.Variable, int | None]:
+    """The Variable that holds parameter `spec` and, for a decoder layer's parameter, its index in
+    that Variable's stack (`ring_jax.schedule`: a layer's kind and index; the names on disk keep
+    the HF layer numbers)."""
+    path, index, obj = spec.path, None, model
+    if path[0] == "layers":
+        kind, index = kind_index(model.config, path[1])
+        obj, path = getattr(model, kind), path[2:]
+    for part in path:
         obj = obj[part] if isinstance(part, int) else getattr(obj, part)
-    return obj
+    return obj, index
 
 
 def get_param(model: RingModel, spec: TensorSpec) -> jax.Array:
-    return _variable(model, spec)[...]
+    variable, index = locate(model, spec)
+    return variable[...] if index is None else variable.get_value()[index]
 
 
-def set_param(model: RingModel, spec: TensorSpec, value) -> None:
-    _variable(model, spec).set_value(value)
+@functools.partial(jax.jit, donate_argnums=0)
+def _set_entry(stack, value, index):
+    return jax.lax.dynamic_update_index_in_dim(stack, value, index, 0)
+
+
+def _piece(sharding: jax.sharding.NamedSharding) -> jax.sharding.NamedSharding:
+    """The sharding of one entry of a stack laid out by `sharding` (its first axis unsplit)."""
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*tuple(sharding.spec)[1:]))
+
+
+def _stacked(piece: jax.sharding.Sharding) -> jax.sharding.Sharding:
+    """The sharding of a stack whose entries are laid out by `piece` (inverse of `_piece`)."""
+    if isinstance(piece, jax.sharding.NamedSharding):
+        return jax.sharding.NamedSharding(piece.mesh, jax.sharding.PartitionSpec(None, *piece.spec))
+    return piece
 
 
 def param_shardings(config: RingConfig, dtype, mesh) -> dict[str, jax.sharding.NamedSharding]:
-    """{dotted key: the parameter's NamedSharding on mesh}, from the model's axis annotations."""
+    """{dotted key: the parameter's NamedSharding on mesh} (a decoder layer's parameter: its entry
+    of the stack), from the model's axis annotations."""
     model = nnx.eval_shape(lambda: RingModel(config, dtype=dtype))
-    shardings = nnx.to_flat_state(sharding.param_shardings(nnx.state(model), mesh))
-    by_path = {path: variable.get_value() for path, variable in shardings}
-    return {spec.key: by_path[spec.path] for spec in tensor_table(config)}
+    nnx.update(model, sharding.param_shardings(nnx.state(model), mesh))
+    out = {}
+    for spec in tensor_table(config):
+        variable, index = locate(model, spec)
+        out[spec.key] = variable.get_value() if index is None else _piece(variable.get_value())
+    return out
 
 
 def model_from_tensors(config: RingConfig, tensors, dtype, mesh=None) -> RingModel:
     """A RingModel whose parameters come from `tensors(spec) -> array`, without random init; on
-    `mesh`, each laid out by its annotation (host arrays are split, device arrays must be)."""
+    `mesh`, each laid out by its annotation (host arrays are split, device arrays must be). A
+    stacked parameter is filled entry by entry in place: what is held at once is the stacks built
+    so far and the entry being written."""
     model = nnx.eval_shape(lambda: RingModel(config, dtype=dtype))
     placement = None if mesh is None else param_shardings(config, dtype, mesh)
     for spec in tensor_table(config):
@@ -89,7 +117,16 @@ def model_from_tensors(config: RingConfig, tensors, dtype, mesh=None) -> RingMod
             value = sharding.put(value, placement[spec.key])
         elif value.sharding != placement[spec.key]:
             value = jax.device_put(value, placement[spec.key])
-        set_param(model, spec, value)
+        variable, index = locate(model, spec)
+        if index is None:
+            variable.set_value(value)
+            continue
+        stack = variable.get_value()
+        if not isinstance(stack, jax.Array):                    # the first entry: allocate the stack
+            where = _stacked(value.sharding) if mesh is None else jax.sharding.NamedSharding(
+                mesh, sharding.spec(variable.get_metadata()["out_sharding"], stack.shape, mesh))
+            stack = jax.jit(functools.partial(jnp.zeros, stack.shape, stack.dtype), out_shardings=where)()
+        variable.set_value(_set_entry(stack, value, jnp.int32(index)))
     return model
 
 

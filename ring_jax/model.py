@@ -1,4 +1,8 @@
-"""RingModel: embed -> decoder layers -> norm -> head (SPEC.md §3), plus the MTP layers (§8)."""
+"""RingModel: embed -> decoder layers -> norm -> head (SPEC.md §3), plus the MTP layers (§8).
+
+The decoder layers are held as one stack per kind and run in the order of `ring_jax.schedule`:
+scanned, so that a compiled program holds a few layer bodies whatever the depth.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ring_jax.cache import Cache, constrain_layer
+from ring_jax.cache import Cache
 from ring_jax.config import RingConfig
 from ring_jax.layers.attention import SoftmaxAttention
 from ring_jax.layers.linear import Linear, matmul
@@ -18,44 +22,34 @@ from ring_jax.layers.mlp import MLP
 from ring_jax.layers.moe import MoE
 from ring_jax.layers.norms import RMSNorm
 from ring_jax.layers.rope import rope_tables
+from ring_jax.layers.stack import layer_view, stack_modules
+from ring_jax.schedule import Run, Schedule, attention_of, kind_index
 from ring_jax.sharding import constrain, model_mesh, param, put, spec
 
 ACTIVATION_AXES = ("batch", None, "embed")   # x: [B, T, hidden]
 
 
 class DecoderLayer(nnx.Module):
-    """Pre-norm residual block: attention (linear or softmax) then MLP (dense or MoE)."""
+    """Pre-norm residual block of one kind (`ring_jax.schedule`): attention (linear or softmax)
+    then MLP (dense or MoE)."""
 
-    def __init__(self, config: RingConfig, layer_idx: int, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, config: RingConfig, kind: str, *, dtype, rngs: nnx.Rngs):
         hidden, eps = config.hidden_size, config.rms_norm_eps
-        self.is_linear = not config.is_softmax_layer(layer_idx)
         self.input_layernorm = RMSNorm(hidden, eps, dtype=dtype)
-        self.attention = (LinearAttention(config, layer_idx, dtype=dtype, rngs=rngs) if self.is_linear
+        self.attention = (LinearAttention(config, dtype=dtype, rngs=rngs) if attention_of(kind) == "linear"
                           else SoftmaxAttention(config, dtype=dtype, rngs=rngs))
         self.post_attention_layernorm = RMSNorm(hidden, eps, dtype=dtype)
-        self.mlp = (MoE(config, dtype=dtype, rngs=rngs) if config.is_moe_layer(layer_idx)
+        self.mlp = (MoE(config, dtype=dtype, rngs=rngs) if kind.endswith("_moe")
                     else MLP(hidden, config.intermediate_size, dtype=dtype, rngs=rngs))
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-        """x: [B, T, hidden] -> [B, T, hidden]; full causal forward."""
-        h = self.attention(self.input_layernorm(x), cos, sin)
-        if self.is_linear:
-            h, _ = h
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, cache: Cache | None = None,
+                 slot=None, valid: jax.Array | None = None) -> tuple[jax.Array, Cache | None]:
+        """x: [B, T, hidden] -> (x [B, T, hidden], cache). Without a cache: the causal forward.
+        With one: x continues the layer's entry `slot` of it (valid: [B, T] bool, False for left
+        padding), which comes back updated."""
+        h, cache = self.attention(self.input_layernorm(x), cos, sin, cache, slot, valid)
         x = x + h
-        return constrain(x + self.mlp(self.post_attention_layernorm(x)), ACTIVATION_AXES)
-
-    def extend(self, x, cos, sin, layer_cache, cursor, start, valid):
-        """x: [B, T, hidden] continuing this layer's cache (a KVCache or a linear state);
-        cursor: [] slot of x's first token; start: [B]; valid: [B, T] bool (False: left padding).
-        Returns (x [B, T, hidden], the layer's new cache)."""
-        h = self.input_layernorm(x)
-        if self.is_linear:
-            h, layer_cache = self.attention(h, cos, sin, initial_state=layer_cache, valid=valid)
-        else:
-            h, layer_cache = self.attention(h, cos, sin, kv=layer_cache, cursor=cursor, start=start)
-        x = x + h
-        x = constrain(x + self.mlp(self.post_attention_layernorm(x)), ACTIVATION_AXES)
-        return x, constrain_layer(layer_cache)
+        return constrain(x + self.mlp(self.post_attention_layernorm(x)), ACTIVATION_AXES), cache
 
 
 class MTPLayer(nnx.Module):
@@ -76,7 +70,7 @@ class MTPLayer(nnx.Module):
     def __call__(self, embeds, hidden, cos, sin):
         """embeds, hidden: [B, T, hidden] -> [B, T, hidden] (normed by final_layernorm)."""
         x = self.eh_proj(jnp.concatenate([self.enorm(embeds), self.hnorm(hidden)], axis=-1))
-        x = x + self.attention(self.input_layernorm(x), cos, sin)
+        x = x + self.attention(self.input_layernorm(x), cos, sin)[0]
         x = x + self.mlp(self.post_attention_layernorm(x))
         return self.final_layernorm(x)
 
@@ -89,8 +83,10 @@ class RingModel(nnx.Module):
         self.config = config
         V, hidden = config.vocab_size, config.hidden_size
         self.word_embeddings = param(jax.random.normal(rngs.params(), (V, hidden)).astype(dtype), ("vocab", "embed"))
-        self.layers = nnx.List([DecoderLayer(config, i, dtype=dtype, rngs=rngs)
-                                for i in range(config.num_decoder_layers)])
+        self.schedule = Schedule.of(config)
+        for kind, n in self.schedule.counts:     # one stack per kind: linear_moe, softmax_moe, ...
+            setattr(self, kind, stack_modules([DecoderLayer(config, kind, dtype=dtype, rngs=rngs)
+                                               for _ in range(n)]))
         self.norm = RMSNorm(hidden, config.rms_norm_eps, dtype=dtype)
         self.lm_head = (None if config.tie_word_embeddings
                         else Linear(hidden, V, axes=("embed", "vocab"), dtype=dtype, rngs=rngs))
@@ -102,13 +98,50 @@ class RingModel(nnx.Module):
         return self.word_embeddings[...].dtype
 
     # ------------------------------------------------------------------------ traceable forward
+    def layer(self, i: int) -> DecoderLayer:
+        """Decoder layer i on its own (its parameters read out of the stacks): for inspection and
+        tests; the model runs the stacks."""
+        kind, index = kind_index(self.config, i)
+        return jax.tree.map(lambda entry: entry.read(), layer_view(getattr(self, kind), index))
+
+    def decoder(self, x: jax.Array, cos: jax.Array, sin: jax.Array, cache: Cache | None = None,
+                valid: jax.Array | None = None) -> tuple[jax.Array, Cache | None]:
+        """x: [B, T, hidden] through every decoder layer in the schedule's order -> (x, cache)."""
+        schedule = self.schedule
+
+        def run(r: Run, repeat, x, cache):
+            """Run r of group `repeat` (0 outside the groups), scanned when longer than one layer."""
+            stack = getattr(self, r.kind)
+            index = r.index + repeat * schedule.index_stride(r.kind)
+            slot = r.slot + repeat * schedule.slot_stride(r.kind)
+
+            def one(j, x, cache):
+                return layer_view(stack, index + j)(x, cos, sin, cache, slot + j, valid)
+
+            if r.length == 1:
+                return one(0, x, cache)
+            (x, cache), _ = jax.lax.scan(lambda carry, j: (one(j, *carry), None), (x, cache),
+                                         jnp.arange(r.length, dtype=jnp.int32))
+            return x, cache
+
+        for r in schedule.head:
+            x, cache = run(r, 0, x, cache)
+        if schedule.repeats:
+            def group(carry, repeat):
+                for r in schedule.group:
+                    carry = run(r, repeat, *carry)
+                return carry, None
+
+            (x, cache), _ = jax.lax.scan(group, (x, cache), jnp.arange(schedule.repeats, dtype=jnp.int32))
+        for r in schedule.tail:
+            x, cache = run(r, 0, x, cache)
+        return x, cache
+
     def hidden_states(self, input_ids: jax.Array) -> jax.Array:
         """input_ids: [B, T] -> final-normed hidden states [B, T, hidden]."""
         x = constrain(jnp.take(self.word_embeddings[...], input_ids, axis=0), ACTIVATION_AXES)
         cos, sin = rope_tables(self.config, jnp.arange(input_ids.shape[1]), x.dtype)   # [T, rotary_dim]
-        for layer in self.layers:
-            x = layer(x, cos, sin)
-        return self.norm(x)
+        return self.norm(self.decoder(x, cos, sin)[0])
 
     def extend(self, input_ids: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
         """Runs input_ids [B, T] (the tokens at slots cursor..cursor+T-1) through the model on top
@@ -120,11 +153,8 @@ class RingModel(nnx.Module):
         positions = jnp.maximum(slots[None, :] - cache.start[:, None], 0)
         x = constrain(jnp.take(self.word_embeddings[...], input_ids, axis=0), ACTIVATION_AXES)
         cos, sin = rope_tables(self.config, positions, x.dtype)                        # [B, T, rotary_dim]
-        layers = []
-        for layer, layer_cache in zip(self.layers, cache.layers):
-            x, layer_cache = layer.extend(x, cos, sin, layer_cache, cache.cursor, cache.start, valid)
-            layers.append(layer_cache)
-        return self.norm(x), Cache(tuple(layers), cache.start, cache.cursor + T)
+        x, cache = self.decoder(x, cos, sin, cache, valid)
+        return self.norm(x), cache.advanced(T)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """hidden: [..., hidden] -> float32 logits [..., vocab] (the head's matmul in model dtype)."""

@@ -32,6 +32,7 @@ AXES = ("data", "expert", "tensor")
 
 # logical axis -> mesh axis (None: replicated)
 RULES = {
+    "layers": None,      # the stacked layers of one kind (`ring_jax.layers.stack`)
     "batch": "data",
     "experts": "expert",
     "heads": "tensor",

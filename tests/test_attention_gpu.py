@@ -9,7 +9,7 @@ from flax import nnx
 from conftest import load_config_dict, rel_err
 from pallas_kernels.platform import platform
 from ring_jax import RingConfig
-from ring_jax.cache import KVCache
+from ring_jax.cache import Cache, KVCache
 from ring_jax.layers import attention
 from ring_jax.layers.rope import rope_tables
 
@@ -67,9 +67,9 @@ def test_softmax_layer_takes_flash(monkeypatch):
     layer = attention.SoftmaxAttention(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
     B, L, T = 2, 256, 96
     x = jax.random.normal(jax.random.PRNGKey(1), (B, T, config.hidden_size)).astype(jnp.bfloat16)
-    kv = KVCache(*(jnp.zeros((B, L, config.num_key_value_heads, config.head_dim), jnp.bfloat16)
-                   for _ in range(2)))
+    kv = jnp.zeros((2, B, L, config.num_key_value_heads, config.head_dim), jnp.bfloat16)   # 2 layers
     start = jnp.asarray([0, 40], jnp.int32)
+    cache = Cache(jnp.zeros((0, B, 1, 1, 1), jnp.float32), kv, kv, start, jnp.int32(0))
     cos, sin = rope_tables(config, jnp.maximum(jnp.arange(T)[None, :] - start[:, None], 0), jnp.bfloat16)
     calls = []
     monkeypatch.setattr(attention, "flash_cached_attention",
@@ -78,14 +78,15 @@ def test_softmax_layer_takes_flash(monkeypatch):
                         lambda *a, f=attention._flash_causal: calls.append("forward") or f(*a))
 
     def run():
-        chunk = jax.jit(lambda x, kv: layer(x, cos, sin, kv=kv, cursor=jnp.int32(0), start=start))(x, kv)
-        return chunk, jax.jit(lambda x: layer(x, cos[0], sin[0]))(x)
+        chunk = jax.jit(lambda x, cache: layer(x, cos, sin, cache, 1))(x, cache)
+        return chunk, jax.jit(lambda x: layer(x, cos[0], sin[0])[0])(x)
 
     (got, got_kv), got_full = run()
     assert calls == ["chunk", "forward"], calls
     monkeypatch.setattr(attention, "FLASH_MIN_TOKENS", 1 << 30)
     (want, want_kv), want_full = run()
     np.testing.assert_array_equal(np.asarray(got_kv.keys, np.float32), np.asarray(want_kv.keys, np.float32))
+    assert not np.asarray(got_kv.keys[0], np.float32).any()      # slot 1 written, slot 0 untouched
     for b in range(B):
         assert rel_err(got[b, int(start[b]):], want[b, int(start[b]):]) <= 2e-2
     assert rel_err(got_full, want_full) <= 2e-2

@@ -51,7 +51,7 @@ def test_load_model_from_hf_folder_equals_converted(tmp_path, tiny_dict):
     ids = np.arange(10)[None]
     np.testing.assert_array_equal(np.asarray(a(ids)), np.asarray(b(ids)))
     c = ring_jax.load_model(str(tmp_path / "jax"), dtype="bfloat16")
-    assert c.dtype == np.dtype("bfloat16") and c.layers[1].mlp.gate.expert_bias[...].dtype == np.float32
+    assert c.dtype == np.dtype("bfloat16") and c.layer(1).mlp.gate.expert_bias[...].dtype == np.float32
 
 
 def test_save_model_then_load(tmp_path, tiny_dict):
@@ -171,19 +171,26 @@ def test_module_entry_points_run(tmp_path):
 
 
 def test_table_covers_every_parameter_once(tiny_dict):
-    import jax
     from flax import nnx
 
     from convert.mapping import tensor_table
     from ring_jax import RingConfig, RingModel
+    from ring_jax.checkpoint import locate
 
-    for change in ({}, {"num_nextn_predict_layers": 1}, {"tie_word_embeddings": True}):
+    for change in ({}, {"num_nextn_predict_layers": 1}, {"tie_word_embeddings": True}, {"num_hidden_layers": 14}):
         config = RingConfig.from_hf(dict(tiny_dict, **change))
         model = nnx.eval_shape(lambda: RingModel(config, dtype=np.float32))
-        params = jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]
-        keys = {".".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path[:-1]) for path, _ in params}
-        table = [spec.key for spec in tensor_table(config)]
-        assert sorted(table) == sorted(keys) and len(set(table)) == len(table)
+        entries = set()                       # (parameter, index in its stack) of every model parameter
+        for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+            stacked = (v.get_metadata().get("out_sharding") or (None,))[0] == "layers"
+            entries |= {(id(v), i) for i in (range(v.shape[0]) if stacked else [None])}
+        table = tensor_table(config)
+        covered = []
+        for spec in table:
+            variable, index = locate(model, spec)
+            assert (variable.shape[1:] if index is not None else variable.shape) == spec.shape, spec.key
+            covered.append((id(variable), index))
+        assert sorted(covered, key=str) == sorted(entries, key=str) and len(set(covered)) == len(covered)
 
 
 def test_malformed_files_are_named(tmp_path, tiny_dict):

@@ -21,11 +21,15 @@ from ring_jax.layers.attention import cached_attention, causal_attention
 def model():
     """The tiny config (2 softmax + 4 linear layers, MoE), float32, random expert biases."""
     config = RingConfig.from_hf("configs/tiny.json")
-    m = RingModel(config)
+    return with_random_biases(RingModel(config))
+
+
+def with_random_biases(m):
+    """m with random expert biases in every MoE stack (they are zeros at init)."""
     rng = np.random.default_rng(7)
-    for layer in m.layers:
-        if hasattr(layer.mlp, "gate"):
-            bias = layer.mlp.gate.expert_bias
+    for kind, _ in m.schedule.counts:
+        if kind.endswith("_moe"):
+            bias = getattr(m, kind).mlp.gate.expert_bias
             bias[...] = jnp.asarray(rng.normal(0, 0.1, bias[...].shape), jnp.float32)
     return m
 
@@ -61,9 +65,19 @@ def extend(model, ids, cache):
     return _extend(nnx.split(model), jnp.asarray(ids), cache)
 
 
-def test_cached_forward_equals_full_forward(model):
+@pytest.fixture(scope="module")
+def deep():
+    """14 layers: leading dense layers over one and a third groups (a softmax_dense layer among
+    them), two repeated groups that run as one scan, and a tail of two softmax layers."""
+    config = RingConfig.from_hf("configs/tiny.json", num_hidden_layers=14, first_k_dense_replace=4)
+    return with_random_biases(RingModel(config))
+
+
+@pytest.mark.parametrize("name", ["model", "deep"])
+def test_cached_forward_equals_full_forward(name, request):
     """Chunked prefill of a left-padded batch, then one token at a time: every position's logits
     equal the full forward of that sequence alone (float32, <= 1e-5 relative)."""
+    model = request.getfixturevalue(name)
     a, b = prompt(21, 0), prompt(13, 1)
     new = np.stack([prompt(4, 2), prompt(4, 3)])
     cache = init_cache(model.config, 2, 256, [3, 11], jnp.float32)
@@ -269,6 +283,24 @@ def test_bfloat16_decode_follows_forward():
     want = model(p[None, :17])[0]
     assert rel_err(prefill[0], want[:16]) <= 3e-2
     assert rel_err(step[0, 0], want[16]) <= 3e-2
+
+
+def test_scanned_stack_equals_the_layers_one_by_one(deep):
+    """The schedule's scans (head runs, repeated groups, tail) against each layer run on its own
+    in order with its own slot: the same function of the input (float32, <= 1e-5 relative: jitted
+    against op by op)."""
+    from ring_jax.layers.rope import rope_tables
+    from ring_jax.schedule import cache_slot
+
+    schedule = deep.schedule
+    assert schedule.repeats == 2 and len(schedule.tail) == 1 and schedule.tail[0].length == 2
+    assert dict(schedule.counts) == {"linear_dense": 3, "linear_moe": 5, "softmax_dense": 1, "softmax_moe": 5}
+    ids = jnp.asarray(np.random.default_rng(1).integers(0, deep.config.vocab_size, (2, 19)))
+    x = jnp.take(deep.word_embeddings[...], ids, axis=0)
+    cos, sin = rope_tables(deep.config, jnp.arange(19), x.dtype)
+    for i in range(deep.config.num_decoder_layers):
+        x = deep.layer(i)(x, cos, sin, slot=cache_slot(deep.config, i))[0]
+    assert rel_err(jax.jit(lambda m, ids: m.hidden_states(ids))(deep, ids), deep.norm(x)) <= 1e-5
 
 
 def test_misuse_raises_clear_errors(model):

@@ -7,13 +7,15 @@ a multiple of 8 or of the tile, both tile heights, bf16 and float32 outputs. The
 in its epilogue is held to the kernel without it followed by the jnp SwiGLU.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from conftest import load_config_dict, rel_err
-from pallas_kernels.moe import gpu, reference
+from pallas_kernels.moe import api, gpu, reference
 from test_kernel_references import gmm64, swiglu64
 
 
@@ -129,10 +131,27 @@ def test_moe_layer_through_gpu_kernel_matches_reference_path(monkeypatch):
         fast = layer(x)
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(moe.pallas_kernels, "gmm_backend", lambda *a, **k: "reference")
-            mp.setattr(moe.pallas_kernels, "gmm", lambda *a, **k: reference.gmm(*a, **k))
-            mp.setattr(moe.pallas_kernels, "gmm_swiglu", lambda *a, **k: reference.gmm_swiglu(*a, **k))
+            mp.setattr(moe.pallas_kernels, "gmm", functools.partial(api.gmm, backend="reference"))
+            mp.setattr(moe.pallas_kernels, "gmm_swiglu", functools.partial(api.gmm_swiglu, backend="reference"))
             slow = layer(x)
         assert rel_err(fast, slow) <= 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("swiglu", [False, True])
+def test_gpu_gmm_reads_a_layer_of_a_stack_in_place(swiglu):
+    """group_offset: one layer's experts in a stack of every layer's (the scanned decoder) give the
+    bits of the same experts passed alone."""
+    L, G, M, K, N = 3, 8, 1024, 256, 512
+    ks = jax.random.split(jax.random.PRNGKey(5), 3)
+    lhs = jax.random.normal(ks[0], (M, K)).astype(jnp.bfloat16)
+    stack = jax.random.normal(ks[1], (L * G, K, N)).astype(jnp.bfloat16)
+    sizes = jnp.asarray(np.random.default_rng(2).multinomial(M - 40, np.ones(G) / G), jnp.int32)
+    op = api.gmm_swiglu if swiglu else api.gmm
+    for layer in range(L):
+        alone = op(lhs, stack[layer * G:(layer + 1) * G], sizes, backend="gpu")
+        got = jax.jit(lambda s, i: op(lhs, s, sizes, group_offset=i * G, backend="gpu"))(stack, jnp.int32(layer))
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(alone, np.float32))
 
 
 @pytest.mark.gpu

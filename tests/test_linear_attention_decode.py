@@ -9,6 +9,7 @@ from flax import nnx
 from conftest import load_config_dict, rel_err
 from pallas_kernels.linear_attention import api, reference, step_gpu
 from ring_jax import RingConfig
+from ring_jax.cache import Cache
 from ring_jax.layers.linear_attention import LinearAttention
 
 
@@ -92,25 +93,31 @@ def test_layer_takes_the_kernel_with_its_own_numerics(monkeypatch):
     config = load_config_dict("tiny.json")
     config.update(head_dim=64, partial_rotary_factor=0.5)
     config = RingConfig.from_hf(config)
-    layer = LinearAttention(config, 1, dtype=dtype, rngs=nnx.Rngs(3))
+    layer = LinearAttention(config, dtype=dtype, rngs=nnx.Rngs(3))
     rng = np.random.default_rng(4)
     B, H, D = 3, config.num_attention_heads, config.head_dim
     x = jnp.asarray(rng.standard_normal((B, 1, config.hidden_size)), dtype)
     angles = jnp.asarray(rng.uniform(0, 6.3, (B, 1, config.rotary_dim // 2)), jnp.float32)
     cos, sin = (f(jnp.concatenate([angles, angles], -1)).astype(dtype) for f in (jnp.cos, jnp.sin))
-    state = jnp.asarray(rng.standard_normal((B, H, D, D)), jnp.float32)
+    states = jnp.asarray(rng.standard_normal((3, B, H, D, D)), jnp.float32)   # layer slot 1 of 3
+    no_kv = jnp.zeros((0, B, 1, 1, 1), dtype)
+    cache = Cache(states, no_kv, no_kv, jnp.zeros((B,), jnp.int32), jnp.int32(0))
     valid = jnp.asarray([[True], [False], [True]])
     monkeypatch.setattr(api, "platform", lambda: "cpu")                   # the layer's jnp path
-    want = layer(x, cos, sin, state, valid)
+    o, want = layer(x, cos, sin, cache, 1, valid)
+    want = (o, want.states[1])
 
     calls = []
     monkeypatch.setattr(api, "platform", lambda: "hopper")
     monkeypatch.setattr(step_gpu, "decode_step", lambda *a, _f=step_gpu.decode_step, **k:
                         calls.append(a[0].shape) or _f(*a, **{**k, "interpret": True}))
-    got = layer(x, cos, sin, state, valid)
+    o, got = layer(x, cos, sin, cache, 1, valid)
+    for other in (0, 2):                                    # the kernel writes only its slot
+        np.testing.assert_array_equal(np.asarray(got.states[other]), np.asarray(states[other]))
+    got = (o, got.states[1])
     assert calls == [(B, 3 * H * D)]
     assert rel_err(got[0], want[0]) <= 4e-3 and rel_err(got[1], want[1]) <= 4e-3      # a flipped rounding: one step
     np.testing.assert_array_equal(np.asarray(got[1][1]), np.asarray(want[1][1]))
     calls.clear()
-    layer(jnp.concatenate([x, x], axis=1), jnp.concatenate([cos, cos], 1), jnp.concatenate([sin, sin], 1), state)
+    layer(jnp.concatenate([x, x], axis=1), jnp.concatenate([cos, cos], 1), jnp.concatenate([sin, sin], 1), cache, 1)
     assert not calls                                                       # two tokens: the jnp step

@@ -131,8 +131,11 @@ def test_decode_step_through_the_kernel_on_the_cpu(monkeypatch):
     calls = as_if_on_hopper(monkeypatch)
     got = decode_logits(model, p, 2)
     # experts gate_up and down, each with the shared expert as one more matrix
-    assert ((64, 256, 256), (1, 256, 256)) in calls and ((64, 128, 256), (1, 128, 256)) in calls
-    assert (1, 256, 768) in calls and (1, 256, 64) in calls        # linear qkv and the router
+    # The weights reach the kernel as the stacks of every layer of a kind (tiny: 3 linear MoE
+    # layers, 2 softmax MoE layers), read in place by index.
+    assert ((3 * 64, 256, 256), (3, 256, 256)) in calls and ((3 * 64, 128, 256), (3, 128, 256)) in calls
+    assert ((2 * 64, 256, 256), (2, 256, 256)) in calls
+    assert (3, 256, 768) in calls and (3, 256, 64) in calls        # linear qkv and the router
     assert "router" in calls and "linear attention" in calls
     assert rel_err(got, want) <= 1e-5
 
@@ -142,7 +145,7 @@ def test_shared_expert_rides_along_with_the_same_bits(monkeypatch):
     matvec calls: the MoE layer's output is the same bits as with its own calls, and it is taken
     only when its shapes match a routed expert's."""
     model = model_with_kernel_shapes(jnp.bfloat16)
-    layer = model.layers[1].mlp
+    layer = model.layer(1).mlp
     x = jnp.asarray(np.random.default_rng(7).standard_normal((1, 1, 256)), jnp.bfloat16)
     calls = as_if_on_hopper(monkeypatch)
     together = layer(x)

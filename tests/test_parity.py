@@ -16,6 +16,7 @@ from conftest import rel_err
 from reference.checkpoint import make_hf_checkpoint
 from reference.model import rope_cos_sin
 from ring_jax.layers.rope import rope_tables
+from ring_jax.schedule import cache_slot
 
 F32_TOL = 1e-5
 BF16_TOL = 3e-2
@@ -56,6 +57,15 @@ def reference_logits(ref, ids, dtype):
 def test_model_float32_matches_float64_reference(tmp_path, tiny_dict, T):
     ref, model = build(tmp_path, tiny_dict)
     ids = token_ids(2, T, tiny_dict["vocab_size"], seed=T)
+    assert rel_err(model(ids), reference_logits(ref, ids, torch.float64)) <= F32_TOL
+
+
+def test_deep_model_float32_matches_float64_reference(tmp_path, tiny_dict):
+    """14 layers, 4 of them dense: scanned runs before, inside (two repeated groups) and after the
+    groups (`ring_jax.schedule`), loaded from HF names, against the float64 reference."""
+    ref, model = build(tmp_path, tiny_dict, num_hidden_layers=14, first_k_dense_replace=4)
+    assert model.schedule.repeats == 2
+    ids = token_ids(2, 33, tiny_dict["vocab_size"])
     assert rel_err(model(ids), reference_logits(ref, ids, torch.float64)) <= F32_TOL
 
 
@@ -107,18 +117,17 @@ def test_layers_bfloat16_match_bfloat16_reference(tmp_path, tiny_dict):
     with torch.no_grad():
         assert_bf16_steps_match(model.norm(x), ref16.model.norm(x16))
         assert_bf16_steps_match(model.logits(x).astype(jnp.bfloat16), ref16.logits(x16).to(torch.bfloat16))
-        g_norm = model.layers[0].attention.g_norm
+        g_norm = model.layer(0).attention.g_norm
         wide = jnp.concatenate([x, x], axis=-1)[..., : g_norm.weight[...].shape[0]]
         wide16 = torch.cat([x16, x16], dim=-1)[..., : g_norm.weight[...].shape[0]]
         assert_bf16_steps_match(g_norm(wide), ref16.model.layers[0].attention.g_norm(wide16))
-        for i, layer in enumerate(model.layers):
-            r = ref16.model.layers[i]
-            got = layer.attention(x, cos, sin)
-            got = got[0] if layer.is_linear else got
+        for i in range(model.config.num_decoder_layers):
+            layer, slot, r = model.layer(i), cache_slot(model.config, i), ref16.model.layers[i]
+            got = layer.attention(x, cos, sin, slot=slot)[0]
             assert rel_err(got, r.attention(x16, rc, rs).float().numpy()) <= 2 ** -8, (i, "attention")
             assert rel_err(layer.mlp(x), r.mlp(x16).float().numpy()) <= 2 ** -8, (i, "mlp")
             if not model.config.is_moe_layer(i):  # a whole MoE layer re-routes its own bf16 noise
-                assert rel_err(layer(x, cos, sin), r(x16, rc, rs).float().numpy()) <= 1e-2, (i, "layer")
+                assert rel_err(layer(x, cos, sin, slot=slot)[0], r(x16, rc, rs).float().numpy()) <= 1e-2, (i, "layer")
 
 
 @pytest.mark.parametrize("config", ["ring-mini-linear-2.0.json", "ring-flash-linear-2.0.json", "tiny.json"])
@@ -173,15 +182,14 @@ def test_layers_one_by_one(tmp_path, tiny_dict, T):
     cos, sin = rope_tables(model.config, jnp.broadcast_to(jnp.arange(T), (2, T)), jnp.float32)
     rc, rs = rope_cos_sin(dict(tiny_dict), torch.arange(T), torch.float64)
     with torch.no_grad():
-        for i, layer in enumerate(model.layers):
-            r = ref64.model.layers[i]
+        for i in range(model.config.num_decoder_layers):
+            layer, slot, r = model.layer(i), cache_slot(model.config, i), ref64.model.layers[i]
             assert rel_err(layer.input_layernorm(x), r.input_layernorm(x64).numpy()) <= F32_TOL, i
-            got = layer.attention(x, cos, sin)
-            got = got[0] if layer.is_linear else got
+            got = layer.attention(x, cos, sin, slot=slot)[0]
             assert rel_err(got, r.attention(x64, rc, rs).numpy()) <= F32_TOL, (i, "attention")
             assert rel_err(layer.mlp(x), r.mlp(x64).numpy()) <= F32_TOL, (i, "mlp")
-            assert rel_err(layer(x, cos, sin), r(x64, rc, rs).numpy()) <= F32_TOL, (i, "layer")
-        g_norm = model.layers[0].attention.g_norm
+            assert rel_err(layer(x, cos, sin, slot=slot)[0], r(x64, rc, rs).numpy()) <= F32_TOL, (i, "layer")
+        g_norm = model.layer(0).attention.g_norm
         wide = np.random.default_rng(3).standard_normal((2, T, g_norm.weight[...].shape[0])).astype(np.float32)
         assert rel_err(g_norm(wide), ref64.model.layers[0].attention.g_norm(torch.as_tensor(wide, dtype=torch.float64)).numpy()) <= F32_TOL
 
@@ -189,7 +197,7 @@ def test_layers_one_by_one(tmp_path, tiny_dict, T):
 def test_router_picks_the_reference_experts(tmp_path, tiny_dict):
     ref, model = build(tmp_path, tiny_dict)
     x, x64 = module_inputs(1, 50, tiny_dict["hidden_size"], seed=9)
-    ids, weights = model.layers[1].mlp.gate(jnp.asarray(x[0]))
+    ids, weights = model.layer(1).mlp.gate(jnp.asarray(x[0]))
     with torch.no_grad():
         want_ids, want_w = ref.with_dtype(torch.float64).model.layers[1].mlp.gate.route(x64[0])
     order = np.argsort(np.asarray(ids), axis=-1)
@@ -218,7 +226,7 @@ def test_moe_gathered_and_grouped_paths_agree(tmp_path, tiny_dict, monkeypatch):
     from ring_jax.layers import moe
 
     _, model = build(tmp_path, tiny_dict)
-    experts = model.layers[1].mlp.experts
+    experts = model.layer(1).mlp.experts
     weights = (experts.gate_up_proj[...], experts.down_proj[...])
     tokens = jnp.asarray(np.random.default_rng(4).standard_normal((5, tiny_dict["hidden_size"])), jnp.float32)
     ids = jnp.asarray(np.random.default_rng(5).integers(0, tiny_dict["num_experts"], size=(5, 4)), jnp.int32)

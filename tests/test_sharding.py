@@ -79,25 +79,23 @@ def test_experts_must_split_evenly(converted):
 def test_load_places_every_parameter_and_the_cache(converted):
     mesh = make_mesh(1, 2, 4)
     model = ring_jax.load_model(converted, mesh=mesh)
-    layer = model.layers[1]                                   # linear attention + MoE
+    layer = model.linear_moe                     # the stack of linear-attention MoE layers [n, ...]
     specs = {
         "experts": layer.mlp.experts.gate_up_proj, "g_proj": layer.attention.g_proj.kernel,
         "dense": layer.attention.dense.kernel, "qkv": layer.attention.query_key_value.kernel,
         "router": layer.mlp.gate.kernel, "embed": model.word_embeddings, "head": model.lm_head.kernel,
-        "mlp_down": model.layers[0].mlp.down_proj.kernel,
+        "mlp_down": model.linear_dense.mlp.down_proj.kernel,
     }
     got = {name: full_spec(v[...]) for name, v in specs.items()}
-    assert got == {"experts": ("expert", None, None), "g_proj": (None, "tensor"), "dense": ("tensor", None),
-                   "qkv": (None, None), "router": (None, None), "embed": ("tensor", None),
-                   "head": (None, "tensor"), "mlp_down": ("tensor", None)}
+    assert got == {"experts": (None, "expert", None, None), "g_proj": (None, None, "tensor"),
+                   "dense": (None, "tensor", None), "qkv": (None, None, None), "router": (None, None, None),
+                   "embed": ("tensor", None), "head": (None, "tensor"), "mlp_down": (None, "tensor", None)}
     # Every device holds 1/2 of the experts, not all of them.
     shard = layer.mlp.experts.gate_up_proj[...].addressable_shards[0].data
-    assert shard.shape[0] == model.config.num_experts // 2
+    assert shard.shape[1] == model.config.num_experts // 2
     cache = init_cache(model.config, 4, 64, np.zeros(4, np.int32), model.dtype, mesh)
-    kv = next(c for c in cache.layers if not isinstance(c, jax.Array))
-    state = next(c for c in cache.layers if isinstance(c, jax.Array))
-    assert full_spec(state) == (None, "tensor", None, None)             # 4 heads over tensor=4
-    assert full_spec(kv.keys) == (None, None, None, None)               # 2 KV heads: replicated
+    assert full_spec(cache.states) == (None, None, "tensor", None, None)      # 4 heads over tensor=4
+    assert full_spec(cache.keys) == (None, None, None, None, None)            # 2 KV heads: replicated
 
 
 @pytest.mark.parametrize("sizes", MESHES, ids=lambda s: "data%d-expert%d-tensor%d" % s)
@@ -181,11 +179,11 @@ def test_bf16_scattered_combine_is_exact(converted, monkeypatch):
     mesh = make_mesh(1, 8, 1)
     model = ring_jax.load_model(converted, dtype="bfloat16", mesh=mesh)
     single = ring_jax.load_model(converted, dtype="bfloat16")
-    layer = model.layers[1].mlp
+    layer = model.layer(1).mlp
     graphdef, state = nnx.split(layer)
     x = jax.random.normal(jax.random.key(5), (1, 300, model.config.hidden_size)).astype(jnp.bfloat16)
     with jax.disable_jit():
-        want = np.asarray(single.layers[1].mlp(x))
+        want = np.asarray(single.layer(1).mlp(x))
     with jax.set_mesh(mesh):
         assert (np.asarray(jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, x)) == want).all()
 

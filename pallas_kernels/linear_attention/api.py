@@ -96,7 +96,7 @@ def linear_attention_decode_backend(qkv, state, rotary_dim: int, backend="auto")
     return "gpu" if platform() == "hopper" and step_gpu.fits(qkv, state, rotary_dim) else "reference"
 
 
-def linear_attention_decode(qkv, q_weight, k_weight, cos, sin, log_decay, state, valid=None, *, eps,
+def linear_attention_decode(qkv, q_weight, k_weight, cos, sin, log_decay, state, valid=None, *, slot=None, eps,
                             scale=None, backend="auto", interpret=False):
     """One token per sequence of the Lightning layer, from its fused projection to the attention
     output and the new state: see `reference.decode_step` for shapes and math (valid None: all).
@@ -104,12 +104,17 @@ def linear_attention_decode(qkv, q_weight, k_weight, cos, sin, log_decay, state,
     when it takes the operands (`step_gpu.fits`), the jnp reference elsewhere (on a TPU too: the
     layer calls this only where the kernel runs, and takes `linear_attention_step` otherwise).
 
+    slot: None, state [B, H, D, D] -> (o, new state); or an int / [] int32, state a stack
+    [S, B, H, D, D] of which entry slot is the state -> (o, the stack with that entry advanced:
+    the kernel updates it in place when the stack is donated or a loop's carry).
+
     interpret: run the GPU kernel in Pallas interpret mode, whatever `backend` says (CPU tests).
     """
-    B, H, D, Dv = state.shape
+    states = state[None] if slot is None else state
+    _, B, H, D, Dv = states.shape
     if qkv.shape != (B, 3 * H * D) or D != Dv:
         raise ValueError(f"linear_attention_decode: qkv {qkv.shape} does not hold q, k and v for the "
-                         f"state {state.shape} ([B, 3 H D] with Dv == D)")
+                         f"state {states.shape[1:]} ([B, 3 H D] with Dv == D)")
     if cos.shape != sin.shape or cos.shape[0] != B or cos.shape[-1] > D:
         raise ValueError(f"linear_attention_decode: cos {cos.shape} and sin {sin.shape} must be [{B}, rotary_dim <= {D}]")
     if any(t.dtype != qkv.dtype for t in (q_weight, k_weight, cos, sin)):
@@ -117,14 +122,19 @@ def linear_attention_decode(qkv, q_weight, k_weight, cos, sin, log_decay, state,
                          f"{[str(t.dtype) for t in (q_weight, k_weight, cos, sin)]}")
     valid = jnp.ones((B,), bool) if valid is None else valid
     scale = D ** -0.5 if scale is None else scale
-    if interpret or linear_attention_decode_backend(qkv, state, cos.shape[-1], backend) == "gpu":
+    at = 0 if slot is None else slot
+    if interpret or linear_attention_decode_backend(qkv, states, cos.shape[-1], backend) == "gpu":
         from pallas_kernels.linear_attention import step_gpu
 
-        if not step_gpu.fits(qkv, state, cos.shape[-1]):
+        if not step_gpu.fits(qkv, states, cos.shape[-1]):
             raise NotImplementedError(
                 f"the gpu kernel takes bf16 or float32 qkv, a float32 state, D a power of two >= {step_gpu.BLOCK_V}, "
                 f"and rotary_dim / 2 and D - rotary_dim powers of two (or D - rotary_dim = 0); got {qkv.dtype}, "
-                f"state {state.dtype}, D={D}, rotary_dim={cos.shape[-1]}; use backend='reference'")
-        return step_gpu.decode_step(qkv, q_weight, k_weight, cos, sin, log_decay, state, valid, eps=eps,
-                                    scale=scale, interpret=interpret)
-    return reference.decode_step(qkv, q_weight, k_weight, cos, sin, log_decay, state, valid, eps=eps, scale=scale)
+                f"state {states.dtype}, D={D}, rotary_dim={cos.shape[-1]}; use backend='reference'")
+        o, states = step_gpu.decode_step(qkv, q_weight, k_weight, cos, sin, log_decay, states, at, valid, eps=eps,
+                                         scale=scale, interpret=interpret)
+    else:
+        one = jax.lax.dynamic_index_in_dim(states, at, keepdims=False)
+        o, one = reference.decode_step(qkv, q_weight, k_weight, cos, sin, log_decay, one, valid, eps=eps, scale=scale)
+        states = jax.lax.dynamic_update_index_in_dim(states, one, at, 0)
+    return (o, states[0]) if slot is None else (o, states)

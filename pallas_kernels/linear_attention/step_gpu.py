@@ -11,6 +11,8 @@ dependent loads and reductions, not by its state bytes.
 
 Grid (B, H, Dv / BLOCK_V). Every program recomputes its head's q and k (D values each, from L2)
 and owns a [D, BLOCK_V] column block of the state, which it reads once and writes once, in place.
+The state is entry `slot` of a stack of every linear layer's states (the scanned decoder's cache),
+addressed inside the kernel: a slice taken outside it would be a copy of the state.
 The head's D channels are handled as the spans [0, r/2), [r/2, r), [r, D) for rotary_dim r, each a
 power-of-two Triton vector, so that the rotation pairs channel i with i + r/2 without a shuffle.
 
@@ -41,18 +43,20 @@ def _spans(D: int, rotary_dim: int) -> tuple[tuple[int, int], ...]:
 
 def fits(qkv, state, rotary_dim: int) -> bool:
     """Whether the kernel takes these operands (Triton blocks have power-of-two sizes): bf16 or
-    float32 qkv, a float32 state [B, H, D, D] with D a power of two of at least BLOCK_V, and
+    float32 qkv, a float32 state [..., D, D] with D a power of two of at least BLOCK_V, and
     rotary_dim / 2 and D - rotary_dim (unless 0) powers of two."""
-    D, Dv = state.shape[2:]
+    D, Dv = state.shape[-2:]
     spans_ok = rotary_dim % 2 == 0 and 0 < rotary_dim <= D and all(_pow2(n) for _, n in _spans(D, rotary_dim))
     return (jnp.dtype(qkv.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
             and jnp.dtype(state.dtype) == jnp.dtype(jnp.float32) and D == Dv and _pow2(D) and D >= BLOCK_V
             and spans_ok)
 
 
-def _kernel(q_ref, k_ref, v_ref, qw_ref, kw_ref, cos_ref, sin_ref, decay_ref, valid_ref, s_ref,
+def _kernel(q_ref, k_ref, v_ref, qw_ref, kw_ref, cos_ref, sin_ref, decay_ref, valid_ref, slot_ref, s_ref,
             o_ref, s_out_ref, *, spans, eps, scale):
     f32, dtype = jnp.float32, q_ref.dtype
+    b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    slot, cols = slot_ref[0], pl.ds(j * BLOCK_V, BLOCK_V)
     half = spans[0][1]
     D = sum(n for _, n in spans)
 
@@ -70,7 +74,7 @@ def _kernel(q_ref, k_ref, v_ref, qw_ref, kw_ref, cos_ref, sin_ref, decay_ref, va
         sin1, sin2 = sin_ref[pl.ds(0, half)].astype(f32), sin_ref[pl.ds(half, half)].astype(f32)
         return [rnd(rnd(x1 * cos1) + rnd(-x2 * sin1)), rnd(rnd(x2 * cos2) + rnd(x1 * sin2))] + parts[2:]
 
-    blocks = [s_ref[pl.ds(a, n), :] for a, n in spans]          # [n, BLOCK_V] each, loads issued first
+    blocks = [s_ref[slot, b, h, pl.ds(a, n), cols] for a, n in spans]   # [n, BLOCK_V] each, loads first
     valid = valid_ref[0] != 0
     q = head(q_ref, qw_ref)
     k = [jnp.where(valid, p, 0.0) for p in head(k_ref, kw_ref)]
@@ -80,21 +84,21 @@ def _kernel(q_ref, k_ref, v_ref, qw_ref, kw_ref, cos_ref, sin_ref, decay_ref, va
     q_state = jnp.zeros_like(v)
     for (a, n), rows, q_part, k_part in zip(spans, blocks, q, k):
         q_state += jnp.sum(q_part[:, None] * rows, axis=0)
-        s_out_ref[pl.ds(a, n), :] = decay * rows + k_part[:, None] * v[None, :]
+        s_out_ref[slot, b, h, pl.ds(a, n), cols] = decay * rows + k_part[:, None] * v[None, :]
     o_ref[...] = (scale * (qk * v + decay * q_state)).astype(o_ref.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "scale", "interpret"))
-def decode_step(qkv, q_weight, k_weight, cos, sin, log_decay, state, valid, *, eps, scale, interpret=False):
+def decode_step(qkv, q_weight, k_weight, cos, sin, log_decay, states, slot, valid, *, eps, scale, interpret=False):
     """qkv: [B, 3 H D]; q_weight, k_weight: [D]; cos, sin: [B, rotary_dim]; log_decay: [H];
-    state: [B, H, D, D] float32; valid: [B] bool -> (o [B, H, D] in qkv.dtype, state')
-    (api.linear_attention_decode)."""
-    B, H, D, Dv = state.shape
+    states: [S, B, H, D, D] float32, of which entry slot ([] int32) is the state; valid: [B] bool
+    -> (o [B, H, D] in qkv.dtype, states with entry slot advanced) (api.linear_attention_decode)."""
+    _, B, H, D, Dv = states.shape
     rotary_dim = cos.shape[-1]
     heads = qkv.reshape(B, 3 * H, D)
     decay = jnp.exp(log_decay.astype(jnp.float32))
     scalar = pl.BlockSpec((1,), lambda b, h, j: (h,))
-    o, state = pl.pallas_call(
+    return pl.pallas_call(
         functools.partial(_kernel, spans=_spans(D, rotary_dim), eps=eps, scale=scale),
         grid=(B, H, Dv // BLOCK_V),
         in_specs=[
@@ -107,14 +111,15 @@ def decode_step(qkv, q_weight, k_weight, cos, sin, log_decay, state, valid, *, e
             pl.BlockSpec((None, rotary_dim), lambda b, h, j: (b, 0)),
             scalar,
             pl.BlockSpec((1,), lambda b, h, j: (b,)),
-            pl.BlockSpec((None, None, D, BLOCK_V), lambda b, h, j: (b, h, 0, j)),
+            pl.BlockSpec(memory_space=pl.ANY),                                     # slot
+            pl.BlockSpec(memory_space=pl.ANY),                                     # states: whole, by slot
         ],
         out_specs=[pl.BlockSpec((None, None, BLOCK_V), lambda b, h, j: (b, h, j)),
-                   pl.BlockSpec((None, None, D, BLOCK_V), lambda b, h, j: (b, h, 0, j))],
-        out_shape=[jax.ShapeDtypeStruct((B, H, Dv), qkv.dtype), jax.ShapeDtypeStruct(state.shape, jnp.float32)],
-        input_output_aliases={9: 1},
+                   pl.BlockSpec(memory_space=pl.ANY)],
+        out_shape=[jax.ShapeDtypeStruct((B, H, Dv), qkv.dtype), jax.ShapeDtypeStruct(states.shape, jnp.float32)],
+        input_output_aliases={10: 1},
         compiler_params=pltriton.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
         interpret=interpret,
         name="linear_attention_decode",
-    )(heads, heads, heads, q_weight, k_weight, cos, sin, decay, valid.astype(jnp.int32), state)
-    return o, state
+    )(heads, heads, heads, q_weight, k_weight, cos, sin, decay, valid.astype(jnp.int32),
+      jnp.reshape(jnp.asarray(slot, jnp.int32), (1,)), states)

@@ -9,6 +9,7 @@ Hopper GPUs and is XLA's gather elsewhere.
 """
 
 import jax.numpy as jnp
+from jax import lax
 
 from pallas_kernels.moe import reference
 from pallas_kernels.platform import platform
@@ -36,10 +37,15 @@ def gmm_backend(lhs, rhs, preferred_element_type=None, backend="auto") -> str:
     return "reference"
 
 
-def gmm(lhs, rhs, group_sizes, *, preferred_element_type=None, backend="auto", interpret=False):
+def gmm(lhs, rhs, group_sizes, *, group_offset=0, preferred_element_type=None, backend="auto",
+        interpret=False):
     """Grouped matmul, `jax.lax.ragged_dot` semantics: lhs [M, K], rhs [G, K, N], group_sizes [G]
     int32 (sum <= M; rows past the sum come back as zeros) -> [M, N] in preferred_element_type
     (default lhs.dtype), accumulated in float32. Empty groups read none of their rhs in the kernels.
+
+    group_offset: int or [] int32: group g multiplies rhs[group_offset + g] of a longer stack
+    [>= group_offset + G, K, N] (one layer's experts in the stack of every layer's: the GPU kernel
+    reads them in place; the TPU kernel and the reference take a slice of the stack first).
 
     interpret: run the TPU kernel in interpret mode (False, True or `pltpu.InterpretParams()`).
     """
@@ -47,8 +53,9 @@ def gmm(lhs, rhs, group_sizes, *, preferred_element_type=None, backend="auto", i
     if kind == "gpu":
         from pallas_kernels.moe import gpu
 
-        return gpu.gmm(lhs, rhs, group_sizes, preferred_element_type=preferred_element_type,
-                       tile_m=_gpu_tile_m(lhs, rhs))
+        return gpu.gmm(lhs, rhs, group_sizes, group_offset=group_offset,
+                       preferred_element_type=preferred_element_type, tile_m=_gpu_tile_m(lhs, group_sizes))
+    rhs = _groups(rhs, group_offset, group_sizes.shape[0])
     if kind == "tpu":
         from pallas_kernels.moe import tpu
 
@@ -58,19 +65,28 @@ def gmm(lhs, rhs, group_sizes, *, preferred_element_type=None, backend="auto", i
         preferred_element_type or lhs.dtype))
 
 
-def gmm_swiglu(lhs, rhs, group_sizes, *, backend="auto", interpret=False):
-    """`reference.swiglu(gmm(lhs, rhs, group_sizes))`: the experts' gate and up products (rhs
-    [G, K, 2 I], gate columns then up) and SwiGLU -> [M, I] in lhs.dtype. Where the GPU kernel runs
-    with 128-row tiles, SwiGLU runs in its epilogue, so the [M, 2 I] product is never written."""
-    if gmm_backend(lhs, rhs, None, backend) == "gpu" and _gpu_tile_m(lhs, rhs) == 128:
+def gmm_swiglu(lhs, rhs, group_sizes, *, group_offset=0, backend="auto", interpret=False):
+    """`reference.swiglu(gmm(lhs, rhs, group_sizes, group_offset=...))`: the experts' gate and up
+    products (rhs [G, K, 2 I], gate columns then up) and SwiGLU -> [M, I] in lhs.dtype. Where the
+    GPU kernel runs with 128-row tiles, SwiGLU runs in its epilogue, so the [M, 2 I] product is
+    never written."""
+    if gmm_backend(lhs, rhs, None, backend) == "gpu" and _gpu_tile_m(lhs, group_sizes) == 128:
         from pallas_kernels.moe import gpu
 
-        return gpu.gmm(lhs, rhs, group_sizes, swiglu=True)
-    return reference.swiglu(gmm(lhs, rhs, group_sizes, backend=backend, interpret=interpret))
+        return gpu.gmm(lhs, rhs, group_sizes, group_offset=group_offset, swiglu=True)
+    return reference.swiglu(gmm(lhs, rhs, group_sizes, group_offset=group_offset, backend=backend,
+                                interpret=interpret))
 
 
-def _gpu_tile_m(lhs, rhs) -> int:
-    return 64 if lhs.shape[0] <= GPU_SMALL_TILE_ROWS * rhs.shape[0] else 128
+def _groups(rhs, group_offset, G: int):
+    """rhs[group_offset : group_offset + G]."""
+    if isinstance(group_offset, int) and group_offset == 0 and rhs.shape[0] == G:
+        return rhs
+    return lax.dynamic_slice_in_dim(rhs, group_offset, G)
+
+
+def _gpu_tile_m(lhs, group_sizes) -> int:
+    return 64 if lhs.shape[0] <= GPU_SMALL_TILE_ROWS * group_sizes.shape[0] else 128
 
 
 def take_rows(x, idx, *, backend="auto", interpret=False):

@@ -93,9 +93,10 @@ def _silu_times_up(gate, up, dtype):
     return act.astype(dtype).astype(jnp.float32) * up
 
 
-def _kernel(items_gmem, count_gmem, lhs_gmem, rhs_gmem, out_gmem, *, tile_m, tile_n, stages, swiglu):
+def _kernel(items_gmem, count_gmem, offset_gmem, lhs_gmem, rhs_gmem, out_gmem, *, groups, tile_m, tile_n,
+            stages, swiglu):
     K = lhs_gmem.shape[1]
-    G, _, N = rhs_gmem.shape
+    G, N = groups, rhs_gmem.shape[2]
     dtype = out_gmem.dtype
     epi_n = 128 // dtype.itemsize  # one 128-byte swizzle row
     if swiglu:  # a compute warpgroup: half of the tile's rows x tile_n gate and tile_n up columns
@@ -152,7 +153,7 @@ def _kernel(items_gmem, count_gmem, lhs_gmem, rhs_gmem, out_gmem, *, tile_m, til
                 plgpu.wgmma_wait(0)
                 return acc
 
-            rhs = rhs_gmem.at[group]
+            rhs = rhs_gmem.at[jnp.minimum(group, G - 1) + offset_gmem[0]]   # group G: no rhs read
             if swiglu:
                 blocks = [rhs.at[:, pl.ds(half + n_block * tile_n, tile_n)] for half in (0, N // 2)]
             else:
@@ -178,15 +179,17 @@ def supports(lhs, rhs, out_dtype, tile_n: int = 128, swiglu: bool = False) -> bo
             and (not swiglu or jnp.dtype(out_dtype) == jnp.bfloat16))
 
 
-def gmm(lhs, rhs, group_sizes, *, preferred_element_type=None, swiglu=False, tile_m=128, tile_n=128, stages=4):
-    """lhs [M, K] bf16, rhs [G, K, N] bf16, group_sizes [G] int32 -> [M, N]: `reference.gmm`;
-    swiglu=True -> [M, N / 2]: `reference.swiglu` of it, in the kernel's epilogue (bf16 only).
+def gmm(lhs, rhs, group_sizes, *, group_offset=0, preferred_element_type=None, swiglu=False, tile_m=128,
+        tile_n=128, stages=4):
+    """lhs [M, K] bf16, rhs [>= group_offset + G, K, N] bf16, group_sizes [G] int32 -> [M, N]:
+    `reference.gmm` of the groups rhs[group_offset:][:G] (read in place); swiglu=True -> [M, N / 2]:
+    `reference.swiglu` of it, in the kernel's epilogue (bf16 only).
 
     tile_m in {64, 128} rows per work item (128 with swiglu); each compute warpgroup owns tile_n
     columns (swiglu: tile_n gate and tile_n up columns of half the rows).
     """
     M, K = lhs.shape
-    G, _, N = rhs.shape
+    G, N = group_sizes.shape[0], rhs.shape[2]
     out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
     if not supports(lhs, rhs, out_dtype, tile_n, swiglu):
         raise NotImplementedError(f"gpu gmm takes bf16 operands with K % {TILE_K} == 0 and "
@@ -199,8 +202,9 @@ def gmm(lhs, rhs, group_sizes, *, preferred_element_type=None, swiglu=False, til
     items, count = work_items(group_sizes, lhs.shape[0], tile_m)
     sms = getattr(jax.devices()[0], "core_count", 132)
     kernel = plgpu.kernel(
-        functools.partial(_kernel, tile_m=tile_m, tile_n=tile_n, stages=stages, swiglu=swiglu),
+        functools.partial(_kernel, groups=G, tile_m=tile_m, tile_n=tile_n, stages=stages, swiglu=swiglu),
         out_type=jax.ShapeDtypeStruct((lhs.shape[0], N // 2 if swiglu else N), out_dtype),
         grid=(sms,), grid_names=("sm",), num_threads=3, thread_name="wg",
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
-    return kernel(items, count, lhs, rhs)[:M]
+    offset = jnp.reshape(jnp.asarray(group_offset, jnp.int32), (1,))
+    return kernel(items, count, offset, lhs, rhs)[:M]

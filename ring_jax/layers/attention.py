@@ -1,5 +1,6 @@
 """Softmax GQA attention with q/k RMSNorm and partial RoPE (SPEC.md §5)."""
 
+import dataclasses
 import functools
 
 import jax
@@ -9,12 +10,13 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from pallas_kernels.platform import platform
-from ring_jax.cache import ATTENTION_BLOCK, KVCache
+from ring_jax.cache import ATTENTION_BLOCK, KV_AXES, Cache, KVCache
 from ring_jax.config import RingConfig
 from ring_jax.layers.linear import Linear, einsum
 from ring_jax.layers.norms import RMSNorm
 from ring_jax.layers.rope import apply_rope
-from ring_jax.sharding import in_mesh, mesh_axis
+from ring_jax.layers.stack import StackSlice, slice_in_dim
+from ring_jax.sharding import constrain, in_mesh, mesh_axis
 
 # The largest float32 score matrix [B, H, T, L] computed whole; longer caches go block by block.
 SCORE_BYTES = 1 << 30
@@ -56,7 +58,7 @@ def cached_attention(q: jax.Array, kv: KVCache, q_slots: jax.Array, start: jax.A
     qg = q.reshape(B, T, Hkv, H // Hkv, D)
 
     def scores(i):                                              # [B, Hkv, G, T, block] float32
-        keys = lax.dynamic_slice_in_dim(kv.keys, i * block, block, axis=1)
+        keys = slice_in_dim(kv.keys, i * block, block, axis=1)
         s = einsum("btkgd,bskd->bkgts", qg, keys, jnp.float32) * (D ** -0.5)
         slots = i * block + jnp.arange(block)
         seen = ((slots[None, None, :] >= start[:, None, None]) & (slots[None, None, :] <= q_slots[None, :, None])
@@ -73,7 +75,7 @@ def cached_attention(q: jax.Array, kv: KVCache, q_slots: jax.Array, start: jax.A
 
     def weighted_values(i, acc, m, total):
         probs = (jnp.exp(scores(i) - m[..., None]) / total[..., None]).astype(q.dtype)
-        values = lax.dynamic_slice_in_dim(kv.values, i * block, block, axis=1)
+        values = slice_in_dim(kv.values, i * block, block, axis=1)
         return acc + einsum("bkgts,bskd->btkgd", probs, values, jnp.float32)
 
     m0 = jnp.full((B, Hkv, H // Hkv, T), -jnp.inf)
@@ -91,6 +93,7 @@ def cached_attention(q: jax.Array, kv: KVCache, q_slots: jax.Array, start: jax.A
 # Continuations of more than this many tokens (prefill chunks) take cuDNN's flash attention on
 # Hopper GPUs.
 FLASH_MIN_TOKENS = 8
+
 
 
 @functools.cache
@@ -202,13 +205,15 @@ class SoftmaxAttention(nnx.Module):
         self.dense = Linear(self.num_heads * D, config.hidden_size, axes=("heads", "embed"), dtype=dtype,
                             rngs=rngs)
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, kv: KVCache | None = None,
-                 cursor: jax.Array | None = None, start: jax.Array | None = None):
-        """x: [B, T, hidden]; cos, sin: [T, rotary_dim] or [B, T, rotary_dim].
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, cache: Cache | None = None,
+                 slot=None, valid: jax.Array | None = None) -> tuple[jax.Array, Cache | None]:
+        """x: [B, T, hidden]; cos, sin: [T, rotary_dim] or [B, T, rotary_dim]; slot: this layer's
+        softmax-layer slot in the cache (int or traced [] int32). valid is unused: padding is read
+        from cache.start.
 
-        Without a cache: the causal forward, -> [B, T, hidden]. With kv (this layer's cache), cursor
-        ([] int32, the slot of x's first token) and start ([B]): x's keys and values are written at
-        slots cursor..cursor+T-1 and the queries read the cache, -> ([B, T, hidden], new kv).
+        Without a cache: the causal forward. With one: x's keys and values are written at slots
+        cursor..cursor+T-1 of cache.keys[slot] and cache.values[slot], and the queries read them.
+        Returns ([B, T, hidden], cache).
         """
         B, T, _ = x.shape
         H, Hkv = self.num_heads, self.num_kv_heads
@@ -216,14 +221,19 @@ class SoftmaxAttention(nnx.Module):
         q, k, v = jnp.split(qkv, [H, H + Hkv], axis=2)
         q = apply_rope(self.query_layernorm(q), cos, sin)
         k = apply_rope(self.key_layernorm(k), cos, sin)
-        if kv is None:
+        if cache is None:
             o = _per_block(_flash_causal, q, k, v) if use_flash(q, k) else causal_attention(q, k, v)
-            return self.dense(o.reshape(B, T, H * self.head_dim))
-        kv = KVCache(lax.dynamic_update_slice_in_dim(kv.keys, k.astype(kv.keys.dtype), cursor, axis=1),
-                     lax.dynamic_update_slice_in_dim(kv.values, v.astype(kv.values.dtype), cursor, axis=1))
+            return self.dense(o.reshape(B, T, H * self.head_dim)), None
+        cursor, start = cache.cursor, cache.start
+        slot = 0 if slot is None else slot
+        at = (jnp.asarray(slot, jnp.int32), 0, cursor, 0, 0)
+        keys, values = (constrain(lax.dynamic_update_slice(stack, new[None].astype(stack.dtype), at), KV_AXES)
+                        for stack, new in ((cache.keys, k), (cache.values, v)))
+        cache = dataclasses.replace(cache, keys=keys, values=values)
+        kv = KVCache(StackSlice(keys, slot), StackSlice(values, slot))
         if use_flash(q, kv.keys):
             o = _per_block(lambda q, k, v, cursor, start: flash_cached_attention(q, KVCache(k, v), cursor, start),
-                           q, kv.keys, kv.values, cursor, start)
+                           q, kv.keys.read(), kv.values.read(), cursor, start)
         else:
             o = cached_attention(q, kv, cursor + jnp.arange(T, dtype=jnp.int32), start)
-        return self.dense(o.reshape(B, T, H * self.head_dim)), kv
+        return self.dense(o.reshape(B, T, H * self.head_dim)), cache

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import pallas_kernels
+from ring_jax.layers.stack import StackSlice, read
 from ring_jax.sharding import in_mesh, param
 
 
@@ -21,17 +22,21 @@ def einsum(spec: str, x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
     return y.astype(out_dtype or x.dtype)
 
 
-def matmul(x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
-    """x [..., K] @ w [K, N], as `einsum`. A single row (a batch-1 decode step) on one Hopper GPU
-    takes the matvec kernel, which streams the weights faster than XLA's product of that shape.
-    (Not under a mesh: there XLA partitions the product.)"""
+def matmul(x: jax.Array, w, out_dtype=None) -> jax.Array:
+    """x [..., K] @ w [K, N] (an array or a `StackSlice`), as `einsum`. A single row (a batch-1
+    decode step) on one Hopper GPU takes the matvec kernel, which streams the weights faster than
+    XLA's product of that shape, and reads a stacked layer's weights in their stack. (Not under a
+    mesh: there XLA partitions the product.)"""
     K, N = w.shape
     rows = math.prod(x.shape[:-1])
     if not in_mesh() and pallas_kernels.matvec_backend(
             jax.ShapeDtypeStruct((1, rows, K), x.dtype), jax.ShapeDtypeStruct((1, K, N), w.dtype)) == "gpu":
-        y = pallas_kernels.matvec(x.reshape(1, rows, K), w[None])
+        if isinstance(w, StackSlice):
+            y = pallas_kernels.matvec(x.reshape(1, rows, K), w.stack, w.indices())
+        else:
+            y = pallas_kernels.matvec(x.reshape(1, rows, K), w[None])
         return y.reshape(*x.shape[:-1], N).astype(out_dtype or x.dtype)
-    return einsum("...k,kn->...n", x, w, out_dtype)
+    return einsum("...k,kn->...n", x, read(w), out_dtype)
 
 
 class Linear(nnx.Module):
@@ -42,4 +47,4 @@ class Linear(nnx.Module):
         self.kernel = param((init / in_features ** 0.5).astype(dtype), axes)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return matmul(x, self.kernel[...])
+        return matmul(x, self.kernel.get_value())

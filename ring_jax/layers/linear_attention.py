@@ -1,6 +1,7 @@
 """The Lightning linear-attention layer (SPEC.md §6): fused qkv, q/k RMSNorm, RoPE, a per-head
 decaying recurrent state, GroupRMSNorm, a sigmoid output gate and `dense`."""
 
+import dataclasses
 import math
 
 import jax
@@ -10,12 +11,14 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 import pallas_kernels
+from ring_jax.cache import STATE_AXES, Cache
 from ring_jax.config import RingConfig
 from ring_jax.layers.linear import Linear
 from ring_jax.layers.mlp import rounded
 from ring_jax.layers.norms import GroupRMSNorm, RMSNorm
 from ring_jax.layers.rope import apply_rope
-from ring_jax.sharding import in_mesh, mesh_axis
+from ring_jax.layers.stack import StackSlice, set_entry
+from ring_jax.sharding import constrain, in_mesh, mesh_axis
 
 # Continuations of at most this many tokens (decode, speculative steps) use the closed-form step.
 STEP_MAX_TOKENS = 8
@@ -62,14 +65,22 @@ def scan(q, k, v, g, state):
     return jax.shard_map(run, in_specs=specs, out_specs=(tokens, states), check_vma=False)(*args)
 
 
-class LinearAttention(nnx.Module):
-    """Lightning attention; every head has its own q, k and v (MHA)."""
+def log_decays(config: RingConfig) -> tuple[tuple[float, ...], ...]:
+    """The log decays of every linear layer, in cache-slot order (the layers' order): [n_linear][H]
+    float32 values, exact as Python floats."""
+    return tuple(tuple(float(x) for x in log_decay(config, i))
+                 for i in range(config.num_decoder_layers) if not config.is_softmax_layer(i))
 
-    def __init__(self, config: RingConfig, layer_idx: int, *, dtype, rngs: nnx.Rngs):
+
+class LinearAttention(nnx.Module):
+    """Lightning attention; every head has its own q, k and v (MHA). One module serves every
+    linear layer of a stack: a layer's decay comes from its cache slot."""
+
+    def __init__(self, config: RingConfig, *, dtype, rngs: nnx.Rngs):
         self.num_heads = H = config.num_attention_heads
         self.head_dim = D = config.head_dim
         self.linear_silu = config.linear_silu
-        self.log_decay = tuple(float(x) for x in log_decay(config, layer_idx))  # static, exact f32
+        self.log_decay = log_decays(config)        # static, exact f32: [n_linear][H]
         eps = config.rms_norm_eps
         self.query_key_value = Linear(config.hidden_size, 3 * H * D, axes=("embed", "fused"),
                                       dtype=dtype, rngs=rngs)
@@ -79,43 +90,52 @@ class LinearAttention(nnx.Module):
         self.g_norm = GroupRMSNorm(H * D, config.group_norm_size, eps, dtype=dtype)
         self.dense = Linear(H * D, config.hidden_size, axes=("heads", "embed"), dtype=dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array,
-                 initial_state: jax.Array | None = None, valid: jax.Array | None = None
-                 ) -> tuple[jax.Array, jax.Array]:
-        """x: [B, T, hidden]; cos, sin: [(B,) T, rotary_dim]; initial_state: [B, H, D, D] f32 or None.
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, cache: Cache | None = None,
+                 slot=None, valid: jax.Array | None = None) -> tuple[jax.Array, Cache | None]:
+        """x: [B, T, hidden]; cos, sin: [(B,) T, rotary_dim]; slot: this layer's linear-layer slot
+        (int or traced [] int32): its decay, and its state in cache.states.
 
-        valid: [B, T] bool or None: False marks left padding, tokens before a sequence's first
-        token. Their keys and values are zeroed, which is exact because the state they would enter
-        is still zero for that sequence: they add nothing, and the decays they cause act on zero.
-        A few tokens (T <= STEP_MAX_TOKENS, decoding) continue from initial_state in closed form.
+        Without a cache: the causal forward from a zero state. With one: x continues the state
+        cache.states[slot], which comes back updated. valid: [B, T] bool or None: False marks left
+        padding, tokens before a sequence's first token. Their keys and values are zeroed, which
+        is exact because the state they would enter is still zero for that sequence: they add
+        nothing, and the decays they cause act on zero. A few tokens (T <= STEP_MAX_TOKENS,
+        decoding) continue in closed form.
 
-        Returns (out [B, T, hidden], final_state [B, H, D, D] f32).
+        Returns (out [B, T, hidden], cache).
         """
+        if slot is None:
+            raise ValueError("LinearAttention needs the layer's slot (`ring_jax.schedule.cache_slot`): "
+                             "it selects the layer's decay")
         B, T, _ = x.shape
         H, D = self.num_heads, self.head_dim
-        g = jnp.asarray(self.log_decay, jnp.float32)
+        g = StackSlice(jnp.asarray(self.log_decay, jnp.float32), slot).read()            # [H]
         qkv = self.query_key_value(x)
         if self.linear_silu:                      # SGLang's placement: on the fused projection
             qkv = rounded(jax.nn.silu, qkv)
-        if self._takes_decode_kernel(T, qkv, cos, initial_state):
+        if cache is not None and self._takes_decode_kernel(T, qkv, cos, cache.states):
             cos, sin = (jnp.broadcast_to(t, (B, T, t.shape[-1]))[:, 0] for t in (cos, sin))
-            o, state = pallas_kernels.linear_attention_decode(
+            o, states = pallas_kernels.linear_attention_decode(
                 qkv[:, 0], self.query_layernorm.weight[...], self.key_layernorm.weight[...], cos, sin, g,
-                initial_state, None if valid is None else valid[:, 0], eps=self.query_layernorm.eps)
+                cache.states, None if valid is None else valid[:, 0], slot=slot, eps=self.query_layernorm.eps)
         else:
             q, k, v = jnp.split(qkv.reshape(B, T, 3 * H, D), 3, axis=2)
             q = apply_rope(self.query_layernorm(q), cos, sin)
             k = apply_rope(self.key_layernorm(k), cos, sin)
             if valid is not None:
                 k, v = (jnp.where(valid[:, :, None, None], t, 0) for t in (k, v))
-            o, state = scan(q, k, v, g, initial_state)
+            state = None if cache is None else StackSlice(cache.states, slot).read()
+            o, state = scan(q, k, v, g, state)
+            states = None if cache is None else set_entry(cache.states, slot, state)
+        if cache is not None:
+            cache = dataclasses.replace(cache, states=constrain(states, STATE_AXES))
         o = self.g_norm(o.reshape(B, T, H * D))
         o = o * rounded(jax.nn.sigmoid, self.g_proj(x))
-        return self.dense(o), state
+        return self.dense(o), cache
 
-    def _takes_decode_kernel(self, T, qkv, cos, state) -> bool:
+    def _takes_decode_kernel(self, T, qkv, cos, states) -> bool:
         """Whether a decode token (T == 1 after a state, one device) takes the GPU kernel that
-        runs the norms, the rotation and the recurrence in one launch
-        (`pallas_kernels.linear_attention_decode`)."""
-        return (T == 1 and state is not None and not in_mesh()
-                and pallas_kernels.linear_attention_decode_backend(qkv, state, cos.shape[-1]) == "gpu")
+        runs the norms, the rotation and the recurrence in one launch and updates the state in
+        its stack (`pallas_kernels.linear_attention_decode`)."""
+        return (T == 1 and not in_mesh()
+                and pallas_kernels.linear_attention_decode_backend(qkv, states, cos.shape[-1]) == "gpu")

@@ -30,6 +30,7 @@ import pallas_kernels
 from ring_jax.config import RingConfig
 from ring_jax.layers.linear import matmul
 from ring_jax.layers.mlp import MLP, swiglu
+from ring_jax.layers.stack import StackSlice
 from ring_jax.sharding import in_mesh, mesh_axis, param
 
 
@@ -48,7 +49,7 @@ class Router(nnx.Module):
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """x: [N, hidden] -> (expert ids [N, top_k] int32, weights [N, top_k] float32)."""
-        kernel = self.kernel[...]
+        kernel = self.kernel.get_value()                     # an array or a StackSlice
         logits = matmul(x.astype(jnp.float32), kernel)       # [N, E] float32 (kernel promoted)
         scores = jax.nn.sigmoid(logits)
         bias = self.expert_bias[...]
@@ -109,9 +110,10 @@ def expert_outputs(tokens, ids, gate_up, down, expert_axis=None, gathered=None):
     """Each (token, expert) pair through its expert: out[n, j] = expert_{ids[n, j]}(tokens[n]).
 
     tokens: [N, hidden]; ids: [N, k] int32; gate_up: [E, hidden, 2 I] and down: [E, I, hidden], the
-    experts held here. expert_axis: inside shard_map, the mesh axis the experts are split over
-    (this device holds experts [i E, (i + 1) E), i its index on the axis; pairs whose expert is
-    elsewhere come back as zeros). Returns [N, k, hidden] in tokens' dtype.
+    experts held here (arrays, or `StackSlice`s of every layer's experts). expert_axis: inside
+    shard_map, the mesh axis the experts are split over (this device holds experts [i E, (i + 1) E),
+    i its index on the axis; pairs whose expert is elsewhere come back as zeros). Returns
+    [N, k, hidden] in tokens' dtype.
 
     The pairs run sorted by expert through grouped matmuls (dropless), or, for few pairs, each
     through its chosen expert's weights (`gathers`; inside shard_map the caller decides from the
@@ -130,6 +132,14 @@ def expert_outputs(tokens, ids, gate_up, down, expert_axis=None, gathered=None):
     return _grouped(tokens, ids, gate_up, down)
 
 
+def _one_stack(w):
+    """A layer's matrices [G, K, N] (an array, or a StackSlice of every layer's [n, G, K, N]) as
+    (one stack [n G, K, N] that the kernels take whole, the layer's first matrix in it)."""
+    if isinstance(w, StackSlice):
+        return w.stack.reshape((-1,) + w.shape[1:]), w.index * w.shape[0]
+    return w, 0
+
+
 def _grouped(tokens, ids, gate_up, down):
     """-> [N, k, hidden]; pairs with ids == E (experts held elsewhere) give zeros."""
     N, k = ids.shape
@@ -137,14 +147,21 @@ def _grouped(tokens, ids, gate_up, down):
     order, rank, group_sizes = sort_by_expert(ids.reshape(-1), E + 1)
     group_sizes = group_sizes[:E]                           # rows past their sum come back as zeros
     rows = pallas_kernels.take_rows(tokens, order // k)                          # sorted by expert
-    out = pallas_kernels.gmm_swiglu(rows, gate_up, group_sizes)
-    out = pallas_kernels.gmm(out, down, group_sizes)
+    (gate_up, first), (down, _) = _one_stack(gate_up), _one_stack(down)
+    out = pallas_kernels.gmm_swiglu(rows, gate_up, group_sizes, group_offset=first)
+    out = pallas_kernels.gmm(out, down, group_sizes, group_offset=first)
     return out[rank].reshape(N, k, -1)
 
 
 def _gathered(tokens, ids, gate_up, down):
-    """-> [N, k, hidden], reading only the chosen experts' weights (pair n k + j takes token n).
-    gate_up and down may be tuples of stacks (`pallas_kernels.matvec`) that ids address as one."""
+    """-> [N, k, hidden], reading only the chosen experts' weights (pair n k + j takes token n)."""
+    (gate_up, first), (down, _) = _one_stack(gate_up), _one_stack(down)
+    return _matvecs(tokens, ids + first, gate_up, down)
+
+
+def _matvecs(tokens, ids, gate_up, down):
+    """-> [N, k, hidden]: pair n k + j through matrices ids[n, j] of the stacks gate_up and down,
+    which may be tuples of stacks (`pallas_kernels.matvec`) that ids address as one."""
     N, k = ids.shape
     pairs = ids.reshape(-1)
     out = pallas_kernels.matvec(tokens[:, None], gate_up, pairs).astype(tokens.dtype)     # [N k, 1, 2 I]
@@ -160,10 +177,18 @@ def shared_rides_along(tokens, ids, gate_up, down, shared) -> bool:
     sums."""
     if shared is None or in_mesh() or not gathers(tokens, ids, gate_up, down):
         return False
-    mine = (shared.gate_up_proj.kernel[...], shared.down_proj.kernel[...])
+    mine = (shared.gate_up_proj.kernel.get_value(), shared.down_proj.kernel.get_value())
     return all(pallas_kernels.matvec_backend(jax.ShapeDtypeStruct((1, 1, e.shape[1]), tokens.dtype),
                                              (e, jax.ShapeDtypeStruct((1,) + w.shape, w.dtype))) == "gpu"
                for w, e in zip(mine, (gate_up, down)))
+
+
+def _as_stack(w):
+    """A matrix [K, N] (an array or a StackSlice) as one of a stack: [1, K, N], or the StackSlice
+    of [n, 1, K, N]."""
+    if isinstance(w, StackSlice):
+        return StackSlice(w.stack[:, None], w.index)
+    return w[None]
 
 
 class Experts(nnx.Module):
@@ -180,17 +205,20 @@ class Experts(nnx.Module):
         """tokens: [N, hidden]; ids, weights: [N, k] -> the weighted sum of each token's pairs'
         outputs (`expert_outputs`, `combine`) [N, hidden]. Under a mesh: per (batch shard, expert
         shard) block, the pairs' outputs brought together over `expert` (module docstring)."""
-        gate_up, down = self.gate_up_proj[...], self.down_proj[...]
+        gate_up, down = self.gate_up_proj.get_value(), self.down_proj.get_value()
         if not in_mesh():
             return combine(expert_outputs(tokens, ids, gate_up, down), weights)
+        if not isinstance(gate_up, StackSlice):                   # one layer: a stack of one
+            gate_up, down = StackSlice(gate_up[None], 0), StackSlice(down[None], 0)
         batch = mesh_axis("batch", tokens.shape[0])
         axis = mesh_axis("experts", gate_up.shape[0])
-        experts = P(axis, None, None)
+        experts = P(None, axis, None, None)
         gathered = gathers(tokens, ids, gate_up, down, expert_parallel=axis is not None)
 
-        @functools.partial(jax.shard_map, in_specs=(P(batch, None), P(batch, None), P(batch, None), experts, experts),
+        @functools.partial(jax.shard_map, in_specs=(P(batch, None), P(batch, None), P(batch, None), experts, experts, P()),
                            out_specs=P(batch, None), check_vma=False)
-        def block(tokens, ids, weights, gate_up, down):
+        def block(tokens, ids, weights, gate_up, down, index):
+            gate_up, down = StackSlice(gate_up, index), StackSlice(down, index)
             out = expert_outputs(tokens, ids, gate_up, down, expert_axis=axis, gathered=gathered)
             if axis is None:
                 return combine(out, weights)
@@ -198,7 +226,7 @@ class Experts(nnx.Module):
                 return combine(jax.lax.psum(out, axis), weights)
             return _scattered_combine(out, weights, axis)
 
-        return block(tokens, ids, weights, gate_up, down)
+        return block(tokens, ids, weights, gate_up.stack, down.stack, jnp.asarray(gate_up.index, jnp.int32))
 
 
 # From this many tokens per device block, the pairs' outputs come back by reduce-scatter, combine
@@ -239,12 +267,17 @@ class MoE(nnx.Module):
         """x: [B, T, hidden] -> [B, T, hidden]."""
         tokens = x.reshape(-1, x.shape[-1])                                          # [N, hidden]
         ids, weights = self.gate(tokens)                                             # [N, k]
-        gate_up, down = self.experts.gate_up_proj[...], self.experts.down_proj[...]
+        gate_up, down = self.experts.gate_up_proj.get_value(), self.experts.down_proj.get_value()
         if shared_rides_along(tokens, ids, gate_up, down, self.shared_experts):
-            shared = self.shared_experts                # pair k of each token: matrix E of the tuples
-            ids = jnp.concatenate([ids, jnp.full((ids.shape[0], 1), gate_up.shape[0], ids.dtype)], axis=1)
-            out = _gathered(tokens, ids, (gate_up, shared.gate_up_proj.kernel[...][None]),
-                            (down, shared.down_proj.kernel[...][None]))              # [N, k + 1, hidden]
+            # One matvec call per product for the routed pairs and the shared expert: pair k of
+            # each token reads the shared matrix, which follows every routed one in the tuples.
+            (gate_up, first), (down, _) = _one_stack(gate_up), _one_stack(down)
+            shared = self.shared_experts
+            (shared_gate_up, mine), (shared_down, _) = (_one_stack(_as_stack(w.kernel.get_value()))
+                                                         for w in (shared.gate_up_proj, shared.down_proj))
+            ids = jnp.concatenate([ids + first, jnp.full((ids.shape[0], 1), gate_up.shape[0] + mine, ids.dtype)],
+                                  axis=1)
+            out = _matvecs(tokens, ids, (gate_up, shared_gate_up), (down, shared_down))   # [N, k + 1, hidden]
             return (combine(out[:, :-1], weights) + out[:, -1]).reshape(x.shape)
         routed = self.experts(tokens, ids, weights)                                  # [N, hidden]
         if self.shared_experts is not None:
