@@ -30,7 +30,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks.timing import bench_jax, device_ms, traced_gpu_ms  # noqa: E402
-from pallas_kernels.linear_attention import reference as la_reference, step_gpu  # noqa: E402
+import pallas_kernels  # noqa: E402
+from pallas_kernels.linear_attention import reference as la_reference  # noqa: E402
 from pallas_kernels.router import gpu as router_gpu, reference as router_reference  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -91,7 +92,8 @@ def main(argv=None):
     H, D, r = config.num_attention_heads, config.head_dim, config.rotary_dim
     constants = dict(eps=config.rms_norm_eps, scale=D ** -0.5)
     # (qkv, q_weight, k_weight, cos, sin, log_decay, valid, state): the state last, to be donated
-    step = jax.jit(lambda *a: step_gpu.decode_step(*a[:6], a[7], a[6], interpret=interpret, **constants))
+    step = jax.jit(lambda *a: pallas_kernels.linear_attention_decode(*a[:6], a[7], a[6], backend="gpu",
+                                                                     interpret=interpret, **constants))
     step_xla = jax.jit(lambda *a: la_reference.decode_step(*a[:6], a[7], a[6], **constants))
     for B in args.batch:
         qkv = jnp.asarray(rng.standard_normal((B, 3 * H * D)), jnp.bfloat16)
