@@ -24,6 +24,8 @@ import sys
 import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+# First calls are timed as compiles: no persistent compilation cache unless asked for.
+os.environ.setdefault("RING_JAX_COMPILATION_CACHE", "off")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax

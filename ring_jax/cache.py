@@ -73,10 +73,13 @@ class Cache:
 
 
 def cache_length(needed: int) -> int:
-    """The max_len a cache gets for `needed` slots: a multiple of 256 up to one attention block,
-    a multiple of ATTENTION_BLOCK beyond."""
-    step = 256 if needed <= ATTENTION_BLOCK else ATTENTION_BLOCK
-    return -(-needed // step) * step
+    """The max_len a cache gets for `needed` slots: a power of two of at least 256 up to one
+    attention block, a multiple of ATTENTION_BLOCK beyond. Few sizes, since every compiled step
+    depends on it: a new prompt length or max_new_tokens within one compiles nothing. (A decode
+    step reads the whole cache, so the sizes beyond one block stay one block apart.)"""
+    if needed <= ATTENTION_BLOCK:
+        return max(256, 1 << (needed - 1).bit_length())
+    return -(-needed // ATTENTION_BLOCK) * ATTENTION_BLOCK
 
 
 def cache_shardings(cache: Cache, mesh: jax.sharding.Mesh) -> Cache:

@@ -25,7 +25,8 @@ def default_cache_dir() -> str:
 
 def enable_compilation_cache(path: str | None = None) -> str | None:
     """Keeps compilations in `path` (default: `default_cache_dir()`) and looks there before
-    compiling; "off" (any case) leaves the cache off. Call it before the first compilation.
+    compiling; "off" (any case) turns the cache off. Call it before the first compilation.
+    `import ring_jax` calls it with the default unless JAX's cache folder is already set.
 
     Only compilations of at least `jax_persistent_cache_min_compile_time_secs` (JAX's setting:
     1 s unless changed, e.g. by $JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS) are kept. A folder that
@@ -33,6 +34,7 @@ def enable_compilation_cache(path: str | None = None) -> str | None:
     """
     path = path or default_cache_dir()
     if path.lower() == "off":
+        jax.config.update("jax_compilation_cache_dir", None)
         return None
     path = os.path.abspath(os.path.expanduser(path))
     try:

@@ -16,6 +16,7 @@ gets every sequence's tokens back.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import functools
@@ -29,7 +30,7 @@ from jax.sharding import NamedSharding
 
 from ring_jax.cache import Cache, cache_length, init_cache
 from ring_jax.layers.attention import FLASH_MIN_TOKENS, use_flash
-from ring_jax.sharding import put, sharding_mesh, spec
+from ring_jax.sharding import first_array, put, sharding_mesh, spec
 
 
 def default_prefill_chunk(model) -> int:
@@ -83,7 +84,8 @@ def sample(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
 @dataclasses.dataclass(frozen=True)
 class DecodeState:
     """Everything the decode loop carries. logits: [B, V] float32 for the next token; tokens:
-    [B, N] generated so far (pad after a sequence finished); step: [] tokens generated; done: [B];
+    [B, N] generated so far (pad after a sequence finished; N: `token_bucket`, at least the
+    tokens asked for); step: [] tokens generated; done: [B];
     recent: [B, W] the last W tokens (stop sequences); seed: [] uint32, of the sampling keys."""
     cache: Cache
     logits: jax.Array
@@ -181,12 +183,36 @@ def _prompts(input_ids, attention_mask, vocab_size: int) -> list[np.ndarray]:
     return prompts
 
 
+def batch_bucket(prompts: int, data: int = 1) -> int:
+    """The batch that a call of `prompts` prompts runs at: the next power of two (a multiple of a
+    mesh's `data` axis), so that one compiled decode step serves every batch size up to it. The
+    rows past the prompts are copies of the last one, finished from the start."""
+    return -(-(1 << (prompts - 1).bit_length()) // data) * data
+
+
+def token_bucket(max_new_tokens: int) -> int:
+    """The width of the decode loop's token buffer for max_new_tokens: a power of two of at least
+    16, so that a new max_new_tokens within it compiles nothing."""
+    return max(16, 1 << (max_new_tokens - 1).bit_length())
+
+
 def _steps(length: int, chunk: int) -> list[int]:
     """Prefill step sizes for a prompt of `length` tokens, `chunk` tokens per step: the rest of the
     length over whole chunks rounded up to a power of two (>= 16) first, then the whole chunks.
     Their sum is the padded prompt length."""
     full, rest = divmod(length, chunk)
     return ([min(max(16, 1 << (rest - 1).bit_length()), chunk)] if rest else []) + [chunk] * full
+
+
+def _shapes(model, prompts: int, longest: int, prefill_chunk: int | None) -> tuple[int, list[int]]:
+    """(the batch bucket, the prefill step sizes) of a call with `prompts` prompts of at most
+    `longest` tokens: what its compiled steps depend on, with the cache length."""
+    prefill_chunk = default_prefill_chunk(model) if prefill_chunk is None else prefill_chunk
+    if prefill_chunk < 16 or prefill_chunk & (prefill_chunk - 1):
+        raise ValueError(f"prefill_chunk={prefill_chunk} must be a power of two >= 16")
+    mesh = sharding_mesh(first_array(model).sharding)
+    B = batch_bucket(prompts, 1 if mesh is None else mesh.shape.get("data", 1))
+    return B, _steps(longest, max(16, 1 << max(prefill_chunk // B, 1).bit_length() - 1))   # chunk over the batch
 
 
 def _on(mesh):
@@ -235,35 +261,30 @@ def _start(model, input_ids, *, attention_mask, max_new_tokens, temperature, top
         raise ValueError("stop sequences must be non-empty lists of token ids")
     rule = StopRule(tuple(int(e) for e in eos), stop, int(pad))
 
-    prefill_chunk = default_prefill_chunk(model) if prefill_chunk is None else prefill_chunk
-    if prefill_chunk < 16 or prefill_chunk & (prefill_chunk - 1):
-        raise ValueError(f"prefill_chunk={prefill_chunk} must be a power of two >= 16")
     # Flattened once (the steps take the arrays). All parameters are placed alike (on one device or
     # over one mesh), so the first leaf's sharding says where the inputs and the cache go.
     arrays, structure = jax.tree.flatten(model)
     placed = arrays[0].sharding
     n_prompts, mesh = len(prompts), sharding_mesh(placed)
-    data = 1 if mesh is None else mesh.shape.get("data", 1)
-    prompts += [prompts[-1]] * (-n_prompts % data)        # filler rows, done from the start
-    B = len(prompts)
-    steps = _steps(longest, max(16, 1 << max(prefill_chunk // B, 1).bit_length() - 1))   # chunk over the batch
+    B, steps = _shapes(model, n_prompts, longest, prefill_chunk)
+    prompts += [prompts[-1]] * (B - n_prompts)            # filler rows, done from the start
     padded = sum(steps)
     ids = np.full((B, padded), pad, np.int32)
     for b, p in enumerate(prompts):
         ids[b, padded - len(p):] = p
     start = np.array([padded - len(p) for p in prompts], np.int32)
-    needed = cache_length(padded + max_new_tokens)
+    needed = padded + max_new_tokens
     if cache_len is not None and cache_len < needed:
         raise ValueError(f"cache_len={cache_len} is below the {needed} slots this call needs "
-                         f"(prompt bucket {padded} + max_new_tokens {max_new_tokens}, rounded)")
-    cache = init_cache(config, B, cache_len or needed, start, model.dtype, mesh,
+                         f"(prompt bucket {padded} + max_new_tokens {max_new_tokens})")
+    cache = init_cache(config, B, cache_len or cache_length(needed), start, model.dtype, mesh,
                        device=placed if mesh is None else None)
 
     place = _placer(placed)
     with _on(mesh):
         for c, n in zip(np.cumsum([0] + steps[:-1]), steps):
             logits, cache = _prefill_chunk(structure, arrays, cache, place(ids[:, c:c + n], ("batch", None)))
-    state = DecodeState(cache, logits, place(np.full((B, max_new_tokens), pad, np.int32), ("batch", None)),
+    state = DecodeState(cache, logits, place(np.full((B, token_bucket(max_new_tokens)), pad, np.int32), ("batch", None)),
                         place(np.int32(0), ()), place(np.arange(B) >= n_prompts, ("batch",)),
                         place(np.full((B, rule.window), -1, np.int32), ("batch", None)),
                         place(np.uint32(seed % 2**32), ()))
@@ -303,7 +324,7 @@ def generate(model, input_ids, *, attention_mask=None, max_new_tokens: int, temp
         cache_len=cache_len)
     with _on(mesh):
         state = _decode(*flat, state, np.int32(max_new_tokens), sampling=sampling, rule=rule)
-    return _host(state.tokens, batch)
+    return _host(state.tokens, batch)[:, :max_new_tokens]
 
 
 def stream(model, input_ids, *, steps_per_call: int = 8, attention_mask=None, max_new_tokens: int,
@@ -337,3 +358,40 @@ def stream(model, input_ids, *, steps_per_call: int = 8, attention_mask=None, ma
 
 generate.__doc__ += _GENERATE_DOC
 stream.__doc__ += _GENERATE_DOC
+
+
+def warmup(model, *, batch_sizes: Sequence[int] = (1,), prompt_lengths: Sequence[int] = (256,),
+           max_new_tokens: int = 256, temperature: float = 0.0, top_k: int | None = None,
+           top_p: float | None = None, eos_token_id=None, stop: Sequence[Sequence[int]] | None = None,
+           pad_token_id: int | None = None, prefill_chunk: int | None = None, cache_len: int | None = None,
+           parallel: bool = True) -> int:
+    """Compiles ahead of use the steps that generate() and stream() run for every pair of a batch
+    size and a prompt length (each rounded to its bucket: `batch_bucket`, the prefill steps, the
+    cache length of prompt + max_new_tokens), with these generation settings (the sampling and stop
+    settings are part of the compiled decode step). It runs each pair once on dummy prompts, one
+    decode step, so that a later call with the same buckets compiles nothing; with `parallel`, the
+    pairs in threads at once (XLA compiles outside Python's lock; each holds its cache meanwhile),
+    one after the other on a multi-process launch (where every process must run the same steps in
+    the same order). Returns the number of distinct shapes compiled."""
+    pairs = {}
+    for B in batch_sizes:
+        for T in prompt_lengths:
+            if B < 1 or T < 1:
+                raise ValueError(f"warmup: batch sizes and prompt lengths must be >= 1, got {B} and {T}")
+            batch, steps = _shapes(model, B, T, prefill_chunk)
+            pairs.setdefault((batch, tuple(steps)), (B, T))
+    token = 0 if pad_token_id is None else pad_token_id
+
+    def run(pair):
+        B, T = pair
+        state, sampling, rule, mesh, _, flat = _start(
+            model, [[token] * T] * B, attention_mask=None, max_new_tokens=max_new_tokens,
+            temperature=temperature, top_k=top_k, top_p=top_p, seed=0, eos_token_id=eos_token_id, stop=stop,
+            pad_token_id=pad_token_id, max_len=None, prefill_chunk=prefill_chunk, cache_len=cache_len)
+        with _on(mesh):
+            jax.block_until_ready(_decode(*flat, state, np.int32(1), sampling=sampling, rule=rule).tokens)
+
+    workers = len(pairs) if parallel and jax.process_count() == 1 else 1
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(workers, 1)) as pool:
+        list(pool.map(run, pairs.values()))
+    return len(pairs)

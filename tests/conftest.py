@@ -17,8 +17,8 @@ for flag in FLAGS:
     if flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
 
-# The command lines keep compiled steps in ~/.cache unless told otherwise: not from the tests
-# (tests/test_cli_notebook.py points them at a folder of its own).
+# The command lines and `import ring_jax` keep compiled steps in ~/.cache unless told otherwise:
+# not from the tests (tests/test_cli_notebook.py points the command lines at a folder of its own).
 os.environ["RING_JAX_COMPILATION_CACHE"] = "off"
 
 import jax  # noqa: E402

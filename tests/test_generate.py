@@ -12,7 +12,9 @@ from conftest import rel_err
 from ring_jax import cache as cache_module
 from ring_jax.cache import KVCache, cache_bytes, init_cache
 from ring_jax.config import RingConfig
-from ring_jax.generate import Sampling, _prefill_chunk, _steps, default_prefill_chunk, generate, sample, stream
+from ring_jax.cache import cache_length
+from ring_jax.generate import (Sampling, _decode, _prefill_chunk, _steps, batch_bucket, default_prefill_chunk, generate,
+                               sample, stream, token_bucket)
 from ring_jax.layers import attention
 from ring_jax.layers.attention import cached_attention, causal_attention
 
@@ -203,6 +205,36 @@ def test_prefill_compiles_once_per_bucket(model):
     for n in (40, 70):                    # later chunks of 16 run the first chunk's compilation
         generate(model, prompt(n, n), max_new_tokens=2, prefill_chunk=16, cache_len=256)
     assert _prefill_chunk._cache_size() == compiled
+
+
+def test_batch_and_token_buckets_compile_nothing_new(model):
+    """3 and 4 prompts run one bucket (4 rows, the fourth finished from the start); a new
+    max_new_tokens within its token bucket and cache length compiles nothing either."""
+    assert [batch_bucket(n) for n in (1, 2, 3, 5, 8)] == [1, 2, 4, 8, 8]
+    assert batch_bucket(1, 2) == 2 and batch_bucket(5, 3) == 9
+    assert [token_bucket(n) for n in (1, 16, 17, 200)] == [16, 16, 32, 256]
+    assert [cache_length(n) for n in (1, 257, 4096, 4097)] == [256, 512, 4096, 8192]
+    three = [prompt(7, 60 + b) for b in range(3)]
+    got = generate(model, three, max_new_tokens=3, eos_token_id=[])
+    programs = _decode._cache_size(), _prefill_chunk._cache_size()
+    four = generate(model, three + [prompt(5, 63)], max_new_tokens=9, eos_token_id=[])
+    assert (_decode._cache_size(), _prefill_chunk._cache_size()) == programs
+    assert got.shape == (3, 3) and four.shape == (4, 9)
+    np.testing.assert_array_equal(got, four[:3, :3])            # greedy: the same first tokens
+
+
+def test_warmup_compiles_what_generate_runs(model):
+    """After warmup() of two batch sizes and two prompt lengths, generate() with prompts in those
+    buckets compiles nothing."""
+    from ring_jax.generate import warmup
+
+    assert warmup(model, batch_sizes=(1, 3, 4), prompt_lengths=(5, 20), max_new_tokens=6) == 4
+    programs = _decode._cache_size(), _prefill_chunk._cache_size()
+    generate(model, [prompt(12, 70 + b) for b in range(3)], max_new_tokens=5)
+    generate(model, prompt(30, 74), max_new_tokens=6)
+    assert (_decode._cache_size(), _prefill_chunk._cache_size()) == programs
+    with pytest.raises(ValueError, match="exceeds max_len"):
+        warmup(model, prompt_lengths=(600,))
 
 
 def test_prefill_steps_and_default_chunk(monkeypatch, model):
