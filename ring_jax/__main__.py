@@ -18,6 +18,62 @@ import numpy as np
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a wrong argument as one line on stderr (exit status 2)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
+
+
+def _number(low: float, high: float | None = None, low_open: bool = False):
+    """An argparse type: a float in [low, high] ((low, high] with low_open)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not (value > low if low_open else value >= low) or (high is not None and value > high) or value != value:
+            bounds = f"{'(' if low_open else '['}{low:g}, {'inf)' if high is None else f'{high:g}]'}"
+            raise argparse.ArgumentTypeError(f"{text} is outside {bounds}")
+        return value
+    return parse
+
+
+def _folder(text: str) -> str:
+    if not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"no folder at {text}" if not os.path.exists(text) else f"{text} is not a folder")
+    return text
+
+
+def _token_ids(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of token ids (integers: '1 2 3')") from None
+    if not ids or min(ids) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give one or more token ids >= 0")
+    return ids
+
+
+# What a user can cause (bad files, bad values, a full disk): one line and exit status 2, not a
+# traceback (--debug shows it).
+def _user_errors() -> tuple:
+    from convert.safetensors_io import CheckpointError
+    from ring_jax.config import ConfigError
+
+    return ConfigError, CheckpointError, ValueError, OSError
+
+
 def _sampling(args) -> dict:
     return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
             "top_p": args.top_p, "seed": args.seed}
@@ -34,6 +90,7 @@ def _load(args):
         mesh = make_mesh(**args.mesh) if args.mesh else None
     except ValueError as e:
         raise SystemExit(f"error: --mesh: {e}") from None
+    print(f"[loading {args.model}]", file=sys.stderr, flush=True)
     model = ring_jax.load_model(args.model, dtype=args.dtype, mesh=mesh)
     tokenizer = ring_jax.load_tokenizer(args.tokenizer or args.model) if not getattr(args, "prompt_ids", None) else None
     print(f"[loaded {args.model} in {time.perf_counter() - start:.1f} s]", file=sys.stderr)
@@ -78,7 +135,7 @@ def generate(args) -> int:
 
     model, tokenizer = _load(args)
     if args.prompt_ids:
-        prompts = [[int(t) for t in p.replace(",", " ").split()] for p in args.prompt_ids]
+        prompts = args.prompt_ids
     elif args.raw:
         prompts = tokenizer.batch_encode(args.prompt)
     else:
@@ -100,29 +157,59 @@ def generate(args) -> int:
 
 def chat(args) -> int:
     import ring_jax
+    from ring_jax.chat import prompt_ids, room_left
 
     model, tokenizer = _load(args)
-    history = [{"role": "system", "content": args.system}] if args.system else []
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history = list(system)
     print("Type a message; /reset clears the conversation, /exit (or end of input) quits.", file=sys.stderr)
     while True:
         try:
             line = input("> ").strip()
-        except EOFError:
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
             return 0
         if line == "/exit":
             return 0
         if line == "/reset":
-            history = history[:1] if args.system else []
+            history = list(system)
             continue
         if not line:
             continue
         history.append({"role": "user", "content": line})
+        history, room = _fit(model, tokenizer, history, len(system), args.thinking, prompt_ids, room_left)
+        if room < 1:
+            continue
         reply = ""
-        for piece in ring_jax.chat_stream(model, tokenizer, history, enable_thinking=args.thinking, **_sampling(args)):
-            reply += piece
-            print(piece, end="", flush=True)
+        try:
+            for piece in ring_jax.chat_stream(model, tokenizer, history, enable_thinking=args.thinking,
+                                              **dict(_sampling(args), max_new_tokens=min(args.max_new_tokens, room))):
+                reply += piece
+                print(piece, end="", flush=True)
+        except KeyboardInterrupt:
+            print(" [interrupted]", end="", file=sys.stderr)
         print()
         history.append({"role": "assistant", "content": reply})
+
+
+def _fit(model, tokenizer, history, keep, thinking, prompt_ids, room_left):
+    """(history, the new tokens it leaves room for): the oldest turns after the first `keep`
+    messages dropped, and said so, until the prompt leaves room; a last message that does not fit
+    on its own is refused (dropped, and room 0)."""
+    dropped = 0
+    while True:
+        room = room_left(model, prompt_ids(tokenizer, history, thinking))
+        if room >= 1 or len(history) <= keep + 1:
+            break
+        del history[keep]                       # the oldest message after the system prompt
+        dropped += 1
+    if dropped:
+        print(f"[context full: dropped the {dropped} oldest message(s)]", file=sys.stderr)
+    if room < 1:
+        print(f"[message not sent: it does not fit in the context of {model.config.max_position_embeddings} "
+              "tokens with the chat template; send a shorter one]", file=sys.stderr)
+        history.pop()
+    return history, room
 
 
 def _mesh_sizes(text: str) -> dict:
@@ -135,27 +222,28 @@ def _mesh_sizes(text: str) -> dict:
 
 
 def _add_model_args(p):
-    p.add_argument("--model", required=True, help="converted folder (python -m convert hf2jax) or HF folder")
-    p.add_argument("--tokenizer", help="folder with tokenizer.json (default: the model folder)")
+    p.add_argument("--model", required=True, type=_folder,
+                   help="converted folder (python -m convert hf2jax) or HF folder")
+    p.add_argument("--tokenizer", type=_folder, help="folder with tokenizer.json (default: the model folder)")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), help="parameter dtype (default: as stored)")
     p.add_argument("--mesh", type=_mesh_sizes,
                    help="shard over this host's devices, e.g. expert=8 or data=2,expert=4 (default: one device)")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
+    p.add_argument("--max-new-tokens", type=_positive_int, default=256)
+    p.add_argument("--temperature", type=_number(0.0), default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=_positive_int)
+    p.add_argument("--top-p", type=_number(0.0, 1.0, low_open=True), help="in (0, 1]")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=None,
                    help="the chat template's thinking switch (default: the template's default)")
     p.add_argument("--compilation-cache", metavar="DIR",
                    help="keep compiled steps in DIR for later runs, or 'off' (default: "
                         "$RING_JAX_COMPILATION_CACHE, else ~/.cache/ring_jax/xla)")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ring_jax", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="python -m ring_jax", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     d = sub.add_parser("demo", help="tiny random model: HF layout -> convert -> load -> generate and chat")
     d.add_argument("--config", default=os.path.join(CONFIGS, "tiny.json"), help="HF config.json to instantiate")
     d.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
@@ -166,13 +254,24 @@ def main(argv=None) -> int:
     _add_model_args(g)
     source = g.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
-    source.add_argument("--prompt-ids", action="append", help="prompt token ids, '1 2 3' (repeat for a batch)")
+    source.add_argument("--prompt-ids", action="append", type=_token_ids,
+                        help="prompt token ids, '1 2 3' (repeat for a batch)")
     g.add_argument("--raw", action="store_true", help="feed the text as is, without the chat template")
     c = sub.add_parser("chat", help="interactive chat through the chat template, streamed")
     _add_model_args(c)
     c.add_argument("--system", help="system prompt")
     args = parser.parse_args(argv)
-    return {"demo": demo, "generate": generate, "chat": chat}[args.command](args)
+    try:
+        return {"demo": demo, "generate": generate, "chat": chat}[args.command](args)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except _user_errors() as e:
+        if getattr(args, "debug", False):
+            raise
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"{parser.prog} {args.command}: error: {message[:500]}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

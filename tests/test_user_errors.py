@@ -1,0 +1,73 @@
+"""What a user can get wrong reads as one line: command-line arguments (before the model loads),
+a missing model folder, a chat that outgrows the context (the session goes on)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, tiny_model_folder
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny_model_folder(str(tmp_path_factory.mktemp("user_errors")))
+
+
+def cli(*args, stdin=None):
+    """(exit status, stdout, stderr) of `python -m ring_jax args`."""
+    env = dict(os.environ, PYTHONPATH=ROOT, RING_JAX_COMPILATION_CACHE="off")
+    run = subprocess.run([sys.executable, "-m", "ring_jax", *args], input=stdin, capture_output=True, text=True,
+                         env=env, timeout=300)
+    return run.returncode, run.stdout, run.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--prompt-ids", "1 x"], "argument --prompt-ids: '1 x' is not a list of token ids (integers: '1 2 3')"),
+    (["--prompt-ids", "1", "--max-new-tokens", "0"], "argument --max-new-tokens: 0 must be >= 1"),
+    (["--prompt-ids", "1", "--max-new-tokens", "2.5"], "argument --max-new-tokens: '2.5' is not an integer"),
+    (["--prompt-ids", "1", "--temperature", "-1"], "argument --temperature: -1 is outside [0, inf)"),
+    (["--prompt-ids", "1", "--top-p", "2"], "argument --top-p: 2 is outside (0, 1]"),
+    (["--prompt-ids", "1", "--top-k", "0"], "argument --top-k: 0 must be >= 1"),
+])
+def test_bad_arguments_are_one_line_before_loading(model_dir, args, message):
+    code, out, err = cli("generate", "--model", model_dir, *args)
+    assert code == 2 and err == f"python -m ring_jax generate: error: {message}\n" and not out, err
+
+
+def test_missing_model_and_bad_values_found_late_are_one_line(tmp_path, model_dir):
+    code, _, err = cli("chat", "--model", str(tmp_path / "nowhere"))
+    assert (code, err) == (2, f"python -m ring_jax chat: error: argument --model: no folder at {tmp_path / 'nowhere'}\n")
+    code, _, err = cli("generate", "--model", str(tmp_path), "--prompt-ids", "1")     # a folder, but no model
+    assert code == 2 and err.splitlines()[-1] == f"python -m ring_jax generate: error: no config.json at {tmp_path}/config.json"
+    assert "Traceback" not in err
+    code, _, err = cli("generate", "--model", model_dir, "--prompt-ids", "1 999")     # past the vocabulary
+    assert code == 2 and err.splitlines()[-1].startswith("python -m ring_jax generate: error: prompt 0 holds token id 999")
+    code, _, err = cli("generate", "--model", model_dir, "--prompt-ids", "1 999", "--debug")
+    assert code == 1 and "Traceback" in err
+
+
+def test_chat_keeps_the_session_when_the_context_fills(model_dir):
+    """tiny: a context of 512 tokens. Long messages push the oldest out (said on stderr); one that
+    cannot fit alone is refused; the session answers the next message and ends normally."""
+    long = "x" * 200
+    code, out, err = cli("chat", "--model", model_dir, "--max-new-tokens", "8",
+                         stdin=f"{long}\n{long}\n{long}\n{'y' * 2000}\nshort\n/exit\n")
+    assert code == 0 and "Traceback" not in err, err
+    assert "[context full: dropped the" in err
+    assert "[message not sent: it does not fit in the context of 512 tokens" in err
+    assert out.count("> ") == 6                 # every message was read; the session never ended early
+
+
+def test_chat_caps_max_new_tokens_to_the_room_left(model_dir):
+    import ring_jax
+    from ring_jax.chat import prompt_ids, room_left
+
+    model, tokenizer = ring_jax.load_model(model_dir), ring_jax.load_tokenizer(model_dir)
+    messages = [{"role": "user", "content": "z" * 300}]
+    room = room_left(model, prompt_ids(tokenizer, messages))
+    assert 0 < room < 512
+    ring_jax.chat(model, tokenizer, messages, max_new_tokens=512)              # capped, not an error
+    with pytest.raises(ValueError, match="fills the context"):
+        ring_jax.chat(model, tokenizer, [{"role": "user", "content": "z" * 2000}])
