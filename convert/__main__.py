@@ -1,7 +1,8 @@
 """python -m convert {hf2jax,jax2hf}: checkpoint conversion between HF safetensors and ring_jax."""
 
 import argparse
-import sys
+
+from ring_jax.errors import exit_now, run_command
 
 
 def main(argv=None) -> int:
@@ -15,25 +16,27 @@ def main(argv=None) -> int:
     a.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
                    help="parameter dtype (default: the config's torch_dtype); expert_bias stays float32")
     a.add_argument("--quiet", action="store_true", help="no progress lines")
+    a.add_argument("--debug", action="store_true", help="show the traceback of an error")
     b = sub.add_parser("jax2hf", help="ring_jax folder -> HF safetensors folder",
                        description="Writes the HF layout back from a folder made by hf2jax.")
     b.add_argument("--model-dir", required=True, help="folder written by hf2jax")
     b.add_argument("--out", required=True, help="new output folder (must not exist)")
     b.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors shard, in GiB")
     b.add_argument("--quiet", action="store_true", help="no progress lines")
+    b.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
-    try:
-        if args.command == "hf2jax":
-            from convert.hf2jax import convert_hf_to_jax
-            convert_hf_to_jax(args.hf_dir, args.out, dtype=args.dtype, progress=not args.quiet)
-        else:
-            from convert.jax2hf import convert_jax_to_hf
-            convert_jax_to_hf(args.model_dir, args.out, int(args.max_shard_gb * 2**30), progress=not args.quiet)
-    except (ValueError, FileExistsError, FileNotFoundError) as e:  # CheckpointError, ConfigError
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_command(_run, args, f"{parser.prog} {args.command}", args.debug)
+
+
+def _run(args) -> int:
+    if args.command == "hf2jax":
+        from convert.hf2jax import convert_hf_to_jax
+        convert_hf_to_jax(args.hf_dir, args.out, dtype=args.dtype, progress=not args.quiet)
+    else:
+        from convert.jax2hf import convert_jax_to_hf
+        convert_jax_to_hf(args.model_dir, args.out, int(args.max_shard_gb * 2**30), progress=not args.quiet)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

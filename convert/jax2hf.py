@@ -20,11 +20,12 @@ def convert_jax_to_hf(model_dir: str, out_dir: str, max_shard_bytes: int = 5 * 2
     """Writes the HF layout of a converted folder: `model.safetensors` or shards of at most
     max_shard_bytes with their index, config.json and the aux files.
 
-    The parameters are restored whole (host memory of the model's size)."""
+    The parameters are restored whole (host memory of the model's size) and checked against
+    their checksums first."""
     if os.path.exists(out_dir):
         raise FileExistsError(f"{out_dir} exists; choose a new output folder")
     config = RingConfig.from_hf(model_dir)
-    params, _ = restore_params(model_dir, config)
+    params, _ = restore_params(model_dir, config, verify=True)
     tensors = {}
     for spec in tensor_table(config):
         tensors.update(spec.to_hf(np.asarray(params.pop(spec.key))))

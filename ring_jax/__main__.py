@@ -15,6 +15,8 @@ import time
 
 import numpy as np
 
+from ring_jax.errors import exit_now, run_command
+
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
@@ -65,15 +67,6 @@ def _token_ids(text: str) -> list[int]:
     return ids
 
 
-# What a user can cause (bad files, bad values, a full disk): one line and exit status 2, not a
-# traceback (--debug shows it).
-def _user_errors() -> tuple:
-    from convert.safetensors_io import CheckpointError
-    from ring_jax.config import ConfigError
-
-    return ConfigError, CheckpointError, ValueError, OSError
-
-
 def _sampling(args) -> dict:
     return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
             "top_p": args.top_p, "seed": args.seed}
@@ -91,7 +84,7 @@ def _load(args):
     except ValueError as e:
         raise SystemExit(f"error: --mesh: {e}") from None
     print(f"[loading {args.model}]", file=sys.stderr, flush=True)
-    model = ring_jax.load_model(args.model, dtype=args.dtype, mesh=mesh)
+    model = ring_jax.load_model(args.model, dtype=args.dtype, mesh=mesh, verify=True)
     tokenizer = ring_jax.load_tokenizer(args.tokenizer or args.model) if not getattr(args, "prompt_ids", None) else None
     print(f"[loaded {args.model} in {time.perf_counter() - start:.1f} s]", file=sys.stderr)
     return model, tokenizer
@@ -261,18 +254,9 @@ def main(argv=None) -> int:
     _add_model_args(c)
     c.add_argument("--system", help="system prompt")
     args = parser.parse_args(argv)
-    try:
-        return {"demo": demo, "generate": generate, "chat": chat}[args.command](args)
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
-    except _user_errors() as e:
-        if getattr(args, "debug", False):
-            raise
-        message = " ".join(str(e).split()) or type(e).__name__
-        print(f"{parser.prog} {args.command}: error: {message[:500]}", file=sys.stderr)
-        return 2
+    command = {"demo": demo, "generate": generate, "chat": chat}[args.command]
+    return run_command(command, args, f"{parser.prog} {args.command}", getattr(args, "debug", False))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

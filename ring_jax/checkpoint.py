@@ -3,7 +3,8 @@
 A converted model folder holds:
 
     config.json          the HF config, as converted
-    ring_jax.json        manifest: format version, parameter dtype, every parameter's shape and dtype
+    ring_jax.json        manifest: format version, parameter dtype, every parameter's shape, dtype
+                         and checksum (`checksum`; `load_model(verify=True)` checks them)
     params/              an Orbax PyTree checkpoint, {"layers": {"3": {"mlp": ...}}, ...}
     tokenizer files      copied from the HF folder when present
 
@@ -19,6 +20,8 @@ import functools
 import json
 import os
 import shutil
+import sys
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -130,6 +133,44 @@ def model_from_tensors(config: RingConfig, tensors, dtype, mesh=None) -> RingMod
     return model
 
 
+# ------------------------------------------------------------------------------------ checksums
+# A parameter's checksum: sum over its elements of bits[i] * (2 i + 1), modulo 2**32 (bits: the
+# element's raw 16 or 32 bits). Any change of one element changes it (the factors are odd, so
+# invertible modulo 2**32); modular sums do not depend on the order of summation, so the host
+# (numpy, when written) and the device (jnp, when loaded, over any sharding) agree bit for bit.
+_CHUNK = 1 << 24
+
+
+def _bits(dtype):
+    return {2: np.uint16, 4: np.uint32}[np.dtype(dtype).itemsize]
+
+
+def checksum(array: np.ndarray) -> int:
+    """The checksum of a host array (16- or 32-bit elements), in chunks of bounded memory."""
+    flat = np.ascontiguousarray(array).reshape(-1).view(_bits(array.dtype))
+    total = np.uint32(0)
+    for at in range(0, flat.size, _CHUNK):
+        bits = flat[at:at + _CHUNK].astype(np.uint32)
+        factors = np.arange(at, at + bits.size, dtype=np.uint32) * np.uint32(2) + np.uint32(1)
+        total += np.sum(bits * factors, dtype=np.uint32)
+    return int(total)
+
+
+@jax.jit
+def _device_checksum(x: jax.Array) -> jax.Array:
+    """`checksum` on the device, in x's layout (the flat index from iotas: no reshape)."""
+    bits = jax.lax.bitcast_convert_type(x, _bits(x.dtype)).astype(jnp.uint32)
+    index, stride = jnp.zeros(x.shape, jnp.uint32), 1
+    for axis in reversed(range(x.ndim)):
+        index += jax.lax.broadcasted_iota(jnp.uint32, x.shape, axis) * jnp.uint32(stride % 2**32)
+        stride *= x.shape[axis]
+    return jnp.sum(bits * (index * jnp.uint32(2) + jnp.uint32(1)), dtype=jnp.uint32)
+
+
+def _damaged(folder: str, what: str) -> CheckpointError:
+    return CheckpointError(f"damaged or incomplete checkpoint {folder}: {what}; convert it again")
+
+
 # ------------------------------------------------------------------------------------- writing
 def _nested(key: str, value) -> dict:
     tree = value
@@ -167,7 +208,7 @@ class ParamWriter:
     def add(self, key: str, array: np.ndarray) -> None:
         _merge(self._pending, _nested(key, array))
         self._pending_bytes += array.nbytes
-        self.manifest[key] = [list(array.shape), dtype_name(array.dtype)]
+        self.manifest[key] = [list(array.shape), dtype_name(array.dtype), checksum(array)]
         if self._pending_bytes >= self.FLUSH_BYTES:
             self._flush()
 
@@ -207,20 +248,28 @@ def save_model(model: RingModel, folder: str) -> None:
 # ------------------------------------------------------------------------------------ restoring
 def read_manifest(folder: str) -> dict:
     path = os.path.join(folder, MANIFEST)
-    with open(path) as f:
-        manifest = json.load(f)
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except json.JSONDecodeError as e:
+        raise _damaged(folder, f"{MANIFEST} is not valid JSON ({e})") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("params"), dict):
+        raise _damaged(folder, f"{MANIFEST} lacks its parameter list")
     if manifest.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: format {manifest.get('format')!r}, this ring_jax reads {FORMAT_VERSION}")
     return manifest
 
 
-def restore_params(folder: str, config: RingConfig, dtype=None, mesh=None) -> tuple[dict[str, jax.Array], np.dtype]:
+def restore_params(folder: str, config: RingConfig, dtype=None, mesh=None,
+                   verify: bool = False) -> tuple[dict[str, jax.Array], np.dtype]:
     """Restores every parameter of a converted folder onto the default device, or laid out over
     `mesh` (each process reads only its devices' blocks).
 
     Checks the manifest against the config's table first (a missing, unexpected or misshapen
-    parameter is an error naming it). Returns ({dotted key: array}, dtype) with the parameters cast
-    to dtype (default: the stored dtype); expert_bias stays float32.
+    parameter is an error naming it). verify: each parameter's checksum, on the device, against
+    the manifest's (a mismatch names the parameter). Returns ({dotted key: array}, dtype) with the
+    parameters cast to dtype (default: the stored dtype); expert_bias stays float32. Files that
+    cannot be read are a CheckpointError that says the folder is damaged.
     """
     import orbax.checkpoint as ocp
 
@@ -231,29 +280,62 @@ def restore_params(folder: str, config: RingConfig, dtype=None, mesh=None) -> tu
     for key in expected:
         if key not in stored:
             raise CheckpointError(f"{folder}: parameter {key} is missing")
-    for key, (shape, _) in stored.items():
+    for key, (shape, *_) in stored.items():
         if key not in expected:
             raise CheckpointError(f"{folder}: unexpected parameter {key}")
         if tuple(shape) != expected[key].shape:
             raise CheckpointError(f"{folder}: parameter {key} has shape {shape}, the config needs {list(expected[key].shape)}")
-    dtype = np.dtype(parse_dtype(manifest["dtype"]) if dtype is None else dtype)
+    stored_dtype = np.dtype(parse_dtype(manifest["dtype"]))
+    dtype = np.dtype(stored_dtype if dtype is None else dtype)
+    sums = {key: entry[2] for key, entry in stored.items() if len(entry) > 2} if verify else {}
+    if verify and len(sums) < len(stored):
+        warnings.warn(f"{folder}: no checksums recorded (converted by an older ring_jax): not verified", stacklevel=2)
     placement = (dict.fromkeys(expected, jax.sharding.SingleDeviceSharding(jax.devices()[0])) if mesh is None
                  else param_shardings(config, dtype, mesh))
     target: dict = {}
     for spec in table:
-        want = np.float32 if spec.float32 else dtype
+        want = np.float32 if spec.float32 else (stored_dtype if sums else dtype)   # verify the stored bits
         _merge(target, _nested(spec.key, jax.ShapeDtypeStruct(spec.shape, want, sharding=placement[spec.key])))
-    tree = ocp.StandardCheckpointer().restore(os.path.abspath(os.path.join(folder, PARAMS_DIR)), target)
+    params_dir = os.path.abspath(os.path.join(folder, PARAMS_DIR))
+    if not os.path.isdir(params_dir):
+        raise _damaged(folder, f"no {PARAMS_DIR}/ folder")
+    try:
+        tree = ocp.StandardCheckpointer().restore(params_dir, target)
+    except Exception as e:                  # TensorStore and Orbax report damage as many kinds of error
+        _quiet_closed_loop()
+        raise _damaged(folder, f"{PARAMS_DIR}/ cannot be read ({_first_line(e)})") from None
     flat = {}
     for spec in table:
         node = tree
         for part in spec.key.split("."):
             node = node[part]
-        flat[spec.key] = node
+        if spec.key in sums and int(_device_checksum(node)) != sums[spec.key]:
+            raise _damaged(folder, f"parameter {spec.key} does not match its checksum")
+        flat[spec.key] = node if spec.float32 or node.dtype == dtype else node.astype(dtype)
     return flat, dtype
 
 
-def load_model(path: str, dtype=None, mesh=None, **config_overrides) -> RingModel:
+def _quiet_closed_loop() -> None:
+    """After a failed restore, TensorStore's threads still complete the reads Orbax gave up on and
+    hand each to Orbax's closed event loop, whose RuntimeError Python reports as unraisable: a
+    traceback per read after the one-line error. Those reports are dropped; others pass."""
+    report = sys.unraisablehook
+
+    def hook(unraisable):
+        if not (isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value)):
+            report(unraisable)
+
+    sys.unraisablehook = hook
+
+
+def _first_line(error: Exception, limit: int = 200) -> str:
+    """The error's text on one line, without TensorStore's pointer to its details, at most `limit`
+    characters."""
+    text = " ".join(str(error).split(" See full TensorStore details")[0].split()) or type(error).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def load_model(path: str, dtype=None, mesh=None, verify: bool = False, **config_overrides) -> RingModel:
     """Loads a model folder written by `python -m convert hf2jax`, or an HF folder directly.
 
     path: a converted folder (config.json + params/) or an HF folder (config.json + safetensors,
@@ -261,7 +343,9 @@ def load_model(path: str, dtype=None, mesh=None, **config_overrides) -> RingMode
     as stored. mesh: shard the model over this mesh (`ring_jax.make_mesh`); a converted folder is
     restored straight into the sharded layout, no host holding the whole model (an HF folder is
     read whole on every process, then split). config_overrides: RingConfig fields to change
-    (e.g. slope_law="engine").
+    (e.g. slope_law="engine"). verify: check every parameter of a converted folder against the
+    checksum its manifest records (on the device; the command lines do); a damaged parameter is a
+    CheckpointError naming it.
     """
     if isinstance(dtype, str):
         dtype = parse_dtype(dtype)
@@ -271,8 +355,10 @@ def load_model(path: str, dtype=None, mesh=None, **config_overrides) -> RingMode
     if mesh is not None:
         sharding.check_mesh(config, mesh)
     if os.path.isfile(os.path.join(path, MANIFEST)):
-        params, dtype = restore_params(path, config, dtype, mesh)
+        params, dtype = restore_params(path, config, dtype, mesh, verify)
         return model_from_tensors(config, lambda spec: params[spec.key], dtype)
+    if os.path.isdir(os.path.join(path, PARAMS_DIR)):
+        raise _damaged(path, f"{PARAMS_DIR}/ but no {MANIFEST} (the conversion did not finish)")
     from convert.hf2jax import open_hf_checkpoint
 
     source, dtype = open_hf_checkpoint(path, config, dtype)

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -58,6 +59,7 @@ from jax.experimental import multihost_utils
 
 import ring_jax
 from ring_jax.config import ConfigError, RingConfig
+from ring_jax.errors import exit_now
 from ring_jax.generate import Sampling
 from ring_jax.sharding import check_mesh, make_mesh, parse_mesh
 from ring_jax.tokenizer import TokenizerError, load_tokenizer
@@ -430,7 +432,7 @@ def load_config_and_tokenizer(args):
     return config, tokenizer
 
 
-def run(args, load=ring_jax.load_model) -> int:
+def run(args, load=functools.partial(ring_jax.load_model, verify=True)) -> int:
     """The job (see the module docstring). Returns the exit status.
 
     load(args.model, dtype=args.dtype, mesh=mesh) makes the model: a benchmark can make a random one."""
@@ -529,4 +531,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())
