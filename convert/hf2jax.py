@@ -14,6 +14,7 @@ from convert.mapping import TIED_HEAD, check_tensors, tensor_table
 from convert.safetensors_io import CheckpointError, SafetensorsFolder
 from ring_jax.checkpoint import ParamWriter, parse_dtype
 from ring_jax.config import RingConfig
+from ring_jax.staging import staged_folder
 
 # Files beside the weights that a model folder keeps (tokenizer, chat template, generation defaults).
 AUX_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -50,7 +51,8 @@ def convert_hf_to_jax(hf_dir: str, out_dir: str, dtype=None, progress: bool = Tr
     """Converts an HF folder into a ring_jax model folder at out_dir (which must not exist).
 
     Every tensor is checked before anything is written; the output is built in a temporary folder
-    beside out_dir and renamed into place at the end, so a failure leaves nothing behind.
+    beside out_dir and renamed into place at the end (`ring_jax.staging`), so a failure leaves
+    nothing behind, and a later run removes what a killed one left.
     """
     if os.path.exists(out_dir):
         raise FileExistsError(f"{out_dir} exists; choose a new output folder")
@@ -58,10 +60,8 @@ def convert_hf_to_jax(hf_dir: str, out_dir: str, dtype=None, progress: bool = Tr
     source, dtype = open_hf_checkpoint(hf_dir, config, parse_dtype(dtype) if isinstance(dtype, str) else dtype)
     table = tensor_table(config)
     nbytes = [int(np.prod(spec.shape)) * (4 if spec.float32 else dtype.itemsize) for spec in table]
-    tmp = f"{os.path.abspath(out_dir)}.tmp-{os.getpid()}"
     start, done = time.time(), 0
-    try:
-        os.makedirs(tmp)
+    with staged_folder(out_dir) as tmp:
         writer = ParamWriter(tmp)
         for i, (spec, size) in enumerate(zip(table, nbytes), 1):
             writer.add(spec.key, spec.to_param(source.read, dtype))
@@ -77,9 +77,6 @@ def convert_hf_to_jax(hf_dir: str, out_dir: str, dtype=None, progress: bool = Tr
         for name in AUX_FILES:
             if os.path.isfile(os.path.join(hf_dir, name)):
                 shutil.copy(os.path.join(hf_dir, name), os.path.join(tmp, name))
-        os.rename(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     if progress:
         print(f"wrote {out_dir}: {len(table)} parameters, {done / 2**30:.2f} GiB {dtype.name}, "
               f"{time.time() - start:.1f} s", file=sys.stderr)

@@ -12,6 +12,7 @@ from convert.hf2jax import AUX_FILES
 from convert.mapping import tensor_table
 from convert.safetensors_io import write_hf_weights
 from ring_jax.checkpoint import restore_params
+from ring_jax.staging import staged_folder
 from ring_jax.config import RingConfig
 
 
@@ -29,16 +30,11 @@ def convert_jax_to_hf(model_dir: str, out_dir: str, max_shard_bytes: int = 5 * 2
     tensors = {}
     for spec in tensor_table(config):
         tensors.update(spec.to_hf(np.asarray(params.pop(spec.key))))
-    tmp = f"{os.path.abspath(out_dir)}.tmp-{os.getpid()}"
-    try:
-        os.makedirs(tmp)
+    with staged_folder(out_dir) as tmp:
         files = write_hf_weights(tmp, {n: (t.dtype, t.shape) for n, t in tensors.items()},
                                  tensors.__getitem__, max_shard_bytes)
         for name in ("config.json",) + AUX_FILES:
             if os.path.isfile(os.path.join(model_dir, name)):
                 shutil.copy(os.path.join(model_dir, name), os.path.join(tmp, name))
-        os.rename(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     if progress:
         print(f"wrote {out_dir}: {len(tensors)} tensors in {len(files)} file(s)", file=sys.stderr)

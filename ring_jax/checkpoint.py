@@ -35,6 +35,7 @@ from ring_jax import sharding
 from ring_jax.config import RingConfig
 from ring_jax.model import RingModel
 from ring_jax.schedule import kind_index
+from ring_jax.staging import staged_folder
 
 FORMAT_VERSION = 2  # 2: SwiGLU gate and up joined into gate_up_proj
 MANIFEST = "ring_jax.json"
@@ -228,21 +229,15 @@ class ParamWriter:
 
 
 def save_model(model: RingModel, folder: str) -> None:
-    """Writes model (config.json, manifest, Orbax params) to a new folder, atomically."""
-    if os.path.exists(folder):
-        raise FileExistsError(f"{folder} exists; choose a new folder")
-    tmp = f"{os.path.abspath(folder)}.tmp-{os.getpid()}"
-    try:
-        os.makedirs(tmp)
+    """Writes model (config.json, manifest, Orbax params) to a new folder, atomically
+    (`ring_jax.staging`)."""
+    with staged_folder(folder) as tmp:
         writer = ParamWriter(tmp)
         for spec in tensor_table(model.config):
             writer.add(spec.key, np.asarray(get_param(model, spec)))
         writer.close(model.dtype)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(model.config.to_hf_dict(), f, indent=2)
-        os.rename(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------ restoring

@@ -240,3 +240,49 @@ def test_param_writer_groups_small_parameters(tmp_path, monkeypatch):
         for part in key.split("."):
             node = node[part]
         np.testing.assert_array_equal(np.asarray(node), array)
+
+
+def test_killed_conversion_is_cleaned_by_the_next(tmp_path, tiny_dict):
+    """SIGKILL while hf2jax writes leaves only OUT.tmp-PID; the next run of the same --out removes
+    it and converts."""
+    import signal
+    import time
+
+    big = dict(tiny_dict, num_hidden_layers=12, num_experts=64, n_group=4)
+    write_random_hf_checkpoint(tmp_path / "hf", big, dtype="float32")
+    out = tmp_path / "jax"
+    proc = subprocess.Popen([sys.executable, "-m", "convert", "hf2jax", "--hf-dir", str(tmp_path / "hf"),
+                             "--out", str(out)], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:                       # the progress lines: a parameter is being written
+        if line.startswith("[") and "/" in line:
+            break
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    stale = list(tmp_path.glob("jax.tmp-*"))
+    assert stale and not out.exists()
+    time.sleep(0.1)
+    convert_hf_to_jax(str(tmp_path / "hf"), str(out), progress=False)
+    assert out.is_dir() and not list(tmp_path.glob("jax.tmp-*"))
+
+
+def test_failed_conversion_removes_the_parents_it_made(tmp_path, tiny_dict, monkeypatch):
+    from ring_jax.checkpoint import ParamWriter
+
+    write_random_hf_checkpoint(tmp_path / "hf", tiny_dict, dtype="float32")
+
+    def fail(self, key, array):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ParamWriter, "add", fail)
+    with pytest.raises(OSError, match="No space left"):
+        convert_hf_to_jax(str(tmp_path / "hf"), str(tmp_path / "a" / "b" / "jax"), progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["hf"]
+
+
+def test_unwritable_output_is_one_line(tmp_path, tiny_dict):
+    write_random_hf_checkpoint(tmp_path / "hf", tiny_dict, dtype="float32")
+    (tmp_path / "file").write_text("")
+    run = subprocess.run([sys.executable, "-m", "convert", "hf2jax", "--hf-dir", str(tmp_path / "hf"), "--out",
+                          str(tmp_path / "file" / "jax")], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1, run.stderr
+    assert run.stderr.startswith("python -m convert hf2jax: error: [Errno 20] Not a directory")
