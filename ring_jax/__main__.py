@@ -7,6 +7,7 @@ chat      an interactive conversation through the model's chat template, streame
 """
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -97,7 +98,9 @@ def demo(args) -> int:
 
     with open(args.config) as f:
         config = json.load(f)
-    with tempfile.TemporaryDirectory() as work:
+    if args.keep and os.path.exists(args.keep):
+        raise FileExistsError(f"--keep {args.keep} exists; choose a new folder")
+    with (contextlib.nullcontext(args.keep) if args.keep else tempfile.TemporaryDirectory()) as work:
         hf_dir, jax_dir = os.path.join(work, "hf"), os.path.join(work, "jax")
         write_random_hf_checkpoint(hf_dir, config, dtype=args.dtype, seed=args.seed)
         write_small_tokenizer(hf_dir, config["vocab_size"])
@@ -120,6 +123,9 @@ def demo(args) -> int:
         reply = ring_jax.chat(model, tokenizer, [{"role": "user", "content": "Hello!"}],
                               max_new_tokens=args.tokens, temperature=0.8, seed=args.seed)
         print(f"6. chat('Hello!') with the Ring chat template (random weights, so noise): {reply!r}")
+    if args.keep:
+        print(f"kept: {hf_dir} (HF layout) and {jax_dir} (converted): "
+              f"python -m ring_jax chat --model {jax_dir}")
     return 0
 
 
@@ -243,6 +249,7 @@ def main(argv=None) -> int:
     d.add_argument("--prompt-len", type=int, default=12)
     d.add_argument("--tokens", type=int, default=8, help="tokens to generate")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--keep", metavar="DIR", help="keep the tiny model in DIR/hf (HF layout) and DIR/jax (converted)")
     g = sub.add_parser("generate", help="continue prompts (streamed for one prompt)")
     _add_model_args(g)
     source = g.add_mutually_exclusive_group(required=True)

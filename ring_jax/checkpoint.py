@@ -149,12 +149,14 @@ def _bits(dtype):
 def checksum(array: np.ndarray) -> int:
     """The checksum of a host array (16- or 32-bit elements), in chunks of bounded memory."""
     flat = np.ascontiguousarray(array).reshape(-1).view(_bits(array.dtype))
-    total = np.uint32(0)
+    total = 0
     for at in range(0, flat.size, _CHUNK):
-        bits = flat[at:at + _CHUNK].astype(np.uint32)
-        factors = np.arange(at, at + bits.size, dtype=np.uint32) * np.uint32(2) + np.uint32(1)
-        total += np.sum(bits * factors, dtype=np.uint32)
-    return int(total)
+        bits = flat[at:at + _CHUNK]
+        factors = np.arange(bits.size, dtype=np.uint32)                  # 2 i + 1, modulo 2**32
+        factors *= np.uint32(2)
+        factors += np.uint32((2 * at + 1) % 2**32)
+        total += int(np.sum(np.multiply(factors, bits, out=factors), dtype=np.uint32))
+    return total % 2**32
 
 
 @jax.jit

@@ -26,6 +26,9 @@ from typing import Any
 
 MODEL_TYPE = "bailing_moe_linear"
 
+# Fields a config must give: the model's sizes have no default worth guessing.
+REQUIRED = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
+
 SWITCHES = {
     "slope_law": ("hf", "engine"),
     "expert_bias_dtype": ("model", "float32"),
@@ -110,11 +113,19 @@ class RingConfig:
             if not os.path.isfile(path):
                 raise ConfigError(f"no config.json at {path}")
             with open(path) as f:
-                raw = json.load(f)
+                try:
+                    raw = json.load(f)
+                except json.JSONDecodeError as e:
+                    raise ConfigError(f"{path} is not valid JSON ({e})") from None
+            if not isinstance(raw, dict):
+                raise ConfigError(f"{path} holds no JSON object")
         raw.update(overrides)
-        model_type = raw.get("model_type", MODEL_TYPE)
-        if model_type != MODEL_TYPE:
-            raise ConfigError(f"model_type is {model_type!r}; ring_jax reads {MODEL_TYPE!r} configs")
+        missing = [k for k in REQUIRED if k not in raw]
+        if missing:
+            raise ConfigError(f"the config lacks {', '.join(missing)} (an HF config.json of a Ring-linear-2.0 model "
+                              "gives them)")
+        if raw["model_type"] != MODEL_TYPE:
+            raise ConfigError(f"model_type is {raw['model_type']!r}; ring_jax reads {MODEL_TYPE!r} configs")
         if "dtype" in raw and "torch_dtype" not in raw:  # newer transformers write `dtype`
             raw["torch_dtype"] = raw["dtype"]
         if "use_linear_silu" in raw:  # SGLang's alias

@@ -244,6 +244,8 @@ def _start(model, input_ids, *, attention_mask, max_new_tokens, temperature, top
     the number of prompts: the state's batch may hold copies of the last one after them, to fill
     the mesh's data axis, the model flattened: (structure, arrays) for `_decode`)."""
     config = model.config
+    if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool):
+        raise TypeError(f"max_new_tokens must be an integer, got {max_new_tokens!r}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
     sampling = Sampling(float(temperature), top_k, top_p)

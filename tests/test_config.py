@@ -87,3 +87,12 @@ def test_aliases_nulls_and_hash(tiny_dict):
     a = RingConfig.from_hf(dict(tiny_dict, rope_scaling={"type": "yarn", "factor": 4.0}))
     b = RingConfig.from_hf(dict(tiny_dict, rope_scaling={"factor": 4.0, "type": "yarn"}))
     assert a == b and hash(a) == hash(b)
+
+
+def test_missing_sizes_and_broken_files_are_named(tiny_dict, tmp_path):
+    for field in ("model_type", "hidden_size", "vocab_size"):
+        with pytest.raises(ConfigError, match=f"the config lacks {field}"):
+            RingConfig.from_hf({k: v for k, v in tiny_dict.items() if k != field})
+    (tmp_path / "config.json").write_text('{"model_type": "bailing_moe_linear",')
+    with pytest.raises(ConfigError, match=f"{tmp_path / 'config.json'} is not valid JSON"):
+        RingConfig.from_hf(tmp_path)

@@ -344,6 +344,8 @@ def test_misuse_raises_clear_errors(model):
         generate(model, [[1, 2, 300]], max_new_tokens=2)
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate(model, [[1, 2]], max_new_tokens=0)
+    with pytest.raises(TypeError, match="max_new_tokens must be an integer, got 2.5"):
+        generate(model, [[1, 2]], max_new_tokens=2.5)
     with pytest.raises(ValueError, match="empty"):
         generate(model, np.ones((1, 3), int), attention_mask=[[0, 0, 0]], max_new_tokens=2)
     with pytest.raises(ValueError, match="top_p"):
