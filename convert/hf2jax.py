@@ -42,7 +42,7 @@ def open_hf_checkpoint(hf_dir: str, config: RingConfig, dtype=None) -> tuple[Saf
     return source, np.dtype(dtype)
 
 
-def _progress(i: int, n: int, label: str, done_bytes: int, start: float) -> None:
+def progress_line(i: int, n: int, label: str, done_bytes: int, start: float) -> None:
     print(f"[{i:>5}/{n}] {done_bytes / 2**30:8.2f} GiB {time.time() - start:7.1f} s  {label}",
           file=sys.stderr, flush=True)
 
@@ -67,7 +67,7 @@ def convert_hf_to_jax(hf_dir: str, out_dir: str, dtype=None, progress: bool = Tr
             writer.add(spec.key, spec.to_param(source.read, dtype))
             done += size
             if progress:
-                _progress(i, len(table), f"{spec.hf_label} -> {spec.key} {list(spec.shape)}", done, start)
+                progress_line(i, len(table), f"{spec.hf_label} -> {spec.key} {list(spec.shape)}", done, start)
         writer.close(dtype)
         with open(os.path.join(hf_dir, "config.json")) as f:
             config_json = json.load(f)

@@ -5,15 +5,16 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import time
 
 import numpy as np
 
-from convert.hf2jax import AUX_FILES
+from convert.hf2jax import AUX_FILES, progress_line
 from convert.mapping import tensor_table
 from convert.safetensors_io import write_hf_weights
 from ring_jax.checkpoint import restore_params
-from ring_jax.staging import staged_folder
 from ring_jax.config import RingConfig
+from ring_jax.staging import staged_folder
 
 
 def convert_jax_to_hf(model_dir: str, out_dir: str, max_shard_bytes: int = 5 * 2**30,
@@ -26,10 +27,17 @@ def convert_jax_to_hf(model_dir: str, out_dir: str, max_shard_bytes: int = 5 * 2
     if os.path.exists(out_dir):
         raise FileExistsError(f"{out_dir} exists; choose a new output folder")
     config = RingConfig.from_hf(model_dir)
+    start = time.time()
     params, _ = restore_params(model_dir, config, verify=True)
-    tensors = {}
-    for spec in tensor_table(config):
-        tensors.update(spec.to_hf(np.asarray(params.pop(spec.key))))
+    if progress:
+        print(f"read and verified {model_dir} in {time.time() - start:.1f} s", file=sys.stderr, flush=True)
+    tensors, table, done = {}, tensor_table(config), 0
+    for i, spec in enumerate(table, 1):
+        param = np.asarray(params.pop(spec.key))
+        tensors.update(spec.to_hf(param))
+        done += param.nbytes
+        if progress:
+            progress_line(i, len(table), f"{spec.key} -> {spec.hf_label}", done, start)
     with staged_folder(out_dir) as tmp:
         files = write_hf_weights(tmp, {n: (t.dtype, t.shape) for n, t in tensors.items()},
                                  tensors.__getitem__, max_shard_bytes)

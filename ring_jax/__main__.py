@@ -68,6 +68,30 @@ def _token_ids(text: str) -> list[int]:
     return ids
 
 
+class _Compiles:
+    """Counts and times the XLA compilations of this process (a `jax.monitoring` listener), so that
+    a command can say what its first call spent compiling."""
+
+    EVENT = "/jax/core/compile/backend_compile_duration"
+
+    def __init__(self):
+        import jax
+
+        self.count, self.seconds = 0, 0.0
+        jax.monitoring.register_event_duration_secs_listener(self._on)
+
+    def _on(self, event, duration, **_):
+        if event == self.EVENT:
+            self.count, self.seconds = self.count + 1, self.seconds + duration
+
+    def report(self) -> None:
+        """Says on stderr what was compiled since the last report."""
+        if self.count:
+            print(f"[compiled {self.count} program(s) in {self.seconds:.1f} s; a later call of the same "
+                  "shapes reuses them]", file=sys.stderr, flush=True)
+        self.count, self.seconds = 0, 0.0
+
+
 def _sampling(args) -> dict:
     return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
             "top_p": args.top_p, "seed": args.seed}
@@ -133,6 +157,7 @@ def generate(args) -> int:
     import ring_jax
 
     model, tokenizer = _load(args)
+    compiles = _Compiles()
     if args.prompt_ids:
         prompts = args.prompt_ids
     elif args.raw:
@@ -146,8 +171,11 @@ def generate(args) -> int:
             ids = [t for t in piece[0].tolist() if t not in (eos or [])]
             print(tokenizer.decode(ids, skip_special_tokens=True), end="", flush=True)
         print()
+        compiles.report()
         return 0
+    print(f"[generating for {len(prompts)} prompt(s); a first call compiles]", file=sys.stderr, flush=True)
     tokens = ring_jax.generate(model, prompts, eos_token_id=eos, **_sampling(args))
+    compiles.report()
     for row in tokens:
         print(row.tolist() if tokenizer is None else tokenizer.decode(
             [t for t in row.tolist() if t not in (eos or [])], skip_special_tokens=True))
@@ -159,6 +187,7 @@ def chat(args) -> int:
     from ring_jax.chat import prompt_ids, room_left
 
     model, tokenizer = _load(args)
+    compiles = _Compiles()
     system = [{"role": "system", "content": args.system}] if args.system else []
     history = list(system)
     print("Type a message; /reset clears the conversation, /exit (or end of input) quits.", file=sys.stderr)
@@ -188,6 +217,7 @@ def chat(args) -> int:
         except KeyboardInterrupt:
             print(" [interrupted]", end="", file=sys.stderr)
         print()
+        compiles.report()
         history.append({"role": "assistant", "content": reply})
 
 

@@ -20,7 +20,6 @@ import functools
 import json
 import os
 import shutil
-import sys
 import warnings
 
 import jax
@@ -33,6 +32,7 @@ from convert.mapping import TensorSpec, tensor_table
 from convert.safetensors_io import CheckpointError
 from ring_jax import sharding
 from ring_jax.config import RingConfig
+from ring_jax.errors import quiet_closed_event_loops
 from ring_jax.model import RingModel
 from ring_jax.schedule import kind_index
 from ring_jax.staging import staged_folder
@@ -299,7 +299,7 @@ def restore_params(folder: str, config: RingConfig, dtype=None, mesh=None,
     try:
         tree = ocp.StandardCheckpointer().restore(params_dir, target)
     except Exception as e:                  # TensorStore and Orbax report damage as many kinds of error
-        _quiet_closed_loop()
+        quiet_closed_event_loops()
         raise _damaged(folder, f"{PARAMS_DIR}/ cannot be read ({_first_line(e)})") from None
     flat = {}
     for spec in table:
@@ -310,19 +310,6 @@ def restore_params(folder: str, config: RingConfig, dtype=None, mesh=None,
             raise _damaged(folder, f"parameter {spec.key} does not match its checksum")
         flat[spec.key] = node if spec.float32 or node.dtype == dtype else node.astype(dtype)
     return flat, dtype
-
-
-def _quiet_closed_loop() -> None:
-    """After a failed restore, TensorStore's threads still complete the reads Orbax gave up on and
-    hand each to Orbax's closed event loop, whose RuntimeError Python reports as unraisable: a
-    traceback per read after the one-line error. Those reports are dropped; others pass."""
-    report = sys.unraisablehook
-
-    def hook(unraisable):
-        if not (isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value)):
-            report(unraisable)
-
-    sys.unraisablehook = hook
 
 
 def _first_line(error: Exception, limit: int = 200) -> str:

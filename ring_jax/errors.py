@@ -1,6 +1,7 @@
 """What a command line does with an error its user caused (a bad value, a missing or damaged
 file, a full or read-only disk): one line on stderr and exit status 2, not a traceback."""
 
+import logging
 import os
 import sys
 
@@ -14,14 +15,36 @@ def user_errors() -> tuple[type, ...]:
 
 
 def one_line(error: BaseException, limit: int = 500) -> str:
-    """The error's message on one line of at most `limit` characters."""
+    """The error's message on one line of about `limit` characters at most: a longer one keeps its
+    start and its end (where TensorStore puts the cause), its middle cut."""
     text = " ".join(str(error).split()) or type(error).__name__
-    return text if len(text) <= limit else text[:limit] + "..."
+    return text if len(text) <= limit else f"{text[:limit // 2]} ... {text[-limit // 2:]}"
+
+
+def quiet_closed_event_loops() -> None:
+    """Drops Python's reports of `RuntimeError: Event loop is closed` raised in callbacks. When an
+    Orbax read or write fails (a damaged file, a full disk), TensorStore's threads still complete
+    the operations Orbax gave up on and hand each to Orbax's closed event loop; Python reports
+    each as unraisable, a traceback apiece around the one-line error. Other reports pass."""
+    report = sys.unraisablehook
+    if getattr(report, "quiet_closed_event_loops", False):
+        return
+
+    def hook(unraisable):
+        if not (isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value)):
+            report(unraisable)
+
+    hook.quiet_closed_event_loops = True
+    sys.unraisablehook = hook
 
 
 def run_command(command, args, prog: str, debug: bool = False) -> int:
     """command(args) -> its exit status; a user error is one line `prog: error: ...` and 2 (the
-    traceback too with debug), Ctrl-C is 130."""
+    traceback too with debug), Ctrl-C is 130. Without debug, the error logs of Orbax's writer and
+    reader threads (absl's logger) are not shown: they repeat the error with a traceback."""
+    quiet_closed_event_loops()
+    if not debug:
+        logging.getLogger("absl").setLevel(logging.CRITICAL)
     try:
         return command(args)
     except KeyboardInterrupt:

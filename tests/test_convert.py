@@ -286,3 +286,23 @@ def test_unwritable_output_is_one_line(tmp_path, tiny_dict):
                           str(tmp_path / "file" / "jax")], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1, run.stderr
     assert run.stderr.startswith("python -m convert hf2jax: error: [Errno 20] Not a directory")
+
+
+def test_full_disk_is_one_line_and_leaves_nothing(tmp_path, tiny_dict):
+    """A file-size limit (RLIMIT_FSIZE) stands in for a full disk: Orbax's writer fails, the command
+    says so in one line, and neither the output nor its temporary folder nor its parents remain."""
+    import resource
+    import signal
+
+    write_random_hf_checkpoint(tmp_path / "hf", tiny_dict, dtype="float32")
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+    run = subprocess.run([sys.executable, "-m", "convert", "hf2jax", "--hf-dir", str(tmp_path / "hf"), "--out",
+                          str(tmp_path / "new" / "jax"), "--quiet"], cwd=ROOT, capture_output=True, text=True,
+                         preexec_fn=small_files)
+    assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1, run.stderr[-3000:]
+    assert run.stderr.startswith("python -m convert hf2jax: error: ") and "File too large" in run.stderr
+    assert sorted(os.listdir(tmp_path)) == ["hf"]
