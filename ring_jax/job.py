@@ -59,7 +59,7 @@ from jax.experimental import multihost_utils
 
 import ring_jax
 from ring_jax.config import ConfigError, RingConfig
-from ring_jax.errors import exit_now
+from ring_jax.errors import exit_now, one_line, quiet_closed_event_loops, user_errors
 from ring_jax.generate import Sampling
 from ring_jax.sharding import check_mesh, make_mesh, parse_mesh
 from ring_jax.tokenizer import TokenizerError, load_tokenizer
@@ -523,10 +523,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    quiet_closed_event_loops()
     try:
         return run(parse_args(argv))
-    except JobError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except (JobError, *user_errors()) as e:           # a damaged model folder, a full disk, ...
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
 
 

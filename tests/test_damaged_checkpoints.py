@@ -103,9 +103,13 @@ def test_command_lines_say_it_in_one_line(good, tmp_path):
     shutil.copytree(good, folder)
     os.truncate(largest_data_file(folder), 10)
     env = dict(os.environ, PYTHONPATH=ROOT, RING_JAX_COMPILATION_CACHE="off")
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "hi"}\n')
     for command in (["ring_jax", "generate", "--model", folder, "--prompt-ids", "1 2"],
-                    ["convert", "jax2hf", "--model-dir", folder, "--out", str(tmp_path / "hf")]):
+                    ["convert", "jax2hf", "--model-dir", folder, "--out", str(tmp_path / "hf")],
+                    ["ring_jax.job", "--model", folder, "--input", str(tmp_path / "prompts.jsonl"),
+                     "--output", str(tmp_path / "out.jsonl")]):
         run = subprocess.run([sys.executable, "-m", *command], capture_output=True, text=True, env=env, timeout=300)
         assert run.returncode == 2, run.stderr[-2000:]
         assert "Traceback" not in run.stderr and "damaged or incomplete checkpoint" in run.stderr.splitlines()[-1]
     assert not os.path.exists(tmp_path / "hf")
+    assert (tmp_path / "out.jsonl").read_text() == ""          # the job's output, opened to resume: no record
