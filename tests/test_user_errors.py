@@ -31,9 +31,15 @@ def cli(*args, stdin=None):
     (["--prompt-ids", "1", "--top-p", "2"], "argument --top-p: 2 is outside (0, 1]"),
     (["--prompt-ids", "1", "--top-k", "0"], "argument --top-k: 0 must be >= 1"),
 ])
-def test_bad_arguments_are_one_line_before_loading(model_dir, args, message):
-    code, out, err = cli("generate", "--model", model_dir, *args)
-    assert code == 2 and err == f"python -m ring_jax generate: error: {message}\n" and not out, err
+def test_bad_arguments_are_one_line_before_loading(model_dir, args, message, capsys, monkeypatch):
+    import ring_jax.checkpoint
+    from ring_jax.__main__ import main
+
+    monkeypatch.setattr(ring_jax.checkpoint, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", "--model", model_dir, *args])
+    out, err = capsys.readouterr()
+    assert exit_.value.code == 2 and err == f"python -m ring_jax generate: error: {message}\n" and not out, err
 
 
 def test_missing_model_and_bad_values_found_late_are_one_line(tmp_path, model_dir):
