@@ -61,8 +61,9 @@ def rel_err(got, want) -> float:
 
 
 # The slowest modules first (their test time in a 2-core run, 2026-11-30: 290, 180, 170, 150, 140,
-# 120, 95, 95, 90 and 80 s; the last three about 50, 30 and 25 s), then the rest in file order: `pytest -n 2 --dist loadfile` hands whole
-# modules to the two workers, and a long module left for the end runs alone on one core.
+# 120, 95, 95, 90 and 80 s; the last three about 50, 30 and 25 s), then the rest in file order:
+# `pytest -n 2 --dist loadfile` hands whole modules to the two workers, and a long module left for
+# the end runs alone on one core.
 SLOW_MODULES = ("test_sharding.py", "test_linear_attention_tpu.py", "test_generate.py", "test_parity.py",
                 "test_convert.py", "test_cli_notebook.py", "test_job.py", "test_router.py", "test_gmm_tpu.py",
                 "test_matvec.py", "test_user_errors.py", "test_compile.py", "test_damaged_checkpoints.py")
