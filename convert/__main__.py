@@ -1,13 +1,11 @@
 """python -m convert {hf2jax,jax2hf}: checkpoint conversion between HF safetensors and ring_jax."""
 
-import argparse
-
-from ring_jax.errors import exit_now, run_command
+from ring_jax.errors import ArgumentParser, exit_now, run_command
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m convert", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = ArgumentParser(prog="python -m convert", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
     a = sub.add_parser("hf2jax", help="HF safetensors folder -> ring_jax folder (Orbax)",
                        description="Streams an HF Ring-linear-2.0 checkpoint (model.safetensors or a "
                                    "sharded set with model.safetensors.index.json) into an Orbax checkpoint.")

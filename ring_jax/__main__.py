@@ -16,16 +16,9 @@ import time
 
 import numpy as np
 
-from ring_jax.errors import exit_now, run_command
+from ring_jax.errors import ArgumentParser, exit_now, run_command
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, with a wrong argument as one line on stderr (exit status 2)."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def _positive_int(text: str) -> int:
@@ -271,8 +264,8 @@ def _add_model_args(p):
 
 
 def main(argv=None) -> int:
-    parser = _Parser(prog="python -m ring_jax", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = ArgumentParser(prog="python -m ring_jax", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
     d = sub.add_parser("demo", help="tiny random model: HF layout -> convert -> load -> generate and chat")
     d.add_argument("--config", default=os.path.join(CONFIGS, "tiny.json"), help="HF config.json to instantiate")
     d.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))

@@ -32,7 +32,7 @@ from convert.mapping import TensorSpec, tensor_table
 from convert.safetensors_io import CheckpointError
 from ring_jax import sharding
 from ring_jax.config import RingConfig
-from ring_jax.errors import quiet_closed_event_loops
+from ring_jax.errors import one_line, quiet_closed_event_loops
 from ring_jax.model import RingModel
 from ring_jax.schedule import kind_index
 from ring_jax.staging import staged_folder
@@ -300,7 +300,7 @@ def restore_params(folder: str, config: RingConfig, dtype=None, mesh=None,
         tree = ocp.StandardCheckpointer().restore(params_dir, target)
     except Exception as e:                  # TensorStore and Orbax report damage as many kinds of error
         quiet_closed_event_loops()
-        raise _damaged(folder, f"{PARAMS_DIR}/ cannot be read ({_first_line(e)})") from None
+        raise _damaged(folder, f"{PARAMS_DIR}/ cannot be read ({one_line(e, limit=200)})") from None
     flat = {}
     for spec in table:
         node = tree
@@ -310,13 +310,6 @@ def restore_params(folder: str, config: RingConfig, dtype=None, mesh=None,
             raise _damaged(folder, f"parameter {spec.key} does not match its checksum")
         flat[spec.key] = node if spec.float32 or node.dtype == dtype else node.astype(dtype)
     return flat, dtype
-
-
-def _first_line(error: Exception, limit: int = 200) -> str:
-    """The error's text on one line, without TensorStore's pointer to its details, at most `limit`
-    characters."""
-    text = " ".join(str(error).split(" See full TensorStore details")[0].split()) or type(error).__name__
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def load_model(path: str, dtype=None, mesh=None, verify: bool = False, **config_overrides) -> RingModel:

@@ -1,9 +1,17 @@
 """What a command line does with an error its user caused (a bad value, a missing or damaged
 file, a full or read-only disk): one line on stderr and exit status 2, not a traceback."""
 
+import argparse
 import logging
 import os
 import sys
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with a wrong argument as one line on stderr (exit status 2), without the usage."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def user_errors() -> tuple[type, ...]:
@@ -15,9 +23,10 @@ def user_errors() -> tuple[type, ...]:
 
 
 def one_line(error: BaseException, limit: int = 500) -> str:
-    """The error's message on one line of about `limit` characters at most: a longer one keeps its
-    start and its end (where TensorStore puts the cause), its middle cut."""
-    text = " ".join(str(error).split()) or type(error).__name__
+    """The error's message on one line of about `limit` characters at most, without TensorStore's
+    pointer to its details: a longer one keeps its start and its end (where TensorStore puts the
+    cause), its middle cut."""
+    text = " ".join(str(error).split(" See full TensorStore details")[0].split()) or type(error).__name__
     return text if len(text) <= limit else f"{text[:limit // 2]} ... {text[-limit // 2:]}"
 
 

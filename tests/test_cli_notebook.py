@@ -56,6 +56,17 @@ def test_compilation_cache_off_and_unwritable(tmp_path):
     assert jax.config.jax_compilation_cache_dir == before
 
 
+def test_import_turns_the_cache_on_unless_told_off(tmp_path):
+    """`import ring_jax` keeps compilations in $XDG_CACHE_HOME/ring_jax/xla by default;
+    $RING_JAX_COMPILATION_CACHE=off leaves JAX's cache off."""
+    code = "import ring_jax, jax; print(jax.config.jax_compilation_cache_dir)"
+    env = {k: v for k, v in os.environ.items() if k != ENV}
+    for extra, want in (({"XDG_CACHE_HOME": str(tmp_path)}, str(tmp_path / "ring_jax" / "xla")), ({ENV: "off"}, "None")):
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             env=dict(env, PYTHONPATH=ROOT, **extra))
+        assert run.stdout.strip() == want
+
+
 def test_generate_and_chat(model_dir, compilation_cache):
     ids = ring_jax_cli("generate", "--model", model_dir, "--prompt-ids", "5 6 7", "--prompt-ids", "8 9",
                        "--max-new-tokens", "4")

@@ -63,6 +63,7 @@ def test_chat_keeps_the_session_when_the_context_fills(model_dir):
     assert code == 0 and "Traceback" not in err, err
     assert "[context full: dropped the" in err
     assert "[message not sent: it does not fit in the context of 512 tokens" in err
+    assert "[compiled " in err                  # the first reply says what it compiled
     assert out.count("> ") == 6                 # every message was read; the session never ended early
 
 
@@ -77,3 +78,22 @@ def test_chat_caps_max_new_tokens_to_the_room_left(model_dir):
     ring_jax.chat(model, tokenizer, messages, max_new_tokens=512)              # capped, not an error
     with pytest.raises(ValueError, match="fills the context"):
         ring_jax.chat(model, tokenizer, [{"role": "user", "content": "z" * 2000}])
+
+
+def test_convert_and_demo_arguments_are_one_line(tmp_path, capsys):
+    from convert.__main__ import main as convert_main
+    from ring_jax.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_:
+        convert_main(["hf2jax", "--hf-dir", str(tmp_path)])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == "python -m convert hf2jax: error: the following arguments are required: --out\n"
+    assert main(["demo", "--keep", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"python -m ring_jax demo: error: --keep {tmp_path} exists; choose a new folder\n"
+
+
+def test_demo_keeps_the_tiny_model(tmp_path):
+    code, out, _ = cli("demo", "--keep", str(tmp_path / "tiny"), "--tokens", "2")
+    assert code == 0 and f"kept: {tmp_path / 'tiny' / 'hf'}" in out
+    assert os.path.isfile(tmp_path / "tiny" / "jax" / "ring_jax.json")
+    assert os.path.isfile(tmp_path / "tiny" / "hf" / "config.json")
