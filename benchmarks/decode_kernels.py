@@ -1,5 +1,5 @@
-"""The small kernels of a decode step against the jnp references (XLA): the router's expert
-selection and the linear-attention layer's one-token step.
+"""The kernels of a decode step against the jnp references (XLA): the router's expert selection,
+the linear-attention layer's one-token step and the softmax layer's attention over the cache.
 
     python benchmarks/decode_kernels.py [--config configs/ring-mini-linear-2.0.json] [--tokens 1 8 64 4096]
                                         [--batch 1 8 64]
@@ -14,6 +14,11 @@ interpret mode (a smoke run).
 - linear-attention step: qkv [batch, 3 H D] bf16 and the state -> q/k norms, RoPE, the output and
   the new state (`pallas_kernels.linear_attention_decode`); "agreement" is the largest difference
   of the outputs over their largest value.
+- softmax attention: one token per sequence over `context` cached slots of a layer's keys and
+  values, entry `slot` of the stack of every softmax layer's cache [S, B, L, Hkv, D] bf16
+  (`pallas_kernels.softmax_attention_decode`); the reference, as XLA runs it inside the scanned
+  decoder, slices the layer's cache out of the stack first. It reads 4 B context Hkv D bytes of
+  keys and values: the floor at the copy bandwidth is printed beside it.
 """
 
 import argparse
@@ -29,7 +34,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.timing import bench_jax, device_ms, traced_gpu_ms  # noqa: E402
+from benchmarks.timing import bench_jax, copy_bandwidth, device_ms, traced_gpu_ms  # noqa: E402
 import pallas_kernels  # noqa: E402
 from pallas_kernels.linear_attention import reference as la_reference  # noqa: E402
 from pallas_kernels.router import gpu as router_gpu, reference as router_reference  # noqa: E402
@@ -68,7 +73,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=os.path.join(ROOT, "configs", "ring-mini-linear-2.0.json"))
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64, 4096], help="router selection")
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8, 64], help="linear-attention step")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8, 64],
+                        help="linear-attention step and softmax attention")
+    parser.add_argument("--context", type=int, nargs="+", default=[4096, 32768], help="softmax attention")
     args = parser.parse_args(argv)
     config = ring_jax.RingConfig.from_hf(args.config)
     interpret = jax.devices()[0].platform != "gpu"
@@ -108,6 +115,26 @@ def main(argv=None):
         donated = (jax.jit(step, donate_argnums=len(a) - 1), jax.jit(step_xla, donate_argnums=len(a) - 1))
         times = [threaded_us(f, [jnp.copy(x) for x in a]) for f in donated]
         row("linear-attention step", B, *times, f"o {diffs[0]:.1e}, state {diffs[1]:.1e}")
+
+    Hkv = config.num_key_value_heads
+    S = sum(config.is_softmax_layer(i) for i in range(config.num_decoder_layers))
+    bandwidth = None if interpret else copy_bandwidth()
+    attend = jax.jit(lambda *a: pallas_kernels.softmax_attention_decode(*a[:5], slot=a[5], interpret=interpret))
+    attend_xla = jax.jit(lambda *a: pallas_kernels.softmax_attention_decode(*a[:5], slot=a[5], backend="reference"))
+    for context in args.context:
+        for B in args.batch:
+            L = context + 4096                                   # the cache holds the context and more
+            q = jnp.asarray(rng.standard_normal((B, 1, H, D)), jnp.bfloat16)
+            key = jax.random.key(context + B)
+            keys, values = (jax.random.normal(k, (S, B, L, Hkv, D), jnp.bfloat16) for k in jax.random.split(key))
+            a = (q, keys, values, jnp.zeros((B,), jnp.int32), jnp.int32(context - 1), jnp.int32(S - 1))
+            got, want = attend(*a), attend_xla(*a)
+            agreement = float(jnp.max(jnp.abs(got.astype(jnp.float32) - want.astype(jnp.float32)))
+                              / jnp.max(jnp.abs(want.astype(jnp.float32))))
+            floor = "" if bandwidth is None else f", floor {4 * B * context * Hkv * D / bandwidth * 1e6:.1f} us"
+            row(f"softmax attention, context {context}", B, timed_us(attend, *a), timed_us(attend_xla, *a),
+                f"{agreement:.1e}{floor}")
+            del keys, values, a
 
 if __name__ == "__main__":
     main()

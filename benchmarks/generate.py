@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from benchmarks.timing import traced_gpu_ms, copy_bandwidth
+from benchmarks.timing import copy_bandwidth, traced_gpu_ms, traced_kernels
 from ring_jax import RingConfig, RingModel
 from ring_jax.cache import Cache, cache_bytes, cache_length, init_cache
 from ring_jax.generate import (DecodeState, Sampling, StopRule, _decode, _on, _placer, _start, _steps,
@@ -114,10 +114,12 @@ def time_to_first_token(model, T, chunk, cache_len, repeats=3):
     return float(np.median(times[1:]))
 
 
-def run_decode(model, B, context, steps):
+def run_decode(model, B, context, steps, profile=0):
     """Seconds of the compiling first 8 steps and of `steps` more, on a cache holding `context`
     tokens per sequence (random keys, values and states: the cost of a step does not depend on
-    them, and this skips compiling a prefill for every batch size)."""
+    them, and this skips compiling a prefill for every batch size). profile > 0: then the
+    `profile` kernels that take most GPU time in 8 more steps, [(name, us per step, launches per
+    step)], the first the sum of them all."""
     config, mesh = model.config, model_mesh(model)
     cache = init_cache(config, B, cache_length(context + 8 + steps), np.zeros(B, np.int32), model.dtype, mesh)
 
@@ -142,8 +144,18 @@ def run_decode(model, B, context, steps):
         t = time.perf_counter()
         state = _decode(structure, arrays, state, np.int32(8 + steps), sampling=sampling, rule=rule)
         jax.block_until_ready(state.tokens)
-    assert int(state.step) == 8 + steps
-    return first, time.perf_counter() - t
+        elapsed = time.perf_counter() - t
+        assert int(state.step) == 8 + steps
+        if not profile:
+            return first, elapsed, []
+
+        def more():
+            jax.block_until_ready(_decode(structure, arrays, state, np.int32(16 + steps), sampling=sampling,
+                                          rule=rule).tokens)
+        kernels = traced_kernels(more)
+        total = (sum(ns for ns, _ in kernels.values()), sum(count for _, count in kernels.values()))
+        top = [("every kernel", total)] + sorted(kernels.items(), key=lambda item: -item[1][0])[:profile]
+    return first, elapsed, [(name, ns / 8e3, count / 8) for name, (ns, count) in top]
 
 
 def main(argv=None):
@@ -154,6 +166,8 @@ def main(argv=None):
     parser.add_argument("--decode-batch", type=int, nargs="*", default=[1, 8, 64])
     parser.add_argument("--context", type=int, default=4096, help="prompt length before decoding")
     parser.add_argument("--steps", type=int, default=128, help="timed decode steps")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="after each decode row, the N kernels that take most of a step's GPU time")
     parser.add_argument("--chunk", type=int, default=None,
                         help="prefill chunk (tokens; default: generate()'s, 32768 for bf16 models on Hopper GPUs, else 4096)")
     args = parser.parse_args(argv)
@@ -187,11 +201,13 @@ def main(argv=None):
     print("\n| decode batch | context | first 8 steps s (compile incl.) | ms/step | tokens/s | roofline tokens/s | % |")
     print("|---|---|---|---|---|---|---|")
     for B in args.decode_batch:
-        first, second = run_decode(model, B, args.context, args.steps)
+        first, second, kernels = run_decode(model, B, args.context, args.steps, args.profile)
         step = second / args.steps
         roof = B / (decode_bytes(config, counts, B, args.context + 8 + args.steps) / bw)
         print(f"| {B} | {args.context} | {first:.2f} | {step * 1e3:.2f} | {B / step:,.0f} | {roof:,.0f} | "
               f"{B / step / roof:.0%} |", flush=True)
+        for name, us, count in kernels:
+            print(f"|   {us:8.1f} us/step | {count:5.1f} launches/step | {name[:100]} |", flush=True)
 
     stats = jax.devices()[0].memory_stats() or {}
     print(f"\npeak device memory: {stats.get('peak_bytes_in_use', 0) / 2**30:.1f} GiB")

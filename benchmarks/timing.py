@@ -40,19 +40,32 @@ def copy_bandwidth():
     return 2 * x.nbytes / ((device_ms(f, x) or bench_jax(f, x)) * 1e-3)
 
 
-def traced_gpu_ms(run, n):
-    """Milliseconds per call of GPU time in run() (n calls and a wait for them): the durations of
-    every kernel, memset and copy in a JAX profiler trace. The trace is CUPTI's, process-wide, so it
-    holds the GPU work of other libraries (PyTorch) too; one profiler at a time, so this one serves
-    both (torch.profiler and JAX's cannot both subscribe to CUPTI in one process)."""
+def traced_kernels(run) -> dict[str, tuple[int, int]]:
+    """The GPU work of run() in a JAX profiler trace: {kernel, memset or copy name: (total ns,
+    count)}. The trace is CUPTI's, process-wide, so it holds the GPU work of other libraries
+    (PyTorch) too; one profiler at a time, so this one serves both (torch.profiler and JAX's cannot
+    both subscribe to CUPTI in one process)."""
     from jax.profiler import ProfileData
 
+    kernels = {}
     with tempfile.TemporaryDirectory() as trace:
         with jax.profiler.trace(trace):
             run()
         data = ProfileData.from_file(glob.glob(f"{trace}/**/*.xplane.pb", recursive=True)[0])
-        ns = sum(event.duration_ns for plane in data.planes if plane.name.startswith("/device:GPU")
-                 for line in plane.lines if line.name.startswith("Stream") for event in line.events)
+        for plane in data.planes:
+            if plane.name.startswith("/device:GPU"):
+                for line in plane.lines:
+                    if line.name.startswith("Stream"):
+                        for event in line.events:
+                            ns, count = kernels.get(event.name, (0, 0))
+                            kernels[event.name] = (ns + event.duration_ns, count + 1)
+    return kernels
+
+
+def traced_gpu_ms(run, n):
+    """Milliseconds per call of GPU time in run() (n calls and a wait for them): the durations of
+    every kernel, memset and copy in a profiler trace (`traced_kernels`)."""
+    ns = sum(total for total, _ in traced_kernels(run).values())
     if not ns:
         raise RuntimeError("the profiler trace holds no GPU work")
     return ns / n / 1e6

@@ -60,6 +60,27 @@ def rel_err(got, want) -> float:
     return float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
 
 
+def attention64(q, keys, values, cursor, start):
+    """float64 truth: query t of sequence b reads slots [start[b], cursor + t] (only its own slot
+    when it is padding). q: [B, T, H, D]; keys, values: [B, L, Hkv, D] -> [B, T, H, D]."""
+    import numpy as np
+
+    q, keys, values = (np.asarray(x, np.float64) for x in (q, keys, values))
+    B, T, H, D = q.shape
+    G = H // keys.shape[2]
+    out = np.zeros_like(q)
+    for b in range(B):
+        for t in range(T):
+            slot = cursor + t
+            lo = slot if slot < start[b] else start[b]
+            k, v = keys[b, lo:slot + 1], values[b, lo:slot + 1]            # [n, Hkv, D]
+            for h in range(H):
+                s = k[:, h // G] @ q[b, t, h] / np.sqrt(D)
+                p = np.exp(s - s.max())
+                out[b, t, h] = p @ v[:, h // G] / p.sum()
+    return out
+
+
 # The slowest modules first (their test time in a 2-core run, 2026-11-30: 290, 180, 170, 150, 140,
 # 120, 95, 95, 90 and 80 s; the last three about 50, 30 and 25 s), then the rest in file order:
 # `pytest -n 2 --dist loadfile` hands whole modules to the two workers, and a long module left for

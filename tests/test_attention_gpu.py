@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import load_config_dict, rel_err
+from conftest import attention64, load_config_dict, rel_err
 from pallas_kernels.platform import platform
 from ring_jax import RingConfig
 from ring_jax.cache import Cache, KVCache
@@ -14,25 +14,6 @@ from ring_jax.layers import attention
 from ring_jax.layers.rope import rope_tables
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(platform() != "hopper", reason="the flash path runs on Hopper")]
-
-
-def attention64(q, keys, values, cursor, start):
-    """float64 truth: query t of sequence b reads slots [start[b], cursor + t] (only its own slot
-    when it is padding). q: [B, T, H, D]; keys, values: [B, L, Hkv, D] -> [B, T, H, D]."""
-    q, keys, values = (np.asarray(x, np.float64) for x in (q, keys, values))
-    B, T, H, D = q.shape
-    G = H // keys.shape[2]
-    out = np.zeros_like(q)
-    for b in range(B):
-        for t in range(T):
-            slot = cursor + t
-            lo = slot if slot < start[b] else start[b]
-            k, v = keys[b, lo:slot + 1], values[b, lo:slot + 1]            # [n, Hkv, D]
-            for h in range(H):
-                s = k[:, h // G] @ q[b, t, h] / np.sqrt(D)
-                p = np.exp(s - s.max())
-                out[b, t, h] = p @ v[:, h // G] / p.sum()
-    return out
 
 
 @pytest.mark.parametrize("T, cursor, start", [

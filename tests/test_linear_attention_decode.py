@@ -99,7 +99,7 @@ def test_layer_takes_the_kernel_with_its_own_numerics(monkeypatch):
     x = jnp.asarray(rng.standard_normal((B, 1, config.hidden_size)), dtype)
     angles = jnp.asarray(rng.uniform(0, 6.3, (B, 1, config.rotary_dim // 2)), jnp.float32)
     cos, sin = (f(jnp.concatenate([angles, angles], -1)).astype(dtype) for f in (jnp.cos, jnp.sin))
-    states = jnp.asarray(rng.standard_normal((3, B, H, D, D)), jnp.float32)   # layer slot 1 of 3
+    states = jnp.asarray(rng.standard_normal((len(layer.log_decay), B, H, D, D)), jnp.float32)   # layer slot 1
     no_kv = jnp.zeros((0, B, 1, 1, 1), dtype)
     cache = Cache(states, no_kv, no_kv, jnp.zeros((B,), jnp.int32), jnp.int32(0))
     valid = jnp.asarray([[True], [False], [True]])
@@ -112,7 +112,7 @@ def test_layer_takes_the_kernel_with_its_own_numerics(monkeypatch):
     monkeypatch.setattr(step_gpu, "decode_step", lambda *a, _f=step_gpu.decode_step, **k:
                         calls.append(a[0].shape) or _f(*a, **{**k, "interpret": True}))
     o, got = layer(x, cos, sin, cache, 1, valid)
-    for other in (0, 2):                                    # the kernel writes only its slot
+    for other in set(range(len(states))) - {1}:            # the kernel writes only its slot
         np.testing.assert_array_equal(np.asarray(got.states[other]), np.asarray(states[other]))
     got = (o, got.states[1])
     assert calls == [(B, 3 * H * D)]
@@ -121,3 +121,27 @@ def test_layer_takes_the_kernel_with_its_own_numerics(monkeypatch):
     calls.clear()
     layer(jnp.concatenate([x, x], axis=1), jnp.concatenate([cos, cos], 1), jnp.concatenate([sin, sin], 1), cache, 1)
     assert not calls                                                       # two tokens: the jnp step
+
+
+def test_kernel_reads_the_layers_entries_of_stacks():
+    """Inside the scanned decoder the norm weights come as stacks [N, D] with the layer's index
+    and the decays as every linear layer's table [S, H] with the state's slot: the kernel (and the
+    reference path) take the entries, and the kernel writes only the slot's state."""
+    qkv, q_weight, k_weight, cos, sin, log_decay, state, valid = operands(2, 2, 64, 32, jnp.bfloat16, seed=7)
+    rng = np.random.default_rng(8)
+    q_stack, k_stack = (jnp.asarray(1 + 0.3 * rng.standard_normal((3, 64)), jnp.bfloat16).at[2].set(w)
+                        for w in (q_weight, k_weight))
+    decays = jnp.asarray(-rng.uniform(0.01, 0.9, (4, 2)), jnp.float32).at[1].set(log_decay)
+    states = jnp.asarray(rng.standard_normal((4,) + state.shape), jnp.float32).at[1].set(state)
+    want = reference.decode_step(qkv, q_weight, k_weight, cos, sin, log_decay, state, valid, eps=1e-6)
+    for interpret in (False, True):
+        o, got = api.linear_attention_decode(qkv, q_stack, k_stack, cos, sin, decays, states, valid, slot=jnp.int32(1),
+                                             weight_index=jnp.int32(2), eps=1e-6, interpret=interpret)
+        assert rel_err(o, want[0]) <= 4e-3 and rel_err(got[1], want[1]) <= 4e-3
+        for other in (0, 2, 3):
+            np.testing.assert_array_equal(np.asarray(got[other]), np.asarray(states[other]))
+    with pytest.raises(ValueError, match="one row per state"):
+        api.linear_attention_decode(qkv, q_stack, k_stack, cos, sin, decays[:3], states, valid, slot=1,
+                                    weight_index=2, eps=1e-6)
+    with pytest.raises(ValueError, match="with weight_index"):
+        api.linear_attention_decode(qkv, q_stack, k_stack, cos, sin, decays, states, valid, slot=1, eps=1e-6)

@@ -96,25 +96,39 @@ def linear_attention_decode_backend(qkv, state, rotary_dim: int, backend="auto")
     return "gpu" if platform() == "hopper" and step_gpu.fits(qkv, state, rotary_dim) else "reference"
 
 
-def linear_attention_decode(qkv, q_weight, k_weight, cos, sin, log_decay, state, valid=None, *, slot=None, eps,
-                            scale=None, backend="auto", interpret=False):
+def linear_attention_decode(qkv, q_weight, k_weight, cos, sin, log_decay, state, valid=None, *, slot=None,
+                            weight_index=None, eps, scale=None, backend="auto", interpret=False):
     """One token per sequence of the Lightning layer, from its fused projection to the attention
     output and the new state: see `reference.decode_step` for shapes and math (valid None: all).
     The GPU kernel does in one launch what XLA runs as four fusions. "auto" takes it on Hopper GPUs
     when it takes the operands (`step_gpu.fits`), the jnp reference elsewhere (on a TPU too: the
     layer calls this only where the kernel runs, and takes `linear_attention_step` otherwise).
 
-    slot: None, state [B, H, D, D] -> (o, new state); or an int / [] int32, state a stack
-    [S, B, H, D, D] of which entry slot is the state -> (o, the stack with that entry advanced:
-    the kernel updates it in place when the stack is donated or a loop's carry).
+    slot: None, state [B, H, D, D] and log_decay [H] -> (o, new state); or an int / [] int32, state
+    a stack [S, B, H, D, D] of which entry slot is the state, and log_decay [H] or the table
+    [S, H] of which entry slot is the layer's -> (o, the stack with that entry advanced: the kernel
+    updates it in place when the stack is donated or a loop's carry).
+    weight_index: None, q_weight and k_weight [D]; or an int / [] int32, q_weight and k_weight
+    stacks [N, D] of which that entry is the layer's. The kernel reads the entries in their stacks.
 
     interpret: run the GPU kernel in Pallas interpret mode, whatever `backend` says (CPU tests).
     """
     states = state[None] if slot is None else state
     _, B, H, D, Dv = states.shape
+    at = 0 if slot is None else slot
+    decays = log_decay[None] if log_decay.ndim == 1 else log_decay
+    decay_at = 0 if log_decay.ndim == 1 else at
+    q_weights, k_weights = (w[None] if weight_index is None else w for w in (q_weight, k_weight))
+    weight = 0 if weight_index is None else weight_index
     if qkv.shape != (B, 3 * H * D) or D != Dv:
         raise ValueError(f"linear_attention_decode: qkv {qkv.shape} does not hold q, k and v for the "
                          f"state {states.shape[1:]} ([B, 3 H D] with Dv == D)")
+    if decays.ndim != 2 or decays.shape[1] != H or (log_decay.ndim == 2 and decays.shape[0] != states.shape[0]):
+        raise ValueError(f"linear_attention_decode: log_decay {log_decay.shape} must be [{H}] or one row per state "
+                         f"[{states.shape[0]}, {H}]")
+    if q_weights.ndim != 2 or q_weights.shape[1] != D or k_weights.shape != q_weights.shape:
+        raise ValueError(f"linear_attention_decode: q_weight {q_weight.shape} and k_weight {k_weight.shape} must be "
+                         f"[{D}], or stacks [N, {D}] with weight_index")
     if cos.shape != sin.shape or cos.shape[0] != B or cos.shape[-1] > D:
         raise ValueError(f"linear_attention_decode: cos {cos.shape} and sin {sin.shape} must be [{B}, rotary_dim <= {D}]")
     if any(t.dtype != qkv.dtype for t in (q_weight, k_weight, cos, sin)):
@@ -122,7 +136,6 @@ def linear_attention_decode(qkv, q_weight, k_weight, cos, sin, log_decay, state,
                          f"{[str(t.dtype) for t in (q_weight, k_weight, cos, sin)]}")
     valid = jnp.ones((B,), bool) if valid is None else valid
     scale = D ** -0.5 if scale is None else scale
-    at = 0 if slot is None else slot
     if interpret or linear_attention_decode_backend(qkv, states, cos.shape[-1], backend) == "gpu":
         from pallas_kernels.linear_attention import step_gpu
 
@@ -131,10 +144,16 @@ def linear_attention_decode(qkv, q_weight, k_weight, cos, sin, log_decay, state,
                 f"the gpu kernel takes bf16 or float32 qkv, a float32 state, D a power of two >= {step_gpu.BLOCK_V}, "
                 f"and rotary_dim / 2 and D - rotary_dim powers of two (or D - rotary_dim = 0); got {qkv.dtype}, "
                 f"state {states.dtype}, D={D}, rotary_dim={cos.shape[-1]}; use backend='reference'")
-        o, states = step_gpu.decode_step(qkv, q_weight, k_weight, cos, sin, log_decay, states, at, valid, eps=eps,
-                                         scale=scale, interpret=interpret)
+        if log_decay.ndim == 1:
+            decays = jnp.broadcast_to(decays, (states.shape[0], H))
+        o, states = step_gpu.decode_step(qkv, q_weights, k_weights, weight, cos, sin, decays, states, at, valid,
+                                         eps=eps, scale=scale, interpret=interpret)
     else:
-        one = jax.lax.dynamic_index_in_dim(states, at, keepdims=False)
-        o, one = reference.decode_step(qkv, q_weight, k_weight, cos, sin, log_decay, one, valid, eps=eps, scale=scale)
+        def entry(x, i):
+            return jax.lax.dynamic_index_in_dim(x, i, keepdims=False)
+
+        one = entry(states, at)
+        o, one = reference.decode_step(qkv, entry(q_weights, weight), entry(k_weights, weight), cos, sin,
+                                       entry(decays, decay_at), one, valid, eps=eps, scale=scale)
         states = jax.lax.dynamic_update_index_in_dim(states, one, at, 0)
     return (o, states[0]) if slot is None else (o, states)

@@ -12,7 +12,8 @@ dependent loads and reductions, not by its state bytes.
 Grid (B, H, Dv / BLOCK_V). Every program recomputes its head's q and k (D values each, from L2)
 and owns a [D, BLOCK_V] column block of the state, which it reads once and writes once, in place.
 The state is entry `slot` of a stack of every linear layer's states (the scanned decoder's cache),
-addressed inside the kernel: a slice taken outside it would be a copy of the state.
+addressed inside the kernel: a slice taken outside it would be a copy of the state. So are the
+layer's decay (in the table of every linear layer's) and its q/k norm weights (in their stacks).
 The head's D channels are handled as the spans [0, r/2), [r/2, r), [r, D) for rotary_dim r, each a
 power-of-two Triton vector, so that the rotation pairs channel i with i + r/2 without a shuffle.
 
@@ -52,8 +53,8 @@ def fits(qkv, state, rotary_dim: int) -> bool:
             and spans_ok)
 
 
-def _kernel(q_ref, k_ref, v_ref, qw_ref, kw_ref, cos_ref, sin_ref, decay_ref, valid_ref, slot_ref, s_ref,
-            o_ref, s_out_ref, *, spans, eps, scale):
+def _kernel(q_ref, k_ref, v_ref, qw_ref, kw_ref, cos_ref, sin_ref, decay_ref, valid_ref, slot_ref, weight_ref,
+            s_ref, o_ref, s_out_ref, *, spans, eps, scale):
     f32, dtype = jnp.float32, q_ref.dtype
     b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     slot, cols = slot_ref[0], pl.ds(j * BLOCK_V, BLOCK_V)
@@ -68,18 +69,19 @@ def _kernel(q_ref, k_ref, v_ref, qw_ref, kw_ref, cos_ref, sin_ref, decay_ref, va
         parts = [x_ref[pl.ds(a, n)].astype(f32) for a, n in spans]
         mean_square = sum(jnp.sum(p * p) for p in parts) / D
         inv = jax.lax.rsqrt(mean_square + eps)
-        parts = [rnd(rnd(p * inv) * w_ref[pl.ds(a, n)].astype(f32)) for p, (a, n) in zip(parts, spans)]
+        parts = [rnd(rnd(p * inv) * w_ref[weight, pl.ds(a, n)].astype(f32)) for p, (a, n) in zip(parts, spans)]
         x1, x2 = parts[:2]
         cos1, cos2 = cos_ref[pl.ds(0, half)].astype(f32), cos_ref[pl.ds(half, half)].astype(f32)
         sin1, sin2 = sin_ref[pl.ds(0, half)].astype(f32), sin_ref[pl.ds(half, half)].astype(f32)
         return [rnd(rnd(x1 * cos1) + rnd(-x2 * sin1)), rnd(rnd(x2 * cos2) + rnd(x1 * sin2))] + parts[2:]
 
     blocks = [s_ref[slot, b, h, pl.ds(a, n), cols] for a, n in spans]   # [n, BLOCK_V] each, loads first
+    weight = weight_ref[0]
     valid = valid_ref[0] != 0
     q = head(q_ref, qw_ref)
     k = [jnp.where(valid, p, 0.0) for p in head(k_ref, kw_ref)]
     v = jnp.where(valid, v_ref[...].astype(f32), 0.0)                      # [BLOCK_V]
-    decay = decay_ref[0]                                                    # exp(g_h)
+    decay = decay_ref[slot, h]                                              # exp(g_h)
     qk = sum(jnp.sum(a * b) for a, b in zip(q, k))
     q_state = jnp.zeros_like(v)
     for (a, n), rows, q_part, k_part in zip(spans, blocks, q, k):
@@ -89,15 +91,19 @@ def _kernel(q_ref, k_ref, v_ref, qw_ref, kw_ref, cos_ref, sin_ref, decay_ref, va
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "scale", "interpret"))
-def decode_step(qkv, q_weight, k_weight, cos, sin, log_decay, states, slot, valid, *, eps, scale, interpret=False):
-    """qkv: [B, 3 H D]; q_weight, k_weight: [D]; cos, sin: [B, rotary_dim]; log_decay: [H];
-    states: [S, B, H, D, D] float32, of which entry slot ([] int32) is the state; valid: [B] bool
-    -> (o [B, H, D] in qkv.dtype, states with entry slot advanced) (api.linear_attention_decode)."""
+def decode_step(qkv, q_weights, k_weights, weight, cos, sin, log_decays, states, slot, valid, *, eps, scale,
+                interpret=False):
+    """qkv: [B, 3 H D]; q_weights, k_weights: [N, D], of which entry weight ([] int32) is the
+    layer's; cos, sin: [B, rotary_dim]; log_decays: [S, H]; states: [S, B, H, D, D] float32, of
+    which entry slot ([] int32) is the layer's (its decay and its state); valid: [B] bool
+    -> (o [B, H, D] in qkv.dtype, states with entry slot advanced) (api.linear_attention_decode).
+    The layer's entries are read inside the kernel: slices taken outside it would be copies (a
+    launch each) inside a scanned decoder."""
     _, B, H, D, Dv = states.shape
     rotary_dim = cos.shape[-1]
     heads = qkv.reshape(B, 3 * H, D)
-    decay = jnp.exp(log_decay.astype(jnp.float32))
-    scalar = pl.BlockSpec((1,), lambda b, h, j: (h,))
+    decays = jnp.exp(log_decays.astype(jnp.float32))          # a constant table in the model: folded
+    anywhere = pl.BlockSpec(memory_space=pl.ANY)
     return pl.pallas_call(
         functools.partial(_kernel, spans=_spans(D, rotary_dim), eps=eps, scale=scale),
         grid=(B, H, Dv // BLOCK_V),
@@ -105,21 +111,21 @@ def decode_step(qkv, q_weight, k_weight, cos, sin, log_decay, states, slot, vali
             pl.BlockSpec((None, None, D), lambda b, h, j: (b, h, 0)),                # q
             pl.BlockSpec((None, None, D), lambda b, h, j: (b, H + h, 0)),            # k
             pl.BlockSpec((None, None, BLOCK_V), lambda b, h, j: (b, 2 * H + h, j)),  # v columns
-            pl.BlockSpec((D,), lambda b, h, j: (0,)),
-            pl.BlockSpec((D,), lambda b, h, j: (0,)),
+            anywhere,                                                              # q_weights: by weight
+            anywhere,                                                              # k_weights
             pl.BlockSpec((None, rotary_dim), lambda b, h, j: (b, 0)),
             pl.BlockSpec((None, rotary_dim), lambda b, h, j: (b, 0)),
-            scalar,
+            anywhere,                                                              # decays: by slot
             pl.BlockSpec((1,), lambda b, h, j: (b,)),
-            pl.BlockSpec(memory_space=pl.ANY),                                     # slot
-            pl.BlockSpec(memory_space=pl.ANY),                                     # states: whole, by slot
+            anywhere,                                                              # slot
+            anywhere,                                                              # weight
+            anywhere,                                                              # states: whole, by slot
         ],
-        out_specs=[pl.BlockSpec((None, None, BLOCK_V), lambda b, h, j: (b, h, j)),
-                   pl.BlockSpec(memory_space=pl.ANY)],
+        out_specs=[pl.BlockSpec((None, None, BLOCK_V), lambda b, h, j: (b, h, j)), anywhere],
         out_shape=[jax.ShapeDtypeStruct((B, H, Dv), qkv.dtype), jax.ShapeDtypeStruct(states.shape, jnp.float32)],
-        input_output_aliases={10: 1},
+        input_output_aliases={11: 1},
         compiler_params=pltriton.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
         interpret=interpret,
         name="linear_attention_decode",
-    )(heads, heads, heads, q_weight, k_weight, cos, sin, decay, valid.astype(jnp.int32),
-      jnp.reshape(jnp.asarray(slot, jnp.int32), (1,)), states)
+    )(heads, heads, heads, q_weights, k_weights, cos, sin, decays, valid.astype(jnp.int32),
+      jnp.reshape(jnp.asarray(slot, jnp.int32), (1,)), jnp.reshape(jnp.asarray(weight, jnp.int32), (1,)), states)

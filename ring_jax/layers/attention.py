@@ -9,7 +9,9 @@ from flax import nnx
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
+import pallas_kernels
 from pallas_kernels.platform import platform
+from pallas_kernels.softmax_attention.reference import visible
 from ring_jax.cache import ATTENTION_BLOCK, KV_AXES, Cache, KVCache
 from ring_jax.config import RingConfig
 from ring_jax.layers.linear import Linear, einsum
@@ -60,9 +62,7 @@ def cached_attention(q: jax.Array, kv: KVCache, q_slots: jax.Array, start: jax.A
     def scores(i):                                              # [B, Hkv, G, T, block] float32
         keys = slice_in_dim(kv.keys, i * block, block, axis=1)
         s = einsum("btkgd,bskd->bkgts", qg, keys, jnp.float32) * (D ** -0.5)
-        slots = i * block + jnp.arange(block)
-        seen = ((slots[None, None, :] >= start[:, None, None]) & (slots[None, None, :] <= q_slots[None, :, None])
-                | (slots[None, None, :] == q_slots[None, :, None]))               # [B, T, block]
+        seen = visible(i * block + jnp.arange(block), q_slots, start)                # [B, T, block]
         return jnp.where(seen[:, None, None], s, -jnp.inf)
 
     def max_and_sum(i, carry):                                 # running max, sum rescaled to it
@@ -91,7 +91,8 @@ def cached_attention(q: jax.Array, kv: KVCache, q_slots: jax.Array, start: jax.A
 
 
 # Continuations of more than this many tokens (prefill chunks) take cuDNN's flash attention on
-# Hopper GPUs.
+# Hopper GPUs; fewer (decode steps) take the decode kernels, which read the layer's keys and values
+# in the cache's stack (`pallas_kernels.softmax_attention_decode`).
 FLASH_MIN_TOKENS = 8
 
 
@@ -169,16 +170,18 @@ def _flash_causal(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
 
 def _per_block(fn, q, k, v, *rest):
     """fn(q, k, v, *rest) on each device's (batch, heads) block under a mesh, as the Pallas kernels
-    run (XLA is not asked to partition the cuDNN call). q: [B, T, H, D]; k, v: [B, S, Hkv, D];
-    rest: cursor [] and start [B], when given. The heads are split only when `tensor` splits both
-    q's and the keys' heads (a GQA group stays on one device); else each device takes them all."""
+    run (XLA is not asked to partition a kernel or the cuDNN call). q: [B, T, H, D]; k, v:
+    [B, S, Hkv, D], or stacks [n, B, S, Hkv, D]; rest: scalars (each device takes them whole) and
+    [B] arrays (split as the batch). The heads are split only when `tensor` splits both q's and
+    the keys' heads (a GQA group stays on one device); else each device takes them all."""
     if not in_mesh():
         return fn(q, k, v, *rest)
     b, h = mesh_axis("batch", q.shape[0]), mesh_axis("heads", q.shape[2])
-    if h != mesh_axis("kv_heads", k.shape[2]):
+    if h != mesh_axis("kv_heads", k.shape[-2]):
         h = None
     heads = P(b, None, h, None)
-    specs = (heads, heads, heads) + (P(), P(b))[:len(rest)]
+    kv = heads if k.ndim == 4 else P(None, *heads)
+    specs = (heads, kv, kv) + tuple(P(b) if jnp.ndim(x) else P() for x in rest)
     return jax.shard_map(fn, in_specs=specs, out_specs=heads, check_vma=False)(q, k, v, *rest)
 
 
@@ -231,7 +234,10 @@ class SoftmaxAttention(nnx.Module):
                         for stack, new in ((cache.keys, k), (cache.values, v)))
         cache = dataclasses.replace(cache, keys=keys, values=values)
         kv = KVCache(StackSlice(keys, slot), StackSlice(values, slot))
-        if use_flash(q, kv.keys):
+        if T <= FLASH_MIN_TOKENS and pallas_kernels.softmax_attention_decode_backend(q, keys) == "gpu":
+            o = _per_block(lambda q, k, v, start, cursor, slot: pallas_kernels.softmax_attention_decode(
+                q, k, v, start, cursor, slot=slot), q, keys, values, start, cursor, jnp.asarray(slot, jnp.int32))
+        elif use_flash(q, kv.keys):
             o = _per_block(lambda q, k, v, cursor, start: flash_cached_attention(q, KVCache(k, v), cursor, start),
                            q, kv.keys.read(), kv.values.read(), cursor, start)
         else:

@@ -109,15 +109,19 @@ class LinearAttention(nnx.Module):
                              "it selects the layer's decay")
         B, T, _ = x.shape
         H, D = self.num_heads, self.head_dim
-        g = StackSlice(jnp.asarray(self.log_decay, jnp.float32), slot).read()            # [H]
+        log_decays = jnp.asarray(self.log_decay, jnp.float32)                          # [n_linear, H]
+        g = StackSlice(log_decays, slot).read()                                         # [H]
         qkv = self.query_key_value(x)
         if self.linear_silu:                      # SGLang's placement: on the fused projection
             qkv = rounded(jax.nn.silu, qkv)
         if cache is not None and self._takes_decode_kernel(T, qkv, cos, cache.states):
             cos, sin = (jnp.broadcast_to(t, (B, T, t.shape[-1]))[:, 0] for t in (cos, sin))
+            q_weight, k_weight = (norm.weight.get_value() for norm in (self.query_layernorm, self.key_layernorm))
+            stacked = isinstance(q_weight, StackSlice)          # inside the scan: the kernel reads the stacks
             o, states = pallas_kernels.linear_attention_decode(
-                qkv[:, 0], self.query_layernorm.weight[...], self.key_layernorm.weight[...], cos, sin, g,
-                cache.states, None if valid is None else valid[:, 0], slot=slot, eps=self.query_layernorm.eps)
+                qkv[:, 0], *((q_weight.stack, k_weight.stack) if stacked else (q_weight, k_weight)), cos, sin,
+                log_decays, cache.states, None if valid is None else valid[:, 0], slot=slot,
+                weight_index=q_weight.index if stacked else None, eps=self.query_layernorm.eps)
         else:
             q, k, v = jnp.split(qkv.reshape(B, T, 3 * H, D), 3, axis=2)
             q = apply_rope(self.query_layernorm(q), cos, sin)
