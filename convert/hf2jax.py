@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import sys
-import time
 
 import numpy as np
 
@@ -14,6 +13,7 @@ from convert.mapping import TIED_HEAD, check_tensors, tensor_table
 from convert.safetensors_io import CheckpointError, SafetensorsFolder
 from ring_jax.checkpoint import ParamWriter, parse_dtype
 from ring_jax.config import RingConfig
+from ring_jax.progress import Progress
 from ring_jax.staging import staged_folder
 
 # Files beside the weights that a model folder keeps (tokenizer, chat template, generation defaults).
@@ -42,9 +42,9 @@ def open_hf_checkpoint(hf_dir: str, config: RingConfig, dtype=None) -> tuple[Saf
     return source, np.dtype(dtype)
 
 
-def progress_line(i: int, n: int, label: str, done_bytes: int, start: float) -> None:
-    print(f"[{i:>5}/{n}] {done_bytes / 2**30:8.2f} GiB {time.time() - start:7.1f} s  {label}",
-          file=sys.stderr, flush=True)
+def progress_line(i: int, n: int, label: str, done_bytes: int, seconds: float) -> str:
+    """The plain-text progress record of tensor i of n (`ring_jax.progress.Progress`)."""
+    return f"[{i:>5}/{n}] {done_bytes / 2**30:8.2f} GiB {seconds:7.1f} s  {label}"
 
 
 def convert_hf_to_jax(hf_dir: str, out_dir: str, dtype=None, progress: bool = True) -> None:
@@ -60,14 +60,17 @@ def convert_hf_to_jax(hf_dir: str, out_dir: str, dtype=None, progress: bool = Tr
     source, dtype = open_hf_checkpoint(hf_dir, config, parse_dtype(dtype) if isinstance(dtype, str) else dtype)
     table = tensor_table(config)
     nbytes = [int(np.prod(spec.shape)) * (4 if spec.float32 else dtype.itemsize) for spec in table]
-    start, done = time.time(), 0
+    bar, done = Progress(sum(nbytes), unit="B", in_bytes=True) if progress else None, 0
     with staged_folder(out_dir) as tmp:
         writer = ParamWriter(tmp)
         for i, (spec, size) in enumerate(zip(table, nbytes), 1):
             writer.add(spec.key, spec.to_param(source.read, dtype))
             done += size
-            if progress:
-                progress_line(i, len(table), f"{spec.hf_label} -> {spec.key} {list(spec.shape)}", done, start)
+            if bar:
+                label = f"{spec.hf_label} -> {spec.key} {list(spec.shape)}"
+                bar.update(size, progress_line(i, len(table), label, done, bar.seconds), note=spec.key)
+        if bar:
+            bar.close()
         writer.close(dtype)
         with open(os.path.join(hf_dir, "config.json")) as f:
             config_json = json.load(f)
@@ -79,4 +82,4 @@ def convert_hf_to_jax(hf_dir: str, out_dir: str, dtype=None, progress: bool = Tr
                 shutil.copy(os.path.join(hf_dir, name), os.path.join(tmp, name))
     if progress:
         print(f"wrote {out_dir}: {len(table)} parameters, {done / 2**30:.2f} GiB {dtype.name}, "
-              f"{time.time() - start:.1f} s", file=sys.stderr)
+              f"{bar.seconds:.1f} s", file=sys.stderr)

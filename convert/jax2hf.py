@@ -14,6 +14,7 @@ from convert.mapping import tensor_table
 from convert.safetensors_io import write_hf_weights
 from ring_jax.checkpoint import restore_params
 from ring_jax.config import RingConfig
+from ring_jax.progress import Progress
 from ring_jax.staging import staged_folder
 
 
@@ -32,12 +33,17 @@ def convert_jax_to_hf(model_dir: str, out_dir: str, max_shard_bytes: int = 5 * 2
     if progress:
         print(f"read and verified {model_dir} in {time.time() - start:.1f} s", file=sys.stderr, flush=True)
     tensors, table, done = {}, tensor_table(config), 0
+    bar = Progress(sum(int(np.prod(p.shape)) * p.dtype.itemsize for p in params.values()), unit="B",
+                   in_bytes=True) if progress else None
     for i, spec in enumerate(table, 1):
         param = np.asarray(params.pop(spec.key))
         tensors.update(spec.to_hf(param))
         done += param.nbytes
-        if progress:
-            progress_line(i, len(table), f"{spec.key} -> {spec.hf_label}", done, start)
+        if bar:
+            bar.update(param.nbytes, progress_line(i, len(table), f"{spec.key} -> {spec.hf_label}", done,
+                                                   time.time() - start), note=spec.key)
+    if bar:
+        bar.close()
     with staged_folder(out_dir) as tmp:
         files = write_hf_weights(tmp, {n: (t.dtype, t.shape) for n, t in tensors.items()},
                                  tensors.__getitem__, max_shard_bytes)

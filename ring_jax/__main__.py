@@ -61,28 +61,11 @@ def _token_ids(text: str) -> list[int]:
     return ids
 
 
-class _Compiles:
-    """Counts and times the XLA compilations of this process (a `jax.monitoring` listener), so that
-    a command can say what its first call spent compiling."""
-
-    EVENT = "/jax/core/compile/backend_compile_duration"
-
-    def __init__(self):
-        import jax
-
-        self.count, self.seconds = 0, 0.0
-        jax.monitoring.register_event_duration_secs_listener(self._on)
-
-    def _on(self, event, duration, **_):
-        if event == self.EVENT:
-            self.count, self.seconds = self.count + 1, self.seconds + duration
-
-    def report(self) -> None:
-        """Says on stderr what was compiled since the last report."""
-        if self.count:
-            print(f"[compiled {self.count} program(s) in {self.seconds:.1f} s; a later call of the same "
-                  "shapes reuses them]", file=sys.stderr, flush=True)
-        self.count, self.seconds = 0, 0.0
+def _say_compiled(compiles) -> None:
+    """Says on stderr what was compiled since the last time (`ring_jax.progress.CompileReport`)."""
+    text = compiles.take()
+    if text:
+        print(f"[{text}]", file=sys.stderr, flush=True)
 
 
 def _sampling(args) -> dict:
@@ -148,27 +131,26 @@ def demo(args) -> int:
 
 def generate(args) -> int:
     import ring_jax
+    from ring_jax.chat import text_prompt_ids
+    from ring_jax.progress import CompileReport
 
     model, tokenizer = _load(args)
-    compiles = _Compiles()
+    compiles = CompileReport()
     if args.prompt_ids:
         prompts = args.prompt_ids
-    elif args.raw:
-        prompts = tokenizer.batch_encode(args.prompt)
     else:
-        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=True,
-                                                 enable_thinking=args.thinking) for p in args.prompt]
+        prompts = [text_prompt_ids(tokenizer, p, chat=args.chat, enable_thinking=args.thinking) for p in args.prompt]
     eos = None if tokenizer is None else list(tokenizer.eos_token_ids) or None
     if len(prompts) == 1 and tokenizer is not None:   # one prompt: stream the text
         for piece in ring_jax.stream(model, prompts, eos_token_id=eos, **_sampling(args)):
             ids = [t for t in piece[0].tolist() if t not in (eos or [])]
             print(tokenizer.decode(ids, skip_special_tokens=True), end="", flush=True)
         print()
-        compiles.report()
+        _say_compiled(compiles)
         return 0
     print(f"[generating for {len(prompts)} prompt(s); a first call compiles]", file=sys.stderr, flush=True)
     tokens = ring_jax.generate(model, prompts, eos_token_id=eos, **_sampling(args))
-    compiles.report()
+    _say_compiled(compiles)
     for row in tokens:
         print(row.tolist() if tokenizer is None else tokenizer.decode(
             [t for t in row.tolist() if t not in (eos or [])], skip_special_tokens=True))
@@ -178,9 +160,10 @@ def generate(args) -> int:
 def chat(args) -> int:
     import ring_jax
     from ring_jax.chat import prompt_ids, room_left
+    from ring_jax.progress import CompileReport
 
     model, tokenizer = _load(args)
-    compiles = _Compiles()
+    compiles = CompileReport()
     system = [{"role": "system", "content": args.system}] if args.system else []
     history = list(system)
     print("Type a message; /reset clears the conversation, /exit (or end of input) quits.", file=sys.stderr)
@@ -210,7 +193,7 @@ def chat(args) -> int:
         except KeyboardInterrupt:
             print(" [interrupted]", end="", file=sys.stderr)
         print()
-        compiles.report()
+        _say_compiled(compiles)
         history.append({"role": "assistant", "content": reply})
 
 
@@ -256,7 +239,8 @@ def _add_model_args(p):
     p.add_argument("--top-p", type=_number(0.0, 1.0, low_open=True), help="in (0, 1]")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=None,
-                   help="the chat template's thinking switch (default: the template's default)")
+                   help="the chat template's thinking switch, where the template renders the prompt "
+                        "(default: the template's default)")
     p.add_argument("--compilation-cache", metavar="DIR",
                    help="keep compiled steps in DIR for later runs, or 'off' (default: "
                         "$RING_JAX_COMPILATION_CACHE, else ~/.cache/ring_jax/xla)")
@@ -279,7 +263,9 @@ def main(argv=None) -> int:
     source.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
     source.add_argument("--prompt-ids", action="append", type=_token_ids,
                         help="prompt token ids, '1 2 3' (repeat for a batch)")
-    g.add_argument("--raw", action="store_true", help="feed the text as is, without the chat template")
+    g.add_argument("--chat", action="store_true",
+                   help="render each prompt as a user message with the chat template (default: the text as is, "
+                        "as python -m ring_jax.job takes a \"prompt\" line)")
     c = sub.add_parser("chat", help="interactive chat through the chat template, streamed")
     _add_model_args(c)
     c.add_argument("--system", help="system prompt")

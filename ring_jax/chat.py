@@ -15,6 +15,15 @@ def prompt_ids(tokenizer, messages: list[dict], enable_thinking: bool | None = N
                                          enable_thinking=enable_thinking)
 
 
+def text_prompt_ids(tokenizer, text: str, *, chat: bool, enable_thinking: bool | None = None) -> list[int]:
+    """The one rule for a text prompt (`python -m ring_jax generate --prompt`, a job's "prompt"
+    line): tokenized as is; with chat=True, one user message through the chat template, as
+    `prompt_ids` renders a chat."""
+    if chat:
+        return prompt_ids(tokenizer, [{"role": "user", "content": text}], enable_thinking)
+    return tokenizer.encode(text)
+
+
 def room_left(model, ids: list[int], max_len: int | None = None) -> int:
     """New tokens that fit after the prompt `ids` (max_len: default the model's
     max_position_embeddings, as generate() takes it)."""

@@ -48,7 +48,6 @@ import hashlib
 import json
 import os
 import sys
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -58,9 +57,11 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 import ring_jax
+from ring_jax.chat import prompt_ids as chat_prompt_ids, text_prompt_ids
 from ring_jax.config import ConfigError, RingConfig
-from ring_jax.errors import exit_now, one_line, quiet_closed_event_loops, user_errors
+from ring_jax.errors import ArgumentParser, exit_now, one_line, quiet_closed_event_loops, user_errors
 from ring_jax.generate import Sampling
+from ring_jax.progress import CompileReport, Progress
 from ring_jax.sharding import check_mesh, make_mesh, parse_mesh
 from ring_jax.tokenizer import TokenizerError, load_tokenizer
 
@@ -85,8 +86,10 @@ class Item:
 
 
 # ------------------------------------------------------------------------------------- input
-def prompt_ids(obj: Any, tokenizer, *, chat: bool) -> list[int]:
-    """A parsed input line -> prompt token ids [T]; BadLine if it holds no usable prompt."""
+def prompt_ids(obj: Any, tokenizer, *, chat: bool, thinking: bool | None = None) -> list[int]:
+    """A parsed input line -> prompt token ids [T]; BadLine if it holds no usable prompt. A text
+    prompt follows `ring_jax.chat.text_prompt_ids` (with --chat, through the chat template),
+    messages go through the template (`ring_jax.chat.prompt_ids`); thinking is the template's switch."""
     if not isinstance(obj, dict):
         raise BadLine(f"expected a JSON object, got {type(obj).__name__}")
     fields = [f for f in PROMPT_FIELDS if f in obj]
@@ -98,23 +101,22 @@ def prompt_ids(obj: Any, tokenizer, *, chat: bool) -> list[int]:
         if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
             raise BadLine("input_ids must be a list of integers")
         return value
-    if fields[0] == "prompt":
-        if not isinstance(value, str):
-            raise BadLine(f"prompt must be a string, got {type(value).__name__}")
-        if not chat:
-            return tokenizer.encode(value)
-        value = [{"role": "user", "content": value}]
-    elif not isinstance(value, list) or not all(
+    if fields[0] == "prompt" and not isinstance(value, str):
+        raise BadLine(f"prompt must be a string, got {type(value).__name__}")
+    if fields[0] == "messages" and (not isinstance(value, list) or not all(
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in value):
+            for m in value)):
         raise BadLine('messages must be a list of {"role": string, "content": string} objects')
     try:
-        return tokenizer.apply_chat_template(value, add_generation_prompt=True, tokenize=True)
+        if fields[0] == "prompt":
+            return text_prompt_ids(tokenizer, value, chat=chat, enable_thinking=thinking)
+        return chat_prompt_ids(tokenizer, value, thinking)
     except (jinja2.TemplateError, TokenizerError) as e:
         raise BadLine(f"chat template: {e}") from None
 
 
-def parse_line(data: bytes, line: int, tokenizer, *, chat: bool, vocab_size: int, max_prompt_len: int) -> Item:
+def parse_line(data: bytes, line: int, tokenizer, *, chat: bool, vocab_size: int, max_prompt_len: int,
+               thinking: bool | None = None) -> Item:
     """One non-blank input line -> an Item: its prompt ids, or the error that stops it."""
     echo = {}
     try:
@@ -126,7 +128,7 @@ def parse_line(data: bytes, line: int, tokenizer, *, chat: bool, vocab_size: int
             raise BadLine(f"invalid JSON: {e}") from None
         if isinstance(obj, dict) and "id" in obj:
             echo = {"id": obj["id"]}
-        ids = prompt_ids(obj, tokenizer, chat=chat)
+        ids = prompt_ids(obj, tokenizer, chat=chat, thinking=thinking)
         if not ids:
             raise BadLine("the prompt has no tokens")
         outside = [t for t in ids if not 0 <= t < vocab_size]
@@ -140,13 +142,14 @@ def parse_line(data: bytes, line: int, tokenizer, *, chat: bool, vocab_size: int
     return Item(line, echo, tuple(ids))
 
 
-def read_items(path: str, tokenizer, *, chat: bool, vocab_size: int, max_prompt_len: int) -> list[Item]:
+def read_items(path: str, tokenizer, *, chat: bool, vocab_size: int, max_prompt_len: int,
+               thinking: bool | None = None) -> list[Item]:
     """Every non-blank line of the input file, in order."""
     items = []
     with open(path, "rb") as f:
         for line, data in enumerate(f, start=1):
             if data.strip():
-                items.append(parse_line(data, line, tokenizer, chat=chat, vocab_size=vocab_size,
+                items.append(parse_line(data, line, tokenizer, chat=chat, thinking=thinking, vocab_size=vocab_size,
                                         max_prompt_len=max_prompt_len))
     return items
 
@@ -300,21 +303,6 @@ def log(message: str) -> None:
         print(f"[job] {message}", file=sys.stderr, flush=True)
 
 
-class Progress:
-    """Progress lines: prompts done / total, and the tokens generated per second since it began."""
-
-    def __init__(self, total: int, done: int):
-        self.total, self.done, self.tokens = total, done, 0
-        self.start = time.perf_counter()
-
-    def update(self, prompts: int, tokens: int) -> None:
-        self.done += prompts
-        self.tokens += tokens
-        elapsed = time.perf_counter() - self.start
-        log(f"{self.done}/{self.total} prompts, {self.tokens} tokens in {elapsed:.1f} s "
-            f"({self.tokens / max(elapsed, 1e-9):.1f} tokens/s)")
-
-
 # ------------------------------------------------------------------------------- processes
 def init_distributed(args) -> None:
     """Joins the processes of a multi-process run; must come before any other JAX use.
@@ -445,7 +433,7 @@ def run(args, load=functools.partial(ring_jax.load_model, verify=True)) -> int:
         check_mesh(config, mesh)
     except ValueError as e:
         raise JobError(f"--mesh: {e}") from None
-    items = read_items(args.input, tokenizer, chat=args.chat, vocab_size=config.vocab_size,
+    items = read_items(args.input, tokenizer, chat=args.chat, thinking=args.thinking, vocab_size=config.vocab_size,
                        max_prompt_len=config.max_position_embeddings - args.max_new_tokens)
     digest = fingerprint(args, items)
     check_same_everywhere(digest)
@@ -474,23 +462,33 @@ def generate_all(args, items: Sequence[Item], written: int, mesh, config, tokeni
     if not batches:
         return
     model = load(args.model, dtype=args.dtype, mesh=mesh)
-    log(f"loaded {args.model}")
+    log(f"loaded {args.model}; the first batch of each shape compiles its steps")
     eos_ids = list(tokenizer.eos_token_ids) or list(config.eos_token_ids)
-    progress = Progress(len(items), written + len(errors))
-    for index, batch in batches:
+    main = jax.process_index() == 0
+    progress = Progress(len(items), unit="prompt", done=written + len(errors), bar=None if main else False)
+    compiles, finished, tokens_out = CompileReport(), written + len(errors), 0
+    for n, (index, batch) in enumerate(batches, 1):
         tokens = ring_jax.generate(
             model, [list(item.ids) for item in batch], max_new_tokens=args.max_new_tokens,
             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
             seed=batch_seed(args.seed, index), eos_token_id=eos_ids)
+        compiled = compiles.take()
         records = write(writer, lambda: [record(item, row, eos_ids, tokenizer) for item, row in zip(batch, tokens)
                                          if item.line not in done], args.output)
-        progress.update(len(records), sum(rec["num_tokens"] for rec in records))
+        if main:
+            if compiled:
+                progress.say(f"[job] batch {n} of {len(batches)} ({len(batch)} prompts): {compiled}")
+            finished += len(records)
+            tokens_out += sum(rec["num_tokens"] for rec in records)
+            rate = f"{tokens_out} tokens in {progress.seconds:.1f} s ({tokens_out / max(progress.seconds, 1e-9):.1f} tokens/s)"
+            progress.update(len(records), f"[job] {finished}/{len(items)} prompts, {rate}", note=rate)
+    progress.close()
     if writer:
         log(f"done: {writer.written} records in {args.output}")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m ring_jax.job", description=__doc__,
+    p = ArgumentParser(prog="python -m ring_jax.job", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="converted model folder (or an HF folder)")
     p.add_argument("--tokenizer", help="folder with tokenizer.json (default: the model folder)")
@@ -509,6 +507,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--top-p", type=float)
     p.add_argument("--seed", type=int, default=0, help="sampling seed (batch i samples with one derived from it and i)")
     p.add_argument("--chat", action="store_true", help='render "prompt" lines as a user message with the chat template')
+    p.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=None,
+                   help="the chat template's thinking switch (default: the template's default)")
     p.add_argument("--compilation-cache", metavar="DIR",
                    help="keep compiled steps in DIR for later runs (on a shared filesystem for multi-host runs), "
                         "or 'off' (default: $RING_JAX_COMPILATION_CACHE, else ~/.cache/ring_jax/xla)")

@@ -7,6 +7,7 @@ import contextlib
 import glob
 import os
 import shutil
+import time
 
 
 @contextlib.contextmanager
@@ -29,11 +30,23 @@ def staged_folder(out_dir: str):
         yield tmp
         os.rename(tmp, out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_settled(tmp)
         for folder in made:                                 # innermost first; only if still empty
             with contextlib.suppress(OSError):
                 os.rmdir(folder)
         raise
+
+
+def _remove_settled(path: str, quiet: float = 0.2, limit: float = 5.0) -> None:
+    """Removes the folder at path and makes sure it stays gone for `quiet` seconds (up to `limit`):
+    when a write fails, the writer's threads (TensorStore's) may still finish operations that
+    Orbax gave up on, and put files back into it."""
+    deadline = time.monotonic() + limit
+    while True:
+        shutil.rmtree(path, ignore_errors=True)
+        time.sleep(quiet)
+        if not os.path.exists(path) or time.monotonic() > deadline:
+            return
 
 
 def remove_stale(out: str) -> list[str]:

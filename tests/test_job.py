@@ -96,6 +96,23 @@ def test_prompt_lines_with_and_without_chat(work):
     user = tokenizer.apply_chat_template([{"role": "user", "content": "Hello!"}], tokenize=True)
     assert job.prompt_ids({"prompt": "Hello!"}, tokenizer, chat=True) == user
     assert job.prompt_ids({"prompt": "Hello!"}, tokenizer, chat=False) == tokenizer.encode("Hello!")
+    quiet = tokenizer.apply_chat_template(CHAT, tokenize=True, enable_thinking=False)
+    assert job.prompt_ids({"messages": CHAT}, tokenizer, chat=False, thinking=False) == quiet
+
+
+@pytest.mark.parametrize("flags", [[], ["--chat"], ["--chat", "--no-thinking"]])
+def test_generate_and_the_job_render_a_text_prompt_alike(work, flags, monkeypatch):
+    """One rule (`ring_jax.chat.text_prompt_ids`): `python -m ring_jax generate --prompt TEXT` and a
+    job's {"prompt": TEXT} line give the model the same ids, with --chat and without."""
+    from ring_jax.__main__ import main
+
+    seen = []
+    monkeypatch.setattr(ring_jax, "stream", lambda model, prompts, **k: seen.append(list(prompts[0])) or iter(()))
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        assert main(["generate", "--model", str(work / "jax"), "--prompt", "Hello!", *flags]) == 0
+    tokenizer = ring_jax.load_tokenizer(str(work / "jax"))
+    thinking = False if "--no-thinking" in flags else None
+    assert seen == [job.prompt_ids({"prompt": "Hello!"}, tokenizer, chat="--chat" in flags, thinking=thinking)]
 
 
 def prompt_ids(line: dict, tokenizer) -> list[int]:
