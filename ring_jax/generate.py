@@ -175,6 +175,9 @@ def _prompts(input_ids, attention_mask, vocab_size: int) -> list[np.ndarray]:
     for b, p in enumerate(prompts):
         if p.ndim != 1 or p.size == 0:
             raise ValueError(f"prompt {b} is empty or not a flat list of token ids")
+        if p.dtype == object and all(isinstance(t, int) for t in p.tolist()):     # ids beyond int64
+            bad = next(t for t in p.tolist() if not 0 <= t < vocab_size)
+            raise ValueError(f"prompt {b} holds token id {bad}, outside the vocabulary [0, {vocab_size})")
         if not np.issubdtype(p.dtype, np.integer):
             raise TypeError(f"prompt {b}: token ids must be integers, got {p.dtype}")
         if p.min() < 0 or p.max() >= vocab_size:

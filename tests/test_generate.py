@@ -342,6 +342,8 @@ def test_misuse_raises_clear_errors(model):
         generate(model, np.ones((1, 4), int), attention_mask=[[1, 0, 1, 1]], max_new_tokens=2)
     with pytest.raises(ValueError, match="outside the vocabulary"):
         generate(model, [[1, 2, 300]], max_new_tokens=2)
+    with pytest.raises(ValueError, match="token id 99999999999999999999, outside the vocabulary"):
+        generate(model, [[1, 99999999999999999999]], max_new_tokens=2)     # beyond int64
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate(model, [[1, 2]], max_new_tokens=0)
     with pytest.raises(TypeError, match="max_new_tokens must be an integer, got 2.5"):
