@@ -87,7 +87,7 @@ def main(argv=None):
           f"{'wall clock, interpret mode (smoke run)' if interpret else 'kernel time from a trace'}")
     print("| kernel | tokens | kernel us | jnp reference us | reference / kernel | agreement |")
     print("|---|---|---|---|---|---|")
-    select = jax.jit(lambda s, b: router_gpu.select_experts(s, b, interpret=interpret, **route))
+    select = jax.jit(lambda s, b: router_gpu.select_experts(s, b[None], 0, interpret=interpret, **route))
     select_xla = jax.jit(lambda s, b: router_reference.select_experts(s, b, **route))
     rng = np.random.default_rng(0)
     for N in args.tokens:

@@ -135,6 +135,26 @@ def test_reference_selection_same_on_both_paths(monkeypatch):
     np.testing.assert_array_equal(compared, reference.select_experts(s, bias, **args)[0])
 
 
+def test_bias_read_in_its_stack_and_rounded():
+    """Inside the scanned decoder the bias comes as the stack of every layer's with the layer's
+    index, rounded to the model dtype where the config says so: the kernel (interpret mode) and the
+    reference take the entry, as a call with the rounded entry itself does."""
+    rng = np.random.default_rng(9)
+    s = scores(rng, (5, 64))
+    biases = jnp.asarray(rng.standard_normal((3, 64)) * 0.3, jnp.float32)
+    args = dict(top_k=4, n_group=8, topk_group=3, scaling=1.5)
+    for rounding in (None, jnp.bfloat16):
+        entry = biases[2] if rounding is None else biases[2].astype(rounding).astype(jnp.float32)
+        want_ids, want_weights = select_experts(s, entry, backend="reference", **args)
+        for interpret, backend in ((True, "auto"), (False, "reference")):
+            ids, weights = select_experts(s, biases, bias_index=jnp.int32(2), bias_rounding=rounding,
+                                          interpret=interpret, backend=backend, **args)
+            np.testing.assert_array_equal(ids, want_ids)
+            np.testing.assert_allclose(weights, want_weights, rtol=1e-6)
+    with pytest.raises(ValueError, match="with bias_index"):
+        select_experts(s, biases, **args)
+
+
 def test_router_takes_the_kernel_as_on_hopper(monkeypatch):
     """The MoE router with "auto" on a Hopper GPU runs the kernel (here in interpret mode) and
     returns what the reference returns."""
@@ -171,3 +191,32 @@ def test_bf16_router_multiplies_in_float32():
                                                       topk_group=3, scaling=config.routed_scaling_factor)
     np.testing.assert_array_equal(ids, want_ids)
     np.testing.assert_allclose(weights, want_weights, rtol=1e-6)
+
+
+def test_scanned_model_routes_through_the_kernel(monkeypatch):
+    """In the scanned decoder the routers' biases are entries of a stack: the forward through the
+    kernel (interpret mode, as if on a Hopper GPU) reads each layer's own bias, rounded as the
+    config says, and gives the reference path's logits."""
+    import ring_jax
+    from pallas_kernels.router import api
+
+    config = RingConfig.from_hf(load_config_dict("tiny.json"), num_experts=64, n_group=8, topk_group=3,
+                                num_experts_per_tok=4)
+    model = ring_jax.RingModel(config, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(3)
+    for kind, _ in model.schedule.counts:                          # a different bias in every layer
+        mlp = getattr(model, kind).mlp
+        if hasattr(mlp, "gate"):
+            mlp.gate.expert_bias.set_value(jnp.asarray(rng.standard_normal(mlp.gate.expert_bias.shape) * 0.3,
+                                                       jnp.float32))
+    ids = rng.integers(0, config.vocab_size, (2, 9))
+    want = model(ids)
+    calls = []
+    kernel = gpu.select_experts
+    monkeypatch.setattr(api, "platform", lambda: "hopper")
+    monkeypatch.setattr(gpu, "select_experts", lambda *a, **k: calls.append(a[1].shape) or kernel(*a, **{**k, "interpret": True}))
+    jax.clear_caches()                                             # the forward traces again
+    got = model(ids)
+    assert calls and any(shape[0] > 1 for shape in calls)         # a stack of several layers' biases
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+

@@ -36,9 +36,12 @@ def _pick(key, index, size):
     return jnp.min(jnp.min(jnp.where(key == best, index, size), axis=1, keepdims=True), axis=0, keepdims=True)
 
 
-def _kernel(scores_ref, bias_ref, ids_ref, weights_ref, *, top_k, topk_group, scaling):
+def _kernel(scores_ref, bias_ref, index_ref, ids_ref, weights_ref, *, top_k, topk_group, scaling, rounding):
     scores = scores_ref[...]                                               # [G, g] float32
-    biased = scores + bias_ref[...]
+    bias = bias_ref[index_ref[0]]                                          # the layer's, in the stack
+    if rounding is not None:
+        bias = bias.astype(rounding).astype(jnp.float32)
+    biased = scores + bias
     key = order_key(biased)
     G, g = scores.shape
     column = jnp.arange(g, dtype=jnp.int32)[None, :]                      # [1, g]
@@ -80,23 +83,26 @@ def _kernel(scores_ref, bias_ref, ids_ref, weights_ref, *, top_k, topk_group, sc
     weights_ref[...] = weights * scaling
 
 
-@functools.partial(jax.jit, static_argnames=("top_k", "n_group", "topk_group", "scaling", "interpret"))
-def select_experts(scores, bias, *, top_k, n_group, topk_group, scaling, interpret=False):
-    """scores: [N, E] float32; bias: [E] float32 -> (ids [N, top_k] int32, weights [N, top_k]
+@functools.partial(jax.jit, static_argnames=("top_k", "n_group", "topk_group", "scaling", "rounding", "interpret"))
+def select_experts(scores, biases, index, *, top_k, n_group, topk_group, scaling, rounding=None, interpret=False):
+    """scores: [N, E] float32; biases: [L, E] float32, of which entry index ([] int32) is the bias
+    (rounded to `rounding` and back, unless None) -> (ids [N, top_k] int32, weights [N, top_k]
     float32) (api.select_experts)."""
     N, E = scores.shape
     G, g = n_group, E // n_group
     row = pl.BlockSpec((None, G, g), lambda n: (n, 0, 0))
     out = pl.BlockSpec((None, 1, top_k), lambda n: (n, 0, 0))
+    anywhere = pl.BlockSpec(memory_space=pl.ANY)
     ids, weights = pl.pallas_call(
-        functools.partial(_kernel, top_k=top_k, topk_group=topk_group, scaling=scaling),
+        functools.partial(_kernel, top_k=top_k, topk_group=topk_group, scaling=scaling,
+                          rounding=None if rounding is None else jnp.dtype(rounding)),
         grid=(N,),
-        in_specs=[row, pl.BlockSpec((G, g), lambda n: (0, 0))],
+        in_specs=[row, anywhere, anywhere],
         out_specs=[out, out],
         out_shape=[jax.ShapeDtypeStruct((N, 1, top_k), jnp.int32),
                    jax.ShapeDtypeStruct((N, 1, top_k), jnp.float32)],
         compiler_params=pltriton.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
         interpret=interpret,
         name="select_experts",
-    )(scores.reshape(N, G, g), bias.reshape(G, g))
+    )(scores.reshape(N, G, g), biases.reshape(-1, G, g), jnp.reshape(jnp.asarray(index, jnp.int32), (1,)))
     return ids.reshape(N, top_k), weights.reshape(N, top_k)

@@ -52,13 +52,14 @@ class Router(nnx.Module):
         kernel = self.kernel.get_value()                     # an array or a StackSlice
         logits = matmul(x.astype(jnp.float32), kernel)       # [N, E] float32 (kernel promoted)
         scores = jax.nn.sigmoid(logits)
-        bias = self.expert_bias[...]
-        if self.bias_in_model_dtype:
-            bias = bias.astype(kernel.dtype).astype(jnp.float32)
+        bias = self.expert_bias.get_value()                  # an array or a StackSlice
+        stacked = isinstance(bias, StackSlice)
         # Under a mesh XLA partitions the jnp selection; a kernel call would not be partitioned.
         return pallas_kernels.select_experts(
-            scores, bias, top_k=self.top_k, n_group=self.n_group, topk_group=self.topk_group,
-            scaling=self.routed_scaling_factor, backend="reference" if in_mesh() else "auto")
+            scores, bias.stack if stacked else bias, bias_index=bias.index if stacked else None,
+            bias_rounding=kernel.dtype if self.bias_in_model_dtype else None, top_k=self.top_k,
+            n_group=self.n_group, topk_group=self.topk_group, scaling=self.routed_scaling_factor,
+            backend="reference" if in_mesh() else "auto")
 
 
 # Up to this many (token, expert) pairs (a decode step), each pair reads its chosen expert's
