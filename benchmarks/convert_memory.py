@@ -38,8 +38,8 @@ def main():
     p.add_argument("--experts", type=int, default=64)
     args = p.parse_args()
 
-    from convert.mapping import tensor_table
-    from convert.random_hf import write_random_hf_checkpoint
+    from ring_jax.io.mapping import tensor_table
+    from ring_jax.io.random_checkpoint import write_random_hf_checkpoint
     from ring_jax.config import RingConfig
 
     with open(os.path.join(ROOT, "configs", "ring-mini-linear-2.0.json")) as f:
@@ -54,8 +54,8 @@ def main():
         print(f"writing a random checkpoint to {hf} ...", file=sys.stderr)
         write_random_hf_checkpoint(hf, config, dtype="bfloat16", max_shard_bytes=2**30)
         ckpt_bytes = sum(os.path.getsize(os.path.join(hf, n)) for n in os.listdir(hf) if n.endswith(".safetensors"))
-        base, _ = child_peak_rss("import convert.hf2jax, ring_jax.checkpoint, orbax.checkpoint")
-        peak, secs = child_peak_rss(f"from convert.hf2jax import convert_hf_to_jax\n"
+        base, _ = child_peak_rss("import ring_jax.io.conversion, ring_jax.checkpoint, orbax.checkpoint")
+        peak, secs = child_peak_rss(f"from ring_jax.io.conversion import convert_hf_to_jax\n"
                                     f"convert_hf_to_jax({hf!r}, {out!r}, progress=False)")
         gib = 2**30
         print("| checkpoint (bf16) | largest stacked tensor | peak RSS | import-only RSS | peak - import | time |")

@@ -179,7 +179,7 @@ def job_table(model, config_path, args):
         folder = os.path.join(work, "model")
         os.makedirs(folder)
         shutil.copy(config_path, os.path.join(folder, "config.json"))
-        from convert.random_hf import write_small_tokenizer
+        from ring_jax.io.random_checkpoint import write_small_tokenizer
         write_small_tokenizer(folder, config.vocab_size)
         for name, batches in (("compile (1 batch)", 1), ("timed", args.job_batches)):
             source, output = os.path.join(work, f"{batches}.jsonl"), os.path.join(work, f"{batches}.out.jsonl")

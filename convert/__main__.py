@@ -1,4 +1,5 @@
-"""python -m convert {hf2jax,jax2hf}: checkpoint conversion between HF safetensors and ring_jax."""
+"""python -m convert {hf2jax,jax2hf}: checkpoint conversion between HF safetensors and ring_jax
+(the command line of `ring_jax.io.conversion`)."""
 
 from ring_jax.errors import ArgumentParser, exit_now, run_command
 
@@ -27,11 +28,11 @@ def main(argv=None) -> int:
 
 
 def _run(args) -> int:
+    from ring_jax.io.conversion import convert_hf_to_jax, convert_jax_to_hf
+
     if args.command == "hf2jax":
-        from convert.hf2jax import convert_hf_to_jax
         convert_hf_to_jax(args.hf_dir, args.out, dtype=args.dtype, progress=not args.quiet)
     else:
-        from convert.jax2hf import convert_jax_to_hf
         convert_jax_to_hf(args.model_dir, args.out, int(args.max_shard_gb * 2**30), progress=not args.quiet)
     return 0
 

@@ -12,6 +12,7 @@ import jax  # noqa: E402
 
 from ring_jax.cache import Cache, init_cache  # noqa: E402
 from ring_jax.chat import chat, chat_stream  # noqa: E402
+from ring_jax.checkpoint import load_model, save_model  # noqa: E402
 from ring_jax.compilation_cache import enable_compilation_cache  # noqa: E402
 from ring_jax.config import ConfigError, RingConfig  # noqa: E402
 from ring_jax.generate import generate, stream, warmup  # noqa: E402
@@ -29,12 +30,3 @@ __all__ = ["Cache", "ConfigError", "RingConfig", "RingModel", "Tokenizer", "chat
            "enable_compilation_cache", "generate", "init_cache", "load_model", "load_tokenizer", "make_mesh",
            "save_model", "shard_model", "stream", "warmup"]
 
-
-def __getattr__(name):
-    # checkpoint.py reads convert.mapping, which reads ring_jax.config: import it on first use so
-    # that `import convert...` and `import ring_jax` work in either order.
-    if name in ("load_model", "save_model"):
-        from ring_jax import checkpoint
-
-        return getattr(checkpoint, name)
-    raise AttributeError(f"module 'ring_jax' has no attribute {name!r}")

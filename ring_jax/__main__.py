@@ -18,7 +18,7 @@ import numpy as np
 
 from ring_jax.errors import ArgumentParser, exit_now, run_command
 
-CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")   # shipped in the package
 
 
 def _positive_int(text: str) -> int:
@@ -93,8 +93,8 @@ def _load(args):
 
 def demo(args) -> int:
     import ring_jax
-    from convert.hf2jax import convert_hf_to_jax
-    from convert.random_hf import write_random_hf_checkpoint, write_small_tokenizer
+    from ring_jax.io.conversion import convert_hf_to_jax
+    from ring_jax.io.random_checkpoint import write_random_hf_checkpoint, write_small_tokenizer
 
     with open(args.config) as f:
         config = json.load(f)

@@ -8,7 +8,7 @@ A converted model folder holds:
     params/              an Orbax PyTree checkpoint, {"layers": {"3": {"mlp": ...}}, ...}
     tokenizer files      copied from the HF folder when present
 
-The parameter names are those of `convert.mapping.tensor_table`, joined by dots.
+The parameter names are those of `ring_jax.io.mapping.tensor_table`, joined by dots.
 
 With a mesh, every parameter is restored straight into its sharded layout (`ring_jax.sharding`):
 Orbax reads, on each process, only the blocks of that process's devices.
@@ -24,15 +24,14 @@ import warnings
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from convert.mapping import TensorSpec, tensor_table
-from convert.safetensors_io import CheckpointError
 from ring_jax import sharding
 from ring_jax.config import RingConfig
-from ring_jax.errors import one_line, quiet_closed_event_loops
+from ring_jax.errors import CheckpointError, one_line, quiet_closed_event_loops
+from ring_jax.io.hf import open_hf_checkpoint, parse_dtype
+from ring_jax.io.mapping import TensorSpec, tensor_table
 from ring_jax.model import RingModel
 from ring_jax.schedule import kind_index
 from ring_jax.staging import staged_folder
@@ -44,14 +43,6 @@ PARAMS_DIR = "params"
 
 def dtype_name(dtype) -> str:
     return np.dtype(dtype).name
-
-
-def parse_dtype(name: str | None):
-    if name is None:
-        return None
-    if name not in ("bfloat16", "float32", "float16"):
-        raise ValueError(f"dtype must be bfloat16, float32 or float16, got {name!r}")
-    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
 
 
 # ------------------------------------------------------------------------------- model <-> tensors
@@ -336,7 +327,6 @@ def load_model(path: str, dtype=None, mesh=None, verify: bool = False, **config_
         return model_from_tensors(config, lambda spec: params[spec.key], dtype)
     if os.path.isdir(os.path.join(path, PARAMS_DIR)):
         raise _damaged(path, f"{PARAMS_DIR}/ but no {MANIFEST} (the conversion did not finish)")
-    from convert.hf2jax import open_hf_checkpoint
 
     source, dtype = open_hf_checkpoint(path, config, dtype)
     return model_from_tensors(config, lambda spec: spec.to_param(source.read, dtype), dtype, mesh)

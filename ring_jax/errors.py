@@ -14,9 +14,12 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file or tensor that is missing, malformed, damaged or does not fit the config."""
+
+
 def user_errors() -> tuple[type, ...]:
     """The exception types that report the user's input or environment, not a bug."""
-    from convert.safetensors_io import CheckpointError
     from ring_jax.config import ConfigError
 
     return ConfigError, CheckpointError, ValueError, OSError

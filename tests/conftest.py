@@ -42,8 +42,8 @@ def tiny_dict() -> dict:
 def tiny_model_folder(work) -> str:
     """The tiny random model with a small tokenizer, written in the HF layout to work/hf and
     converted to work/jax (float32). Returns the converted folder."""
-    from convert.hf2jax import convert_hf_to_jax
-    from convert.random_hf import write_random_hf_checkpoint, write_small_tokenizer
+    from ring_jax.io.conversion import convert_hf_to_jax
+    from ring_jax.io.random_checkpoint import write_random_hf_checkpoint, write_small_tokenizer
 
     config = load_config_dict("tiny.json")
     write_random_hf_checkpoint(os.path.join(work, "hf"), config, dtype="float32")

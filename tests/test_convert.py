@@ -11,10 +11,11 @@ import pytest
 import ring_jax
 from conftest import ROOT
 from convert.__main__ import main as convert_main
-from convert.hf2jax import convert_hf_to_jax
-from convert.jax2hf import convert_jax_to_hf
-from convert.random_hf import write_random_hf_checkpoint
-from convert.safetensors_io import CheckpointError, SafetensorsFolder, write_hf_weights
+from ring_jax.io.conversion import convert_hf_to_jax
+from ring_jax.io.conversion import convert_jax_to_hf
+from ring_jax.io.random_checkpoint import write_random_hf_checkpoint
+from ring_jax.errors import CheckpointError
+from ring_jax.io.safetensors_io import SafetensorsFolder, write_hf_weights
 
 
 def tensors_of(folder):
@@ -175,7 +176,7 @@ def test_module_entry_points_run(tmp_path):
 def test_table_covers_every_parameter_once(tiny_dict):
     from flax import nnx
 
-    from convert.mapping import tensor_table
+    from ring_jax.io.mapping import tensor_table
     from ring_jax import RingConfig, RingModel
     from ring_jax.checkpoint import locate
 

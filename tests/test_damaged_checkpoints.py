@@ -14,7 +14,7 @@ import pytest
 
 import ring_jax
 from conftest import ROOT, tiny_model_folder
-from convert.safetensors_io import CheckpointError
+from ring_jax.errors import CheckpointError
 from ring_jax.checkpoint import MANIFEST, checksum
 
 

@@ -46,7 +46,7 @@ def test_compile_report_says_what_compiled():
 def test_conversion_shows_a_bar_on_a_terminal(tmp_path):
     """`python -m convert hf2jax` with stderr on a pseudo-terminal draws a tqdm bar (bytes), and
     prints its per-tensor lines when stderr is a pipe."""
-    from convert.random_hf import write_random_hf_checkpoint
+    from ring_jax.io.random_checkpoint import write_random_hf_checkpoint
 
     write_random_hf_checkpoint(str(tmp_path / "hf"), load_config_dict("tiny.json"), dtype="float32")
     env = dict(os.environ, PYTHONPATH=ROOT)

@@ -13,8 +13,8 @@ from flax import nnx
 
 import ring_jax
 from conftest import rel_err
-from convert.hf2jax import convert_hf_to_jax
-from convert.random_hf import write_random_hf_checkpoint
+from ring_jax.io.conversion import convert_hf_to_jax
+from ring_jax.io.random_checkpoint import write_random_hf_checkpoint
 from ring_jax.cache import init_cache
 from ring_jax.layers.moe import MoE
 from ring_jax.sharding import make_mesh, parse_mesh

@@ -18,7 +18,7 @@ import dataclasses
 
 import numpy as np
 
-from convert.safetensors_io import CheckpointError
+from ring_jax.errors import CheckpointError
 from ring_jax.config import RingConfig
 
 

@@ -15,6 +15,8 @@ import struct
 import ml_dtypes
 import numpy as np
 
+from ring_jax.errors import CheckpointError
+
 DTYPES = {
     "BOOL": np.dtype(np.bool_), "U8": np.dtype(np.uint8), "I8": np.dtype(np.int8),
     "I16": np.dtype(np.int16), "I32": np.dtype(np.int32), "I64": np.dtype(np.int64),
@@ -25,10 +27,6 @@ DTYPES = {
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file or tensor that is missing, malformed or does not fit the config."""
 
 
 def read_header(path: str) -> dict:

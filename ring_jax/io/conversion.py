@@ -1,4 +1,5 @@
-"""HF safetensors checkpoint -> ring_jax model folder (Orbax), streaming one tensor at a time."""
+"""Conversion between an HF safetensors checkpoint and a ring_jax model folder (Orbax), both ways:
+`python -m convert hf2jax|jax2hf` runs these. HF -> ring_jax streams one tensor at a time."""
 
 from __future__ import annotations
 
@@ -6,40 +7,17 @@ import json
 import os
 import shutil
 import sys
+import time
 
 import numpy as np
 
-from convert.mapping import TIED_HEAD, check_tensors, tensor_table
-from convert.safetensors_io import CheckpointError, SafetensorsFolder
-from ring_jax.checkpoint import ParamWriter, parse_dtype
+from ring_jax.checkpoint import ParamWriter, restore_params
 from ring_jax.config import RingConfig
+from ring_jax.io.hf import AUX_FILES, open_hf_checkpoint, parse_dtype
+from ring_jax.io.mapping import tensor_table
+from ring_jax.io.safetensors_io import write_hf_weights
 from ring_jax.progress import Progress
 from ring_jax.staging import staged_folder
-
-# Files beside the weights that a model folder keeps (tokenizer, chat template, generation defaults).
-AUX_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-             "generation_config.json", "chat_template.jinja", "chat_template.json", "tokenizer.model",
-             "vocab.json", "merges.txt")
-
-
-def open_hf_checkpoint(hf_dir: str, config: RingConfig, dtype=None) -> tuple[SafetensorsFolder, np.dtype]:
-    """The folder's tensors, checked against the config's table; and the parameter dtype to use
-    (given, else the config's torch_dtype, else the stored embedding dtype)."""
-    source = SafetensorsFolder(hf_dir)
-    table = tensor_table(config)
-    check_tensors(table, source.names, source.shape, source.dtype)
-    if config.tie_word_embeddings and TIED_HEAD in source.names:
-        if not np.array_equal(source.read(TIED_HEAD), source.read(table[0].hf_names[0])):
-            raise CheckpointError(f"unexpected tensor {TIED_HEAD}: the config ties the head to the "
-                                  "embeddings but the checkpoint's head differs from them")
-    if dtype is None and config.torch_dtype not in (None, "auto"):
-        try:
-            dtype = parse_dtype(config.torch_dtype)
-        except ValueError as e:
-            raise CheckpointError(f"config.json torch_dtype: {e}") from None
-    if dtype is None:
-        dtype = source.dtype(table[0].hf_names[0])
-    return source, np.dtype(dtype)
 
 
 def progress_line(i: int, n: int, label: str, done_bytes: int, seconds: float) -> str:
@@ -83,3 +61,39 @@ def convert_hf_to_jax(hf_dir: str, out_dir: str, dtype=None, progress: bool = Tr
     if progress:
         print(f"wrote {out_dir}: {len(table)} parameters, {done / 2**30:.2f} GiB {dtype.name}, "
               f"{bar.seconds:.1f} s", file=sys.stderr)
+
+
+def convert_jax_to_hf(model_dir: str, out_dir: str, max_shard_bytes: int = 5 * 2**30,
+                      progress: bool = True) -> None:
+    """Writes the HF layout of a converted folder: `model.safetensors` or shards of at most
+    max_shard_bytes with their index, config.json and the aux files.
+
+    The parameters are restored whole (host memory of the model's size) and checked against
+    their checksums first."""
+    if os.path.exists(out_dir):
+        raise FileExistsError(f"{out_dir} exists; choose a new output folder")
+    config = RingConfig.from_hf(model_dir)
+    start = time.time()
+    params, _ = restore_params(model_dir, config, verify=True)
+    if progress:
+        print(f"read and verified {model_dir} in {time.time() - start:.1f} s", file=sys.stderr, flush=True)
+    tensors, table, done = {}, tensor_table(config), 0
+    bar = Progress(sum(int(np.prod(p.shape)) * p.dtype.itemsize for p in params.values()), unit="B",
+                   in_bytes=True) if progress else None
+    for i, spec in enumerate(table, 1):
+        param = np.asarray(params.pop(spec.key))
+        tensors.update(spec.to_hf(param))
+        done += param.nbytes
+        if bar:
+            bar.update(param.nbytes, progress_line(i, len(table), f"{spec.key} -> {spec.hf_label}", done,
+                                                   time.time() - start), note=spec.key)
+    if bar:
+        bar.close()
+    with staged_folder(out_dir) as tmp:
+        files = write_hf_weights(tmp, {n: (t.dtype, t.shape) for n, t in tensors.items()},
+                                 tensors.__getitem__, max_shard_bytes)
+        for name in ("config.json",) + AUX_FILES:
+            if os.path.isfile(os.path.join(model_dir, name)):
+                shutil.copy(os.path.join(model_dir, name), os.path.join(tmp, name))
+    if progress:
+        print(f"wrote {out_dir}: {len(tensors)} tensors in {len(files)} file(s)", file=sys.stderr)

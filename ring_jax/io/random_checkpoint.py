@@ -14,8 +14,8 @@ import os
 import ml_dtypes
 import numpy as np
 
-from convert.mapping import tensor_table
-from convert.safetensors_io import write_hf_weights
+from ring_jax.io.mapping import tensor_table
+from ring_jax.io.safetensors_io import write_hf_weights
 from ring_jax.config import RingConfig
 
 

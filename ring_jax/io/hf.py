@@ -1,0 +1,46 @@
+"""An HF folder of a Ring-linear-2.0 checkpoint, read: its safetensors checked against the config's
+tensor table (`ring_jax.io.mapping`), and the dtype its parameters take."""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+
+from ring_jax.config import RingConfig
+from ring_jax.errors import CheckpointError
+from ring_jax.io.mapping import TIED_HEAD, check_tensors, tensor_table
+from ring_jax.io.safetensors_io import SafetensorsFolder
+
+# Files beside the weights that a model folder keeps (tokenizer, chat template, generation defaults).
+AUX_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+             "generation_config.json", "chat_template.jinja", "chat_template.json", "tokenizer.model",
+             "vocab.json", "merges.txt")
+
+
+def open_hf_checkpoint(hf_dir: str, config: RingConfig, dtype=None) -> tuple[SafetensorsFolder, np.dtype]:
+    """The folder's tensors, checked against the config's table; and the parameter dtype to use
+    (given, else the config's torch_dtype, else the stored embedding dtype)."""
+    source = SafetensorsFolder(hf_dir)
+    table = tensor_table(config)
+    check_tensors(table, source.names, source.shape, source.dtype)
+    if config.tie_word_embeddings and TIED_HEAD in source.names:
+        if not np.array_equal(source.read(TIED_HEAD), source.read(table[0].hf_names[0])):
+            raise CheckpointError(f"unexpected tensor {TIED_HEAD}: the config ties the head to the "
+                                  "embeddings but the checkpoint's head differs from them")
+    if dtype is None and config.torch_dtype not in (None, "auto"):
+        try:
+            dtype = parse_dtype(config.torch_dtype)
+        except ValueError as e:
+            raise CheckpointError(f"config.json torch_dtype: {e}") from None
+    if dtype is None:
+        dtype = source.dtype(table[0].hf_names[0])
+    return source, np.dtype(dtype)
+
+
+def parse_dtype(name: str | None):
+    """"bfloat16", "float32" or "float16" (a config's torch_dtype, a --dtype) -> numpy dtype; None -> None."""
+    if name is None:
+        return None
+    if name not in ("bfloat16", "float32", "float16"):
+        raise ValueError(f"dtype must be bfloat16, float32 or float16, got {name!r}")
+    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
