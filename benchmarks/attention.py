@@ -1,6 +1,6 @@
 """Softmax attention of a prefill chunk over the cache: cuDNN flash attention against the jnp path.
 
-    python benchmarks/attention.py [--config configs/ring-mini-linear-2.0.json] [--chunk 4096]
+    python -m benchmarks.attention [--config configs/ring-mini-linear-2.0.json] [--chunk 4096]
 
 One chunk of queries [1, chunk, H, D] (bf16) at slot `cursor` of a cache [1, L, Hkv, D], as a
 softmax layer of `generate()` runs it: `attention.flash_cached_attention` (two cuDNN calls merged
@@ -11,10 +11,8 @@ products q k^T and p v of the causal part that is computed. Times: medians of 20
 
 import argparse
 import os
-import sys
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
 import jax.numpy as jnp

@@ -5,7 +5,7 @@ layer's expert projection, converts it in a child process, and prints a table: c
 largest stacked tensor, the child's peak RSS, and the RSS of a child that only imports the same
 modules (the baseline the conversion adds to).
 
-    python benchmarks/convert_memory.py [--workdir DIR] [--layers 4] [--experts 64]
+    python -m benchmarks.convert_memory [--workdir DIR] [--layers 4] [--experts 64]
 """
 
 import argparse
@@ -18,7 +18,6 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 
 def child_peak_rss(code: str) -> tuple[float, float]:

@@ -1,7 +1,7 @@
 """The kernels of a decode step against the jnp references (XLA): the router's expert selection,
 the linear-attention layer's one-token step and the softmax layer's attention over the cache.
 
-    python benchmarks/decode_kernels.py [--config configs/ring-mini-linear-2.0.json] [--tokens 1 8 64 4096]
+    python -m benchmarks.decode_kernels [--config configs/ring-mini-linear-2.0.json] [--tokens 1 8 64 4096]
                                         [--batch 1 8 64]
 
 Each moves little (a few KB per token; the step reads and writes a 1 MB float32 state per sequence
@@ -23,11 +23,9 @@ interpret mode (a smoke run).
 
 import argparse
 import os
-import sys
 import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import ring_jax  # noqa: E402,F401  (sets XLA's rounding flag before JAX starts)
 import jax  # noqa: E402

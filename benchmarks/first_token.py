@@ -1,6 +1,6 @@
 """Time to the first token in a fresh process, with a cold or a warm persistent compilation cache.
 
-    python benchmarks/first_token.py --cache DIR [--config configs/ring-mini-linear-2.0.json]
+    python -m benchmarks.first_token --cache DIR [--config configs/ring-mini-linear-2.0.json]
                                      [--prompt 4096] [--num-experts N]
 
 The model is `RingModel` with random bf16 weights made on the device first (not timed). Timed: the
@@ -14,11 +14,9 @@ for a compile measurement: the programs have the same structure, with smaller ex
 
 import argparse
 import os
-import sys
 import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -1,6 +1,6 @@
 """End-to-end generate() at a full model shape with random weights, made on the GPU.
 
-    python benchmarks/generate.py [--config configs/ring-mini-linear-2.0.json]
+    python -m benchmarks.generate [--config configs/ring-mini-linear-2.0.json]
                                   [--prefill 4096 32768 131008] [--decode-batch 1 8 64]
 
 The model is `RingModel` with random bf16 weights (the same modules and code path as a loaded
@@ -20,13 +20,11 @@ run after the compiling one; each sits beside its roofline:
 
 import argparse
 import os
-import sys
 import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 # First calls are timed as compiles: no persistent compilation cache unless asked for.
 os.environ.setdefault("RING_JAX_COMPILATION_CACHE", "off")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
 import jax.numpy as jnp

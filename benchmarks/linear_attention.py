@@ -2,7 +2,7 @@
 `chunk_simple_gla` (Triton, PyTorch) measured side by side in one process.
 
     pip install --no-deps fla_core-*.whl   # fla-core, pure Python
-    python benchmarks/linear_attention.py [--quick]
+    python -m benchmarks.linear_attention [--quick]
 
 Prints, per shape, the GPU time of ours and of fla, each the sum of its kernels' durations in a
 profiler trace (`timing.device_ms`, `timing.torch_device_ms`), the q,k,v,o bytes over our time
@@ -18,7 +18,6 @@ import os
 import sys
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
 import jax.numpy as jnp

@@ -1,6 +1,6 @@
 """Decode-step matmuls (a few rows times a weight matrix): the matvec kernel against XLA.
 
-    python benchmarks/matvec.py [--config configs/ring-mini-linear-2.0.json] [--rows 1 8]
+    python -m benchmarks.matvec [--config configs/ring-mini-linear-2.0.json] [--rows 1 8]
 
 Each weight matrix of one decode step of the model (the projections, the router in float32, the
 shared and dense MLPs, 8 routed experts' matrices picked by id, and the LM head for reference),
@@ -14,10 +14,8 @@ weights each product reads; the roofline is the copy bandwidth measured in the s
 
 import argparse
 import os
-import sys
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
 import jax.numpy as jnp

@@ -1,6 +1,6 @@
 """MoE expert products on one GPU: grouped matmul peers and our paths, measured in one process.
 
-    python benchmarks/moe.py [--quick] [--only gmm swiglu gather decode layer]
+    python -m benchmarks.moe [--quick] [--only gmm swiglu gather decode layer]
 
 Table 1, grouped matmul [M, K] x [G, K, N] with G = 256 groups, equal or Zipf-skewed sizes, at the
 Ring-mini and Ring-flash expert shapes: a dense matmul of the same FLOPs (the ceiling), XLA's
@@ -24,10 +24,8 @@ would blur every row under a millisecond). Table 3: median wall-clock time of 20
 
 import argparse
 import os
-import sys
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
 import jax.numpy as jnp

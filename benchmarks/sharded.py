@@ -2,7 +2,7 @@
 decode through generate()'s own steps, the expert-parallel MoE's ways back compared, and the
 batch-inference job (`ring_jax.job`) run end to end on the model.
 
-    python benchmarks/sharded.py [--config configs/ring-flash-linear-2.0.json] [--mesh expert=2]
+    python -m benchmarks.sharded [--config configs/ring-flash-linear-2.0.json] [--mesh expert=2]
         [--prefill 4096] [--decode-batch 1 16] [--context 4096]
         [--comm-tokens 1 16 256 4096] [--job-batches 2 --job-batch-size 16 --job-prompt-len 1024]
 
@@ -28,12 +28,10 @@ import json
 import math
 import os
 import shutil
-import sys
 import tempfile
 import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import ring_jax  # noqa: E402,F401  (sets XLA's rounding flag before JAX starts)
 import jax  # noqa: E402
