@@ -117,9 +117,8 @@ class StopRule:
 
 # The steps take the model flattened: its arrays as arguments and its structure (a treedef) as a
 # static key, flattened once per generate() call. A jitted call that takes the NNX module itself
-# walks its graph in Python every time: about 5.5 ms per call for Ring-mini's on a 2-core host,
-# against 3 ms to flatten once and 0.5 ms per call after (nnx.split took 17 ms and hashing its
-# GraphDef 5).
+# walks its graph in Python every time, which costs more host time per call than flattening once
+# (and nnx.split, or hashing its GraphDef, more still).
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
 def _prefill_chunk(structure, arrays, cache: Cache, ids: jax.Array):
     """ids: [B, C] -> (logits of the last position [B, V] float32, cache advanced by C)."""

@@ -81,8 +81,7 @@ def attention64(q, keys, values, cursor, start):
     return out
 
 
-# The slowest modules first (their test time in a 2-core run, 2026-11-30: 290, 180, 170, 150, 140,
-# 120, 95, 95, 90 and 80 s; the last three about 50, 30 and 25 s), then the rest in file order:
+# The slowest modules first (by their test time in a 2-core run), then the rest in file order:
 # `pytest -n 2 --dist loadfile` hands whole modules to the two workers, and a long module left for
 # the end runs alone on one core.
 SLOW_MODULES = ("test_sharding.py", "test_linear_attention_tpu.py", "test_generate.py", "test_parity.py",

@@ -18,9 +18,8 @@ Occupancy. A CTA's chunk is a chain of dependent steps (two pairs of wgmmas with
 between them), so the SM needs a second CTA to overlap with, and each kernel fits two per SM at
 D = Dv = 128: 112 KB of SMEM each. Buffers read only before the chunk loop (decay tables, the
 incoming state) and the final state's way out are scoped around the loop and reuse its memory, and
-the output tile leaves through the score tile's buffer. (With one CTA per SM, 177 KB, the
-32k-token prefill took about 0.1 ms longer on an H200.) With two, each kernel moves its bytes at
-76-79% of the copy bandwidth.
+the output tile leaves through the score tile's buffer. (One CTA per SM, 177 KB, was slower:
+docs/PERFORMANCE.md.)
 
 Numerics: q, k, v and o are bf16; every product accumulates in float32; S stays float32 across the
 sequence but enters q @ S rounded to bf16, and k_decay * v is rounded to bf16 before k^T @ (.), as

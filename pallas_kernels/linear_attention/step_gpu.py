@@ -1,7 +1,7 @@
 """One decode token of the Lightning layer on CUDA GPUs: a Pallas kernel through the Triton lowering.
 
 From the layer's fused projection to the attention output and the new state in one launch, where
-XLA runs four fusions (about 8 us of a Ring-mini layer's 68 on an H200; this kernel takes 4.8):
+XLA runs four fusions (`benchmarks/decode_kernels.py` times both):
 per head h, q and k are RMS-normalised over D, weighted and rotated (partial NeoX RoPE), then
 
     o = scale (exp(g_h) q S + (q . k) v) = scale q S',      S' = exp(g_h) S + k^T v.

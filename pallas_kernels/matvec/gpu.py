@@ -22,11 +22,11 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-# "auto" takes the kernel for one row per group only: on an H200 (5-layer Ring-mini decode,
-# 2026-11-30), XLA's GEMM was faster from 2 rows on (1.01 ms against 1.24 ms per step at batch 8).
+# "auto" takes the kernel for one row per group only: on an H200 XLA's GEMM was faster from 2 rows
+# on (a 5-layer Ring-mini decode step at batch 8; docs/PERFORMANCE.md).
 MAX_ROWS = 1
-# Tile and warps measured in the same model: 16 KB tiles of 64 columns and 4 warps gave 0.550 ms
-# per step; 32 KB tiles, 128 columns, 8 warps or 8 KB tiles 0.558-0.636 ms.
+# The fastest tile and warps in the same model: 16 KB tiles of 64 columns and 4 warps (against 32 KB
+# tiles, 128 columns, 8 warps or 8 KB tiles).
 BLOCK_N = 64
 TILE_BYTES = 16 * 1024
 NUM_WARPS = 4
