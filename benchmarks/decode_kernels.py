@@ -10,7 +10,7 @@ kernels. Timed as the GPU kernels' own time per call (`timing.device_ms`, from a
 20 calls), which is what each adds to a step; without a GPU, wall-clock medians of the kernels in
 interpret mode (a smoke run).
 - router selection: the sigmoid scores [tokens, experts] float32 and the expert bias -> each
-  token's top-k ids and normalised weights (SPEC.md §7.1); "agreement" says whether the ids are the same.
+  token's top-k ids and normalised weights (docs/SPEC.md §7.1); "agreement" says whether the ids are the same.
 - linear-attention step: qkv [batch, 3 H D] bf16 and the state -> q/k norms, RoPE, the output and
   the new state (`pallas_kernels.linear_attention_decode`); "agreement" is the largest difference
   of the outputs over their largest value.

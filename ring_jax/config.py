@@ -1,19 +1,19 @@
 """RingConfig: the HF `config.json` of a Ring-linear-2.0 model, validated, plus what derives from it.
 
-Field names follow the HF remote code (`BailingMoeLinearV2Config`, SPEC.md §1); that class could
+Field names follow the HF remote code (`BailingMoeLinearV2Config`, docs/SPEC.md §1); that class could
 not be read, so the defaults of a key a config.json leaves out are those of its Ling-V2 sibling
 `BailingMoeV2Config` (the released configs give every field that matters). Four
-readings are uncertain in SPEC.md; each is a field with the HF reading as its default and can be set
+readings are uncertain in docs/SPEC.md; each is a field with the HF reading as its default and can be set
 in `config.json` or as a keyword of `from_hf`:
 
 - `slope_law`: "hf" decays linear layer i by `1 - (i - 1) / (L - 1) + 1e-5`, "engine" (SGLang,
-  vLLM) by `1 - i / (L - 1) + 1e-5` (SPEC.md §6.2, §13).
+  vLLM) by `1 - i / (L - 1) + 1e-5` (docs/SPEC.md §6.2, §13).
 - `expert_bias_dtype`: "model" rounds the router's expert bias to the parameter dtype before use
-  (HF registers the buffer in the model dtype), "float32" keeps it exact (SPEC.md §10.4).
+  (HF registers the buffer in the model dtype), "float32" keeps it exact (docs/SPEC.md §10.4).
 - `mtp_placement`: "inside" (Ring-V2 HF code) makes the MTP layers the last
-  `num_nextn_predict_layers` of `num_hidden_layers`; "after" (Ling-V2) appends them (SPEC.md §8).
+  `num_nextn_predict_layers` of `num_hidden_layers`; "after" (Ling-V2) appends them (docs/SPEC.md §8).
 - `shared_expert_size`: "hf" sizes the shared expert `moe_intermediate_size * num_shared_experts`,
-  "explicit" uses `moe_shared_expert_intermediate_size` (SPEC.md §7).
+  "explicit" uses `moe_shared_expert_intermediate_size` (docs/SPEC.md §7).
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ class RingConfig:
     eos_token_id: int | list[int] | None = 156892
     bos_token_id: int | None = None
     torch_dtype: str | None = None
-    # Readings SPEC.md leaves open (module docstring).
+    # Readings docs/SPEC.md leaves open (module docstring).
     slope_law: str = "hf"
     expert_bias_dtype: str = "model"
     mtp_placement: str = "inside"
@@ -173,7 +173,7 @@ class RingConfig:
         return tuple(range(first, first + self.num_nextn_predict_layers))
 
     def is_softmax_layer(self, i: int) -> bool:
-        """HF schedule (SPEC.md §2): every layer_group_size-th layer, and the tail past the last
+        """HF schedule (docs/SPEC.md §2): every layer_group_size-th layer, and the tail past the last
         whole group, is softmax attention; the rest are linear attention."""
         g = self.layer_group_size
         return (i + 1) % g == 0 or i >= (self.num_hidden_layers // g) * g

@@ -1,4 +1,4 @@
-"""RingModel: embed -> decoder layers -> norm -> head (SPEC.md §3), plus the MTP layers (§8).
+"""RingModel: embed -> decoder layers -> norm -> head (docs/SPEC.md §3), plus the MTP layers (§8).
 
 The decoder layers are held as one stack per kind and run in the order of `ring_jax.schedule`:
 scanned, so that a compiled program holds a few layer bodies whatever the depth.

@@ -7,7 +7,7 @@ keys and values, so a layer is addressed by its kind, its index in that kind's s
 its attention type's cache stack.
 
 The HF schedule is periodic: groups of `layer_group_size` layers, linear layers then one softmax
-layer (SPEC.md §2). The longest stretch of whole groups whose layers have the same kinds runs as
+layer (docs/SPEC.md §2). The longest stretch of whole groups whose layers have the same kinds runs as
 one `lax.scan` over the groups, each group's runs of consecutive layers of one kind as an inner
 scan; the layers before and after it (the leading dense layers, a partial group, a tail of softmax
 layers) run as runs of their own, scanned when longer than one layer. The compiled program then

@@ -1,6 +1,6 @@
 """The Ring-linear-2.0 tokenizer and chat template, without transformers.
 
-What comes from where in a tokenizer folder (the HF layout, SPEC.md §12):
+What comes from where in a tokenizer folder (the HF layout, docs/SPEC.md §12):
 
 - `tokenizer.json` (required): the BPE model, pre-tokenizer, decoder, added/special tokens and any
   post-processor, read by the `tokenizers` library; `encode` and `decode` are its.
@@ -63,8 +63,8 @@ RING_CHAT_TEMPLATE = (
 )
 """The Ling/Ring-2.0 chat format as a Jinja template, used when a tokenizer folder carries none.
 
-The exact released Ring-linear-2.0 template could not be retrieved here (SPEC.md §14); this one follows
-the documented format (SPEC.md §12)::
+The exact released Ring-linear-2.0 template could not be retrieved here (docs/SPEC.md §14); this one follows
+the documented format (docs/SPEC.md §12)::
 
     <role>SYSTEM</role>{system}\\ndetailed thinking on<|role_end|><role>HUMAN</role>{user}<|role_end|>
     <role>ASSISTANT</role>{assistant}<|role_end|> ... <role>ASSISTANT</role>

@@ -1,6 +1,6 @@
 """Parity with the PyTorch transcription of the HF reference (tests/reference), per module and for
 the whole model: float32 against the float64 reference (max relative error <= 1e-5) and bfloat16
-against the bfloat16 reference (SPEC.md §10 dtype steps, bf16-level tolerance).
+against the bfloat16 reference (docs/SPEC.md §10 dtype steps, bf16-level tolerance).
 
 Every case writes a random checkpoint in the HF layout with the reference and loads it with
 `ring_jax.load_model`, so the conversion path is part of each comparison.
@@ -215,7 +215,7 @@ def test_decay_laws(tiny_dict):
     assert alibi_slopes(6) == pytest.approx(alibi_slopes(4) + alibi_slopes(8)[0::2][:2])
     mini = ring_jax.RingConfig.from_hf(dict(tiny_dict, num_hidden_layers=20, num_attention_heads=16,
                                             num_key_value_heads=4, layer_group_size=5, group_norm_size=4))
-    # SPEC.md §6.2: layer 0 factor 1.0526416, layer 18 g[0] = -0.074439 (HF law)
+    # docs/SPEC.md §6.2: layer 0 factor 1.0526416, layer 18 g[0] = -0.074439 (HF law)
     assert log_decay(mini, 0)[0] == pytest.approx(-2 ** -0.5 * 1.0526416, rel=1e-6)
     assert log_decay(mini, 18)[0] == pytest.approx(-0.074439, rel=1e-4)
     engine = ring_jax.RingConfig.from_hf(dict(mini.to_hf_dict(), slope_law="engine"))

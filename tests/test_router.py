@@ -176,7 +176,7 @@ def test_router_takes_the_kernel_as_on_hopper(monkeypatch):
 
 
 def test_bf16_router_multiplies_in_float32():
-    """A bf16 model's router multiplies in float32 (SPEC.md §7.1, §10.4): its logits are not rounded
+    """A bf16 model's router multiplies in float32 (docs/SPEC.md §7.1, §10.4): its logits are not rounded
     to bf16 anywhere (same experts and weights as float64 logits)."""
     config = RingConfig.from_hf(load_config_dict("tiny.json"), num_experts=64, n_group=8, topk_group=3,
                                 num_experts_per_tok=4)

@@ -1,4 +1,4 @@
-"""ring_jax.tokenizer on a small BPE tokenizer trained here, in the Ling/Ring-2.0 layout (SPEC.md §12)."""
+"""ring_jax.tokenizer on a small BPE tokenizer trained here, in the Ling/Ring-2.0 layout (docs/SPEC.md §12)."""
 
 import datetime
 import json

@@ -1,6 +1,6 @@
 """Lightning (simple-GLA) linear attention in plain jnp: the reference every kernel is held to.
 
-Per head h with log decay g_h < 0 and scale s (SPEC.md §6.3):
+Per head h with log decay g_h < 0 and scale s (docs/SPEC.md §6.3):
 
     S_t = exp(g_h) * S_{t-1} + k_t^T v_t          # S: [D, Dv], float32
     o_t = s * q_t S_t
@@ -96,7 +96,7 @@ def linear_attention_step(q, k, v, log_decay, state, *, scale=None):
 
 
 def decode_step(qkv, q_weight, k_weight, cos, sin, log_decay, state, valid, *, eps, scale=None):
-    """One token per sequence of the Lightning layer, from its fused projection (SPEC.md §6).
+    """One token per sequence of the Lightning layer, from its fused projection (docs/SPEC.md §6).
 
     q and k are RMS-normalised over D (float32 statistics, rounded to qkv.dtype before the weight
     multiplies), rotated on their first rotary_dim = cos.shape[-1] channels (NeoX halves, each

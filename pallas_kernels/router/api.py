@@ -15,7 +15,7 @@ BACKENDS = ("reference", "gpu")
 
 def select_experts(scores, bias, *, top_k, n_group, topk_group, scaling=1.0, bias_index=None, bias_rounding=None,
                    backend="auto", interpret=False):
-    """The group-limited top-k of SPEC.md §7.1; see `reference.select_experts` for the math.
+    """The group-limited top-k of docs/SPEC.md §7.1; see `reference.select_experts` for the math.
 
     scores: [N, E] float32, the sigmoids of the router logits; bias: [E] float32, or with
     bias_index (an int or [] int32) a stack [L, E] of which that entry is the layer's (the GPU

@@ -1,4 +1,4 @@
-"""Plain-jnp reference of `select_experts`: the group-limited top-k of SPEC.md §7.1.
+"""Plain-jnp reference of `select_experts`: the group-limited top-k of docs/SPEC.md §7.1.
 
 Small inputs (a decode step) compare all pairs of scores, a few fused reductions; larger ones call
 `lax.top_k`. Both give lax.top_k's picks in its order.

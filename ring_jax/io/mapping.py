@@ -1,4 +1,4 @@
-"""THE table between HF checkpoint tensors and RingModel parameters (SPEC.md §9).
+"""THE table between HF checkpoint tensors and RingModel parameters (docs/SPEC.md §9).
 
 Conversion both ways, validation and error messages all read `tensor_table(config)`; nothing else
 spells a tensor name.

@@ -1,4 +1,4 @@
-"""A random-weight HF checkpoint of any config, written with the real layout (SPEC.md §9).
+"""A random-weight HF checkpoint of any config, written with the real layout (docs/SPEC.md §9).
 
 For demos, tests and benchmarks: the weights are N(0, 1) / sqrt(fan_in) for projections, N(0, 1)
 for embeddings, 1 + 0.1 N(0, 1) for norms and 0.05 N(0, 1) (float32) for the expert bias. Written

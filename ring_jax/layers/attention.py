@@ -1,4 +1,4 @@
-"""Softmax GQA attention with q/k RMSNorm and partial RoPE (SPEC.md §5)."""
+"""Softmax GQA attention with q/k RMSNorm and partial RoPE (docs/SPEC.md §5)."""
 
 import dataclasses
 import functools

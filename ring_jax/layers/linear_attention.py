@@ -1,4 +1,4 @@
-"""The Lightning linear-attention layer (SPEC.md §6): fused qkv, q/k RMSNorm, RoPE, a per-head
+"""The Lightning linear-attention layer (docs/SPEC.md §6): fused qkv, q/k RMSNorm, RoPE, a per-head
 decaying recurrent state, GroupRMSNorm, a sigmoid output gate and `dense`."""
 
 import dataclasses
@@ -39,7 +39,7 @@ def alibi_slopes(n: int) -> list[float]:
 def log_decay(config: RingConfig, layer_idx: int) -> np.ndarray:
     """g: [H] float32 < 0, the per-head log decay of linear layer `layer_idx` (global index).
 
-    The slope buffer is float32; the layer factor multiplies it in float32 (SPEC.md §6.2).
+    The slope buffer is float32; the layer factor multiplies it in float32 (docs/SPEC.md §6.2).
     """
     offset = 1 if config.slope_law == "hf" else 0
     factor = 1 - (layer_idx - offset) / (config.num_hidden_layers - 1) + 1e-5

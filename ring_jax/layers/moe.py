@@ -1,4 +1,4 @@
-"""The MoE block (SPEC.md §7): sigmoid group-limited router in float32, dropless sort-by-expert
+"""The MoE block (docs/SPEC.md §7): sigmoid group-limited router in float32, dropless sort-by-expert
 dispatch through a grouped matmul, float32 weighted combine, plus the shared expert.
 
 Expert parallelism: under a mesh whose `expert` axis splits the experts, each device holds whole

@@ -1,4 +1,4 @@
-"""RMSNorm and GroupRMSNorm with the HF numerics (SPEC.md §3, §6.4, §10.2).
+"""RMSNorm and GroupRMSNorm with the HF numerics (docs/SPEC.md §3, §6.4, §10.2).
 
 Statistics are taken in float32 and the normalised value is rounded to the input dtype *before*
 the multiply by the weight, as `BailingMoeV2RMSNorm` does.

@@ -1,4 +1,4 @@
-"""Partial NeoX rotary embedding, default and YaRN, as transformers 4.56.1 computes it (SPEC.md §4).
+"""Partial NeoX rotary embedding, default and YaRN, as transformers 4.56.1 computes it (docs/SPEC.md §4).
 
 One (cos, sin) table per forward is shared by every layer, softmax and linear alike. The inverse
 frequencies are host constants computed in float32 the way transformers does; the angles are

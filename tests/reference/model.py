@@ -1,9 +1,9 @@
-"""Ring-linear-2.0 (HF `bailing_moe_linear`) forward in plain PyTorch, transcribed from SPEC.md §1-§10.
+"""Ring-linear-2.0 (HF `bailing_moe_linear`) forward in plain PyTorch, transcribed from docs/SPEC.md §1-§10.
 
 Slow and literal on purpose: a per-token loop for the linear-attention recurrence, a per-expert loop
-for the MoE. The state_dict keys are exactly the HF checkpoint names (SPEC.md §9).
+for the MoE. The state_dict keys are exactly the HF checkpoint names (docs/SPEC.md §9).
 
-Dtypes (SPEC.md §10). `dt` is the model dtype, `acc = promote_types(float32, dt)`:
+Dtypes (docs/SPEC.md §10). `dt` is the model dtype, `acc = promote_types(float32, dt)`:
 - bf16 model: the HF bf16 steps (Linear in bf16, norm statistics / softmax / router / recurrence /
   MoE combine in float32, cast back to bf16 where HF casts).
 - float32 model: the same steps, all in float32.
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 # Defaults for keys a config.json may leave out. The Ring-linear HF config class could not be read
-# (SPEC.md §0); these mirror ring_jax.config.RingConfig so that both sides read an absent key alike.
+# (docs/SPEC.md §0); these mirror ring_jax.config.RingConfig so that both sides read an absent key alike.
 # layer_group_size has no default: a config must give it.
 DEFAULTS = {
     "vocab_size": 157184,
@@ -83,7 +83,7 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def layer_is_softmax(config: dict, i: int) -> bool:
-    """SPEC.md §2: softmax (GQA) attention every layer_group_size-th layer and past the last whole group."""
+    """docs/SPEC.md §2: softmax (GQA) attention every layer_group_size-th layer and past the last whole group."""
     g, L = cfg(config, "layer_group_size"), cfg(config, "num_hidden_layers")
     return (i + 1) % g == 0 or i >= (L // g) * g
 
@@ -195,7 +195,7 @@ def alibi_slopes(n: int) -> list[float]:
 
 
 def decay_slope(config: dict, layer_idx: int, slope_law: str = "hf") -> torch.Tensor:
-    """Log-decay g per head, [H] float32 (SPEC.md §6.2): -alibi_slopes(H) * layer factor."""
+    """Log-decay g per head, [H] float32 (docs/SPEC.md §6.2): -alibi_slopes(H) * layer factor."""
     L = cfg(config, "num_hidden_layers")
     if slope_law == "hf":
         factor = 1 - (layer_idx - 1) / (L - 1) + 1e-5
@@ -270,7 +270,7 @@ class RefMLP(nn.Module):
 
 # ------------------------------------------------------------------------------------ attention
 class RefSoftmaxAttention(nn.Module):
-    """HF BailingMoeV2Attention (SPEC.md §5): GQA, per-head q/k RMSNorm, partial RoPE, causal softmax."""
+    """HF BailingMoeV2Attention (docs/SPEC.md §5): GQA, per-head q/k RMSNorm, partial RoPE, causal softmax."""
 
     def __init__(self, config: dict, dtype):
         super().__init__()
@@ -309,7 +309,7 @@ class RefSoftmaxAttention(nn.Module):
 
 
 def linear_attention_recurrence(q, k, v, g, initial_state=None, scale=None):
-    """Simple-GLA / Lightning recurrence, token by token in q.dtype (SPEC.md §6.3).
+    """Simple-GLA / Lightning recurrence, token by token in q.dtype (docs/SPEC.md §6.3).
 
     q, k, v: [B, T, H, D]; g: [H] log-decay; initial_state: [B, H, D, D] or None.
     S_t = exp(g) S_{t-1} + k_t^T v_t;  o_t = scale * q_t S_t.  Returns (o [B, T, H, D], S_T [B, H, D, D]).
@@ -328,7 +328,7 @@ def linear_attention_recurrence(q, k, v, g, initial_state=None, scale=None):
 
 
 class RefLinearAttention(nn.Module):
-    """BailingMoeV2LinearAttention (SPEC.md §6): MHA qkv, q/k RMSNorm, RoPE, decayed linear recurrence,
+    """BailingMoeV2LinearAttention (docs/SPEC.md §6): MHA qkv, q/k RMSNorm, RoPE, decayed linear recurrence,
     group RMSNorm, sigmoid output gate."""
 
     def __init__(self, config: dict, layer_idx: int, dtype, slope_law: str = "hf"):
@@ -375,7 +375,7 @@ class RefLinearAttention(nn.Module):
 
 # ------------------------------------------------------------------------------------ MoE
 class RefGate(nn.Module):
-    """HF BailingMoeV2Gate (SPEC.md §7): sigmoid scores, biased group-limited top-k, renormalised weights."""
+    """HF BailingMoeV2Gate (docs/SPEC.md §7): sigmoid scores, biased group-limited top-k, renormalised weights."""
 
     def __init__(self, config: dict, dtype, expert_bias_dtype: str = "model"):
         super().__init__()
@@ -538,9 +538,9 @@ def roll_left(input_ids: torch.Tensor) -> torch.Tensor:
 
 
 class RefModel(nn.Module):
-    """BailingMoeLinearV2ForCausalLM forward. state_dict keys = HF checkpoint names (SPEC.md §9).
+    """BailingMoeLinearV2ForCausalLM forward. state_dict keys = HF checkpoint names (docs/SPEC.md §9).
 
-    Options (readings SPEC.md leaves open, §13): slope_law "hf" | "engine"; expert_bias_dtype
+    Options (readings docs/SPEC.md leaves open, §13): slope_law "hf" | "engine"; expert_bias_dtype
     "model" | "float32"; mtp_placement "inside" | "after"; shared_expert_size "hf" | "explicit".
     """
 

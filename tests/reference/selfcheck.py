@@ -30,7 +30,7 @@ def check(ok: bool, what: str):
 
 
 def expected_names(config: dict, placement: str = "inside") -> set[str]:
-    """SPEC.md §9 names, enumerated independently of RefModel."""
+    """docs/SPEC.md §9 names, enumerated independently of RefModel."""
     L, n = config["num_hidden_layers"], config.get("num_nextn_predict_layers", 0)
     main = L - n if placement == "inside" else L
     names = {"model.word_embeddings.weight", "model.norm.weight"}
@@ -161,7 +161,7 @@ def run_checks(tiny: dict, V: int, tmp: str):
           and abs(float(la.slope[3]) + 0.25 ** 4 * (1 + 1 / 5 + 1e-5)) < 1e-9,
           f"tiny layer 0 slope {la.slope.tolist()}")
 
-    # ---- decay slopes: SPEC.md §6.2 numbers for Ring-mini (H=16, L=20)
+    # ---- decay slopes: docs/SPEC.md §6.2 numbers for Ring-mini (H=16, L=20)
     mini = dict(tiny, num_hidden_layers=20, num_attention_heads=16, num_key_value_heads=4, layer_group_size=5,
                 group_norm_size=4)
     from .model import decay_slope
