@@ -13,8 +13,8 @@ is valid for any config. The fused projections ([q | k | v], [gate | up]) are re
 `tensor`: their outputs would otherwise split along the fused dimension, not along heads.
 
 Kernels (Pallas calls, which XLA cannot partition, and the cuDNN attention calls) run under
-`shard_map` on local blocks: the linear-attention scan and the flash attention per (batch, head)
-block, the experts per (batch, expert) block. Everything else is partitioned by XLA from the
+`shard_map` on local blocks: the linear-attention scan and the attention kernels per (batch, head)
+block (`on_blocks`), the experts per (batch, expert) block. Everything else is partitioned by XLA from the
 parameter layouts and the constraints in the model.
 """
 
@@ -126,6 +126,30 @@ def in_mesh() -> bool:
     """True while tracing under a mesh with more than one device."""
     mesh = jax.sharding.get_abstract_mesh()
     return not mesh.empty and math.prod(mesh.shape.values()) > 1
+
+
+def on_blocks(fn, *args, layouts: Sequence[str], out, batch: int, heads: int, kv_heads: int | None = None):
+    """fn(*args) on each device's block of sequences and heads under the mesh in context
+    (`jax.shard_map`), as kernels that XLA cannot partition run; outside a mesh, fn(*args).
+
+    layouts: one string per argument, one letter per axis: "b" the batch (split over `data`), "h"
+    the heads (over `tensor`), "." an axis every device takes whole; e.g. "b.h." for [B, T, H, D],
+    "bh.." for states [B, H, D, D], "" for a scalar. out: the outputs' layouts (a string, or a
+    tuple of them). batch, heads: the sizes the split must divide. With kv_heads (GQA), the heads
+    are split only when the kv heads split alike, so that a group stays on one device."""
+    if not in_mesh():
+        return fn(*args)
+    b, h = mesh_axis("batch", batch), mesh_axis("heads", heads)
+    if kv_heads is not None and h != mesh_axis("kv_heads", kv_heads):
+        h = None
+    axes = {"b": b, "h": h, ".": None}
+
+    def layout(letters: str) -> P:
+        return P(*(axes[c] for c in letters))
+
+    out_specs = layout(out) if isinstance(out, str) else tuple(layout(o) for o in out)
+    return jax.shard_map(fn, in_specs=tuple(layout(x) for x in layouts), out_specs=out_specs,
+                         check_vma=False)(*args)
 
 
 def param_shardings(state: nnx.State, mesh: jax.sharding.Mesh) -> nnx.State:

@@ -19,12 +19,13 @@ keys cannot also take the values (as flash decoding does). Instead:
    normalises and rounds them (`reference.probabilities`' numerics) and sums their products with
    the values in float32; XLA adds the splits' partial sums.
 Traffic: the keys and values once, plus 8 R bytes of scores per slot and kv head (R = 4, D = 128:
-3% more than the 4 D bytes of keys and values).
+6% more than the 4 D bytes of keys and values).
 
 The products run on the matrix unit, which wants at least MMA_ROWS rows: the R query rows are
 padded with zero rows, and the scores' padding rows are neither stored nor loaded (masked). Both
-products take float32 operands at full precision (bf16 ones exactly): the reference's numerics
-up to the order of the float32 sums, and the exponentials' last bits (Triton's and XLA's exp).
+products accumulate in float32 (float32 operands at full precision, not TF32): the reference's
+numerics up to the order of the float32 sums, and the exponentials' last bits (Triton's and XLA's
+exp).
 """
 
 import functools

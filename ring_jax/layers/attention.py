@@ -7,7 +7,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax import lax
-from jax.sharding import PartitionSpec as P
 
 import pallas_kernels
 from pallas_kernels.platform import platform
@@ -18,7 +17,7 @@ from ring_jax.layers.linear import Linear, einsum
 from ring_jax.layers.norms import RMSNorm
 from ring_jax.layers.rope import apply_rope
 from ring_jax.layers.stack import StackSlice, slice_in_dim
-from ring_jax.sharding import constrain, in_mesh, mesh_axis
+from ring_jax.sharding import constrain, on_blocks
 
 # The largest float32 score matrix [B, H, T, L] computed whole; longer caches go block by block.
 SCORE_BYTES = 1 << 30
@@ -169,20 +168,13 @@ def _flash_causal(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
 
 
 def _per_block(fn, q, k, v, *rest):
-    """fn(q, k, v, *rest) on each device's (batch, heads) block under a mesh, as the Pallas kernels
-    run (XLA is not asked to partition a kernel or the cuDNN call). q: [B, T, H, D]; k, v:
-    [B, S, Hkv, D], or stacks [n, B, S, Hkv, D]; rest: scalars (each device takes them whole) and
-    [B] arrays (split as the batch). The heads are split only when `tensor` splits both q's and
-    the keys' heads (a GQA group stays on one device); else each device takes them all."""
-    if not in_mesh():
-        return fn(q, k, v, *rest)
-    b, h = mesh_axis("batch", q.shape[0]), mesh_axis("heads", q.shape[2])
-    if h != mesh_axis("kv_heads", k.shape[-2]):
-        h = None
-    heads = P(b, None, h, None)
-    kv = heads if k.ndim == 4 else P(None, *heads)
-    specs = (heads, kv, kv) + tuple(P(b) if jnp.ndim(x) else P() for x in rest)
-    return jax.shard_map(fn, in_specs=specs, out_specs=heads, check_vma=False)(q, k, v, *rest)
+    """fn(q, k, v, *rest) on each device's (batch, heads) block under a mesh (`sharding.on_blocks`).
+    q: [B, T, H, D]; k, v: [B, S, Hkv, D], or stacks [n, B, S, Hkv, D]; rest: scalars (each device
+    takes them whole) and [B] arrays (split as the batch)."""
+    kv = "b.h." if k.ndim == 4 else ".b.h."
+    layouts = ("b.h.", kv, kv) + tuple("b" if jnp.ndim(x) else "" for x in rest)
+    return on_blocks(fn, q, k, v, *rest, layouts=layouts, out="b.h.", batch=q.shape[0], heads=q.shape[2],
+                     kv_heads=k.shape[-2])
 
 
 def use_flash(q: jax.Array, k: jax.Array) -> bool:

@@ -8,7 +8,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import PartitionSpec as P
 
 import pallas_kernels
 from ring_jax.cache import STATE_AXES, Cache
@@ -18,7 +17,7 @@ from ring_jax.layers.mlp import rounded
 from ring_jax.layers.norms import GroupRMSNorm, RMSNorm
 from ring_jax.layers.rope import apply_rope
 from ring_jax.layers.stack import StackSlice, set_entry
-from ring_jax.sharding import constrain, in_mesh, mesh_axis
+from ring_jax.sharding import constrain, in_mesh, on_blocks
 
 # Continuations of at most this many tokens (decode, speculative steps) use the closed-form step.
 STEP_MAX_TOKENS = 8
@@ -57,12 +56,8 @@ def scan(q, k, v, g, state):
         return pallas_kernels.linear_attention(q, k, v, g, initial_state=state[0] if state else None)
 
     args = (q, k, v, g) + (() if state is None else (state,))
-    if not in_mesh():
-        return run(*args)
-    b, h = mesh_axis("batch", q.shape[0]), mesh_axis("heads", q.shape[2])
-    tokens, states = P(b, None, h, None), P(b, h, None, None)
-    specs = (tokens, tokens, tokens, P(h)) + (() if state is None else (states,))
-    return jax.shard_map(run, in_specs=specs, out_specs=(tokens, states), check_vma=False)(*args)
+    layouts = ("b.h.",) * 3 + ("h",) + (() if state is None else ("bh..",))
+    return on_blocks(run, *args, layouts=layouts, out=("b.h.", "bh.."), batch=q.shape[0], heads=q.shape[2])
 
 
 def log_decays(config: RingConfig) -> tuple[tuple[float, ...], ...]:
