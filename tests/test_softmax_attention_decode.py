@@ -74,10 +74,10 @@ def test_errors_and_backend_choice(monkeypatch):
 
 def test_values_kernel_splits():
     """Few sequences and kv heads: the slots split over many programs; many: one split each."""
-    assert decode_gpu._splits(1, 4, 128) == (128, 1)
-    assert decode_gpu._splits(64, 4, 128)[0] * 64 * 4 >= decode_gpu.TARGET_PROGRAMS
-    assert decode_gpu._splits(256, 4, 128) == (1, 128)
-    assert decode_gpu._splits(1, 1, 10) == (10, 1)
+    assert decode_gpu.slot_splits(1, 4, 128) == (128, 1)
+    assert decode_gpu.slot_splits(64, 4, 128)[0] * 64 * 4 >= decode_gpu.TARGET_PROGRAMS
+    assert decode_gpu.slot_splits(256, 4, 128) == (1, 128)
+    assert decode_gpu.slot_splits(1, 1, 10) == (10, 1)
 
 @pytest.mark.parametrize("mesh", [None, (2, 1, 2)])
 def test_softmax_layer_decodes_through_the_kernels(monkeypatch, mesh):

@@ -58,7 +58,7 @@ def fits(q, keys) -> bool:
             and _pow2(D) and D >= 16 and L % BLOCK == 0 and H % Hkv == 0 and T * (H // Hkv) <= MAX_ROWS)
 
 
-def _splits(B: int, Hkv: int, n_blocks: int) -> tuple[int, int]:
+def slot_splits(B: int, Hkv: int, n_blocks: int) -> tuple[int, int]:
     """(splits, blocks per split) of a kernel's grid over n_blocks blocks of slots."""
     splits = max(1, min(n_blocks, TARGET_PROGRAMS // (B * Hkv)))
     per_split = -(-n_blocks // splits)
@@ -141,7 +141,7 @@ def decode_attention(q, keys, values, slot, start, cursor, *, interpret=False):
     anywhere = pl.BlockSpec(memory_space=pl.ANY)
     n_blocks = L // BLOCK
 
-    chunks, per_chunk = _splits(B, Hkv, n_blocks)
+    chunks, per_chunk = slot_splits(B, Hkv, n_blocks)
     stats = jax.ShapeDtypeStruct((B, Hkv, chunks, rows), jnp.float32)
     scores, m, total = pl.pallas_call(
         functools.partial(_scores_kernel, T=T, G=G, R=R, per_split=per_chunk, scale=D ** -0.5),
@@ -158,7 +158,7 @@ def decode_attention(q, keys, values, slot, start, cursor, *, interpret=False):
     total = jnp.sum(total * jnp.exp(m - shift[:, :, None]), axis=2)
     total = jnp.where(total == 0.0, 1.0, total)
 
-    splits, per_split = _splits(B, Hkv, n_blocks)
+    splits, per_split = slot_splits(B, Hkv, n_blocks)
     partial = pl.pallas_call(
         functools.partial(_values_kernel, T=T, R=R, per_split=per_split),
         grid=(B, Hkv, splits),

@@ -16,7 +16,7 @@ from ring_jax.layers.linear import Linear
 from ring_jax.layers.mlp import rounded
 from ring_jax.layers.norms import GroupRMSNorm, RMSNorm
 from ring_jax.layers.rope import apply_rope
-from ring_jax.layers.stack import StackSlice, set_entry
+from ring_jax.layers.stack import StackSlice, set_entry, stack_and_index
 from ring_jax.sharding import constrain, in_mesh, on_blocks
 
 # Continuations of at most this many tokens (decode, speculative steps) use the closed-form step.
@@ -105,18 +105,16 @@ class LinearAttention(nnx.Module):
         B, T, _ = x.shape
         H, D = self.num_heads, self.head_dim
         log_decays = jnp.asarray(self.log_decay, jnp.float32)                          # [n_linear, H]
-        g = StackSlice(log_decays, slot).read()                                         # [H]
         qkv = self.query_key_value(x)
         if self.linear_silu:                      # SGLang's placement: on the fused projection
             qkv = rounded(jax.nn.silu, qkv)
         if cache is not None and self._takes_decode_kernel(T, qkv, cos, cache.states):
             cos, sin = (jnp.broadcast_to(t, (B, T, t.shape[-1]))[:, 0] for t in (cos, sin))
-            q_weight, k_weight = (norm.weight.get_value() for norm in (self.query_layernorm, self.key_layernorm))
-            stacked = isinstance(q_weight, StackSlice)          # inside the scan: the kernel reads the stacks
+            (q_weight, index), (k_weight, _) = (stack_and_index(norm.weight.get_value())
+                                                for norm in (self.query_layernorm, self.key_layernorm))
             o, states = pallas_kernels.linear_attention_decode(
-                qkv[:, 0], *((q_weight.stack, k_weight.stack) if stacked else (q_weight, k_weight)), cos, sin,
-                log_decays, cache.states, None if valid is None else valid[:, 0], slot=slot,
-                weight_index=q_weight.index if stacked else None, eps=self.query_layernorm.eps)
+                qkv[:, 0], q_weight, k_weight, cos, sin, log_decays, cache.states,
+                None if valid is None else valid[:, 0], slot=slot, weight_index=index, eps=self.query_layernorm.eps)
         else:
             q, k, v = jnp.split(qkv.reshape(B, T, 3 * H, D), 3, axis=2)
             q = apply_rope(self.query_layernorm(q), cos, sin)
@@ -124,7 +122,7 @@ class LinearAttention(nnx.Module):
             if valid is not None:
                 k, v = (jnp.where(valid[:, :, None, None], t, 0) for t in (k, v))
             state = None if cache is None else StackSlice(cache.states, slot).read()
-            o, state = scan(q, k, v, g, state)
+            o, state = scan(q, k, v, StackSlice(log_decays, slot).read(), state)
             states = None if cache is None else set_entry(cache.states, slot, state)
         if cache is not None:
             cache = dataclasses.replace(cache, states=constrain(states, STATE_AXES))

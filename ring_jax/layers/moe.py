@@ -30,7 +30,7 @@ import pallas_kernels
 from ring_jax.config import RingConfig
 from ring_jax.layers.linear import matmul
 from ring_jax.layers.mlp import MLP, swiglu
-from ring_jax.layers.stack import StackSlice
+from ring_jax.layers.stack import StackSlice, stack_and_index
 from ring_jax.sharding import in_mesh, mesh_axis, param
 
 
@@ -52,11 +52,10 @@ class Router(nnx.Module):
         kernel = self.kernel.get_value()                     # an array or a StackSlice
         logits = matmul(x.astype(jnp.float32), kernel)       # [N, E] float32 (kernel promoted)
         scores = jax.nn.sigmoid(logits)
-        bias = self.expert_bias.get_value()                  # an array or a StackSlice
-        stacked = isinstance(bias, StackSlice)
+        bias, index = stack_and_index(self.expert_bias.get_value())
         # Under a mesh XLA partitions the jnp selection; a kernel call would not be partitioned.
         return pallas_kernels.select_experts(
-            scores, bias.stack if stacked else bias, bias_index=bias.index if stacked else None,
+            scores, bias, bias_index=index,
             bias_rounding=kernel.dtype if self.bias_in_model_dtype else None, top_k=self.top_k,
             n_group=self.n_group, topk_group=self.topk_group, scaling=self.routed_scaling_factor,
             backend="reference" if in_mesh() else "auto")

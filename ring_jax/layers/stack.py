@@ -57,6 +57,12 @@ def read(x):
     return x.read() if isinstance(x, StackSlice) else x
 
 
+def stack_and_index(x) -> tuple[jax.Array, object]:
+    """For the kernels that read a layer's entry in its stack: a StackSlice as (its stack, its
+    index), an array as (itself, None)."""
+    return (x.stack, x.index) if isinstance(x, StackSlice) else (x, None)
+
+
 def slice_in_dim(x, start, size: int, axis: int) -> jax.Array:
     """`lax.dynamic_slice_in_dim` of an array or a StackSlice (sliced in its stack: only the
     block is read)."""
