@@ -36,6 +36,7 @@ from ring_jax import RingConfig, RingModel
 from ring_jax.cache import Cache, cache_bytes, cache_length, init_cache
 from ring_jax.generate import (DecodeState, Sampling, StopRule, _decode, _on, _placer, _start, _steps,
                                default_prefill_chunk, stream)
+from ring_jax.progress import CompileReport
 from ring_jax.sharding import first_array, model_mesh
 
 PEAK_FLOPS = 989e12
@@ -77,9 +78,9 @@ def decode_bytes(config, counts, B, context):
 
 
 def run_prefill(model, T, chunk, cache_len, gpu_time=False, repeats=3):
-    """Seconds of the first (compiling, if this cache_len is new) prefill of [1, T], the median of
-    `repeats` more, and with gpu_time the GPU time of one more (its kernels' durations in a trace;
-    None without a GPU or gpu_time)."""
+    """Seconds of the first (compiling, if this cache_len is new) prefill of [1, T], its seconds
+    tracing, lowering and compiling ({stage: s}), the median of `repeats` more, and with gpu_time the
+    GPU time of one more (its kernels' durations in a trace; None without a GPU or gpu_time)."""
     ids = np.random.default_rng(T).integers(0, model.config.vocab_size, (1, T))
 
     def prefill():
@@ -88,14 +89,19 @@ def run_prefill(model, T, chunk, cache_len, gpu_time=False, repeats=3):
                        prefill_chunk=chunk, cache_len=cache_len)[0]
         return jax.block_until_ready(state)
 
-    times = []
-    for _ in range(1 + repeats):
+    def seconds():
         t = time.perf_counter()
         state = prefill()
-        times.append(time.perf_counter() - t)
+        elapsed = time.perf_counter() - t
         del state                                       # freed outside the timing
+        return elapsed
+
+    compiles = CompileReport()
+    times = [seconds()]
+    stages = compiles.stages()
+    times += [seconds() for _ in range(repeats)]
     gpu = traced_gpu_ms(prefill, 1) * 1e-3 if gpu_time and jax.devices()[0].platform == "gpu" else None
-    return times[0], float(np.median(times[1:])), gpu
+    return times[0], stages, float(np.median(times[1:])), gpu
 
 
 def time_to_first_token(model, T, chunk, cache_len, repeats=3):
@@ -183,17 +189,17 @@ def main(argv=None):
     print(f"random model: {total / 1e9:.2f}B params in {time.perf_counter() - t:.1f} s; copy bandwidth "
           f"{bw / 1e12:.2f} TB/s; prefill chunk {args.chunk}", flush=True)
 
-    print("\n| prefill tokens | first call s (compile incl.) | s (median of 3) | tokens/s | TFLOP/s | MFU | GPU s | MFU of GPU s | "
-          "time to first token s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| prefill tokens | first call s (compile incl.) | of it trace / lower / compile s | s (median of 3) | "
+          "tokens/s | TFLOP/s | MFU | GPU s | MFU of GPU s | time to first token s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     # One cache length for every prompt: the prefill step compiles once.
     cache_len = cache_length(max((sum(_steps(T, args.chunk)) for T in args.prefill), default=0) + 1)
     for T in args.prefill:
-        first, median, gpu = run_prefill(model, T, args.chunk, cache_len, gpu_time=True)
+        first, stages, median, gpu = run_prefill(model, T, args.chunk, cache_len, gpu_time=True)
         flops = prefill_flops(config, counts, T)
         ttft = time_to_first_token(model, T, args.chunk, cache_len)
         on_gpu = "- | - |" if gpu is None else f"{gpu:.3f} | {flops / gpu / PEAK_FLOPS:.1%} |"
-        print(f"| {T} | {first:.2f} | {median:.3f} | {T / median:,.0f} | {flops / median / 1e12:.0f} | "
+        print(f"| {T} | {first:.2f} | {stages['trace']:.1f} / {stages['lower']:.1f} / {stages['compile']:.1f} | {median:.3f} | {T / median:,.0f} | {flops / median / 1e12:.0f} | "
               f"{flops / median / PEAK_FLOPS:.1%} | {on_gpu} {ttft:.3f} |", flush=True)
 
     print("\n| decode batch | context | first 8 steps s (compile incl.) | ms/step | tokens/s | roofline tokens/s | % |")

@@ -119,7 +119,13 @@ class StopRule:
 # static key, flattened once per generate() call. A jitted call that takes the NNX module itself
 # walks its graph in Python every time, which costs more host time per call than flattening once
 # (and nnx.split, or hashing its GraphDef, more still).
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
+# A prefill step's products are large: cuBLAS runs them as fast as XLA's Triton GEMMs, whose
+# autotuning over tile configurations is most of the step's compile time. Decoding keeps the Triton
+# GEMMs, faster on its small products (docs/PERFORMANCE.md, "Compile time").
+PREFILL_COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=2, compiler_options=PREFILL_COMPILER_OPTIONS)
 def _prefill_chunk(structure, arrays, cache: Cache, ids: jax.Array):
     """ids: [B, C] -> (logits of the last position [B, V] float32, cache advanced by C)."""
     model = jax.tree.unflatten(structure, arrays)

@@ -49,24 +49,44 @@ class Progress:
 
 
 class CompileReport:
-    """Counts and times the XLA compilations of this process (a `jax.monitoring` listener), so that
-    a command can say what a first call spent compiling."""
+    """Counts and times the compilations of this process (a `jax.monitoring` listener), so that a
+    command can say what a first call spent compiling: tracing to a jaxpr, lowering it to StableHLO,
+    and XLA's compile (or, with a warm persistent cache, reading the program from it).
 
-    EVENT = "/jax/core/compile/backend_compile_duration"
+    Time a first call spends beyond these is run time, including one-time work that happens at a
+    program's first launch (Mosaic GPU kernels are compiled then, in every new process).
+    """
+
+    STAGES = {"/jax/core/compile/jaxpr_trace_duration": "trace",
+              "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower",
+              "/jax/core/compile/backend_compile_duration": "compile"}
 
     def __init__(self):
         import jax
 
-        self.count, self.seconds = 0, 0.0
+        self._reset()
         jax.monitoring.register_event_duration_secs_listener(self._on)
 
+    def _reset(self):
+        self.count = 0
+        self.seconds = dict.fromkeys(self.STAGES.values(), 0.0)
+
     def _on(self, event, duration, **_):
-        if event == self.EVENT:
-            self.count, self.seconds = self.count + 1, self.seconds + duration
+        stage = self.STAGES.get(event)
+        if stage is not None:
+            self.seconds[stage] += duration
+            self.count += stage == "compile"
+
+    def stages(self) -> dict[str, float]:
+        """{"trace", "lower", "compile": seconds} since the last `take`, and starts counting again."""
+        seconds = dict(self.seconds)
+        self._reset()
+        return seconds
 
     def take(self) -> str:
         """What was compiled since the last call ("" if nothing), and starts counting again."""
-        text = (f"compiled {self.count} program(s) in {self.seconds:.1f} s; a later call of the same shapes "
-                "reuses them") if self.count else ""
-        self.count, self.seconds = 0, 0.0
-        return text
+        count, seconds = self.count, self.stages()
+        if not count:
+            return ""
+        return (f"compiled {count} program(s) in {seconds['compile']:.1f} s (traced in {seconds['trace']:.1f} s, "
+                f"lowered in {seconds['lower']:.1f} s); a later call of the same shapes reuses them")

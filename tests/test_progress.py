@@ -41,6 +41,10 @@ def test_compile_report_says_what_compiled():
     first = report.take()
     f(x)
     assert first.startswith("compiled 1 program(s) in ") and report.take() == ""
+    jax.jit(lambda x: x - 2)(x)
+    stages = report.stages()
+    assert set(stages) == {"trace", "lower", "compile"} and all(s > 0 for s in stages.values())
+    assert report.stages() == dict.fromkeys(stages, 0.0)
 
 
 def test_conversion_shows_a_bar_on_a_terminal(tmp_path):

@@ -27,6 +27,8 @@ fla's chunk kernel does. The decay tables are exp of non-positive multiples of t
 decay, computed outside the kernels.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -75,6 +77,9 @@ def _wgmma_add(value, a, b):
     return pl.run_state(update)(plgpu.ACC.init(value))
 
 
+# Jitted so that a program lowers the kernels once for all its call sites of one shape (a model's
+# layers): lowering a Mosaic GPU kernel takes a good part of a second.
+@functools.partial(jax.jit, static_argnames="scale")
 def linear_attention(q, k, v, log_decay, *, scale=None, initial_state=None):
     """q, k: [B, T, H, D], v: [B, T, H, Dv], bf16, D % 64 == 0, Dv % 128 == 0; log_decay [H];
     initial_state [B, H, D, Dv] f32 or None -> (o [B, T, H, Dv] bf16, final_state f32).

@@ -179,6 +179,9 @@ def supports(lhs, rhs, out_dtype, tile_n: int = 128, swiglu: bool = False) -> bo
             and (not swiglu or jnp.dtype(out_dtype) == jnp.bfloat16))
 
 
+# Jitted so that a program lowers the kernel once for all its call sites of one shape (a model's
+# layers): lowering a Mosaic GPU kernel takes a good part of a second.
+@functools.partial(jax.jit, static_argnames=("preferred_element_type", "swiglu", "tile_m", "tile_n", "stages"))
 def gmm(lhs, rhs, group_sizes, *, group_offset=0, preferred_element_type=None, swiglu=False, tile_m=128,
         tile_n=128, stages=4):
     """lhs [M, K] bf16, rhs [>= group_offset + G, K, N] bf16, group_sizes [G] int32 -> [M, N]:
