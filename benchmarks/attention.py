@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks.timing import bench_jax
-from ring_jax import RingConfig
+from ring_jax import RingConfig, backends
 from ring_jax.cache import KVCache
 from ring_jax.layers import attention
 
@@ -35,7 +35,7 @@ def main(argv=None):
 
     config = RingConfig.from_hf(args.config)
     H, Hkv, D, T = config.num_attention_heads, config.num_key_value_heads, config.head_dim, args.chunk
-    flash = attention.use_flash(jnp.zeros((1, T, H, D), jnp.bfloat16), jnp.zeros((1, 1, Hkv, D), jnp.bfloat16))
+    flash = backends.flash_attention(jnp.zeros((1, T, H, D), jnp.bfloat16), jnp.zeros((1, 1, Hkv, D), jnp.bfloat16))
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}; H={H}, Hkv={Hkv}, D={D}, chunk={T}; "
           f"flash attention {'available' if flash else 'not available here (jnp path only)'}", flush=True)
     print("\n| keys before | cache slots | jnp ms | jnp TFLOP/s | flash ms | flash TFLOP/s | jnp / flash | max rel diff |")

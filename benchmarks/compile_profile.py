@@ -24,11 +24,11 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 os.environ["RING_JAX_COMPILATION_CACHE"] = "off"
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import ring_jax  # noqa: E402
+from benchmarks.generate import make_model  # noqa: E402
 from ring_jax.progress import CompileReport  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -65,7 +65,7 @@ def main(argv=None):
 
     overrides = {} if args.num_experts is None else {"num_experts": args.num_experts}
     config = ring_jax.RingConfig.from_hf(args.config, **overrides)
-    model = nnx.jit(lambda: ring_jax.RingModel(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))()
+    model = make_model(config)
     jax.block_until_ready(nnx.state(model))
     ids = np.random.default_rng(0).integers(0, config.vocab_size, (1, args.prompt))
 

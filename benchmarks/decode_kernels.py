@@ -117,7 +117,8 @@ def main(argv=None):
     Hkv = config.num_key_value_heads
     S = sum(config.is_softmax_layer(i) for i in range(config.num_decoder_layers))
     bandwidth = None if interpret else copy_bandwidth()
-    attend = jax.jit(lambda *a: pallas_kernels.softmax_attention_decode(*a[:5], slot=a[5], interpret=interpret))
+    attend = jax.jit(lambda *a: pallas_kernels.softmax_attention_decode(*a[:5], slot=a[5], backend="gpu",
+                                                                        interpret=interpret))
     attend_xla = jax.jit(lambda *a: pallas_kernels.softmax_attention_decode(*a[:5], slot=a[5], backend="reference"))
     for context in args.context:
         for B in args.batch:

@@ -21,11 +21,11 @@ import time
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import ring_jax  # noqa: E402
+from benchmarks.generate import make_model  # noqa: E402
 from ring_jax.progress import CompileReport  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,7 +50,7 @@ def main(argv=None):
     overrides = {} if args.num_experts is None else {"num_experts": args.num_experts}
     config = ring_jax.RingConfig.from_hf(args.config, **overrides)
     t = time.perf_counter()
-    model = nnx.jit(lambda: ring_jax.RingModel(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))()
+    model = make_model(config)
     jax.block_until_ready(nnx.state(model))
     made = time.perf_counter() - t
     ids = np.random.default_rng(0).integers(0, config.vocab_size, (1, args.prompt))

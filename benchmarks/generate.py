@@ -19,6 +19,7 @@ run after the compiling one; each sits beside its roofline:
 """
 
 import argparse
+import functools
 import os
 import time
 
@@ -32,20 +33,46 @@ import numpy as np
 from flax import nnx
 
 from benchmarks.timing import copy_bandwidth, traced_gpu_ms, traced_kernels
-from ring_jax import RingConfig, RingModel
+from ring_jax import RingConfig, RingModel, backends
 from ring_jax.cache import Cache, cache_bytes, cache_length, init_cache
-from ring_jax.generate import (DecodeState, Sampling, StopRule, _decode, _on, _placer, _start, _steps,
-                               default_prefill_chunk, stream)
+from ring_jax.generate import prefill, stream
+from ring_jax.batching import prefill_steps
 from ring_jax.progress import CompileReport
+from ring_jax.sampling import Sampling, StopRule
 from ring_jax.sharding import first_array, model_mesh
+from ring_jax.steps import DecodeState, decode_loop, flatten, on_mesh, placer
 
 PEAK_FLOPS = 989e12
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def make_model(config):
-    """Random bf16 weights made on the device in one jitted init."""
-    return nnx.jit(lambda: RingModel(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))()
+def make_model(config, seed: int = 0):
+    """The model with random bf16 weights made on the device: norm weights 1, expert biases 0, the
+    others normal draws scaled by 1 / sqrt(fan in) (the embedding unscaled). The model is built
+    abstractly and each parameter drawn by a small jitted call per shape, which compiles in seconds
+    where jitting the model's own init (every layer's initialisers in one program) takes minutes
+    at Ring-flash's depth."""
+    abstract = nnx.eval_shape(lambda: RingModel(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    paths, leaves = zip(*jax.tree_util.tree_flatten_with_path(state)[0])
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+
+    def fill(path, leaf, key):
+        name = jax.tree_util.keystr(path)
+        if "norm" in name:
+            return jnp.ones(leaf.shape, leaf.dtype)
+        if "expert_bias" in name:
+            return jnp.zeros(leaf.shape, leaf.dtype)
+        scale = 1.0 if "word_embeddings" in name or len(leaf.shape) < 2 else leaf.shape[-2] ** -0.5
+        return _normal(key, leaf.shape, jnp.dtype(leaf.dtype), scale)
+
+    values = [fill(path, leaf, key) for path, leaf, key in zip(paths, leaves, keys)]
+    return nnx.merge(graphdef, jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(state), values))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _normal(key, shape, dtype, scale):
+    return (scale * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
 
 
 def weight_counts(config, model):
@@ -83,15 +110,13 @@ def run_prefill(model, T, chunk, cache_len, gpu_time=False, repeats=3):
     GPU time of one more (its kernels' durations in a trace; None without a GPU or gpu_time)."""
     ids = np.random.default_rng(T).integers(0, model.config.vocab_size, (1, T))
 
-    def prefill():
-        state = _start(model, ids, attention_mask=None, max_new_tokens=1, temperature=0.0, top_k=None,
-                       top_p=None, seed=0, eos_token_id=[], stop=None, pad_token_id=None, max_len=None,
-                       prefill_chunk=chunk, cache_len=cache_len)[0]
+    def run():
+        state = prefill(model, ids, max_new_tokens=1, eos_token_id=[], prefill_chunk=chunk, cache_len=cache_len).state
         return jax.block_until_ready(state)
 
     def seconds():
         t = time.perf_counter()
-        state = prefill()
+        state = run()
         elapsed = time.perf_counter() - t
         del state                                       # freed outside the timing
         return elapsed
@@ -100,7 +125,7 @@ def run_prefill(model, T, chunk, cache_len, gpu_time=False, repeats=3):
     times = [seconds()]
     stages = compiles.stages()
     times += [seconds() for _ in range(repeats)]
-    gpu = traced_gpu_ms(prefill, 1) * 1e-3 if gpu_time and jax.devices()[0].platform == "gpu" else None
+    gpu = traced_gpu_ms(run, 1) * 1e-3 if gpu_time and jax.devices()[0].platform == "gpu" else None
     return times[0], stages, float(np.median(times[1:])), gpu
 
 
@@ -131,7 +156,7 @@ def run_decode(model, B, context, steps, profile=0):
         return jax.jit(lambda k: scale * jax.random.normal(k, x.shape, x.dtype), out_shardings=x.sharding)(key)
 
     keys = jax.random.split(jax.random.key(B), 3)
-    place = _placer(first_array(model).sharding)
+    place = placer(first_array(model).sharding)
     cache = Cache(noise(cache.states, keys[0], 0.01), noise(cache.keys, keys[1]), noise(cache.values, keys[2]),
                   place(np.asarray(cache.start), ("batch",)), place(np.int32(context), ()))
     logits = np.random.default_rng(0).standard_normal((B, config.vocab_size), np.float32)
@@ -139,14 +164,14 @@ def run_decode(model, B, context, steps, profile=0):
                         place(np.int32(0), ()), place(np.zeros(B, bool), ("batch",)),
                         place(np.full((B, 1), -1, np.int32), ("batch", None)), place(np.uint32(0), ()))
     sampling, rule = Sampling(), StopRule((), (), 0)
-    arrays, structure = jax.tree.flatten(model)
-    with _on(mesh):
+    flat = flatten(model)
+    with on_mesh(mesh):
         t = time.perf_counter()
-        state = _decode(structure, arrays, state, np.int32(8), sampling=sampling, rule=rule)
+        state = decode_loop(*flat, state, np.int32(8), sampling=sampling, rule=rule)
         jax.block_until_ready(state.tokens)
         first = time.perf_counter() - t
         t = time.perf_counter()
-        state = _decode(structure, arrays, state, np.int32(8 + steps), sampling=sampling, rule=rule)
+        state = decode_loop(*flat, state, np.int32(8 + steps), sampling=sampling, rule=rule)
         jax.block_until_ready(state.tokens)
         elapsed = time.perf_counter() - t
         assert int(state.step) == 8 + steps
@@ -154,8 +179,8 @@ def run_decode(model, B, context, steps, profile=0):
             return first, elapsed, []
 
         def more():
-            jax.block_until_ready(_decode(structure, arrays, state, np.int32(16 + steps), sampling=sampling,
-                                          rule=rule).tokens)
+            jax.block_until_ready(decode_loop(*flat, state, np.int32(16 + steps), sampling=sampling,
+                                              rule=rule).tokens)
         kernels = traced_kernels(more)
         total = (sum(ns for ns, _ in kernels.values()), sum(count for _, count in kernels.values()))
         top = [("every kernel", total)] + sorted(kernels.items(), key=lambda item: -item[1][0])[:profile]
@@ -185,7 +210,7 @@ def main(argv=None):
     jax.block_until_ready(nnx.state(model))
     counts = weight_counts(config, model)
     total = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    args.chunk = args.chunk or default_prefill_chunk(model)
+    args.chunk = args.chunk or backends.prefill_chunk(config, model.dtype)
     print(f"random model: {total / 1e9:.2f}B params in {time.perf_counter() - t:.1f} s; copy bandwidth "
           f"{bw / 1e12:.2f} TB/s; prefill chunk {args.chunk}", flush=True)
 
@@ -193,7 +218,7 @@ def main(argv=None):
           "tokens/s | TFLOP/s | MFU | GPU s | MFU of GPU s | time to first token s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     # One cache length for every prompt: the prefill step compiles once.
-    cache_len = cache_length(max((sum(_steps(T, args.chunk)) for T in args.prefill), default=0) + 1)
+    cache_len = cache_length(max((sum(prefill_steps(T, args.chunk)) for T in args.prefill), default=0) + 1)
     for T in args.prefill:
         first, stages, median, gpu = run_prefill(model, T, args.chunk, cache_len, gpu_time=True)
         flops = prefill_flops(config, counts, T)

@@ -25,7 +25,7 @@ import numpy as np
 
 from benchmarks.timing import (back_to_back_ms, bench_jax, copy_bandwidth, device_ms, torch_back_to_back_ms,
                                torch_device_ms)
-from pallas_kernels.linear_attention import api, gpu, reference
+from pallas_kernels.linear_attention import api, scan_gpu, reference
 
 ROUNDS = 3
 SHAPES = [(1, 4096, 16, 128), (1, 32768, 16, 128), (1, 131072, 16, 128), (8, 4096, 16, 128),
@@ -47,7 +47,7 @@ def main():
     except ImportError as e:
         print(f"# fla not available ({e}); its column stays empty", file=sys.stderr)
         chunk_simple_gla = None
-    ours = jax.jit(gpu.linear_attention)
+    ours = jax.jit(scan_gpu.linear_attention)
     ref = jax.jit(reference.linear_attention)
     print("| check B, T, H, D | initial state | o rel err | state rel err |")
     print("|---|---|---|---|")

@@ -87,13 +87,13 @@ def gmm_table(Ms, hbm):
 def swiglu_table(Ms):
     """The gate_up product and SwiGLU: our gmm then XLA's SwiGLU, against SwiGLU in the kernel's
     epilogue (`pallas_kernels.gmm_swiglu`, which skips writing and re-reading the [M, 2 I] product)."""
-    from pallas_kernels.moe import gpu, reference
+    from pallas_kernels.moe import gmm_gpu, reference
 
     print("\n| gate_up + SwiGLU | M | sizes | gmm, then XLA SwiGLU | SwiGLU in the epilogue | saved |")
     print("|---|---|---|---|---|---|")
     key = jax.random.PRNGKey(1)
-    unfused = jax.jit(lambda a, b, c: reference.swiglu(gpu.gmm(a, b, c)))
-    fused = jax.jit(lambda a, b, c: gpu.gmm(a, b, c, swiglu=True))
+    unfused = jax.jit(lambda a, b, c: reference.swiglu(gmm_gpu.gmm(a, b, c)))
+    fused = jax.jit(lambda a, b, c: gmm_gpu.gmm(a, b, c, swiglu=True))
     for name in ("mini gate_up", "flash gate_up"):
         K, N = SHAPES[name]
         rhs = (jax.random.normal(key, (256, K, N), jnp.float32) / 30).astype(jnp.bfloat16)
@@ -125,7 +125,7 @@ def gather_table():
 def decode_table(hbm):
     from flax import nnx
 
-    from ring_jax.layers.moe import Experts, _gathered, _grouped
+    from ring_jax.layers.moe import Experts, gathered_outputs, grouped_outputs
 
     print("\n| model | tokens | pairs | chosen experts' bytes | sorted + gmm kernel ms | % copy | matvec by ids ms "
           "| % copy |")
@@ -139,7 +139,7 @@ def decode_table(hbm):
         experts.down_proj.set_value(down)
         state = nnx.state(experts)
         paths = [jax.jit(lambda s, t, i, f=f: f(t, i, s["gate_up_proj"][...], s["down_proj"][...]))
-                 for f in (_grouped, _gathered)]
+                 for f in (grouped_outputs, gathered_outputs)]
         for tokens in (1, 8):
             x = jax.random.normal(key, (tokens, hidden), jnp.float32).astype(jnp.bfloat16)
             ids = jnp.asarray(np.stack([np.random.default_rng(t).choice(256, 8, replace=False) for t in range(tokens)]), jnp.int32)

@@ -44,7 +44,7 @@ from benchmarks.generate import decode_bytes, prefill_flops, run_decode, run_pre
 from benchmarks.timing import bench_jax, copy_bandwidth  # noqa: E402
 from ring_jax import RingConfig, RingModel, job  # noqa: E402
 from ring_jax.cache import cache_length  # noqa: E402
-from ring_jax.generate import _steps  # noqa: E402
+from ring_jax.batching import prefill_steps  # noqa: E402
 from ring_jax.layers import moe  # noqa: E402
 from ring_jax.sharding import make_mesh, param_shardings, parse_mesh  # noqa: E402
 
@@ -104,7 +104,7 @@ def collectives_ms(mesh, config, N, way):
         f = shard_map(lambda out: moe.combine(jax.lax.psum(out, "expert"), weights), in_specs=P(), out_specs=P())
         shape, spec = (N, k, H), P()
     elif way == "scatter":
-        f = shard_map(lambda out: moe._scattered_combine(out, weights, "expert"), in_specs=P(), out_specs=P())
+        f = shard_map(lambda out: moe.scattered_combine(out, weights, "expert"), in_specs=P(), out_specs=P())
         shape, spec = (N, k, H), P()
     else:
         counts = _pairs_owners(config, n, N)
@@ -237,11 +237,11 @@ def main(argv=None):
     if args.prefill:
         print("\n| prefill tokens | first call s (compile incl.) | s (median of 3) | tokens/s | MFU (of all devices) | MoE comm share |")
         print("|---|---|---|---|---|---|")
-    cache_len = cache_length(max((sum(_steps(T, args.chunk)) for T in args.prefill), default=0) + 1)
+    cache_len = cache_length(max((sum(prefill_steps(T, args.chunk)) for T in args.prefill), default=0) + 1)
     for T in args.prefill:
-        first, median, _ = run_prefill(model, T, args.chunk, cache_len)
+        first, _, median, _ = run_prefill(model, T, args.chunk, cache_len)
         flops = prefill_flops(config, counts, T)
-        comm = n_moe * len(_steps(T, args.chunk)) * model_way_ms(mesh, config, min(T, args.chunk)) * 1e-3  # batch 1
+        comm = n_moe * len(prefill_steps(T, args.chunk)) * model_way_ms(mesh, config, min(T, args.chunk)) * 1e-3  # batch 1
         print(f"| {T} | {first:.1f} | {median:.3f} | {T / median:,.0f} | "
               f"{flops / median / (PEAK_FLOPS * mesh.size):.1%} | {comm / median:.0%} |", flush=True)
 
@@ -250,7 +250,7 @@ def main(argv=None):
               "roofline tokens/s (bytes over all devices) | % | MoE comm share |")
         print("|---|---|---|---|---|---|---|---|")
     for B in args.decode_batch:
-        first, second = run_decode(model, B, args.context, args.steps)
+        first, second, _ = run_decode(model, B, args.context, args.steps)
         step = second / args.steps
         roof = B / (decode_bytes(config, counts, B, args.context + 8 + args.steps) / (bw * mesh.size))
         comm = n_moe * model_way_ms(mesh, config, -(-B // mesh.shape["data"])) * 1e-3

@@ -15,8 +15,9 @@ from ring_jax.chat import chat, chat_stream  # noqa: E402
 from ring_jax.checkpoint import load_model, save_model  # noqa: E402
 from ring_jax.compilation_cache import enable_compilation_cache  # noqa: E402
 from ring_jax.config import ConfigError, RingConfig  # noqa: E402
-from ring_jax.generate import generate, stream, warmup  # noqa: E402
+from ring_jax.generate import generate, prefill, stream, warmup  # noqa: E402
 from ring_jax.model import RingModel  # noqa: E402
+from ring_jax.sampling import GenerationConfig  # noqa: E402
 from ring_jax.sharding import make_mesh, shard_model  # noqa: E402
 from ring_jax.tokenizer import Tokenizer, load_tokenizer  # noqa: E402
 
@@ -26,7 +27,7 @@ from ring_jax.tokenizer import Tokenizer, load_tokenizer  # noqa: E402
 if jax.config.jax_compilation_cache_dir is None:
     enable_compilation_cache()
 
-__all__ = ["Cache", "ConfigError", "RingConfig", "RingModel", "Tokenizer", "chat", "chat_stream",
+__all__ = ["Cache", "ConfigError", "GenerationConfig", "RingConfig", "RingModel", "Tokenizer", "chat", "chat_stream",
            "enable_compilation_cache", "generate", "init_cache", "load_model", "load_tokenizer", "make_mesh",
-           "save_model", "shard_model", "stream", "warmup"]
+           "prefill", "save_model", "shard_model", "stream", "warmup"]
 

@@ -17,38 +17,9 @@ import time
 import numpy as np
 
 from ring_jax.errors import ArgumentParser, exit_now, run_command
+from ring_jax.flags import add_generation_flags, add_model_flags
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")   # shipped in the package
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
-    return value
-
-
-def _number(low: float, high: float | None = None, low_open: bool = False):
-    """An argparse type: a float in [low, high] ((low, high] with low_open)."""
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not (value > low if low_open else value >= low) or (high is not None and value > high) or value != value:
-            bounds = f"{'(' if low_open else '['}{low:g}, {'inf)' if high is None else f'{high:g}]'}"
-            raise argparse.ArgumentTypeError(f"{text} is outside {bounds}")
-        return value
-    return parse
-
-
-def _folder(text: str) -> str:
-    if not os.path.isdir(text):
-        raise argparse.ArgumentTypeError(f"no folder at {text}" if not os.path.exists(text) else f"{text} is not a folder")
-    return text
 
 
 def _token_ids(text: str) -> list[int]:
@@ -68,22 +39,14 @@ def _say_compiled(compiles) -> None:
         print(f"[{text}]", file=sys.stderr, flush=True)
 
 
-def _sampling(args) -> dict:
-    return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
-            "top_p": args.top_p, "seed": args.seed}
-
-
 def _load(args):
     import ring_jax
 
-    from ring_jax.sharding import make_mesh
+    from ring_jax.flags import build_mesh
 
     ring_jax.enable_compilation_cache(args.compilation_cache)
     start = time.perf_counter()
-    try:
-        mesh = make_mesh(**args.mesh) if args.mesh else None
-    except ValueError as e:
-        raise SystemExit(f"error: --mesh: {e}") from None
+    mesh = build_mesh(args.mesh, ring_jax.RingConfig.from_hf(args.model).num_experts)
     print(f"[loading {args.model}]", file=sys.stderr, flush=True)
     model = ring_jax.load_model(args.model, dtype=args.dtype, mesh=mesh, verify=True)
     tokenizer = ring_jax.load_tokenizer(args.tokenizer or args.model) if not getattr(args, "prompt_ids", None) else None
@@ -131,8 +94,10 @@ def demo(args) -> int:
 
 def generate(args) -> int:
     import ring_jax
-    from ring_jax.chat import text_prompt_ids
+    from ring_jax.chat import text_pieces, text_prompt_ids
+    from ring_jax.flags import generation_config
     from ring_jax.progress import CompileReport
+    from ring_jax.sampling import eos_ids, until_eos
 
     model, tokenizer = _load(args)
     compiles = CompileReport()
@@ -140,26 +105,26 @@ def generate(args) -> int:
         prompts = args.prompt_ids
     else:
         prompts = [text_prompt_ids(tokenizer, p, chat=args.chat, enable_thinking=args.thinking) for p in args.prompt]
-    eos = None if tokenizer is None else list(tokenizer.eos_token_ids) or None
+    eos = eos_ids(model.config, tokenizer)
+    settings = generation_config(args, eos_token_id=eos)
     if len(prompts) == 1 and tokenizer is not None:   # one prompt: stream the text
-        for piece in ring_jax.stream(model, prompts, eos_token_id=eos, **_sampling(args)):
-            ids = [t for t in piece[0].tolist() if t not in (eos or [])]
-            print(tokenizer.decode(ids, skip_special_tokens=True), end="", flush=True)
+        for text in text_pieces(tokenizer, ring_jax.stream(model, prompts, settings), eos):
+            print(text, end="", flush=True)
         print()
         _say_compiled(compiles)
         return 0
     print(f"[generating for {len(prompts)} prompt(s); a first call compiles]", file=sys.stderr, flush=True)
-    tokens = ring_jax.generate(model, prompts, eos_token_id=eos, **_sampling(args))
+    tokens = ring_jax.generate(model, prompts, settings)
     _say_compiled(compiles)
     for row in tokens:
-        print(row.tolist() if tokenizer is None else tokenizer.decode(
-            [t for t in row.tolist() if t not in (eos or [])], skip_special_tokens=True))
+        print(row.tolist() if tokenizer is None else tokenizer.decode(until_eos(row, eos), skip_special_tokens=True))
     return 0
 
 
 def chat(args) -> int:
     import ring_jax
     from ring_jax.chat import prompt_ids, room_left
+    from ring_jax.flags import generation_config
     from ring_jax.progress import CompileReport
 
     model, tokenizer = _load(args)
@@ -186,8 +151,8 @@ def chat(args) -> int:
             continue
         reply = ""
         try:
-            for piece in ring_jax.chat_stream(model, tokenizer, history, enable_thinking=args.thinking,
-                                              **dict(_sampling(args), max_new_tokens=min(args.max_new_tokens, room))):
+            settings = generation_config(args, max_new_tokens=min(args.max_new_tokens, room))
+            for piece in ring_jax.chat_stream(model, tokenizer, history, settings, enable_thinking=args.thinking):
                 reply += piece
                 print(piece, end="", flush=True)
         except KeyboardInterrupt:
@@ -217,34 +182,9 @@ def _fit(model, tokenizer, history, keep, thinking, prompt_ids, room_left):
     return history, room
 
 
-def _mesh_sizes(text: str) -> dict:
-    from ring_jax.sharding import parse_mesh
-
-    try:
-        return parse_mesh(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
 def _add_model_args(p):
-    p.add_argument("--model", required=True, type=_folder,
-                   help="converted folder (python -m convert hf2jax) or HF folder")
-    p.add_argument("--tokenizer", type=_folder, help="folder with tokenizer.json (default: the model folder)")
-    p.add_argument("--dtype", choices=("bfloat16", "float32"), help="parameter dtype (default: as stored)")
-    p.add_argument("--mesh", type=_mesh_sizes,
-                   help="shard over this host's devices, e.g. expert=8 or data=2,expert=4 (default: one device)")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=256)
-    p.add_argument("--temperature", type=_number(0.0), default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=_positive_int)
-    p.add_argument("--top-p", type=_number(0.0, 1.0, low_open=True), help="in (0, 1]")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=None,
-                   help="the chat template's thinking switch, where the template renders the prompt "
-                        "(default: the template's default)")
-    p.add_argument("--compilation-cache", metavar="DIR",
-                   help="keep compiled steps in DIR for later runs, or 'off' (default: "
-                        "$RING_JAX_COMPILATION_CACHE, else ~/.cache/ring_jax/xla)")
-    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    add_model_flags(p)
+    add_generation_flags(p)
 
 
 def main(argv=None) -> int:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 
 import numpy as np
 
 from ring_jax.generate import generate, stream
+from ring_jax.sampling import GenerationConfig, eos_ids, until_eos
 
 
 def prompt_ids(tokenizer, messages: list[dict], enable_thinking: bool | None = None) -> list[int]:
@@ -30,54 +32,56 @@ def room_left(model, ids: list[int], max_len: int | None = None) -> int:
     return (model.config.max_position_embeddings if max_len is None else max_len) - len(ids)
 
 
-def _prompt_and_eos(model, tokenizer, messages, enable_thinking, eos_token_id, max_new_tokens, max_len):
-    """(prompt ids, eos ids, max_new_tokens capped to the room left in the context)."""
+# A reply's length when the call does not say.
+REPLY_TOKENS = 512
+
+
+def _call(model, tokenizer, messages, enable_thinking, config, settings) -> tuple[list[int], GenerationConfig]:
+    """(the prompt ids, the call's settings: eos by `eos_ids` with the tokenizer, max_new_tokens
+    (default REPLY_TOKENS) capped to the room left in the context)."""
+    config = GenerationConfig.of(config, **settings)
     ids = prompt_ids(tokenizer, messages, enable_thinking)
-    room = room_left(model, ids, max_len)
+    room = room_left(model, ids, config.max_len)
     if room < 1:
         raise ValueError(f"the conversation is {len(ids)} tokens and fills the context of "
                          f"{len(ids) + room}: leave out earlier turns")
-    if eos_token_id is None:
-        eos_token_id = list(tokenizer.eos_token_ids) or list(model.config.eos_token_ids)
-    return ids, [int(e) for e in np.atleast_1d(eos_token_id)], min(max_new_tokens, room)
+    wanted = REPLY_TOKENS if config.max_new_tokens is None else config.max_new_tokens
+    return ids, dataclasses.replace(config, max_new_tokens=min(wanted, room),
+                                    eos_token_id=eos_ids(model.config, tokenizer, config.eos_token_id))
 
 
-def _reply(tokens, eos: list[int]) -> list[int]:
-    """The generated ids up to (without) the first end-of-sequence token."""
-    tokens = [int(t) for t in tokens]
-    ends = [i for i, t in enumerate(tokens) if t in eos]
-    return tokens[: ends[0]] if ends else tokens
-
-
-def chat(model, tokenizer, messages: list[dict], *, enable_thinking: bool | None = None,
-         max_new_tokens: int = 512, eos_token_id=None, max_len: int | None = None, **generate_kwargs) -> str:
+def chat(model, tokenizer, messages: list[dict], config: GenerationConfig | None = None, *,
+         enable_thinking: bool | None = None, **settings) -> str:
     """The assistant's reply to `messages` ([{"role": "system"|"user"|"assistant", "content": str}]).
 
     The prompt is the tokenizer's chat template with the generation prompt (enable_thinking is
-    passed to it when not None); generation stops at the tokenizer's end-of-sequence ids (or
-    eos_token_id) or after max_new_tokens, capped to the room the context (max_len, default the
-    model's max_position_embeddings) leaves after the prompt; a conversation that fills the
-    context is a ValueError. Other keyword arguments go to `generate` (temperature, top_k, top_p,
-    seed, ...).
+    passed to it when not None). config and settings: as for `generate` (max_new_tokens default
+    REPLY_TOKENS); generation stops at the tokenizer's end-of-sequence ids (or eos_token_id) or
+    after max_new_tokens, capped to the room the context (max_len, default the model's
+    max_position_embeddings) leaves after the prompt; a conversation that fills the context is a
+    ValueError.
     """
-    ids, eos, max_new_tokens = _prompt_and_eos(model, tokenizer, messages, enable_thinking, eos_token_id,
-                                               max_new_tokens, max_len)
-    tokens = generate(model, [ids], max_new_tokens=max_new_tokens, eos_token_id=eos, max_len=max_len,
-                      **generate_kwargs)[0]
-    return tokenizer.decode(_reply(tokens, eos), skip_special_tokens=True)
+    ids, config = _call(model, tokenizer, messages, enable_thinking, config, settings)
+    tokens = generate(model, [ids], config)[0]
+    return tokenizer.decode(until_eos(tokens, config.eos_token_id), skip_special_tokens=True)
 
 
-def chat_stream(model, tokenizer, messages: list[dict], *, enable_thinking: bool | None = None,
-                max_new_tokens: int = 512, eos_token_id=None, max_len: int | None = None,
-                **stream_kwargs) -> Iterator[str]:
+def chat_stream(model, tokenizer, messages: list[dict], config: GenerationConfig | None = None, *,
+                enable_thinking: bool | None = None, steps_per_call: int = 8, **settings) -> Iterator[str]:
     """chat(), yielding the reply's text as it grows (pieces that concatenate to chat()'s result)."""
-    ids, eos, max_new_tokens = _prompt_and_eos(model, tokenizer, messages, enable_thinking, eos_token_id,
-                                               max_new_tokens, max_len)
+    ids, config = _call(model, tokenizer, messages, enable_thinking, config, settings)
+    yield from text_pieces(tokenizer, stream(model, [ids], config, steps_per_call=steps_per_call),
+                           config.eos_token_id)
+
+
+def text_pieces(tokenizer, pieces: Iterator[np.ndarray], eos) -> Iterator[str]:
+    """The text of one sequence's streamed tokens (`stream` pieces [1, n]) up to its first eos, as
+    it grows: pieces of text that concatenate to the decoded whole. A piece that ends inside a
+    UTF-8 sequence waits for its next bytes."""
     tokens, shown = [], ""
-    for piece in stream(model, [ids], max_new_tokens=max_new_tokens, eos_token_id=eos, max_len=max_len,
-                        **stream_kwargs):
+    for piece in pieces:
         tokens += piece[0].tolist()
-        text = tokenizer.decode(_reply(tokens, eos), skip_special_tokens=True)
+        text = tokenizer.decode(until_eos(tokens, eos), skip_special_tokens=True)
         if text.endswith("\ufffd"):        # an incomplete UTF-8 sequence: wait for its next bytes
             continue
         if text[len(shown):]:

@@ -151,7 +151,7 @@ def checksum(array: np.ndarray) -> int:
 
 
 @jax.jit
-def _device_checksum(x: jax.Array) -> jax.Array:
+def device_checksum(x: jax.Array) -> jax.Array:
     """`checksum` on the device, in x's layout (the flat index from iotas: no reshape)."""
     bits = jax.lax.bitcast_convert_type(x, _bits(x.dtype)).astype(jnp.uint32)
     index, stride = jnp.zeros(x.shape, jnp.uint32), 1
@@ -297,7 +297,7 @@ def restore_params(folder: str, config: RingConfig, dtype=None, mesh=None,
         node = tree
         for part in spec.key.split("."):
             node = node[part]
-        if spec.key in sums and int(_device_checksum(node)) != sums[spec.key]:
+        if spec.key in sums and int(device_checksum(node)) != sums[spec.key]:
             raise _damaged(folder, f"parameter {spec.key} does not match its checksum")
         flat[spec.key] = node if spec.float32 or node.dtype == dtype else node.astype(dtype)
     return flat, dtype

@@ -128,21 +128,25 @@ def in_mesh() -> bool:
     return not mesh.empty and math.prod(mesh.shape.values()) > 1
 
 
-def on_blocks(fn, *args, layouts: Sequence[str], out, batch: int, heads: int, kv_heads: int | None = None):
-    """fn(*args) on each device's block of sequences and heads under the mesh in context
-    (`jax.shard_map`), as kernels that XLA cannot partition run; outside a mesh, fn(*args).
+def on_blocks(fn, *args, layouts: Sequence[str], out, batch: int | None = None, heads: int | None = None,
+              kv_heads: int | None = None, experts: int | None = None):
+    """fn(*args) on each device's block under the mesh in context (`jax.shard_map`), as kernels
+    that XLA cannot partition run, and as the MoE runs its experts; outside a mesh, fn(*args).
 
     layouts: one string per argument, one letter per axis: "b" the batch (split over `data`), "h"
-    the heads (over `tensor`), "." an axis every device takes whole; e.g. "b.h." for [B, T, H, D],
-    "bh.." for states [B, H, D, D], "" for a scalar. out: the outputs' layouts (a string, or a
-    tuple of them). batch, heads: the sizes the split must divide. With kv_heads (GQA), the heads
-    are split only when the kv heads split alike, so that a group stays on one device."""
+    the heads (over `tensor`), "e" the experts (over `expert`), "." an axis every device takes
+    whole; e.g. "b.h." for [B, T, H, D], "bh.." for states [B, H, D, D], ".e.." for a stack of
+    expert matrices [L, E, K, N], "" for a scalar. out: the outputs' layouts (a string, or a tuple
+    of them). batch, heads, experts: the sizes the split must divide (a letter whose size is not
+    given is not split). With kv_heads (GQA), the heads are split only when the kv heads split
+    alike, so that a group stays on one device."""
     if not in_mesh():
         return fn(*args)
-    b, h = mesh_axis("batch", batch), mesh_axis("heads", heads)
+    b, h, e = (None if n is None else mesh_axis(name, n)
+               for name, n in (("batch", batch), ("heads", heads), ("experts", experts)))
     if kv_heads is not None and h != mesh_axis("kv_heads", kv_heads):
         h = None
-    axes = {"b": b, "h": h, ".": None}
+    axes = {"b": b, "h": h, "e": e, ".": None}
 
     def layout(letters: str) -> P:
         return P(*(axes[c] for c in letters))

@@ -86,7 +86,8 @@ def attention64(q, keys, values, cursor, start):
 # the end runs alone on one core.
 SLOW_MODULES = ("test_sharding.py", "test_linear_attention_tpu.py", "test_generate.py", "test_parity.py",
                 "test_convert.py", "test_cli_notebook.py", "test_job.py", "test_router.py", "test_gmm_tpu.py",
-                "test_matvec.py", "test_user_errors.py", "test_compile.py", "test_damaged_checkpoints.py")
+                "test_matvec.py", "test_user_errors.py", "test_compile.py", "test_damaged_checkpoints.py",
+                "test_gradients.py", "test_eval.py")
 
 
 def pytest_configure(config):
@@ -124,3 +125,33 @@ def recurrence64(q, k, v, g, state=None, scale=None):
         S = decay * S + k[:, t, :, :, None] * v[:, t, :, None, :]
         o[:, t] = scale * np.einsum("bhd,bhde->bhe", q[:, t], S)
     return o, S
+
+
+def as_if_on_hopper(monkeypatch, record=None) -> list:
+    """"auto" answers as on a Hopper GPU (`pallas_kernels.backend.platform`), with the Pallas
+    Triton kernels run in interpret mode, and the rest as on this CPU: the Mosaic GPU kernels
+    refuse their operands (they have no interpret mode) and cuDNN's flash attention is absent (the
+    jnp attention runs). record: {kernel function name: label}: each call of those kernels appends
+    label(*args, **kwargs) to the list returned."""
+    from pallas_kernels import backend
+    from pallas_kernels.linear_attention import api as linear_attention_api, decode_gpu as linear_decode
+    from pallas_kernels.matvec import gpu as matvec_gpu
+    from pallas_kernels.moe import gather_gpu, gmm_gpu
+    from pallas_kernels.router import gpu as router_gpu
+    from pallas_kernels.softmax_attention import decode_gpu as softmax_decode
+    from ring_jax import backends
+
+    monkeypatch.setattr(backend, "platform", lambda: "hopper")
+    monkeypatch.setattr(gmm_gpu, "supports", lambda *a, **k: False)
+    monkeypatch.setattr(linear_attention_api, "GPU_MIN_JAX", (1 << 30, 0))
+    monkeypatch.setattr(backends, "cudnn_attention", lambda: None)
+    calls = []
+    for module, name in ((matvec_gpu, "matvec"), (router_gpu, "select_experts"), (linear_decode, "decode_step"),
+                         (softmax_decode, "decode_attention"), (gather_gpu, "take_rows")):
+        def interpreted(*args, _kernel=getattr(module, name), _label=(record or {}).get(name), **kwargs):
+            if _label is not None:
+                calls.append(_label(*args, **kwargs))
+            return _kernel(*args, **{**kwargs, "interpret": True})
+        monkeypatch.setattr(module, name, interpreted)
+    jax.clear_caches()
+    return calls

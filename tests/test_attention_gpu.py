@@ -7,8 +7,8 @@ import pytest
 from flax import nnx
 
 from conftest import attention64, load_config_dict, rel_err
-from pallas_kernels.platform import platform
-from ring_jax import RingConfig
+from pallas_kernels.backend import platform
+from ring_jax import RingConfig, backends
 from ring_jax.cache import Cache, KVCache
 from ring_jax.layers import attention
 from ring_jax.layers.rope import rope_tables
@@ -55,8 +55,8 @@ def test_softmax_layer_takes_flash(monkeypatch):
     calls = []
     monkeypatch.setattr(attention, "flash_cached_attention",
                         lambda *a, f=attention.flash_cached_attention: calls.append("chunk") or f(*a))
-    monkeypatch.setattr(attention, "_flash_causal",
-                        lambda *a, f=attention._flash_causal: calls.append("forward") or f(*a))
+    monkeypatch.setattr(attention, "flash_causal_attention",
+                        lambda *a, f=attention.flash_causal_attention: calls.append("forward") or f(*a))
 
     def run():
         chunk = jax.jit(lambda x, cache: layer(x, cos, sin, cache, 1))(x, cache)
@@ -64,7 +64,7 @@ def test_softmax_layer_takes_flash(monkeypatch):
 
     (got, got_kv), got_full = run()
     assert calls == ["chunk", "forward"], calls
-    monkeypatch.setattr(attention, "FLASH_MIN_TOKENS", 1 << 30)
+    monkeypatch.setattr(backends, "FLASH_MIN_TOKENS", 1 << 30)
     (want, want_kv), want_full = run()
     np.testing.assert_array_equal(np.asarray(got_kv.keys, np.float32), np.asarray(want_kv.keys, np.float32))
     assert not np.asarray(got_kv.keys[0], np.float32).any()      # slot 1 written, slot 0 untouched
@@ -72,7 +72,7 @@ def test_softmax_layer_takes_flash(monkeypatch):
         assert rel_err(got[b, int(start[b]):], want[b, int(start[b]):]) <= 2e-2
     assert rel_err(got_full, want_full) <= 2e-2
     one = jnp.zeros((1, 1, 16, 128), jnp.bfloat16)
-    assert not attention.use_flash(one, one)                   # a decode step
+    assert not backends.flash_attention(one, one)                   # a decode step
 
 
 def test_cudnn_causal_attention_matches_float64():

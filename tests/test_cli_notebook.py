@@ -77,7 +77,7 @@ def test_generate_and_chat(model_dir, compilation_cache):
     again, log = ring_jax_cli("generate", "--model", model_dir, "--prompt-ids", "5 6 7", "--prompt-ids", "8 9",
                               "--max-new-tokens", "4", log_compiles=True)
     assert again == ids
-    for step in ("_prefill_chunk", "_decode"):
+    for step in ("prefill_step", "decode_loop"):
         assert f"Persistent compilation cache hit for 'jit_{step}'" in log, log[-2000:]
     if jax.default_backend() == "cpu":                      # conftest's 8 CPU devices
         sharded = ring_jax_cli("generate", "--model", model_dir, "--prompt-ids", "5 6 7", "--prompt-ids", "8 9",

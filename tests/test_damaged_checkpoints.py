@@ -85,14 +85,14 @@ def test_missing_manifest_is_named(good, tmp_path):
 def test_host_and_device_checksums_agree(dtype):
     """The checksum written with numpy at conversion is the one computed on the device at load,
     whatever the sharding; one changed element changes it."""
-    from ring_jax.checkpoint import _device_checksum
+    from ring_jax.checkpoint import device_checksum
 
     x = np.asarray(np.random.default_rng(1).standard_normal((3, 1000, 24)), dtype)
     want = checksum(x)
-    assert int(_device_checksum(jnp.asarray(x))) == want
+    assert int(device_checksum(jnp.asarray(x))) == want
     mesh = jax.make_mesh((8,), ("d",), devices=jax.devices()[:8])
     spread = jax.device_put(jnp.asarray(x), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "d")))
-    assert int(_device_checksum(spread)) == want
+    assert int(device_checksum(spread)) == want
     y = x.copy()
     y[2, 999, 23] = -y[2, 999, 23]
     assert checksum(y) != want

@@ -9,12 +9,16 @@ from flax import nnx
 
 import ring_jax
 from conftest import rel_err
+from pallas_kernels import backend as kernel_backend
 from ring_jax import cache as cache_module
 from ring_jax.cache import KVCache, cache_bytes, init_cache
 from ring_jax.config import RingConfig
 from ring_jax.cache import cache_length
-from ring_jax.generate import (Sampling, _decode, _prefill_chunk, _steps, batch_bucket, default_prefill_chunk, generate,
-                               sample, stream, token_bucket)
+from ring_jax.generate import generate, stream
+from ring_jax.batching import batch_bucket, prefill_steps, token_bucket
+from ring_jax.sampling import Sampling, sample
+from ring_jax.steps import decode_loop, prefill_step
+from ring_jax import backends
 from ring_jax.layers import attention
 from ring_jax.layers.attention import cached_attention, causal_attention
 
@@ -151,7 +155,7 @@ def test_flash_cached_attention_indexing(T, cursor, monkeypatch):
     cuDNN calls): with a jnp stand-in for cuDNN (NaN in every row it must not read), equal to
     `cached_attention` for sequences starting before, at, inside, at the end of, and after the
     chunk, and for one with nothing before it."""
-    monkeypatch.setattr(attention, "_cudnn_attention", lambda: (_cudnn_stand_in, _StandInMask))
+    monkeypatch.setattr(backends, "cudnn_attention", lambda: (_cudnn_stand_in, _StandInMask))
     L, H, Hkv, D = 64, 4, 2, 8
     start = jnp.asarray([0, 3, cursor, cursor + T // 2, cursor + T - 1, cursor + T + 5], jnp.int32)
     B = start.shape[0]
@@ -198,13 +202,13 @@ def test_batch_of_different_lengths_equals_each_alone(model, padding):
 
 def test_prefill_compiles_once_per_bucket(model):
     generate(model, prompt(5, 0), max_new_tokens=2)
-    compiled = _prefill_chunk._cache_size()
+    compiled = prefill_step._cache_size()
     for n in (6, 9, 16):                  # all in the 16-token bucket
         generate(model, prompt(n, n), max_new_tokens=2)
-    assert _prefill_chunk._cache_size() == compiled
+    assert prefill_step._cache_size() == compiled
     for n in (40, 70):                    # later chunks of 16 run the first chunk's compilation
         generate(model, prompt(n, n), max_new_tokens=2, prefill_chunk=16, cache_len=256)
-    assert _prefill_chunk._cache_size() == compiled
+    assert prefill_step._cache_size() == compiled
 
 
 def test_batch_and_token_buckets_compile_nothing_new(model):
@@ -216,9 +220,9 @@ def test_batch_and_token_buckets_compile_nothing_new(model):
     assert [cache_length(n) for n in (1, 257, 4096, 4097)] == [256, 512, 4096, 8192]
     three = [prompt(7, 60 + b) for b in range(3)]
     got = generate(model, three, max_new_tokens=3, eos_token_id=[])
-    programs = _decode._cache_size(), _prefill_chunk._cache_size()
+    programs = decode_loop._cache_size(), prefill_step._cache_size()
     four = generate(model, three + [prompt(5, 63)], max_new_tokens=9, eos_token_id=[])
-    assert (_decode._cache_size(), _prefill_chunk._cache_size()) == programs
+    assert (decode_loop._cache_size(), prefill_step._cache_size()) == programs
     assert got.shape == (3, 3) and four.shape == (4, 9)
     np.testing.assert_array_equal(got, four[:3, :3])            # greedy: the same first tokens
 
@@ -229,10 +233,10 @@ def test_warmup_compiles_what_generate_runs(model):
     from ring_jax.generate import warmup
 
     assert warmup(model, batch_sizes=(1, 3, 4), prompt_lengths=(5, 20), max_new_tokens=6) == 4
-    programs = _decode._cache_size(), _prefill_chunk._cache_size()
+    programs = decode_loop._cache_size(), prefill_step._cache_size()
     generate(model, [prompt(12, 70 + b) for b in range(3)], max_new_tokens=5)
     generate(model, prompt(30, 74), max_new_tokens=6)
-    assert (_decode._cache_size(), _prefill_chunk._cache_size()) == programs
+    assert (decode_loop._cache_size(), prefill_step._cache_size()) == programs
     with pytest.raises(ValueError, match="exceeds max_len"):
         warmup(model, prompt_lengths=(600,))
 
@@ -241,14 +245,17 @@ def test_prefill_steps_and_default_chunk(monkeypatch, model):
     """Whole chunks after one power-of-two step of the rest; 32768 tokens per step where the
     prefill attention is cuDNN's (a bf16 model on Hopper), else 4096; more prompts than chunk
     tokens still take 16-token steps."""
-    assert _steps(5, 4096) == [16] and _steps(4096, 4096) == [4096] and _steps(3000, 4096) == [4096]
-    assert _steps(33000, 32768) == [256, 32768] and _steps(131008, 32768) == [32768] * 4
-    assert _steps(70, 16) == [16] * 5 and _steps(100, 32) == [16, 32, 32, 32]
+    assert prefill_steps(5, 4096) == [16] and prefill_steps(4096, 4096) == [4096] and prefill_steps(3000, 4096) == [4096]
+    assert prefill_steps(33000, 32768) == [256, 32768] and prefill_steps(131008, 32768) == [32768] * 4
+    assert prefill_steps(70, 16) == [16] * 5 and prefill_steps(100, 32) == [16, 32, 32, 32]
     bf16 = RingModel(model.config, dtype=jnp.bfloat16)
-    assert default_prefill_chunk(bf16) == default_prefill_chunk(model) == 4096
-    monkeypatch.setattr(attention, "platform", lambda: "hopper")
-    assert default_prefill_chunk(bf16) == (32768 if attention._cudnn_attention() is not None else 4096)
-    assert default_prefill_chunk(model) == 4096                  # float32: the jnp attention
+    def default_chunk(m):
+        return backends.prefill_chunk(m.config, m.dtype)
+    assert default_chunk(bf16) == default_chunk(model) == 4096
+    with monkeypatch.context() as patched:
+        patched.setattr(kernel_backend, "platform", lambda: "hopper")
+        assert default_chunk(bf16) == (32768 if backends.cudnn_attention() is not None else 4096)
+        assert default_chunk(model) == 4096                  # float32: the jnp attention
     prompts = [prompt(3, 40 + b) for b in range(17)]
     got = generate(model, prompts, max_new_tokens=1, eos_token_id=[], prefill_chunk=16)
     assert got.shape == (17, 1)

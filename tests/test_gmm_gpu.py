@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import load_config_dict, rel_err
-from pallas_kernels.moe import api, gpu, reference
+from pallas_kernels.moe import api, gmm_gpu, reference
 from test_kernel_references import gmm64, swiglu64
 
 
@@ -32,7 +32,7 @@ def test_work_items_cover_every_row_once(tile_m, seed):
     M, G = int(rng.integers(1, 3000)), int(rng.integers(1, 40))
     sizes = random_sizes(rng, M, G, total=int(rng.integers(0, M + 1)))
     sizes[rng.random(G) < 0.3] = 0
-    items, count = gpu.work_items(jnp.asarray(sizes), M, tile_m)
+    items, count = gmm_gpu.work_items(jnp.asarray(sizes), M, tile_m)
     items, count = np.asarray(items), int(count[0])
     assert count <= items.shape[1]
     owner = np.full(M, -1)
@@ -48,7 +48,7 @@ def test_work_items_cover_every_row_once(tile_m, seed):
 def test_kernel_lowers_for_cuda_on_any_machine(swiglu, tile_m):
     """The Mosaic GPU kernel lowers (layout inference, pipelines, TMA boxes) without a GPU."""
     S = jax.ShapeDtypeStruct
-    f = jax.jit(lambda a, b, s: gpu.gmm(a, b, s, swiglu=swiglu, tile_m=tile_m))
+    f = jax.jit(lambda a, b, s: gmm_gpu.gmm(a, b, s, swiglu=swiglu, tile_m=tile_m))
     exported = jax.export.export(f, platforms=["cuda"])(
         S((1000, 256), jnp.bfloat16), S((8, 256, 512), jnp.bfloat16), S((8,), jnp.int32))
     assert exported.out_avals[0].shape == (1000, 256 if swiglu else 512)
@@ -81,7 +81,7 @@ def test_gpu_gmm_matches_float64(case, tile_m):
     lhs, rhs, group_sizes = operands(len(case), M, K, N, sizes)
     total = int(np.sum(sizes))
     for out_dtype in (jnp.bfloat16, jnp.float32):
-        out = jax.jit(lambda a, b, s: gpu.gmm(a, b, s, preferred_element_type=out_dtype, tile_m=tile_m))(
+        out = jax.jit(lambda a, b, s: gmm_gpu.gmm(a, b, s, preferred_element_type=out_dtype, tile_m=tile_m))(
             lhs, rhs, group_sizes)
         assert out.dtype == out_dtype and out.shape == (M, N)
         want = gmm64(lhs, rhs, group_sizes)
@@ -102,8 +102,8 @@ def test_gpu_gmm_swiglu_epilogue_matches_unfused(case):
         sizes = random_sizes(np.random.default_rng(0), M, 256)
     lhs, rhs, group_sizes = operands(len(case) + 1, M, K, N, sizes)
     total = int(np.sum(sizes))
-    fused = np.asarray(jax.jit(lambda a, b, s: gpu.gmm(a, b, s, swiglu=True))(lhs, rhs, group_sizes), np.float32)
-    unfused = np.asarray(jax.jit(lambda a, b, s: reference.swiglu(gpu.gmm(a, b, s)))(lhs, rhs, group_sizes),
+    fused = np.asarray(jax.jit(lambda a, b, s: gmm_gpu.gmm(a, b, s, swiglu=True))(lhs, rhs, group_sizes), np.float32)
+    unfused = np.asarray(jax.jit(lambda a, b, s: reference.swiglu(gmm_gpu.gmm(a, b, s)))(lhs, rhs, group_sizes),
                          np.float32)
     assert fused.shape == (M, N // 2)
     assert not fused[total:].any()
@@ -121,11 +121,12 @@ def test_moe_layer_through_gpu_kernel_matches_reference_path(monkeypatch):
     from flax import nnx
 
     from ring_jax.config import RingConfig
+    from ring_jax import backends
     from ring_jax.layers import moe
 
     config = RingConfig.from_hf(load_config_dict("tiny.json"), hidden_size=256, moe_intermediate_size=128)
     layer = moe.MoE(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
-    monkeypatch.setattr(moe, "GATHER_MAX_PAIRS", 0)      # decode sizes through the gmm too, not matvec
+    monkeypatch.setattr(backends, "GATHER_MAX_PAIRS", 0)      # decode sizes through the gmm too, not matvec
     for tokens in (1, 8, 300, 1000):  # from 300 x top-4 rows on: 128-row tiles, SwiGLU in the kernel
         x = jax.random.normal(jax.random.PRNGKey(tokens), (1, tokens, 256)).astype(jnp.bfloat16)
         fast = layer(x)
@@ -160,14 +161,14 @@ def test_gpu_take_rows_copies_the_indexed_rows(dtype):
     """The row-gather kernel on the GPU, at a prefill chunk's dispatch shape (4096 tokens x top-8,
     hidden 2048) and a small one: x[idx] bit for bit, and "auto" takes the kernel."""
     import pallas_kernels
-    from pallas_kernels.moe import rows_gpu
-    from pallas_kernels.platform import platform
+    from pallas_kernels.moe import gather_gpu
+    from pallas_kernels.backend import platform
 
     assert platform() == "hopper", "the kernel runs on Hopper GPUs only"
     rng = np.random.default_rng(0)
     for R, H, k in ((4096, 2048, 8), (33, 96, 1)):
         x = jnp.asarray(rng.standard_normal((R, H)), dtype)
         idx = jnp.asarray(rng.permutation(R * k) // k if k > 1 else rng.integers(0, R, 40), jnp.int32)
-        assert rows_gpu.fits(x, idx)
+        assert gather_gpu.fits(x, idx)
         got = pallas_kernels.take_rows(x, idx)
         np.testing.assert_array_equal(np.asarray(got), np.asarray(x)[np.asarray(idx)])

@@ -16,7 +16,7 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 
 from conftest import rel_err
-from pallas_kernels.moe import reference, tpu
+from pallas_kernels.moe import reference, gmm_tpu
 from test_kernel_references import gmm64
 
 INTERPRET = pltpu.InterpretParams()
@@ -50,23 +50,23 @@ def test_work_items_partition_the_rows(tm, seed):
     rng = np.random.default_rng(seed)
     M, G = int(rng.integers(1, 700)), int(rng.integers(1, 30))
     sizes = random_sizes(rng, G, int(rng.integers(0, M + 1)), p_zero=0.3)
-    items, count = tpu.work_items(jnp.asarray(sizes), M, tm)
+    items, count = gmm_tpu.work_items(jnp.asarray(sizes), M, tm)
     items, count = np.asarray(items), int(count)
     assert items.shape == (6, -(-M // tm) + G) and 1 <= count <= items.shape[1]
     kind, tile, group, src_tile, lo, hi = items
     owner = np.full(M, -1)
     for w in range(count):
-        assert kind[w] in (tpu.COMPUTE, tpu.ZERO)
+        assert kind[w] in (gmm_tpu.COMPUTE, gmm_tpu.ZERO)
         first, end = max(lo[w], tile[w] * tm), min(hi[w], (tile[w] + 1) * tm)
         assert first < end and (owner[first:end] == -1).all()
-        owner[first:end] = group[w] if kind[w] == tpu.COMPUTE else G
-        if kind[w] == tpu.COMPUTE:
+        owner[first:end] = group[w] if kind[w] == gmm_tpu.COMPUTE else G
+        if kind[w] == gmm_tpu.COMPUTE:
             assert src_tile[w] == tile[w]
     expected = np.concatenate([np.repeat(np.arange(G), sizes), np.full(M - sizes.sum(), G)])
     np.testing.assert_array_equal(owner, expected)
     assert (np.diff(tile) >= 0).all()
-    assert (kind[count:] == tpu.SKIP).all() and (tile[count:] == tile[count - 1]).all()
-    live = kind == tpu.COMPUTE
+    assert (kind[count:] == gmm_tpu.SKIP).all() and (tile[count:] == tile[count - 1]).all()
+    live = kind == gmm_tpu.COMPUTE
     if live.any():
         last = np.nonzero(live)[0][-1]
         assert (group[~live] == group[last]).all() and (src_tile[~live] == src_tile[last]).all()
@@ -107,7 +107,7 @@ def test_float32_matches_float64_and_reference(name):
     seed = sorted(CASES).index(name)
     sizes = case_sizes(spec, seed)
     lhs, rhs = random_operands(100 + seed, M, K, N, len(sizes))
-    out = tpu.gmm(lhs, rhs, jnp.asarray(sizes), tiling=tiling, interpret=INTERPRET)
+    out = gmm_tpu.gmm(lhs, rhs, jnp.asarray(sizes), tiling=tiling, interpret=INTERPRET)
     assert out.shape == (M, N) and out.dtype == jnp.float32
     out = np.asarray(out)
     assert not np.any(out[sizes.sum():])  # rows past the groups: exactly 0
@@ -126,7 +126,7 @@ def test_float32_matches_float64_and_reference(name):
 def test_bf16_matches_float64_and_reference(M, K, N, spec, tiling, out_dtype):
     sizes = case_sizes(spec, M + K)
     lhs, rhs = random_operands(M * 3 + N, M, K, N, len(sizes), jnp.bfloat16)
-    out = tpu.gmm(lhs, rhs, jnp.asarray(sizes), preferred_element_type=out_dtype, tiling=tiling,
+    out = gmm_tpu.gmm(lhs, rhs, jnp.asarray(sizes), preferred_element_type=out_dtype, tiling=tiling,
                   interpret=INTERPRET)
     assert out.dtype == (out_dtype or jnp.bfloat16)
     out = np.asarray(out.astype(jnp.float32))
@@ -141,7 +141,7 @@ def test_bf16_float32_output_is_float32_accurate():
     the float64 product of the bf16 values to float32 accuracy."""
     sizes = np.array([50, 0, 70, 8], np.int32)
     lhs, rhs = random_operands(7, 128, 256, 128, 4, jnp.bfloat16)
-    out = tpu.gmm(lhs, rhs, jnp.asarray(sizes), preferred_element_type=jnp.float32,
+    out = gmm_tpu.gmm(lhs, rhs, jnp.asarray(sizes), preferred_element_type=jnp.float32,
                   interpret=INTERPRET)
     assert rel_err(out, gmm64(lhs, rhs, sizes)) <= 1e-5
 
@@ -161,7 +161,7 @@ def test_n_tiles_on_two_cores():
                                    grid_point_recorder=record)
     sizes = np.array([20, 0, 90, 3, 0, 60], np.int32)
     lhs, rhs = random_operands(11, 200, 256, 512, 6)
-    out = tpu.gmm(lhs, rhs, jnp.asarray(sizes), interpret=params)
+    out = gmm_tpu.gmm(lhs, rhs, jnp.asarray(sizes), interpret=params)
     assert rel_err(out, gmm64(lhs, rhs, sizes)) <= 1e-5 and not np.any(np.asarray(out)[173:])
     assert {core for _, core in visits} == {0, 1}
     for n in range(4):
@@ -174,12 +174,12 @@ def test_tiling_errors_name_the_tile():
     lhs, rhs = random_operands(0, 256, 256, 256, 2)
     sizes = jnp.asarray([100, 100], jnp.int32)
     with pytest.raises(ValueError, match="tk=100"):
-        tpu.gmm(lhs, rhs, sizes, tiling=(128, 100, 128), interpret=INTERPRET)
+        gmm_tpu.gmm(lhs, rhs, sizes, tiling=(128, 100, 128), interpret=INTERPRET)
     with pytest.raises(ValueError, match="tm=8 must be a positive multiple of 16"):
-        tpu.gmm(lhs.astype(jnp.bfloat16), rhs.astype(jnp.bfloat16), sizes, tiling=(8, 128, 128),
+        gmm_tpu.gmm(lhs.astype(jnp.bfloat16), rhs.astype(jnp.bfloat16), sizes, tiling=(8, 128, 128),
                 interpret=INTERPRET)
     with pytest.raises(ValueError, match="dtypes"):
-        tpu.gmm(lhs, rhs.astype(jnp.bfloat16), sizes, interpret=INTERPRET)
+        gmm_tpu.gmm(lhs, rhs.astype(jnp.bfloat16), sizes, interpret=INTERPRET)
 
 
 # ------------------------------------------------------------------------------------- lowering
@@ -197,5 +197,5 @@ def test_kernel_lowers_to_mosaic_tpu(dtype, M, K, N, G, tiling):
     """The Pallas -> Mosaic TPU lowering accepts the kernel (block shapes, scalar prefetch, ops)."""
     specs = (jax.ShapeDtypeStruct((M, K), dtype), jax.ShapeDtypeStruct((G, K, N), dtype),
              jax.ShapeDtypeStruct((G,), jnp.int32))
-    text = _lower_for_tpu(lambda l, r, s: tpu.gmm(l, r, s, tiling=tiling), *specs)
+    text = _lower_for_tpu(lambda l, r, s: gmm_tpu.gmm(l, r, s, tiling=tiling), *specs)
     assert "tpu_custom_call" in text

@@ -16,6 +16,7 @@ import pytest
 import ring_jax
 from conftest import ROOT, tiny_model_folder
 from ring_jax import job
+from ring_jax.job import records
 
 MAX_NEW = 6
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
@@ -63,7 +64,10 @@ def run_job(argv) -> tuple[int, str]:
     """job.main(argv) in this process -> (exit status, stderr)."""
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr):
-        status = job.main(argv)
+        try:
+            status = job.main(argv)
+        except SystemExit as e:                    # a bad argument (argparse)
+            status = e.code
     return status, stderr.getvalue()
 
 
@@ -84,20 +88,20 @@ def test_help():
 
 def test_record_cuts_after_eos():
     tokenizer = type("Tokenizer", (), {"decode": lambda self, ids, skip_special_tokens: " ".join(map(str, ids))})()
-    item = job.Item(3, {"id": "x"}, (1, 2))
-    assert job.record(item, np.array([5, 6, 1, 0, 0]), [1, 9], tokenizer) == {
+    item = records.Item(3, {"id": "x"}, (1, 2))
+    assert records.record(item, np.array([5, 6, 1, 0, 0]), [1, 9], tokenizer) == {
         "line": 3, "id": "x", "output": "5 6", "output_ids": [5, 6, 1], "num_tokens": 3, "finish_reason": "stop"}
-    assert job.record(item, np.array([5, 6, 7]), [1], tokenizer) == {
+    assert records.record(item, np.array([5, 6, 7]), [1], tokenizer) == {
         "line": 3, "id": "x", "output": "5 6 7", "output_ids": [5, 6, 7], "num_tokens": 3, "finish_reason": "length"}
 
 
 def test_prompt_lines_with_and_without_chat(work):
     tokenizer = ring_jax.load_tokenizer(str(work / "jax"))
     user = tokenizer.apply_chat_template([{"role": "user", "content": "Hello!"}], tokenize=True)
-    assert job.prompt_ids({"prompt": "Hello!"}, tokenizer, chat=True) == user
-    assert job.prompt_ids({"prompt": "Hello!"}, tokenizer, chat=False) == tokenizer.encode("Hello!")
+    assert records.prompt_ids({"prompt": "Hello!"}, tokenizer, chat=True) == user
+    assert records.prompt_ids({"prompt": "Hello!"}, tokenizer, chat=False) == tokenizer.encode("Hello!")
     quiet = tokenizer.apply_chat_template(CHAT, tokenize=True, enable_thinking=False)
-    assert job.prompt_ids({"messages": CHAT}, tokenizer, chat=False, thinking=False) == quiet
+    assert records.prompt_ids({"messages": CHAT}, tokenizer, chat=False, thinking=False) == quiet
 
 
 @pytest.mark.parametrize("flags", [[], ["--chat"], ["--chat", "--no-thinking"]])
@@ -107,12 +111,12 @@ def test_generate_and_the_job_render_a_text_prompt_alike(work, flags, monkeypatc
     from ring_jax.__main__ import main
 
     seen = []
-    monkeypatch.setattr(ring_jax, "stream", lambda model, prompts, **k: seen.append(list(prompts[0])) or iter(()))
+    monkeypatch.setattr(ring_jax, "stream", lambda model, prompts, *a, **k: seen.append(list(prompts[0])) or iter(()))
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         assert main(["generate", "--model", str(work / "jax"), "--prompt", "Hello!", *flags]) == 0
     tokenizer = ring_jax.load_tokenizer(str(work / "jax"))
     thinking = False if "--no-thinking" in flags else None
-    assert seen == [job.prompt_ids({"prompt": "Hello!"}, tokenizer, chat="--chat" in flags, thinking=thinking)]
+    assert seen == [records.prompt_ids({"prompt": "Hello!"}, tokenizer, chat="--chat" in flags, thinking=thinking)]
 
 
 def prompt_ids(line: dict, tokenizer) -> list[int]:
@@ -176,16 +180,18 @@ def test_resume_refuses_a_foreign_output(work):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--model", "/nonexistent/model"], "is not a folder"),         # the last --model wins
-    (["--mesh", "data=2,bogus=1"], "bad --mesh"),
+    (["--model", "/nonexistent/model"], "argument --model: no folder at /nonexistent/model"),   # the last wins
+    (["--mesh", "data=2,bogus=1"], "argument --mesh:"),
     (["--mesh", "data=64"], "does not fit this run's devices"),
     (["--num-processes", "2"], "go with --coordinator"),
-    (["--top-p", "1.5"], "top_p"),
+    (["--top-p", "1.5"], "argument --top-p: 1.5 is outside (0, 1]"),
+    (["--seed", "-1"], "argument --seed: -1 must be >= 0"),
     (["--output", "/"], "Is a directory"),
 ])
 def test_clean_errors(work, extra, message):
     status, stderr = run_job(job_args(work, work / "never.jsonl", *extra))
-    assert status == 2 and message in stderr and stderr.startswith("error: ")
+    assert status == 2 and message in stderr and stderr.startswith("python -m ring_jax.job: error: ")
+    assert len(stderr.strip().splitlines()) == 1, stderr
     assert not (work / "never.jsonl").exists()
 
 

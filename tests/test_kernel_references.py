@@ -102,7 +102,8 @@ def test_gmm_swiglu_matches_float64_and_the_entry_point():
 def test_gmm_swiglu_takes_the_fused_kernel_only_where_it_applies(monkeypatch):
     """On a (pretended) Hopper GPU: the SwiGLU epilogue at 128-row tiles; at 64-row tiles the kernel's
     product then the jnp SwiGLU; float32 or N % 256 != 0 operands through the reference."""
-    from pallas_kernels.moe import api, gpu
+    from pallas_kernels import backend as kernel_backend
+    from pallas_kernels.moe import api, gmm_gpu
 
     calls = []
 
@@ -110,8 +111,8 @@ def test_gmm_swiglu_takes_the_fused_kernel_only_where_it_applies(monkeypatch):
         calls.append(kwargs)
         return jnp.zeros((lhs.shape[0], rhs.shape[2] // (2 if kwargs.get("swiglu") else 1)), lhs.dtype)
 
-    monkeypatch.setattr(api, "platform", lambda: "hopper")
-    monkeypatch.setattr(gpu, "gmm", fake_gmm)
+    monkeypatch.setattr(kernel_backend, "platform", lambda: "hopper")
+    monkeypatch.setattr(gmm_gpu, "gmm", fake_gmm)
     sizes = jnp.zeros(4, jnp.int32)
     bf16 = functools.partial(jnp.zeros, dtype=jnp.bfloat16)
     assert api.gmm_swiglu(bf16((1024, 64)), bf16((4, 64, 512)), sizes).shape == (1024, 256)

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import load_config_dict, rel_err
-from pallas_kernels.linear_attention import api, reference, step_gpu
+from conftest import as_if_on_hopper, load_config_dict, rel_err
+from pallas_kernels import backend as kernel_backend
+from pallas_kernels.linear_attention import api, decode_gpu, reference
 from ring_jax import RingConfig
 from ring_jax.cache import Cache
 from ring_jax.layers.linear_attention import LinearAttention
@@ -53,7 +54,7 @@ def test_kernel_and_reference_match_float64(B, H, D, rotary_dim, dtype):
     args = operands(B, H, D, rotary_dim, dtype, seed=B * H + rotary_dim)
     want_o, want_state = decode64(*args, eps=1e-6)
     ref = reference.decode_step(*args, eps=1e-6)
-    kernel = api.linear_attention_decode(*args, eps=1e-6, interpret=True)
+    kernel = api.linear_attention_decode(*args, eps=1e-6, backend="gpu", interpret=True)
     tol = 1e-5 if dtype == jnp.float32 else 2e-2            # bf16: the roundings of q, k and o
     for o, state in (ref, kernel):
         assert o.shape == (B, H, D) and o.dtype == dtype and state.dtype == jnp.float32
@@ -72,17 +73,17 @@ def test_errors_and_backend_choice(monkeypatch):
         api.linear_attention_decode(qkv, rest[0], rest[1], rest[2][:, :48], rest[3], *rest[4:], eps=1e-6)
     with pytest.raises(NotImplementedError, match="rotary_dim / 2"):
         api.linear_attention_decode(qkv, rest[0], rest[1], rest[2][:, :48], rest[3][:, :48], *rest[4:], eps=1e-6,
-                                    interpret=True)
+                                    backend="gpu", interpret=True)
     with pytest.raises(ValueError, match="must have qkv's dtype"):
         api.linear_attention_decode(qkv, rest[0].astype(jnp.float32), *rest[1:], eps=1e-6)
-    monkeypatch.setattr(api, "platform", lambda: "cpu")
+    monkeypatch.setattr(kernel_backend, "platform", lambda: "other")
     assert api.linear_attention_decode_backend(qkv, rest[5], 64) == "reference"
-    monkeypatch.setattr(api, "platform", lambda: "hopper")
+    monkeypatch.setattr(kernel_backend, "platform", lambda: "hopper")
     assert api.linear_attention_decode_backend(qkv, rest[5], 64) == "gpu"
     assert api.linear_attention_decode_backend(qkv, rest[5], 48) == "reference"
-    assert not step_gpu.fits(qkv.astype(jnp.float16), rest[5], 64)
-    assert not step_gpu.fits(qkv, rest[5].astype(jnp.bfloat16), 64)
-    assert not step_gpu.fits(jnp.zeros((1, 6 * 96), jnp.bfloat16), jnp.zeros((1, 2, 96, 96)), 64)   # D = 96
+    assert not decode_gpu.fits(qkv.astype(jnp.float16), rest[5], 64)
+    assert not decode_gpu.fits(qkv, rest[5].astype(jnp.bfloat16), 64)
+    assert not decode_gpu.fits(jnp.zeros((1, 6 * 96), jnp.bfloat16), jnp.zeros((1, 2, 96, 96)), 64)   # D = 96
 
 
 def test_layer_takes_the_kernel_with_its_own_numerics(monkeypatch):
@@ -103,14 +104,10 @@ def test_layer_takes_the_kernel_with_its_own_numerics(monkeypatch):
     no_kv = jnp.zeros((0, B, 1, 1, 1), dtype)
     cache = Cache(states, no_kv, no_kv, jnp.zeros((B,), jnp.int32), jnp.int32(0))
     valid = jnp.asarray([[True], [False], [True]])
-    monkeypatch.setattr(api, "platform", lambda: "cpu")                   # the layer's jnp path
-    o, want = layer(x, cos, sin, cache, 1, valid)
+    o, want = layer(x, cos, sin, cache, 1, valid)                         # on the CPU: the layer's jnp path
     want = (o, want.states[1])
 
-    calls = []
-    monkeypatch.setattr(api, "platform", lambda: "hopper")
-    monkeypatch.setattr(step_gpu, "decode_step", lambda *a, _f=step_gpu.decode_step, **k:
-                        calls.append(a[0].shape) or _f(*a, **{**k, "interpret": True}))
+    calls = as_if_on_hopper(monkeypatch, {"decode_step": lambda *a, **k: a[0].shape})
     o, got = layer(x, cos, sin, cache, 1, valid)
     for other in set(range(len(states))) - {1}:            # the kernel writes only its slot
         np.testing.assert_array_equal(np.asarray(got.states[other]), np.asarray(states[other]))
@@ -134,9 +131,9 @@ def test_kernel_reads_the_layers_entries_of_stacks():
     decays = jnp.asarray(-rng.uniform(0.01, 0.9, (4, 2)), jnp.float32).at[1].set(log_decay)
     states = jnp.asarray(rng.standard_normal((4,) + state.shape), jnp.float32).at[1].set(state)
     want = reference.decode_step(qkv, q_weight, k_weight, cos, sin, log_decay, state, valid, eps=1e-6)
-    for interpret in (False, True):
+    for backend, interpret in (("reference", False), ("gpu", True)):
         o, got = api.linear_attention_decode(qkv, q_stack, k_stack, cos, sin, decays, states, valid, slot=jnp.int32(1),
-                                             weight_index=jnp.int32(2), eps=1e-6, interpret=interpret)
+                                             weight_index=jnp.int32(2), eps=1e-6, backend=backend, interpret=interpret)
         assert rel_err(o, want[0]) <= 4e-3 and rel_err(got[1], want[1]) <= 4e-3
         for other in (0, 2, 3):
             np.testing.assert_array_equal(np.asarray(got[other]), np.asarray(states[other]))

@@ -12,7 +12,7 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 
 from conftest import recurrence64, rel_err
-from pallas_kernels.linear_attention import reference, tpu
+from pallas_kernels.linear_attention import reference, scan_tpu
 
 INTERPRET = pltpu.InterpretParams()
 
@@ -47,7 +47,7 @@ PREFILL_CASES = [  # B, T, H, D, Dv, with_state
 def test_prefill_matches_float64_and_reference(B, T, H, D, Dv, with_state):
     q, k, v, g, s0 = random_inputs(T * 31 + H * 7 + D, B, T, H, D, Dv)
     state = s0 if with_state else None
-    o, s = tpu.linear_attention(q, k, v, g, initial_state=state, interpret=INTERPRET)
+    o, s = scan_tpu.linear_attention(q, k, v, g, initial_state=state, interpret=INTERPRET)
     assert o.shape == (B, T, H, Dv) and o.dtype == jnp.float32
     assert s.shape == (B, H, D, Dv) and s.dtype == jnp.float32
     o64, s64 = recurrence64(q, k, v, g, state)
@@ -59,7 +59,7 @@ def test_prefill_matches_float64_and_reference(B, T, H, D, Dv, with_state):
 @pytest.mark.parametrize("chunk_size", [8, 16, 128])
 def test_chunk_size_does_not_change_the_result(chunk_size):
     q, k, v, g, s0 = random_inputs(40 + chunk_size, 1, 200, 3, 64)
-    o, s = tpu.linear_attention(q, k, v, g, initial_state=s0, chunk_size=chunk_size,
+    o, s = scan_tpu.linear_attention(q, k, v, g, initial_state=s0, chunk_size=chunk_size,
                                 interpret=INTERPRET)
     o64, s64 = recurrence64(q, k, v, g, s0)
     assert rel_err(o, o64) <= 1e-5 and rel_err(s, s64) <= 1e-5
@@ -69,7 +69,7 @@ def test_explicit_scale_and_strong_decay():
     """scale is honoured; a decay of exp(-20) per token underflows to 0 without inf or NaN."""
     q, k, v, _, s0 = random_inputs(8, 2, 100, 2, 64)
     g = jnp.array([-20.0, -1e-4])
-    o, s = tpu.linear_attention(q, k, v, g, scale=0.3, initial_state=s0, interpret=INTERPRET)
+    o, s = scan_tpu.linear_attention(q, k, v, g, scale=0.3, initial_state=s0, interpret=INTERPRET)
     o64, s64 = recurrence64(q, k, v, g, s0, scale=0.3)
     assert rel_err(o, o64) <= 1e-5 and rel_err(s, s64) <= 1e-5
 
@@ -77,7 +77,7 @@ def test_explicit_scale_and_strong_decay():
 @pytest.mark.parametrize("B, T, H, D", [(2, 130, 3, 64), (1, 1000, 16, 128), (2, 65, 16, 64)])
 def test_prefill_bf16_inputs(B, T, H, D):
     q, k, v, g, s0 = random_inputs(T + H, B, T, H, D, dtype=jnp.bfloat16)
-    o, s = tpu.linear_attention(q, k, v, g, initial_state=s0, interpret=INTERPRET)
+    o, s = scan_tpu.linear_attention(q, k, v, g, initial_state=s0, interpret=INTERPRET)
     assert o.dtype == jnp.bfloat16 and s.dtype == jnp.float32
     o64, s64 = recurrence64(q, k, v, g, s0)  # from the same bf16 inputs
     assert rel_err(o, o64) <= 1e-2 and rel_err(s, s64) <= 1e-2
@@ -102,7 +102,7 @@ def test_padding_mask(side, B, T, H, D, lengths, dtype):
     tokens alone (a sequence with no valid token keeps its initial state)."""
     q, k, v, g, s0 = random_inputs(len(side) * 13 + T, B, T, H, D, dtype=dtype)
     mask = padding_mask(side, lengths, T)
-    o, s = tpu.linear_attention(q, k, v, g, initial_state=s0, mask=jnp.asarray(mask),
+    o, s = scan_tpu.linear_attention(q, k, v, g, initial_state=s0, mask=jnp.asarray(mask),
                                 interpret=INTERPRET)
     tol = 1e-5 if dtype == jnp.float32 else 1e-2
     for b, n in enumerate(lengths):
@@ -122,7 +122,7 @@ def test_scattered_mask_matches_reference():
     """Masked tokens anywhere (not just at the ends), across chunk borders."""
     q, k, v, g, s0 = random_inputs(99, 2, 150, 3, 64)
     mask = jax.random.bernoulli(jax.random.PRNGKey(5), 0.6, (2, 150))
-    o, s = tpu.linear_attention(q, k, v, g, initial_state=s0, mask=mask, interpret=INTERPRET)
+    o, s = scan_tpu.linear_attention(q, k, v, g, initial_state=s0, mask=mask, interpret=INTERPRET)
     o_ref, s_ref = reference.linear_attention(q, k, v, g, initial_state=s0, mask=mask)
     assert rel_err(o, o_ref) <= 1e-5 and rel_err(s, s_ref) <= 1e-5
     assert not np.any(np.asarray(o)[~np.asarray(mask)])
@@ -140,7 +140,7 @@ def test_parallel_axes_in_any_order_on_two_cores():
     params = pltpu.InterpretParams(random_seed=3, num_cores_or_threads=2,
                                    grid_point_recorder=record)
     q, k, v, g, s0 = random_inputs(61, 3, 150, 4, 64)
-    o, s = tpu.linear_attention(q, k, v, g, initial_state=s0, interpret=params)
+    o, s = scan_tpu.linear_attention(q, k, v, g, initial_state=s0, interpret=params)
     o_ref, s_ref = reference.linear_attention(q, k, v, g, initial_state=s0)
     assert rel_err(o, o_ref) <= 1e-5 and rel_err(s, s_ref) <= 1e-5
     assert {core for _, core in visits} == {0, 1}
@@ -154,7 +154,7 @@ def test_parallel_axes_in_any_order_on_two_cores():
                          [(1, 2, 3, 64, 64), (5, 1, 16, 64, 128), (8, 2, 1, 128, 128)])
 def test_step_matches_float64_and_reference(S, B, H, D, Dv):
     q, k, v, g, s0 = random_inputs(S * 17 + H, B, S, H, D, Dv)
-    o, s = tpu.linear_attention_step(q, k, v, g, s0, interpret=INTERPRET)
+    o, s = scan_tpu.linear_attention_step(q, k, v, g, s0, interpret=INTERPRET)
     assert o.shape == (B, S, H, Dv) and s.shape == (B, H, D, Dv)
     o64, s64 = recurrence64(q, k, v, g, s0)
     assert rel_err(o, o64) <= 1e-5 and rel_err(s, s64) <= 1e-5
@@ -164,7 +164,7 @@ def test_step_matches_float64_and_reference(S, B, H, D, Dv):
 
 def test_step_bf16_inputs():
     q, k, v, g, s0 = random_inputs(77, 2, 4, 3, 128, dtype=jnp.bfloat16)
-    o, s = tpu.linear_attention_step(q, k, v, g, s0, interpret=INTERPRET)
+    o, s = scan_tpu.linear_attention_step(q, k, v, g, s0, interpret=INTERPRET)
     assert o.dtype == jnp.bfloat16 and s.dtype == jnp.float32
     o64, s64 = recurrence64(q, k, v, g, s0)
     assert rel_err(o, o64) <= 1e-2 and rel_err(s, s64) <= 1e-2
@@ -175,12 +175,12 @@ def test_decode_after_prefill_equals_one_prefill(H, D, with_state):
     """Prefill 65 tokens, then a step of 1 and a step of 5: the same as prefilling all 71."""
     q, k, v, g, s0 = random_inputs(H + D, 2, 71, H, D)
     state = s0 if with_state else None
-    o_all, s_all = tpu.linear_attention(q, k, v, g, initial_state=state, interpret=INTERPRET)
-    o1, s1 = tpu.linear_attention(q[:, :65], k[:, :65], v[:, :65], g, initial_state=state,
+    o_all, s_all = scan_tpu.linear_attention(q, k, v, g, initial_state=state, interpret=INTERPRET)
+    o1, s1 = scan_tpu.linear_attention(q[:, :65], k[:, :65], v[:, :65], g, initial_state=state,
                                   interpret=INTERPRET)
-    o2, s2 = tpu.linear_attention_step(q[:, 65:66], k[:, 65:66], v[:, 65:66], g, s1,
+    o2, s2 = scan_tpu.linear_attention_step(q[:, 65:66], k[:, 65:66], v[:, 65:66], g, s1,
                                        interpret=INTERPRET)
-    o3, s3 = tpu.linear_attention_step(q[:, 66:], k[:, 66:], v[:, 66:], g, s2, interpret=INTERPRET)
+    o3, s3 = scan_tpu.linear_attention_step(q[:, 66:], k[:, 66:], v[:, 66:], g, s2, interpret=INTERPRET)
     assert rel_err(jnp.concatenate([o1, o2, o3], axis=1), o_all) <= 1e-5
     assert rel_err(s3, s_all) <= 1e-5
     o64, s64 = recurrence64(q, k, v, g, state)
@@ -191,9 +191,9 @@ def test_decode_after_padded_prefill():
     """A left-padded prefill hands decode the state of its valid tokens only."""
     q, k, v, g, s0 = random_inputs(123, 2, 70, 3, 64)
     mask = padding_mask("left", [65, 20], 65)
-    _, s1 = tpu.linear_attention(q[:, :65], k[:, :65], v[:, :65], g, initial_state=s0,
+    _, s1 = scan_tpu.linear_attention(q[:, :65], k[:, :65], v[:, :65], g, initial_state=s0,
                                  mask=jnp.asarray(mask), interpret=INTERPRET)
-    o2, s2 = tpu.linear_attention_step(q[:, 65:], k[:, 65:], v[:, 65:], g, s1, interpret=INTERPRET)
+    o2, s2 = scan_tpu.linear_attention_step(q[:, 65:], k[:, 65:], v[:, 65:], g, s1, interpret=INTERPRET)
     for b in range(2):
         keep = np.concatenate([mask[b], np.ones(5, bool)])
         o64, s64 = recurrence64(q[b:b + 1, keep], k[b:b + 1, keep], v[b:b + 1, keep], g,
@@ -204,7 +204,7 @@ def test_decode_after_padded_prefill():
 def test_bad_chunk_size_is_an_error():
     q, k, v, g, _ = random_inputs(0, 1, 16, 1, 64)
     with pytest.raises(ValueError, match="multiple of 8"):
-        tpu.linear_attention(q, k, v, g, chunk_size=12, interpret=INTERPRET)
+        scan_tpu.linear_attention(q, k, v, g, chunk_size=12, interpret=INTERPRET)
 
 
 def _lower_for_tpu(fn, *specs):
@@ -219,11 +219,11 @@ def test_kernels_lower_to_mosaic_tpu(dtype, T, H, D):
     g = jax.ShapeDtypeStruct((H,), jnp.float32)
     state = jax.ShapeDtypeStruct((2, H, D, D), jnp.float32)
     mask = jax.ShapeDtypeStruct((2, T), jnp.bool_)
-    prefill = lambda q, k, v, g, s, m: tpu.linear_attention(q, k, v, g, initial_state=s, mask=m)
+    prefill = lambda q, k, v, g, s, m: scan_tpu.linear_attention(q, k, v, g, initial_state=s, mask=m)
     assert "tpu_custom_call" in _lower_for_tpu(prefill, q, q, q, g, state, mask)
-    assert "tpu_custom_call" in _lower_for_tpu(tpu.linear_attention, q, q, q, g)
+    assert "tpu_custom_call" in _lower_for_tpu(scan_tpu.linear_attention, q, q, q, g)
     step_q = jax.ShapeDtypeStruct((2, 5, H, D), dtype)
-    text = _lower_for_tpu(tpu.linear_attention_step, step_q, step_q, step_q, g, state)
+    text = _lower_for_tpu(scan_tpu.linear_attention_step, step_q, step_q, step_q, g, state)
     assert "tpu_custom_call" in text and "output_operand_aliases" in text
 
 

@@ -2,17 +2,18 @@
 against float64."""
 
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
+import pallas_kernels
 import ring_jax
-from conftest import load_config_dict, rel_err
-from pallas_kernels.matvec import api, gpu, matvec, matvec_backend, reference
-from pallas_kernels.platform import platform
-from ring_jax import RingConfig
+from conftest import as_if_on_hopper, load_config_dict, rel_err
+from pallas_kernels import backend as kernel_backend
+from pallas_kernels.backend import platform
+from pallas_kernels.matvec import matvec, matvec_backend, reference
+from ring_jax import RingConfig, backends
 from ring_jax.cache import init_cache
 from ring_jax.layers import moe
 from test_generate import extend
@@ -44,7 +45,7 @@ def test_kernel_and_reference_match_float64(case):
     X, M, K, E, N, P, xd, wd = CASES[case]
     x, w, ids = operands(X, M, K, E, N, P, xd, wd, seed=len(case))
     want = matvec64(x, w, ids)
-    for out in (matvec(x, w, ids, interpret=True), reference.matvec(x, w, ids)):
+    for out in (matvec(x, w, ids, backend="gpu", interpret=True), reference.matvec(x, w, ids)):
         assert out.shape == (P, M, N) and out.dtype == jnp.float32
         assert rel_err(out, want) <= 1e-6
 
@@ -55,9 +56,9 @@ def test_stacks_addressed_as_one_match_float64():
     ids = ids.at[2::3].set(6)                                   # every token's last pair: the extra stack
     extra = jnp.asarray(np.random.default_rng(6).standard_normal((1, 256, 128)), jnp.bfloat16)
     want = matvec64(x, jnp.concatenate([w, extra]), ids)
-    kernel, ref = matvec(x, (w, extra), ids, interpret=True), reference.matvec(x, (w, extra), ids)
+    kernel, ref = matvec(x, (w, extra), ids, backend="gpu", interpret=True), reference.matvec(x, (w, extra), ids)
     assert rel_err(kernel, want) <= 1e-6 and rel_err(ref, want) <= 1e-6
-    together = matvec(x, jnp.concatenate([w, extra]), ids, interpret=True)
+    together = matvec(x, jnp.concatenate([w, extra]), ids, backend="gpu", interpret=True)
     assert np.array_equal(np.asarray(kernel), np.asarray(together))
     with pytest.raises(ValueError, match="differ in K, N or dtype"):
         matvec(x, (w, extra[:, :, :64]), ids)
@@ -67,7 +68,7 @@ def test_stacks_addressed_as_one_match_float64():
 
 def test_ids_default_and_errors():
     x, w, _ = operands(2, 1, 128, 1, 64, 2, jnp.bfloat16, jnp.bfloat16, seed=0)
-    assert rel_err(matvec(x, w, interpret=True), matvec64(x, w, np.zeros(2, int))) <= 1e-6
+    assert rel_err(matvec(x, w, backend="gpu", interpret=True), matvec64(x, w, np.zeros(2, int))) <= 1e-6
     with pytest.raises(ValueError, match="K differs"):
         matvec(x, w[:, :64])
     with pytest.raises(ValueError, match="pass ids"):
@@ -77,7 +78,7 @@ def test_ids_default_and_errors():
     with pytest.raises(ValueError, match="backend"):
         matvec(x, w, backend="cuda")
     with pytest.raises(NotImplementedError, match="K % 128"):
-        matvec(x[:, :, :100], w[:, :100], interpret=True)
+        matvec(x[:, :, :100], w[:, :100], backend="gpu", interpret=True)
     assert matvec_backend(x, w) == ("gpu" if platform() == "hopper" else "reference")
     empty = matvec(x[:0], w, jnp.zeros(0, jnp.int32))
     assert empty.shape == (0, 1, 64) and empty.dtype == jnp.float32
@@ -102,24 +103,12 @@ def decode_logits(model, p, steps):
     return jnp.stack(out)
 
 
-def as_if_on_hopper(monkeypatch):
-    """"auto" answers as on a Hopper GPU, and the decode-step kernels (matvec, the router's
-    selection, the linear-attention step) run in interpret mode. Returns the list of calls: the
-    weight shape for matvec, "router" for the selection, "linear attention" for the step."""
-    from pallas_kernels.linear_attention import api as la_api, step_gpu
-    from pallas_kernels.router import api as router_api, gpu as router_gpu
-
-    calls = []
-    kernels = [(api, gpu, "matvec", lambda x, w, ids, **k: tuple(s.shape for s in w) if isinstance(w, tuple) else w.shape),
-               (router_api, router_gpu, "select_experts", lambda *a, **k: "router"),
-               (la_api, step_gpu, "decode_step", lambda *a, **k: "linear attention")]
-    for module_api, module_gpu, name, label in kernels:
-        kernel = getattr(module_gpu, name)
-        monkeypatch.setattr(module_api, "platform", lambda: "hopper")
-        monkeypatch.setattr(module_gpu, name, lambda *a, kernel=kernel, label=label, **k:
-                            calls.append(label(*a, **k)) or kernel(*a, **{**k, "interpret": True}))
-    jax.clear_caches()
-    return calls
+def on_hopper(monkeypatch):
+    """`as_if_on_hopper`, recording the weight shape of each matvec call, "router" for the
+    selection and "linear attention" for the linear layers' decode step."""
+    return as_if_on_hopper(monkeypatch, {
+        "matvec": lambda x, w, ids, **k: tuple(s.shape for s in w) if isinstance(w, tuple) else w.shape,
+        "select_experts": lambda *a, **k: "router", "decode_step": lambda *a, **k: "linear attention"})
 
 
 def test_decode_step_through_the_kernel_on_the_cpu(monkeypatch):
@@ -128,7 +117,7 @@ def test_decode_step_through_the_kernel_on_the_cpu(monkeypatch):
     model = model_with_kernel_shapes(jnp.float32)
     p = np.random.default_rng(3).integers(2, 256, 12)
     want = model(p[None])[0, -2:]                    # the full forward, before the kernels come in
-    calls = as_if_on_hopper(monkeypatch)
+    calls = on_hopper(monkeypatch)
     got = decode_logits(model, p, 2)
     # experts gate_up and down, each with the shared expert as one more matrix
     # The weights reach the kernel as the stacks of every layer of a kind (tiny: 3 linear MoE
@@ -147,11 +136,11 @@ def test_shared_expert_rides_along_with_the_same_bits(monkeypatch):
     model = model_with_kernel_shapes(jnp.bfloat16)
     layer = model.layer(1).mlp
     x = jnp.asarray(np.random.default_rng(7).standard_normal((1, 1, 256)), jnp.bfloat16)
-    calls = as_if_on_hopper(monkeypatch)
+    calls = on_hopper(monkeypatch)
     together = layer(x)
     assert ((64, 256, 256), (1, 256, 256)) in calls
     calls.clear()
-    monkeypatch.setattr(moe, "shared_rides_along", lambda *a: False)
+    monkeypatch.setattr(backends, "shared_expert_joins", lambda *a: False)
     alone = layer(x)
     assert (1, 256, 256) in calls and (64, 256, 256) in calls
     assert np.array_equal(np.asarray(together), np.asarray(alone))
@@ -162,9 +151,12 @@ def test_shared_expert_rides_along_with_the_same_bits(monkeypatch):
     wider = moe.MoE(RingConfig.from_hf(config), dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
     tokens, ids = x[0], jnp.zeros((1, 8), jnp.int32)
     gate_up, down = wider.experts.gate_up_proj[...], wider.experts.down_proj[...]
-    as_if_on_hopper(monkeypatch)
-    assert not moe.shared_rides_along(tokens, ids, gate_up, down, wider.shared_experts)
-    assert moe.shared_rides_along(tokens, ids, gate_up, down, layer.shared_experts)
+    on_hopper(monkeypatch)
+
+    def shared(mlp):
+        return mlp.gate_up_proj.kernel.get_value(), mlp.down_proj.kernel.get_value()
+    assert not backends.shared_expert_joins(tokens, ids, gate_up, down, shared(wider.shared_experts))
+    assert backends.shared_expert_joins(tokens, ids, gate_up, down, shared(layer.shared_experts))
 
 
 def test_gathered_path_choice(monkeypatch):
@@ -173,15 +165,15 @@ def test_gathered_path_choice(monkeypatch):
     tokens = jnp.zeros((8, 256), jnp.bfloat16)
     gate_up, down = jnp.zeros((64, 256, 256), jnp.bfloat16), jnp.zeros((64, 128, 256), jnp.bfloat16)
     ids = jnp.zeros((8, 8), jnp.int32)
-    assert moe.gathers(tokens, ids, gate_up, down) and moe.gathers(tokens, ids, gate_up, down, True)
-    assert not moe.gathers(jnp.zeros((9, 256), jnp.bfloat16), jnp.zeros((9, 8), jnp.int32), gate_up, down)
-    monkeypatch.setattr(api, "platform", lambda: "hopper")
-    monkeypatch.setattr(moe.pallas_kernels, "gmm_backend", lambda *a, **k: "gpu")
-    assert moe.gathers(tokens, ids, gate_up, down)
-    assert not moe.gathers(tokens, ids, gate_up, down, expert_parallel=True)
-    assert not moe.gathers(tokens, ids, gate_up, jnp.zeros((64, 100, 256), jnp.bfloat16))
-    monkeypatch.setattr(api, "platform", lambda: "tpu")
-    assert not moe.gathers(tokens, ids, gate_up, down)
+    assert backends.experts_gather(tokens, ids, gate_up, down) and backends.experts_gather(tokens, ids, gate_up, down, True)
+    assert not backends.experts_gather(jnp.zeros((9, 256), jnp.bfloat16), jnp.zeros((9, 8), jnp.int32), gate_up, down)
+    monkeypatch.setattr(kernel_backend, "platform", lambda: "hopper")
+    monkeypatch.setattr(pallas_kernels, "gmm_backend", lambda *a, **k: "gpu")
+    assert backends.experts_gather(tokens, ids, gate_up, down)
+    assert not backends.experts_gather(tokens, ids, gate_up, down, expert_parallel=True)
+    assert not backends.experts_gather(tokens, ids, gate_up, jnp.zeros((64, 100, 256), jnp.bfloat16))
+    monkeypatch.setattr(kernel_backend, "platform", lambda: "tpu")
+    assert not backends.experts_gather(tokens, ids, gate_up, down)
 
 
 def test_moe_layer_with_no_tokens():

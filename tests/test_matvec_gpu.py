@@ -8,7 +8,7 @@ import pytest
 
 from conftest import rel_err
 from pallas_kernels.matvec import gpu
-from pallas_kernels.platform import platform
+from pallas_kernels.backend import platform
 from test_matvec import decode_logits, matvec64, model_with_kernel_shapes, operands
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(platform() != "hopper", reason="the kernel runs on Hopper")]

@@ -223,6 +223,7 @@ def test_decay_laws(tiny_dict):
 
 
 def test_moe_gathered_and_grouped_paths_agree(tmp_path, tiny_dict, monkeypatch):
+    from ring_jax import backends
     from ring_jax.layers import moe
 
     _, model = build(tmp_path, tiny_dict)
@@ -230,9 +231,9 @@ def test_moe_gathered_and_grouped_paths_agree(tmp_path, tiny_dict, monkeypatch):
     weights = (experts.gate_up_proj[...], experts.down_proj[...])
     tokens = jnp.asarray(np.random.default_rng(4).standard_normal((5, tiny_dict["hidden_size"])), jnp.float32)
     ids = jnp.asarray(np.random.default_rng(5).integers(0, tiny_dict["num_experts"], size=(5, 4)), jnp.int32)
-    assert ids.size <= moe.GATHER_MAX_PAIRS
+    assert ids.size <= backends.GATHER_MAX_PAIRS
     gathered = moe.expert_outputs(tokens, ids, *weights)
-    monkeypatch.setattr(moe, "GATHER_MAX_PAIRS", 0)
+    monkeypatch.setattr(backends, "GATHER_MAX_PAIRS", 0)
     assert rel_err(gathered, moe.expert_outputs(tokens, ids, *weights)) <= F32_TOL
 
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import load_config_dict
-from pallas_kernels.platform import platform
+from conftest import as_if_on_hopper, load_config_dict
+from pallas_kernels.backend import platform
 from pallas_kernels.router import gpu, reference, select_experts
 from ring_jax.config import RingConfig
 from ring_jax.layers import moe
@@ -65,7 +65,7 @@ def test_kernel_equals_reference_with_ties(router, monkeypatch):
     E, G, kept, top_k = router
     s, bias = tied_router_inputs(np.random.default_rng(E + top_k), 9, E)
     args = dict(top_k=top_k, n_group=G, topk_group=kept, scaling=2.5)
-    ids, weights = select_experts(s, bias, interpret=True, **args)
+    ids, weights = select_experts(s, bias, backend="gpu", interpret=True, **args)
     for compare_max in (reference.COMPARE_TOP_K_MAX, 0):
         monkeypatch.setattr(reference, "COMPARE_TOP_K_MAX", compare_max)
         want_ids, want_weights = select_experts(s, bias, backend="reference", **args)
@@ -81,7 +81,7 @@ def test_kernel_and_reference_match_float64(router):
     bias = jnp.asarray(rng.standard_normal(E) * 0.1, jnp.float32)
     args = dict(top_k=top_k, n_group=G, topk_group=kept, scaling=2.5)
     want_ids, want_weights = select64(s, bias, **args)
-    for got_ids, got_weights in (select_experts(s, bias, interpret=True, **args),
+    for got_ids, got_weights in (select_experts(s, bias, backend="gpu", interpret=True, **args),
                                  select_experts(s, bias, backend="reference", **args)):
         np.testing.assert_array_equal(got_ids, want_ids)
         np.testing.assert_allclose(got_weights, want_weights, rtol=1e-6)
@@ -95,15 +95,16 @@ def test_errors_and_backend_choice():
         select_experts(s.astype(jnp.bfloat16), bias, top_k=2, n_group=4, topk_group=2)
     with pytest.raises(ValueError, match="at least 2"):
         select_experts(s, bias, top_k=2, n_group=24, topk_group=2)
-    for interpret in (False, True):                                   # no tokens: empty, no launch
-        ids, weights = select_experts(s[:0, :16], bias[:16], top_k=2, n_group=4, topk_group=2, interpret=interpret)
+    for backend, interpret in (("reference", False), ("gpu", True)):      # no tokens: empty, no launch
+        ids, weights = select_experts(s[:0, :16], bias[:16], top_k=2, n_group=4, topk_group=2, backend=backend,
+                                      interpret=interpret)
         assert ids.shape == weights.shape == (0, 2) and ids.dtype == jnp.int32
     with pytest.raises(ValueError, match="top_k=9"):
         select_experts(s, bias, top_k=9, n_group=4, topk_group=1)
     with pytest.raises(ValueError, match="backend"):
         select_experts(s, bias, top_k=2, n_group=4, topk_group=2, backend="cuda")
     with pytest.raises(NotImplementedError, match="power-of-two"):
-        select_experts(s, bias, top_k=2, n_group=4, topk_group=2, interpret=True)   # groups of 6
+        select_experts(s, bias, top_k=2, n_group=4, topk_group=2, backend="gpu", interpret=True)   # groups of 6
     ids, _ = select_experts(s, bias, top_k=2, n_group=4, topk_group=2)             # reference
     np.testing.assert_array_equal(ids, [[0, 1], [0, 1]])
     assert gpu.fits(256, 8, 8) and not gpu.fits(24, 2, 4) and not gpu.fits(256, 6, 8)
@@ -146,7 +147,7 @@ def test_bias_read_in_its_stack_and_rounded():
     for rounding in (None, jnp.bfloat16):
         entry = biases[2] if rounding is None else biases[2].astype(rounding).astype(jnp.float32)
         want_ids, want_weights = select_experts(s, entry, backend="reference", **args)
-        for interpret, backend in ((True, "auto"), (False, "reference")):
+        for interpret, backend in ((True, "gpu"), (False, "reference")):
             ids, weights = select_experts(s, biases, bias_index=jnp.int32(2), bias_rounding=rounding,
                                           interpret=interpret, backend=backend, **args)
             np.testing.assert_array_equal(ids, want_ids)
@@ -158,17 +159,12 @@ def test_bias_read_in_its_stack_and_rounded():
 def test_router_takes_the_kernel_as_on_hopper(monkeypatch):
     """The MoE router with "auto" on a Hopper GPU runs the kernel (here in interpret mode) and
     returns what the reference returns."""
-    from pallas_kernels.router import api
-
     config = RingConfig.from_hf(load_config_dict("tiny.json"), num_experts=64, n_group=8, topk_group=3,
                                 num_experts_per_tok=4)
     router = moe.Router(config, dtype=jnp.float32, rngs=nnx.Rngs(0))
     x = jnp.asarray(np.random.default_rng(0).standard_normal((6, config.hidden_size)), jnp.float32)
     want_ids, want_weights = router(x)
-    calls = []
-    kernel = gpu.select_experts
-    monkeypatch.setattr(api, "platform", lambda: "hopper")
-    monkeypatch.setattr(gpu, "select_experts", lambda *a, **k: calls.append(1) or kernel(*a, **{**k, "interpret": True}))
+    calls = as_if_on_hopper(monkeypatch, {"select_experts": lambda *a, **k: 1})
     ids, weights = router(x)
     assert calls
     np.testing.assert_array_equal(ids, want_ids)
@@ -198,7 +194,6 @@ def test_scanned_model_routes_through_the_kernel(monkeypatch):
     kernel (interpret mode, as if on a Hopper GPU) reads each layer's own bias, rounded as the
     config says, and gives the reference path's logits."""
     import ring_jax
-    from pallas_kernels.router import api
 
     config = RingConfig.from_hf(load_config_dict("tiny.json"), num_experts=64, n_group=8, topk_group=3,
                                 num_experts_per_tok=4)
@@ -211,11 +206,7 @@ def test_scanned_model_routes_through_the_kernel(monkeypatch):
                                                        jnp.float32))
     ids = rng.integers(0, config.vocab_size, (2, 9))
     want = model(ids)
-    calls = []
-    kernel = gpu.select_experts
-    monkeypatch.setattr(api, "platform", lambda: "hopper")
-    monkeypatch.setattr(gpu, "select_experts", lambda *a, **k: calls.append(a[1].shape) or kernel(*a, **{**k, "interpret": True}))
-    jax.clear_caches()                                             # the forward traces again
+    calls = as_if_on_hopper(monkeypatch, {"select_experts": lambda scores, biases, *a, **k: biases.shape})
     got = model(ids)
     assert calls and any(shape[0] > 1 for shape in calls)         # a stack of several layers' biases
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.platform import platform
+from pallas_kernels.backend import platform
 from pallas_kernels.router import gpu, reference
 from test_router import tied_router_inputs
 

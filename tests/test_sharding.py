@@ -1,7 +1,6 @@
 """Sharding: a model split over a mesh of the 8 CPU devices (conftest) computes what the unsharded
 model computes: forward logits, generate, stream and sampling, loaded straight into the layout."""
 
-import importlib
 import os
 import re
 
@@ -12,12 +11,14 @@ import pytest
 from flax import nnx
 
 import ring_jax
+from ring_jax import backends
 from conftest import rel_err
 from ring_jax.io.conversion import convert_hf_to_jax
 from ring_jax.io.random_checkpoint import write_random_hf_checkpoint
 from ring_jax.cache import init_cache
 from ring_jax.layers.moe import MoE
 from ring_jax.sharding import make_mesh, parse_mesh
+from ring_jax.steps import decode_loop, prefill_step
 
 # The meshes are of the 8 host devices that conftest asks for; on a GPU host the default devices
 # are the GPUs (the sharded GPU run is benchmarks/sharded.py).
@@ -136,9 +137,9 @@ def test_flash_attention_path_runs_per_block(converted, unsharded, monkeypatch):
         seen.append(q.shape)
         return attention.cached_attention(q, kv, cursor + jnp.arange(q.shape[1], dtype=jnp.int32), start)
 
-    monkeypatch.setattr(attention, "use_flash", lambda q, k: q.shape[1] > attention.FLASH_MIN_TOKENS)
+    monkeypatch.setattr(backends, "flash_attention", lambda q, k: q.shape[1] > backends.FLASH_MIN_TOKENS)
     monkeypatch.setattr(attention, "flash_cached_attention", cached)
-    monkeypatch.setattr(attention, "_flash_causal", lambda q, k, v: seen.append(q.shape) or attention.causal_attention(q, k, v))
+    monkeypatch.setattr(attention, "flash_causal_attention", lambda q, k, v: seen.append(q.shape) or attention.causal_attention(q, k, v))
     ids = np.random.default_rng(4).integers(0, unsharded.config.vocab_size, (2, 20))
     # a cache length no other test uses: the steps are traced afresh, with the swapped functions
     batch, kwargs = prompts(unsharded.config.vocab_size), dict(max_new_tokens=4, eos_token_id=[], cache_len=512)
@@ -210,7 +211,7 @@ def test_expert_parallel_moe_moves_only_the_pairs_outputs(tiny_dict, tokens, wan
     layer = ring_jax.shard_model(MoE(config, dtype=jnp.float32, rngs=nnx.Rngs(0)), mesh)
     graphdef, state = nnx.split(layer)
     x = jax.random.normal(jax.random.key(0), (1, tokens, config.hidden_size))
-    assert (tokens * config.num_experts_per_tok <= moe.GATHER_MAX_PAIRS) == (tokens == 8)
+    assert (tokens * config.num_experts_per_tok <= backends.GATHER_MAX_PAIRS) == (tokens == 8)
     assert (tokens >= moe.SCATTER_MIN_TOKENS) == (tokens == 300)
     with jax.set_mesh(mesh):
         hlo = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)).lower(state, x).compile().as_text()
@@ -225,14 +226,13 @@ def test_one_device_mesh_compiles_each_step_once(converted, unsharded):
     """A model loaded on a mesh of one device (the job's default on a one-GPU host) generates as
     the unsharded model does, and compiles its prefill and decode steps once: the stream's later
     decode calls and a later generate() hit the cache. It also runs inside the caller's jit."""
-    gen = importlib.import_module("ring_jax.generate")          # (ring_jax.generate is the function)
     model = ring_jax.load_model(converted, mesh=make_mesh(devices=jax.devices()[:1]))
     batch = prompts(model.config.vocab_size)
     kwargs = dict(max_new_tokens=6, eos_token_id=[])
     want = ring_jax.generate(unsharded, batch, **kwargs)
-    before = gen._prefill_chunk._cache_size(), gen._decode._cache_size()
+    before = prefill_step._cache_size(), decode_loop._cache_size()
     assert (np.concatenate(list(ring_jax.stream(model, batch, steps_per_call=2, **kwargs)), axis=1) == want).all()
     assert (ring_jax.generate(model, batch, **kwargs) == want).all()
-    assert (gen._prefill_chunk._cache_size(), gen._decode._cache_size()) == (before[0] + 1, before[1] + 1)
+    assert (prefill_step._cache_size(), decode_loop._cache_size()) == (before[0] + 1, before[1] + 1)
     ids = np.arange(12).reshape(2, 6)
     assert rel_err(jax.jit(lambda i: model(i))(ids), unsharded(ids)) <= F32_TOL

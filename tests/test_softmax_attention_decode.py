@@ -13,7 +13,8 @@ from flax import nnx
 
 import pallas_kernels
 from conftest import attention64, load_config_dict, rel_err
-from pallas_kernels.platform import platform
+from pallas_kernels import backend as kernel_backend
+from pallas_kernels.backend import platform
 from pallas_kernels.softmax_attention import api, decode_gpu
 from ring_jax import RingConfig
 from ring_jax.cache import Cache
@@ -41,7 +42,7 @@ def test_kernels_and_reference_match_float64(B, L, H, Hkv, D, T, cursor, start, 
     want = attention64(q, keys[slot], values[slot], cursor, np.asarray(start))
     ref = api.softmax_attention_decode(q, keys, values, start, jnp.int32(cursor), slot=slot, backend="reference")
     kernel = api.softmax_attention_decode(q, keys, values, start, jnp.int32(cursor), slot=jnp.int32(slot),
-                                          interpret=True)
+                                          backend="gpu", interpret=True)
     tol = 2e-6 if dtype == jnp.float32 else 1e-2                    # bf16: probabilities and output rounded
     for got in (ref, kernel):
         assert got.shape == (B, T, H, D) and got.dtype == dtype
@@ -61,12 +62,13 @@ def test_errors_and_backend_choice(monkeypatch):
     with pytest.raises(ValueError, match="start"):
         api.softmax_attention_decode(q, keys, values, jnp.zeros((2,), jnp.int32), cursor)
     with pytest.raises(NotImplementedError, match="multiple of"):
-        api.softmax_attention_decode(q, keys[:, :, :100], values[:, :, :100], start, cursor, interpret=True)
+        api.softmax_attention_decode(q, keys[:, :, :100], values[:, :, :100], start, cursor, backend="gpu",
+                                     interpret=True)
     with pytest.raises(ValueError, match="backend"):
         api.softmax_attention_decode_backend(q, keys, backend="tpu")
-    monkeypatch.setattr(api, "platform", lambda: "cpu")
+    monkeypatch.setattr(kernel_backend, "platform", lambda: "other")
     assert api.softmax_attention_decode_backend(q, keys) == "reference"
-    monkeypatch.setattr(api, "platform", lambda: "hopper")
+    monkeypatch.setattr(kernel_backend, "platform", lambda: "hopper")
     assert api.softmax_attention_decode_backend(q, keys) == "gpu"
     assert api.softmax_attention_decode_backend(q.astype(jnp.float32), keys) == "reference"        # dtypes differ
     rows = jnp.zeros((1, decode_gpu.MAX_ROWS + 1, 2, 64), jnp.bfloat16)                           # too many rows
@@ -110,7 +112,7 @@ def decode_both_ways(monkeypatch, layer, x, cos, sin, cache):
     calls = []
     monkeypatch.setattr(pallas_kernels, "softmax_attention_decode_backend", lambda *a, **k: "gpu")
     monkeypatch.setattr(pallas_kernels, "softmax_attention_decode", lambda *a, f=api.softmax_attention_decode, **k:
-                        calls.append(1) or f(*a, **k, interpret=True))
+                        calls.append(1) or f(*a, **k, backend="gpu", interpret=True))
     step = jax.jit(lambda x, cache, slot: layer(x, cos, sin, cache, slot))
     got, got_cache = step(x, cache, jnp.int32(1))
     return want, want_cache, got, got_cache, calls

@@ -2,65 +2,72 @@
 
 `linear_attention` (a sequence) and `linear_attention_step` (a few tokens after a state) take q,
 k and v; `linear_attention_decode` takes one token per sequence from the layer's fused projection
-(its backends: "reference" and "gpu", the Pallas Triton kernel in `step_gpu.py`).
+(its backends: "reference" and "gpu", the Pallas Triton kernel in `decode_gpu.py`).
 
-"auto": on TPU the Mosaic TPU kernels (any T, masks, bf16 or f32); on Hopper or newer GPUs the
-Mosaic GPU prefill kernel when the inputs are what it handles (bf16, D % 64 == 0, Dv % 128 == 0, no
-mask) on JAX 0.11 or newer; the jnp reference otherwise. "reference", "gpu" and "tpu" force one (an
-input a kernel does not handle is then an error).
+Backends (`pallas_kernels.backend`): "tpu", the Mosaic TPU kernels (any T, masks, bf16 or f32);
+"gpu", the Mosaic GPU prefill kernel (bf16, D % 64 == 0, Dv % 128 == 0, no mask, JAX 0.11 or newer)
+and the Pallas Triton decode kernel; and the jnp reference.
 """
 
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.backend import Kernel, resolve
 from pallas_kernels.linear_attention import reference
-from pallas_kernels.platform import platform
-
-BACKENDS = ("reference", "gpu", "tpu")
 
 # JAX 0.10's Mosaic GPU layout inference finds no layout for the prefill kernel (lowering it for
 # CUDA on a CPU with JAX 0.10.2 fails); it is built and measured on JAX 0.11.
 GPU_MIN_JAX = (0, 11)
 
 
-def _gpu_handles(q, v, mask) -> bool:
-    return (mask is None and q.dtype == "bfloat16" and v.dtype == "bfloat16"
-            and q.shape[-1] % 64 == 0 and v.shape[-1] % 128 == 0 and _jax_version() >= GPU_MIN_JAX)
-
-
-def _jax_version() -> tuple[int, int]:
+def jax_version() -> tuple[int, int]:
     return tuple(int(part) for part in jax.__version__.split(".")[:2])
 
 
-def _resolve(backend: str, q, v, mask) -> str:
-    if backend == "auto":
-        if platform() == "tpu":
-            return "tpu"
-        return "gpu" if platform() == "hopper" and _gpu_handles(q, v, mask) else "reference"
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r}: choose 'auto' or one of {BACKENDS}")
-    if backend == "gpu" and not _gpu_handles(q, v, mask):
-        raise NotImplementedError("the gpu backend takes bf16 q/k/v with D % 64 == 0, "
-                                  "Dv % 128 == 0 and no mask, on JAX >= 0.11; use backend='reference'")
-    return backend
+def _scan_gpu(q, v, mask):
+    def answer():
+        takes = (mask is None and q.dtype == "bfloat16" and v.dtype == "bfloat16" and q.shape[-1] % 64 == 0
+                 and v.shape[-1] % 128 == 0 and jax_version() >= GPU_MIN_JAX)
+        return Kernel(None if takes else "takes bf16 q/k/v with D % 64 == 0, Dv % 128 == 0 and no mask, on JAX >= 0.11",
+                      interprets=False)
+    return answer
+
+
+def _tpu():
+    return Kernel()
+
+
+def _decode_gpu(qkv, state, rotary_dim: int):
+    def answer():
+        from pallas_kernels.linear_attention import decode_gpu
+
+        return Kernel(None if decode_gpu.fits(qkv, state, rotary_dim) else
+                      f"takes bf16 or float32 qkv, a float32 state, D a power of two >= {decode_gpu.BLOCK_V}, and "
+                      f"rotary_dim / 2 and D - rotary_dim powers of two (or D - rotary_dim = 0); got {qkv.dtype}, "
+                      f"state {state.dtype}, D={state.shape[-1]}, rotary_dim={rotary_dim}")
+    return answer
+
+
+def linear_attention_backend(q, v, mask=None, backend="auto") -> str:
+    """The backend `linear_attention` runs for these operands: "gpu", "tpu" or "reference"."""
+    return resolve(backend, gpu=_scan_gpu(q, v, mask), tpu=_tpu)
 
 
 def linear_attention(q, k, v, log_decay, *, scale=None, initial_state=None, mask=None, chunk_size=64,
                      backend="auto", interpret=False):
     """Causal Lightning attention: see `reference.linear_attention` for shapes and math.
 
-    interpret: run the TPU kernel in interpret mode (False, True or `pltpu.InterpretParams()`).
-    The GPU kernel always uses chunks of 64 tokens.
+    backend, interpret: `pallas_kernels.backend`. The GPU kernel always uses chunks of 64 tokens.
     """
-    kind = _resolve(backend, q, v, mask)
+    kind = resolve(backend, interpret, gpu=_scan_gpu(q, v, mask), tpu=_tpu)
     if kind == "gpu":
-        from pallas_kernels.linear_attention import gpu
+        from pallas_kernels.linear_attention import scan_gpu
 
-        return gpu.linear_attention(q, k, v, log_decay, scale=scale, initial_state=initial_state)
+        return scan_gpu.linear_attention(q, k, v, log_decay, scale=scale, initial_state=initial_state)
     if kind == "tpu":
-        from pallas_kernels.linear_attention import tpu
+        from pallas_kernels.linear_attention import scan_tpu
 
-        return tpu.linear_attention(q, k, v, log_decay, scale=scale, initial_state=initial_state,
+        return scan_tpu.linear_attention(q, k, v, log_decay, scale=scale, initial_state=initial_state,
                                     mask=mask, chunk_size=chunk_size, interpret=interpret)
     return reference.linear_attention(q, k, v, log_decay, scale=scale, initial_state=initial_state,
                                       mask=mask, chunk_size=chunk_size)
@@ -69,31 +76,21 @@ def linear_attention(q, k, v, log_decay, *, scale=None, initial_state=None, mask
 def linear_attention_step(q, k, v, log_decay, state, *, scale=None, backend="auto", interpret=False):
     """A few tokens continuing from `state`: see `reference.linear_attention_step`.
 
-    "auto" takes the TPU kernel on TPU and the jnp recurrence elsewhere (XLA fuses it inside a
-    jitted decode loop).
+    Backends "tpu" and "reference" (`pallas_kernels.backend`): on a GPU the jnp recurrence runs
+    (XLA fuses it inside a jitted decode loop); a decode token from the fused projection has
+    `linear_attention_decode`.
     """
-    if backend not in ("auto",) + BACKENDS:
-        raise ValueError(f"backend={backend!r}: choose 'auto' or one of {BACKENDS}")
-    if backend == "tpu" or (backend == "auto" and platform() == "tpu"):
-        from pallas_kernels.linear_attention import tpu
+    if resolve(backend, interpret, tpu=_tpu) == "tpu":
+        from pallas_kernels.linear_attention import scan_tpu
 
-        return tpu.linear_attention_step(q, k, v, log_decay, state, scale=scale, interpret=interpret)
-    if backend == "gpu":
-        raise NotImplementedError("no GPU kernel takes q, k and v for a few tokens: the jnp step ('reference') "
-                                  "runs there; a decode token from the fused projection has linear_attention_decode")
+        return scan_tpu.linear_attention_step(q, k, v, log_decay, state, scale=scale, interpret=interpret)
     return reference.linear_attention_step(q, k, v, log_decay, state, scale=scale)
 
 
 def linear_attention_decode_backend(qkv, state, rotary_dim: int, backend="auto") -> str:
     """The backend `linear_attention_decode` runs for these operands: "gpu" (the Pallas Triton
-    kernel, on Hopper GPUs when it takes them: `step_gpu.fits`) or "reference"."""
-    if backend not in ("auto", "reference", "gpu"):
-        raise ValueError(f"backend={backend!r}: choose 'auto', 'reference' or 'gpu'")
-    if backend != "auto":
-        return backend
-    from pallas_kernels.linear_attention import step_gpu
-
-    return "gpu" if platform() == "hopper" and step_gpu.fits(qkv, state, rotary_dim) else "reference"
+    kernel of `decode_gpu.py`) or "reference"."""
+    return resolve(backend, gpu=_decode_gpu(qkv, state, rotary_dim))
 
 
 def linear_attention_decode(qkv, q_weight, k_weight, cos, sin, log_decay, state, valid=None, *, slot=None,
@@ -101,7 +98,7 @@ def linear_attention_decode(qkv, q_weight, k_weight, cos, sin, log_decay, state,
     """One token per sequence of the Lightning layer, from its fused projection to the attention
     output and the new state: see `reference.decode_step` for shapes and math (valid None: all).
     The GPU kernel does in one launch what XLA runs as four fusions. "auto" takes it on Hopper GPUs
-    when it takes the operands (`step_gpu.fits`), the jnp reference elsewhere (on a TPU too: the
+    when it takes the operands (`decode_gpu.fits`), the jnp reference elsewhere (on a TPU too: the
     layer calls this only where the kernel runs, and takes `linear_attention_step` otherwise).
 
     slot: None, state [B, H, D, D] and log_decay [H] -> (o, new state); or an int / [] int32, state
@@ -111,7 +108,7 @@ def linear_attention_decode(qkv, q_weight, k_weight, cos, sin, log_decay, state,
     weight_index: None, q_weight and k_weight [D]; or an int / [] int32, q_weight and k_weight
     stacks [N, D] of which that entry is the layer's. The kernel reads the entries in their stacks.
 
-    interpret: run the GPU kernel in Pallas interpret mode, whatever `backend` says (CPU tests).
+    backend, interpret: `pallas_kernels.backend`.
     """
     states = state[None] if slot is None else state
     _, B, H, D, Dv = states.shape
@@ -136,17 +133,12 @@ def linear_attention_decode(qkv, q_weight, k_weight, cos, sin, log_decay, state,
                          f"{[str(t.dtype) for t in (q_weight, k_weight, cos, sin)]}")
     valid = jnp.ones((B,), bool) if valid is None else valid
     scale = D ** -0.5 if scale is None else scale
-    if interpret or linear_attention_decode_backend(qkv, states, cos.shape[-1], backend) == "gpu":
-        from pallas_kernels.linear_attention import step_gpu
+    if resolve(backend, interpret, gpu=_decode_gpu(qkv, states, cos.shape[-1])) == "gpu":
+        from pallas_kernels.linear_attention import decode_gpu
 
-        if not step_gpu.fits(qkv, states, cos.shape[-1]):
-            raise NotImplementedError(
-                f"the gpu kernel takes bf16 or float32 qkv, a float32 state, D a power of two >= {step_gpu.BLOCK_V}, "
-                f"and rotary_dim / 2 and D - rotary_dim powers of two (or D - rotary_dim = 0); got {qkv.dtype}, "
-                f"state {states.dtype}, D={D}, rotary_dim={cos.shape[-1]}; use backend='reference'")
         if log_decay.ndim == 1:
             decays = jnp.broadcast_to(decays, (states.shape[0], H))
-        o, states = step_gpu.decode_step(qkv, q_weights, k_weights, weight, cos, sin, decays, states, at, valid,
+        o, states = decode_gpu.decode_step(qkv, q_weights, k_weights, weight, cos, sin, decays, states, at, valid,
                                          eps=eps, scale=scale, interpret=interpret)
     else:
         def entry(x, i):

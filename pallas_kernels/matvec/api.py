@@ -6,31 +6,34 @@ through GEMM tilings built for many rows; both stream the weights well below the
 (docs/PERFORMANCE.md). The GPU kernel streams them with the whole chip. With `ids`, each row
 group reads its own matrix of a stack: a decode step's routed experts without sorting the pairs.
 
-"auto": on Hopper GPUs the Pallas Triton kernel when it takes the operands (`gpu.supports`); the
-jnp reference otherwise (including the TPU, where XLA's own matrix-vector products are used).
+Backends (`pallas_kernels.backend`): "gpu", the Pallas Triton kernel, which "auto" takes on Hopper
+GPUs for at most `gpu.MAX_ROWS` rows and matrices of at most `gpu.MAX_WEIGHT_ELEMENTS`; and the jnp
+reference (on a TPU too, where XLA's own matrix-vector products are used).
 """
 
 import jax.numpy as jnp
 
+from pallas_kernels.backend import Kernel, resolve
 from pallas_kernels.matvec import reference
-from pallas_kernels.platform import platform
 
-BACKENDS = ("reference", "gpu")
+
+def _gpu(x, w):
+    def answer():
+        from pallas_kernels.matvec import gpu
+
+        if not gpu.fits(x, w):
+            stacks = w if isinstance(w, tuple) else (w,)
+            K, N = stacks[0].shape[-2:]
+            return Kernel(f"takes bf16 or float32 operands with K % {gpu.block_k(stacks[0].dtype)} == 0 and N % "
+                          f"{gpu.BLOCK_N} == 0 (got {x.dtype} x {stacks[0].dtype}, K={K}, N={N})")
+        return Kernel(auto=gpu.supports(x, w))
+    return answer
 
 
 def matvec_backend(x, w, backend="auto") -> str:
     """The backend `matvec` runs for these operands (w: a stack or a tuple of stacks): "gpu" or
     "reference"."""
-    if backend not in ("auto",) + BACKENDS:
-        raise ValueError(f"backend={backend!r}: choose 'auto' or one of {BACKENDS}")
-    if backend != "auto":
-        return backend
-    if platform() == "hopper":
-        from pallas_kernels.matvec import gpu
-
-        if gpu.supports(x, w):
-            return "gpu"
-    return "reference"
+    return resolve(backend, gpu=_gpu(x, w))
 
 
 def matvec(x, w, ids=None, *, backend="auto", interpret=False):
@@ -46,10 +49,8 @@ def matvec(x, w, ids=None, *, backend="auto", interpret=False):
     Returns [P, M, N] float32: out[p] = x[p // (P / X)] @ w[ids[p]]. Products of bf16 are exact
     in float32; a float32 operand makes it a full-precision float32 product. The caller rounds.
 
-    interpret: run the GPU kernel in Pallas interpret mode (CPU tests).
+    backend, interpret: `pallas_kernels.backend`.
     """
-    if backend not in ("auto",) + BACKENDS:
-        raise ValueError(f"backend={backend!r}: choose 'auto' or one of {BACKENDS}")
     stacks = w if isinstance(w, tuple) else (w,)
     X, M, K = x.shape
     E, K_w, N = stacks[0].shape
@@ -65,14 +66,11 @@ def matvec(x, w, ids=None, *, backend="auto", interpret=False):
     if ids.ndim != 1 or (ids.shape[0] % X if X else ids.shape[0]):
         raise ValueError(f"matvec: ids must be [P] with P a multiple of {X}, got {ids.shape}")
     ids = ids.astype(jnp.int32)
+    kind = resolve(backend, interpret, gpu=_gpu(x, w))
     if ids.shape[0] == 0:
         return jnp.zeros((0, M, N), jnp.float32)
-    if interpret or matvec_backend(x, w, backend) == "gpu":
+    if kind == "gpu":
         from pallas_kernels.matvec import gpu
 
-        if not gpu.fits(x, w):
-            raise NotImplementedError(
-                f"the gpu kernel takes bf16 or float32 operands with K % {gpu.block_k(stacks[0].dtype)} == 0 and "
-                f"N % {gpu.BLOCK_N} == 0 (got {x.dtype} x {stacks[0].dtype}, K={K}, N={N}); use backend='reference'")
         return gpu.matvec(x, w, ids, interpret=interpret)
     return reference.matvec(x, w, ids)

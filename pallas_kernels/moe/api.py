@@ -1,40 +1,41 @@
-"""Entry point of the grouped-matmul kernels; `backend` picks the implementation.
+"""Entry point of the grouped-matmul kernels and of the dispatch's row gather; `backend` picks the
+implementation (`pallas_kernels.backend`).
 
-"auto": on TPU the Mosaic TPU kernel; on Hopper or newer GPUs the Mosaic GPU kernel when it takes
-the operands (bf16, K % 64 == 0, N % 256 == 0); the jnp reference otherwise. "reference", "gpu" and
-"tpu" force one (operands a kernel does not take are then an error).
-
-`take_rows`, the dispatch's row gather before the grouped matmuls, has a Pallas Triton kernel on
-Hopper GPUs and is XLA's gather elsewhere.
+`gmm`: "tpu", the Mosaic TPU kernel (`gmm_tpu.py`); "gpu", the Mosaic GPU kernel (`gmm_gpu.py`: bf16,
+K % 64 == 0, N % 256 == 0); and the jnp reference. `take_rows`, the gather of the tokens' rows in
+expert order before the grouped matmuls: "gpu", a Pallas Triton kernel (`gather_gpu.py`), and XLA's
+gather.
 """
 
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels.backend import Kernel, resolve
 from pallas_kernels.moe import reference
-from pallas_kernels.platform import platform
-
-BACKENDS = ("reference", "gpu", "tpu")
 
 # Below this many rows per group on average, the GPU kernel uses 64-row tiles (decode-sized steps
 # compute less of the rows no token fills); above it, 128-row tiles (twice the work per byte).
 GPU_SMALL_TILE_ROWS = 64
 
 
+def _gmm_gpu(lhs, rhs, preferred_element_type):
+    def answer():
+        from pallas_kernels.moe import gmm_gpu
+
+        return Kernel(None if gmm_gpu.supports(lhs, rhs, preferred_element_type or lhs.dtype) else
+                      f"takes bf16 operands with K % {gmm_gpu.TILE_K} == 0 and N % 256 == 0 and a bf16 or float32 "
+                      f"output, got {lhs.dtype} {lhs.shape} x {rhs.dtype} {rhs.shape} -> "
+                      f"{jnp.dtype(preferred_element_type or lhs.dtype)}", interprets=False)
+    return answer
+
+
+def _tpu():
+    return Kernel()
+
+
 def gmm_backend(lhs, rhs, preferred_element_type=None, backend="auto") -> str:
     """The backend `gmm` runs for these operands: "gpu", "tpu" or "reference"."""
-    if backend not in ("auto",) + BACKENDS:
-        raise ValueError(f"backend={backend!r}: choose 'auto' or one of {BACKENDS}")
-    if backend != "auto":
-        return backend
-    if platform() == "tpu":
-        return "tpu"
-    if platform() == "hopper":
-        from pallas_kernels.moe import gpu
-
-        if gpu.supports(lhs, rhs, preferred_element_type or lhs.dtype):
-            return "gpu"
-    return "reference"
+    return resolve(backend, gpu=_gmm_gpu(lhs, rhs, preferred_element_type), tpu=_tpu)
 
 
 def gmm(lhs, rhs, group_sizes, *, group_offset=0, preferred_element_type=None, backend="auto",
@@ -47,20 +48,20 @@ def gmm(lhs, rhs, group_sizes, *, group_offset=0, preferred_element_type=None, b
     [>= group_offset + G, K, N] (one layer's experts in the stack of every layer's: the GPU kernel
     reads them in place; the TPU kernel and the reference take a slice of the stack first).
 
-    interpret: run the TPU kernel in interpret mode (False, True or `pltpu.InterpretParams()`).
+    backend, interpret: `pallas_kernels.backend`.
     """
-    kind = gmm_backend(lhs, rhs, preferred_element_type, backend)
+    kind = resolve(backend, interpret, gpu=_gmm_gpu(lhs, rhs, preferred_element_type), tpu=_tpu)
     if kind == "gpu":
-        from pallas_kernels.moe import gpu
+        from pallas_kernels.moe import gmm_gpu
 
-        return gpu.gmm(lhs, rhs, group_sizes, group_offset=group_offset,
-                       preferred_element_type=preferred_element_type, tile_m=_gpu_tile_m(lhs, group_sizes))
+        return gmm_gpu.gmm(lhs, rhs, group_sizes, group_offset=group_offset,
+                           preferred_element_type=preferred_element_type, tile_m=_gpu_tile_m(lhs, group_sizes))
     rhs = _groups(rhs, group_offset, group_sizes.shape[0])
     if kind == "tpu":
-        from pallas_kernels.moe import tpu
+        from pallas_kernels.moe import gmm_tpu
 
-        return tpu.gmm(lhs, rhs, group_sizes, preferred_element_type=preferred_element_type,
-                       interpret=interpret)
+        return gmm_tpu.gmm(lhs, rhs, group_sizes, preferred_element_type=preferred_element_type,
+                           interpret=interpret)
     return reference.gmm(lhs, rhs, group_sizes, preferred_element_type=jnp.dtype(
         preferred_element_type or lhs.dtype))
 
@@ -70,10 +71,11 @@ def gmm_swiglu(lhs, rhs, group_sizes, *, group_offset=0, backend="auto", interpr
     products (rhs [G, K, 2 I], gate columns then up) and SwiGLU -> [M, I] in lhs.dtype. Where the
     GPU kernel runs with 128-row tiles, SwiGLU runs in its epilogue, so the [M, 2 I] product is
     never written."""
-    if gmm_backend(lhs, rhs, None, backend) == "gpu" and _gpu_tile_m(lhs, group_sizes) == 128:
-        from pallas_kernels.moe import gpu
+    kind = resolve(backend, interpret, gpu=_gmm_gpu(lhs, rhs, None), tpu=_tpu)
+    if kind == "gpu" and _gpu_tile_m(lhs, group_sizes) == 128:
+        from pallas_kernels.moe import gmm_gpu
 
-        return gpu.gmm(lhs, rhs, group_sizes, group_offset=group_offset, swiglu=True)
+        return gmm_gpu.gmm(lhs, rhs, group_sizes, group_offset=group_offset, swiglu=True)
     return reference.swiglu(gmm(lhs, rhs, group_sizes, group_offset=group_offset, backend=backend,
                                 interpret=interpret))
 
@@ -94,18 +96,20 @@ def take_rows(x, idx, *, backend="auto", interpret=False):
     expert order). Indices outside [0, R) are undefined (the reference follows jnp indexing; the
     kernel reads outside x).
 
-    "auto": on Hopper GPUs the Pallas Triton kernel when it takes the operands (`rows_gpu.fits`),
-    XLA's gather otherwise; "gpu" forces the kernel. interpret: the kernel in interpret mode (CPU).
+    backend, interpret: `pallas_kernels.backend`; "auto" takes the kernel where it takes the operands.
     """
-    if backend not in ("auto", "reference", "gpu"):
-        raise ValueError(f"backend={backend!r}: choose 'auto', 'reference' or 'gpu'")
-    from pallas_kernels.moe import rows_gpu
+    if resolve(backend, interpret, gpu=_gather_gpu(x, idx)) == "gpu":
+        from pallas_kernels.moe import gather_gpu
 
-    forced = backend == "gpu" or (interpret and backend == "auto")
-    if forced or (backend == "auto" and platform() == "hopper" and rows_gpu.fits(x, idx)):
-        if not rows_gpu.fits(x, idx):
-            raise NotImplementedError(f"the gpu kernel takes a 2-D x [R > 0, H] with H % {rows_gpu.MIN_BLOCK_H} == 0 "
-                                      f"and an integer idx [N] with N a positive multiple of {rows_gpu.ROWS} (got "
-                                      f"{x.shape} and {idx.dtype} {idx.shape}); use backend='reference'")
-        return rows_gpu.take_rows(x, idx, interpret=interpret)
+        return gather_gpu.take_rows(x, idx, interpret=interpret)
     return reference.take_rows(x, idx)
+
+
+def _gather_gpu(x, idx):
+    def answer():
+        from pallas_kernels.moe import gather_gpu
+
+        return Kernel(None if gather_gpu.fits(x, idx) else
+                      f"takes a 2-D x [R > 0, H] with H % {gather_gpu.MIN_BLOCK_H} == 0 and an integer idx [N] with N "
+                      f"a positive multiple of {gather_gpu.ROWS} (got {x.shape} and {idx.dtype} {idx.shape})")
+    return answer

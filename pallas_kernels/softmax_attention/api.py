@@ -1,29 +1,32 @@
 """Entry point of softmax attention for a decode step over a stacked KV cache; `backend` picks the
 implementation.
 
-"auto": on Hopper GPUs the Pallas Triton kernels of `decode_gpu.py` when they take the operands
-(`decode_gpu.fits`); the jnp reference otherwise.
+Backends (`pallas_kernels.backend`): "gpu", the Pallas Triton kernels of `decode_gpu.py`, which
+"auto" takes on Hopper GPUs when they take the operands (`decode_gpu.fits`); and the jnp reference.
 """
 
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.platform import platform
+from pallas_kernels.backend import Kernel, resolve
 from pallas_kernels.softmax_attention import reference
 
-BACKENDS = ("reference", "gpu")
+
+def _gpu(q, keys):
+    def answer():
+        from pallas_kernels.softmax_attention import decode_gpu
+
+        return Kernel(None if decode_gpu.fits(q, keys) else
+                      f"takes q and keys of one dtype, D a power of two >= 16, a cache length that is a multiple of "
+                      f"{decode_gpu.BLOCK} and at most {decode_gpu.MAX_ROWS} query rows per kv head; got q {q.dtype} "
+                      f"{q.shape}, keys {keys.dtype} {keys.shape}")
+    return answer
 
 
 def softmax_attention_decode_backend(q, keys, backend="auto") -> str:
     """The backend `softmax_attention_decode` runs for q [B, T, H, D] and the key stack
     [S, B, L, Hkv, D]: "gpu" or "reference"."""
-    if backend not in ("auto",) + BACKENDS:
-        raise ValueError(f"backend={backend!r}: choose 'auto' or one of {BACKENDS}")
-    if backend != "auto":
-        return backend
-    from pallas_kernels.softmax_attention import decode_gpu
-
-    return "gpu" if platform() == "hopper" and decode_gpu.fits(q, keys) else "reference"
+    return resolve(backend, gpu=_gpu(q, keys))
 
 
 def softmax_attention_decode(q, keys, values, start, cursor, *, slot=0, backend="auto", interpret=False):
@@ -35,7 +38,7 @@ def softmax_attention_decode(q, keys, values, start, cursor, *, slot=0, backend=
     kernels; start: [B] int32, each sequence's first real slot; cursor: [] int32.
     Returns [B, T, H, D] in q.dtype.
 
-    interpret: run the GPU kernels in Pallas interpret mode, whatever `backend` says (CPU tests).
+    backend, interpret: `pallas_kernels.backend`.
     """
     B, T, H, D = q.shape
     if keys.ndim != 5 or keys.shape != values.shape or keys.shape[1] != B or keys.shape[4] != D or H % keys.shape[3]:
@@ -43,14 +46,9 @@ def softmax_attention_decode(q, keys, values, start, cursor, *, slot=0, backend=
                          f"[S, {B}, L, Hkv, {D}] with Hkv dividing the {H} query heads")
     if start.shape != (B,):
         raise ValueError(f"softmax_attention_decode: start {start.shape} must be [{B}]")
-    if interpret or softmax_attention_decode_backend(q, keys, backend) == "gpu":
+    if resolve(backend, interpret, gpu=_gpu(q, keys)) == "gpu":
         from pallas_kernels.softmax_attention import decode_gpu
 
-        if not decode_gpu.fits(q, keys):
-            raise NotImplementedError(
-                f"the gpu kernels take q and keys of one dtype, D a power of two >= 16, a cache length that is a "
-                f"multiple of {decode_gpu.BLOCK} and at most {decode_gpu.MAX_ROWS} query rows per kv head; got "
-                f"q {q.dtype} {q.shape}, keys {keys.dtype} {keys.shape}; use backend='reference'")
         return decode_gpu.decode_attention(q, keys, values, slot, start, cursor, interpret=interpret)
     layer = [jax.lax.dynamic_index_in_dim(c, jnp.asarray(slot, jnp.int32), keepdims=False) for c in (keys, values)]
     return reference.decode_attention(q, *layer, start, cursor)

@@ -1,7 +1,6 @@
 """Softmax GQA attention with q/k RMSNorm and partial RoPE (docs/SPEC.md §5)."""
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -9,8 +8,8 @@ from flax import nnx
 from jax import lax
 
 import pallas_kernels
-from pallas_kernels.platform import platform
 from pallas_kernels.softmax_attention.reference import visible
+from ring_jax import backends
 from ring_jax.cache import ATTENTION_BLOCK, KV_AXES, Cache, KVCache
 from ring_jax.config import RingConfig
 from ring_jax.layers.linear import Linear, einsum
@@ -89,25 +88,6 @@ def cached_attention(q: jax.Array, kv: KVCache, q_slots: jax.Array, start: jax.A
     return out.astype(q.dtype).reshape(B, T, H, D)
 
 
-# Continuations of more than this many tokens (prefill chunks) take cuDNN's flash attention on
-# Hopper GPUs; fewer (decode steps) take the decode kernels, which read the layer's keys and values
-# in the cache's stack (`pallas_kernels.softmax_attention_decode`).
-FLASH_MIN_TOKENS = 8
-
-
-
-@functools.cache
-def _cudnn_attention():
-    """JAX's internal cuDNN attention entry point (it returns the float32 log-sum-exps, which the
-    public `jax.nn.dot_product_attention` rounds to the inputs' dtype): (function, MaskType), or
-    None where this JAX does not have it (then the jnp path runs)."""
-    try:
-        from jax._src.cudnn.fused_attention_stablehlo import MaskType, dot_product_attention
-    except ImportError:
-        return None
-    return dot_product_attention, MaskType
-
-
 def _shift_rows(x: jax.Array, shift: jax.Array) -> jax.Array:
     """x: [B, T, ...]; row b moved `shift[b]` places towards the front (its last rows repeat)."""
     idx = jnp.minimum(jnp.arange(x.shape[1])[None, :] + shift[:, None], x.shape[1] - 1)
@@ -128,7 +108,7 @@ def flash_cached_attention(q: jax.Array, kv: KVCache, cursor: jax.Array, start: 
     q: [B, T, H, D] bf16 or f16; kv: the layer's cache [B, L, Hkv, D] in q's dtype, holding the
     chunk's keys; cursor: [] int32; start: [B]. Returns [B, T, H, D] in q.dtype.
     """
-    dot_product_attention, MaskType = _cudnn_attention()
+    dot_product_attention, MaskType = backends.cudnn_attention()
     B, T, H, D = q.shape
     chunk = [lax.dynamic_slice_in_dim(c, cursor, T, axis=1) for c in (kv.keys, kv.values)]
     pad = jnp.clip(start - cursor, 0, T).astype(jnp.int32)          # padding rows of the chunk
@@ -162,7 +142,7 @@ def flash_cached_attention(q: jax.Array, kv: KVCache, cursor: jax.Array, start: 
     return jnp.where(padding[:, :, None, None], own_value.astype(jnp.float32), out).astype(q.dtype)
 
 
-def _flash_causal(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+def flash_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     """The cache-free causal forward by cuDNN: q [B, T, H, D], k, v [B, T, Hkv, D] -> [B, T, H, D]."""
     return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
 
@@ -175,15 +155,6 @@ def _per_block(fn, q, k, v, *rest):
     layouts = ("b.h.", kv, kv) + tuple("b" if jnp.ndim(x) else "" for x in rest)
     return on_blocks(fn, q, k, v, *rest, layouts=layouts, out="b.h.", batch=q.shape[0], heads=q.shape[2],
                      kv_heads=k.shape[-2])
-
-
-def use_flash(q: jax.Array, k: jax.Array) -> bool:
-    """Whether attention of q [B, T, H, D] over keys k [B, S, Hkv, D] takes cuDNN's flash
-    attention: more than FLASH_MIN_TOKENS queries (a prefill chunk, a full forward), q and k both
-    bf16 or both f16, a head size cuDNN takes (a multiple of 8 up to 256), on a Hopper GPU."""
-    return (q.shape[1] > FLASH_MIN_TOKENS and q.dtype in (jnp.bfloat16, jnp.float16) and k.dtype == q.dtype
-            and q.shape[3] % 8 == 0 and q.shape[3] <= 256 and platform() == "hopper"
-            and _cudnn_attention() is not None)
 
 
 class SoftmaxAttention(nnx.Module):
@@ -217,7 +188,7 @@ class SoftmaxAttention(nnx.Module):
         q = apply_rope(self.query_layernorm(q), cos, sin)
         k = apply_rope(self.key_layernorm(k), cos, sin)
         if cache is None:
-            o = _per_block(_flash_causal, q, k, v) if use_flash(q, k) else causal_attention(q, k, v)
+            o = _per_block(flash_causal_attention, q, k, v) if backends.flash_attention(q, k) else causal_attention(q, k, v)
             return self.dense(o.reshape(B, T, H * self.head_dim)), None
         cursor, start = cache.cursor, cache.start
         slot = 0 if slot is None else slot
@@ -226,10 +197,10 @@ class SoftmaxAttention(nnx.Module):
                         for stack, new in ((cache.keys, k), (cache.values, v)))
         cache = dataclasses.replace(cache, keys=keys, values=values)
         kv = KVCache(StackSlice(keys, slot), StackSlice(values, slot))
-        if T <= FLASH_MIN_TOKENS and pallas_kernels.softmax_attention_decode_backend(q, keys) == "gpu":
+        if backends.attention_decode_kernel(q, keys):
             o = _per_block(lambda q, k, v, start, cursor, slot: pallas_kernels.softmax_attention_decode(
                 q, k, v, start, cursor, slot=slot), q, keys, values, start, cursor, jnp.asarray(slot, jnp.int32))
-        elif use_flash(q, kv.keys):
+        elif backends.flash_attention(q, kv.keys):
             o = _per_block(lambda q, k, v, cursor, start: flash_cached_attention(q, KVCache(k, v), cursor, start),
                            q, kv.keys.read(), kv.values.read(), cursor, start)
         else:

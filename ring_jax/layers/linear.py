@@ -7,8 +7,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 import pallas_kernels
+from ring_jax import backends
 from ring_jax.layers.stack import StackSlice, read
-from ring_jax.sharding import in_mesh, param
+from ring_jax.sharding import param
 
 
 def einsum(spec: str, x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
@@ -23,14 +24,12 @@ def einsum(spec: str, x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
 
 
 def matmul(x: jax.Array, w, out_dtype=None) -> jax.Array:
-    """x [..., K] @ w [K, N] (an array or a `StackSlice`), as `einsum`. A single row (a batch-1
-    decode step) on one Hopper GPU takes the matvec kernel, which streams the weights faster than
-    XLA's product of that shape, and reads a stacked layer's weights in their stack. (Not under a
-    mesh: there XLA partitions the product.)"""
+    """x [..., K] @ w [K, N] (an array or a `StackSlice`), as `einsum`; a decode step's few rows
+    may take the matvec kernel (`backends.projection_matvec`), which reads a stacked layer's
+    weights in their stack."""
     K, N = w.shape
     rows = math.prod(x.shape[:-1])
-    if not in_mesh() and pallas_kernels.matvec_backend(
-            jax.ShapeDtypeStruct((1, rows, K), x.dtype), jax.ShapeDtypeStruct((1, K, N), w.dtype)) == "gpu":
+    if backends.projection_matvec(x, w):
         if isinstance(w, StackSlice):
             y = pallas_kernels.matvec(x.reshape(1, rows, K), w.stack, w.indices())
         else:

@@ -10,6 +10,7 @@ import numpy as np
 from flax import nnx
 
 import pallas_kernels
+from ring_jax import backends
 from ring_jax.cache import STATE_AXES, Cache
 from ring_jax.config import RingConfig
 from ring_jax.layers.linear import Linear
@@ -17,7 +18,7 @@ from ring_jax.layers.mlp import rounded
 from ring_jax.layers.norms import GroupRMSNorm, RMSNorm
 from ring_jax.layers.rope import apply_rope
 from ring_jax.layers.stack import StackSlice, set_entry, stack_and_index
-from ring_jax.sharding import constrain, in_mesh, on_blocks
+from ring_jax.sharding import constrain, on_blocks
 
 # Continuations of at most this many tokens (decode, speculative steps) use the closed-form step.
 STEP_MAX_TOKENS = 8
@@ -108,7 +109,7 @@ class LinearAttention(nnx.Module):
         qkv = self.query_key_value(x)
         if self.linear_silu:                      # SGLang's placement: on the fused projection
             qkv = rounded(jax.nn.silu, qkv)
-        if cache is not None and self._takes_decode_kernel(T, qkv, cos, cache.states):
+        if cache is not None and backends.linear_decode_kernel(qkv, cache.states, cos.shape[-1]):
             cos, sin = (jnp.broadcast_to(t, (B, T, t.shape[-1]))[:, 0] for t in (cos, sin))
             (q_weight, index), (k_weight, _) = (stack_and_index(norm.weight.get_value())
                                                 for norm in (self.query_layernorm, self.key_layernorm))
@@ -129,10 +130,3 @@ class LinearAttention(nnx.Module):
         o = self.g_norm(o.reshape(B, T, H * D))
         o = o * rounded(jax.nn.sigmoid, self.g_proj(x))
         return self.dense(o), cache
-
-    def _takes_decode_kernel(self, T, qkv, cos, states) -> bool:
-        """Whether a decode token (T == 1 after a state, one device) takes the GPU kernel that
-        runs the norms, the rotation and the recurrence in one launch and updates the state in
-        its stack (`pallas_kernels.linear_attention_decode`)."""
-        return (T == 1 and not in_mesh()
-                and pallas_kernels.linear_attention_decode_backend(qkv, states, cos.shape[-1]) == "gpu")

@@ -19,19 +19,17 @@ step where XLA fuses it otherwise (XLA:CPU does from about 130 tokens; tests/tes
 rounding can flip a later layer's routing.)
 """
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import PartitionSpec as P
 
 import pallas_kernels
+from ring_jax import backends
 from ring_jax.config import RingConfig
 from ring_jax.layers.linear import matmul
 from ring_jax.layers.mlp import MLP, swiglu
 from ring_jax.layers.stack import StackSlice, stack_and_index
-from ring_jax.sharding import in_mesh, mesh_axis, param
+from ring_jax.sharding import in_mesh, mesh_axis, on_blocks, param
 
 
 class Router(nnx.Module):
@@ -53,19 +51,11 @@ class Router(nnx.Module):
         logits = matmul(x.astype(jnp.float32), kernel)       # [N, E] float32 (kernel promoted)
         scores = jax.nn.sigmoid(logits)
         bias, index = stack_and_index(self.expert_bias.get_value())
-        # Under a mesh XLA partitions the jnp selection; a kernel call would not be partitioned.
         return pallas_kernels.select_experts(
             scores, bias, bias_index=index,
             bias_rounding=kernel.dtype if self.bias_in_model_dtype else None, top_k=self.top_k,
             n_group=self.n_group, topk_group=self.topk_group, scaling=self.routed_scaling_factor,
-            backend="reference" if in_mesh() else "auto")
-
-
-# Up to this many (token, expert) pairs (a decode step), each pair reads its chosen expert's
-# weights directly (`pallas_kernels.matvec`): no sort and no dispatch, and only the chosen experts
-# are read (the jnp reference of the grouped matmul reads every expert). On a TPU, and under expert
-# parallelism on a GPU, the grouped-matmul kernel, which skips empty groups itself, is kept.
-GATHER_MAX_PAIRS = 64
+            backend=backends.router_backend())
 
 
 # Up to this many pairs, `sort_by_expert` ranks them by all-pairs comparison (one fused kernel)
@@ -90,22 +80,6 @@ def sort_by_expert(ids: jax.Array, num_experts: int):
     return order, rank, sizes
 
 
-def gathers(tokens: jax.Array, ids: jax.Array, gate_up: jax.Array, down: jax.Array,
-            expert_parallel: bool = False) -> bool:
-    """Whether the pairs `ids` [N, k] of tokens [N, hidden] take the gathered path (each pair reads
-    its expert's weights directly): few pairs, and either no grouped-matmul kernel for these
-    operands, or the matvec kernel for both products. Not the matvec kernel under expert
-    parallelism: every device would run every pair there (pairs held elsewhere point at a local
-    expert and are masked), where the grouped kernel skips them."""
-    if ids.size > GATHER_MAX_PAIRS:
-        return False
-    if pallas_kernels.gmm_backend(tokens, gate_up) == "reference":
-        return True
-    kernel = all(pallas_kernels.matvec_backend(jax.ShapeDtypeStruct((1, 1, w.shape[1]), tokens.dtype), w) == "gpu"
-                 for w in (gate_up, down))
-    return kernel and not expert_parallel
-
-
 def expert_outputs(tokens, ids, gate_up, down, expert_axis=None, gathered=None):
     """Each (token, expert) pair through its expert: out[n, j] = expert_{ids[n, j]}(tokens[n]).
 
@@ -116,20 +90,20 @@ def expert_outputs(tokens, ids, gate_up, down, expert_axis=None, gathered=None):
     [N, k, hidden] in tokens' dtype.
 
     The pairs run sorted by expert through grouped matmuls (dropless), or, for few pairs, each
-    through its chosen expert's weights (`gathers`; inside shard_map the caller decides from the
+    through its chosen expert's weights (`backends.experts_gather`; inside shard_map the caller decides from the
     global pairs).
     """
     E = gate_up.shape[0]
     if expert_axis is None:
-        if gathers(tokens, ids, gate_up, down) if gathered is None else gathered:
-            return _gathered(tokens, ids, gate_up, down)
-        return _grouped(tokens, ids, gate_up, down)
+        if backends.experts_gather(tokens, ids, gate_up, down) if gathered is None else gathered:
+            return gathered_outputs(tokens, ids, gate_up, down)
+        return grouped_outputs(tokens, ids, gate_up, down)
     local = ids - jax.lax.axis_index(expert_axis) * E
     here = (local >= 0) & (local < E)
     ids = jnp.where(here, local, E)                          # elsewhere: a group past the last
-    if gathers(tokens, ids, gate_up, down, True) if gathered is None else gathered:
-        return jnp.where(here[..., None], _gathered(tokens, jnp.minimum(ids, E - 1), gate_up, down), 0)
-    return _grouped(tokens, ids, gate_up, down)
+    if backends.experts_gather(tokens, ids, gate_up, down, True) if gathered is None else gathered:
+        return jnp.where(here[..., None], gathered_outputs(tokens, jnp.minimum(ids, E - 1), gate_up, down), 0)
+    return grouped_outputs(tokens, ids, gate_up, down)
 
 
 def _one_stack(w):
@@ -140,7 +114,7 @@ def _one_stack(w):
     return w, 0
 
 
-def _grouped(tokens, ids, gate_up, down):
+def grouped_outputs(tokens, ids, gate_up, down):
     """-> [N, k, hidden]; pairs with ids == E (experts held elsewhere) give zeros."""
     N, k = ids.shape
     E = gate_up.shape[0]
@@ -153,7 +127,7 @@ def _grouped(tokens, ids, gate_up, down):
     return out[rank].reshape(N, k, -1)
 
 
-def _gathered(tokens, ids, gate_up, down):
+def gathered_outputs(tokens, ids, gate_up, down):
     """-> [N, k, hidden], reading only the chosen experts' weights (pair n k + j takes token n)."""
     (gate_up, first), (down, _) = _one_stack(gate_up), _one_stack(down)
     return _matvecs(tokens, ids + first, gate_up, down)
@@ -167,20 +141,6 @@ def _matvecs(tokens, ids, gate_up, down):
     out = pallas_kernels.matvec(tokens[:, None], gate_up, pairs).astype(tokens.dtype)     # [N k, 1, 2 I]
     out = pallas_kernels.matvec(swiglu(out), down, pairs).astype(tokens.dtype)            # [N k, 1, hidden]
     return out.reshape(N, k, out.shape[-1])
-
-
-def shared_rides_along(tokens, ids, gate_up, down, shared) -> bool:
-    """Whether the shared expert (an MLP) runs as one more pair per token in the routed experts'
-    matvec calls (`MoE.__call__`): the pairs take the matvec kernel (`gathers`, one device), with
-    the shared weights as one more stack (the kernel takes them when they have a routed expert's
-    shapes and dtype). One launch per product instead of two, with the same per-tile products and
-    sums."""
-    if shared is None or in_mesh() or not gathers(tokens, ids, gate_up, down):
-        return False
-    mine = (shared.gate_up_proj.kernel.get_value(), shared.down_proj.kernel.get_value())
-    return all(pallas_kernels.matvec_backend(jax.ShapeDtypeStruct((1, 1, e.shape[1]), tokens.dtype),
-                                             (e, jax.ShapeDtypeStruct((1,) + w.shape, w.dtype))) == "gpu"
-               for w, e in zip(mine, (gate_up, down)))
 
 
 def _as_stack(w):
@@ -210,13 +170,9 @@ class Experts(nnx.Module):
             return combine(expert_outputs(tokens, ids, gate_up, down), weights)
         if not isinstance(gate_up, StackSlice):                   # one layer: a stack of one
             gate_up, down = StackSlice(gate_up[None], 0), StackSlice(down[None], 0)
-        batch = mesh_axis("batch", tokens.shape[0])
         axis = mesh_axis("experts", gate_up.shape[0])
-        experts = P(None, axis, None, None)
-        gathered = gathers(tokens, ids, gate_up, down, expert_parallel=axis is not None)
+        gathered = backends.experts_gather(tokens, ids, gate_up, down, expert_parallel=axis is not None)
 
-        @functools.partial(jax.shard_map, in_specs=(P(batch, None), P(batch, None), P(batch, None), experts, experts, P()),
-                           out_specs=P(batch, None), check_vma=False)
         def block(tokens, ids, weights, gate_up, down, index):
             gate_up, down = StackSlice(gate_up, index), StackSlice(down, index)
             out = expert_outputs(tokens, ids, gate_up, down, expert_axis=axis, gathered=gathered)
@@ -224,9 +180,11 @@ class Experts(nnx.Module):
                 return combine(out, weights)
             if tokens.shape[0] < SCATTER_MIN_TOKENS:
                 return combine(jax.lax.psum(out, axis), weights)
-            return _scattered_combine(out, weights, axis)
+            return scattered_combine(out, weights, axis)
 
-        return block(tokens, ids, weights, gate_up.stack, down.stack, jnp.asarray(gate_up.index, jnp.int32))
+        return on_blocks(block, tokens, ids, weights, gate_up.stack, down.stack, jnp.asarray(gate_up.index, jnp.int32),
+                         layouts=("b.", "b.", "b.", ".e..", ".e..", ""), out="b.", batch=tokens.shape[0],
+                         experts=gate_up.shape[0])
 
 
 # From this many tokens per device block, the pairs' outputs come back by reduce-scatter, combine
@@ -241,7 +199,7 @@ def combine(out: jax.Array, weights: jax.Array) -> jax.Array:
     return jnp.sum(out.astype(jnp.float32) * weights[..., None], axis=1).astype(out.dtype)
 
 
-def _scattered_combine(out, weights, axis):
+def scattered_combine(out, weights, axis):
     """Inside shard_map: out [N, k, hidden] (each pair nonzero on one device of `axis`), weights
     [N, k] -> [N, hidden]: reduce-scatter over the tokens, combine, all-gather."""
     N, n = out.shape[0], jax.lax.axis_size(axis)
@@ -268,11 +226,12 @@ class MoE(nnx.Module):
         tokens = x.reshape(-1, x.shape[-1])                                          # [N, hidden]
         ids, weights = self.gate(tokens)                                             # [N, k]
         gate_up, down = self.experts.gate_up_proj.get_value(), self.experts.down_proj.get_value()
-        if shared_rides_along(tokens, ids, gate_up, down, self.shared_experts):
+        shared = self.shared_experts
+        if backends.shared_expert_joins(tokens, ids, gate_up, down, None if shared is None else
+                                        (shared.gate_up_proj.kernel.get_value(), shared.down_proj.kernel.get_value())):
             # One matvec call per product for the routed pairs and the shared expert: pair k of
             # each token reads the shared matrix, which follows every routed one in the tuples.
             (gate_up, first), (down, _) = _one_stack(gate_up), _one_stack(down)
-            shared = self.shared_experts
             (shared_gate_up, mine), (shared_down, _) = (_one_stack(_as_stack(w.kernel.get_value()))
                                                          for w in (shared.gate_up_proj, shared.down_proj))
             ids = jnp.concatenate([ids + first, jnp.full((ids.shape[0], 1), gate_up.shape[0] + mine, ids.dtype)],

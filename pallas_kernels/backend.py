@@ -1,0 +1,68 @@
+"""How every kernel entry point picks its implementation: one meaning of `backend` and `interpret`
+across the package.
+
+backend: "auto" (the default) runs the kernel written for this device (a Mosaic TPU kernel on a
+TPU, a Pallas GPU kernel on a Hopper or newer GPU) where the entry point has one and "auto" takes
+it for the operands, and the jnp reference elsewhere. "reference", "gpu" or "tpu" force one; a
+forced kernel that cannot take the operands is a NotImplementedError that says why.
+
+interpret: run the kernel in Pallas interpret mode, on any device (the CPU tests): True, or for a
+TPU kernel a `pltpu.InterpretParams()`. It needs the kernel named: backend "gpu" or "tpu".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable
+
+import jax
+
+
+@functools.cache
+def platform() -> str:
+    """"tpu", "hopper" (a CUDA GPU of compute capability 9.0 or newer) or "other"."""
+    device = jax.devices()[0]
+    if device.platform == "tpu":
+        return "tpu"
+    if device.platform == "gpu" and float(getattr(device, "compute_capability", "0")) >= 9.0:
+        return "hopper"
+    return "other"
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+    """A kernel's answer for the caller's operands: why it cannot take them (None: it can), whether
+    "auto" takes it where it can (False where the reference is as fast or faster), and whether it
+    runs in interpret mode (Mosaic GPU kernels do not)."""
+    refusal: str | None = None
+    auto: bool = True
+    interprets: bool = True
+
+
+DEVICE_KERNEL = {"tpu": "tpu", "hopper": "gpu"}
+
+
+def resolve(backend: str, interpret=False, **kernels: Callable[[], Kernel]) -> str:
+    """The implementation an entry point runs: "reference" or one of `kernels` ("gpu", "tpu": each
+    a function of no arguments that answers for the caller's operands)."""
+    choices = ("reference", *kernels)
+    if backend not in ("auto", *choices):
+        raise ValueError(f"backend={backend!r}: choose 'auto' or one of {choices}")
+    if interpret and backend not in kernels:
+        raise ValueError(f"interpret runs a Pallas kernel in interpret mode: name it with backend= one of "
+                         f"{tuple(kernels)}, not {backend!r}")
+    if backend == "auto":
+        kind = DEVICE_KERNEL.get(platform())
+        if kind in kernels:
+            answer = kernels[kind]()
+            if answer.refusal is None and answer.auto:
+                return kind
+        return "reference"
+    if backend != "reference":
+        answer = kernels[backend]()
+        if answer.refusal is not None:
+            raise NotImplementedError(f"the {backend} kernel {answer.refusal}; use backend='reference' or 'auto'")
+        if interpret and not answer.interprets:
+            raise ValueError(f"the {backend} kernel has no interpret mode")
+    return backend
