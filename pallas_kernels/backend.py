@@ -66,3 +66,23 @@ def resolve(backend: str, interpret=False, **kernels: Callable[[], Kernel]) -> s
         if interpret and not answer.interprets:
             raise ValueError(f"the {backend} kernel has no interpret mode")
     return backend
+
+
+def with_reference_gradient(kernel: Callable, reference: Callable) -> Callable:
+    """kernel, differentiable: f(*args) = kernel(*args), with the gradient of reference(*args)
+    (`jax.vjp` of the jnp reference, which recomputes the forward in jnp in the backward pass).
+    Pallas kernels have no autodiff rule of their own, so every entry point's kernel branch goes
+    through this: `jax.grad` works through any backend, at the reference's cost in the backward
+    pass. args: pytrees of arrays (integer ones get no gradient); static settings go in by closure."""
+    @jax.custom_vjp
+    def f(*args):
+        return kernel(*args)
+
+    def forward(*args):
+        return kernel(*args), args
+
+    def backward(args, cotangent):
+        return jax.vjp(reference, *args)[1](cotangent)
+
+    f.defvjp(forward, backward)
+    return f

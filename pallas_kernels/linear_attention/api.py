@@ -12,7 +12,7 @@ and the Pallas Triton decode kernel; and the jnp reference.
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.backend import Kernel, resolve
+from pallas_kernels.backend import Kernel, resolve, with_reference_gradient
 from pallas_kernels.linear_attention import reference
 
 # JAX 0.10's Mosaic GPU layout inference finds no layout for the prefill kernel (lowering it for
@@ -60,17 +60,25 @@ def linear_attention(q, k, v, log_decay, *, scale=None, initial_state=None, mask
     backend, interpret: `pallas_kernels.backend`. The GPU kernel always uses chunks of 64 tokens.
     """
     kind = resolve(backend, interpret, gpu=_scan_gpu(q, v, mask), tpu=_tpu)
+
+    def ref(q, k, v, log_decay, initial_state, mask):
+        return reference.linear_attention(q, k, v, log_decay, scale=scale, initial_state=initial_state, mask=mask,
+                                          chunk_size=chunk_size)
+
     if kind == "gpu":
         from pallas_kernels.linear_attention import scan_gpu
 
-        return scan_gpu.linear_attention(q, k, v, log_decay, scale=scale, initial_state=initial_state)
-    if kind == "tpu":
+        def kernel(q, k, v, log_decay, initial_state, mask):
+            return scan_gpu.linear_attention(q, k, v, log_decay, scale=scale, initial_state=initial_state)
+    elif kind == "tpu":
         from pallas_kernels.linear_attention import scan_tpu
 
-        return scan_tpu.linear_attention(q, k, v, log_decay, scale=scale, initial_state=initial_state,
-                                    mask=mask, chunk_size=chunk_size, interpret=interpret)
-    return reference.linear_attention(q, k, v, log_decay, scale=scale, initial_state=initial_state,
-                                      mask=mask, chunk_size=chunk_size)
+        def kernel(q, k, v, log_decay, initial_state, mask):
+            return scan_tpu.linear_attention(q, k, v, log_decay, scale=scale, initial_state=initial_state,
+                                             mask=mask, chunk_size=chunk_size, interpret=interpret)
+    else:
+        return ref(q, k, v, log_decay, initial_state, mask)
+    return with_reference_gradient(kernel, ref)(q, k, v, log_decay, initial_state, mask)
 
 
 def linear_attention_step(q, k, v, log_decay, state, *, scale=None, backend="auto", interpret=False):
@@ -80,11 +88,16 @@ def linear_attention_step(q, k, v, log_decay, state, *, scale=None, backend="aut
     (XLA fuses it inside a jitted decode loop); a decode token from the fused projection has
     `linear_attention_decode`.
     """
+    def ref(q, k, v, log_decay, state):
+        return reference.linear_attention_step(q, k, v, log_decay, state, scale=scale)
+
     if resolve(backend, interpret, tpu=_tpu) == "tpu":
         from pallas_kernels.linear_attention import scan_tpu
 
-        return scan_tpu.linear_attention_step(q, k, v, log_decay, state, scale=scale, interpret=interpret)
-    return reference.linear_attention_step(q, k, v, log_decay, state, scale=scale)
+        def kernel(q, k, v, log_decay, state):
+            return scan_tpu.linear_attention_step(q, k, v, log_decay, state, scale=scale, interpret=interpret)
+        return with_reference_gradient(kernel, ref)(q, k, v, log_decay, state)
+    return ref(q, k, v, log_decay, state)
 
 
 def linear_attention_decode_backend(qkv, state, rotary_dim: int, backend="auto") -> str:
@@ -114,7 +127,6 @@ def linear_attention_decode(qkv, q_weight, k_weight, cos, sin, log_decay, state,
     _, B, H, D, Dv = states.shape
     at = 0 if slot is None else slot
     decays = log_decay[None] if log_decay.ndim == 1 else log_decay
-    decay_at = 0 if log_decay.ndim == 1 else at
     q_weights, k_weights = (w[None] if weight_index is None else w for w in (q_weight, k_weight))
     weight = 0 if weight_index is None else weight_index
     if qkv.shape != (B, 3 * H * D) or D != Dv:
@@ -133,19 +145,25 @@ def linear_attention_decode(qkv, q_weight, k_weight, cos, sin, log_decay, state,
                          f"{[str(t.dtype) for t in (q_weight, k_weight, cos, sin)]}")
     valid = jnp.ones((B,), bool) if valid is None else valid
     scale = D ** -0.5 if scale is None else scale
-    if resolve(backend, interpret, gpu=_decode_gpu(qkv, states, cos.shape[-1])) == "gpu":
-        from pallas_kernels.linear_attention import decode_gpu
+    if log_decay.ndim == 1:
+        decays = jnp.broadcast_to(decays, (states.shape[0], H))
+    args = (qkv, q_weights, k_weights, jnp.asarray(weight, jnp.int32), cos, sin, decays, states,
+            jnp.asarray(at, jnp.int32), valid)
 
-        if log_decay.ndim == 1:
-            decays = jnp.broadcast_to(decays, (states.shape[0], H))
-        o, states = decode_gpu.decode_step(qkv, q_weights, k_weights, weight, cos, sin, decays, states, at, valid,
-                                         eps=eps, scale=scale, interpret=interpret)
-    else:
+    def ref(qkv, q_weights, k_weights, weight, cos, sin, decays, states, at, valid):
         def entry(x, i):
             return jax.lax.dynamic_index_in_dim(x, i, keepdims=False)
 
-        one = entry(states, at)
         o, one = reference.decode_step(qkv, entry(q_weights, weight), entry(k_weights, weight), cos, sin,
-                                       entry(decays, decay_at), one, valid, eps=eps, scale=scale)
-        states = jax.lax.dynamic_update_index_in_dim(states, one, at, 0)
+                                       entry(decays, at), entry(states, at), valid, eps=eps, scale=scale)
+        return o, jax.lax.dynamic_update_index_in_dim(states, one, at, 0)
+
+    if resolve(backend, interpret, gpu=_decode_gpu(qkv, states, cos.shape[-1])) == "gpu":
+        from pallas_kernels.linear_attention import decode_gpu
+
+        def kernel(*args):
+            return decode_gpu.decode_step(*args, eps=eps, scale=scale, interpret=interpret)
+        o, states = with_reference_gradient(kernel, ref)(*args)
+    else:
+        o, states = ref(*args)
     return (o, states[0]) if slot is None else (o, states)

@@ -13,7 +13,7 @@ reference (on a TPU too, where XLA's own matrix-vector products are used).
 
 import jax.numpy as jnp
 
-from pallas_kernels.backend import Kernel, resolve
+from pallas_kernels.backend import Kernel, resolve, with_reference_gradient
 from pallas_kernels.matvec import reference
 
 
@@ -72,5 +72,7 @@ def matvec(x, w, ids=None, *, backend="auto", interpret=False):
     if kind == "gpu":
         from pallas_kernels.matvec import gpu
 
-        return gpu.matvec(x, w, ids, interpret=interpret)
+        def kernel(x, w, ids):
+            return gpu.matvec(x, w, ids, interpret=interpret)
+        return with_reference_gradient(kernel, reference.matvec)(x, w, ids)
     return reference.matvec(x, w, ids)

@@ -10,7 +10,7 @@ gather.
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.backend import Kernel, resolve
+from pallas_kernels.backend import Kernel, resolve, with_reference_gradient
 from pallas_kernels.moe import reference
 
 # Below this many rows per group on average, the GPU kernel uses 64-row tiles (decode-sized steps
@@ -51,19 +51,26 @@ def gmm(lhs, rhs, group_sizes, *, group_offset=0, preferred_element_type=None, b
     backend, interpret: `pallas_kernels.backend`.
     """
     kind = resolve(backend, interpret, gpu=_gmm_gpu(lhs, rhs, preferred_element_type), tpu=_tpu)
+    G, out_dtype = group_sizes.shape[0], jnp.dtype(preferred_element_type or lhs.dtype)
+
+    def ref(lhs, rhs, group_sizes, group_offset):
+        return reference.gmm(lhs, _groups(rhs, group_offset, G), group_sizes, preferred_element_type=out_dtype)
+
     if kind == "gpu":
         from pallas_kernels.moe import gmm_gpu
 
-        return gmm_gpu.gmm(lhs, rhs, group_sizes, group_offset=group_offset,
-                           preferred_element_type=preferred_element_type, tile_m=_gpu_tile_m(lhs, group_sizes))
-    rhs = _groups(rhs, group_offset, group_sizes.shape[0])
-    if kind == "tpu":
+        def kernel(lhs, rhs, group_sizes, group_offset):
+            return gmm_gpu.gmm(lhs, rhs, group_sizes, group_offset=group_offset,
+                               preferred_element_type=preferred_element_type, tile_m=_gpu_tile_m(lhs, group_sizes))
+    elif kind == "tpu":
         from pallas_kernels.moe import gmm_tpu
 
-        return gmm_tpu.gmm(lhs, rhs, group_sizes, preferred_element_type=preferred_element_type,
-                           interpret=interpret)
-    return reference.gmm(lhs, rhs, group_sizes, preferred_element_type=jnp.dtype(
-        preferred_element_type or lhs.dtype))
+        def kernel(lhs, rhs, group_sizes, group_offset):
+            return gmm_tpu.gmm(lhs, _groups(rhs, group_offset, G), group_sizes,
+                               preferred_element_type=preferred_element_type, interpret=interpret)
+    else:
+        return ref(lhs, rhs, group_sizes, group_offset)
+    return with_reference_gradient(kernel, ref)(lhs, rhs, group_sizes, jnp.asarray(group_offset, jnp.int32))
 
 
 def gmm_swiglu(lhs, rhs, group_sizes, *, group_offset=0, backend="auto", interpret=False):
@@ -75,7 +82,14 @@ def gmm_swiglu(lhs, rhs, group_sizes, *, group_offset=0, backend="auto", interpr
     if kind == "gpu" and _gpu_tile_m(lhs, group_sizes) == 128:
         from pallas_kernels.moe import gmm_gpu
 
-        return gmm_gpu.gmm(lhs, rhs, group_sizes, group_offset=group_offset, swiglu=True)
+        G = group_sizes.shape[0]
+
+        def kernel(lhs, rhs, group_sizes, group_offset):
+            return gmm_gpu.gmm(lhs, rhs, group_sizes, group_offset=group_offset, swiglu=True)
+
+        def ref(lhs, rhs, group_sizes, group_offset):
+            return reference.gmm_swiglu(lhs, _groups(rhs, group_offset, G), group_sizes)
+        return with_reference_gradient(kernel, ref)(lhs, rhs, group_sizes, jnp.asarray(group_offset, jnp.int32))
     return reference.swiglu(gmm(lhs, rhs, group_sizes, group_offset=group_offset, backend=backend,
                                 interpret=interpret))
 
@@ -101,7 +115,9 @@ def take_rows(x, idx, *, backend="auto", interpret=False):
     if resolve(backend, interpret, gpu=_gather_gpu(x, idx)) == "gpu":
         from pallas_kernels.moe import gather_gpu
 
-        return gather_gpu.take_rows(x, idx, interpret=interpret)
+        def kernel(x, idx):
+            return gather_gpu.take_rows(x, idx, interpret=interpret)
+        return with_reference_gradient(kernel, reference.take_rows)(x, idx)
     return reference.take_rows(x, idx)
 
 

@@ -7,7 +7,7 @@ GPUs when it takes the router's sizes (`gpu.fits`); and the jnp reference.
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.backend import Kernel, resolve
+from pallas_kernels.backend import Kernel, resolve, with_reference_gradient
 from pallas_kernels.router import reference
 
 
@@ -43,14 +43,20 @@ def select_experts(scores, bias, *, top_k, n_group, topk_group, scaling=1.0, bia
     kind = resolve(backend, interpret, gpu=_gpu(E, top_k, n_group))
     if N == 0:
         return jnp.zeros((0, top_k), jnp.int32), jnp.zeros((0, top_k), jnp.float32)
-    index = 0 if bias_index is None else bias_index
+    index = jnp.asarray(0 if bias_index is None else bias_index, jnp.int32)
+
+    def ref(scores, biases, index):
+        bias = jax.lax.dynamic_index_in_dim(biases, index, keepdims=False)
+        if bias_rounding is not None:
+            bias = bias.astype(bias_rounding).astype(jnp.float32)
+        return reference.select_experts(scores, bias, top_k=top_k, n_group=n_group, topk_group=topk_group,
+                                        scaling=scaling)
+
     if kind == "gpu":
         from pallas_kernels.router import gpu
 
-        return gpu.select_experts(scores, biases, index, top_k=top_k, n_group=n_group, topk_group=topk_group,
-                                  scaling=float(scaling), rounding=bias_rounding, interpret=interpret)
-    bias = jax.lax.dynamic_index_in_dim(biases, jnp.asarray(index, jnp.int32), keepdims=False)
-    if bias_rounding is not None:
-        bias = bias.astype(bias_rounding).astype(jnp.float32)
-    return reference.select_experts(scores, bias, top_k=top_k, n_group=n_group, topk_group=topk_group,
-                                    scaling=scaling)
+        def kernel(scores, biases, index):
+            return gpu.select_experts(scores, biases, index, top_k=top_k, n_group=n_group, topk_group=topk_group,
+                                      scaling=float(scaling), rounding=bias_rounding, interpret=interpret)
+        return with_reference_gradient(kernel, ref)(scores, biases, index)
+    return ref(scores, biases, index)

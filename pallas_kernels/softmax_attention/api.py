@@ -8,7 +8,7 @@ Backends (`pallas_kernels.backend`): "gpu", the Pallas Triton kernels of `decode
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.backend import Kernel, resolve
+from pallas_kernels.backend import Kernel, resolve, with_reference_gradient
 from pallas_kernels.softmax_attention import reference
 
 
@@ -46,9 +46,15 @@ def softmax_attention_decode(q, keys, values, start, cursor, *, slot=0, backend=
                          f"[S, {B}, L, Hkv, {D}] with Hkv dividing the {H} query heads")
     if start.shape != (B,):
         raise ValueError(f"softmax_attention_decode: start {start.shape} must be [{B}]")
+    def ref(q, keys, values, slot, start, cursor):
+        layer = [jax.lax.dynamic_index_in_dim(c, slot, keepdims=False) for c in (keys, values)]
+        return reference.decode_attention(q, *layer, start, cursor)
+
+    args = (q, keys, values, jnp.asarray(slot, jnp.int32), start, cursor)
     if resolve(backend, interpret, gpu=_gpu(q, keys)) == "gpu":
         from pallas_kernels.softmax_attention import decode_gpu
 
-        return decode_gpu.decode_attention(q, keys, values, slot, start, cursor, interpret=interpret)
-    layer = [jax.lax.dynamic_index_in_dim(c, jnp.asarray(slot, jnp.int32), keepdims=False) for c in (keys, values)]
-    return reference.decode_attention(q, *layer, start, cursor)
+        def kernel(q, keys, values, slot, start, cursor):
+            return decode_gpu.decode_attention(q, keys, values, slot, start, cursor, interpret=interpret)
+        return with_reference_gradient(kernel, ref)(*args)
+    return ref(*args)

@@ -1,0 +1,122 @@
+"""Every kernel entry point is differentiable (`pallas_kernels.backend.with_reference_gradient`): the
+gradient through a kernel is the jnp reference's at the same inputs. Triton and TPU kernels run in
+interpret mode here; the Mosaic GPU kernels (no interpret mode) through a jnp stand-in on the CPU,
+and for real in tests/test_gmm_gpu.py and tests/test_linear_attention_gpu.py."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import pallas_kernels
+from pallas_kernels.linear_attention import api as linear_attention_api, reference as la_reference, scan_gpu
+from pallas_kernels.moe import gmm_gpu, reference as moe_reference
+
+
+def grads(f, args, argnums):
+    """The gradient of sum(f(*args) * r) (r random, fixed per output) with respect to args[argnums]."""
+    out = f(*args)
+    weights = [jnp.asarray(np.random.default_rng(i).standard_normal(o.shape), jnp.float32)
+               for i, o in enumerate(jax.tree.leaves(out)) if jnp.issubdtype(o.dtype, jnp.floating)]
+
+    def loss(*a):
+        floats = [o for o in jax.tree.leaves(f(*a)) if jnp.issubdtype(o.dtype, jnp.floating)]
+        return sum(jnp.sum(o.astype(jnp.float32) * w) for o, w in zip(floats, weights))
+    return jax.grad(loss, argnums)(*args)
+
+
+def same_gradients(kernel_call, reference_call, args, argnums):
+    for got, want in zip(jax.tree.leaves(grads(kernel_call, args, argnums)),
+                         jax.tree.leaves(grads(reference_call, args, argnums))):
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
+def normal(shape, dtype=jnp.float32, seed=0, scale=1.0):
+    return jnp.asarray(scale * np.random.default_rng(seed).standard_normal(shape), dtype)
+
+
+def test_matvec():
+    x, w = normal((2, 1, 128), seed=1), normal((3, 128, 128), seed=2, scale=0.1)
+    ids = jnp.asarray([2, 0, 1, 2], jnp.int32)
+    same_gradients(lambda x, w: pallas_kernels.matvec(x, w, ids, backend="gpu", interpret=True),
+                   lambda x, w: pallas_kernels.matvec(x, w, ids, backend="reference"), (x, w), (0, 1))
+
+
+def test_select_experts_weights():
+    """No gradient through the selection; the weights' gradient reaches the scores they are made of."""
+    scores = jax.nn.sigmoid(normal((3, 16), seed=3))
+    args = dict(top_k=2, n_group=4, topk_group=2, scaling=2.0)
+    same_gradients(lambda s: pallas_kernels.select_experts(s, jnp.zeros(16), backend="gpu", interpret=True, **args),
+                   lambda s: pallas_kernels.select_experts(s, jnp.zeros(16), backend="reference", **args),
+                   (scores,), 0)
+
+
+def test_take_rows():
+    x, idx = normal((5, 64), seed=4), jnp.asarray([4, 0, 0, 2, 1, 3, 3, 4], jnp.int32)
+    same_gradients(lambda x: pallas_kernels.take_rows(x, idx, backend="gpu", interpret=True),
+                   lambda x: pallas_kernels.take_rows(x, idx, backend="reference"), (x,), 0)
+
+
+def test_decode_attention():
+    q, keys, values = normal((1, 2, 4, 16), seed=5), normal((2, 1, 64, 2, 16), seed=6), normal((2, 1, 64, 2, 16), seed=7)
+    start, cursor = jnp.zeros((1,), jnp.int32), jnp.int32(40)
+    same_gradients(
+        lambda q, k, v: pallas_kernels.softmax_attention_decode(q, k, v, start, cursor, slot=1, backend="gpu",
+                                                               interpret=True),
+        lambda q, k, v: pallas_kernels.softmax_attention_decode(q, k, v, start, cursor, slot=1, backend="reference"),
+        (q, keys, values), (0, 1, 2))
+
+
+def test_linear_attention_decode():
+    B, H, D = 2, 2, 64
+    qkv, state = normal((B, 3 * H * D), seed=8), normal((B, H, D, D), seed=9, scale=0.1)
+    weights = (normal((D,), seed=10), normal((D,), seed=11))
+    cos, sin = jnp.cos(normal((B, 32), seed=12)), jnp.sin(normal((B, 32), seed=12))
+    decay = -jnp.abs(normal((H,), seed=13))
+
+    def call(backend, interpret):
+        return lambda qkv, s: pallas_kernels.linear_attention_decode(qkv, *weights, cos, sin, decay, s, eps=1e-6,
+                                                                     backend=backend, interpret=interpret)
+    same_gradients(call("gpu", True), call("reference", False), (qkv, state), (0, 1))
+
+
+def test_linear_attention_tpu_kernel():
+    q, k, v = (normal((1, 96, 2, 128), seed=s, scale=0.3) for s in (14, 15, 16))
+    g, s0 = -jnp.abs(normal((2,), seed=17)) * 0.1, normal((1, 2, 128, 128), seed=18, scale=0.1)
+
+    def call(backend, interpret):
+        return lambda q, k, v, s0: pallas_kernels.linear_attention(q, k, v, g, initial_state=s0, backend=backend,
+                                                                   interpret=interpret)
+    same_gradients(call("tpu", True), call("reference", False), (q, k, v, s0), (0, 1, 2, 3))
+
+
+def test_gmm_tpu_kernel():
+    lhs, rhs = normal((64, 128), seed=19), normal((3, 128, 128), seed=20, scale=0.1)
+    sizes = jnp.asarray([20, 0, 40], jnp.int32)
+    same_gradients(lambda l, r: pallas_kernels.gmm(l, r, sizes, backend="tpu", interpret=True),
+                   lambda l, r: pallas_kernels.gmm(l, r, sizes, backend="reference"), (lhs, rhs), (0, 1))
+
+
+def test_mosaic_gpu_branches_take_the_reference_gradient(monkeypatch):
+    """The grouped matmul's (plain and SwiGLU, reading a layer's experts in a longer stack) and the
+    linear-attention scan's GPU branches, their kernels swapped for jnp stand-ins: the gradient is
+    the reference's, the stack's other layers get none."""
+    monkeypatch.setattr(gmm_gpu, "gmm", lambda l, r, s, group_offset=0, swiglu=False, **k: (
+        moe_reference.gmm_swiglu if swiglu else moe_reference.gmm)(l, jax.lax.dynamic_slice_in_dim(
+            r, group_offset, s.shape[0]), s))
+    lhs, stack = normal((256, 128), jnp.bfloat16, seed=21), normal((6, 128, 512), jnp.bfloat16, seed=22, scale=0.1)
+    sizes = jnp.asarray([120, 136], jnp.int32)                    # 128 rows per group: the SwiGLU epilogue
+    for entry in (pallas_kernels.gmm, pallas_kernels.gmm_swiglu):
+        got = grads(lambda l, r: entry(l, r, sizes, group_offset=2, backend="gpu"), (lhs, stack), (0, 1))
+        want = grads(lambda l, r: entry(l, r, sizes, group_offset=2, backend="reference"), (lhs, stack), (0, 1))
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
+        assert not np.asarray(got[1], np.float32)[[0, 1, 4, 5]].any()
+
+    monkeypatch.setattr(linear_attention_api, "GPU_MIN_JAX", (0, 0))
+    monkeypatch.setattr(scan_gpu, "linear_attention", lambda q, k, v, g, scale=None, initial_state=None:
+                        la_reference.linear_attention(q, k, v, g, scale=scale, initial_state=initial_state))
+    q, k, v = (normal((1, 64, 2, 128), jnp.bfloat16, seed=s, scale=0.3) for s in (23, 24, 25))
+    g = -jnp.abs(normal((2,), seed=26)) * 0.1
+    same_gradients(lambda q, k, v: pallas_kernels.linear_attention(q, k, v, g, backend="gpu"),
+                   lambda q, k, v: pallas_kernels.linear_attention(q, k, v, g, backend="reference"),
+                   (q, k, v), (0, 1, 2))
