@@ -1,6 +1,6 @@
-"""Gradients through the model (the jnp paths, as on a CPU): `jax.grad` of a next-token loss of the
-tiny model (dense and MoE layers, linear and softmax attention) against torch.autograd on the
-float64 PyTorch reference, parameter by parameter under their HF names."""
+"""Gradients through the model (the jnp paths, as on a CPU) against torch.autograd on the float64
+PyTorch reference: a next-token loss of the tiny model (dense and MoE layers, linear and softmax
+attention), parameter by parameter under their HF names, and each module's input gradient."""
 
 import jax
 import jax.numpy as jnp
@@ -12,8 +12,11 @@ from flax import nnx
 import ring_jax
 from conftest import rel_err
 from reference.checkpoint import make_hf_checkpoint
+from reference.model import rope_cos_sin
 from ring_jax.checkpoint import get_param
 from ring_jax.io.mapping import tensor_table
+from ring_jax.layers.rope import rope_tables
+from ring_jax.schedule import cache_slot
 
 GRAD_TOL = 1e-4
 
@@ -57,3 +60,27 @@ def test_model_gradients_match_torch_autograd(tmp_path, tiny_dict, changes):
             assert not grad.any(), name
             continue
         assert rel_err(grad, want[name]) <= GRAD_TOL, (name, rel_err(grad, want[name]))
+
+
+def test_module_input_gradients_match_torch_autograd(tmp_path, tiny_dict):
+    """Per module (layer 0: linear attention and the dense MLP; layer 1: the MoE; layer 2: softmax
+    attention; and each whole layer): the gradient with respect to the module's input."""
+    ref = make_hf_checkpoint(str(tmp_path), tiny_dict, dtype=torch.float32, seed=1).with_dtype(torch.float64)
+    model = ring_jax.load_model(str(tmp_path))
+    T, hidden = 17, tiny_dict["hidden_size"]
+    rng = np.random.default_rng(3)
+    x, r = (rng.standard_normal((2, T, hidden)).astype(np.float32) for _ in range(2))
+    cos, sin = rope_tables(model.config, jnp.arange(T), jnp.float32)
+    rc, rs = rope_cos_sin(dict(tiny_dict), torch.arange(T), torch.float64)
+    assert [model.config.is_softmax_layer(i) for i in range(3)] == [False, False, True]
+    for i in range(3):
+        layer, slot, theirs = model.layer(i), cache_slot(model.config, i), ref.model.layers[i]
+        modules = {"attention": (lambda x: layer.attention(x, cos, sin, slot=slot)[0],
+                                 lambda x: theirs.attention(x, rc, rs)),
+                   "mlp": (layer.mlp, theirs.mlp),
+                   "layer": (lambda x: layer(x, cos, sin, slot=slot)[0], lambda x: theirs(x, rc, rs))}
+        for name, (ours, reference_module) in modules.items():
+            got = jax.grad(lambda x: jnp.sum(ours(x) * r))(jnp.asarray(x))
+            x64 = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+            (reference_module(x64) * torch.as_tensor(r, dtype=torch.float64)).sum().backward()
+            assert rel_err(got, x64.grad.numpy()) <= GRAD_TOL, (i, name, rel_err(got, x64.grad.numpy()))
