@@ -18,9 +18,10 @@ import numpy as np
 class GenerationConfig:
     """The settings of a `generate()`, `stream()` or `warmup()` call.
 
-    max_new_tokens: tokens to generate per sequence (required by generate() and stream()). temperature 0 is greedy; otherwise sampling
-    with top_k / top_p, reproducible for a given seed. A sequence finishes at one of eos_token_id
-    (int or list; default: the model config's) or when its output ends with one of `stop`
+    max_new_tokens: tokens to generate per sequence (generate() and stream() need it).
+    temperature 0 is greedy; otherwise sampling with top_k / top_p, reproducible for a given seed.
+    A sequence finishes at one of eos_token_id (int or list; default: the model config's, or
+    where a tokenizer is at hand its eos set: `eos_ids`) or when its output ends with one of `stop`
     (token-id sequences); its later tokens are pad_token_id (default: the config's pad, else the
     first eos). The eos or stop tokens themselves are part of the output.
     max_len: the most prompt + new tokens allowed (default: the config's max_position_embeddings).
