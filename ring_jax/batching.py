@@ -94,6 +94,11 @@ class Plan:
         """The padded prompt length."""
         return sum(self.steps)
 
+    def chunks(self) -> list[tuple[int, int]]:
+        """(first token, tokens) of each prefill step in the padded prompt."""
+        starts = np.cumsum((0,) + self.steps[:-1])
+        return [(int(c), size) for c, size in zip(starts, self.steps)]
+
     def padded(self, prompts: list[np.ndarray], pad: int) -> tuple[np.ndarray, np.ndarray]:
         """(ids [batch, length] int32: the prompts left-padded with `pad`, the last one repeated to
         fill the batch; start [batch] int32: each row's first real slot)."""

@@ -116,7 +116,7 @@ def perplexity(model, tokens, *, context: int | None = None, stride: int | None 
                            device=placed if mesh is None else None)
         nll = []
         with on_mesh(mesh):
-            for c, size in zip(np.cumsum((0,) + plan.steps[:-1]), plan.steps):
+            for c, size in plan.chunks():
                 out, cache = score_step(structure, arrays, cache, place(ids[:, c:c + size], ("batch", None)),
                                         place(targets[:, c:c + size], ("batch", None)))
                 nll.append(host_rows(out, 1)[0])

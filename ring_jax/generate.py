@@ -19,7 +19,7 @@ import numpy as np
 from ring_jax.cache import cache_length, init_cache
 from ring_jax.batching import Plan, prompt_ids, token_bucket
 from ring_jax.sampling import GenerationConfig, StopRule
-from ring_jax.sharding import sharding_mesh
+from ring_jax.sharding import model_mesh, sharding_mesh
 from ring_jax.steps import DecodeState, decode_loop, flatten, host_rows, on_mesh, placer, prefill_step
 
 
@@ -85,7 +85,7 @@ def prefill(model, input_ids, config: GenerationConfig | None = None, *, attenti
                        device=placed if mesh is None else None)
     place = placer(placed)
     with on_mesh(mesh):
-        for c, size in zip(np.cumsum((0,) + plan.steps[:-1]), plan.steps):
+        for c, size in plan.chunks():
             logits, cache = prefill_step(structure, arrays, cache, place(ids[:, c:c + size], ("batch", None)))
     state = DecodeState(cache, logits, place(np.full((B, token_bucket(n)), rule.pad_id, np.int32), ("batch", None)),
                         place(np.int32(0), ()), place(np.arange(B) >= len(prompts), ("batch",)),
@@ -152,7 +152,7 @@ def warmup(model, config: GenerationConfig | None = None, *, batch_sizes: Sequen
     config = GenerationConfig.of(config, **settings)
     if config.max_new_tokens is None:
         config = dataclasses.replace(config, max_new_tokens=256)
-    mesh = sharding_mesh(flatten(model)[1][0].sharding)
+    mesh = model_mesh(model)
     data = 1 if mesh is None else mesh.shape.get("data", 1)
     pairs = {}
     for B in batch_sizes:

@@ -15,7 +15,7 @@ from ring_jax.cache import KVCache, cache_bytes, init_cache
 from ring_jax.config import RingConfig
 from ring_jax.cache import cache_length
 from ring_jax.generate import generate, stream
-from ring_jax.batching import batch_bucket, prefill_steps, token_bucket
+from ring_jax.batching import Plan, batch_bucket, prefill_steps, token_bucket
 from ring_jax.sampling import Sampling, sample
 from ring_jax.steps import decode_loop, prefill_step
 from ring_jax import backends
@@ -248,6 +248,7 @@ def test_prefill_steps_and_default_chunk(monkeypatch, model):
     assert prefill_steps(5, 4096) == [16] and prefill_steps(4096, 4096) == [4096] and prefill_steps(3000, 4096) == [4096]
     assert prefill_steps(33000, 32768) == [256, 32768] and prefill_steps(131008, 32768) == [32768] * 4
     assert prefill_steps(70, 16) == [16] * 5 and prefill_steps(100, 32) == [16, 32, 32, 32]
+    assert Plan(1, (16, 32, 32)).chunks() == [(0, 16), (16, 32), (48, 32)] and Plan(1, (16, 32, 32)).length == 80
     bf16 = RingModel(model.config, dtype=jnp.bfloat16)
     def default_chunk(m):
         return backends.prefill_chunk(m.config, m.dtype)
