@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 import pallas_kernels
 from pallas_kernels import backend as kernel_backend
+from ring_jax.layers.norms import norm_operands
 from ring_jax.sharding import in_mesh
 
 # Continuations of more than this many tokens (prefill chunks) take cuDNN's flash attention on
@@ -35,20 +36,21 @@ FLASH_MIN_TOKENS = 8
 GATHER_MAX_PAIRS = 64
 
 
-def _matvec_takes(rows: int, dtype, w) -> bool:
-    """Whether `pallas_kernels.matvec` runs [1, rows, K] rows of `dtype` against w (a [K, N]
-    matrix, a stack [E, K, N], or a tuple of stacks) on its kernel."""
+def _matvec_takes(rows: int, x, w) -> bool:
+    """Whether `pallas_kernels.matvec` runs [1, rows, K] rows of x (an array or a `Normed`) against
+    w (a [K, N] matrix, a stack [E, K, N], or a tuple of stacks) on its kernel."""
     K = (w[0] if isinstance(w, tuple) else w).shape[-2]
     if not isinstance(w, tuple) and len(w.shape) == 2:
         w = jax.ShapeDtypeStruct((1,) + tuple(w.shape), w.dtype)
-    return pallas_kernels.matvec_backend(jax.ShapeDtypeStruct((1, rows, K), dtype), w) == "gpu"
+    x, norm = norm_operands(x)
+    return pallas_kernels.matvec_backend(jax.ShapeDtypeStruct((1, rows, K), x.dtype), w, norm.get("norm_weight")) == "gpu"
 
 
 def projection_matvec(x, w) -> bool:
-    """Whether x [..., K] @ w [K, N] takes the matvec kernel: a few rows (a decode step) on one
-    Hopper GPU, where it streams the weights faster than XLA's product of that shape, and reads a
-    stacked layer's weights in their stack."""
-    return not in_mesh() and _matvec_takes(math.prod(x.shape[:-1]), x.dtype, w)
+    """Whether x [..., K] (an array or a `Normed`) @ w [K, N] takes the matvec kernel: a few rows
+    (a decode step) on one Hopper GPU, where it streams the weights faster than XLA's product of
+    that shape, reads a stacked layer's weights in their stack and normalises a Normed's rows."""
+    return not in_mesh() and _matvec_takes(math.prod(x.shape[:-1]), x, w)
 
 
 def router_backend() -> str:
@@ -66,7 +68,7 @@ def experts_gather(tokens, ids, gate_up, down, expert_parallel: bool = False) ->
         return False
     if pallas_kernels.gmm_backend(tokens, gate_up) == "reference":
         return True
-    return not expert_parallel and all(_matvec_takes(1, tokens.dtype, w) for w in (gate_up, down))
+    return not expert_parallel and all(_matvec_takes(1, tokens, w) for w in (gate_up, down))
 
 
 def shared_expert_joins(tokens, ids, gate_up, down, shared: tuple | None) -> bool:
@@ -77,7 +79,7 @@ def shared_expert_joins(tokens, ids, gate_up, down, shared: tuple | None) -> boo
     per-tile products and sums."""
     if shared is None or in_mesh() or not experts_gather(tokens, ids, gate_up, down):
         return False
-    return all(_matvec_takes(1, tokens.dtype, (e, jax.ShapeDtypeStruct((1,) + tuple(w.shape), w.dtype)))
+    return all(_matvec_takes(1, tokens, (e, jax.ShapeDtypeStruct((1,) + tuple(w.shape), w.dtype)))
                for w, e in zip(shared, (gate_up, down)))
 
 

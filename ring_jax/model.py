@@ -47,9 +47,9 @@ class DecoderLayer(nnx.Module):
         """x: [B, T, hidden] -> (x [B, T, hidden], cache). Without a cache: the causal forward.
         With one: x continues the layer's entry `slot` of it (valid: [B, T] bool, False for left
         padding), which comes back updated."""
-        h, cache = self.attention(self.input_layernorm(x), cos, sin, cache, slot, valid)
+        h, cache = self.attention(self.input_layernorm.deferred(x), cos, sin, cache, slot, valid)
         x = x + h
-        return constrain(x + self.mlp(self.post_attention_layernorm(x)), ACTIVATION_AXES), cache
+        return constrain(x + self.mlp(self.post_attention_layernorm.deferred(x)), ACTIVATION_AXES), cache
 
 
 class MTPLayer(nnx.Module):
@@ -115,13 +115,19 @@ class RingModel(nnx.Module):
             index = r.index + repeat * schedule.index_stride(r.kind)
             slot = r.slot + repeat * schedule.slot_stride(r.kind)
 
-            def one(j, x, cache):
-                return layer_view(stack, index + j)(x, cos, sin, cache, slot + j, valid)
+            def one(x, cache, index, slot):
+                return layer_view(stack, index)(x, cos, sin, cache, slot, valid)
 
             if r.length == 1:
-                return one(0, x, cache)
-            (x, cache), _ = jax.lax.scan(lambda carry, j: (one(j, *carry), None), (x, cache),
-                                         jnp.arange(r.length, dtype=jnp.int32))
+                return one(x, cache, index, slot)
+
+            # The layer's stack index and cache slot ride in the carry as counters: derived from
+            # the scan's own counter, they would be one more launch per layer on a GPU.
+            def step(carry, _):
+                x, cache, index, slot = carry
+                return (*one(x, cache, index, slot), index + 1, slot + 1), None
+
+            (x, cache, _, _), _ = jax.lax.scan(step, (x, cache, jnp.int32(index), jnp.int32(slot)), length=r.length)
             return x, cache
 
         for r in schedule.head:

@@ -66,6 +66,35 @@ def test_stacks_addressed_as_one_match_float64():
         matvec(x, (w, extra.astype(jnp.float32)), ids)
 
 
+def test_rows_normalised_in_the_kernel_match_float64():
+    """norm_weight: the rows go through HF RMSNorm first, in the kernel (interpret mode) as in the
+    reference: float32 against float64, and bf16 with the reference's roundings."""
+    rng = np.random.default_rng(11)
+    x, w, ids = operands(2, 1, 256, 4, 128, 4, jnp.float32, jnp.float32, seed=11)
+    weights = jnp.asarray(rng.standard_normal((3, 256)), jnp.float32)
+    x64 = np.asarray(x, np.float64)
+    normed = x64 / np.sqrt(np.mean(x64 ** 2, axis=-1, keepdims=True) + 1e-6) * np.asarray(weights[1], np.float64)
+    want = matvec64(normed, w, ids)
+    for backend in ("gpu", "reference"):
+        out = matvec(x, w, ids, norm_weight=weights, norm_index=jnp.int32(1), norm_eps=1e-6, backend=backend,
+                     interpret=backend == "gpu")
+        assert rel_err(out, want) <= 1e-6, backend
+    one = matvec(x, w, ids, norm_weight=weights[1], norm_eps=1e-6, backend="gpu", interpret=True)
+    assert rel_err(one, want) <= 1e-6
+
+    xb, wb, wnb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), weights.astype(jnp.bfloat16)
+    kernel, ref = (matvec(xb, wb, ids, norm_weight=wnb, norm_index=jnp.int32(2), norm_eps=1e-6, backend=backend,
+                          interpret=backend == "gpu") for backend in ("gpu", "reference"))
+    assert rel_err(kernel, ref) <= 1e-5
+    assert np.array_equal(np.asarray(ref), np.asarray(matvec(reference.rms_norm(xb, wnb[2], 1e-6), wb, ids)))
+    with pytest.raises(ValueError, match="norm_eps"):
+        matvec(x, w, ids, norm_weight=weights[1])
+    with pytest.raises(ValueError, match="norm_weight"):
+        matvec(x, w, ids, norm_weight=weights[1, :128], norm_eps=1e-6)
+    with pytest.raises(NotImplementedError, match="norm"):
+        matvec(xb, wb, ids, norm_weight=weights[1], norm_eps=1e-6, backend="gpu", interpret=True)
+
+
 def test_ids_default_and_errors():
     x, w, _ = operands(2, 1, 128, 1, 64, 2, jnp.bfloat16, jnp.bfloat16, seed=0)
     assert rel_err(matvec(x, w, backend="gpu", interpret=True), matvec64(x, w, np.zeros(2, int))) <= 1e-6
@@ -104,10 +133,15 @@ def decode_logits(model, p, steps):
 
 
 def on_hopper(monkeypatch):
-    """`as_if_on_hopper`, recording the weight shape of each matvec call, "router" for the
-    selection and "linear attention" for the linear layers' decode step."""
+    """`as_if_on_hopper`, recording the weight shape of each matvec call (("normed", shape) where
+    the kernel normalises the rows), "router" for the selection and "linear attention" for the
+    linear layers' decode step."""
+    def matvec_label(x, w, ids, *norm, **k):
+        shape = tuple(s.shape for s in w) if isinstance(w, tuple) else w.shape
+        return ("normed", shape) if norm else shape
+
     return as_if_on_hopper(monkeypatch, {
-        "matvec": lambda x, w, ids, **k: tuple(s.shape for s in w) if isinstance(w, tuple) else w.shape,
+        "matvec": matvec_label,
         "select_experts": lambda *a, **k: "router", "decode_step": lambda *a, **k: "linear attention"})
 
 
@@ -121,10 +155,11 @@ def test_decode_step_through_the_kernel_on_the_cpu(monkeypatch):
     got = decode_logits(model, p, 2)
     # experts gate_up and down, each with the shared expert as one more matrix
     # The weights reach the kernel as the stacks of every layer of a kind (tiny: 3 linear MoE
-    # layers, 2 softmax MoE layers), read in place by index.
-    assert ((3 * 64, 256, 256), (3, 256, 256)) in calls and ((3 * 64, 128, 256), (3, 128, 256)) in calls
-    assert ((2 * 64, 256, 256), (2, 256, 256)) in calls
-    assert (3, 256, 768) in calls and (3, 256, 64) in calls        # linear qkv and the router
+    # layers, 2 softmax MoE layers), read in place by index. The products that follow a norm
+    # (qkv, the router, the experts' gate_up) normalise their rows in the kernel.
+    assert ("normed", ((3 * 64, 256, 256), (3, 256, 256))) in calls and ((3 * 64, 128, 256), (3, 128, 256)) in calls
+    assert ("normed", ((2 * 64, 256, 256), (2, 256, 256))) in calls
+    assert ("normed", (3, 256, 768)) in calls and ("normed", (3, 256, 64)) in calls   # linear qkv, router
     assert "router" in calls and "linear attention" in calls
     assert rel_err(got, want) <= 1e-5
 

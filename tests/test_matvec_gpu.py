@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import rel_err
-from pallas_kernels.matvec import gpu
+from pallas_kernels.matvec import gpu, reference
 from pallas_kernels.backend import platform
 from test_matvec import decode_logits, matvec64, model_with_kernel_shapes, operands
 
@@ -39,6 +39,22 @@ def test_stacks_in_one_launch_match_float64_and_the_concatenation():
     out = gpu.matvec(x, (w, extra), ids)
     assert rel_err(out, matvec64(x, both, ids)) <= 1e-6
     assert np.array_equal(np.asarray(out), np.asarray(gpu.matvec(x, both, ids)))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_rows_normalised_in_the_kernel_match_the_reference(dtype):
+    """Ring-mini's qkv product after the layer's input norm, its weight in a stack of 15: float32
+    against float64, bf16 against the reference's roundings."""
+    x, w, ids = operands(1, 1, 2048, 1, 6144, 1, dtype, dtype, seed=12)
+    weights = jnp.asarray(np.random.default_rng(13).standard_normal((15, 2048)), dtype)
+    out = gpu.matvec(x, w, ids, weights, jnp.int32(9), eps=1e-6)
+    ref = reference.matvec(x, w, ids, weights, jnp.int32(9), eps=1e-6)
+    if dtype == jnp.float32:
+        x64 = np.asarray(x, np.float64)
+        normed = x64 / np.sqrt(np.mean(x64 ** 2, axis=-1, keepdims=True) + 1e-6) * np.asarray(weights[9], np.float64)
+        assert rel_err(out, matvec64(normed, w, ids)) <= 1e-6
+    # bf16: a normalised value may round a step apart where the statistics' last float32 bit differs
+    assert rel_err(out, ref) <= (1e-5 if dtype == jnp.float32 else 2e-3)
 
 
 def test_decode_through_kernel_matches_forward_and_xla(monkeypatch):

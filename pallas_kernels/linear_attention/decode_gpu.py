@@ -104,6 +104,8 @@ def decode_step(qkv, q_weights, k_weights, weight, cos, sin, log_decays, states,
     heads = qkv.reshape(B, 3 * H, D)
     decays = jnp.exp(log_decays.astype(jnp.float32))          # a constant table in the model: folded
     anywhere = pl.BlockSpec(memory_space=pl.ANY)
+    # valid goes in as int8: a conversion of the bool that does not grow it, which XLA hoists out of
+    # a scanned decoder (a widening one it would redo in every layer, one launch each).
     return pl.pallas_call(
         functools.partial(_kernel, spans=_spans(D, rotary_dim), eps=eps, scale=scale),
         grid=(B, H, Dv // BLOCK_V),
@@ -127,5 +129,5 @@ def decode_step(qkv, q_weights, k_weights, weight, cos, sin, log_decays, states,
         compiler_params=pltriton.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
         interpret=interpret,
         name="linear_attention_decode",
-    )(heads, heads, heads, q_weights, k_weights, cos, sin, decays, valid.astype(jnp.int32),
+    )(heads, heads, heads, q_weights, k_weights, cos, sin, decays, valid.astype(jnp.int8),
       jnp.reshape(jnp.asarray(slot, jnp.int32), (1,)), jnp.reshape(jnp.asarray(weight, jnp.int32), (1,)), states)

@@ -17,27 +17,30 @@ from pallas_kernels.backend import Kernel, resolve, with_reference_gradient
 from pallas_kernels.matvec import reference
 
 
-def _gpu(x, w):
+def _gpu(x, w, norm_weight=None):
     def answer():
         from pallas_kernels.matvec import gpu
 
-        if not gpu.fits(x, w):
+        if not gpu.fits(x, w, norm_weight):
             stacks = w if isinstance(w, tuple) else (w,)
             K, N = stacks[0].shape[-2:]
+            norm = "" if norm_weight is None else f", with a norm K a power of two and its weight of x's dtype " \
+                                                   f"(got {norm_weight.dtype})"
             return Kernel(f"takes bf16 or float32 operands with K % {gpu.block_k(stacks[0].dtype)} == 0 and N % "
-                          f"{gpu.BLOCK_N} == 0 (got {x.dtype} x {stacks[0].dtype}, K={K}, N={N})")
-        return Kernel(auto=gpu.supports(x, w))
+                          f"{gpu.BLOCK_N} == 0{norm} (got {x.dtype} x {stacks[0].dtype}, K={K}, N={N})")
+        return Kernel(auto=gpu.supports(x, w, norm_weight))
     return answer
 
 
-def matvec_backend(x, w, backend="auto") -> str:
-    """The backend `matvec` runs for these operands (w: a stack or a tuple of stacks): "gpu" or
-    "reference"."""
-    return resolve(backend, gpu=_gpu(x, w))
+def matvec_backend(x, w, norm_weight=None, backend="auto") -> str:
+    """The backend `matvec` runs for these operands (w: a stack or a tuple of stacks; norm_weight:
+    None, or the norm's weight or stack of weights): "gpu" or "reference"."""
+    return resolve(backend, gpu=_gpu(x, w, norm_weight))
 
 
-def matvec(x, w, ids=None, *, backend="auto", interpret=False):
-    """Row groups times weight matrices, accumulated in float32.
+def matvec(x, w, ids=None, *, norm_weight=None, norm_index=None, norm_eps=None, backend="auto", interpret=False):
+    """Row groups times weight matrices, accumulated in float32; optionally x's rows RMS-normalised
+    first.
 
     x: [X, M, K], X groups of M rows (M small: a decode step's tokens); w: [E, K, N], or a tuple of
     such stacks (one K, N and dtype), which ids address as one stack of their concatenation
@@ -48,6 +51,9 @@ def matvec(x, w, ids=None, *, backend="auto", interpret=False):
     hold one matrix.
     Returns [P, M, N] float32: out[p] = x[p // (P / X)] @ w[ids[p]]. Products of bf16 are exact
     in float32; a float32 operand makes it a full-precision float32 product. The caller rounds.
+    norm_weight: None; or [K] (or a stack [L, K] of which entry norm_index, [] int32, is used), and
+    the product takes `reference.rms_norm(x, weight, norm_eps)` in place of x: HF RMSNorm, every
+    step rounded to x's dtype as the reference rounds it (the kernel takes a weight of x's dtype).
 
     backend, interpret: `pallas_kernels.backend`.
     """
@@ -66,13 +72,24 @@ def matvec(x, w, ids=None, *, backend="auto", interpret=False):
     if ids.ndim != 1 or (ids.shape[0] % X if X else ids.shape[0]):
         raise ValueError(f"matvec: ids must be [P] with P a multiple of {X}, got {ids.shape}")
     ids = ids.astype(jnp.int32)
-    kind = resolve(backend, interpret, gpu=_gpu(x, w))
+    norm = ()
+    if norm_weight is not None:
+        if norm_eps is None:
+            raise ValueError("matvec: a norm needs its norm_eps")
+        weights = norm_weight[None] if norm_index is None else norm_weight
+        if weights.ndim != 2 or weights.shape[1] != K:
+            raise ValueError(f"matvec: norm_weight {norm_weight.shape} must be [{K}], or a stack [L, {K}] with norm_index")
+        norm = (weights, jnp.asarray(0 if norm_index is None else norm_index, jnp.int32))
+    kind = resolve(backend, interpret, gpu=_gpu(x, w, norm_weight))
     if ids.shape[0] == 0:
         return jnp.zeros((0, M, N), jnp.float32)
+
+    def ref(x, w, ids, *norm):
+        return reference.matvec(x, w, ids, *norm, eps=norm_eps)
     if kind == "gpu":
         from pallas_kernels.matvec import gpu
 
-        def kernel(x, w, ids):
-            return gpu.matvec(x, w, ids, interpret=interpret)
-        return with_reference_gradient(kernel, reference.matvec)(x, w, ids)
-    return reference.matvec(x, w, ids)
+        def kernel(x, w, ids, *norm):
+            return gpu.matvec(x, w, ids, *norm, eps=norm_eps, interpret=interpret)
+        return with_reference_gradient(kernel, ref)(x, w, ids, *norm)
+    return ref(x, w, ids, *norm)

@@ -10,7 +10,9 @@ operation). The partials are written and read back: 4 M / block_k of the weight 
 weights, 3% at M = 1.
 
 Each row of x is multiplied with the tile and reduced over K inside the program (a static loop
-over the M rows: Triton tensors must have power-of-two shapes, M need not). Output group p reads
+over the M rows: Triton tensors must have power-of-two shapes, M need not). With a norm, every
+program reads its rows whole (K values from L2, for the statistics) and normalises its K slice
+itself: a decode step's RMSNorm would otherwise be two launches of its own before the product. Output group p reads
 matrix ids[p] of the stacks taken as one and the rows x[p // (P / X)]: several stacks (the routed
 experts and the shared expert) run in one launch without being concatenated.
 """
@@ -45,29 +47,51 @@ def block_k(w_dtype) -> int:
     return TILE_BYTES // (BLOCK_N * jnp.dtype(w_dtype).itemsize)
 
 
-def fits(x, w) -> bool:
+def fits(x, w, norm_weight=None) -> bool:
     """Whether the kernel computes these operands: bf16 or float32, K and N whole tiles, and
-    stacks of one K, N and dtype."""
+    stacks of one K, N and dtype; with a norm, K a power of two (whole rows are one Triton
+    vector) and the norm weight of x's dtype."""
     stacks = _stacks(w)
     K, N = stacks[0].shape[-2:]
     dtype = jnp.dtype(stacks[0].dtype)
     same = all(s.shape[-2:] == (K, N) and jnp.dtype(s.dtype) == dtype for s in stacks)
-    return (same and jnp.dtype(x.dtype) in DTYPES and dtype in DTYPES
+    norm_ok = norm_weight is None or (K & (K - 1) == 0 and jnp.dtype(norm_weight.dtype) == jnp.dtype(x.dtype))
+    return (same and norm_ok and jnp.dtype(x.dtype) in DTYPES and dtype in DTYPES
             and K % block_k(dtype) == 0 and N % BLOCK_N == 0)
 
 
-def supports(x, w) -> bool:
+def supports(x, w, norm_weight=None) -> bool:
     """Whether "auto" takes the kernel: it `fits`, at most MAX_ROWS rows per group and a matrix of
     at most MAX_WEIGHT_ELEMENTS."""
     K, N = _stacks(w)[0].shape[-2:]
-    return fits(x, w) and x.shape[-2] <= MAX_ROWS and K * N <= MAX_WEIGHT_ELEMENTS
+    return fits(x, w, norm_weight) and x.shape[-2] <= MAX_ROWS and K * N <= MAX_WEIGHT_ELEMENTS
 
 
-def _kernel(ids_ref, x_ref, *refs, rows, bk, bn, sizes):
-    *w_refs, out_ref = refs
+def _rows(x_ref, norm_ref, index_ref, *, rows, s, bk, eps):
+    """The program's K slice of each row, float32 [bk] each; with a norm, RMS-normalised with the
+    reference's roundings (`reference.rms_norm`) from the whole row's statistics."""
+    f32 = jnp.float32
+    if norm_ref is None:
+        return [x_ref[m, :].astype(f32) for m in range(rows)]
+
+    def rnd(v):                                              # one rounding to the activation dtype
+        return v.astype(x_ref.dtype).astype(f32)
+
+    weight = norm_ref[index_ref[0], pl.ds(s * bk, bk)].astype(f32)
+    out = []
+    for m in range(rows):
+        row = x_ref[m, :].astype(f32)
+        inv = jax.lax.rsqrt(jnp.sum(row * row) / row.shape[0] + eps)
+        out.append(rnd(rnd(x_ref[m, pl.ds(s * bk, bk)].astype(f32) * inv) * weight))
+    return out
+
+
+def _kernel(ids_ref, x_ref, *refs, rows, bk, bn, sizes, eps):
+    norm_ref, index_ref = refs[:2] if eps is not None else (None, None)
+    *w_refs, out_ref = refs[2:] if eps is not None else refs
     p, n, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     e = ids_ref[p]
-    x = [x_ref[m, :].astype(jnp.float32) for m in range(rows)]                              # [bk] each
+    x = _rows(x_ref, norm_ref, index_ref, rows=rows, s=s, bk=bk, eps=eps)
 
     def product(w_ref, i):
         tile = w_ref[i, pl.ds(s * bk, bk), pl.ds(n * bn, bn)].astype(jnp.float32)          # [bk, bn]
@@ -83,27 +107,30 @@ def _kernel(ids_ref, x_ref, *refs, rows, bk, bn, sizes):
         first += size
 
 
-@functools.partial(jax.jit, static_argnames=("interpret",))
-def matvec(x, w, ids, *, interpret=False):
-    """x: [X, M, K]; w: [E, K, N] or a tuple of such stacks; ids: [P] int32 -> [P, M, N] float32
-    (api.matvec)."""
+@functools.partial(jax.jit, static_argnames=("eps", "interpret"))
+def matvec(x, w, ids, norm_weight=None, norm_index=None, *, eps=None, interpret=False):
+    """x: [X, M, K]; w: [E, K, N] or a tuple of such stacks; ids: [P] int32; norm_weight: None or
+    [L, K] with norm_index [] int32 -> [P, M, N] float32 (api.matvec)."""
     stacks = _stacks(w)
     X, M, K = x.shape
     P, N = ids.shape[0], stacks[0].shape[2]
     share = P // X
     bk, bn = block_k(stacks[0].dtype), BLOCK_N
     S = K // bk
+    anywhere = pl.BlockSpec(memory_space=pl.ANY)
+    if norm_weight is None:
+        x_spec, norm, eps = pl.BlockSpec((None, M, bk), lambda p, n, s: (p // share, 0, s)), [], None
+    else:                                                        # whole rows, for the statistics
+        x_spec = pl.BlockSpec((None, M, K), lambda p, n, s: (p // share, 0, 0))
+        norm = [norm_weight, jnp.reshape(jnp.asarray(norm_index, jnp.int32), (1,))]
     partial = pl.pallas_call(
-        functools.partial(_kernel, rows=M, bk=bk, bn=bn, sizes=tuple(s.shape[0] for s in stacks)),
+        functools.partial(_kernel, rows=M, bk=bk, bn=bn, sizes=tuple(s.shape[0] for s in stacks), eps=eps),
         grid=(P, N // bn, S),
-        in_specs=[
-            pl.BlockSpec(memory_space=pl.ANY),                                  # ids: whole, read by p
-            pl.BlockSpec((None, M, bk), lambda p, n, s: (p // share, 0, s)),
-        ] + [pl.BlockSpec(memory_space=pl.ANY)] * len(stacks),                  # stacks: whole, by ids
+        in_specs=[anywhere, x_spec] + [anywhere] * (len(norm) + len(stacks)),   # ids, norm, stacks: whole
         out_specs=pl.BlockSpec((None, None, M, bn), lambda p, n, s: (s, p, 0, n)),
         out_shape=jax.ShapeDtypeStruct((S, P, M, N), jnp.float32),
         compiler_params=pltriton.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
         interpret=interpret,
         name="matvec",
-    )(ids, x, *stacks)
+    )(ids, x, *norm, *stacks)
     return jnp.sum(partial, axis=0)

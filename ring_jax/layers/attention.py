@@ -173,9 +173,9 @@ class SoftmaxAttention(nnx.Module):
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, cache: Cache | None = None,
                  slot=None, valid: jax.Array | None = None) -> tuple[jax.Array, Cache | None]:
-        """x: [B, T, hidden]; cos, sin: [T, rotary_dim] or [B, T, rotary_dim]; slot: this layer's
-        softmax-layer slot in the cache (int or traced [] int32). valid is unused: padding is read
-        from cache.start.
+        """x: [B, T, hidden] (an array or a `Normed`); cos, sin: [T, rotary_dim] or [B, T,
+        rotary_dim]; slot: this layer's softmax-layer slot in the cache (int or traced [] int32).
+        valid is unused: padding is read from cache.start.
 
         Without a cache: the causal forward. With one: x's keys and values are written at slots
         cursor..cursor+T-1 of cache.keys[slot] and cache.values[slot], and the queries read them.

@@ -8,6 +8,7 @@ from flax import nnx
 
 import pallas_kernels
 from ring_jax import backends
+from ring_jax.layers.norms import norm_operands
 from ring_jax.layers.stack import StackSlice, read
 from ring_jax.sharding import param
 
@@ -23,19 +24,20 @@ def einsum(spec: str, x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
     return y.astype(out_dtype or x.dtype)
 
 
-def matmul(x: jax.Array, w, out_dtype=None) -> jax.Array:
-    """x [..., K] @ w [K, N] (an array or a `StackSlice`), as `einsum`; a decode step's few rows
-    may take the matvec kernel (`backends.projection_matvec`), which reads a stacked layer's
-    weights in their stack."""
+def matmul(x, w, out_dtype=None) -> jax.Array:
+    """x [..., K] (an array or a `Normed`) @ w [K, N] (an array or a `StackSlice`), as `einsum`;
+    a decode step's few rows may take the matvec kernel (`backends.projection_matvec`), which
+    reads a stacked layer's weights in their stack and normalises a Normed's rows itself."""
     K, N = w.shape
     rows = math.prod(x.shape[:-1])
     if backends.projection_matvec(x, w):
+        rows_in, norm = norm_operands(x)
         if isinstance(w, StackSlice):
-            y = pallas_kernels.matvec(x.reshape(1, rows, K), w.stack, w.indices())
+            y = pallas_kernels.matvec(rows_in.reshape(1, rows, K), w.stack, w.indices(), **norm)
         else:
-            y = pallas_kernels.matvec(x.reshape(1, rows, K), w[None])
+            y = pallas_kernels.matvec(rows_in.reshape(1, rows, K), w[None], **norm)
         return y.reshape(*x.shape[:-1], N).astype(out_dtype or x.dtype)
-    return einsum("...k,kn->...n", x, read(w), out_dtype)
+    return einsum("...k,kn->...n", read(x), read(w), out_dtype)
 
 
 class Linear(nnx.Module):

@@ -88,8 +88,8 @@ class LinearAttention(nnx.Module):
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, cache: Cache | None = None,
                  slot=None, valid: jax.Array | None = None) -> tuple[jax.Array, Cache | None]:
-        """x: [B, T, hidden]; cos, sin: [(B,) T, rotary_dim]; slot: this layer's linear-layer slot
-        (int or traced [] int32): its decay, and its state in cache.states.
+        """x: [B, T, hidden] (an array or a `Normed`); cos, sin: [(B,) T, rotary_dim]; slot: this
+        layer's linear-layer slot (int or traced [] int32): its decay, and its state in cache.states.
 
         Without a cache: the causal forward from a zero state. With one: x continues the state
         cache.states[slot], which comes back updated. valid: [B, T] bool or None: False marks left

@@ -28,7 +28,8 @@ from ring_jax import backends
 from ring_jax.config import RingConfig
 from ring_jax.layers.linear import matmul
 from ring_jax.layers.mlp import MLP, swiglu
-from ring_jax.layers.stack import StackSlice, stack_and_index
+from ring_jax.layers.norms import norm_operands
+from ring_jax.layers.stack import StackSlice, read, stack_and_index
 from ring_jax.sharding import in_mesh, mesh_axis, on_blocks, param
 
 
@@ -45,8 +46,9 @@ class Router(nnx.Module):
         self.kernel = nnx.Param((jax.random.normal(rngs.params(), (hidden, E)) / hidden ** 0.5).astype(dtype))
         self.expert_bias = nnx.Param(jnp.zeros((E,), jnp.float32))
 
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """x: [N, hidden] -> (expert ids [N, top_k] int32, weights [N, top_k] float32)."""
+    def __call__(self, x) -> tuple[jax.Array, jax.Array]:
+        """x: [N, hidden], an array or a `Normed` -> (expert ids [N, top_k] int32, weights [N, top_k]
+        float32)."""
         kernel = self.kernel.get_value()                     # an array or a StackSlice
         logits = matmul(x.astype(jnp.float32), kernel)       # [N, E] float32 (kernel promoted)
         scores = jax.nn.sigmoid(logits)
@@ -135,10 +137,12 @@ def gathered_outputs(tokens, ids, gate_up, down):
 
 def _matvecs(tokens, ids, gate_up, down):
     """-> [N, k, hidden]: pair n k + j through matrices ids[n, j] of the stacks gate_up and down,
-    which may be tuples of stacks (`pallas_kernels.matvec`) that ids address as one."""
+    which may be tuples of stacks (`pallas_kernels.matvec`) that ids address as one. tokens: an
+    array or a `Normed` (the kernel normalises the rows)."""
     N, k = ids.shape
     pairs = ids.reshape(-1)
-    out = pallas_kernels.matvec(tokens[:, None], gate_up, pairs).astype(tokens.dtype)     # [N k, 1, 2 I]
+    rows, norm = norm_operands(tokens)
+    out = pallas_kernels.matvec(rows[:, None], gate_up, pairs, **norm).astype(tokens.dtype)  # [N k, 1, 2 I]
     out = pallas_kernels.matvec(swiglu(out), down, pairs).astype(tokens.dtype)            # [N k, 1, hidden]
     return out.reshape(N, k, out.shape[-1])
 
@@ -221,8 +225,8 @@ class MoE(nnx.Module):
         width = config.shared_expert_intermediate_size
         self.shared_experts = MLP(config.hidden_size, width, dtype=dtype, rngs=rngs) if width else None
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """x: [B, T, hidden] -> [B, T, hidden]."""
+    def __call__(self, x) -> jax.Array:
+        """x: [B, T, hidden], an array or a `Normed` -> [B, T, hidden]."""
         tokens = x.reshape(-1, x.shape[-1])                                          # [N, hidden]
         ids, weights = self.gate(tokens)                                             # [N, k]
         gate_up, down = self.experts.gate_up_proj.get_value(), self.experts.down_proj.get_value()
@@ -238,6 +242,7 @@ class MoE(nnx.Module):
                                   axis=1)
             out = _matvecs(tokens, ids, (gate_up, shared_gate_up), (down, shared_down))   # [N, k + 1, hidden]
             return (combine(out[:, :-1], weights) + out[:, -1]).reshape(x.shape)
+        tokens = read(tokens)
         routed = self.experts(tokens, ids, weights)                                  # [N, hidden]
         if self.shared_experts is not None:
             routed = routed + self.shared_experts(tokens)

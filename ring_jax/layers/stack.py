@@ -53,8 +53,8 @@ class StackSlice:
 
 
 def read(x):
-    """An array, or a StackSlice read into one."""
-    return x.read() if isinstance(x, StackSlice) else x
+    """An array, or a value not yet computed (a StackSlice, a `norms.Normed`) computed into one."""
+    return x.read() if hasattr(x, "read") else x
 
 
 def stack_and_index(x) -> tuple[jax.Array, object]:
