@@ -17,6 +17,12 @@ for flag in FLAGS:
     if flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
 
+# One OpenMP thread (PyTorch, for the tests' float64 reference, and numpy's BLAS) unless told
+# otherwise: their operands are tiny, and with the suite's two workers on two cores a second
+# thread mostly waits for a core that the other worker holds (a reference forward then takes
+# seconds instead of milliseconds). Set before either library loads.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 # The command lines and `import ring_jax` keep compiled steps in ~/.cache unless told otherwise:
 # not from the tests (tests/test_cli_notebook.py points the command lines at a folder of its own).
 os.environ["RING_JAX_COMPILATION_CACHE"] = "off"

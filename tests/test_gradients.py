@@ -44,7 +44,9 @@ def test_model_gradients_match_torch_autograd(tmp_path, tiny_dict, changes):
     loss.backward()
     want = {name: p.grad.numpy() for name, p in ref.named_parameters()}
 
-    value, grads = nnx.value_and_grad(lambda m: model_loss(m.forward(jnp.asarray(ids)), jnp.asarray(targets)))(model)
+    # Jitted: one compiled program (op by op, each op of the forward and the backward compiles apart).
+    loss_of = nnx.value_and_grad(lambda m: model_loss(m.forward(jnp.asarray(ids)), jnp.asarray(targets)))
+    value, grads = nnx.jit(loss_of)(model)
     assert abs(float(value) - loss.item()) <= 1e-5 * loss.item()
     as_grads = nnx.clone(model)
     nnx.update(as_grads, grads)
@@ -73,14 +75,20 @@ def test_module_input_gradients_match_torch_autograd(tmp_path, tiny_dict):
     cos, sin = rope_tables(model.config, jnp.arange(T), jnp.float32)
     rc, rs = rope_cos_sin(dict(tiny_dict), torch.arange(T), torch.float64)
     assert [model.config.is_softmax_layer(i) for i in range(3)] == [False, False, True]
+    ours, theirs = {}, {}
     for i in range(3):
-        layer, slot, theirs = model.layer(i), cache_slot(model.config, i), ref.model.layers[i]
-        modules = {"attention": (lambda x: layer.attention(x, cos, sin, slot=slot)[0],
-                                 lambda x: theirs.attention(x, rc, rs)),
-                   "mlp": (layer.mlp, theirs.mlp),
-                   "layer": (lambda x: layer(x, cos, sin, slot=slot)[0], lambda x: theirs(x, rc, rs))}
-        for name, (ours, reference_module) in modules.items():
-            got = jax.grad(lambda x: jnp.sum(ours(x) * r))(jnp.asarray(x))
-            x64 = torch.tensor(x, dtype=torch.float64, requires_grad=True)
-            (reference_module(x64) * torch.as_tensor(r, dtype=torch.float64)).sum().backward()
-            assert rel_err(got, x64.grad.numpy()) <= GRAD_TOL, (i, name, rel_err(got, x64.grad.numpy()))
+        layer, slot, ref_layer = model.layer(i), cache_slot(model.config, i), ref.model.layers[i]
+        ours.update({(i, "attention"): lambda x, layer=layer, slot=slot: layer.attention(x, cos, sin, slot=slot)[0],
+                     (i, "mlp"): layer.mlp,
+                     (i, "layer"): lambda x, layer=layer, slot=slot: layer(x, cos, sin, slot=slot)[0]})
+        theirs.update({(i, "attention"): lambda x, ref_layer=ref_layer: ref_layer.attention(x, rc, rs),
+                       (i, "mlp"): ref_layer.mlp,
+                       (i, "layer"): lambda x, ref_layer=ref_layer: ref_layer(x, rc, rs)})
+    # Every module's gradient in one jitted program: one compilation, rather than one per module or
+    # one per op (op by op).
+    got = jax.jit(lambda x: {key: jax.grad(lambda x: jnp.sum(module(x) * r))(x)
+                             for key, module in ours.items()})(jnp.asarray(x))
+    for key, reference_module in theirs.items():
+        x64 = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+        (reference_module(x64) * torch.as_tensor(r, dtype=torch.float64)).sum().backward()
+        assert rel_err(got[key], x64.grad.numpy()) <= GRAD_TOL, (key, rel_err(got[key], x64.grad.numpy()))

@@ -13,15 +13,17 @@ from pallas_kernels.moe import gmm_gpu, reference as moe_reference
 
 
 def grads(f, args, argnums):
-    """The gradient of sum(f(*args) * r) (r random, fixed per output) with respect to args[argnums]."""
-    out = f(*args)
+    """The gradient of sum(f(*args) * r) (r random, fixed per output) with respect to args[argnums],
+    jitted: one compiled program rather than an op-by-op evaluation (in which an interpret-mode
+    kernel runs each of its grid steps' ops one by one)."""
+    out = jax.eval_shape(f, *args)
     weights = [jnp.asarray(np.random.default_rng(i).standard_normal(o.shape), jnp.float32)
                for i, o in enumerate(jax.tree.leaves(out)) if jnp.issubdtype(o.dtype, jnp.floating)]
 
     def loss(*a):
         floats = [o for o in jax.tree.leaves(f(*a)) if jnp.issubdtype(o.dtype, jnp.floating)]
         return sum(jnp.sum(o.astype(jnp.float32) * w) for o, w in zip(floats, weights))
-    return jax.grad(loss, argnums)(*args)
+    return jax.jit(jax.grad(loss, argnums))(*args)
 
 
 def same_gradients(kernel_call, reference_call, args, argnums):
