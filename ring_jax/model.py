@@ -92,6 +92,7 @@ class RingModel(nnx.Module):
                         else Linear(hidden, V, axes=("embed", "vocab"), dtype=dtype, rngs=rngs))
         self.mtp_layers = nnx.List([MTPLayer(config, dtype=dtype, rngs=rngs)
                                     for _ in range(config.num_nextn_predict_layers)])
+        self.remat = False             # training (`ring_jax.train`): recompute each layer in the backward pass
 
     @property
     def dtype(self):
@@ -116,7 +117,10 @@ class RingModel(nnx.Module):
             slot = r.slot + repeat * schedule.slot_stride(r.kind)
 
             def one(x, cache, index, slot):
-                return layer_view(stack, index)(x, cos, sin, cache, slot, valid)
+                def layer(x, cache, index, slot):
+                    return layer_view(stack, index)(x, cos, sin, cache, slot, valid)
+                # remat: a layer's activations are recomputed in the backward pass, not kept
+                return (jax.checkpoint(layer) if self.remat else layer)(x, cache, index, slot)
 
             if r.length == 1:
                 return one(x, cache, index, slot)

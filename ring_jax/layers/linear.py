@@ -41,11 +41,17 @@ def matmul(x, w, out_dtype=None) -> jax.Array:
 
 
 class Linear(nnx.Module):
-    """y = x @ kernel; kernel: [in_features, out_features] with logical axes `axes`."""
+    """y = x @ kernel; kernel: [in_features, out_features] with logical axes `axes`. lora: None, or
+    a `ring_jax.lora.LoRA` adapter whose update is added (fine-tuning)."""
 
     def __init__(self, in_features: int, out_features: int, *, axes=(None, None), dtype, rngs: nnx.Rngs):
         init = jax.random.normal(rngs.params(), (in_features, out_features), jnp.float32)
         self.kernel = param((init / in_features ** 0.5).astype(dtype), axes)
+        self.lora = nnx.data(None)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return matmul(x, self.kernel.get_value())
+    def __call__(self, x) -> jax.Array:
+        """x: [..., in] (an array or a `Normed`) -> [..., out] in x's dtype."""
+        y = matmul(x, self.kernel.get_value())
+        if self.lora is None:
+            return y
+        return (y.astype(jnp.float32) + self.lora(x)).astype(y.dtype)

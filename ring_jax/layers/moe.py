@@ -231,8 +231,9 @@ class MoE(nnx.Module):
         ids, weights = self.gate(tokens)                                             # [N, k]
         gate_up, down = self.experts.gate_up_proj.get_value(), self.experts.down_proj.get_value()
         shared = self.shared_experts
-        if backends.shared_expert_joins(tokens, ids, gate_up, down, None if shared is None else
-                                        (shared.gate_up_proj.kernel.get_value(), shared.down_proj.kernel.get_value())):
+        plain = shared is not None and shared.gate_up_proj.lora is None and shared.down_proj.lora is None
+        if backends.shared_expert_joins(tokens, ids, gate_up, down, (
+                shared.gate_up_proj.kernel.get_value(), shared.down_proj.kernel.get_value()) if plain else None):
             # One matvec call per product for the routed pairs and the shared expert: pair k of
             # each token reads the shared matrix, which follows every routed one in the tuples.
             (gate_up, first), (down, _) = _one_stack(gate_up), _one_stack(down)

@@ -1,0 +1,387 @@
+"""Fine-tuning with optax: LoRA adapters or every parameter, resumable.
+
+    python -m ring_jax.train --model DIR --data train.jsonl --out RUN [--config train.yaml] [flags]
+    python -m ring_jax.train merge --run RUN --out MERGED
+
+The data is JSONL (`ring_jax.train_data`): `text` lines (loss on every token) or chat `messages`
+(loss on the assistant turns only). Each step is one AdamW update (`optimizer`: warmup then cosine
+decay, global-norm clipping) from the mean gradient of `accumulate` micro-batches of
+`batch_size` rows of `seq_len` tokens; each decoder layer is recomputed in the backward pass (remat).
+
+What trains:
+- LoRA (`lora_rank` > 0, the default): float32 adapters on the attention projections and the shared
+  expert (`ring_jax.lora`); everything else is frozen, the router and its `expert_bias` included.
+- Every parameter (`lora_rank` 0) but the routers' `expert_bias`, which steers the selection only
+  (no gradient reaches it) and which this trainer does not update by load statistics: the
+  selection's balance stays as the checkpoint had it.
+
+A run folder holds `train.json` (the settings), `log.jsonl` (one line per step: loss, gradient
+norm, learning rate, target tokens, seconds) and `checkpoints/` (Orbax: the trained parameters and
+the optimizer state every `save_every` steps and at the end). Started again on the same folder, a
+run resumes from its last checkpoint: the batches depend only on (seed, step), so a run killed and
+resumed logs the same losses, bit for bit, as one that was not. `merge` folds a LoRA run's adapters
+into the base model and writes a model folder that `load_model`, `generate` and `python -m convert
+jax2hf` take.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from ring_jax import lora
+from ring_jax.checkpoint import load_model, save_model
+from ring_jax.errors import ArgumentParser, exit_now, run_command
+from ring_jax.flags import add_model_flags, build_mesh, integer, number, positive_int
+from ring_jax.sharding import first_array, model_mesh
+from ring_jax.staging import staged_folder
+from ring_jax.steps import on_mesh, placer
+from ring_jax.tokenizer import FILES as TOKENIZER_FILES, load_tokenizer
+from ring_jax.train_data import Batches, read_examples
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The settings of a run (`python -m ring_jax.train --help` says what each does)."""
+    steps: int = 1000
+    batch_size: int = 8
+    seq_len: int = 4096
+    accumulate: int = 1
+    learning_rate: float = 1e-4
+    warmup: int = 100
+    end_learning_rate: float = 1e-5
+    weight_decay: float = 0.0
+    clip: float = 1.0
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    lora_targets: tuple[str, ...] = lora.DEFAULT_TARGETS
+    remat: bool = True
+    save_every: int = 100
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "seq_len", "accumulate", "save_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup", "lora_rank", "seed"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.warmup >= self.steps:
+            raise ValueError(f"warmup ({self.warmup} steps) must be shorter than the run ({self.steps} steps)")
+        if not self.learning_rate > 0 or self.end_learning_rate < 0 or self.clip <= 0 or self.weight_decay < 0:
+            raise ValueError("learning_rate and clip must be > 0, end_learning_rate and weight_decay >= 0")
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+
+    def as_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "lora_targets": list(self.lora_targets)}
+
+
+def schedule(config: TrainConfig) -> optax.Schedule:
+    """The learning rate of each step: linear warmup from 0, then cosine decay to the end rate."""
+    return optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, config.warmup, config.steps,
+                                              end_value=config.end_learning_rate)
+
+
+def optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    """AdamW on `schedule`, after clipping the gradients' global norm."""
+    return optax.chain(optax.clip_by_global_norm(config.clip),
+                       optax.adamw(schedule(config), weight_decay=config.weight_decay))
+
+
+def trainable(config: TrainConfig):
+    """The NNX filter of the parameters that train."""
+    if config.lora_rank:
+        return nnx.LoRAParam
+    return nnx.All(nnx.Param, nnx.Not(nnx.PathContains("expert_bias")))
+
+
+def prepare(model, config: TrainConfig) -> None:
+    """Readies `model` for training in place: remat, and the LoRA adapters."""
+    model.remat = config.remat
+    if config.lora_rank:
+        lora.attach(model, config.lora_rank, config.lora_alpha, config.lora_targets, seed=config.seed)
+
+
+def loss(model, tokens, targets, weights) -> jax.Array:
+    """The weighted mean next-token loss (nats): tokens, targets: [B, L] int32; weights: [B, L]
+    float32 (0 where a position is not a target). Logits in float32, as the scoring steps."""
+    logits = model.logits(model.hidden_states(tokens))                               # [B, L, V]
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    nll = jax.nn.logsumexp(logits, axis=-1) - picked
+    return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(2, 3))
+def train_step(graphdef, tx, params, opt_state, frozen, batch):
+    """One update from the micro-batches `batch` = (tokens, targets, weights), each [A, B, L]: the
+    mean of their gradients. Returns (params, opt_state, mean loss, gradient global norm)."""
+    def micro(total, micro_batch):
+        value, grads = jax.value_and_grad(lambda p: loss(nnx.merge(graphdef, p, frozen), *micro_batch))(params)
+        return jax.tree.map(jnp.add, total, (value, grads)), None
+
+    zeros = (jnp.float32(0), jax.tree.map(jnp.zeros_like, params))
+    (value, grads), _ = jax.lax.scan(micro, zeros, batch)
+    count = batch[0].shape[0]
+    value, grads = value / count, jax.tree.map(lambda g: g / count, grads)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, value, optax.global_norm(grads)
+
+
+class Run:
+    """A run folder: its settings, its log and its checkpoints."""
+
+    def __init__(self, folder: str, config: TrainConfig, model_path: str, data_path: str):
+        import orbax.checkpoint as ocp
+
+        self.folder = os.path.abspath(folder)
+        self.config = config
+        settings = {"model": os.path.abspath(model_path), "data": os.path.abspath(data_path),
+                    "config": config.as_dict()}
+        path = os.path.join(self.folder, "train.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                before = json.load(f)
+            changed = [k for k in settings["config"] if before.get("config", {}).get(k) != settings["config"][k]]
+            changed += [k for k in ("model", "data") if before.get(k) != settings[k]]
+            if changed:
+                raise ValueError(f"{folder} holds a run with other settings ({', '.join(changed)}); "
+                                 f"resume it with its own or give a new --out")
+        else:
+            os.makedirs(self.folder, exist_ok=True)
+            with open(path, "w") as f:
+                json.dump(settings, f, indent=1)
+        self.manager = ocp.CheckpointManager(
+            os.path.join(self.folder, "checkpoints"),
+            options=ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False))
+
+    @property
+    def log_path(self) -> str:
+        return os.path.join(self.folder, "log.jsonl")
+
+    def latest(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, params, opt_state) -> None:
+        import orbax.checkpoint as ocp
+
+        tree = {"params": jax.tree.leaves(params), "opt_state": jax.tree.leaves(opt_state)}
+        self.manager.save(step, args=ocp.args.StandardSave(tree))
+        self.manager.wait_until_finished()
+
+    def restore(self, step: int, params, opt_state):
+        """(params, opt_state) of checkpoint `step`, laid out as the given ones."""
+        import orbax.checkpoint as ocp
+
+        target = {"params": jax.tree.leaves(params), "opt_state": jax.tree.leaves(opt_state)}
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target)
+        tree = self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        return (jax.tree.unflatten(jax.tree.structure(params), tree["params"]),
+                jax.tree.unflatten(jax.tree.structure(opt_state), tree["opt_state"]))
+
+    def log(self, record: dict) -> None:
+        with open(self.log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def truncate_log(self, step: int) -> None:
+        """Keeps the log's lines of steps before `step` (a resumed run writes the later ones again)."""
+        if not os.path.exists(self.log_path):
+            return
+        with open(self.log_path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["step"] < step]
+        with open(self.log_path, "w") as f:
+            f.writelines(kept)
+
+
+def fit(model, batches: Batches, config: TrainConfig, run: Run, say=print) -> list[dict]:
+    """Trains `model` (readied by `prepare`) on `batches` for config.steps steps, resuming from the
+    run's last checkpoint. Returns the log records of the steps it ran."""
+    tx = optimizer(config)
+    graphdef, params, frozen = nnx.split(model, trainable(config), ...)
+    mesh = model_mesh(model)
+
+    def committed(x):
+        """x committed to its devices (on the mesh: replicated where it is not laid out over it), as
+        the step's outputs are: a step whose operands differ in that from the last one's compiles
+        again."""
+        where = x.sharding if mesh is None or isinstance(x.sharding, NamedSharding) else NamedSharding(mesh, P())
+        return jax.device_put(x, where)
+
+    params, opt_state = jax.tree.map(committed, (params, jax.jit(tx.init)(params)))
+    start = run.latest() or 0
+    if start:
+        params, opt_state = run.restore(start, params, opt_state)
+        say(f"resuming {run.folder} at step {start}")
+    run.truncate_log(start)
+    place = placer(first_array(model).sharding)
+    rate = jax.jit(schedule(config))
+    records = []
+    with on_mesh(mesh):
+        for step in range(start, config.steps):
+            micro = [batches.batch(step * config.accumulate + a) for a in range(config.accumulate)]
+            batch = tuple(place(np.stack(parts), (None, "batch", None)) for parts in zip(*micro))
+            t = time.perf_counter()
+            params, opt_state, value, norm = train_step(graphdef, tx, params, opt_state, frozen, batch)
+            value = float(value)
+            seconds = time.perf_counter() - t
+            targets = int(sum(float(np.sum(w)) for _, _, w in micro))
+            record = {"step": step, "loss": value, "grad_norm": float(norm), "lr": float(rate(step)),
+                      "tokens": targets, "seconds": round(seconds, 4)}
+            run.log(record)
+            records.append(record)
+            say(f"step {step + 1}/{config.steps}  loss {value:.4f}  grad-norm {record['grad_norm']:.3g}  "
+                f"lr {record['lr']:.3g}  {targets / seconds:,.0f} target tokens/s")
+            if (step + 1) % config.save_every == 0 or step + 1 == config.steps:
+                run.save(step + 1, params, opt_state)
+    nnx.update(model, params)
+    return records
+
+
+def merge_run(run_folder: str, out: str, model_path: str | None = None, say=print) -> None:
+    """Writes the base model of a LoRA run with the adapters of its last checkpoint merged in, and
+    the base folder's tokenizer files, to a new model folder `out`."""
+    with open(os.path.join(run_folder, "train.json")) as f:
+        settings = json.load(f)
+    config = TrainConfig(**settings["config"])
+    if not config.lora_rank:
+        raise ValueError(f"{run_folder} trained every parameter: its checkpoints hold the model, there are no "
+                         f"adapters to merge")
+    base = model_path or settings["model"]
+    model = load_model(base)
+    prepare(model, config)
+    run = Run(run_folder, config, settings["model"], settings["data"])
+    step = run.latest()
+    if step is None:
+        raise ValueError(f"{run_folder} has no checkpoint yet")
+    tx = optimizer(config)
+    _, params, _ = nnx.split(model, trainable(config), ...)
+    params, _ = run.restore(step, params, tx.init(params))
+    nnx.update(model, params)
+    merged = lora.merge(model)
+    with staged_folder(out) as tmp:
+        os.rmdir(tmp)
+        save_model(model, tmp)
+        for name in TOKENIZER_FILES:
+            if os.path.isfile(os.path.join(base, name)):
+                shutil.copy(os.path.join(base, name), tmp)
+    say(f"merged {merged} adapted projections of step {step} into {out}")
+
+
+# ------------------------------------------------------------------------------------ command line
+FLAGS = {   # name: (type, help)
+    "steps": (positive_int, "optimizer steps"),
+    "batch_size": (positive_int, "rows per micro-batch (one example per row)"),
+    "seq_len": (positive_int, "tokens per row: longer examples are cut, shorter ones padded"),
+    "accumulate": (positive_int, "micro-batches per step (their gradients averaged)"),
+    "learning_rate": (number(0, low_open=True), "peak learning rate"),
+    "warmup": (integer(0), "steps of linear warmup from 0"),
+    "end_learning_rate": (number(0), "learning rate at the end of the cosine decay"),
+    "weight_decay": (number(0), "AdamW weight decay"),
+    "clip": (number(0, low_open=True), "clip the gradients' global norm to this"),
+    "lora_rank": (integer(0), "LoRA rank; 0 trains every parameter"),
+    "lora_alpha": (number(0, low_open=True), "LoRA alpha (the update is scaled by alpha / rank)"),
+    "save_every": (positive_int, "steps between checkpoints"),
+    "seed": (integer(0), "data order and LoRA initialisation"),
+}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["merge"]:
+        p = ArgumentParser(prog="python -m ring_jax.train merge",
+                           description="Merge a LoRA run's adapters into its base model: a new model folder.")
+        p.add_argument("--run", required=True, help="the run folder (--out of the training)")
+        p.add_argument("--out", required=True, help="the merged model folder to write (must not exist)")
+        p.add_argument("--model", help="the base model folder (default: the run's)")
+        p.add_argument("--debug", action="store_true", help="show the traceback of an error")
+        args = p.parse_args(argv[1:])
+        args.command = "merge"
+        return args
+    p = ArgumentParser(prog="python -m ring_jax.train", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_flags(p)
+    p.add_argument("--data", required=True, help="training data, JSONL: {'text': ...} or {'messages': [...]} lines")
+    p.add_argument("--out", required=True, help="the run folder (made, or resumed when it holds a run)")
+    p.add_argument("--config", help="a YAML or JSON file of these settings (flag names, - or _); flags override it")
+    defaults = TrainConfig()
+    for name, (kind, text) in FLAGS.items():
+        p.add_argument("--" + name.replace("_", "-"), type=kind, help=f"{text} (default {getattr(defaults, name)})")
+    p.add_argument("--lora-targets", help=f"comma-separated, of {sorted(lora.TARGETS)} (default "
+                                          f"{','.join(defaults.lora_targets)})")
+    p.add_argument("--no-remat", action="store_true", help="keep every layer's activations (faster, more memory)")
+    args = p.parse_args(argv)
+    args.command = "train"
+    try:
+        args.train = train_config(args)
+    except ValueError as e:
+        p.error(str(e))
+    return args
+
+
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    """The settings: the defaults, then the --config file, then the flags given."""
+    settings = {}
+    if args.config:
+        with open(args.config) as f:
+            text = f.read()
+        if args.config.endswith((".yaml", ".yml")):
+            import yaml
+
+            settings = yaml.safe_load(text) or {}
+        else:
+            settings = json.loads(text)
+        if not isinstance(settings, dict):
+            raise ValueError(f"--config {args.config}: expected a mapping of settings")
+        settings = {k.replace("-", "_"): v for k, v in settings.items()}
+        unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(TrainConfig)})
+        if unknown:
+            raise ValueError(f"--config {args.config}: unknown settings {unknown}")
+    for name in FLAGS:
+        if getattr(args, name) is not None:
+            settings[name] = getattr(args, name)
+    if args.lora_targets:
+        settings["lora_targets"] = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
+    if args.no_remat:
+        settings["remat"] = False
+    return TrainConfig(**settings)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.command == "merge":
+        merge_run(args.run, args.out, args.model, say=lambda line: print(line, file=sys.stderr))
+        return 0
+    from ring_jax.compilation_cache import enable_compilation_cache
+    from ring_jax.config import RingConfig
+
+    enable_compilation_cache(args.compilation_cache)
+    config = args.train
+    run_folder = Run(args.out, config, args.model, args.data)            # bad input first: before loading
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    batches = Batches(read_examples(args.data, tokenizer), config.batch_size, config.seq_len, config.seed)
+    mesh = build_mesh(args.mesh, RingConfig.from_hf(args.model).num_experts)
+    model = load_model(args.model, args.dtype, mesh=mesh, verify=True)
+    prepare(model, config)
+    fit(model, batches, config, run_folder, say=lambda line: print(line, file=sys.stderr, flush=True))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    return run_command(run, args, "ring_jax.train", args.debug)
+
+
+if __name__ == "__main__":
+    exit_now(main())

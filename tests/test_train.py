@@ -1,0 +1,148 @@
+"""Fine-tuning on the CPU (`ring_jax.train`, `ring_jax.lora`): adapters that start at the model and
+merge into it, a memorisation run, the every-parameter mode, and the command line's resume after
+SIGKILL (the same losses, bit for bit) and merge."""
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import CONFIGS, rel_err, tiny_model_folder
+from ring_jax import RingConfig, RingModel, load_model, lora, train
+from ring_jax.train_data import Batches, Example
+
+pytestmark = pytest.mark.slow
+
+
+def tiny_model():
+    return RingModel(RingConfig.from_hf(os.path.join(CONFIGS, "tiny.json")), dtype=jnp.float32, rngs=nnx.Rngs(0))
+
+
+def random_examples(n, length, vocab, seed=0):
+    rng = np.random.default_rng(seed)
+    return [Example(rng.integers(0, vocab, length).astype(np.int32), np.r_[False, np.ones(length - 1, bool)])
+            for _ in range(n)]
+
+
+def test_adapters_start_at_the_model_and_merge_into_it():
+    model = tiny_model()
+    ids = np.random.default_rng(1).integers(0, model.config.vocab_size, (2, 9))
+    base = np.asarray(model(ids))
+    names = lora.attach(model, 4, 8.0)
+    assert {"linear_moe.attention.g_proj", "softmax_moe.attention.dense", "linear_dense.mlp.gate_up_proj",
+            "softmax_moe.mlp.shared_experts.down_proj"} <= set(names)
+    assert np.array_equal(np.asarray(model(ids)), base)                   # B = 0: the model unchanged
+    for i, (_, linear) in enumerate(lora.projections(model)):
+        b = linear.lora.b.get_value()
+        linear.lora.b.set_value(0.05 * jax.random.normal(jax.random.key(i), b.shape, b.dtype))
+    adapted = np.asarray(model(ids))
+    assert rel_err(adapted, base) > 1e-3
+    assert lora.merge(model) == len(names)
+    assert all(linear.lora is None for _, linear in lora.projections(model))
+    assert rel_err(model(ids), adapted) <= 1e-5
+    with pytest.raises(ValueError, match="rank"):
+        lora.attach(model, 0, 1.0)
+    with pytest.raises(ValueError, match="choose from"):
+        lora.attach(model, 4, 8.0, targets=("experts",))
+    lora.attach(model, 2, 2.0, targets=("attention",))
+    with pytest.raises(ValueError, match="has a LoRA adapter already"):
+        lora.attach(model, 2, 2.0, targets=("attention",))
+
+
+def test_lora_memorises_and_every_parameter_mode_keeps_expert_bias(tmp_path):
+    """LoRA rank 16: the loss of 4 random 32-token rows falls below a tenth of its start; the frozen
+    weights do not move. Every parameter (rank 0): the weights move, the routers' expert_bias not."""
+    model = tiny_model()
+    examples = random_examples(4, 33, model.config.vocab_size)
+    config = train.TrainConfig(steps=60, batch_size=4, seq_len=32, learning_rate=3e-3, warmup=5,
+                               end_learning_rate=1e-4, lora_rank=16, save_every=1000, remat=False)
+    qkv = np.asarray(model.linear_moe.attention.query_key_value.kernel.get_value())
+    train.prepare(model, config)
+    records = train.fit(model, Batches(examples, 4, 32, 0), config, train.Run(tmp_path / "lora", config, "m", "d"),
+                        say=lambda line: None)
+    assert len(records) == 60 and records[-1]["loss"] < 0.1 * records[0]["loss"]
+    assert np.array_equal(np.asarray(model.linear_moe.attention.query_key_value.kernel.get_value()), qkv)
+    assert [json.loads(line)["step"] for line in open(tmp_path / "lora" / "log.jsonl")] == list(range(60))
+
+    model = tiny_model()
+    bias = np.asarray(model.linear_moe.mlp.gate.expert_bias.get_value())
+    bias = bias + np.linspace(-1, 1, bias.size, dtype=np.float32).reshape(bias.shape)   # a decay would move it
+    model.linear_moe.mlp.gate.expert_bias.set_value(jnp.asarray(bias))
+    config = train.TrainConfig(steps=3, batch_size=4, seq_len=32, learning_rate=1e-3, warmup=1, lora_rank=0,
+                               weight_decay=0.1, save_every=1000)
+    train.prepare(model, config)
+    train.fit(model, Batches(examples, 4, 32, 0), config, train.Run(tmp_path / "full", config, "m", "d"),
+              say=lambda line: None)
+    assert np.array_equal(np.asarray(model.linear_moe.mlp.gate.expert_bias.get_value()), bias)
+    assert not np.array_equal(np.asarray(model.linear_moe.attention.query_key_value.kernel.get_value()), qkv)
+
+
+def test_settings_are_checked():
+    with pytest.raises(ValueError, match="warmup"):
+        train.TrainConfig(steps=10, warmup=10)
+    with pytest.raises(ValueError, match="batch_size"):
+        train.TrainConfig(batch_size=0)
+
+
+def test_command_line_resumes_after_sigkill_bit_for_bit_and_merges(tmp_path):
+    """A run killed after a checkpoint and started again logs the losses of an uninterrupted run;
+    merge writes a model folder whose logits are the adapted model's."""
+    model_dir = tiny_model_folder(str(tmp_path))
+    words = "the cat sat on a mat and ran to the red door while birds sang".split()
+    rng = np.random.default_rng(0)
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"text": " ".join(rng.choice(words, 12))}) + "\n" for _ in range(6)))
+    config = tmp_path / "train.yaml"
+    config.write_text("steps: 24\nbatch-size: 2\nseq_len: 24\nsave_every: 8\nwarmup: 2\nlearning_rate: 0.003\n"
+                      "lora_rank: 4\n")
+    command = [sys.executable, "-m", "ring_jax.train", "--model", model_dir, "--data", str(data), "--config",
+               str(config), "--no-remat", "--compilation-cache", str(tmp_path / "xla")]
+
+    def log(run):
+        with open(tmp_path / run / "log.jsonl") as f:
+            return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in f]
+
+    done = subprocess.run(command + ["--out", str(tmp_path / "a")], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "step 24/24" in done.stderr
+
+    killed = subprocess.Popen(command + ["--out", str(tmp_path / "b")], stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and killed.poll() is None:
+        path = tmp_path / "b" / "log.jsonl"
+        if path.exists() and len(path.read_text().splitlines()) >= 10:
+            os.kill(killed.pid, signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    assert killed.wait(timeout=60) == -signal.SIGKILL, "the run ended before it could be killed"
+    assert len(log("b")) < 24
+    resumed = subprocess.run(command + ["--out", str(tmp_path / "b")], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stderr
+    assert log("b") == log("a")
+
+    settings = train.TrainConfig(**json.loads((tmp_path / "a" / "train.json").read_text())["config"])
+    with pytest.raises(ValueError, match=r"other settings \(learning_rate\)"):
+        train.Run(str(tmp_path / "a"), dataclasses.replace(settings, learning_rate=0.01), model_dir, str(data))
+
+    merged = subprocess.run([sys.executable, "-m", "ring_jax.train", "merge", "--run", str(tmp_path / "a"), "--out",
+                             str(tmp_path / "merged")], capture_output=True, text=True, timeout=600)
+    assert merged.returncode == 0, merged.stderr
+    assert os.path.isfile(tmp_path / "merged" / "tokenizer.json")
+    adapted = load_model(model_dir)
+    train.prepare(adapted, settings)
+    tx = train.optimizer(settings)
+    _, params, _ = nnx.split(adapted, train.trainable(settings), ...)
+    run = train.Run(str(tmp_path / "a"), settings, model_dir, str(data))
+    nnx.update(adapted, run.restore(24, params, tx.init(params))[0])
+    ids = rng.integers(0, adapted.config.vocab_size, (1, 12))
+    assert rel_err(load_model(str(tmp_path / "merged"))(ids), adapted(ids)) <= 1e-5
