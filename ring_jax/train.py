@@ -253,7 +253,10 @@ def fit(model, batches: Batches, config: TrainConfig, run: Run, say=print) -> li
 def merge_run(run_folder: str, out: str, model_path: str | None = None, say=print) -> None:
     """Writes the base model of a LoRA run with the adapters of its last checkpoint merged in, and
     the base folder's tokenizer files, to a new model folder `out`."""
-    with open(os.path.join(run_folder, "train.json")) as f:
+    path = os.path.join(run_folder, "train.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no training run at {run_folder} (no train.json)")
+    with open(path) as f:
         settings = json.load(f)
     config = TrainConfig(**settings["config"])
     if not config.lora_rank:
@@ -368,9 +371,9 @@ def run(args: argparse.Namespace) -> int:
 
     enable_compilation_cache(args.compilation_cache)
     config = args.train
-    run_folder = Run(args.out, config, args.model, args.data)            # bad input first: before loading
-    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    tokenizer = load_tokenizer(args.tokenizer or args.model)             # bad input first: before loading
     batches = Batches(read_examples(args.data, tokenizer), config.batch_size, config.seq_len, config.seed)
+    run_folder = Run(args.out, config, args.model, args.data)
     mesh = build_mesh(args.mesh, RingConfig.from_hf(args.model).num_experts)
     model = load_model(args.model, args.dtype, mesh=mesh, verify=True)
     prepare(model, config)
