@@ -37,10 +37,16 @@ def normal(shape, dtype=jnp.float32, seed=0, scale=1.0):
 
 
 def test_matvec():
+    """Plain, and with the rows normalised in the kernel (the gradient reaches the norm's weights)."""
     x, w = normal((2, 1, 128), seed=1), normal((3, 128, 128), seed=2, scale=0.1)
+    norm = normal((2, 128), seed=9)
     ids = jnp.asarray([2, 0, 1, 2], jnp.int32)
     same_gradients(lambda x, w: pallas_kernels.matvec(x, w, ids, backend="gpu", interpret=True),
                    lambda x, w: pallas_kernels.matvec(x, w, ids, backend="reference"), (x, w), (0, 1))
+    same_gradients(lambda x, w, n: pallas_kernels.matvec(x, w, ids, norm_weight=n, norm_index=jnp.int32(1),
+                                                         norm_eps=1e-6, backend="gpu", interpret=True),
+                   lambda x, w, n: pallas_kernels.matvec(x, w, ids, norm_weight=n, norm_index=jnp.int32(1),
+                                                         norm_eps=1e-6, backend="reference"), (x, w, norm), (0, 1, 2))
 
 
 def test_select_experts_weights():
