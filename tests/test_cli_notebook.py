@@ -1,5 +1,5 @@
-"""The command line (generate, chat, --help) and the quickstart notebook, run end to end on the
-tiny random model."""
+"""The command line (generate, chat, --help) and the notebooks (quickstart, finetune), run end to
+end on the tiny random model."""
 
 import json
 import os
@@ -91,11 +91,14 @@ def test_generate_and_chat(model_dir, compilation_cache):
 
 
 @pytest.mark.slow
-def test_quickstart_notebook_runs():
+@pytest.mark.parametrize("name", ["quickstart", "finetune"])
+def test_notebook_runs(name):
+    """Every cell runs without an error (the notebooks assert what they show: finetune, that the
+    loss falls and the merged model scores as the adapted one)."""
     import nbclient
     import nbformat
 
-    nb = nbformat.read(os.path.join(ROOT, "notebooks", "quickstart.ipynb"), as_version=4)
+    nb = nbformat.read(os.path.join(ROOT, "notebooks", f"{name}.ipynb"), as_version=4)
     nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
                             resources={"metadata": {"path": ROOT}}).execute()
     assert not any(o.get("output_type") == "error" for cell in nb.cells for o in cell.get("outputs", []))
