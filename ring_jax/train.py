@@ -148,7 +148,6 @@ class Run:
         import orbax.checkpoint as ocp
 
         self.folder = os.path.abspath(folder)
-        self.config = config
         settings = {"model": os.path.abspath(model_path), "data": os.path.abspath(data_path),
                     "config": config.as_dict()}
         path = os.path.join(self.folder, "train.json")
@@ -197,11 +196,18 @@ class Run:
             f.write(json.dumps(record) + "\n")
 
     def truncate_log(self, step: int) -> None:
-        """Keeps the log's lines of steps before `step` (a resumed run writes the later ones again)."""
+        """Keeps the log's lines of steps before `step` (a resumed run writes the later ones again;
+        a line cut short by a kill is dropped)."""
         if not os.path.exists(self.log_path):
             return
+        kept = []
         with open(self.log_path) as f:
-            kept = [line for line in f if line.strip() and json.loads(line)["step"] < step]
+            for line in f:
+                try:
+                    if json.loads(line)["step"] < step:
+                        kept.append(line)
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue
         with open(self.log_path, "w") as f:
             f.writelines(kept)
 
