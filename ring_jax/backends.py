@@ -73,11 +73,10 @@ def experts_gather(tokens, ids, gate_up, down, expert_parallel: bool = False) ->
 
 def shared_expert_joins(tokens, ids, gate_up, down, shared: tuple | None) -> bool:
     """Whether the shared expert (its gate_up and down matrices; None: none, or one with LoRA
-    adapters, which runs as its own MLP) runs as one more pair per
-    token in the routed experts' matvec calls: the pairs take the matvec kernel (`experts_gather`,
-    one device), with the shared weights as one more stack (the kernel takes them when they have a
-    routed expert's shapes and dtype). One launch per product instead of two, with the same
-    per-tile products and sums."""
+    adapters, which runs as its own MLP) runs as one more pair per token in the routed experts'
+    matvec calls: the pairs take the matvec kernel (`experts_gather`, one device), with the shared
+    weights as one more stack (the kernel takes them when they have a routed expert's shapes and
+    dtype). One launch per product instead of two, with the same per-tile products and sums."""
     if shared is None or in_mesh() or not experts_gather(tokens, ids, gate_up, down):
         return False
     return all(_matvec_takes(1, tokens, (e, jax.ShapeDtypeStruct((1,) + tuple(w.shape), w.dtype)))
