@@ -146,3 +146,27 @@ def test_command_line_resumes_after_sigkill_bit_for_bit_and_merges(tmp_path):
     nnx.update(adapted, run.restore(24, params, tx.init(params))[0])
     ids = rng.integers(0, adapted.config.vocab_size, (1, 12))
     assert rel_err(load_model(str(tmp_path / "merged"))(ids), adapted(ids)) <= 1e-5
+
+
+def test_loss_in_pieces_equals_the_whole():
+    """The loss's logits are computed a piece of positions at a time (bounded memory): the loss and
+    its gradient equal those of one piece of every position, also where the pieces do not divide
+    the row (padding with weight 0)."""
+    model = tiny_model()
+    rng = np.random.default_rng(3)
+    tokens, targets = (jnp.asarray(rng.integers(0, model.config.vocab_size, (2, 30)), jnp.int32) for _ in range(2))
+    weights = jnp.asarray(rng.random((2, 30)) < 0.8, jnp.float32)
+    graphdef, params = nnx.split(model)
+
+    def value_and_grad(chunk):
+        return jax.jit(jax.value_and_grad(lambda p: train.loss(nnx.merge(graphdef, p), tokens, targets, weights,
+                                                                chunk=chunk)))(params)
+    whole, whole_grads = value_and_grad(30)
+    for chunk in (8, 10):
+        value, grads = value_and_grad(chunk)
+        assert abs(float(value) - float(whole)) <= 1e-6 * float(whole)
+        for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(whole_grads)):
+            if not np.any(want):                      # the expert biases: selection only
+                assert not np.any(got)
+                continue
+            assert rel_err(got, want) <= 1e-5
