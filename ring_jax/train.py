@@ -300,8 +300,8 @@ def merge_run(run_folder: str, out: str, model_path: str | None = None, say=prin
     params, _ = run.restore(step, params, tx.init(params))
     nnx.update(model, params)
     merged = lora.merge(model)
-    with staged_folder(out) as tmp:
-        os.rmdir(tmp)
+    with staged_folder(out) as tmp:      # the model and the tokenizer files appear at once
+        os.rmdir(tmp)                     # save_model stages its own folder, which must not exist yet
         save_model(model, tmp)
         for name in TOKENIZER_FILES:
             if os.path.isfile(os.path.join(base, name)):
