@@ -1,10 +1,11 @@
 """End-to-end generate() at a full model shape with random weights, made on the GPU.
 
     python -m benchmarks.generate [--config configs/ring-mini-linear-2.0.json]
-                                  [--prefill 4096 32768 131008] [--decode-batch 1 8 64]
+                                  [--prefill 4096 32768 131008] [--decode-batch 1 8 64] [--quantize fp8]
 
-The model is `RingModel` with random bf16 weights (the same modules and code path as a loaded
-checkpoint); prefill and decode go through `ring_jax.generate`'s own jitted steps. A prefill figure
+The model is `RingModel` with random bf16 weights, or with --quantize fp8 random FP8 weights
+(`RingModel.quantize`'s layout, drawn directly: Ring-flash-linear-2.0 does not fit one GPU in
+bf16), the same modules and code path as a loaded checkpoint; prefill and decode go through `ring_jax.generate`'s own jitted steps. A prefill figure
 is the median of three runs after the first (which compiles: its excess is the compile time; the
 second run was up to 6% slower than later ones at 32k, cause not established), a decode figure the
 run after the compiling one; each sits beside its roofline:
@@ -14,8 +15,8 @@ run after the compiling one; each sits beside its roofline:
   the difference is host work and idle GPU); and the time to first token through
   `ring_jax.stream` (the prefill plus validation, cache set-up and the first sampled token);
 - decode: bytes per step = the weights one step reads (every non-expert weight, the head, and the
-  expected number of distinct experts that B x top-k picks touch) + the KV cache and the linear
-  states, over the copy bandwidth measured in the same run.
+  expected number of distinct experts that B x top-k picks touch; 1 byte each in FP8) + the KV
+  cache and the linear states, over the copy bandwidth measured in the same run.
 """
 
 import argparse
@@ -38,6 +39,7 @@ from ring_jax.cache import Cache, cache_bytes, cache_length, init_cache
 from ring_jax.generate import prefill, stream
 from ring_jax.batching import prefill_steps
 from ring_jax.progress import CompileReport
+from ring_jax.quantization import FP8
 from ring_jax.sampling import Sampling, StopRule
 from ring_jax.sharding import first_array, model_mesh
 from ring_jax.steps import DecodeState, decode_loop, flatten, on_mesh, placer
@@ -46,33 +48,52 @@ PEAK_FLOPS = 989e12
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def make_model(config, seed: int = 0):
+def make_model(config, seed: int = 0, quantize: str | None = None):
     """The model with random bf16 weights made on the device: norm weights 1, expert biases 0, the
-    others normal draws scaled by 1 / sqrt(fan in) (the embedding unscaled). The model is built
-    abstractly and each parameter drawn by a small jitted call per shape, which compiles in seconds
-    where jitting the model's own init (every layer's initialisers in one program) takes minutes
-    at Ring-flash's depth."""
-    abstract = nnx.eval_shape(lambda: RingModel(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+    others normal draws scaled by 1 / sqrt(fan in) (the embedding unscaled); with quantize="fp8",
+    the quantized matrices' values N(0, 1) in FP8 and their scales 1 / sqrt(fan in). The model is
+    built abstractly and each parameter drawn by a small jitted call per shape, which compiles in
+    seconds where jitting the model's own init (every layer's initialisers in one program) takes
+    minutes at Ring-flash's depth."""
+    def build():
+        model = RingModel(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+        return model if quantize is None else model.quantize(quantize)
+    abstract = nnx.eval_shape(build)
     graphdef, state = nnx.split(abstract)
     paths, leaves = zip(*jax.tree_util.tree_flatten_with_path(state)[0])
+    names = [jax.tree_util.keystr(path) for path in paths]
+    fan_in = {name: leaf.shape[-1] for name, leaf in zip(names, leaves) if jnp.dtype(leaf.dtype) == FP8}
     keys = jax.random.split(jax.random.key(seed), len(leaves))
 
-    def fill(path, leaf, key):
-        name = jax.tree_util.keystr(path)
+    def fill(name, leaf, key):
         if "norm" in name:
             return jnp.ones(leaf.shape, leaf.dtype)
         if "expert_bias" in name:
             return jnp.zeros(leaf.shape, leaf.dtype)
+        if jnp.dtype(leaf.dtype) == FP8:
+            return _normal_fp8(key, leaf.shape)
+        if name.replace("_scale", "") in fan_in:
+            return jnp.full(leaf.shape, fan_in[name.replace("_scale", "")] ** -0.5, leaf.dtype)
         scale = 1.0 if "word_embeddings" in name or len(leaf.shape) < 2 else leaf.shape[-2] ** -0.5
         return _normal(key, leaf.shape, jnp.dtype(leaf.dtype), scale)
 
-    values = [fill(path, leaf, key) for path, leaf, key in zip(paths, leaves, keys)]
+    values = [fill(name, leaf, key) for name, leaf, key in zip(names, leaves, keys)]
     return nnx.merge(graphdef, jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(state), values))
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
 def _normal(key, shape, dtype, scale):
     return (scale * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _normal_fp8(key, shape):
+    """N(0, 1) in FP8, drawn one entry of the leading axis at a time (a stack of every layer's
+    experts would not fit the device in float32)."""
+    if len(shape) < 3:
+        return jax.random.normal(key, shape, jnp.float32).astype(FP8)
+    return jax.lax.map(lambda k: jax.random.normal(k, shape[1:], jnp.float32).astype(FP8),
+                       jax.random.split(key, shape[0]))
 
 
 def weight_counts(config, model):
@@ -95,11 +116,11 @@ def prefill_flops(config, counts, T):
     return 2 * active * T + 2 * head + attention   # the head runs on the last position only
 
 
-def decode_bytes(config, counts, B, context):
+def decode_bytes(config, counts, B, context, weight_bytes=2):
     per_expert, non_expert, head, n_moe = counts
     E, k = config.num_experts, config.num_experts_per_tok
     distinct = E * (1 - (1 - 1 / E) ** (B * k))            # expected experts touched per layer
-    weights = 2 * (non_expert + head + n_moe * distinct * per_expert)
+    weights = weight_bytes * (non_expert + head + n_moe * distinct * per_expert)
     cache = cache_bytes(config, B, context)
     return weights + cache["softmax"] + 2 * cache["linear"]   # states are read and written
 
@@ -199,14 +220,15 @@ def main(argv=None):
                         help="after each decode row, the N kernels that take most of a step's GPU time")
     parser.add_argument("--chunk", type=int, default=None,
                         help="prefill chunk (tokens; default: generate()'s, 32768 for bf16 models on Hopper GPUs, else 4096)")
+    parser.add_argument("--quantize", choices=("fp8",), default=None, help="FP8 weights (`RingModel.quantize`)")
     args = parser.parse_args(argv)
 
     config = RingConfig.from_hf(args.config)
-    print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, config {os.path.basename(args.config)}",
-          flush=True)
+    print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, config {os.path.basename(args.config)}, "
+          f"weights {args.quantize or 'bf16'}", flush=True)
     bw = copy_bandwidth()
     t = time.perf_counter()
-    model = make_model(config)
+    model = make_model(config, quantize=args.quantize)
     jax.block_until_ready(nnx.state(model))
     counts = weight_counts(config, model)
     total = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
@@ -232,7 +254,7 @@ def main(argv=None):
     for B in args.decode_batch:
         first, second, kernels = run_decode(model, B, args.context, args.steps, args.profile)
         step = second / args.steps
-        roof = B / (decode_bytes(config, counts, B, args.context + 8 + args.steps) / bw)
+        roof = B / (decode_bytes(config, counts, B, args.context + 8 + args.steps, 1 if args.quantize else 2) / bw)
         print(f"| {B} | {args.context} | {first:.2f} | {step * 1e3:.2f} | {B / step:,.0f} | {roof:,.0f} | "
               f"{B / step / roof:.0%} |", flush=True)
         for name, us, count in kernels:

@@ -6,8 +6,10 @@ Table 1, grouped matmul [M, K] x [G, K, N] with G = 256 groups, equal or Zipf-sk
 Ring-mini and Ring-flash expert shapes: a dense matmul of the same FLOPs (the ceiling), XLA's
 `jax.lax.ragged_dot` (a masked dense product on GPU: only small M), JAX's Mosaic GPU
 `ragged_dot_mgpu` (128/128/64, 4 stages), and `pallas_kernels.gmm(backend="auto")` (our Mosaic GPU
-kernel on Hopper). Then the gate_up product with SwiGLU: our gmm followed by XLA's SwiGLU, against
-SwiGLU in the kernel's epilogue, at prefill sizes.
+kernel on Hopper); and a row of `pallas_kernels.gmm` with FP8 weights (float8_e4m3fn [G, N, K] and
+per-column scales), which "auto" runs through the jnp reference for now (XLA's ragged_dot after
+converting the values: only small M). Then the gate_up product with SwiGLU: our gmm followed by
+XLA's SwiGLU, against SwiGLU in the kernel's epilogue, at prefill sizes.
 Table 2, the decode-sized expert step of one MoE layer (tokens x top-8 pairs, gate_up then down)
 two ways: sorted by expert through `pallas_kernels.gmm`, and each pair reading its expert by id
 through `pallas_kernels.matvec` (what a decode step of up to 64 pairs runs on one GPU), against the
@@ -54,6 +56,8 @@ def group_sizes(M, G, skew, seed=0):
 def gmm_table(Ms, hbm):
     from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
 
+    from benchmarks.matvec import quantize
+
     print("| shape | M | sizes | dense same FLOPs | XLA ragged_dot | ragged_dot_mgpu | ours (auto) |")
     print("|---|---|---|---|---|---|---|")
     key = jax.random.PRNGKey(0)
@@ -61,19 +65,21 @@ def gmm_table(Ms, hbm):
     mgpu = jax.jit(lambda a, b, c: ragged_dot_mgpu.ragged_dot(
         a, b, group_sizes=c, block_m=128, block_n=128, block_k=64, max_concurrent_steps=4, grid_block_n=1))
     ours = jax.jit(pallas_kernels.gmm)
+    ours_fp8 = jax.jit(lambda a, b, s, c: pallas_kernels.gmm(a, b, c, scale=s))
     xla = jax.jit(lambda a, b, c: jax.lax.ragged_dot(a, b, c))
     dense = jax.jit(lambda a, b: a @ b[0])
     for name, (K, N) in SHAPES.items():
         rhs = (jax.random.normal(key, (G, K, N), jnp.float32) / 30).astype(jnp.bfloat16)
+        values, scale = quantize(jnp.swapaxes(rhs, 1, 2))
         for M in Ms:
             lhs = jax.random.normal(jax.random.fold_in(key, M), (M, K), jnp.float32).astype(jnp.bfloat16)
+            fl = 2 * M * K * N
+
+            def cell(f, *args):
+                ms = device_ms(f, *args) or bench_jax(f, *args)
+                return f"{ms:.3f} ms ({fl / ms / 1e9:.0f} TF/s)"
             for skew in (False, True):
                 sizes = jnp.asarray(group_sizes(M, G, skew), jnp.int32)
-                fl = 2 * M * K * N
-
-                def cell(f, *args):
-                    ms = device_ms(f, *args) or bench_jax(f, *args)
-                    return f"{ms:.3f} ms ({fl / ms / 1e9:.0f} TF/s)"
                 cells = [cell(dense, lhs, rhs)]
                 cells.append(cell(xla, lhs, rhs, sizes) if M <= 4096 else "(dense expansion: OOM)")
                 try:
@@ -82,6 +88,10 @@ def gmm_table(Ms, hbm):
                     cells.append(f"failed: {type(e).__name__}")
                 cells.append(cell(ours, lhs, rhs, sizes))
                 print(f"| {name} | {M} | {'zipf' if skew else 'equal'} | " + " | ".join(cells) + " |", flush=True)
+            equal = jnp.asarray(group_sizes(M, G, False), jnp.int32)
+            ours_cell = cell(ours_fp8, lhs, values, scale, equal) if M <= 4096 else "(dense expansion: OOM)"
+            print(f"| {name}, FP8 weights (auto: the reference for now) | {M} | equal | - | - | - | {ours_cell} |",
+                  flush=True)
 
 
 def swiglu_table(Ms):

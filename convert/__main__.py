@@ -14,10 +14,15 @@ def main(argv=None) -> int:
     a.add_argument("--out", required=True, help="new output folder (must not exist)")
     a.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
                    help="parameter dtype (default: the config's torch_dtype); expert_bias stays float32")
+    a.add_argument("--quantize", choices=("fp8",), default=None,
+                   help="fp8: projection and expert weights and the LM head as float8_e4m3fn with a float32 "
+                        "scale per output channel (docs/FP8.md); default: unquantized (an FP8 HF checkpoint "
+                        "is dequantized)")
     a.add_argument("--quiet", action="store_true", help="no progress lines")
     a.add_argument("--debug", action="store_true", help="show the traceback of an error")
     b = sub.add_parser("jax2hf", help="ring_jax folder -> HF safetensors folder",
-                       description="Writes the HF layout back from a folder made by hf2jax.")
+                       description="Writes the HF layout back from a folder made by hf2jax (an FP8 one in "
+                                   "FBGEMM's FP8 layout: float8_e4m3fn weights and weight_scale [out, 1]).")
     b.add_argument("--model-dir", required=True, help="folder written by hf2jax")
     b.add_argument("--out", required=True, help="new output folder (must not exist)")
     b.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors shard, in GiB")
@@ -31,7 +36,7 @@ def _run(args) -> int:
     from ring_jax.io.conversion import convert_hf_to_jax, convert_jax_to_hf
 
     if args.command == "hf2jax":
-        convert_hf_to_jax(args.hf_dir, args.out, dtype=args.dtype, progress=not args.quiet)
+        convert_hf_to_jax(args.hf_dir, args.out, dtype=args.dtype, progress=not args.quiet, quantize=args.quantize)
     else:
         convert_jax_to_hf(args.model_dir, args.out, int(args.max_shard_gb * 2**30), progress=not args.quiet)
     return 0

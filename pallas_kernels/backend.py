@@ -8,6 +8,12 @@ forced kernel that cannot take the operands is a NotImplementedError that says w
 
 interpret: run the kernel in Pallas interpret mode, on any device (the CPU tests): True, or for a
 TPU kernel a `pltpu.InterpretParams()`. It needs the kernel named: backend "gpu" or "tpu".
+
+FP8 weights (`FP8`), where an entry point takes them: float8_e4m3fn matrices stored K-major, [N, K]
+(the contracting axis last, as torch stores Linear weights and as Hopper's FP8 tensor cores take
+them), with one float32 scale per output channel [N]; the matrix is values * scale[:, None]. The
+product takes the values exactly in the activations' dtype (every e4m3 value is a bf16 value),
+accumulates in float32 and only then multiplies by the scale.
 """
 
 from __future__ import annotations
@@ -17,6 +23,15 @@ import functools
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
+
+FP8 = jnp.dtype(jnp.float8_e4m3fn)
+
+
+def matrix_shape(w) -> tuple[int, int]:
+    """(K, N) of the matrices of w: [..., K, N], or [..., N, K] for FP8 weights (K-major)."""
+    rows, cols = w.shape[-2:]
+    return (cols, rows) if jnp.dtype(w.dtype) == FP8 else (rows, cols)
 
 
 @functools.cache
@@ -73,7 +88,8 @@ def with_reference_gradient(kernel: Callable, reference: Callable) -> Callable:
     (`jax.vjp` of the jnp reference, which recomputes the forward in jnp in the backward pass).
     Pallas kernels have no autodiff rule of their own, so every entry point's kernel branch goes
     through this: `jax.grad` works through any backend, at the reference's cost in the backward
-    pass. args: pytrees of arrays (integer ones get no gradient); static settings go in by closure."""
+    pass. args: pytrees of arrays (integer ones get no gradient, nor do float8 ones: quantized
+    weights, not trained); static settings go in by closure."""
     @jax.custom_vjp
     def f(*args):
         return kernel(*args)
@@ -82,7 +98,22 @@ def with_reference_gradient(kernel: Callable, reference: Callable) -> Callable:
         return kernel(*args), args
 
     def backward(args, cotangent):
-        return jax.vjp(reference, *args)[1](cotangent)
+        leaves, tree = jax.tree.flatten(args)
+        trained = [not _float8(leaf) for leaf in leaves]
+
+        def of_trained(*values):              # the reference as a function of the trained leaves
+            given = iter(values)
+            return reference(*tree.unflatten([next(given) if t else leaf for leaf, t in zip(leaves, trained)]))
+        grads = iter(jax.vjp(of_trained, *[leaf for leaf, t in zip(leaves, trained) if t])[1](cotangent))
+        return tuple(tree.unflatten([next(grads) if t else None for t in trained]))    # None: a zero cotangent
 
     f.defvjp(forward, backward)
     return f
+
+
+def _float8(x) -> bool:
+    """Whether x is an array of a float8 dtype, which gets no cotangent: rounded to 8 bits it would
+    be noise, and the reference's backward pass would scatter it into a stack of every layer's
+    weights for nothing."""
+    dtype = jnp.dtype(jnp.result_type(x))
+    return dtype.itemsize == 1 and jnp.issubdtype(dtype, jnp.floating)

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import pallas_kernels
 from pallas_kernels import backend as kernel_backend
 from ring_jax.layers.norms import norm_operands
+from ring_jax.quantization import Fp8
 from ring_jax.sharding import in_mesh
 
 # Continuations of more than this many tokens (prefill chunks) take cuDNN's flash attention on
@@ -36,21 +37,25 @@ FLASH_MIN_TOKENS = 8
 GATHER_MAX_PAIRS = 64
 
 
-def _matvec_takes(rows: int, x, w) -> bool:
+def _matvec_takes(rows: int, x, w, scale=None) -> bool:
     """Whether `pallas_kernels.matvec` runs [1, rows, K] rows of x (an array or a `Normed`) against
-    w (a [K, N] matrix, a stack [E, K, N], or a tuple of stacks) on its kernel."""
-    K = (w[0] if isinstance(w, tuple) else w).shape[-2]
+    w (a [K, N] matrix, a stack [E, K, N], or a tuple of stacks; FP8 with `scale`: K-major, [N, K]
+    and [E, N, K]) on its kernel."""
+    K = (w[0] if isinstance(w, tuple) else w).shape[-1 if scale is not None else -2]
     if not isinstance(w, tuple) and len(w.shape) == 2:
         w = jax.ShapeDtypeStruct((1,) + tuple(w.shape), w.dtype)
+        scale = None if scale is None else jax.ShapeDtypeStruct((1,) + tuple(scale.shape), scale.dtype)
     x, norm = norm_operands(x)
-    return pallas_kernels.matvec_backend(jax.ShapeDtypeStruct((1, rows, K), x.dtype), w, norm.get("norm_weight")) == "gpu"
+    return pallas_kernels.matvec_backend(jax.ShapeDtypeStruct((1, rows, K), x.dtype), w, norm.get("norm_weight"),
+                                         scale=scale) == "gpu"
 
 
-def projection_matvec(x, w) -> bool:
-    """Whether x [..., K] (an array or a `Normed`) @ w [K, N] takes the matvec kernel: a few rows
-    (a decode step) on one Hopper GPU, where it streams the weights faster than XLA's product of
-    that shape, reads a stacked layer's weights in their stack and normalises a Normed's rows."""
-    return not in_mesh() and _matvec_takes(math.prod(x.shape[:-1]), x, w)
+def projection_matvec(x, w, scale=None) -> bool:
+    """Whether x [..., K] (an array or a `Normed`) @ w [K, N] (FP8 with `scale`: [N, K]) takes the
+    matvec kernel: a few rows (a decode step) on one Hopper GPU, where it streams the weights
+    faster than XLA's product of that shape, reads a stacked layer's weights in their stack and
+    normalises a Normed's rows."""
+    return not in_mesh() and _matvec_takes(math.prod(x.shape[:-1]), x, w, scale)
 
 
 def router_backend() -> str:
@@ -66,9 +71,19 @@ def experts_gather(tokens, ids, gate_up, down, expert_parallel: bool = False) ->
     elsewhere point at a local expert and are masked), where the grouped kernel skips them."""
     if ids.size > GATHER_MAX_PAIRS:
         return False
-    if pallas_kernels.gmm_backend(tokens, gate_up) == "reference":
+    if pallas_kernels.gmm_backend(tokens, _values_scale(gate_up)[0]) == "reference":
         return True
-    return not expert_parallel and all(_matvec_takes(1, tokens, w) for w in (gate_up, down))
+    return not expert_parallel and all(_matvec_takes(1, tokens, *_values_scale(w)) for w in (gate_up, down))
+
+
+def _values_scale(w) -> tuple:
+    """A stack of matrices, or an Fp8 of one -> (values, scale or None)."""
+    return (w.values, w.scale) if isinstance(w, Fp8) else (w, None)
+
+
+def _stack_of_one(w):
+    """A matrix (or an Fp8 of one) -> its shape as a stack of one, (values, scale or None)."""
+    return tuple(None if a is None else jax.ShapeDtypeStruct((1,) + tuple(a.shape), a.dtype) for a in _values_scale(w))
 
 
 def shared_expert_joins(tokens, ids, gate_up, down, shared: tuple | None) -> bool:
@@ -79,8 +94,11 @@ def shared_expert_joins(tokens, ids, gate_up, down, shared: tuple | None) -> boo
     dtype). One launch per product instead of two, with the same per-tile products and sums."""
     if shared is None or in_mesh() or not experts_gather(tokens, ids, gate_up, down):
         return False
-    return all(_matvec_takes(1, tokens, (e, jax.ShapeDtypeStruct((1,) + tuple(w.shape), w.dtype)))
-               for w, e in zip(shared, (gate_up, down)))
+
+    def takes(routed, shared):
+        (values, scale), (shared_values, shared_scale) = _values_scale(routed), _stack_of_one(shared)
+        return _matvec_takes(1, tokens, (values, shared_values), None if scale is None else (scale, shared_scale))
+    return all(takes(e, w) for w, e in zip(shared, (gate_up, down)))
 
 
 def linear_decode_kernel(qkv, states, rotary_dim: int) -> bool:

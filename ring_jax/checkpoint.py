@@ -3,12 +3,15 @@
 A converted model folder holds:
 
     config.json          the HF config, as converted
-    ring_jax.json        manifest: format version, parameter dtype, every parameter's shape, dtype
-                         and checksum (`checksum`; `load_model(verify=True)` checks them)
+    ring_jax.json        manifest: format version, parameter dtype, quantization ("fp8", or absent),
+                         every array's shape, dtype and checksum (`checksum`;
+                         `load_model(verify=True)` checks them)
     params/              an Orbax PyTree checkpoint, {"layers": {"3": {"mlp": ...}}, ...}
     tokenizer files      copied from the HF folder when present
 
-The parameter names are those of `ring_jax.io.mapping.tensor_table`, joined by dots.
+The parameter names are those of `ring_jax.io.mapping.tensor_table`, joined by dots; an FP8
+parameter is two arrays, its values under its name and its scales under name + "_scale"
+(`TensorSpec.arrays`).
 
 With a mesh, every parameter is restored straight into its sharded layout (`ring_jax.sharding`):
 Orbax reads, on each process, only the blocks of that process's devices.
@@ -33,6 +36,7 @@ from ring_jax.errors import CheckpointError, one_line, quiet_closed_event_loops
 from ring_jax.io.hf import open_hf_checkpoint, parse_dtype
 from ring_jax.io.mapping import TensorSpec, tensor_table
 from ring_jax.model import RingModel
+from ring_jax.quantization import check_method, quantize_kernel
 from ring_jax.schedule import kind_index
 from ring_jax.staging import staged_folder
 
@@ -46,22 +50,34 @@ def dtype_name(dtype) -> str:
 
 
 # ------------------------------------------------------------------------------- model <-> tensors
-def locate(model: RingModel, spec: TensorSpec) -> tuple[nnx.Variable, int | None]:
-    """The Variable that holds parameter `spec` and, for a decoder layer's parameter, its index in
-    that Variable's stack (`ring_jax.schedule`: a layer's kind and index; the names on disk keep
-    the HF layer numbers)."""
-    path, index, obj = spec.path, None, model
-    if path[0] == "layers":
-        kind, index = kind_index(model.config, path[1])
-        obj, path = getattr(model, kind), path[2:]
-    for part in path:
-        obj = obj[part] if isinstance(part, int) else getattr(obj, part)
-    return obj, index
+def locate(model: RingModel, spec: TensorSpec) -> list[tuple[nnx.Variable, int | None]]:
+    """For each of the parameter's `arrays`, the Variable that holds it and, for a decoder layer's
+    parameter, its index in that Variable's stack (`ring_jax.schedule`: a layer's kind and index;
+    the names on disk keep the HF layer numbers)."""
+    found = []
+    for key, *_ in spec.arrays:
+        path, index, obj = tuple(int(p) if p.isdigit() else p for p in key.split(".")), None, model
+        if path[0] == "layers":
+            kind, index = kind_index(model.config, path[1])
+            obj, path = getattr(model, kind), path[2:]
+        for part in path:
+            obj = obj[part] if isinstance(part, int) else getattr(obj, part)
+        found.append((obj, index))
+    return found
 
 
-def get_param(model: RingModel, spec: TensorSpec) -> jax.Array:
-    variable, index = locate(model, spec)
-    return variable[...] if index is None else variable.get_value()[index]
+def get_param(model: RingModel, spec: TensorSpec) -> tuple[jax.Array, ...]:
+    """The parameter's `arrays`, from the model."""
+    return tuple(variable[...] if index is None else variable.get_value()[index]
+                 for variable, index in locate(model, spec))
+
+
+def abstract_model(config: RingConfig, dtype, quantize: str | None = None) -> RingModel:
+    """The model's structure and shapes, without values (quantize: `RingModel.quantize`)."""
+    def build():
+        model = RingModel(config, dtype=dtype)
+        return model if quantize is None else model.quantize(quantize)
+    return nnx.eval_shape(build)
 
 
 @functools.partial(jax.jit, donate_argnums=0)
@@ -81,47 +97,55 @@ def _stacked(piece: jax.sharding.Sharding) -> jax.sharding.Sharding:
     return piece
 
 
-def param_shardings(config: RingConfig, dtype, mesh) -> dict[str, jax.sharding.NamedSharding]:
-    """{dotted key: the parameter's NamedSharding on mesh} (a decoder layer's parameter: its entry
-    of the stack), from the model's axis annotations."""
-    model = nnx.eval_shape(lambda: RingModel(config, dtype=dtype))
+def param_shardings(config: RingConfig, dtype, mesh, quantize: str | None = None) -> dict[str, jax.sharding.NamedSharding]:
+    """{dotted array key: its NamedSharding on mesh} (a decoder layer's parameter: its entry of the
+    stack), from the model's axis annotations."""
+    model = abstract_model(config, dtype, quantize)
     nnx.update(model, sharding.param_shardings(nnx.state(model), mesh))
     out = {}
-    for spec in tensor_table(config):
-        variable, index = locate(model, spec)
-        out[spec.key] = variable.get_value() if index is None else _piece(variable.get_value())
+    for spec in tensor_table(config, quantize):
+        for (key, *_), (variable, index) in zip(spec.arrays, locate(model, spec)):
+            out[key] = variable.get_value() if index is None else _piece(variable.get_value())
     return out
 
 
-def model_from_tensors(config: RingConfig, tensors, dtype, mesh=None) -> RingModel:
-    """A RingModel whose parameters come from `tensors(spec) -> array`, without random init; on
-    `mesh`, each laid out by its annotation (host arrays are split, device arrays must be). A
-    stacked parameter is filled entry by entry in place: what is held at once is the stacks built
-    so far and the entry being written."""
-    model = nnx.eval_shape(lambda: RingModel(config, dtype=dtype))
-    placement = None if mesh is None else param_shardings(config, dtype, mesh)
-    for spec in tensor_table(config):
-        value = tensors(spec)
-        want = jnp.float32 if spec.float32 else dtype
-        if value.shape != spec.shape or value.dtype != want:
-            raise CheckpointError(f"parameter {spec.key} is {value.dtype}{list(value.shape)}, "
-                                  f"the model needs {np.dtype(want).name}{list(spec.shape)}")
-        if placement is None:
-            value = jnp.asarray(value)
-        elif not isinstance(value, jax.Array):
-            value = sharding.put(value, placement[spec.key])
-        elif value.sharding != placement[spec.key]:
-            value = jax.device_put(value, placement[spec.key])
-        variable, index = locate(model, spec)
-        if index is None:
-            variable.set_value(value)
-            continue
-        stack = variable.get_value()
-        if not isinstance(stack, jax.Array):                    # the first entry: allocate the stack
-            where = _stacked(value.sharding) if mesh is None else jax.sharding.NamedSharding(
-                mesh, sharding.spec(variable.get_metadata()["out_sharding"], stack.shape, mesh))
-            stack = jax.jit(functools.partial(jnp.zeros, stack.shape, stack.dtype), out_shardings=where)()
-        variable.set_value(_set_entry(stack, value, jnp.int32(index)))
+@jax.jit
+def _quantize(kernel):
+    return tuple(quantize_kernel(kernel))
+
+
+def model_from_tensors(config: RingConfig, tensors, dtype, mesh=None, quantize: str | None = None) -> RingModel:
+    """A RingModel whose parameters come from `tensors(spec)` -> the parameter's `arrays` of the
+    table of `quantize` (or, for a quantized parameter, its unquantized array, quantized here on
+    the device), without random init; on `mesh`, each laid out by its annotation (host arrays
+    are split, device arrays must be). A stacked parameter is filled entry by entry in place:
+    what is held at once is the stacks built so far and the entry being written."""
+    model = abstract_model(config, dtype, quantize)
+    placement = None if mesh is None else param_shardings(config, dtype, mesh, quantize)
+    for spec in tensor_table(config, quantize):
+        values = tuple(tensors(spec))
+        if spec.quantized and len(values) == 1:
+            values = _quantize(jnp.asarray(values[0]))
+        for value, (key, shape, kind), (variable, index) in zip(values, spec.arrays, locate(model, spec)):
+            want = np.dtype(dtype if kind == "model" else kind)
+            if len(values) != len(spec.arrays) or value.shape != shape or value.dtype != want:
+                got = ", ".join(f"{np.dtype(v.dtype).name}{list(v.shape)}" for v in values)
+                raise CheckpointError(f"parameter {key} is {got}, the model needs {want.name}{list(shape)}")
+            if placement is None:
+                value = jnp.asarray(value)
+            elif not isinstance(value, jax.Array):
+                value = sharding.put(value, placement[key])
+            elif value.sharding != placement[key]:
+                value = jax.device_put(value, placement[key])
+            if index is None:
+                variable.set_value(value)
+                continue
+            stack = variable.get_value()
+            if not isinstance(stack, jax.Array):                    # the first entry: allocate the stack
+                where = _stacked(value.sharding) if mesh is None else jax.sharding.NamedSharding(
+                    mesh, sharding.spec(variable.get_metadata()["out_sharding"], stack.shape, mesh))
+                stack = jax.jit(functools.partial(jnp.zeros, stack.shape, stack.dtype), out_shardings=where)()
+            variable.set_value(_set_entry(stack, value, jnp.int32(index)))
     return model
 
 
@@ -134,11 +158,11 @@ _CHUNK = 1 << 24
 
 
 def _bits(dtype):
-    return {2: np.uint16, 4: np.uint32}[np.dtype(dtype).itemsize]
+    return {1: np.uint8, 2: np.uint16, 4: np.uint32}[np.dtype(dtype).itemsize]
 
 
 def checksum(array: np.ndarray) -> int:
-    """The checksum of a host array (16- or 32-bit elements), in chunks of bounded memory."""
+    """The checksum of a host array (8-, 16- or 32-bit elements), in chunks of bounded memory."""
     flat = np.ascontiguousarray(array).reshape(-1).view(_bits(array.dtype))
     total = 0
     for at in range(0, flat.size, _CHUNK):
@@ -211,14 +235,22 @@ class ParamWriter:
             self._partial.save(self._orbax_dir, self._pending)
         self._pending, self._pending_bytes = {}, 0
 
-    def close(self, dtype) -> None:
+    def add_param(self, spec: TensorSpec, arrays) -> None:
+        """The parameter's `arrays`, each under its key."""
+        for (key, *_), array in zip(spec.arrays, arrays):
+            self.add(key, np.asarray(array))
+
+    def close(self, dtype, quantize: str | None = None) -> None:
         """Finalizes and writes the manifest: the folder is then a complete checkpoint."""
         self._flush()
         self._partial.finalize(self._orbax_dir)
         os.rename(os.path.join(self._orbax_dir, "state"), os.path.join(self._folder, PARAMS_DIR))
         shutil.rmtree(self._orbax_dir)
+        manifest = {"format": FORMAT_VERSION, "dtype": dtype_name(dtype)}
+        if quantize is not None:
+            manifest["quantize"] = quantize
         with open(os.path.join(self._folder, MANIFEST), "w") as f:
-            json.dump({"format": FORMAT_VERSION, "dtype": dtype_name(dtype), "params": self.manifest}, f, indent=1)
+            json.dump(dict(manifest, params=self.manifest), f, indent=1)
 
 
 def save_model(model: RingModel, folder: str) -> None:
@@ -226,9 +258,9 @@ def save_model(model: RingModel, folder: str) -> None:
     (`ring_jax.staging`)."""
     with staged_folder(folder) as tmp:
         writer = ParamWriter(tmp)
-        for spec in tensor_table(model.config):
-            writer.add(spec.key, np.asarray(get_param(model, spec)))
-        writer.close(model.dtype)
+        for spec in tensor_table(model.config, model.quantization):
+            writer.add_param(spec, get_param(model, spec))
+        writer.close(model.dtype, model.quantization)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(model.config.to_hf_dict(), f, indent=2)
 
@@ -249,41 +281,46 @@ def read_manifest(folder: str) -> dict:
 
 
 def restore_params(folder: str, config: RingConfig, dtype=None, mesh=None,
-                   verify: bool = False) -> tuple[dict[str, jax.Array], np.dtype]:
-    """Restores every parameter of a converted folder onto the default device, or laid out over
+                   verify: bool = False) -> tuple[dict[str, jax.Array], np.dtype, str | None]:
+    """Restores every array of a converted folder onto the default device, or laid out over
     `mesh` (each process reads only its devices' blocks).
 
     Checks the manifest against the config's table first (a missing, unexpected or misshapen
-    parameter is an error naming it). verify: each parameter's checksum, on the device, against
-    the manifest's (a mismatch names the parameter). Returns ({dotted key: array}, dtype) with the
-    parameters cast to dtype (default: the stored dtype); expert_bias stays float32. Files that
-    cannot be read are a CheckpointError that says the folder is damaged.
+    array is an error naming it). verify: each array's checksum, on the device, against the
+    manifest's (a mismatch names the parameter). Returns ({dotted key: array}, dtype, the
+    folder's quantization) with the parameters cast to dtype (default: the stored dtype);
+    expert_bias and FP8 values and scales stay as stored. Files that cannot be read are a
+    CheckpointError that says the folder is damaged.
     """
     import orbax.checkpoint as ocp
 
     manifest = read_manifest(folder)
-    stored = manifest["params"]
-    table = tensor_table(config)
-    expected = {spec.key: spec for spec in table}
+    stored, quantize = manifest["params"], manifest.get("quantize")
+    try:
+        check_method(quantize)
+    except ValueError as e:
+        raise CheckpointError(f"{folder}: {MANIFEST}: {e}") from None
+    table = tensor_table(config, quantize)
+    expected = {key: (shape, kind) for spec in table for key, shape, kind in spec.arrays}
     for key in expected:
         if key not in stored:
             raise CheckpointError(f"{folder}: parameter {key} is missing")
     for key, (shape, *_) in stored.items():
         if key not in expected:
             raise CheckpointError(f"{folder}: unexpected parameter {key}")
-        if tuple(shape) != expected[key].shape:
-            raise CheckpointError(f"{folder}: parameter {key} has shape {shape}, the config needs {list(expected[key].shape)}")
+        if tuple(shape) != expected[key][0]:
+            raise CheckpointError(f"{folder}: parameter {key} has shape {shape}, the config needs {list(expected[key][0])}")
     stored_dtype = np.dtype(parse_dtype(manifest["dtype"]))
     dtype = np.dtype(stored_dtype if dtype is None else dtype)
     sums = {key: entry[2] for key, entry in stored.items() if len(entry) > 2} if verify else {}
     if verify and len(sums) < len(stored):
         warnings.warn(f"{folder}: no checksums recorded (converted by an older ring_jax): not verified", stacklevel=2)
     placement = (dict.fromkeys(expected, jax.sharding.SingleDeviceSharding(jax.devices()[0])) if mesh is None
-                 else param_shardings(config, dtype, mesh))
+                 else param_shardings(config, dtype, mesh, quantize))
     target: dict = {}
-    for spec in table:
-        want = np.float32 if spec.float32 else (stored_dtype if sums else dtype)   # verify the stored bits
-        _merge(target, _nested(spec.key, jax.ShapeDtypeStruct(spec.shape, want, sharding=placement[spec.key])))
+    for key, (shape, kind) in expected.items():
+        want = (stored_dtype if sums else dtype) if kind == "model" else np.dtype(kind)   # verify the stored bits
+        _merge(target, _nested(key, jax.ShapeDtypeStruct(shape, want, sharding=placement[key])))
     params_dir = os.path.abspath(os.path.join(folder, PARAMS_DIR))
     if not os.path.isdir(params_dir):
         raise _damaged(folder, f"no {PARAMS_DIR}/ folder")
@@ -293,28 +330,33 @@ def restore_params(folder: str, config: RingConfig, dtype=None, mesh=None,
         quiet_closed_event_loops()
         raise _damaged(folder, f"{PARAMS_DIR}/ cannot be read ({one_line(e, limit=200)})") from None
     flat = {}
-    for spec in table:
+    for key, (_, kind) in expected.items():
         node = tree
-        for part in spec.key.split("."):
+        for part in key.split("."):
             node = node[part]
-        if spec.key in sums and int(device_checksum(node)) != sums[spec.key]:
-            raise _damaged(folder, f"parameter {spec.key} does not match its checksum")
-        flat[spec.key] = node if spec.float32 or node.dtype == dtype else node.astype(dtype)
-    return flat, dtype
+        if key in sums and int(device_checksum(node)) != sums[key]:
+            raise _damaged(folder, f"parameter {key} does not match its checksum")
+        flat[key] = node if kind != "model" or node.dtype == dtype else node.astype(dtype)
+    return flat, dtype, quantize
 
 
-def load_model(path: str, dtype=None, mesh=None, verify: bool = False, **config_overrides) -> RingModel:
+def load_model(path: str, dtype=None, mesh=None, verify: bool = False, quantize: str | None = None,
+               **config_overrides) -> RingModel:
     """Loads a model folder written by `python -m convert hf2jax`, or an HF folder directly.
 
     path: a converted folder (config.json + params/) or an HF folder (config.json + safetensors,
-    converted in memory). dtype: parameter dtype ("bfloat16", "float32", a numpy dtype), default
-    as stored. mesh: shard the model over this mesh (`ring_jax.make_mesh`); a converted folder is
-    restored straight into the sharded layout, no host holding the whole model (an HF folder is
-    read whole on every process, then split). config_overrides: RingConfig fields to change
-    (e.g. slope_law="engine"). verify: check every parameter of a converted folder against the
-    checksum its manifest records (on the device; the command lines do); a damaged parameter is a
-    CheckpointError naming it.
+    converted in memory; FP8 HF layouts: `ring_jax.quantization`). dtype: parameter dtype
+    ("bfloat16", "float32", a numpy dtype), default as stored. mesh: shard the model over this
+    mesh (`ring_jax.make_mesh`); a converted folder is restored straight into the sharded layout,
+    no host holding the whole model (an HF folder is read whole on every process, then split).
+    quantize: "fp8" quantizes the model as it loads (`RingModel.quantize`; an HF folder tensor by
+    tensor, a converted folder after restoring it whole: for a model whose weights fit only in
+    FP8, convert with `--quantize fp8` instead); None loads it as stored. config_overrides:
+    RingConfig fields to change (e.g. slope_law="engine"). verify: check every parameter of a
+    converted folder against the checksum its manifest records (on the device; the command lines
+    do); a damaged parameter is a CheckpointError naming it.
     """
+    check_method(quantize)
     if isinstance(dtype, str):
         dtype = parse_dtype(dtype)
     if not os.path.isdir(path):
@@ -323,10 +365,14 @@ def load_model(path: str, dtype=None, mesh=None, verify: bool = False, **config_
     if mesh is not None:
         sharding.check_mesh(config, mesh)
     if os.path.isfile(os.path.join(path, MANIFEST)):
-        params, dtype = restore_params(path, config, dtype, mesh, verify)
-        return model_from_tensors(config, lambda spec: params[spec.key], dtype)
+        params, dtype, stored = restore_params(path, config, dtype, mesh, verify)
+        stored_specs = {spec.key: spec for spec in tensor_table(config, stored)}
+
+        def tensors(spec):
+            return tuple(params.pop(key) for key, *_ in stored_specs[spec.key].arrays)
+        return model_from_tensors(config, tensors, dtype, mesh, quantize or stored)
     if os.path.isdir(os.path.join(path, PARAMS_DIR)):
         raise _damaged(path, f"{PARAMS_DIR}/ but no {MANIFEST} (the conversion did not finish)")
 
     source, dtype = open_hf_checkpoint(path, config, dtype)
-    return model_from_tensors(config, lambda spec: spec.to_param(source.read, dtype), dtype, mesh)
+    return model_from_tensors(config, lambda spec: spec.to_param(source.read, dtype), dtype, mesh, quantize)

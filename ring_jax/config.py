@@ -131,9 +131,9 @@ class RingConfig:
         if "use_linear_silu" in raw:  # SGLang's alias
             if raw.setdefault("linear_silu", raw["use_linear_silu"]) != raw["use_linear_silu"]:
                 raise ConfigError("linear_silu and use_linear_silu disagree")
-        if raw.get("quantization_config"):
-            raise ConfigError("quantization_config: quantized (e.g. FP8) checkpoints are not supported; "
-                              "use the BF16 release")
+        from ring_jax.quantization import hf_quantization    # (which imports this module)
+
+        hf_quantization(raw.get("quantization_config"))       # a layout ring_jax cannot read: an error
         if raw.get("head_dim", 0) is None:  # HF: head_dim or hidden_size // num_attention_heads
             raw["head_dim"] = raw.get("hidden_size", 2048) // raw.get("num_attention_heads", 16)
         if "layer_group_size" not in raw:

@@ -92,13 +92,11 @@ def attach(model, rank: int, alpha: float, targets=DEFAULT_TARGETS, seed: int = 
     for i, (name, linear) in enumerate(projections(model, targets)):
         if linear.lora is not None:
             raise ValueError(f"{name} has a LoRA adapter already")
-        kernel = linear.kernel.get_value()
-        *lead, fan_in, fan_out = kernel.shape
+        (*lead, fan_in, fan_out), axes = linear.layout()
         rng = np.random.default_rng((seed, i))
         a = jnp.asarray(rng.standard_normal((*lead, fan_in, rank)) / np.sqrt(fan_in), jnp.float32)
         b = jnp.zeros((*lead, rank, fan_out), jnp.float32)
-        axes = (linear.kernel.get_metadata().get("out_sharding") or (None,) * kernel.ndim)[-2:]
-        adapter = LoRA(a, b, alpha, axes)
+        adapter = LoRA(a, b, alpha, axes[-2:])
         if mesh is not None:
             for factor in (adapter.a, adapter.b):
                 value = factor.get_value()
@@ -116,6 +114,9 @@ def merge(model) -> int:
     for kind, _ in model.schedule.counts:
         for _, linear in nnx.iter_graph(getattr(model, kind)):
             if isinstance(linear, Linear) and linear.lora is not None:
+                if linear.quantized:
+                    raise ValueError("LoRA adapters merge into an unquantized model: load the base model "
+                                     "without quantize, merge, then quantize the result")
                 kernel = linear.kernel.get_value()
                 linear.kernel.set_value((kernel.astype(jnp.float32) + linear.lora.delta()).astype(kernel.dtype))
                 linear.lora = None

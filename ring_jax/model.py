@@ -19,12 +19,13 @@ from ring_jax.layers.attention import SoftmaxAttention
 from ring_jax.layers.linear import Linear, matmul
 from ring_jax.layers.linear_attention import LinearAttention
 from ring_jax.layers.mlp import MLP
-from ring_jax.layers.moe import MoE
+from ring_jax.layers.moe import Experts, MoE
 from ring_jax.layers.norms import RMSNorm
 from ring_jax.layers.rope import rope_tables
 from ring_jax.layers.stack import layer_view, stack_modules
 from ring_jax.schedule import Run, Schedule, attention_of, kind_index
-from ring_jax.sharding import constrain, model_mesh, param, put, spec
+from ring_jax.quantization import check_method, quantized_path
+from ring_jax.sharding import constrain, model_mesh, param, put, shard_model, spec
 
 ACTIVATION_AXES = ("batch", None, "embed")   # x: [B, T, hidden]
 
@@ -93,6 +94,22 @@ class RingModel(nnx.Module):
         self.mtp_layers = nnx.List([MTPLayer(config, dtype=dtype, rngs=rngs)
                                     for _ in range(config.num_nextn_predict_layers)])
         self.remat = False             # training (`ring_jax.train`): recompute each layer in the backward pass
+        self.quantization = None       # "fp8" after `quantize`
+
+    def quantize(self, method: str = "fp8") -> RingModel:
+        """Quantizes the parameters of `ring_jax.quantization.QUANTIZED` to FP8, in place (on a
+        mesh, each laid out again by its annotation). Returns the model."""
+        check_method(method)
+        if self.quantization is not None:
+            raise ValueError(f"the model is quantized ({self.quantization}) already")
+        for path, node in list(nnx.iter_graph(self)):
+            if isinstance(node, Linear) and quantized_path(tuple(path) + ("kernel",)):
+                node.quantize()
+            elif isinstance(node, Experts) and quantized_path(tuple(path) + ("gate_up_proj",)):
+                node.quantize()
+        self.quantization = method
+        mesh = model_mesh(self)
+        return self if mesh is None else shard_model(self, mesh)
 
     @property
     def dtype(self):
@@ -168,8 +185,9 @@ class RingModel(nnx.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """hidden: [..., hidden] -> float32 logits [..., vocab] (the head's matmul in model dtype)."""
-        head = self.word_embeddings[...].T if self.lm_head is None else self.lm_head.kernel[...]
-        return matmul(hidden, head).astype(jnp.float32)
+        if self.lm_head is None:
+            return matmul(hidden, self.word_embeddings[...].T).astype(jnp.float32)
+        return self.lm_head(hidden).astype(jnp.float32)
 
     def forward(self, input_ids: jax.Array) -> jax.Array:
         """input_ids: [B, T] int -> logits [B, T, vocab] float32 (full causal forward, no cache)."""

@@ -111,6 +111,9 @@ def trainable(config: TrainConfig):
 
 def prepare(model, config: TrainConfig) -> None:
     """Readies `model` for training in place: remat, and the LoRA adapters."""
+    if model.quantization is not None and not config.lora_rank:
+        raise ValueError(f"an {model.quantization} model trains LoRA adapters only (lora_rank > 0): its quantized "
+                         "weights take no gradient steps; train every parameter of the unquantized model")
     model.remat = config.remat
     if config.lora_rank:
         lora.attach(model, config.lora_rank, config.lora_alpha, config.lora_targets, seed=config.seed)

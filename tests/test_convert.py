@@ -190,7 +190,7 @@ def test_table_covers_every_parameter_once(tiny_dict):
         table = tensor_table(config)
         covered = []
         for spec in table:
-            variable, index = locate(model, spec)
+            [(variable, index)] = locate(model, spec)
             assert (variable.shape[1:] if index is not None else variable.shape) == spec.shape, spec.key
             covered.append((id(variable), index))
         assert sorted(covered, key=str) == sorted(entries, key=str) and len(set(covered)) == len(covered)

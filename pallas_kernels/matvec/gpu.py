@@ -6,8 +6,13 @@ a single [block_k, block_n] tile of one matrix (16 KB) and no loop: the grid is
 (groups, N / block_n, K / block_k), hundreds to thousands of programs. Each writes its float32
 partial sums [M, block_n] for its K slice to out[k slice, group]; the K slices are summed in
 float32 afterwards (in XLA: one more small reduction, or fused into the caller's next
-operation). The partials are written and read back: 4 M / block_k of the weight bytes for bf16
-weights, 3% at M = 1.
+operation). The partials are written and read back: 8 M BLOCK_N / TILE_BYTES of the weight bytes
+whatever their dtype, 3% at M = 1.
+
+FP8 weights (`pallas_kernels.backend.FP8`: K-major [E, N, K] stacks with scales [E, N]): a program
+reads a [block_n, block_k] tile (block_k = 256 of the 1-byte values), converts it to float32 and
+reduces over K, so the kernel only learns to read K-major tiles; the per-column scale multiplies
+the summed partials afterwards, in the same XLA reduction.
 
 Each row of x is multiplied with the tile and reduced over K inside the program (a static loop
 over the M rows: Triton tensors must have power-of-two shapes, M need not). With a norm, every
@@ -23,6 +28,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
+
+from pallas_kernels.backend import FP8, matrix_shape
+from pallas_kernels.matvec import reference
 
 # "auto" takes the kernel for one row per group only: on an H200 XLA's GEMM was faster from 2 rows
 # on (a 5-layer Ring-mini decode step at batch 8; docs/PERFORMANCE.md).
@@ -47,24 +55,25 @@ def block_k(w_dtype) -> int:
     return TILE_BYTES // (BLOCK_N * jnp.dtype(w_dtype).itemsize)
 
 
-def fits(x, w, norm_weight=None) -> bool:
-    """Whether the kernel computes these operands: bf16 or float32, K and N whole tiles, and
-    stacks of one K, N and dtype; with a norm, K a power of two (whole rows are one Triton
-    vector) and the norm weight of x's dtype."""
+def fits(x, w, norm_weight=None, scale=None) -> bool:
+    """Whether the kernel computes these operands: bf16 or float32, or FP8 weights with their
+    scale (scale not None), K and N whole tiles, and stacks of one K, N and dtype; with a norm, K
+    a power of two (whole rows are one Triton vector) and the norm weight of x's dtype."""
     stacks = _stacks(w)
-    K, N = stacks[0].shape[-2:]
+    K, N = matrix_shape(stacks[0])
     dtype = jnp.dtype(stacks[0].dtype)
-    same = all(s.shape[-2:] == (K, N) and jnp.dtype(s.dtype) == dtype for s in stacks)
+    same = all(s.shape[-2:] == stacks[0].shape[-2:] and jnp.dtype(s.dtype) == dtype for s in stacks)
+    weights_ok = dtype in DTYPES if scale is None else dtype == FP8
     norm_ok = norm_weight is None or (K & (K - 1) == 0 and jnp.dtype(norm_weight.dtype) == jnp.dtype(x.dtype))
-    return (same and norm_ok and jnp.dtype(x.dtype) in DTYPES and dtype in DTYPES
+    return (same and norm_ok and jnp.dtype(x.dtype) in DTYPES and weights_ok
             and K % block_k(dtype) == 0 and N % BLOCK_N == 0)
 
 
-def supports(x, w, norm_weight=None) -> bool:
+def supports(x, w, norm_weight=None, scale=None) -> bool:
     """Whether "auto" takes the kernel: it `fits`, at most MAX_ROWS rows per group and a matrix of
     at most MAX_WEIGHT_ELEMENTS."""
-    K, N = _stacks(w)[0].shape[-2:]
-    return fits(x, w, norm_weight) and x.shape[-2] <= MAX_ROWS and K * N <= MAX_WEIGHT_ELEMENTS
+    K, N = matrix_shape(_stacks(w)[0])
+    return fits(x, w, norm_weight, scale) and x.shape[-2] <= MAX_ROWS and K * N <= MAX_WEIGHT_ELEMENTS
 
 
 def _rows(x_ref, norm_ref, index_ref, *, rows, s, bk, eps):
@@ -86,7 +95,7 @@ def _rows(x_ref, norm_ref, index_ref, *, rows, s, bk, eps):
     return out
 
 
-def _kernel(ids_ref, x_ref, *refs, rows, bk, bn, sizes, eps):
+def _kernel(ids_ref, x_ref, *refs, rows, bk, bn, sizes, eps, k_major):
     norm_ref, index_ref = refs[:2] if eps is not None else (None, None)
     *w_refs, out_ref = refs[2:] if eps is not None else refs
     p, n, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -94,6 +103,11 @@ def _kernel(ids_ref, x_ref, *refs, rows, bk, bn, sizes, eps):
     x = _rows(x_ref, norm_ref, index_ref, rows=rows, s=s, bk=bk, eps=eps)
 
     def product(w_ref, i):
+        if k_major:                                          # FP8 [N, K]: the tile's rows run along K
+            tile = w_ref[i, pl.ds(n * bn, bn), pl.ds(s * bk, bk)].astype(jnp.float32)      # [bn, bk]
+            for m in range(rows):
+                out_ref[m, :] = jnp.sum(x[m][None, :] * tile, axis=1)
+            return
         tile = w_ref[i, pl.ds(s * bk, bk), pl.ds(n * bn, bn)].astype(jnp.float32)          # [bk, bn]
         for m in range(rows):
             out_ref[m, :] = jnp.sum(x[m][:, None] * tile, axis=0)
@@ -108,12 +122,13 @@ def _kernel(ids_ref, x_ref, *refs, rows, bk, bn, sizes, eps):
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "interpret"))
-def matvec(x, w, ids, norm_weight=None, norm_index=None, *, eps=None, interpret=False):
-    """x: [X, M, K]; w: [E, K, N] or a tuple of such stacks; ids: [P] int32; norm_weight: None or
-    [L, K] with norm_index [] int32 -> [P, M, N] float32 (api.matvec)."""
+def matvec(x, w, ids, norm_weight=None, norm_index=None, *, scale=None, eps=None, interpret=False):
+    """x: [X, M, K]; w: [E, K, N] or a tuple of such stacks, or FP8 [E, N, K] stacks with scale
+    [E, N] float32 (a tuple like w); ids: [P] int32; norm_weight: None or [L, K] with norm_index
+    [] int32 -> [P, M, N] float32 (api.matvec)."""
     stacks = _stacks(w)
     X, M, K = x.shape
-    P, N = ids.shape[0], stacks[0].shape[2]
+    P, N = ids.shape[0], matrix_shape(stacks[0])[1]
     share = P // X
     bk, bn = block_k(stacks[0].dtype), BLOCK_N
     S = K // bk
@@ -124,7 +139,8 @@ def matvec(x, w, ids, norm_weight=None, norm_index=None, *, eps=None, interpret=
         x_spec = pl.BlockSpec((None, M, K), lambda p, n, s: (p // share, 0, 0))
         norm = [norm_weight, jnp.reshape(jnp.asarray(norm_index, jnp.int32), (1,))]
     partial = pl.pallas_call(
-        functools.partial(_kernel, rows=M, bk=bk, bn=bn, sizes=tuple(s.shape[0] for s in stacks), eps=eps),
+        functools.partial(_kernel, rows=M, bk=bk, bn=bn, sizes=tuple(s.shape[0] for s in stacks), eps=eps,
+                          k_major=jnp.dtype(stacks[0].dtype) == FP8),
         grid=(P, N // bn, S),
         in_specs=[anywhere, x_spec] + [anywhere] * (len(norm) + len(stacks)),   # ids, norm, stacks: whole
         out_specs=pl.BlockSpec((None, None, M, bn), lambda p, n, s: (s, p, 0, n)),
@@ -133,4 +149,5 @@ def matvec(x, w, ids, norm_weight=None, norm_index=None, *, eps=None, interpret=
         interpret=interpret,
         name="matvec",
     )(ids, x, *norm, *stacks)
-    return jnp.sum(partial, axis=0)
+    out = jnp.sum(partial, axis=0)
+    return out if scale is None else out * reference.gather(scale, ids)[:, None, :]

@@ -2,15 +2,16 @@
 implementation (`pallas_kernels.backend`).
 
 `gmm`: "tpu", the Mosaic TPU kernel (`gmm_tpu.py`); "gpu", the Mosaic GPU kernel (`gmm_gpu.py`: bf16,
-K % 64 == 0, N % 256 == 0); and the jnp reference. `take_rows`, the gather of the tokens' rows in
-expert order before the grouped matmuls: "gpu", a Pallas Triton kernel (`gather_gpu.py`), and XLA's
-gather.
+K % 64 == 0, N % 256 == 0); and the jnp reference. FP8 weights (`pallas_kernels.backend.FP8`) run
+through the reference for now on every device: neither kernel takes them yet. `take_rows`, the
+gather of the tokens' rows in expert order before the grouped matmuls: "gpu", a Pallas Triton
+kernel (`gather_gpu.py`), and XLA's gather.
 """
 
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.backend import Kernel, resolve, with_reference_gradient
+from pallas_kernels.backend import FP8, Kernel, resolve, with_reference_gradient
 from pallas_kernels.moe import reference
 
 # Below this many rows per group on average, the GPU kernel uses 64-row tiles (decode-sized steps
@@ -22,6 +23,9 @@ def _gmm_gpu(lhs, rhs, preferred_element_type):
     def answer():
         from pallas_kernels.moe import gmm_gpu
 
+        if jnp.dtype(rhs.dtype) == FP8:
+            return Kernel("takes no FP8 weights yet (float8_e4m3fn rhs): FP8 weights run through the reference "
+                          "for now (a Hopper FP8 kernel is a later step)", interprets=False)
         return Kernel(None if gmm_gpu.supports(lhs, rhs, preferred_element_type or lhs.dtype) else
                       f"takes bf16 operands with K % {gmm_gpu.TILE_K} == 0 and N % 256 == 0 and a bf16 or float32 "
                       f"output, got {lhs.dtype} {lhs.shape} x {rhs.dtype} {rhs.shape} -> "
@@ -29,16 +33,22 @@ def _gmm_gpu(lhs, rhs, preferred_element_type):
     return answer
 
 
-def _tpu():
-    return Kernel()
+def _tpu(rhs):
+    def answer():
+        if jnp.dtype(rhs.dtype) == FP8:
+            return Kernel("takes no FP8 weights (float8_e4m3fn rhs): they run through the reference for now "
+                          "(int8 weights on the TPU are a later step)")
+        return Kernel()
+    return answer
 
 
 def gmm_backend(lhs, rhs, preferred_element_type=None, backend="auto") -> str:
-    """The backend `gmm` runs for these operands: "gpu", "tpu" or "reference"."""
-    return resolve(backend, gpu=_gmm_gpu(lhs, rhs, preferred_element_type), tpu=_tpu)
+    """The backend `gmm` runs for these operands: "gpu", "tpu" or "reference" (always the
+    reference for FP8 rhs under "auto")."""
+    return resolve(backend, gpu=_gmm_gpu(lhs, rhs, preferred_element_type), tpu=_tpu(rhs))
 
 
-def gmm(lhs, rhs, group_sizes, *, group_offset=0, preferred_element_type=None, backend="auto",
+def gmm(lhs, rhs, group_sizes, *, group_offset=0, scale=None, preferred_element_type=None, backend="auto",
         interpret=False):
     """Grouped matmul, `jax.lax.ragged_dot` semantics: lhs [M, K], rhs [G, K, N], group_sizes [G]
     int32 (sum <= M; rows past the sum come back as zeros) -> [M, N] in preferred_element_type
@@ -47,14 +57,20 @@ def gmm(lhs, rhs, group_sizes, *, group_offset=0, preferred_element_type=None, b
     group_offset: int or [] int32: group g multiplies rhs[group_offset + g] of a longer stack
     [>= group_offset + G, K, N] (one layer's experts in the stack of every layer's: the GPU kernel
     reads them in place; the TPU kernel and the reference take a slice of the stack first).
+    scale: None; or FP8 weights (`pallas_kernels.backend.FP8`): rhs is float8_e4m3fn [G', N, K]
+    (K-major) and scale [G', N] float32, read at group_offset like rhs; group g's rows are
+    (rows @ rhs[group_offset + g].T, accumulated in float32) * scale[group_offset + g], rounded
+    once. Only the reference takes them for now ("auto" picks it on every device).
 
     backend, interpret: `pallas_kernels.backend`.
     """
-    kind = resolve(backend, interpret, gpu=_gmm_gpu(lhs, rhs, preferred_element_type), tpu=_tpu)
+    _check_scale(lhs, rhs, scale)
+    kind = resolve(backend, interpret, gpu=_gmm_gpu(lhs, rhs, preferred_element_type), tpu=_tpu(rhs))
     G, out_dtype = group_sizes.shape[0], jnp.dtype(preferred_element_type or lhs.dtype)
 
     def ref(lhs, rhs, group_sizes, group_offset):
-        return reference.gmm(lhs, _groups(rhs, group_offset, G), group_sizes, preferred_element_type=out_dtype)
+        return reference.gmm(lhs, _groups(rhs, group_offset, G), group_sizes, preferred_element_type=out_dtype,
+                             scale=None if scale is None else _groups(scale, group_offset, G))
 
     if kind == "gpu":
         from pallas_kernels.moe import gmm_gpu
@@ -73,12 +89,13 @@ def gmm(lhs, rhs, group_sizes, *, group_offset=0, preferred_element_type=None, b
     return with_reference_gradient(kernel, ref)(lhs, rhs, group_sizes, jnp.asarray(group_offset, jnp.int32))
 
 
-def gmm_swiglu(lhs, rhs, group_sizes, *, group_offset=0, backend="auto", interpret=False):
-    """`reference.swiglu(gmm(lhs, rhs, group_sizes, group_offset=...))`: the experts' gate and up
-    products (rhs [G, K, 2 I], gate columns then up) and SwiGLU -> [M, I] in lhs.dtype. Where the
-    GPU kernel runs with 128-row tiles, SwiGLU runs in its epilogue, so the [M, 2 I] product is
-    never written."""
-    kind = resolve(backend, interpret, gpu=_gmm_gpu(lhs, rhs, None), tpu=_tpu)
+def gmm_swiglu(lhs, rhs, group_sizes, *, group_offset=0, scale=None, backend="auto", interpret=False):
+    """`reference.swiglu(gmm(lhs, rhs, group_sizes, group_offset=..., scale=...))`: the experts'
+    gate and up products (rhs [G, K, 2 I], gate columns then up; FP8 with scale: [G, 2 I, K]) and
+    SwiGLU -> [M, I] in lhs.dtype. Where the GPU kernel runs with 128-row tiles, SwiGLU runs in its
+    epilogue, so the [M, 2 I] product is never written."""
+    _check_scale(lhs, rhs, scale)
+    kind = resolve(backend, interpret, gpu=_gmm_gpu(lhs, rhs, None), tpu=_tpu(rhs))
     if kind == "gpu" and _gpu_tile_m(lhs, group_sizes) == 128:
         from pallas_kernels.moe import gmm_gpu
 
@@ -90,15 +107,32 @@ def gmm_swiglu(lhs, rhs, group_sizes, *, group_offset=0, backend="auto", interpr
         def ref(lhs, rhs, group_sizes, group_offset):
             return reference.gmm_swiglu(lhs, _groups(rhs, group_offset, G), group_sizes)
         return with_reference_gradient(kernel, ref)(lhs, rhs, group_sizes, jnp.asarray(group_offset, jnp.int32))
-    return reference.swiglu(gmm(lhs, rhs, group_sizes, group_offset=group_offset, backend=backend,
+    return reference.swiglu(gmm(lhs, rhs, group_sizes, group_offset=group_offset, scale=scale, backend=backend,
                                 interpret=interpret))
 
 
-def _groups(rhs, group_offset, G: int):
-    """rhs[group_offset : group_offset + G]."""
-    if isinstance(group_offset, int) and group_offset == 0 and rhs.shape[0] == G:
-        return rhs
-    return lax.dynamic_slice_in_dim(rhs, group_offset, G)
+def _check_scale(lhs, rhs, scale):
+    """A ValueError unless rhs is FP8 [G', N, K] with K lhs's and scale its float32 [G', N] scales,
+    or rhs is not FP8 and scale is None."""
+    fp8 = jnp.dtype(rhs.dtype) == FP8
+    if scale is None:
+        if fp8:
+            raise ValueError("gmm: FP8 (float8_e4m3fn) rhs needs its scale: pass scale, [G, N] float32")
+        return
+    if not fp8:
+        raise ValueError(f"gmm: scale is for FP8 (float8_e4m3fn) rhs, not {rhs.dtype}")
+    if rhs.ndim != 3 or rhs.shape[2] != lhs.shape[-1]:
+        raise ValueError(f"gmm: FP8 rhs {rhs.shape} must be K-major, [G, N, K] with K = {lhs.shape[-1]} (lhs's)")
+    if scale.shape != rhs.shape[:2] or jnp.dtype(scale.dtype) != jnp.float32:
+        raise ValueError(f"gmm: scale is {scale.dtype} {scale.shape}; FP8 rhs {rhs.shape} needs float32 [G, N] = "
+                         f"{rhs.shape[:2]}")
+
+
+def _groups(stack, group_offset, G: int):
+    """stack[group_offset : group_offset + G]: the groups' rhs, or their FP8 scales."""
+    if isinstance(group_offset, int) and group_offset == 0 and stack.shape[0] == G:
+        return stack
+    return lax.dynamic_slice_in_dim(stack, group_offset, G)
 
 
 def _gpu_tile_m(lhs, group_sizes) -> int:

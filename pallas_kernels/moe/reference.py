@@ -4,16 +4,28 @@ import jax
 import jax.numpy as jnp
 
 
-def gmm(lhs, rhs, group_sizes, *, preferred_element_type=None):
+def gmm(lhs, rhs, group_sizes, *, preferred_element_type=None, scale=None):
     """Row group g of lhs times rhs[g]: the semantics of `jax.lax.ragged_dot`.
 
     lhs: [M, K]; rhs: [G, K, N]; group_sizes: [G] int32 with sum <= M (rows past the sum come back
     as zeros). Returns [M, N] in preferred_element_type (default lhs.dtype), accumulated in f32.
+    scale: None; or FP8 weights (`pallas_kernels.backend.FP8`): rhs is float8_e4m3fn [G, N, K]
+    (K-major), scale [G, N] float32, and group g's rows are (rows @ rhs[g].T, the values exact in
+    lhs.dtype, accumulated in f32) * scale[g], rounded once.
     """
     precision = jax.lax.Precision.HIGHEST if lhs.dtype == jnp.float32 else None
-    out = jax.lax.ragged_dot(lhs, rhs, group_sizes.astype(jnp.int32), precision=precision,
-                             preferred_element_type=jnp.float32)
+    if scale is not None:
+        rhs = jnp.swapaxes(rhs, 1, 2).astype(lhs.dtype)
+    sizes = group_sizes.astype(jnp.int32)
+    out = jax.lax.ragged_dot(lhs, rhs, sizes, precision=precision, preferred_element_type=jnp.float32)
+    if scale is not None:            # rows past the sum: group G, scale 0 (they are zeros already)
+        out = out * jnp.take(scale, row_groups(sizes, lhs.shape[0]), axis=0, mode="fill", fill_value=0)
     return out.astype(preferred_element_type or lhs.dtype)
+
+
+def row_groups(group_sizes, m: int):
+    """The group of each of m rows, [m] int32: g for the rows of group g, G for rows past the sum."""
+    return jnp.searchsorted(jnp.cumsum(group_sizes), jnp.arange(m, dtype=jnp.int32), side="right").astype(jnp.int32)
 
 
 def swiglu(gate_up):
@@ -23,9 +35,9 @@ def swiglu(gate_up):
     return jax.nn.silu(gate.astype(jnp.float32)).astype(gate.dtype) * up
 
 
-def gmm_swiglu(lhs, rhs, group_sizes):
-    """`swiglu(gmm(lhs, rhs, group_sizes))`: [M, N / 2] in lhs.dtype."""
-    return swiglu(gmm(lhs, rhs, group_sizes))
+def gmm_swiglu(lhs, rhs, group_sizes, *, scale=None):
+    """`swiglu(gmm(lhs, rhs, group_sizes, scale=scale))`: [M, N / 2] in lhs.dtype."""
+    return swiglu(gmm(lhs, rhs, group_sizes, scale=scale))
 
 
 def take_rows(x, idx):

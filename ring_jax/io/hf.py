@@ -1,7 +1,11 @@
 """An HF folder of a Ring-linear-2.0 checkpoint, read: its safetensors checked against the config's
-tensor table (`ring_jax.io.mapping`), and the dtype its parameters take."""
+tensor table (`ring_jax.io.mapping`), its FP8 weights paired with their scales
+(`ring_jax.quantization`), and the dtype its parameters take."""
 
 from __future__ import annotations
+
+import json
+import os
 
 import ml_dtypes
 import numpy as np
@@ -10,6 +14,7 @@ from ring_jax.config import RingConfig
 from ring_jax.errors import CheckpointError
 from ring_jax.io.mapping import TIED_HEAD, check_tensors, tensor_table
 from ring_jax.io.safetensors_io import SafetensorsFolder
+from ring_jax.quantization import FP8, HFQuantization, hf_quantization
 
 # Files beside the weights that a model folder keeps (tokenizer, chat template, generation defaults).
 AUX_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -17,12 +22,31 @@ AUX_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json
              "vocab.json", "merges.txt")
 
 
-def open_hf_checkpoint(hf_dir: str, config: RingConfig, dtype=None) -> tuple[SafetensorsFolder, np.dtype]:
+class HFTensors:
+    """The tensors of an HF folder as the tensor table reads them: `read(name)` gives an FP8
+    weight as `quantization.HFQuantization.read` does (an Fp8, or its dequantized float32), every
+    other tensor as stored."""
+
+    def __init__(self, folder: SafetensorsFolder, quantization: HFQuantization | None):
+        self.folder, self.quantization = folder, quantization
+        self.names = folder.names
+
+    def read(self, name: str):
+        tensor = self.folder.read(name)
+        if self.quantization is None or tensor.dtype != FP8:
+            return tensor
+        return self.quantization.read(tensor, self.folder.read(name + self.quantization.scale_suffix))
+
+
+def open_hf_checkpoint(hf_dir: str, config: RingConfig, dtype=None) -> tuple[HFTensors, np.dtype]:
     """The folder's tensors, checked against the config's table; and the parameter dtype to use
     (given, else the config's torch_dtype, else the stored embedding dtype)."""
-    source = SafetensorsFolder(hf_dir)
+    with open(os.path.join(hf_dir, "config.json")) as f:
+        quantization = hf_quantization(json.load(f).get("quantization_config"))
+    folder = SafetensorsFolder(hf_dir)
+    source = HFTensors(folder, quantization)
     table = tensor_table(config)
-    check_tensors(table, source.names, source.shape, source.dtype)
+    check_tensors(table, folder.names, folder.shape, folder.dtype, quantization)
     if config.tie_word_embeddings and TIED_HEAD in source.names:
         if not np.array_equal(source.read(TIED_HEAD), source.read(table[0].hf_names[0])):
             raise CheckpointError(f"unexpected tensor {TIED_HEAD}: the config ties the head to the "
@@ -33,7 +57,7 @@ def open_hf_checkpoint(hf_dir: str, config: RingConfig, dtype=None) -> tuple[Saf
         except ValueError as e:
             raise CheckpointError(f"config.json torch_dtype: {e}") from None
     if dtype is None:
-        dtype = source.dtype(table[0].hf_names[0])
+        dtype = folder.dtype(table[0].hf_names[0])
     return source, np.dtype(dtype)
 
 

@@ -10,6 +10,11 @@ Layouts:
 A "linear" or "experts" parameter may join `parts` projections along its output axis: the SwiGLU
 gate and up projections become one `gate_up_proj` [.., in, 2 * out] (gate first), so that one
 matmul (one grouped matmul for the experts) computes both.
+
+In the table of an FP8 model (`tensor_table(config, quantize="fp8")`), the parameters of
+`ring_jax.quantization.QUANTIZED` are `quantized`: two arrays, the float8 values in the HF
+tensors' own [.., out, in] layout (parts joined along out) and their scales [.., out], under the
+keys `key` and `key + "_scale"`.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import numpy as np
 
 from ring_jax.errors import CheckpointError
 from ring_jax.config import RingConfig
+from ring_jax.quantization import FP8, Fp8, dequantize, quantize_rows, quantized_path, scale_name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,11 +36,21 @@ class TensorSpec:
     hf_shape: tuple[int, ...]         # shape of each HF tensor
     parts: int = 1                    # projections joined along the output axis
     float32: bool = False             # stays float32 whatever the model dtype
+    quantized: bool = False           # FP8 values [.., out, in] and scales [.., out] (module docstring)
 
     @property
     def key(self) -> str:
         """The parameter's dotted name, e.g. "layers.3.mlp.gate.kernel"."""
         return ".".join(str(p) for p in self.path)
+
+    @property
+    def arrays(self) -> tuple[tuple[str, tuple[int, ...], str], ...]:
+        """(key, shape, dtype) of each array the parameter is stored as; dtype "model" for the
+        model's dtype. One array, or an FP8 parameter's values and scales."""
+        if not self.quantized:
+            return ((self.key, self.shape, "float32" if self.float32 else "model"),)
+        *lead, inp, out = self.shape
+        return ((self.key, (*lead, out, inp), FP8.name), (scale_name(self.key), (*lead, out), "float32"))
 
     @property
     def num_experts(self) -> int:
@@ -55,33 +71,54 @@ class TensorSpec:
         return shape if self.layout == "linear" else (self.num_experts,) + shape
 
     def _blocks(self):
-        """(HF name, index into the parameter) of every HF tensor, transposed into place."""
+        """(HF name, index of its output channels along the parameter's leading axes) of every HF
+        tensor: its [out, in] block is param[..., index] transposed, or FP8 values[index]."""
         out = self.hf_shape[0]
         for p in range(self.parts):
-            cols = slice(p * out, (p + 1) * out)
+            rows = slice(p * out, (p + 1) * out)
             for e in range(self.num_experts):
-                name = self.hf_names[p * self.num_experts + e]
-                yield name, ((..., cols) if self.layout == "linear" else (e, ..., cols))
+                yield self.hf_names[p * self.num_experts + e], ((rows,) if self.layout == "linear" else (e, rows))
 
-    def to_param(self, read, dtype) -> np.ndarray:
-        """The parameter, from `read(hf_name) -> np.ndarray`, cast to dtype (or float32)."""
+    def to_param(self, read, dtype) -> tuple[np.ndarray, ...]:
+        """The parameter's `arrays`, from `read(hf_name)` -> an np.ndarray or an `Fp8` (an FP8
+        checkpoint's tensor): cast to dtype (or float32), or quantized from its dtype cast
+        (`quantize_rows`, as `RingModel.quantize` quantizes a model of that dtype; an Fp8 tensor
+        is taken as it is)."""
+        if self.quantized:
+            (_, shape, _), (_, scale_shape, _) = self.arrays
+            values, scale = np.empty(shape, FP8), np.empty(scale_shape, np.float32)
+            for name, index in self._blocks():
+                tensor = read(name)
+                values[index], scale[index] = tensor if isinstance(tensor, Fp8) else quantize_rows(tensor.astype(dtype))
+            return values, scale
+
+        def read_float(name):
+            tensor = read(name)
+            return dequantize(tensor) if isinstance(tensor, Fp8) else tensor
+
         dtype = np.float32 if self.float32 else dtype
         if self.layout == "same":
-            return read(self.hf_names[0]).astype(dtype, copy=False)
+            return (read_float(self.hf_names[0]).astype(dtype, copy=False),)
         param = np.empty(self.shape, dtype)
         for name, index in self._blocks():
-            param[index] = read(name).T
-        return param
+            param[(*index[:-1], ..., index[-1])] = read_float(name).T
+        return (param,)
 
-    def to_hf(self, param: np.ndarray) -> dict[str, np.ndarray]:
-        """The HF tensors of a parameter (inverse of to_param without the cast)."""
+    def to_hf(self, *arrays: np.ndarray) -> dict[str, np.ndarray | Fp8]:
+        """The HF tensors of the parameter's `arrays` (inverse of to_param without the cast): an
+        FP8 parameter's as Fp8 (values [out, in], scale [out])."""
+        if self.quantized:
+            values, scale = arrays
+            return {name: Fp8(np.ascontiguousarray(values[index]), scale[index]) for name, index in self._blocks()}
+        (param,) = arrays
         if self.layout == "same":
             return {self.hf_names[0]: param}
-        return {name: np.ascontiguousarray(param[index].T) for name, index in self._blocks()}
+        return {name: np.ascontiguousarray(param[(*index[:-1], ..., index[-1])].T) for name, index in self._blocks()}
 
 
-def tensor_table(config: RingConfig) -> list[TensorSpec]:
-    """Every tensor of the HF checkpoint of `config`, in checkpoint order."""
+def tensor_table(config: RingConfig, quantize: str | None = None) -> list[TensorSpec]:
+    """Every tensor of the HF checkpoint of `config`, in checkpoint order; quantize="fp8": of
+    its FP8 model (module docstring)."""
     c = config
     hidden, D = c.hidden_size, c.head_dim
     H, Hkv = c.num_attention_heads, c.num_key_value_heads
@@ -155,7 +192,9 @@ def tensor_table(config: RingConfig) -> list[TensorSpec]:
     norm(("norm",), "model.norm", hidden)
     if not c.tie_word_embeddings:
         linear(("lm_head",), "lm_head", c.vocab_size, hidden)
-    return table
+    if quantize is None:
+        return table
+    return [dataclasses.replace(spec, quantized=quantized_path(spec.path)) for spec in table]
 
 
 TIED_HEAD = "lm_head.weight"  # may sit in a tied checkpoint as a copy of the embeddings
@@ -164,23 +203,37 @@ TIED_HEAD = "lm_head.weight"  # may sit in a tied checkpoint as a copy of the em
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 
 
-def check_tensors(table: list[TensorSpec], names: set[str], shape_of, dtype_of) -> None:
-    """Raises CheckpointError naming the first missing, unexpected, misshapen or non-float tensor."""
-    expected = {}
+def check_tensors(table: list[TensorSpec], names: set[str], shape_of, dtype_of, quantization=None) -> None:
+    """Raises CheckpointError naming the first missing, unexpected, misshapen or non-float tensor.
+    quantization: the checkpoint's `ring_jax.quantization.HFQuantization`, under which a
+    projection's or expert's weight may be float8_e4m3fn with its scale tensor beside it."""
+    expected, matrices = {}, set()
     for spec in table:
         for name in spec.hf_names:
             expected[name] = spec.hf_shape
+            if spec.layout != "same":
+                matrices.add(name)
     missing = [n for n in expected if n not in names]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise CheckpointError(f"missing tensor {missing[0]}{more}")
-    unexpected = sorted(names - set(expected) - {TIED_HEAD})
-    if unexpected:
-        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
-        raise CheckpointError(f"unexpected tensor {unexpected[0]}{more}: the config does not use it")
+    scales = set()
     for name, shape in expected.items():
         if tuple(shape_of(name)) != tuple(shape):
             raise CheckpointError(f"tensor {name} has shape {list(shape_of(name))}, the config needs {list(shape)}")
-        if str(dtype_of(name)) not in FLOAT_DTYPES:
-            raise CheckpointError(f"tensor {name} is {dtype_of(name)}; expected one of {FLOAT_DTYPES} "
-                                  "(quantized checkpoints are not supported)")
+        dtype = str(dtype_of(name))
+        if quantization is not None and name in matrices and dtype == FP8.name:
+            scale = name + quantization.scale_suffix
+            if scale not in names:
+                raise CheckpointError(f"tensor {name} is {FP8.name} but its scale {scale} is missing")
+            if tuple(shape_of(scale)) != quantization.scale_shape(shape):
+                raise CheckpointError(f"tensor {scale} has shape {list(shape_of(scale))}, {name} {list(shape)} needs "
+                                      f"{list(quantization.scale_shape(shape))}")
+            scales.add(scale)
+        elif dtype not in FLOAT_DTYPES:
+            why = " (FP8 weights need a quantization_config in config.json)" if dtype == FP8.name else ""
+            raise CheckpointError(f"tensor {name} is {dtype}; expected one of {FLOAT_DTYPES}{why}")
+    unexpected = sorted(names - set(expected) - scales - {TIED_HEAD})
+    if unexpected:
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        raise CheckpointError(f"unexpected tensor {unexpected[0]}{more}: the config does not use it")

@@ -10,6 +10,7 @@ import pallas_kernels
 from ring_jax import backends
 from ring_jax.layers.norms import norm_operands
 from ring_jax.layers.stack import StackSlice, read
+from ring_jax.quantization import Fp8, quantize_kernel
 from ring_jax.sharding import param
 
 
@@ -24,34 +25,71 @@ def einsum(spec: str, x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
     return y.astype(out_dtype or x.dtype)
 
 
-def matmul(x, w, out_dtype=None) -> jax.Array:
+def matmul(x, w, scale=None, out_dtype=None) -> jax.Array:
     """x [..., K] (an array or a `Normed`) @ w [K, N] (an array or a `StackSlice`), as `einsum`;
-    a decode step's few rows may take the matvec kernel (`backends.projection_matvec`), which
-    reads a stacked layer's weights in their stack and normalises a Normed's rows itself."""
-    K, N = w.shape
+    with `scale` [N] (float32), w is FP8 in its K-major layout [N, K] and the product is x times
+    its values, accumulated in float32, times the scale (`ring_jax.quantization`). A decode step's
+    few rows may take the matvec kernel (`backends.projection_matvec`), which reads a stacked
+    layer's weights in their stack and normalises a Normed's rows itself."""
+    K, N = w.shape[::-1] if scale is not None else w.shape
     rows = math.prod(x.shape[:-1])
-    if backends.projection_matvec(x, w):
+    out_dtype = out_dtype or x.dtype
+    if backends.projection_matvec(x, w, scale):
         rows_in, norm = norm_operands(x)
         if isinstance(w, StackSlice):
-            y = pallas_kernels.matvec(rows_in.reshape(1, rows, K), w.stack, w.indices(), **norm)
+            scales = {} if scale is None else dict(scale=scale.stack)
+            y = pallas_kernels.matvec(rows_in.reshape(1, rows, K), w.stack, w.indices(), **scales, **norm)
         else:
-            y = pallas_kernels.matvec(rows_in.reshape(1, rows, K), w[None], **norm)
-        return y.reshape(*x.shape[:-1], N).astype(out_dtype or x.dtype)
-    return einsum("...k,kn->...n", read(x), read(w), out_dtype)
+            scales = {} if scale is None else dict(scale=scale[None])
+            y = pallas_kernels.matvec(rows_in.reshape(1, rows, K), w[None], **scales, **norm)
+        return y.reshape(*x.shape[:-1], N).astype(out_dtype)
+    if scale is None:
+        return einsum("...k,kn->...n", read(x), read(w), out_dtype)
+    x = read(x)
+    return (einsum("...k,nk->...n", x, read(w).astype(x.dtype), jnp.float32) * read(scale)).astype(out_dtype)
 
 
 class Linear(nnx.Module):
-    """y = x @ kernel; kernel: [in_features, out_features] with logical axes `axes`. lora: None, or
-    a `ring_jax.lora.LoRA` adapter whose update is added (fine-tuning)."""
+    """y = x @ kernel; kernel: [in_features, out_features] with logical axes `axes`, or after
+    `quantize` FP8 values [out_features, in_features] with kernel_scale [out_features]
+    (`ring_jax.quantization`). lora: None, or a `ring_jax.lora.LoRA` adapter whose update is added
+    (fine-tuning)."""
 
     def __init__(self, in_features: int, out_features: int, *, axes=(None, None), dtype, rngs: nnx.Rngs):
         init = jax.random.normal(rngs.params(), (in_features, out_features), jnp.float32)
         self.kernel = param((init / in_features ** 0.5).astype(dtype), axes)
+        self.kernel_scale = nnx.data(None)
         self.lora = nnx.data(None)
+
+    @property
+    def quantized(self) -> bool:
+        return self.kernel_scale is not None
+
+    def layout(self) -> tuple[tuple[int, ...], tuple]:
+        """(shape, logical axes) of the weight as [..., in, out] (a stack's axes first), quantized
+        or not."""
+        shape, axes = self.kernel.shape, self.kernel.get_metadata().get("out_sharding") or (None,) * self.kernel.ndim
+        if self.quantized:
+            shape, axes = (*shape[:-2], shape[-1], shape[-2]), (*axes[:-2], axes[-1], axes[-2])
+        return tuple(shape), tuple(axes)
+
+    def quantize(self) -> None:
+        """Makes the weight FP8 (`ring_jax.quantization.quantize_kernel`), in place."""
+        _, axes = self.layout()
+        q = quantize_kernel(self.kernel.get_value())
+        self.kernel = param(q.values, (*axes[:-2], axes[-1], axes[-2]))
+        self.kernel_scale = param(q.scale, (*axes[:-2], axes[-1]))
+
+    def weight(self):
+        """The kernel's value (an array or a StackSlice), or after `quantize` an Fp8 of the values
+        and the scale."""
+        if self.kernel_scale is None:
+            return self.kernel.get_value()
+        return Fp8(self.kernel.get_value(), self.kernel_scale.get_value())
 
     def __call__(self, x) -> jax.Array:
         """x: [..., in] (an array or a `Normed`) -> [..., out] in x's dtype."""
-        y = matmul(x, self.kernel.get_value())
+        y = matmul(x, *self.weight()) if self.quantized else matmul(x, self.kernel.get_value())
         if self.lora is None:
             return y
         return (y.astype(jnp.float32) + self.lora(x)).astype(y.dtype)

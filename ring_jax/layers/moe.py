@@ -30,6 +30,7 @@ from ring_jax.layers.linear import matmul
 from ring_jax.layers.mlp import MLP, swiglu
 from ring_jax.layers.norms import norm_operands
 from ring_jax.layers.stack import StackSlice, read, stack_and_index
+from ring_jax.quantization import Fp8, quantize_kernel
 from ring_jax.sharding import in_mesh, mesh_axis, on_blocks, param
 
 
@@ -86,7 +87,8 @@ def expert_outputs(tokens, ids, gate_up, down, expert_axis=None, gathered=None):
     """Each (token, expert) pair through its expert: out[n, j] = expert_{ids[n, j]}(tokens[n]).
 
     tokens: [N, hidden]; ids: [N, k] int32; gate_up: [E, hidden, 2 I] and down: [E, I, hidden], the
-    experts held here (arrays, or `StackSlice`s of every layer's experts). expert_axis: inside
+    experts held here (arrays, or `StackSlice`s of every layer's experts; FP8: `Fp8`s of them,
+    [E, 2 I, hidden] and [E, hidden, I] with their scales, `Experts.weights`). expert_axis: inside
     shard_map, the mesh axis the experts are split over (this device holds experts [i E, (i + 1) E),
     i its index on the axis; pairs whose expert is elsewhere come back as zeros). Returns
     [N, k, hidden] in tokens' dtype.
@@ -95,7 +97,7 @@ def expert_outputs(tokens, ids, gate_up, down, expert_axis=None, gathered=None):
     through its chosen expert's weights (`backends.experts_gather`; inside shard_map the caller decides from the
     global pairs).
     """
-    E = gate_up.shape[0]
+    E = _count(gate_up)
     if expert_axis is None:
         if backends.experts_gather(tokens, ids, gate_up, down) if gathered is None else gathered:
             return gathered_outputs(tokens, ids, gate_up, down)
@@ -108,24 +110,43 @@ def expert_outputs(tokens, ids, gate_up, down, expert_axis=None, gathered=None):
     return grouped_outputs(tokens, ids, gate_up, down)
 
 
+def _count(w) -> int:
+    """The number of matrices of a stack (or of an Fp8 stack)."""
+    return (w.values if isinstance(w, Fp8) else w).shape[0]
+
+
 def _one_stack(w):
-    """A layer's matrices [G, K, N] (an array, or a StackSlice of every layer's [n, G, K, N]) as
-    (one stack [n G, K, N] that the kernels take whole, the layer's first matrix in it)."""
+    """A layer's matrices [G, K, N] (an array, or a StackSlice of every layer's [n, G, K, N]; or an
+    Fp8 of such values and scales) as (one stack [n G, K, N] that the kernels take whole, the
+    layer's first matrix in it)."""
+    if isinstance(w, Fp8):
+        (values, first), (scale, _) = _one_stack(w.values), _one_stack(w.scale)
+        return Fp8(values, scale), first
     if isinstance(w, StackSlice):
         return w.stack.reshape((-1,) + w.shape[1:]), w.index * w.shape[0]
     return w, 0
 
 
+def _kernel_operands(*stacks):
+    """Stacks (arrays, or Fp8s of them) -> (the weights: one stack or a tuple of them, the
+    kernels' keyword arguments: the scales of FP8 stacks)."""
+    if not isinstance(stacks[0], Fp8):
+        return (stacks[0] if len(stacks) == 1 else stacks), {}
+    values, scales = tuple(s.values for s in stacks), tuple(s.scale for s in stacks)
+    return (values[0], dict(scale=scales[0])) if len(stacks) == 1 else (values, dict(scale=scales))
+
+
 def grouped_outputs(tokens, ids, gate_up, down):
     """-> [N, k, hidden]; pairs with ids == E (experts held elsewhere) give zeros."""
     N, k = ids.shape
-    E = gate_up.shape[0]
+    E = _count(gate_up)
     order, rank, group_sizes = sort_by_expert(ids.reshape(-1), E + 1)
     group_sizes = group_sizes[:E]                           # rows past their sum come back as zeros
     rows = pallas_kernels.take_rows(tokens, order // k)                          # sorted by expert
     (gate_up, first), (down, _) = _one_stack(gate_up), _one_stack(down)
-    out = pallas_kernels.gmm_swiglu(rows, gate_up, group_sizes, group_offset=first)
-    out = pallas_kernels.gmm(out, down, group_sizes, group_offset=first)
+    (gate_up, gate_up_scale), (down, down_scale) = _kernel_operands(gate_up), _kernel_operands(down)
+    out = pallas_kernels.gmm_swiglu(rows, gate_up, group_sizes, group_offset=first, **gate_up_scale)
+    out = pallas_kernels.gmm(out, down, group_sizes, group_offset=first, **down_scale)
     return out[rank].reshape(N, k, -1)
 
 
@@ -136,27 +157,34 @@ def gathered_outputs(tokens, ids, gate_up, down):
 
 
 def _matvecs(tokens, ids, gate_up, down):
-    """-> [N, k, hidden]: pair n k + j through matrices ids[n, j] of the stacks gate_up and down,
-    which may be tuples of stacks (`pallas_kernels.matvec`) that ids address as one. tokens: an
-    array or a `Normed` (the kernel normalises the rows)."""
+    """-> [N, k, hidden]: pair n k + j through matrices ids[n, j] of gate_up and down: stacks, or
+    tuples of stacks (`pallas_kernels.matvec`) that ids address as one (each an array or an Fp8
+    of them). tokens: an array or a `Normed` (the kernel normalises the rows)."""
     N, k = ids.shape
     pairs = ids.reshape(-1)
     rows, norm = norm_operands(tokens)
-    out = pallas_kernels.matvec(rows[:, None], gate_up, pairs, **norm).astype(tokens.dtype)  # [N k, 1, 2 I]
-    out = pallas_kernels.matvec(swiglu(out), down, pairs).astype(tokens.dtype)            # [N k, 1, hidden]
+    (gate_up, gate_up_scale), (down, down_scale) = (
+        _kernel_operands(*w) if isinstance(w, tuple) and not isinstance(w, Fp8) else _kernel_operands(w)
+        for w in (gate_up, down))
+    out = pallas_kernels.matvec(rows[:, None], gate_up, pairs, **gate_up_scale, **norm).astype(tokens.dtype)
+    out = pallas_kernels.matvec(swiglu(out), down, pairs, **down_scale).astype(tokens.dtype)   # [N k, 1, hidden]
     return out.reshape(N, k, out.shape[-1])
 
 
 def _as_stack(w):
-    """A matrix [K, N] (an array or a StackSlice) as one of a stack: [1, K, N], or the StackSlice
-    of [n, 1, K, N]."""
+    """A matrix [K, N] (an array or a StackSlice; or an Fp8 of them) as one of a stack: [1, K, N],
+    or the StackSlice of [n, 1, K, N]."""
+    if isinstance(w, Fp8):
+        return Fp8(_as_stack(w.values), _as_stack(w.scale))
     if isinstance(w, StackSlice):
         return StackSlice(w.stack[:, None], w.index)
     return w[None]
 
 
 class Experts(nnx.Module):
-    """The routed experts, stacked: gate_up_proj [E, hidden, 2 I] (gate then up); down_proj [E, I, hidden]."""
+    """The routed experts, stacked: gate_up_proj [E, hidden, 2 I] (gate then up); down_proj [E, I,
+    hidden]. After `quantize`: FP8 values [E, 2 I, hidden] and [E, hidden, I] with their scales
+    gate_up_proj_scale [E, 2 I] and down_proj_scale [E, hidden] (`ring_jax.quantization`)."""
 
     def __init__(self, num_experts: int, hidden: int, intermediate: int, *, dtype, rngs: nnx.Rngs):
         def init(shape, fan_in, axes):
@@ -164,31 +192,57 @@ class Experts(nnx.Module):
 
         self.gate_up_proj = init((num_experts, hidden, 2 * intermediate), hidden, ("experts", "embed", "expert_mlp"))
         self.down_proj = init((num_experts, intermediate, hidden), intermediate, ("experts", "expert_mlp", "embed"))
+        self.gate_up_proj_scale = nnx.data(None)
+        self.down_proj_scale = nnx.data(None)
+
+    def quantize(self) -> None:
+        """Makes both stacks FP8 (`ring_jax.quantization.quantize_kernel`), in place."""
+        for name in ("gate_up_proj", "down_proj"):
+            variable = getattr(self, name)
+            axes = variable.get_metadata()["out_sharding"]
+            q = quantize_kernel(variable.get_value())
+            setattr(self, name, param(q.values, (*axes[:-2], axes[-1], axes[-2])))
+            setattr(self, name + "_scale", param(q.scale, (*axes[:-2], axes[-1])))
+
+    def weights(self) -> tuple:
+        """(gate_up, down): each the stack's value (an array or a StackSlice), or after `quantize`
+        an Fp8 of the values and scales."""
+        if self.gate_up_proj_scale is None:
+            return self.gate_up_proj.get_value(), self.down_proj.get_value()
+        return tuple(Fp8(getattr(self, name).get_value(), getattr(self, name + "_scale").get_value())
+                     for name in ("gate_up_proj", "down_proj"))
 
     def __call__(self, tokens: jax.Array, ids: jax.Array, weights: jax.Array) -> jax.Array:
         """tokens: [N, hidden]; ids, weights: [N, k] -> the weighted sum of each token's pairs'
         outputs (`expert_outputs`, `combine`) [N, hidden]. Under a mesh: per (batch shard, expert
         shard) block, the pairs' outputs brought together over `expert` (module docstring)."""
-        gate_up, down = self.gate_up_proj.get_value(), self.down_proj.get_value()
+        gate_up, down = self.weights()
         if not in_mesh():
             return combine(expert_outputs(tokens, ids, gate_up, down), weights)
-        if not isinstance(gate_up, StackSlice):                   # one layer: a stack of one
-            gate_up, down = StackSlice(gate_up[None], 0), StackSlice(down[None], 0)
-        axis = mesh_axis("experts", gate_up.shape[0])
-        gathered = backends.experts_gather(tokens, ids, gate_up, down, expert_parallel=axis is not None)
+        arrays = [gate_up, down] if self.gate_up_proj_scale is None else [gate_up.values, gate_up.scale,
+                                                                          down.values, down.scale]
+        index = arrays[0].index if isinstance(arrays[0], StackSlice) else 0
+        stacks = [a.stack if isinstance(a, StackSlice) else a[None] for a in arrays]   # one layer: a stack of one
+        E = stacks[0].shape[1]
+        axis = mesh_axis("experts", E)
 
-        def block(tokens, ids, weights, gate_up, down, index):
-            gate_up, down = StackSlice(gate_up, index), StackSlice(down, index)
-            out = expert_outputs(tokens, ids, gate_up, down, expert_axis=axis, gathered=gathered)
+        def layer(stacks, index):
+            entries = [StackSlice(s, index) for s in stacks]
+            return entries if len(entries) == 2 else [Fp8(*entries[:2]), Fp8(*entries[2:])]
+
+        gathered = backends.experts_gather(tokens, ids, *layer(stacks, index), expert_parallel=axis is not None)
+
+        def block(tokens, ids, weights, index, *stacks):
+            out = expert_outputs(tokens, ids, *layer(stacks, index), expert_axis=axis, gathered=gathered)
             if axis is None:
                 return combine(out, weights)
             if tokens.shape[0] < SCATTER_MIN_TOKENS:
                 return combine(jax.lax.psum(out, axis), weights)
             return scattered_combine(out, weights, axis)
 
-        return on_blocks(block, tokens, ids, weights, gate_up.stack, down.stack, jnp.asarray(gate_up.index, jnp.int32),
-                         layouts=("b.", "b.", "b.", ".e..", ".e..", ""), out="b.", batch=tokens.shape[0],
-                         experts=gate_up.shape[0])
+        return on_blocks(block, tokens, ids, weights, jnp.asarray(index, jnp.int32), *stacks,
+                         layouts=("b.", "b.", "b.", "") + tuple(".e" + "." * (s.ndim - 2) for s in stacks),
+                         out="b.", batch=tokens.shape[0], experts=E)
 
 
 # From this many tokens per device block, the pairs' outputs come back by reduce-scatter, combine
@@ -229,17 +283,17 @@ class MoE(nnx.Module):
         """x: [B, T, hidden], an array or a `Normed` -> [B, T, hidden]."""
         tokens = x.reshape(-1, x.shape[-1])                                          # [N, hidden]
         ids, weights = self.gate(tokens)                                             # [N, k]
-        gate_up, down = self.experts.gate_up_proj.get_value(), self.experts.down_proj.get_value()
+        gate_up, down = self.experts.weights()
         shared = self.shared_experts
         plain = shared is not None and shared.gate_up_proj.lora is None and shared.down_proj.lora is None
         if backends.shared_expert_joins(tokens, ids, gate_up, down, (
-                shared.gate_up_proj.kernel.get_value(), shared.down_proj.kernel.get_value()) if plain else None):
+                shared.gate_up_proj.weight(), shared.down_proj.weight()) if plain else None):
             # One matvec call per product for the routed pairs and the shared expert: pair k of
             # each token reads the shared matrix, which follows every routed one in the tuples.
             (gate_up, first), (down, _) = _one_stack(gate_up), _one_stack(down)
-            (shared_gate_up, mine), (shared_down, _) = (_one_stack(_as_stack(w.kernel.get_value()))
+            (shared_gate_up, mine), (shared_down, _) = (_one_stack(_as_stack(w.weight()))
                                                          for w in (shared.gate_up_proj, shared.down_proj))
-            ids = jnp.concatenate([ids + first, jnp.full((ids.shape[0], 1), gate_up.shape[0] + mine, ids.dtype)],
+            ids = jnp.concatenate([ids + first, jnp.full((ids.shape[0], 1), _count(gate_up) + mine, ids.dtype)],
                                   axis=1)
             out = _matvecs(tokens, ids, (gate_up, shared_gate_up), (down, shared_down))   # [N, k + 1, hidden]
             return (combine(out[:, :-1], weights) + out[:, -1]).reshape(x.shape)

@@ -1,0 +1,155 @@
+"""FP8 weights: which parameters are quantized, the quantization itself, and the HF layouts of
+quantized checkpoints.
+
+An FP8 parameter is `Fp8(values, scale)`: float8_e4m3fn values in K-major layout [..., out, in]
+(torch's layout: Hopper's FP8 tensor cores take only K-major operands) and one float32 scale per
+output channel [..., out]; the weight is values * scale[..., None]. The products read it as
+weight-only FP8: x times the values converted to x's dtype (exact: every e4m3 value is a bf16
+value), accumulated in float32, then times the scale (`ring_jax.layers.linear.matmul`).
+
+What is quantized is `QUANTIZED`: every projection and expert matrix and the LM head. The
+embeddings, norms, the router (its kernel and expert_bias: the expert choice is discrete and
+cheap) and the linear-attention state keep their precision.
+
+HF layouts read (`quantization_config` of config.json, `hf_quantization`):
+- "fbgemm_fp8": `<module>.weight` float8_e4m3fn [out, in] and `<module>.weight_scale` float32
+  [out, 1], one scale per output channel: ring_jax's own layout, which `jax2hf` writes; read as is.
+- "fp8" with `weight_block_size` [bo, bi] (DeepSeek-style): `<module>.weight` float8_e4m3fn and
+  `<module>.weight_scale_inv` float32 [ceil(out / bo), ceil(in / bi)], one scale per block. Read
+  dequantized (float32), then cast to the model dtype, or quantized again per output channel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from pallas_kernels.backend import FP8
+from ring_jax.config import ConfigError
+
+FP8_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)     # 448
+METHODS = ("fp8",)
+
+# The quantized parameters, by the end of their path in RingModel (`ring_jax.io.mapping`).
+QUANTIZED = (
+    ("attention", "query_key_value", "kernel"),
+    ("attention", "g_proj", "kernel"),
+    ("attention", "dense", "kernel"),
+    ("mlp", "gate_up_proj", "kernel"),
+    ("mlp", "down_proj", "kernel"),
+    ("experts", "gate_up_proj"),
+    ("experts", "down_proj"),
+    ("shared_experts", "gate_up_proj", "kernel"),
+    ("shared_experts", "down_proj", "kernel"),
+    ("eh_proj", "kernel"),
+    ("lm_head", "kernel"),
+)
+
+
+def quantized_path(path: tuple) -> bool:
+    """Whether the parameter at `path` (a RingModel attribute path) is quantized."""
+    return any(tuple(path[-len(end):]) == end for end in QUANTIZED)
+
+
+def scale_name(name: str) -> str:
+    """The attribute (or dotted key) of a quantized parameter's scale: "kernel" -> "kernel_scale"."""
+    return name + "_scale"
+
+
+def check_method(quantize: str | None) -> None:
+    if quantize is not None and quantize not in METHODS:
+        raise ValueError(f"quantize={quantize!r}: choose None or one of {METHODS}")
+
+
+class Fp8(NamedTuple):
+    """values [..., out, in] float8_e4m3fn; scale [..., out] float32."""
+    values: np.ndarray | jax.Array
+    scale: np.ndarray | jax.Array
+
+
+def quantize_rows(w) -> Fp8:
+    """w [..., out, in] (numpy or jax, any float dtype) -> Fp8 of the same kind: each row's scale is
+    its largest magnitude times float32(1 / 448) (1 for a row of zeros), its values w / scale
+    rounded to the nearest e4m3 value. numpy and XLA give the same bits (a multiply by the
+    reciprocal: XLA rewrites a division by a constant into one)."""
+    xp = jnp if isinstance(w, jax.Array) else np
+    w = w.astype(np.float32)
+    amax = xp.max(xp.abs(w), axis=-1)
+    scale = xp.where(amax > 0, amax * np.float32(1 / FP8_MAX), np.float32(1)).astype(np.float32)
+    return Fp8((w / scale[..., None]).astype(FP8), scale)
+
+
+def quantize_kernel(kernel: jax.Array) -> Fp8:
+    """A parameter in the model's layout [..., in, out] -> its Fp8 [..., out, in] (`quantize_rows`)."""
+    return quantize_rows(jnp.swapaxes(kernel, -1, -2))
+
+
+def dequantize(q: Fp8):
+    """Fp8 -> the float32 weight [..., out, in]."""
+    return q.values.astype(np.float32) * q.scale[..., None]
+
+
+# ------------------------------------------------------------------------------ HF checkpoints
+@dataclasses.dataclass(frozen=True)
+class HFQuantization:
+    """How an HF checkpoint stores its quantized modules."""
+    method: str                               # "fbgemm_fp8" | "fp8"
+    block: tuple[int, int] | None = None      # "fp8": [bo, bi] rows and columns per scale
+
+    @property
+    def scale_suffix(self) -> str:
+        return "_scale" if self.method == "fbgemm_fp8" else "_scale_inv"
+
+    def scale_shape(self, shape: tuple[int, int]) -> tuple[int, ...]:
+        out, inp = shape
+        if self.block is None:
+            return (out, 1)
+        return (-(-out // self.block[0]), -(-inp // self.block[1]))
+
+    def read(self, values: np.ndarray, scale: np.ndarray):
+        """One module's stored weight -> Fp8 (per channel, as stored) or the dequantized float32
+        weight (per block)."""
+        if self.block is None:
+            return Fp8(values, scale[:, 0].astype(np.float32))
+        bo, bi = self.block
+        full = np.repeat(np.repeat(scale.astype(np.float32), bo, axis=0), bi, axis=1)
+        return values.astype(np.float32) * full[:values.shape[0], :values.shape[1]]
+
+
+FBGEMM = HFQuantization("fbgemm_fp8")
+
+
+def hf_quantization(qc) -> HFQuantization | None:
+    """The `quantization_config` of an HF config.json -> HFQuantization (None: not quantized); a
+    layout ring_jax does not read is a ConfigError that names it."""
+    if not qc:
+        return None
+    if not isinstance(qc, dict):
+        raise ConfigError(f"quantization_config must be an object, got {qc!r}")
+    method = qc.get("quant_method")
+    if method == "fbgemm_fp8":
+        return FBGEMM
+    if method == "fp8":
+        if qc.get("fmt", "e4m3") != "e4m3":
+            raise ConfigError(f"quantization_config fmt {qc['fmt']!r}: ring_jax reads e4m3 FP8 checkpoints")
+        if qc.get("activation_scheme", "dynamic") != "dynamic":
+            raise ConfigError(f"quantization_config activation_scheme {qc['activation_scheme']!r}: ring_jax reads "
+                              "FP8 checkpoints with dynamic activations (no stored input scales)")
+        block = qc.get("weight_block_size")
+        if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+            raise ConfigError(f"quantization_config weight_block_size {block!r}: ring_jax reads FP8 checkpoints "
+                              "with one scale per [rows, columns] block, e.g. [128, 128]")
+        return HFQuantization("fp8", tuple(block))
+    raise ConfigError(f"quantization_config quant_method {method!r}: ring_jax reads 'fbgemm_fp8' (per-channel) "
+                      "and 'fp8' (block-scaled) FP8 checkpoints, or unquantized ones")
+
+
+def fbgemm_config(not_converted: list[str]) -> dict:
+    """The `quantization_config` that `jax2hf` writes for an FP8 model (`not_converted`: the
+    Linear modules left unquantized, the routers)."""
+    return {"quant_method": "fbgemm_fp8", "activation_scale_ub": 1200.0, "modules_to_not_convert": not_converted}

@@ -1,0 +1,266 @@
+"""FP8 weights (`ring_jax.quantization`): the quantization, the FP8 model's next-token distribution
+against float32, conversion both ways (ring_jax's per-channel layout, block-scaled HF checkpoints),
+batch-1 decode through the kernels, expert parallelism, and the errors a user can cause."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from flax import nnx
+
+import ring_jax
+from conftest import load_config_dict, rel_err
+from convert.__main__ import main as convert_main
+from ring_jax.checkpoint import get_param
+from ring_jax.config import ConfigError, RingConfig
+from ring_jax.errors import CheckpointError
+from ring_jax.io.conversion import convert_hf_to_jax, convert_jax_to_hf
+from ring_jax.io.mapping import tensor_table
+from ring_jax.io.random_checkpoint import write_random_hf_checkpoint
+from ring_jax.io.safetensors_io import SafetensorsFolder, write_hf_weights
+from ring_jax.quantization import FP8, FP8_MAX, Fp8, dequantize, quantize_rows
+from test_matvec import decode_logits, on_hopper
+
+IDS = np.random.default_rng(11).integers(0, 256, (4, 64))          # 256 positions of the tiny vocabulary
+
+
+@pytest.fixture(scope="module")
+def hf(tmp_path_factory):
+    """A random float32 HF checkpoint of the tiny config."""
+    folder = tmp_path_factory.mktemp("fp8") / "hf"
+    write_random_hf_checkpoint(folder, load_config_dict("tiny.json"), dtype="float32")
+    return str(folder)
+
+
+def params_of(model):
+    """{array key: numpy array} of every parameter of the model's table."""
+    out = {}
+    for spec in tensor_table(model.config, model.quantization):
+        for (key, *_), array in zip(spec.arrays, get_param(model, spec)):
+            out[key] = np.asarray(array)
+    return out
+
+
+def assert_same_params(a, b):
+    pa, pb = params_of(a), params_of(b)
+    assert pa.keys() == pb.keys()
+    for key in pa:
+        assert pa[key].dtype == pb[key].dtype and pa[key].tobytes() == pb[key].tobytes(), key
+
+
+def kl(want_logits, got_logits):
+    """KL(want || got) of each position's next-token distribution -> (max, mean)."""
+    p, q = (jax.nn.log_softmax(jnp.asarray(x, jnp.float32), -1) for x in (want_logits, got_logits))
+    k = jnp.sum(jnp.exp(p) * (p - q), axis=-1)
+    return float(k.max()), float(k.mean())
+
+
+def test_quantize_rows_numpy_and_xla_agree():
+    """Per-channel quantization: the same bits from numpy (conversion) and XLA (`RingModel.quantize`,
+    load-time quantization); each row's largest magnitude maps to 448, a row of zeros to zeros,
+    and every weight is within half an e4m3 step (2^-4 relative) of its dequantized value."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((3, 48, 96)).astype(np.float32) * np.exp(rng.uniform(-8, 8, (3, 48, 1))).astype(np.float32)
+    w[1, 5] = 0
+    for source in (w, w.astype(ml_dtypes.bfloat16)):
+        host = quantize_rows(source)
+        device = quantize_rows(jnp.asarray(source))
+        assert host.values.dtype == FP8 and host.scale.dtype == np.float32 and host.scale.shape == (3, 48)
+        assert np.asarray(device.values).tobytes() == host.values.tobytes()
+        assert np.asarray(device.scale).tobytes() == host.scale.tobytes()
+        assert np.all(np.abs(host.values.astype(np.float32)).max(-1)[np.arange(3) != 1] == FP8_MAX)
+        assert not np.any(host.values[1, 5].astype(np.float32)) and host.scale[1, 5] == 1
+        err = np.abs(dequantize(host) - source.astype(np.float32))
+        assert np.all(err <= np.abs(source.astype(np.float32)) * 2.0 ** -4 + host.scale[..., None] * 2.0 ** -10)
+
+
+def test_fp8_logits_against_float32(hf):
+    """The quality figure: KL of the FP8 model's next-token distribution from the float32 model's
+    over 256 positions, beside bf16's. Random tiny weights make the model chaotic (routing flips
+    from one rounding), so bf16 itself is far from float32 here; FP8 stays within a small
+    multiple of it."""
+    want = ring_jax.load_model(hf)(IDS)
+    bf16 = kl(want, ring_jax.load_model(hf, dtype="bfloat16")(IDS))
+    fp8 = kl(want, ring_jax.load_model(hf, dtype="bfloat16", quantize="fp8")(IDS))
+    fp8_f32 = kl(want, ring_jax.load_model(hf, quantize="fp8")(IDS))
+    print(f"KL from float32 (max, mean): bf16 {bf16}, fp8 {fp8}, fp8 weights with float32 activations {fp8_f32}")
+    assert fp8[1] <= 0.1 and fp8[0] <= 1.0 and fp8_f32[1] <= 0.1
+    assert fp8[1] <= 5 * bf16[1]
+
+
+def test_every_path_to_an_fp8_model_gives_the_same_bits(hf, tmp_path):
+    """`convert --quantize fp8`, `load_model(hf, quantize=)`, `load_model(converted bf16 folder,
+    quantize=)` and `RingModel.quantize` make one model; its folder saves and loads as it is."""
+    assert convert_main(["hf2jax", "--hf-dir", hf, "--out", str(tmp_path / "fp8"), "--dtype", "bfloat16",
+                         "--quantize", "fp8", "--quiet"]) == 0
+    convert_hf_to_jax(hf, str(tmp_path / "bf16"), dtype="bfloat16", progress=False)
+    converted = ring_jax.load_model(str(tmp_path / "fp8"), verify=True)
+    assert converted.quantization == "fp8" and converted.dtype == np.dtype(ml_dtypes.bfloat16)
+    manifest = json.loads((tmp_path / "fp8" / "ring_jax.json").read_text())
+    assert manifest["quantize"] == "fp8"
+    assert manifest["params"]["lm_head.kernel"][:2] == [[256, 64], "float8_e4m3fn"]
+    assert manifest["params"]["layers.1.mlp.experts.down_proj_scale"][:2] == [[16, 64], "float32"]
+    assert manifest["params"]["layers.1.mlp.gate.kernel"][1] == "bfloat16"             # the router stays
+    others = (ring_jax.load_model(hf, dtype="bfloat16", quantize="fp8"),
+              ring_jax.load_model(str(tmp_path / "bf16"), quantize="fp8"),
+              ring_jax.load_model(str(tmp_path / "bf16")).quantize())
+    for other in others:
+        assert_same_params(converted, other)
+    ring_jax.save_model(converted, str(tmp_path / "saved"))
+    assert_same_params(converted, ring_jax.load_model(str(tmp_path / "saved")))
+    np.testing.assert_array_equal(np.asarray(converted(IDS[:1])), np.asarray(others[0](IDS[:1])))
+
+
+def test_jax2hf_writes_fbgemm_fp8_and_reads_it_back(hf, tmp_path):
+    """jax2hf of an FP8 folder: float8_e4m3fn weights with `weight_scale` [out, 1] and FBGEMM's
+    quantization_config (the routers not converted); hf2jax reads it back to the same bits, or
+    dequantized into an unquantized model."""
+    convert_hf_to_jax(hf, str(tmp_path / "fp8"), dtype="bfloat16", quantize="fp8", progress=False)
+    convert_jax_to_hf(str(tmp_path / "fp8"), str(tmp_path / "back"), progress=False)
+    back = SafetensorsFolder(str(tmp_path / "back"))
+    assert back.dtype("model.layers.1.mlp.experts.3.up_proj.weight") == FP8
+    assert back.shape("model.layers.1.mlp.experts.3.up_proj.weight_scale") == (32, 1)
+    assert back.dtype("model.layers.1.mlp.gate.weight") == np.dtype(ml_dtypes.bfloat16)
+    assert "model.layers.1.mlp.gate.weight_scale" not in back.names
+    qc = json.loads((tmp_path / "back" / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "fbgemm_fp8" and "model.layers.1.mlp.gate" in qc["modules_to_not_convert"]
+    first = ring_jax.load_model(str(tmp_path / "fp8"))
+    convert_hf_to_jax(str(tmp_path / "back"), str(tmp_path / "again"), quantize="fp8", progress=False)
+    assert_same_params(first, ring_jax.load_model(str(tmp_path / "again")))
+    assert_same_params(first, ring_jax.load_model(str(tmp_path / "back"), quantize="fp8"))
+    plain = ring_jax.load_model(str(tmp_path / "back"), dtype="float32")
+    assert plain.quantization is None
+    values, scale = (np.asarray(a) for a in get_param(first, tensor_table(first.config, "fp8")[-1]))
+    np.testing.assert_array_equal(np.asarray(plain.lm_head.kernel[...]), dequantize(Fp8(values, scale)).T)
+
+
+def block_quantize(w: np.ndarray, block) -> tuple[np.ndarray, np.ndarray]:
+    """w [out, in] float32 -> (values float8_e4m3fn, weight_scale_inv [cdiv(out, bo), cdiv(in, bi)]):
+    a DeepSeek-style checkpoint's layout (w ~ values * scale_inv of its block)."""
+    bo, bi = block
+    out, inp = w.shape
+    padded = np.zeros((-(-out // bo) * bo, -(-inp // bi) * bi), np.float32)
+    padded[:out, :inp] = w
+    blocks = padded.reshape(padded.shape[0] // bo, bo, padded.shape[1] // bi, bi)
+    scale = np.maximum(np.abs(blocks).max(axis=(1, 3)), 1e-12).astype(np.float32) / np.float32(FP8_MAX)
+    full = np.repeat(np.repeat(scale, bo, axis=0), bi, axis=1)[:out, :inp]
+    return (w / full).astype(FP8), scale
+
+
+def test_block_scaled_hf_checkpoint(hf, tmp_path):
+    """A DeepSeek-style FP8 checkpoint (quant_method "fp8", weight_block_size [16, 32], the LM head
+    left bf16): read dequantized into a float32 model exactly, and quantized per channel from
+    those values with quantize="fp8"."""
+    source = SafetensorsFolder(hf)
+    config = RingConfig.from_hf(hf)
+    matrices = {name for spec in tensor_table(config, "fp8") if spec.quantized and spec.key != "lm_head.kernel"
+                for name in spec.hf_names}
+    layout, tensors = {}, {}
+    for name in source.names:
+        w = source.read(name)
+        if name in matrices:
+            values, scale = block_quantize(w, (16, 32))
+            tensors[name], tensors[name + "_scale_inv"] = values, scale
+        else:
+            tensors[name] = w
+    for name, t in tensors.items():
+        layout[name] = (t.dtype, t.shape)
+    folder = tmp_path / "block"
+    folder.mkdir()
+    raw = json.load(open(f"{hf}/config.json"))
+    raw["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                  "weight_block_size": [16, 32]}
+    (folder / "config.json").write_text(json.dumps(raw))
+    write_hf_weights(str(folder), layout, tensors.__getitem__)
+
+    name = "model.layers.1.mlp.experts.2.down_proj.weight"          # [64, 32]: 4 x 1 blocks
+    values, scale = tensors[name], tensors[name + "_scale_inv"]
+    want = values.astype(np.float32) * np.repeat(np.repeat(scale, 16, 0), 32, 1)[:64, :32]
+    plain = ring_jax.load_model(str(folder))
+    assert plain.quantization is None and plain.dtype == np.float32
+    np.testing.assert_array_equal(np.asarray(plain.layer(1).mlp.experts.down_proj[...][2]), want.T)
+    quantized = ring_jax.load_model(str(folder), quantize="fp8")
+    q = quantize_rows(want)
+    got = quantized.layer(1).mlp.experts
+    assert np.asarray(got.down_proj[...][2]).tobytes() == q.values.tobytes()
+    assert np.asarray(got.down_proj_scale[...][2]).tobytes() == q.scale.tobytes()
+    print("block-scaled checkpoint, KL (max, mean) of the per-channel FP8 model from the dequantized one:",
+          kl(plain(IDS), quantized(IDS)))
+
+
+def test_batch_one_decode_through_the_fp8_kernels(monkeypatch):
+    """As on a Hopper GPU (matvec kernel in interpret mode): the FP8 projections, the routed experts
+    by id and the shared expert in their calls read K-major FP8 stacks with their scales, and the
+    decode logits equal the FP8 model's full forward."""
+    config = load_config_dict("tiny.json")      # every product in whole FP8 tiles: K a multiple of 256
+    config.update(hidden_size=256, head_dim=64, intermediate_size=256, moe_intermediate_size=256,
+                  moe_shared_expert_intermediate_size=256, num_experts=64)
+    model = ring_jax.RingModel(RingConfig.from_hf(config), dtype=jnp.float32, rngs=nnx.Rngs(1)).quantize()
+    p = np.random.default_rng(3).integers(2, 256, 12)
+    want = model(p[None])[0, -2:]
+    calls = on_hopper(monkeypatch)
+    got = decode_logits(model, p, 2)
+    # the experts of the 3 linear MoE layers, [3 x 64, N, K], each with the shared expert
+    assert ("normed", ((3 * 64, 512, 256), (3, 512, 256))) in calls and ((3 * 64, 256, 256), (3, 256, 256)) in calls
+    assert ("normed", (3, 768, 256)) in calls                              # linear attention qkv, K-major
+    assert rel_err(got, want) <= 1e-5
+
+
+def test_expert_parallel_fp8_equals_one_device():
+    """On a mesh with the experts split over 4 devices, the FP8 model's logits equal one device's."""
+    model = ring_jax.RingModel(RingConfig.from_hf(load_config_dict("tiny.json")), dtype=jnp.float32,
+                               rngs=nnx.Rngs(2)).quantize()
+    want = model(IDS[:2, :16])
+    mesh = ring_jax.make_mesh(data=2, expert=4, devices=jax.devices()[:8])
+    sharded = ring_jax.shard_model(nnx.clone(model), mesh)
+    scale = sharded.linear_moe.mlp.experts.gate_up_proj_scale[...]
+    assert scale.sharding.spec[:2] == (None, "expert")
+    assert rel_err(sharded(IDS[:2, :16]), want) <= 1e-5
+
+
+def test_lora_trains_over_fp8_weights(tmp_path):
+    """LoRA adapters on an FP8 model (the gradient flows through the FP8 products to the adapters):
+    the loss falls, the FP8 values stay."""
+    from ring_jax import train
+    from ring_jax.train_data import Batches, Example
+
+    model = ring_jax.RingModel(RingConfig.from_hf(load_config_dict("tiny.json")), dtype=jnp.float32,
+                               rngs=nnx.Rngs(0)).quantize()
+    rng = np.random.default_rng(0)
+    examples = [Example(rng.integers(0, 256, 17).astype(np.int32), np.r_[False, np.ones(16, bool)]) for _ in range(2)]
+    config = train.TrainConfig(steps=12, batch_size=2, seq_len=16, learning_rate=3e-3, warmup=2, lora_rank=8,
+                               save_every=1000, remat=False)
+    qkv = np.asarray(model.linear_moe.attention.query_key_value.kernel.get_value())
+    train.prepare(model, config)
+    records = train.fit(model, Batches(examples, 2, 16, 0), config, train.Run(tmp_path / "run", config, "m", "d"),
+                        say=lambda line: None)
+    assert records[-1]["loss"] < 0.8 * records[0]["loss"]
+    assert np.asarray(model.linear_moe.attention.query_key_value.kernel.get_value()).tobytes() == qkv.tobytes()
+
+
+def test_errors(hf, tmp_path):
+    """Each mistake is one clear error."""
+    model = ring_jax.load_model(hf).quantize()
+    with pytest.raises(ValueError, match="quantized .fp8. already"):
+        model.quantize()
+    with pytest.raises(ValueError, match="quantize='int4'"):
+        ring_jax.load_model(hf, quantize="int4")
+    with pytest.raises(ValueError, match="LoRA adapters only"):
+        from ring_jax import train
+        train.prepare(model, train.TrainConfig(lora_rank=0))
+    raw = json.load(open(f"{hf}/config.json"))
+    with pytest.raises(ConfigError, match="quant_method 'awq'"):
+        RingConfig.from_hf(dict(raw, quantization_config={"quant_method": "awq"}))
+    with pytest.raises(ConfigError, match="weight_block_size"):
+        RingConfig.from_hf(dict(raw, quantization_config={"quant_method": "fp8"}))
+
+    convert_hf_to_jax(hf, str(tmp_path / "fp8"), quantize="fp8", progress=False)
+    convert_jax_to_hf(str(tmp_path / "fp8"), str(tmp_path / "back"), progress=False)
+    config = json.loads((tmp_path / "back" / "config.json").read_text())
+    (tmp_path / "back" / "config.json").write_text(json.dumps({k: v for k, v in config.items()
+                                                               if k != "quantization_config"}))
+    with pytest.raises(CheckpointError, match="is float8_e4m3fn.*quantization_config"):
+        ring_jax.load_model(str(tmp_path / "back"))
