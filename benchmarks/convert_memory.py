@@ -1,11 +1,12 @@
 """Peak host memory of `python -m convert hf2jax` on a synthetic checkpoint, against its size.
 
 Writes a random HF checkpoint (default about 2.7 GB, bf16) whose largest stacked tensor is one
-layer's expert projection, converts it in a child process, and prints a table: checkpoint bytes,
-largest stacked tensor, the child's peak RSS, and the RSS of a child that only imports the same
-modules (the baseline the conversion adds to).
+layer's expert projection, converts it in a child process (as stored, and with --quantize fp8
+quantized as well), and prints a table: checkpoint bytes, largest stacked tensor, the child's peak
+RSS, and the RSS of a child that only imports the same modules (the baseline the conversion adds
+to).
 
-    python -m benchmarks.convert_memory [--workdir DIR] [--layers 4] [--experts 64]
+    python -m benchmarks.convert_memory [--workdir DIR] [--layers 4] [--experts 64] [--quantize fp8]
 """
 
 import argparse
@@ -35,6 +36,7 @@ def main():
     p.add_argument("--workdir", default=None)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--experts", type=int, default=64)
+    p.add_argument("--quantize", choices=("fp8",), help="also convert with --quantize fp8")
     args = p.parse_args()
 
     from ring_jax.io.mapping import tensor_table
@@ -54,13 +56,16 @@ def main():
         write_random_hf_checkpoint(hf, config, dtype="bfloat16", max_shard_bytes=2**30)
         ckpt_bytes = sum(os.path.getsize(os.path.join(hf, n)) for n in os.listdir(hf) if n.endswith(".safetensors"))
         base, _ = child_peak_rss("import ring_jax.io.conversion, ring_jax.checkpoint, orbax.checkpoint")
-        peak, secs = child_peak_rss(f"from ring_jax.io.conversion import convert_hf_to_jax\n"
-                                    f"convert_hf_to_jax({hf!r}, {out!r}, progress=False)")
         gib = 2**30
-        print("| checkpoint (bf16) | largest stacked tensor | peak RSS | import-only RSS | peak - import | time |")
-        print("|---|---|---|---|---|---|")
-        print(f"| {ckpt_bytes / gib:.2f} GiB | {max(sizes) / gib:.3f} GiB | {peak / gib:.2f} GiB | "
-              f"{base / gib:.2f} GiB | {(peak - base) / gib:.2f} GiB ({(peak - base) / max(sizes):.1f}x largest) | {secs:.0f} s |")
+        print("| output | checkpoint (bf16) | largest stacked tensor | peak RSS | import-only RSS | peak - import | time |")
+        print("|---|---|---|---|---|---|---|")
+        for quantize in (None,) + ((args.quantize,) if args.quantize else ()):
+            shutil.rmtree(out, ignore_errors=True)
+            peak, secs = child_peak_rss(f"from ring_jax.io.conversion import convert_hf_to_jax\n"
+                                        f"convert_hf_to_jax({hf!r}, {out!r}, progress=False, quantize={quantize!r})")
+            print(f"| {quantize or 'bf16'} | {ckpt_bytes / gib:.2f} GiB | {max(sizes) / gib:.3f} GiB | {peak / gib:.2f} GiB | "
+                  f"{base / gib:.2f} GiB | {(peak - base) / gib:.2f} GiB ({(peak - base) / max(sizes):.1f}x largest) | "
+                  f"{secs:.0f} s |", flush=True)
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)

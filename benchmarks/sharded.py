@@ -189,7 +189,7 @@ def job_table(model, config_path, args):
                     "--sort-window", "1", "--max-new-tokens", str(M), "--compilation-cache", "off"
                     ] + (["--mesh", args.mesh] if args.mesh else [])   # "compile" must compile
             t = time.perf_counter()
-            status = job.run(job.parse_args(argv), load=lambda path, dtype, mesh: model)
+            status = job.run(job.parse_args(argv), load=lambda path, dtype, mesh, quantize: model)
             seconds = time.perf_counter() - t
             with open(output) as f:
                 records = [json.loads(line) for line in f]

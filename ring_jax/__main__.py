@@ -48,7 +48,7 @@ def _load(args):
     start = time.perf_counter()
     mesh = build_mesh(args.mesh, ring_jax.RingConfig.from_hf(args.model).num_experts)
     print(f"[loading {args.model}]", file=sys.stderr, flush=True)
-    model = ring_jax.load_model(args.model, dtype=args.dtype, mesh=mesh, verify=True)
+    model = ring_jax.load_model(args.model, dtype=args.dtype, mesh=mesh, verify=True, quantize=args.quantize)
     tokenizer = ring_jax.load_tokenizer(args.tokenizer or args.model) if not getattr(args, "prompt_ids", None) else None
     print(f"[loaded {args.model} in {time.perf_counter() - start:.1f} s]", file=sys.stderr)
     return model, tokenizer

@@ -158,7 +158,8 @@ def run(args) -> int:
         raise ValueError(f"text {short[0]} has fewer than 2 tokens: nothing to score")
     overrides = {} if args.slope_law is None else {"slope_law": args.slope_law}
     mesh = build_mesh(args.mesh, ring_jax.RingConfig.from_hf(args.model).num_experts)
-    model = ring_jax.load_model(args.model, dtype=args.dtype, mesh=mesh, verify=True, **overrides)
+    model = ring_jax.load_model(args.model, dtype=args.dtype, mesh=mesh, verify=True, quantize=args.quantize,
+                                **overrides)
     results = []
     for n, ids in enumerate(texts, 1):
         results.append(perplexity(model, ids, context=args.context, stride=args.stride, chunk=args.chunk))

@@ -85,8 +85,12 @@ def quantize_rows(w) -> Fp8:
 
 
 def quantize_kernel(kernel: jax.Array) -> Fp8:
-    """A parameter in the model's layout [..., in, out] -> its Fp8 [..., out, in] (`quantize_rows`)."""
-    return quantize_rows(jnp.swapaxes(kernel, -1, -2))
+    """A parameter in the model's layout [..., in, out] -> its Fp8 [..., out, in] (`quantize_rows`),
+    one entry of a stack at a time (a stack of every layer's experts in float32 would take four
+    times its bf16 bytes at once)."""
+    def entry(k):
+        return quantize_rows(jnp.swapaxes(k, -1, -2))
+    return Fp8(*jax.lax.map(entry, kernel)) if kernel.ndim > 2 else entry(kernel)
 
 
 def dequantize(q: Fp8):

@@ -404,7 +404,7 @@ def run(args: argparse.Namespace) -> int:
     batches = Batches(read_examples(args.data, tokenizer), config.batch_size, config.seq_len, config.seed)
     run_folder = Run(args.out, config, args.model, args.data)
     mesh = build_mesh(args.mesh, RingConfig.from_hf(args.model).num_experts)
-    model = load_model(args.model, args.dtype, mesh=mesh, verify=True)
+    model = load_model(args.model, args.dtype, mesh=mesh, verify=True, quantize=args.quantize)
     prepare(model, config)
     fit(model, batches, config, run_folder, say=lambda line: print(line, file=sys.stderr, flush=True))
     return 0

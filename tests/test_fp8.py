@@ -241,6 +241,17 @@ def test_lora_trains_over_fp8_weights(tmp_path):
     assert np.asarray(model.linear_moe.attention.query_key_value.kernel.get_value()).tobytes() == qkv.tobytes()
 
 
+def test_command_line_quantizes_as_it_loads(hf, capsys):
+    """`python -m ring_jax generate --quantize fp8` on an unquantized folder: the FP8 model's greedy
+    token."""
+    from ring_jax.__main__ import main
+
+    assert main(["generate", "--model", hf, "--prompt-ids", "5 6 7 8", "--max-new-tokens", "1", "--quantize", "fp8",
+                 "--compilation-cache", "off"]) == 0
+    logits = ring_jax.load_model(hf, quantize="fp8")([[5, 6, 7, 8]])
+    assert capsys.readouterr().out.strip() == str([int(np.argmax(logits[0, -1]))])
+
+
 def test_errors(hf, tmp_path):
     """Each mistake is one clear error."""
     model = ring_jax.load_model(hf).quantize()

@@ -60,7 +60,8 @@ def load_config_and_tokenizer(args):
 def run(args, load=functools.partial(ring_jax.load_model, verify=True)) -> int:
     """The job (see the module docstring). Returns the exit status.
 
-    load(args.model, dtype=args.dtype, mesh=mesh) makes the model: a benchmark can make a random one."""
+    load(args.model, dtype=args.dtype, mesh=mesh, quantize=args.quantize) makes the model: a benchmark
+    can make a random one."""
     check_args(args)
     init_distributed(args)
     ring_jax.enable_compilation_cache(args.compilation_cache)
@@ -98,7 +99,7 @@ def generate_all(args, items: Sequence[Item], written: int, mesh, config, tokeni
     write(writer, lambda: [error_record(item) for item in errors], args.output)
     if not batches:
         return
-    model = load(args.model, dtype=args.dtype, mesh=mesh)
+    model = load(args.model, dtype=args.dtype, mesh=mesh, quantize=args.quantize)
     log(f"loaded {args.model}; the first batch of each shape compiles its steps")
     eos = eos_ids(config, tokenizer)
     main = jax.process_index() == 0

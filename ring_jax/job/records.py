@@ -140,7 +140,8 @@ def error_record(item: Item) -> dict:
 
 
 # Arguments that change the records (with the prompts): a resume must use the same.
-SHAPING_ARGS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "batch_size", "sort_window", "chat", "dtype")
+SHAPING_ARGS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "batch_size", "sort_window", "chat", "dtype",
+                "quantize")
 
 
 def fingerprint(args, items: Sequence[Item]) -> str:

@@ -1,0 +1,66 @@
+"""FP8 quality at a full model shape with random weights: the next-token distributions of the bf16
+and the FP8 model against the float32 model's.
+
+    python -m benchmarks.fp8_quality [--config configs/ring-mini-linear-2.0.json] [--tokens 512]
+
+One random bf16 model (`benchmarks.generate.make_model`); the float32 model holds the same weights
+cast up, and the FP8 model is the bf16 one quantized (`RingModel.quantize`). Each runs the same
+random prompt through its full forward; the table gives, per model, the max and mean over the
+positions of KL(float32 || model) and how often its top token is float32's. The models are made
+and dropped one after the other, so that at most two are held at once.
+"""
+
+import argparse
+import os
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from benchmarks.generate import ROOT, make_model
+from ring_jax import RingConfig
+
+
+def as_float32(model):
+    """A copy of `model` with every bf16 parameter cast to float32."""
+    graphdef, state = nnx.split(model)
+    state = jax.tree.map(lambda x: x.astype(jnp.float32) if x.dtype == jnp.bfloat16 else x, state)
+    return nnx.merge(graphdef, state)
+
+
+@jax.jit
+def _figures(want, got):
+    p, q = jax.nn.log_softmax(want, -1), jax.nn.log_softmax(got, -1)
+    kl = jnp.sum(jnp.exp(p) * (p - q), axis=-1)
+    return jnp.max(kl), jnp.mean(kl), jnp.mean(jnp.argmax(want, -1) == jnp.argmax(got, -1))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=os.path.join(ROOT, "configs", "ring-mini-linear-2.0.json"))
+    parser.add_argument("--tokens", type=int, default=512, help="prompt length (the positions measured)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    config = RingConfig.from_hf(args.config)
+    print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, config {os.path.basename(args.config)}, "
+          f"{args.tokens} positions", flush=True)
+    ids = np.random.default_rng(args.seed).integers(0, config.vocab_size, (1, args.tokens))
+    model = make_model(config, args.seed)
+    bf16 = model(ids)[0]
+    f32_model = as_float32(model)
+    want = f32_model(ids)[0]
+    del f32_model
+    fp8 = model.quantize()(ids)[0]
+    print("\n| weights | max KL from float32 | mean KL | top-1 agreement |")
+    print("|---|---|---|---|")
+    for name, got in (("bf16", bf16), ("fp8 (bf16 activations)", fp8)):
+        kl_max, kl_mean, top1 = (float(x) for x in _figures(want, got))
+        print(f"| {name} | {kl_max:.2e} | {kl_mean:.2e} | {top1:.1%} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
