@@ -28,6 +28,7 @@ import numpy as np
 from benchmarks.timing import bench_jax, copy_bandwidth, device_ms
 from pallas_kernels.matvec import gpu, reference
 from ring_jax import RingConfig
+from ring_jax.quantization import quantize_rows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WEIGHTS = ("bfloat16", "float8_e4m3fn")
@@ -53,19 +54,12 @@ def shapes(config):
     return out
 
 
-def quantize(w):
-    """w [..., N, K] -> FP8 weights: (float8_e4m3fn values [..., N, K], float32 scales [..., N]),
-    one scale per output column, amax / 448 (e4m3's largest value)."""
-    scale = jnp.max(jnp.abs(w.astype(jnp.float32)), axis=-1) / 448
-    return (w / scale[..., None]).astype(jnp.float8_e4m3fn), scale
-
-
 def weights(key, count: int, K: int, N: int, dtype: str):
-    """count random matrices: (bf16 [count, K, N], None), or FP8 `quantize`d [count, N, K] with
-    their scales [count, N]."""
+    """count random matrices: (bf16 [count, K, N], None), or FP8 [count, N, K] with their scales
+    [count, N] (`ring_jax.quantization.quantize_rows`)."""
     if dtype == "bfloat16":
         return jax.random.normal(key, (count, K, N), jnp.float32).astype(jnp.bfloat16), None
-    return quantize(jax.random.normal(key, (count, N, K), jnp.float32))
+    return tuple(quantize_rows(jax.random.normal(key, (count, N, K), jnp.float32)))
 
 
 def main(argv=None):

@@ -56,7 +56,7 @@ def group_sizes(M, G, skew, seed=0):
 def gmm_table(Ms, hbm):
     from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
 
-    from benchmarks.matvec import quantize
+    from ring_jax.quantization import quantize_rows
 
     print("| shape | M | sizes | dense same FLOPs | XLA ragged_dot | ragged_dot_mgpu | ours (auto) |")
     print("|---|---|---|---|---|---|---|")
@@ -70,7 +70,7 @@ def gmm_table(Ms, hbm):
     dense = jax.jit(lambda a, b: a @ b[0])
     for name, (K, N) in SHAPES.items():
         rhs = (jax.random.normal(key, (G, K, N), jnp.float32) / 30).astype(jnp.bfloat16)
-        values, scale = quantize(jnp.swapaxes(rhs, 1, 2))
+        values, scale = quantize_rows(jnp.swapaxes(rhs, 1, 2))
         for M in Ms:
             lhs = jax.random.normal(jax.random.fold_in(key, M), (M, K), jnp.float32).astype(jnp.bfloat16)
             fl = 2 * M * K * N

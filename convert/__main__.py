@@ -16,8 +16,8 @@ def main(argv=None) -> int:
                    help="parameter dtype (default: the config's torch_dtype); expert_bias stays float32")
     a.add_argument("--quantize", choices=("fp8",), default=None,
                    help="fp8: projection and expert weights and the LM head as float8_e4m3fn with a float32 "
-                        "scale per output channel (docs/FP8.md); default: unquantized (an FP8 HF checkpoint "
-                        "is dequantized)")
+                        "scale per output channel (docs/FP8.md); default: as stored (a per-channel FP8 HF "
+                        "checkpoint stays FP8, a block-scaled one is dequantized)")
     a.add_argument("--quiet", action="store_true", help="no progress lines")
     a.add_argument("--debug", action="store_true", help="show the traceback of an error")
     b = sub.add_parser("jax2hf", help="ring_jax folder -> HF safetensors folder",

@@ -68,7 +68,9 @@ def experts_gather(tokens, ids, gate_up, down, expert_parallel: bool = False) ->
     expert's weights directly) rather than sorted through grouped matmuls: few pairs, and either no
     grouped-matmul kernel for these operands, or the matvec kernel for both products. Not the
     matvec kernel under expert parallelism: every device would run every pair there (pairs held
-    elsewhere point at a local expert and are masked), where the grouped kernel skips them."""
+    elsewhere point at a local expert and are masked), where the grouped kernel skips them. FP8
+    experts have no grouped-matmul kernel yet, so their few pairs are gathered everywhere, under
+    expert parallelism too (the grouped reference would read every local expert)."""
     if ids.size > GATHER_MAX_PAIRS:
         return False
     if pallas_kernels.gmm_backend(tokens, _values_scale(gate_up)[0]) == "reference":

@@ -151,7 +151,7 @@ def model_from_tensors(config: RingConfig, tensors, dtype, mesh=None, quantize: 
 
 # ------------------------------------------------------------------------------------ checksums
 # A parameter's checksum: sum over its elements of bits[i] * (2 i + 1), modulo 2**32 (bits: the
-# element's raw 16 or 32 bits). Any change of one element changes it (the factors are odd, so
+# element's raw 8, 16 or 32 bits). Any change of one element changes it (the factors are odd, so
 # invertible modulo 2**32); modular sums do not depend on the order of summation, so the host
 # (numpy, when written) and the device (jnp, when loaded, over any sharding) agree bit for bit.
 _CHUNK = 1 << 24
@@ -237,7 +237,7 @@ class ParamWriter:
 
     def add_param(self, spec: TensorSpec, arrays) -> None:
         """The parameter's `arrays`, each under its key."""
-        for (key, *_), array in zip(spec.arrays, arrays):
+        for (key, *_), array in zip(spec.arrays, arrays, strict=True):
             self.add(key, np.asarray(array))
 
     def close(self, dtype, quantize: str | None = None) -> None:
@@ -280,64 +280,94 @@ def read_manifest(folder: str) -> dict:
     return manifest
 
 
-def restore_params(folder: str, config: RingConfig, dtype=None, mesh=None,
-                   verify: bool = False) -> tuple[dict[str, jax.Array], np.dtype, str | None]:
-    """Restores every array of a converted folder onto the default device, or laid out over
-    `mesh` (each process reads only its devices' blocks).
+class ParamReader:
+    """The parameters of a converted folder, checked against the config's table when opened and
+    restored on demand: onto the default device, or laid out over `mesh` (each process reads only
+    its devices' blocks).
 
-    Checks the manifest against the config's table first (a missing, unexpected or misshapen
-    array is an error naming it). verify: each array's checksum, on the device, against the
-    manifest's (a mismatch names the parameter). Returns ({dotted key: array}, dtype, the
-    folder's quantization) with the parameters cast to dtype (default: the stored dtype);
-    expert_bias and FP8 values and scales stay as stored. Files that cannot be read are a
-    CheckpointError that says the folder is damaged.
+    Opening checks the manifest (a missing, unexpected or misshapen array is an error naming it).
+    `restore(keys)` restores those arrays by one Orbax partial restore, cast to `dtype` (default:
+    the stored dtype; expert_bias and FP8 values and scales stay as stored), and with verify
+    checks each one's checksum on the device against the manifest's (a mismatch names it). Files
+    that cannot be read are a CheckpointError that says the folder is damaged.
     """
-    import orbax.checkpoint as ocp
 
-    manifest = read_manifest(folder)
-    stored, quantize = manifest["params"], manifest.get("quantize")
-    try:
-        check_method(quantize)
-    except ValueError as e:
-        raise CheckpointError(f"{folder}: {MANIFEST}: {e}") from None
-    table = tensor_table(config, quantize)
-    expected = {key: (shape, kind) for spec in table for key, shape, kind in spec.arrays}
-    for key in expected:
-        if key not in stored:
-            raise CheckpointError(f"{folder}: parameter {key} is missing")
-    for key, (shape, *_) in stored.items():
-        if key not in expected:
-            raise CheckpointError(f"{folder}: unexpected parameter {key}")
-        if tuple(shape) != expected[key][0]:
-            raise CheckpointError(f"{folder}: parameter {key} has shape {shape}, the config needs {list(expected[key][0])}")
-    stored_dtype = np.dtype(parse_dtype(manifest["dtype"]))
-    dtype = np.dtype(stored_dtype if dtype is None else dtype)
-    sums = {key: entry[2] for key, entry in stored.items() if len(entry) > 2} if verify else {}
-    if verify and len(sums) < len(stored):
-        warnings.warn(f"{folder}: no checksums recorded (converted by an older ring_jax): not verified", stacklevel=2)
-    placement = (dict.fromkeys(expected, jax.sharding.SingleDeviceSharding(jax.devices()[0])) if mesh is None
-                 else param_shardings(config, dtype, mesh, quantize))
-    target: dict = {}
-    for key, (shape, kind) in expected.items():
-        want = (stored_dtype if sums else dtype) if kind == "model" else np.dtype(kind)   # verify the stored bits
-        _merge(target, _nested(key, jax.ShapeDtypeStruct(shape, want, sharding=placement[key])))
-    params_dir = os.path.abspath(os.path.join(folder, PARAMS_DIR))
-    if not os.path.isdir(params_dir):
-        raise _damaged(folder, f"no {PARAMS_DIR}/ folder")
-    try:
-        tree = ocp.StandardCheckpointer().restore(params_dir, target)
-    except Exception as e:                  # TensorStore and Orbax report damage as many kinds of error
-        quiet_closed_event_loops()
-        raise _damaged(folder, f"{PARAMS_DIR}/ cannot be read ({one_line(e, limit=200)})") from None
-    flat = {}
-    for key, (_, kind) in expected.items():
-        node = tree
-        for part in key.split("."):
-            node = node[part]
-        if key in sums and int(device_checksum(node)) != sums[key]:
-            raise _damaged(folder, f"parameter {key} does not match its checksum")
-        flat[key] = node if kind != "model" or node.dtype == dtype else node.astype(dtype)
-    return flat, dtype, quantize
+    def __init__(self, folder: str, config: RingConfig, dtype=None, mesh=None, verify: bool = False):
+        manifest = read_manifest(folder)
+        stored, self.quantize = manifest["params"], manifest.get("quantize")
+        try:
+            check_method(self.quantize)
+        except ValueError as e:
+            raise CheckpointError(f"{folder}: {MANIFEST}: {e}") from None
+        self.folder, self.table = folder, tensor_table(config, self.quantize)
+        self.expected = {key: (shape, kind) for spec in self.table for key, shape, kind in spec.arrays}
+        for key in self.expected:
+            if key not in stored:
+                raise CheckpointError(f"{folder}: parameter {key} is missing")
+        for key, (shape, *_) in stored.items():
+            if key not in self.expected:
+                raise CheckpointError(f"{folder}: unexpected parameter {key}")
+            if tuple(shape) != self.expected[key][0]:
+                raise CheckpointError(f"{folder}: parameter {key} has shape {shape}, the config needs "
+                                      f"{list(self.expected[key][0])}")
+        self.stored_dtype = np.dtype(parse_dtype(manifest["dtype"]))
+        self.dtype = np.dtype(self.stored_dtype if dtype is None else dtype)
+        self.sums = {key: entry[2] for key, entry in stored.items() if len(entry) > 2} if verify else {}
+        if verify and len(self.sums) < len(stored):
+            warnings.warn(f"{folder}: no checksums recorded (converted by an older ring_jax): not verified", stacklevel=3)
+        self.placement = (dict.fromkeys(self.expected, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+                          if mesh is None else param_shardings(config, self.dtype, mesh, self.quantize))
+        self.params_dir = os.path.abspath(os.path.join(folder, PARAMS_DIR))
+        if not os.path.isdir(self.params_dir):
+            raise _damaged(folder, f"no {PARAMS_DIR}/ folder")
+
+    def _want(self, key: str) -> np.dtype:
+        """The dtype a key is restored in (the stored bits, where they are verified)."""
+        kind = self.expected[key][1]
+        return (self.stored_dtype if self.sums else self.dtype) if kind == "model" else np.dtype(kind)
+
+    def groups(self, limit: int) -> list[list[str]]:
+        """Every key, in table order, in consecutive groups of about `limit` bytes at most (a larger
+        array: a group of its own)."""
+        groups, size = [[]], 0
+        for key, (shape, _) in self.expected.items():
+            nbytes = int(np.prod(shape)) * self._want(key).itemsize
+            if groups[-1] and size + nbytes > limit:
+                groups.append([])
+                size = 0
+            groups[-1].append(key)
+            size += nbytes
+        return groups
+
+    def restore(self, keys) -> dict[str, jax.Array]:
+        """{key: array} of `keys` (class docstring)."""
+        import orbax.checkpoint as ocp
+
+        target: dict = {}
+        for key in keys:
+            struct = jax.ShapeDtypeStruct(self.expected[key][0], self._want(key), sharding=self.placement[key])
+            _merge(target, _nested(key, struct))
+        try:
+            tree = ocp.PyTreeCheckpointer().restore(self.params_dir, args=ocp.args.PyTreeRestore(
+                item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
+        except Exception as e:              # TensorStore and Orbax report damage as many kinds of error
+            quiet_closed_event_loops()
+            raise _damaged(self.folder, f"{PARAMS_DIR}/ cannot be read ({one_line(e, limit=200)})") from None
+        out = {}
+        for key in keys:
+            node = tree
+            for part in key.split("."):
+                node = node[part]
+            if key in self.sums and int(device_checksum(node)) != self.sums[key]:
+                raise _damaged(self.folder, f"parameter {key} does not match its checksum")
+            out[key] = node if self.expected[key][1] != "model" or node.dtype == self.dtype else node.astype(self.dtype)
+        return out
+
+
+# A converted folder loads this many bytes of parameters per Orbax restore: what is held beside
+# the model's own stacks while it loads (a restore per parameter would read the tree's metadata
+# thousands of times).
+LOAD_GROUP_BYTES = 2 * 2**30
 
 
 def load_model(path: str, dtype=None, mesh=None, verify: bool = False, quantize: str | None = None,
@@ -349,9 +379,11 @@ def load_model(path: str, dtype=None, mesh=None, verify: bool = False, quantize:
     ("bfloat16", "float32", a numpy dtype), default as stored. mesh: shard the model over this
     mesh (`ring_jax.make_mesh`); a converted folder is restored straight into the sharded layout,
     no host holding the whole model (an HF folder is read whole on every process, then split).
-    quantize: "fp8" quantizes the model as it loads (`RingModel.quantize`; an HF folder tensor by
-    tensor, a converted folder after restoring it whole: for a model whose weights fit only in
-    FP8, convert with `--quantize fp8` instead); None loads it as stored. config_overrides:
+    A converted folder is restored LOAD_GROUP_BYTES at a time, an HF folder tensor by tensor: the
+    devices hold the model and one group or tensor more.
+    quantize: "fp8" quantizes the model as it loads (`RingModel.quantize`); None loads it as stored
+    (an HF folder in FBGEMM's FP8 layout as FP8, a block-scaled one dequantized:
+    `ring_jax.quantization`). config_overrides:
     RingConfig fields to change (e.g. slope_law="engine"). verify: check every parameter of a
     converted folder against the checksum its manifest records (on the device; the command lines
     do); a damaged parameter is a CheckpointError naming it.
@@ -365,14 +397,19 @@ def load_model(path: str, dtype=None, mesh=None, verify: bool = False, quantize:
     if mesh is not None:
         sharding.check_mesh(config, mesh)
     if os.path.isfile(os.path.join(path, MANIFEST)):
-        params, dtype, stored = restore_params(path, config, dtype, mesh, verify)
-        stored_specs = {spec.key: spec for spec in tensor_table(config, stored)}
+        reader = ParamReader(path, config, dtype, mesh, verify)
+        stored_specs = {spec.key: spec for spec in reader.table}
+        groups, restored = iter(reader.groups(LOAD_GROUP_BYTES)), {}
 
-        def tensors(spec):
-            return tuple(params.pop(key) for key, *_ in stored_specs[spec.key].arrays)
-        return model_from_tensors(config, tensors, dtype, mesh, quantize or stored)
+        def tensors(spec):                    # the table's order: each group restored when reached
+            keys = [key for key, *_ in stored_specs[spec.key].arrays]
+            while keys[-1] not in restored:
+                restored.update(reader.restore(next(groups)))
+            return tuple(restored.pop(key) for key in keys)
+        return model_from_tensors(config, tensors, reader.dtype, mesh, quantize or reader.quantize)
     if os.path.isdir(os.path.join(path, PARAMS_DIR)):
         raise _damaged(path, f"{PARAMS_DIR}/ but no {MANIFEST} (the conversion did not finish)")
 
     source, dtype = open_hf_checkpoint(path, config, dtype)
-    return model_from_tensors(config, lambda spec: spec.to_param(source.read, dtype), dtype, mesh, quantize)
+    return model_from_tensors(config, lambda spec: spec.to_param(source.read, dtype), dtype, mesh,
+                              quantize or source.stored_quantization)

@@ -115,8 +115,8 @@ def merge(model) -> int:
         for _, linear in nnx.iter_graph(getattr(model, kind)):
             if isinstance(linear, Linear) and linear.lora is not None:
                 if linear.quantized:
-                    raise ValueError("LoRA adapters merge into an unquantized model: load the base model "
-                                     "without quantize, merge, then quantize the result")
+                    raise ValueError("LoRA adapters merge into an unquantized model: merge into the base "
+                                     "model's bf16 or HF folder (merge --model), then quantize the result")
                 kernel = linear.kernel.get_value()
                 linear.kernel.set_value((kernel.astype(jnp.float32) + linear.lora.delta()).astype(kernel.dtype))
                 linear.lora = None

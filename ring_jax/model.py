@@ -24,7 +24,7 @@ from ring_jax.layers.norms import RMSNorm
 from ring_jax.layers.rope import rope_tables
 from ring_jax.layers.stack import layer_view, stack_modules
 from ring_jax.schedule import Run, Schedule, attention_of, kind_index
-from ring_jax.quantization import check_method, quantized_path
+from ring_jax.quantization import METHODS, quantized_path
 from ring_jax.sharding import constrain, model_mesh, param, put, shard_model, spec
 
 ACTIVATION_AXES = ("batch", None, "embed")   # x: [B, T, hidden]
@@ -99,7 +99,8 @@ class RingModel(nnx.Module):
     def quantize(self, method: str = "fp8") -> RingModel:
         """Quantizes the parameters of `ring_jax.quantization.QUANTIZED` to FP8, in place (on a
         mesh, each laid out again by its annotation). Returns the model."""
-        check_method(method)
+        if method not in METHODS:
+            raise ValueError(f"quantize method {method!r}: choose one of {METHODS}")
         if self.quantization is not None:
             raise ValueError(f"the model is quantized ({self.quantization}) already")
         for path, node in list(nnx.iter_graph(self)):

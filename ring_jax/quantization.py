@@ -16,7 +16,8 @@ HF layouts read (`quantization_config` of config.json, `hf_quantization`):
   [out, 1], one scale per output channel: ring_jax's own layout, which `jax2hf` writes; read as is.
 - "fp8" with `weight_block_size` [bo, bi] (DeepSeek-style): `<module>.weight` float8_e4m3fn and
   `<module>.weight_scale_inv` float32 [ceil(out / bo), ceil(in / bi)], one scale per block. Read
-  dequantized (float32), then cast to the model dtype, or quantized again per output channel.
+  dequantized (each value times its block's scale in float32, as torch computes it), then cast to
+  the model dtype, or quantized again per output channel.
 """
 
 from __future__ import annotations
@@ -61,6 +62,12 @@ def scale_name(name: str) -> str:
     return name + "_scale"
 
 
+def fp8_axes(axes: tuple) -> tuple[tuple, tuple]:
+    """The logical axes of a parameter [..., in, out] -> those of its FP8 values [..., out, in] and
+    of its scales [..., out]."""
+    return (*axes[:-2], axes[-1], axes[-2]), (*axes[:-2], axes[-1])
+
+
 def check_method(quantize: str | None) -> None:
     if quantize is not None and quantize not in METHODS:
         raise ValueError(f"quantize={quantize!r}: choose None or one of {METHODS}")
@@ -74,23 +81,25 @@ class Fp8(NamedTuple):
 
 def quantize_rows(w) -> Fp8:
     """w [..., out, in] (numpy or jax, any float dtype) -> Fp8 of the same kind: each row's scale is
-    its largest magnitude times float32(1 / 448) (1 for a row of zeros), its values w / scale
-    rounded to the nearest e4m3 value. numpy and XLA give the same bits (a multiply by the
-    reciprocal: XLA rewrites a division by a constant into one)."""
+    its largest magnitude times float32(1 / 448) (1 for a row of zeros), its values w times the
+    float32 reciprocal of the scale, rounded to the nearest e4m3 value.
+
+    Only multiplies by reciprocals, so that numpy and XLA give the same bits: XLA rewrites a
+    division by a broadcast value into a multiply by its reciprocal where it sees fit, which can
+    round differently."""
     xp = jnp if isinstance(w, jax.Array) else np
     w = w.astype(np.float32)
     amax = xp.max(xp.abs(w), axis=-1)
     scale = xp.where(amax > 0, amax * np.float32(1 / FP8_MAX), np.float32(1)).astype(np.float32)
-    return Fp8((w / scale[..., None]).astype(FP8), scale)
+    inverse = (np.float32(1) / scale).astype(np.float32)
+    return Fp8((w * inverse[..., None]).astype(FP8), scale)
 
 
 def quantize_kernel(kernel: jax.Array) -> Fp8:
-    """A parameter in the model's layout [..., in, out] -> its Fp8 [..., out, in] (`quantize_rows`),
-    one entry of a stack at a time (a stack of every layer's experts in float32 would take four
-    times its bf16 bytes at once)."""
-    def entry(k):
-        return quantize_rows(jnp.swapaxes(k, -1, -2))
-    return Fp8(*jax.lax.map(entry, kernel)) if kernel.ndim > 2 else entry(kernel)
+    """A parameter in the model's layout [..., in, out] -> its Fp8 [..., out, in] (`quantize_rows`;
+    XLA fuses the float32 steps into the reduction and the elementwise pass, so no float32 copy
+    of the parameter is made)."""
+    return quantize_rows(jnp.swapaxes(kernel, -1, -2))
 
 
 def dequantize(q: Fp8):

@@ -11,6 +11,8 @@ decay, global-norm clipping) from the mean gradient of `accumulate` micro-batche
 What trains:
 - LoRA (`lora_rank` > 0, the default): float32 adapters on the attention projections and the shared
   expert (`ring_jax.lora`); everything else is frozen, the router and its `expert_bias` included.
+  Over an FP8 model (an FP8 folder, or `--quantize fp8`) only LoRA trains; `merge` then folds the
+  adapters into an unquantized base (`--model` of merge: the bf16 or HF folder).
 - Every parameter (`lora_rank` 0) but the routers' `expert_bias`, which steers the selection only
   (no gradient reaches it) and which this trainer does not update by load statistics: the
   selection's balance stays as the checkpoint had it.
@@ -167,18 +169,21 @@ def train_step(graphdef, tx, params, opt_state, frozen, batch):
 class Run:
     """A run folder: its settings, its log and its checkpoints."""
 
-    def __init__(self, folder: str, config: TrainConfig, model_path: str, data_path: str):
+    def __init__(self, folder: str, config: TrainConfig, model_path: str, data_path: str,
+                 quantize: str | None = None):
         import orbax.checkpoint as ocp
 
         self.folder = os.path.abspath(folder)
         settings = {"model": os.path.abspath(model_path), "data": os.path.abspath(data_path),
                     "config": config.as_dict()}
+        if quantize is not None:                  # the base model quantized as it loads (--quantize)
+            settings["quantize"] = quantize
         path = os.path.join(self.folder, "train.json")
         if os.path.exists(path):
             with open(path) as f:
                 before = json.load(f)
             changed = [k for k in settings["config"] if before.get("config", {}).get(k) != settings["config"][k]]
-            changed += [k for k in ("model", "data") if before.get(k) != settings[k]]
+            changed += [k for k in ("model", "data", "quantize") if before.get(k) != settings.get(k)]
             if changed:
                 raise ValueError(f"{folder} holds a run with other settings ({', '.join(changed)}); "
                                  f"resume it with its own or give a new --out")
@@ -294,7 +299,7 @@ def merge_run(run_folder: str, out: str, model_path: str | None = None, say=prin
     base = model_path or settings["model"]
     model = load_model(base)
     prepare(model, config)
-    run = Run(run_folder, config, settings["model"], settings["data"])
+    run = Run(run_folder, config, settings["model"], settings["data"], settings.get("quantize"))
     step = run.latest()
     if step is None:
         raise ValueError(f"{run_folder} has no checkpoint yet")
@@ -402,7 +407,7 @@ def run(args: argparse.Namespace) -> int:
     config = args.train
     tokenizer = load_tokenizer(args.tokenizer or args.model)             # bad input first: before loading
     batches = Batches(read_examples(args.data, tokenizer), config.batch_size, config.seq_len, config.seed)
-    run_folder = Run(args.out, config, args.model, args.data)
+    run_folder = Run(args.out, config, args.model, args.data, args.quantize)
     mesh = build_mesh(args.mesh, RingConfig.from_hf(args.model).num_experts)
     model = load_model(args.model, args.dtype, mesh=mesh, verify=True, quantize=args.quantize)
     prepare(model, config)

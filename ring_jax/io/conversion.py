@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from ring_jax.checkpoint import ParamWriter, restore_params
+from ring_jax.checkpoint import ParamReader, ParamWriter
 from ring_jax.config import RingConfig
 from ring_jax.io.hf import AUX_FILES, open_hf_checkpoint, parse_dtype
 from ring_jax.io.mapping import tensor_table
@@ -29,7 +29,8 @@ def progress_line(i: int, n: int, label: str, done_bytes: int, seconds: float) -
 def convert_hf_to_jax(hf_dir: str, out_dir: str, dtype=None, progress: bool = True, quantize: str | None = None) -> None:
     """Converts an HF folder into a ring_jax model folder at out_dir (which must not exist).
     quantize: "fp8" writes the FP8 model (`ring_jax.quantization`), quantized tensor by tensor;
-    None the model in dtype (an FP8 HF checkpoint's weights dequantized).
+    None the model as stored (FBGEMM's per-channel FP8 as FP8; block-scaled FP8 dequantized to
+    dtype).
 
     Every tensor is checked before anything is written; the output is built in a temporary folder
     beside out_dir and renamed into place at the end (`ring_jax.staging`), so a failure leaves
@@ -40,6 +41,7 @@ def convert_hf_to_jax(hf_dir: str, out_dir: str, dtype=None, progress: bool = Tr
         raise FileExistsError(f"{out_dir} exists; choose a new output folder")
     config = RingConfig.from_hf(hf_dir)
     source, dtype = open_hf_checkpoint(hf_dir, config, parse_dtype(dtype) if isinstance(dtype, str) else dtype)
+    quantize = quantize or source.stored_quantization
     table = tensor_table(config, quantize)
     nbytes = [sum(int(np.prod(shape)) * (dtype if kind == "model" else np.dtype(kind)).itemsize
                   for _, shape, kind in spec.arrays) for spec in table]
@@ -80,7 +82,8 @@ def convert_jax_to_hf(model_dir: str, out_dir: str, max_shard_bytes: int = 5 * 2
         raise FileExistsError(f"{out_dir} exists; choose a new output folder")
     config = RingConfig.from_hf(model_dir)
     start = time.time()
-    params, _, quantize = restore_params(model_dir, config, verify=True)
+    reader = ParamReader(model_dir, config, verify=True)
+    params, quantize = reader.restore(list(reader.expected)), reader.quantize
     if progress:
         print(f"read and verified {model_dir} in {time.time() - start:.1f} s", file=sys.stderr, flush=True)
     tensors, table, done = {}, tensor_table(config, quantize), 0

@@ -14,7 +14,7 @@ from ring_jax.config import RingConfig
 from ring_jax.errors import CheckpointError
 from ring_jax.io.mapping import TIED_HEAD, check_tensors, tensor_table
 from ring_jax.io.safetensors_io import SafetensorsFolder
-from ring_jax.quantization import FP8, HFQuantization, hf_quantization
+from ring_jax.quantization import FBGEMM, FP8, HFQuantization, hf_quantization
 
 # Files beside the weights that a model folder keeps (tokenizer, chat template, generation defaults).
 AUX_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -30,6 +30,13 @@ class HFTensors:
     def __init__(self, folder: SafetensorsFolder, quantization: HFQuantization | None):
         self.folder, self.quantization = folder, quantization
         self.names = folder.names
+
+    @property
+    def stored_quantization(self) -> str | None:
+        """The quantization ring_jax holds these weights in as stored: "fp8" for per-channel FP8
+        (FBGEMM's layout); None otherwise (block-scaled FP8 is dequantized: ring_jax has no block
+        layout)."""
+        return "fp8" if self.quantization == FBGEMM else None
 
     def read(self, name: str):
         tensor = self.folder.read(name)

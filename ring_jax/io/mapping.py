@@ -231,7 +231,8 @@ def check_tensors(table: list[TensorSpec], names: set[str], shape_of, dtype_of, 
                                       f"{list(quantization.scale_shape(shape))}")
             scales.add(scale)
         elif dtype not in FLOAT_DTYPES:
-            why = " (FP8 weights need a quantization_config in config.json)" if dtype == FP8.name else ""
+            why = ("" if dtype != FP8.name else " (FP8 weights need a quantization_config in config.json)"
+                   if quantization is None else " (only projection and expert matrices may be FP8)")
             raise CheckpointError(f"tensor {name} is {dtype}; expected one of {FLOAT_DTYPES}{why}")
     unexpected = sorted(names - set(expected) - scales - {TIED_HEAD})
     if unexpected:

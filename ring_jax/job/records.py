@@ -140,13 +140,17 @@ def error_record(item: Item) -> dict:
 
 
 # Arguments that change the records (with the prompts): a resume must use the same.
-SHAPING_ARGS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "batch_size", "sort_window", "chat", "dtype",
-                "quantize")
+SHAPING_ARGS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "batch_size", "sort_window", "chat", "dtype")
+# Shape the records where given; absent from the fingerprint when not (outputs begun before they
+# existed resume).
+OPTIONAL_SHAPING_ARGS = ("quantize",)
 
 
 def fingerprint(args, items: Sequence[Item]) -> str:
     """sha256 of the prompts (or their errors) and the arguments that shape the records."""
-    content = {"args": {name: getattr(args, name) for name in SHAPING_ARGS},
+    shaping = {name: getattr(args, name) for name in SHAPING_ARGS}
+    shaping.update({name: getattr(args, name) for name in OPTIONAL_SHAPING_ARGS if getattr(args, name, None) is not None})
+    content = {"args": shaping,
                "items": [[item.line, item.echo, list(item.ids), item.error] for item in items]}
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 

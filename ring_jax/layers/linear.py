@@ -10,7 +10,7 @@ import pallas_kernels
 from ring_jax import backends
 from ring_jax.layers.norms import norm_operands
 from ring_jax.layers.stack import StackSlice, read
-from ring_jax.quantization import Fp8, quantize_kernel
+from ring_jax.quantization import Fp8, fp8_axes, quantize_kernel
 from ring_jax.sharding import param
 
 
@@ -69,16 +69,16 @@ class Linear(nnx.Module):
         """(shape, logical axes) of the weight as [..., in, out] (a stack's axes first), quantized
         or not."""
         shape, axes = self.kernel.shape, self.kernel.get_metadata().get("out_sharding") or (None,) * self.kernel.ndim
-        if self.quantized:
-            shape, axes = (*shape[:-2], shape[-1], shape[-2]), (*axes[:-2], axes[-1], axes[-2])
+        if self.quantized:                    # values [..., out, in]: swap back (fp8_axes is its own inverse)
+            shape, axes = fp8_axes(tuple(shape))[0], fp8_axes(tuple(axes))[0]
         return tuple(shape), tuple(axes)
 
     def quantize(self) -> None:
         """Makes the weight FP8 (`ring_jax.quantization.quantize_kernel`), in place."""
-        _, axes = self.layout()
+        values_axes, scale_axes = fp8_axes(self.layout()[1])
         q = quantize_kernel(self.kernel.get_value())
-        self.kernel = param(q.values, (*axes[:-2], axes[-1], axes[-2]))
-        self.kernel_scale = param(q.scale, (*axes[:-2], axes[-1]))
+        self.kernel = param(q.values, values_axes)
+        self.kernel_scale = param(q.scale, scale_axes)
 
     def weight(self):
         """The kernel's value (an array or a StackSlice), or after `quantize` an Fp8 of the values

@@ -30,7 +30,7 @@ from ring_jax.layers.linear import matmul
 from ring_jax.layers.mlp import MLP, swiglu
 from ring_jax.layers.norms import norm_operands
 from ring_jax.layers.stack import StackSlice, read, stack_and_index
-from ring_jax.quantization import Fp8, quantize_kernel
+from ring_jax.quantization import Fp8, fp8_axes, quantize_kernel
 from ring_jax.sharding import in_mesh, mesh_axis, on_blocks, param
 
 
@@ -199,10 +199,10 @@ class Experts(nnx.Module):
         """Makes both stacks FP8 (`ring_jax.quantization.quantize_kernel`), in place."""
         for name in ("gate_up_proj", "down_proj"):
             variable = getattr(self, name)
-            axes = variable.get_metadata()["out_sharding"]
+            values_axes, scale_axes = fp8_axes(variable.get_metadata()["out_sharding"])
             q = quantize_kernel(variable.get_value())
-            setattr(self, name, param(q.values, (*axes[:-2], axes[-1], axes[-2])))
-            setattr(self, name + "_scale", param(q.scale, (*axes[:-2], axes[-1])))
+            setattr(self, name, param(q.values, values_axes))
+            setattr(self, name + "_scale", param(q.scale, scale_axes))
 
     def weights(self) -> tuple:
         """(gate_up, down): each the stack's value (an array or a StackSlice), or after `quantize`
