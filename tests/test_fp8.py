@@ -19,7 +19,7 @@ from ring_jax.config import ConfigError, RingConfig
 from ring_jax.errors import CheckpointError
 from ring_jax.io.conversion import convert_hf_to_jax, convert_jax_to_hf
 from ring_jax.io.mapping import tensor_table
-from ring_jax.io.random_checkpoint import write_random_hf_checkpoint
+from ring_jax.io.random_checkpoint import write_random_hf_checkpoint, write_small_tokenizer
 from ring_jax.io.safetensors_io import SafetensorsFolder, write_hf_weights
 from ring_jax.quantization import FP8, FP8_MAX, dequantize, quantize_rows
 from test_matvec import decode_logits, on_hopper
@@ -30,10 +30,23 @@ IDS = np.random.default_rng(11).integers(0, 256, (4, 64))          # 256 positio
 @pytest.fixture(scope="module")
 def hf(tmp_path_factory):
     """A random float32 HF checkpoint of the tiny config, with an MTP layer (its experts are one
-    layer's stack, not every layer's)."""
+    layer's stack, not every layer's), and a tokenizer."""
     folder = tmp_path_factory.mktemp("fp8") / "hf"
     write_random_hf_checkpoint(folder, dict(load_config_dict("tiny.json"), num_nextn_predict_layers=1), dtype="float32")
+    write_small_tokenizer(str(folder), 256)
     return str(folder)
+
+
+@pytest.fixture(scope="module")
+def folders(hf, tmp_path_factory):
+    """hf converted three ways: "fp8" (`convert hf2jax --quantize fp8`), "plain" (unquantized) and
+    "back" (`convert jax2hf` of "fp8": FBGEMM's FP8 layout)."""
+    work = tmp_path_factory.mktemp("converted")
+    out = {name: str(work / name) for name in ("fp8", "plain", "back")}
+    assert convert_main(["hf2jax", "--hf-dir", hf, "--out", out["fp8"], "--quantize", "fp8", "--quiet"]) == 0
+    convert_hf_to_jax(hf, out["plain"], progress=False)
+    convert_jax_to_hf(out["fp8"], out["back"], progress=False)
+    return out
 
 
 def params_of(model):
@@ -100,49 +113,45 @@ def test_fp8_logits_against_float32(hf):
     assert fp8[1] <= 5 * bf16[1]
 
 
-def test_every_path_to_an_fp8_model_gives_the_same_bits(hf, tmp_path):
-    """`convert --quantize fp8`, `load_model(hf, quantize=)`, `load_model(converted bf16 folder,
-    quantize=)` and `RingModel.quantize` make one model; its folder saves and loads as it is."""
-    assert convert_main(["hf2jax", "--hf-dir", hf, "--out", str(tmp_path / "fp8"), "--dtype", "bfloat16",
-                         "--quantize", "fp8", "--quiet"]) == 0
-    convert_hf_to_jax(hf, str(tmp_path / "bf16"), dtype="bfloat16", progress=False)
-    converted = ring_jax.load_model(str(tmp_path / "fp8"), verify=True)
-    assert converted.quantization == "fp8" and converted.dtype == np.dtype(ml_dtypes.bfloat16)
-    manifest = json.loads((tmp_path / "fp8" / "ring_jax.json").read_text())
+def test_every_path_to_an_fp8_model_gives_the_same_bits(hf, folders, tmp_path):
+    """`convert --quantize fp8`, `load_model(hf, quantize=)`, `load_model(converted unquantized
+    folder, quantize=)` and `RingModel.quantize` make one model; its folder saves and loads as it
+    is, and loads in bf16 with the FP8 arrays as stored."""
+    converted = ring_jax.load_model(folders["fp8"], verify=True)
+    assert converted.quantization == "fp8" and converted.dtype == np.float32
+    manifest = json.loads(open(f"{folders['fp8']}/ring_jax.json").read())
     assert manifest["quantize"] == "fp8"
     assert manifest["params"]["lm_head.kernel"][:2] == [[256, 64], "float8_e4m3fn"]
     assert manifest["params"]["layers.1.mlp.experts.down_proj_scale"][:2] == [[16, 64], "float32"]
-    assert manifest["params"]["layers.1.mlp.gate.kernel"][1] == "bfloat16"             # the router stays
-    others = (ring_jax.load_model(hf, dtype="bfloat16", quantize="fp8"),
-              ring_jax.load_model(str(tmp_path / "bf16"), quantize="fp8"),
-              ring_jax.load_model(str(tmp_path / "bf16")).quantize())
+    assert manifest["params"]["layers.1.mlp.gate.kernel"][1] == "float32"             # the router stays
+    others = (ring_jax.load_model(hf, quantize="fp8"),
+              ring_jax.load_model(folders["plain"], quantize="fp8"),
+              ring_jax.load_model(folders["plain"]).quantize())
     for other in others:
         assert_same_params(converted, other)
     ring_jax.save_model(converted, str(tmp_path / "saved"))
     assert_same_params(converted, ring_jax.load_model(str(tmp_path / "saved")))
-    wide = ring_jax.load_model(str(tmp_path / "fp8"), dtype="float32", verify=True)     # FP8 arrays stay
-    assert wide.dtype == np.float32 and wide.lm_head.kernel[...].dtype == FP8
-    assert np.asarray(wide.lm_head.kernel[...]).tobytes() == np.asarray(converted.lm_head.kernel[...]).tobytes()
+    narrow = ring_jax.load_model(folders["fp8"], dtype="bfloat16", verify=True)     # FP8 arrays stay
+    assert narrow.dtype == np.dtype(ml_dtypes.bfloat16) and narrow.lm_head.kernel[...].dtype == FP8
+    assert np.asarray(narrow.lm_head.kernel[...]).tobytes() == np.asarray(converted.lm_head.kernel[...]).tobytes()
     np.testing.assert_array_equal(np.asarray(converted(IDS[:1])), np.asarray(others[0](IDS[:1])))
 
 
-def test_jax2hf_writes_fbgemm_fp8_and_reads_it_back(hf, tmp_path):
+def test_jax2hf_writes_fbgemm_fp8_and_reads_it_back(folders, tmp_path):
     """jax2hf of an FP8 folder: float8_e4m3fn weights with `weight_scale` [out, 1] and FBGEMM's
     quantization_config (the routers not converted); hf2jax and load_model read it back as stored,
     to the same bits."""
-    convert_hf_to_jax(hf, str(tmp_path / "fp8"), dtype="bfloat16", quantize="fp8", progress=False)
-    convert_jax_to_hf(str(tmp_path / "fp8"), str(tmp_path / "back"), progress=False)
-    back = SafetensorsFolder(str(tmp_path / "back"))
+    back = SafetensorsFolder(folders["back"])
     assert back.dtype("model.layers.1.mlp.experts.3.up_proj.weight") == FP8
     assert back.shape("model.layers.1.mlp.experts.3.up_proj.weight_scale") == (32, 1)
-    assert back.dtype("model.layers.1.mlp.gate.weight") == np.dtype(ml_dtypes.bfloat16)
+    assert back.dtype("model.layers.1.mlp.gate.weight") == np.float32
     assert "model.layers.1.mlp.gate.weight_scale" not in back.names
-    qc = json.loads((tmp_path / "back" / "config.json").read_text())["quantization_config"]
+    qc = json.loads(open(f"{folders['back']}/config.json").read())["quantization_config"]
     assert qc["quant_method"] == "fbgemm_fp8" and "model.layers.1.mlp.gate" in qc["modules_to_not_convert"]
-    first = ring_jax.load_model(str(tmp_path / "fp8"))
-    convert_hf_to_jax(str(tmp_path / "back"), str(tmp_path / "again"), progress=False)
+    first = ring_jax.load_model(folders["fp8"])
+    convert_hf_to_jax(folders["back"], str(tmp_path / "again"), progress=False)
     assert_same_params(first, ring_jax.load_model(str(tmp_path / "again")))
-    assert_same_params(first, ring_jax.load_model(str(tmp_path / "back")))
+    assert_same_params(first, ring_jax.load_model(folders["back"]))
 
 
 def block_quantize(w: np.ndarray, block) -> tuple[np.ndarray, np.ndarray]:
@@ -217,19 +226,17 @@ def test_batch_one_decode_through_the_fp8_kernels(monkeypatch):
     assert rel_err(got, want) <= 1e-5
 
 
-def test_expert_parallel_fp8_equals_one_device(hf, tmp_path):
+def test_expert_parallel_fp8_equals_one_device(folders):
     """An FP8 folder loaded onto a mesh with the experts over 8 devices gives one device's logits
     on each way the pairs run there: gathered (2 tokens) and grouped with the scattered combine
-    (256); a bf16 folder quantized as it loads onto the mesh is the same model."""
-    convert_hf_to_jax(hf, str(tmp_path / "fp8"), quantize="fp8", progress=False)
-    convert_hf_to_jax(hf, str(tmp_path / "bf16"), progress=False)
+    (256); an unquantized folder quantized as it loads onto the mesh is the same model."""
     mesh = ring_jax.make_mesh(data=1, expert=8, devices=jax.devices()[:8])
-    one = ring_jax.load_model(str(tmp_path / "fp8"))
-    sharded = ring_jax.load_model(str(tmp_path / "fp8"), mesh=mesh)
+    one = ring_jax.load_model(folders["fp8"])
+    sharded = ring_jax.load_model(folders["fp8"], mesh=mesh)
     assert sharded.linear_moe.mlp.experts.gate_up_proj_scale[...].sharding.spec[:2] == (None, "expert")
     for ids in (IDS[:2, :1], IDS):
         assert rel_err(sharded(ids), one(ids)) <= 1e-5
-    assert_same_params(sharded, ring_jax.load_model(str(tmp_path / "bf16"), mesh=mesh, quantize="fp8"))
+    assert_same_params(sharded, ring_jax.load_model(folders["plain"], mesh=mesh, quantize="fp8"))
 
 
 def test_lora_trains_over_fp8_weights(tmp_path):
@@ -252,18 +259,29 @@ def test_lora_trains_over_fp8_weights(tmp_path):
     assert np.asarray(model.linear_moe.attention.query_key_value.kernel.get_value()).tobytes() == qkv.tobytes()
 
 
-def test_command_line_quantizes_as_it_loads(hf, capsys):
-    """`python -m ring_jax generate --quantize fp8` on an unquantized folder: the FP8 model's greedy
-    token."""
+def test_command_lines_pass_quantize_to_load_model(hf, monkeypatch):
+    """--quantize fp8 reaches `load_model` from generate and eval (the model it loads is tested
+    above)."""
+    from ring_jax import eval as evaluation
     from ring_jax.__main__ import main
 
-    assert main(["generate", "--model", hf, "--prompt-ids", "5 6 7 8", "--max-new-tokens", "1", "--quantize", "fp8",
-                 "--compilation-cache", "off"]) == 0
-    logits = ring_jax.load_model(hf, quantize="fp8")([[5, 6, 7, 8]])
-    assert capsys.readouterr().out.strip() == str([int(np.argmax(logits[0, -1]))])
+    seen = []
+
+    class Loaded(Exception):
+        pass
+
+    def load_model(path, **kwargs):
+        seen.append(kwargs.get("quantize"))
+        raise Loaded
+    monkeypatch.setattr(ring_jax, "load_model", load_model)
+    for run in (lambda: main(["generate", "--model", hf, "--prompt-ids", "5 6", "--quantize", "fp8", "--debug"]),
+                lambda: evaluation.main(["--model", hf, "--text", __file__, "--quantize", "fp8", "--debug"])):
+        with pytest.raises(Loaded):
+            run()
+    assert seen == ["fp8", "fp8"]
 
 
-def test_errors(hf, tmp_path):
+def test_errors(hf, folders, tmp_path):
     """Each mistake is one clear error."""
     model = ring_jax.load_model(hf).quantize()
     with pytest.raises(ValueError, match="quantized .fp8. already"):
@@ -286,11 +304,9 @@ def test_errors(hf, tmp_path):
     with pytest.raises(ConfigError, match="activation_scheme 'static'"):
         RingConfig.from_hf(dict(raw, quantization_config=dict(block, activation_scheme="static")))
 
-    convert_hf_to_jax(hf, str(tmp_path / "fp8"), quantize="fp8", progress=False)
-    convert_jax_to_hf(str(tmp_path / "fp8"), str(tmp_path / "back"), progress=False)
-    config = json.loads((tmp_path / "back" / "config.json").read_text())
-    tensors = {name: SafetensorsFolder(str(tmp_path / "back")).read(name)
-               for name in SafetensorsFolder(str(tmp_path / "back")).names}
+    config = json.loads(open(f"{folders['back']}/config.json").read())
+    back = SafetensorsFolder(folders["back"])
+    tensors = {name: back.read(name) for name in back.names}
     scale = "model.layers.2.attention.dense.weight_scale"
 
     def damaged(name, change, quantized=True):
