@@ -158,14 +158,13 @@ def gathered_outputs(tokens, ids, gate_up, down):
 
 def _matvecs(tokens, ids, gate_up, down):
     """-> [N, k, hidden]: pair n k + j through matrices ids[n, j] of gate_up and down: stacks, or
-    tuples of stacks (`pallas_kernels.matvec`) that ids address as one (each an array or an Fp8
-    of them). tokens: an array or a `Normed` (the kernel normalises the rows)."""
+    lists of stacks that ids address as one (`pallas_kernels.matvec` takes them as a tuple); each
+    an array or an Fp8 of them. tokens: an array or a `Normed` (the kernel normalises the rows)."""
     N, k = ids.shape
     pairs = ids.reshape(-1)
     rows, norm = norm_operands(tokens)
-    (gate_up, gate_up_scale), (down, down_scale) = (
-        _kernel_operands(*w) if isinstance(w, tuple) and not isinstance(w, Fp8) else _kernel_operands(w)
-        for w in (gate_up, down))
+    (gate_up, gate_up_scale), (down, down_scale) = (_kernel_operands(*w) if isinstance(w, list) else
+                                                    _kernel_operands(w) for w in (gate_up, down))
     out = pallas_kernels.matvec(rows[:, None], gate_up, pairs, **gate_up_scale, **norm).astype(tokens.dtype)
     out = pallas_kernels.matvec(swiglu(out), down, pairs, **down_scale).astype(tokens.dtype)   # [N k, 1, hidden]
     return out.reshape(N, k, out.shape[-1])
@@ -295,7 +294,7 @@ class MoE(nnx.Module):
                                                          for w in (shared.gate_up_proj, shared.down_proj))
             ids = jnp.concatenate([ids + first, jnp.full((ids.shape[0], 1), _count(gate_up) + mine, ids.dtype)],
                                   axis=1)
-            out = _matvecs(tokens, ids, (gate_up, shared_gate_up), (down, shared_down))   # [N, k + 1, hidden]
+            out = _matvecs(tokens, ids, [gate_up, shared_gate_up], [down, shared_down])   # [N, k + 1, hidden]
             return (combine(out[:, :-1], weights) + out[:, -1]).reshape(x.shape)
         tokens = read(tokens)
         routed = self.experts(tokens, ids, weights)                                  # [N, hidden]
