@@ -208,14 +208,20 @@ def test_block_scaled_hf_checkpoint(hf, tmp_path):
           kl(plain(IDS), quantized(IDS)))
 
 
+def decode_config() -> RingConfig:
+    """The tiny config widened so that every FP8 product of a decode step is whole kernel tiles
+    (K a multiple of 256)."""
+    config = load_config_dict("tiny.json")
+    config.update(hidden_size=256, head_dim=64, intermediate_size=256, moe_intermediate_size=256,
+                  moe_shared_expert_intermediate_size=256, num_experts=64)
+    return RingConfig.from_hf(config)
+
+
 def test_batch_one_decode_through_the_fp8_kernels(monkeypatch):
     """As on a Hopper GPU (matvec kernel in interpret mode): the FP8 projections, the routed experts
     by id and the shared expert in their calls read K-major FP8 stacks with their scales, and the
     decode logits equal the FP8 model's full forward."""
-    config = load_config_dict("tiny.json")      # every product in whole FP8 tiles: K a multiple of 256
-    config.update(hidden_size=256, head_dim=64, intermediate_size=256, moe_intermediate_size=256,
-                  moe_shared_expert_intermediate_size=256, num_experts=64)
-    model = ring_jax.RingModel(RingConfig.from_hf(config), dtype=jnp.float32, rngs=nnx.Rngs(1)).quantize()
+    model = ring_jax.RingModel(decode_config(), dtype=jnp.float32, rngs=nnx.Rngs(1)).quantize()
     p = np.random.default_rng(3).integers(2, 256, 12)
     want = model(p[None])[0, -2:]
     calls = on_hopper(monkeypatch)

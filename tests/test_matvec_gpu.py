@@ -1,14 +1,19 @@
-"""The matvec kernel on a Hopper GPU: against float64 at Ring-mini decode shapes, and a decode
-step that takes it against the full forward and against the same step through XLA."""
+"""The matvec kernel on a Hopper GPU: against float64 at Ring-mini decode shapes (bf16, float32 and
+FP8 weights), and a decode step that takes it against the full forward and against the same step
+through XLA."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
+import ring_jax
 from conftest import rel_err
 from pallas_kernels.matvec import gpu, reference
 from pallas_kernels.backend import platform
+from test_fp8 import decode_config
+from test_fp8_kernels import dequantized64, matvec64 as fp8_matvec64, operands as fp8_operands
 from test_matvec import decode_logits, matvec64, model_with_kernel_shapes, operands
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(platform() != "hopper", reason="the kernel runs on Hopper")]
@@ -79,3 +84,32 @@ def test_decode_through_kernel_matches_forward_and_xla(monkeypatch):
     want = decode_logits(bf16, p, 4)
     assert not calls
     assert rel_err(got, want) <= 2e-2
+
+
+# Ring-mini's FP8 decode products (K-major values [E, N, K] and scales [E, N]): qkv, 8 of 256
+# experts' gate_up and down, the LM head.
+FP8_CASES = [(2048, 1, 6144, 1), (2048, 256, 1024, 8), (512, 256, 2048, 8), (2048, 1, 157184, 1)]
+
+
+@pytest.mark.parametrize("case", range(len(FP8_CASES)))
+def test_fp8_kernel_matches_float64(case):
+    """The kernel reads e4m3 values as e4m3fn (not e4m3fnuz: a factor of 2 off) and applies each
+    output channel's scale: against float64 of the dequantized weights."""
+    K, E, N, P = FP8_CASES[case]
+    x, values, scale, ids = fp8_operands(1, 1, K, E, N, P, jnp.bfloat16, seed=200 + case)
+    out = gpu.matvec(x, values, ids, scale=scale)
+    assert rel_err(out, fp8_matvec64(x, dequantized64(values, scale), ids)) <= 1e-6
+    assert rel_err(out, reference.matvec(x, values, ids, scale=scale)) <= 1e-6
+
+
+def test_fp8_decode_through_kernel_matches_forward(monkeypatch):
+    """An FP8 model's batch-1 decode on the GPU (the matvec kernel for every FP8 product) equals its
+    full forward."""
+    calls = []
+    monkeypatch.setattr(gpu, "matvec", lambda *a, _f=gpu.matvec, **k: calls.append(k.get("scale") is not None)
+                        or _f(*a, **k))
+    model = ring_jax.RingModel(decode_config(), dtype=jnp.float32, rngs=nnx.Rngs(1)).quantize()
+    p = np.random.default_rng(3).integers(2, 256, 12)
+    got = decode_logits(model, p, 2)
+    assert any(calls)
+    assert rel_err(got, model(p[None])[0, -2:]) <= 1e-5
