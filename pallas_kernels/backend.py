@@ -7,7 +7,10 @@ it for the operands, and the jnp reference elsewhere. "reference", "gpu" or "tpu
 forced kernel that cannot take the operands is a NotImplementedError that says why.
 
 interpret: run the kernel in Pallas interpret mode, on any device (the CPU tests): True, or for a
-TPU kernel a `pltpu.InterpretParams()`. It needs the kernel named: backend "gpu" or "tpu".
+TPU kernel a `pltpu.InterpretParams()`. It needs the kernel named: backend "gpu" or "tpu". Pallas
+Triton kernels run in Pallas's interpreter; Mosaic GPU kernels in JAX's Mosaic GPU interpreter
+(`gpu_interpreter`), where it runs their primitives (the linear-attention prefill kernel's are not
+all there yet: it has no interpret mode).
 
 FP8 weights (`FP8`), where an entry point takes them: float8_e4m3fn matrices stored K-major, [N, K]
 (the contracting axis last, as torch stores Linear weights and as Hopper's FP8 tensor cores take
@@ -45,11 +48,24 @@ def platform() -> str:
     return "other"
 
 
+def gpu_interpreter():
+    """The `interpret=` value that runs a Mosaic GPU kernel in JAX's Mosaic GPU interpreter: on the
+    CPU, shared memory, warpgroups, barriers, TMA copies and wgmma are simulated. A TMA load of a
+    box that passes the array's end is legal on the GPU (the kernels' last row tiles do it; those
+    rows are never stored): the interpreter reads them as uninitialized (NaN) instead of raising."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    params = getattr(plgpu, "InterpretGPUParams", None)
+    if params is None:  # JAX 0.10 has the interpreter but does not export it
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams as params
+    return params(out_of_bounds_reads="uninitialized")
+
+
 @dataclasses.dataclass(frozen=True)
 class Kernel:
     """A kernel's answer for the caller's operands: why it cannot take them (None: it can), whether
     "auto" takes it where it can (False where the reference is as fast or faster), and whether it
-    runs in interpret mode (Mosaic GPU kernels do not)."""
+    runs in interpret mode."""
     refusal: str | None = None
     auto: bool = True
     interprets: bool = True

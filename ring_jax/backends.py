@@ -69,11 +69,11 @@ def experts_gather(tokens, ids, gate_up, down, expert_parallel: bool = False) ->
     grouped-matmul kernel for these operands, or the matvec kernel for both products. Not the
     matvec kernel under expert parallelism: every device would run every pair there (pairs held
     elsewhere point at a local expert and are masked), where the grouped kernel skips them. FP8
-    experts have no grouped-matmul kernel yet, so their few pairs are gathered everywhere, under
-    expert parallelism too (the grouped reference would read every local expert)."""
+    experts' few pairs are gathered everywhere, under expert parallelism too: the grouped paths
+    read every local expert (the GPU kernel takes FP8 weights converted to bf16 per call)."""
     if ids.size > GATHER_MAX_PAIRS:
         return False
-    if pallas_kernels.gmm_backend(tokens, _values_scale(gate_up)[0]) == "reference":
+    if isinstance(gate_up, Fp8) or pallas_kernels.gmm_backend(tokens, gate_up) == "reference":
         return True
     return not expert_parallel and all(_matvec_takes(1, tokens, *_values_scale(w)) for w in (gate_up, down))
 

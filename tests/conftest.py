@@ -136,8 +136,9 @@ def recurrence64(q, k, v, g, state=None, scale=None):
 def as_if_on_hopper(monkeypatch, record=None) -> list:
     """"auto" answers as on a Hopper GPU (`pallas_kernels.backend.platform`), with the Pallas
     Triton kernels run in interpret mode, and the rest as on this CPU: the Mosaic GPU kernels
-    refuse their operands (they have no interpret mode) and cuDNN's flash attention is absent (the
-    jnp attention runs). record: {kernel function name: label}: each call of those kernels appends
+    refuse their operands (the linear-attention one has no interpret mode; the grouped matmul's is
+    seconds a call, tested on its own in tests/test_gmm_gpu.py) and cuDNN's flash attention is
+    absent (the jnp attention runs). record: {kernel function name: label}: each call of those kernels appends
     label(*args, **kwargs) to the list returned."""
     from pallas_kernels import backend
     from pallas_kernels.linear_attention import api as linear_attention_api, decode_gpu as linear_decode

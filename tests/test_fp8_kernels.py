@@ -11,7 +11,7 @@ import pallas_kernels
 from conftest import rel_err
 from pallas_kernels import backend as kernel_backend
 from pallas_kernels.matvec import matvec, matvec_backend, reference
-from pallas_kernels.moe import gmm_gpu, reference as moe_reference
+from pallas_kernels.moe import reference as moe_reference
 
 FP8 = jnp.float8_e4m3fn
 
@@ -203,22 +203,24 @@ def test_gmm_swiglu_reference_matches_float64():
         moe_reference.swiglu(moe_reference.gmm(bf16, values[1:5], group_sizes, scale=scale[1:5])))
 
 
-def test_gmm_fp8_takes_the_reference_on_every_device(monkeypatch):
-    """"auto" resolves to the reference for FP8 rhs, where the GPU kernel takes these shapes in
-    bf16; forcing a kernel is a NotImplementedError that names FP8; the scale is checked."""
+def test_gmm_fp8_backends(monkeypatch):
+    """"auto" takes the GPU kernel for FP8 rhs where it takes the values in bf16, and the reference
+    on a TPU (forcing the TPU kernel is a NotImplementedError that names FP8); the scale is checked.
+    (The GPU kernel's FP8 numbers: tests/test_gmm_gpu.py, in the interpreter.)"""
     lhs = jnp.asarray(np.random.default_rng(80).standard_normal((256, 256)), jnp.bfloat16)
     values, scale = quantized((4, 512, 256), 81)
     sizes = jnp.asarray([100, 0, 56, 100], jnp.int32)
-    monkeypatch.setattr(gmm_gpu, "supports", lambda *a, **k: True)
-    for platform, kernel in (("hopper", "gpu"), ("tpu", "tpu")):
-        monkeypatch.setattr(kernel_backend, "platform", lambda: platform)
-        assert pallas_kernels.gmm_backend(lhs, jnp.swapaxes(values, 1, 2).astype(jnp.bfloat16)) == kernel
-        assert pallas_kernels.gmm_backend(lhs, values) == "reference"
-        for entry in (pallas_kernels.gmm, pallas_kernels.gmm_swiglu):
-            with pytest.raises(NotImplementedError, match="FP8"):
-                entry(lhs, values, sizes, scale=scale, backend=kernel)
-        out = pallas_kernels.gmm(lhs, values, sizes, scale=scale)
-        assert np.array_equal(np.asarray(out), np.asarray(moe_reference.gmm(lhs, values, sizes, scale=scale)))
+    monkeypatch.setattr(kernel_backend, "platform", lambda: "hopper")
+    assert pallas_kernels.gmm_backend(lhs, values) == "gpu"
+    assert pallas_kernels.gmm_backend(lhs.astype(jnp.float32), values) == "reference"   # the kernel takes bf16 rows
+    monkeypatch.setattr(kernel_backend, "platform", lambda: "tpu")
+    assert pallas_kernels.gmm_backend(lhs, jnp.swapaxes(values, 1, 2).astype(jnp.bfloat16)) == "tpu"
+    assert pallas_kernels.gmm_backend(lhs, values) == "reference"
+    for entry in (pallas_kernels.gmm, pallas_kernels.gmm_swiglu):
+        with pytest.raises(NotImplementedError, match="FP8"):
+            entry(lhs, values, sizes, scale=scale, backend="tpu")
+    out = pallas_kernels.gmm(lhs, values, sizes, scale=scale)
+    assert np.array_equal(np.asarray(out), np.asarray(moe_reference.gmm(lhs, values, sizes, scale=scale)))
     with pytest.raises(ValueError, match="needs its scale"):
         pallas_kernels.gmm(lhs, values, sizes)
     with pytest.raises(ValueError, match="scale is for FP8"):

@@ -1,4 +1,5 @@
-"""The Mosaic GPU grouped matmul: its work table and its lowering on the CPU, the kernel on a Hopper GPU.
+"""The Mosaic GPU grouped matmul: its work table, its lowering and the kernel in JAX's Mosaic GPU
+interpreter on the CPU (small shapes), the kernel on a Hopper GPU.
 
 The kernel is held to a float64 numpy loop over groups (`gmm64`) and to the jnp reference, on
 fresh random inputs: group sizes with zeros, an empty first and last group, one group holding
@@ -44,14 +45,79 @@ def test_work_items_cover_every_row_once(tile_m, seed):
     np.testing.assert_array_equal(owner, expected)
 
 
+@pytest.mark.parametrize("scaled", [False, True])
 @pytest.mark.parametrize("swiglu, tile_m", [(False, 64), (False, 128), (True, 128)])
-def test_kernel_lowers_for_cuda_on_any_machine(swiglu, tile_m):
-    """The Mosaic GPU kernel lowers (layout inference, pipelines, TMA boxes) without a GPU."""
+def test_kernel_lowers_for_cuda_on_any_machine(swiglu, tile_m, scaled):
+    """The Mosaic GPU kernel lowers (layout inference, pipelines, TMA boxes) without a GPU, with
+    and without the column scales of FP8 weights in its epilogue."""
     S = jax.ShapeDtypeStruct
-    f = jax.jit(lambda a, b, s: gmm_gpu.gmm(a, b, s, swiglu=swiglu, tile_m=tile_m))
+    scale = S((8, 512), jnp.float32) if scaled else None
+    f = jax.jit(lambda a, b, s, c: gmm_gpu.gmm(a, b, s, scale=c, swiglu=swiglu, tile_m=tile_m))
     exported = jax.export.export(f, platforms=["cuda"])(
-        S((1000, 256), jnp.bfloat16), S((8, 256, 512), jnp.bfloat16), S((8,), jnp.int32))
+        S((1000, 256), jnp.bfloat16), S((8, 256, 512), jnp.bfloat16), S((8,), jnp.int32), scale)
     assert exported.out_avals[0].shape == (1000, 256 if swiglu else 512)
+
+
+INTERPRETED = {  # M, K, N, group sizes, group offset (of 2 G stacked groups), tile_m
+    "tiny groups, rows past the sum, 64-row tiles": (100, 128, 256, [0, 3, 1, 0, 50, 2], 6, 64),
+    "M not a multiple of 8, 128-row tiles": (203, 64, 256, [0, 120, 0, 80], 0, 128),
+}
+
+
+@pytest.mark.parametrize("case", INTERPRETED)
+def test_kernel_in_the_interpreter_matches_float64(case):
+    """The kernel itself on the CPU (JAX's Mosaic GPU interpreter: warpgroups, TMA, barriers and
+    wgmma simulated): bf16 and float32 outputs against float64 and the reference, a layer's groups
+    read at an offset in a longer stack, zeros past the sum."""
+    M, K, N, sizes, offset, tile_m = INTERPRETED[case]
+    G = len(sizes)
+    lhs, stack, group_sizes = operands(M, M, K, N, sizes + sizes)
+    group_sizes, total = group_sizes[:G], sum(sizes)
+    groups = stack[offset:offset + G]
+    for out_dtype in (jnp.float32, jnp.bfloat16):
+        got = gmm_gpu.gmm(lhs, stack, group_sizes, group_offset=offset, preferred_element_type=out_dtype,
+                          tile_m=tile_m, interpret=True)
+        assert got.dtype == out_dtype and got.shape == (M, N)
+        assert rel_err(got[:total], gmm64(lhs, groups, group_sizes)[:total]) <= (1e-5 if out_dtype == jnp.float32
+                                                                                  else 5e-3)
+        assert not np.asarray(got[total:]).any()
+
+
+def fp8_operands(seed, M, K, N, G):
+    """lhs [M, K] bf16, FP8 weights of 2 G groups ([2 G, N, K] values, [2 G, N] scales)."""
+    from ring_jax.quantization import quantize_rows
+
+    rng = np.random.default_rng(seed)
+    lhs = jnp.asarray(rng.standard_normal((M, K)), jnp.bfloat16)
+    values, scale = quantize_rows(jnp.asarray(rng.standard_normal((2 * G, N, K)) / K ** 0.5, jnp.float32))
+    return lhs, values, scale
+
+
+@pytest.mark.parametrize("swiglu", [False, True])
+def test_fp8_weights_through_the_kernel_give_the_reference_bits(swiglu):
+    """FP8 weights on the GPU path (`api.gmm`/`gmm_swiglu` with backend "gpu", interpreted): the
+    layer's values converted to bf16 and the scales applied in the kernel's epilogue give the
+    reference's bits (but for rare one-ulp roundings), plain and with SwiGLU in the epilogue
+    (128-row tiles), at a group offset."""
+    G = 4
+    M, sizes = (1000, [300, 0, 500, 150]) if swiglu else (200, [60, 0, 7, 100])
+    lhs, values, scale = fp8_operands(9, M, 128, 512, G)
+    sizes = jnp.asarray(sizes, jnp.int32)
+    op = api.gmm_swiglu if swiglu else api.gmm
+    assert (M > api.GPU_SMALL_TILE_ROWS * G) == swiglu       # 128-row tiles, SwiGLU in the epilogue
+    got = op(lhs, values, sizes, group_offset=G, scale=scale, backend="gpu", interpret=True)
+    want = op(lhs, values, sizes, group_offset=G, scale=scale, backend="reference")
+    assert_bits_but_rare_ulps(got, want)
+
+
+def assert_bits_but_rare_ulps(got, want):
+    """got equals want (bf16) but for rare one-ulp differences: the same products summed in another
+    order can round the other way."""
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    assert got.shape == want.shape
+    differ = got != want
+    assert differ.mean() <= 1e-3
+    assert (np.abs(got - want)[differ] <= np.abs(want)[differ] * 2.0 ** -7).all()
 
 
 def operands(seed, M, K, N, sizes):
@@ -107,17 +173,16 @@ def test_gpu_gmm_swiglu_epilogue_matches_unfused(case):
                          np.float32)
     assert fused.shape == (M, N // 2)
     assert not fused[total:].any()
-    differ = fused[:total] != unfused[:total]
-    assert differ.mean() <= 1e-3
-    gap, size = np.abs(fused - unfused)[:total][differ], np.abs(unfused)[:total][differ]
-    assert (gap <= size * 2.0 ** -7).all()  # one bf16 ulp
+    assert_bits_but_rare_ulps(fused[:total], unfused[:total])
     assert rel_err(fused[:total], swiglu64(gmm64(lhs, rhs, group_sizes))[:total]) <= 1e-2
 
 
 @pytest.mark.gpu
-def test_moe_layer_through_gpu_kernel_matches_reference_path(monkeypatch):
+@pytest.mark.parametrize("fp8", [False, True])
+def test_moe_layer_through_gpu_kernel_matches_reference_path(monkeypatch, fp8):
     """A whole MoE layer (router -> sorted dispatch -> kernel gmm -> SwiGLU -> gmm -> combine)
-    against the same layer with the jnp reference gmm and SwiGLU, at prefill and decode sizes."""
+    against the same layer with the jnp reference gmm and SwiGLU, at prefill and decode sizes;
+    bf16 and FP8 experts."""
     from flax import nnx
 
     from ring_jax.config import RingConfig
@@ -126,6 +191,8 @@ def test_moe_layer_through_gpu_kernel_matches_reference_path(monkeypatch):
 
     config = RingConfig.from_hf(load_config_dict("tiny.json"), hidden_size=256, moe_intermediate_size=128)
     layer = moe.MoE(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    if fp8:
+        layer.experts.quantize()
     monkeypatch.setattr(backends, "GATHER_MAX_PAIRS", 0)      # decode sizes through the gmm too, not matvec
     for tokens in (1, 8, 300, 1000):  # from 300 x top-4 rows on: 128-row tiles, SwiGLU in the kernel
         x = jax.random.normal(jax.random.PRNGKey(tokens), (1, tokens, 256)).astype(jnp.bfloat16)

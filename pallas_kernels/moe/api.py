@@ -2,12 +2,15 @@
 implementation (`pallas_kernels.backend`).
 
 `gmm`: "tpu", the Mosaic TPU kernel (`gmm_tpu.py`); "gpu", the Mosaic GPU kernel (`gmm_gpu.py`: bf16,
-K % 64 == 0, N % 256 == 0); and the jnp reference. FP8 weights (`pallas_kernels.backend.FP8`) run
-through the reference for now on every device: neither kernel takes them yet. `take_rows`, the
-gather of the tokens' rows in expert order before the grouped matmuls: "gpu", a Pallas Triton
-kernel (`gather_gpu.py`), and XLA's gather.
+K % 64 == 0, N % 256 == 0); and the jnp reference. FP8 weights (`pallas_kernels.backend.FP8`): the GPU
+kernel takes the layer's values exactly in bf16, [G, K, N] (one XLA pass converts and transposes
+them per call), and multiplies by the scales in its epilogue; the TPU kernel takes none (int8 on the
+TPU is a later step), so they run through the reference there. `take_rows`, the gather of the
+tokens' rows in expert order before the grouped matmuls: "gpu", a Pallas Triton kernel
+(`gather_gpu.py`), and XLA's gather.
 """
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -19,18 +22,41 @@ from pallas_kernels.moe import reference
 GPU_SMALL_TILE_ROWS = 64
 
 
-def _gmm_gpu(lhs, rhs, preferred_element_type):
+def _gmm_gpu(lhs, rhs, preferred_element_type, swiglu=False):
     def answer():
         from pallas_kernels.moe import gmm_gpu
 
-        if jnp.dtype(rhs.dtype) == FP8:
-            return Kernel("takes no FP8 weights yet (float8_e4m3fn rhs): FP8 weights run through the reference "
-                          "for now (a Hopper FP8 kernel is a later step)", interprets=False)
-        return Kernel(None if gmm_gpu.supports(lhs, rhs, preferred_element_type or lhs.dtype) else
-                      f"takes bf16 operands with K % {gmm_gpu.TILE_K} == 0 and N % 256 == 0 and a bf16 or float32 "
-                      f"output, got {lhs.dtype} {lhs.shape} x {rhs.dtype} {rhs.shape} -> "
-                      f"{jnp.dtype(preferred_element_type or lhs.dtype)}", interprets=False)
+        out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
+        return Kernel(None if gmm_gpu.supports(lhs, _kernel_rhs_type(lhs, rhs), out_dtype, swiglu=swiglu) else
+                      f"takes bf16 operands (or FP8 weights with bf16 rows) with K % {gmm_gpu.TILE_K} == 0 and "
+                      f"N % 256 == 0 and a bf16 or float32 output, got {lhs.dtype} {lhs.shape} x {rhs.dtype} "
+                      f"{rhs.shape} -> {out_dtype}")
     return answer
+
+
+def _kernel_rhs_type(lhs, rhs):
+    """The rhs the GPU kernel reads: rhs, or for FP8 weights [G, N, K] their values in lhs's dtype,
+    [G, K, N]."""
+    if jnp.dtype(rhs.dtype) != FP8:
+        return rhs
+    G, N, K = rhs.shape
+    return jax.ShapeDtypeStruct((G, K, N), lhs.dtype)
+
+
+def _gpu_kernel(lhs, group_sizes, scale, G: int, **settings):
+    """The GPU kernel as a function of (lhs, rhs, group_sizes, group_offset), for with_reference_gradient:
+    rhs read in place at group_offset, or FP8 values ([G', N, K]) of which the G groups at
+    group_offset are converted to lhs's dtype, [G, K, N], and multiplied by their scales."""
+    from pallas_kernels.moe import gmm_gpu
+
+    settings["tile_m"] = 128 if settings.get("swiglu") else _gpu_tile_m(lhs, group_sizes)
+
+    def kernel(lhs, rhs, group_sizes, group_offset):
+        if scale is None:
+            return gmm_gpu.gmm(lhs, rhs, group_sizes, group_offset=group_offset, **settings)
+        values = jnp.swapaxes(_groups(rhs, group_offset, G), 1, 2).astype(lhs.dtype)    # exact: e4m3 in bf16
+        return gmm_gpu.gmm(lhs, values, group_sizes, scale=_groups(scale, group_offset, G), **settings)
+    return kernel
 
 
 def _tpu(rhs):
@@ -43,8 +69,8 @@ def _tpu(rhs):
 
 
 def gmm_backend(lhs, rhs, preferred_element_type=None, backend="auto") -> str:
-    """The backend `gmm` runs for these operands: "gpu", "tpu" or "reference" (always the
-    reference for FP8 rhs under "auto")."""
+    """The backend `gmm` runs for these operands: "gpu", "tpu" or "reference" (FP8 rhs: the
+    reference on a TPU)."""
     return resolve(backend, gpu=_gmm_gpu(lhs, rhs, preferred_element_type), tpu=_tpu(rhs))
 
 
@@ -60,7 +86,7 @@ def gmm(lhs, rhs, group_sizes, *, group_offset=0, scale=None, preferred_element_
     scale: None; or FP8 weights (`pallas_kernels.backend.FP8`): rhs is float8_e4m3fn [G', N, K]
     (K-major) and scale [G', N] float32, read at group_offset like rhs; group g's rows are
     (rows @ rhs[group_offset + g].T, accumulated in float32) * scale[group_offset + g], rounded
-    once. Only the reference takes them for now ("auto" picks it on every device).
+    once. The GPU kernel and the reference take them.
 
     backend, interpret: `pallas_kernels.backend`.
     """
@@ -73,11 +99,8 @@ def gmm(lhs, rhs, group_sizes, *, group_offset=0, scale=None, preferred_element_
                              scale=None if scale is None else _groups(scale, group_offset, G))
 
     if kind == "gpu":
-        from pallas_kernels.moe import gmm_gpu
-
-        def kernel(lhs, rhs, group_sizes, group_offset):
-            return gmm_gpu.gmm(lhs, rhs, group_sizes, group_offset=group_offset,
-                               preferred_element_type=preferred_element_type, tile_m=_gpu_tile_m(lhs, group_sizes))
+        kernel = _gpu_kernel(lhs, group_sizes, scale, G, preferred_element_type=preferred_element_type,
+                             interpret=bool(interpret))
     elif kind == "tpu":
         from pallas_kernels.moe import gmm_tpu
 
@@ -95,17 +118,14 @@ def gmm_swiglu(lhs, rhs, group_sizes, *, group_offset=0, scale=None, backend="au
     SwiGLU -> [M, I] in lhs.dtype. Where the GPU kernel runs with 128-row tiles, SwiGLU runs in its
     epilogue, so the [M, 2 I] product is never written."""
     _check_scale(lhs, rhs, scale)
-    kind = resolve(backend, interpret, gpu=_gmm_gpu(lhs, rhs, None), tpu=_tpu(rhs))
+    kind = resolve(backend, interpret, gpu=_gmm_gpu(lhs, rhs, None, swiglu=True), tpu=_tpu(rhs))
     if kind == "gpu" and _gpu_tile_m(lhs, group_sizes) == 128:
-        from pallas_kernels.moe import gmm_gpu
-
         G = group_sizes.shape[0]
-
-        def kernel(lhs, rhs, group_sizes, group_offset):
-            return gmm_gpu.gmm(lhs, rhs, group_sizes, group_offset=group_offset, swiglu=True)
+        kernel = _gpu_kernel(lhs, group_sizes, scale, G, swiglu=True, interpret=bool(interpret))
 
         def ref(lhs, rhs, group_sizes, group_offset):
-            return reference.gmm_swiglu(lhs, _groups(rhs, group_offset, G), group_sizes)
+            return reference.gmm_swiglu(lhs, _groups(rhs, group_offset, G), group_sizes,
+                                        scale=None if scale is None else _groups(scale, group_offset, G))
         return with_reference_gradient(kernel, ref)(lhs, rhs, group_sizes, jnp.asarray(group_offset, jnp.int32))
     return reference.swiglu(gmm(lhs, rhs, group_sizes, group_offset=group_offset, scale=scale, backend=backend,
                                 interpret=interpret))

@@ -25,8 +25,15 @@ and 0.5 GB of lhs, 1 GB of rhs and 0.27 GB of output at least once each (0.41 ms
 0.79 ms at 700 TFLOP/s): compute-bound. Decode shapes (a few rows per group) read each chosen
 group's [K, N] once per column block and are bound by those bytes.
 
+Column scales (`scale`, [G, N] float32: FP8 weights whose values the caller passes exactly in
+bf16): each compute warpgroup copies its group's scales of its columns to SMEM while the pipeline
+runs and multiplies the float32 accumulator by them before rounding (and before SwiGLU).
+
 Numerics: bf16 operands, float32 accumulation, one rounding to the output dtype (bf16 or f32);
 with SwiGLU the roundings of `reference.swiglu` after a bf16 product.
+
+Interpret mode (`interpret=True`) runs the kernel in JAX's Mosaic GPU interpreter on any device,
+over INTERPRET_SMS simulated SMs (the CPU tests).
 """
 
 import functools
@@ -37,7 +44,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.backend import gpu_interpreter
+
 TILE_K = 64
+INTERPRET_SMS = 3  # SMs simulated in interpret mode: enough for units to be spread over several
 
 
 def work_items(group_sizes, m: int, tile_m: int):
@@ -93,8 +103,9 @@ def _silu_times_up(gate, up, dtype):
     return act.astype(dtype).astype(jnp.float32) * up
 
 
-def _kernel(items_gmem, count_gmem, offset_gmem, lhs_gmem, rhs_gmem, out_gmem, *, groups, tile_m, tile_n,
-            stages, swiglu):
+def _kernel(items_gmem, count_gmem, offset_gmem, lhs_gmem, rhs_gmem, *refs, groups, tile_m, tile_n, stages,
+            swiglu):
+    scale_gmem, out_gmem = refs if len(refs) == 2 else (None, refs[0])
     K = lhs_gmem.shape[1]
     G, N = groups, rhs_gmem.shape[2]
     dtype = out_gmem.dtype
@@ -118,8 +129,11 @@ def _kernel(items_gmem, count_gmem, offset_gmem, lhs_gmem, rhs_gmem, out_gmem, *
     @functools.partial(pl.run_scoped,
                        allocs=pipeline(ignore, ignore).get_allocations(lhs_gmem, *[rhs_gmem.at[0]] * len(rhs_n)),
                        o_smem=plgpu.SMEM((2, wg_rows, epi_n), dtype),
+                       **({} if scale_gmem is None else dict(
+                           scale_smem=plgpu.SMEM((2, len(rhs_n), tile_n), jnp.float32),
+                           scale_bar=plgpu.Barrier(num_arrivals=1, num_barriers=2 * len(rhs_n)))),
                        collective_axes="wg")
-    def _scope(allocs, o_smem):
+    def _scope(allocs, o_smem, scale_smem=None, scale_bar=None):
         wg = lax.axis_index("wg")
 
         @plgpu.nd_loop((count_gmem[0] * n_blocks,), collective_axes="sm")
@@ -138,8 +152,18 @@ def _kernel(items_gmem, count_gmem, offset_gmem, lhs_gmem, rhs_gmem, out_gmem, *
 
             def context(run):
                 def scoped(*accs):
+                    if scale_gmem is not None:  # this unit's column scales arrive while the pipeline runs
+                        for i, c in enumerate(scale_cols):
+                            plgpu.copy_gmem_to_smem(scales.at[pl.ds(c, tile_n)], scale_smem.at[wg, i],
+                                                    scale_bar.at[wg * len(accs) + i])
                     run(accs if swiglu else accs[0])
-                    store(_silu_times_up(accs[0][...], accs[1][...], dtype) if swiglu else accs[0][...])
+                    values = [acc[...] for acc in accs]
+                    if scale_gmem is not None:
+                        for i in range(len(accs)):
+                            plgpu.barrier_wait(scale_bar.at[wg * len(accs) + i])
+                        values = [v * lax.broadcast_in_dim(scale_smem[wg, i], v.shape, (1,))
+                                  for i, v in enumerate(values)]
+                    store(_silu_times_up(*values, dtype) if swiglu else values[0])
                 pl.run_scoped(scoped, *[plgpu.ACC((wg_rows, tile_n), jnp.float32)] * len(rhs_n))
 
             def mma(_, a_smem, *b_smem_and_acc):
@@ -153,11 +177,15 @@ def _kernel(items_gmem, count_gmem, offset_gmem, lhs_gmem, rhs_gmem, out_gmem, *
                 plgpu.wgmma_wait(0)
                 return acc
 
-            rhs = rhs_gmem.at[jnp.minimum(group, G - 1) + offset_gmem[0]]   # group G: no rhs read
+            stacked = jnp.minimum(group, G - 1) + offset_gmem[0]   # group G: no rhs read
+            rhs = rhs_gmem.at[stacked]
             if swiglu:
                 blocks = [rhs.at[:, pl.ds(half + n_block * tile_n, tile_n)] for half in (0, N // 2)]
+                scale_cols = [half + n_block * tile_n for half in (0, N // 2)]
             else:
                 blocks = [rhs.at[:, pl.ds(n_block * 2 * tile_n, 2 * tile_n)]]
+                scale_cols = [col]
+            scales = None if scale_gmem is None else scale_gmem.at[stacked]
 
             @pl.when(group < G)
             def _():
@@ -172,7 +200,7 @@ def _kernel(items_gmem, count_gmem, offset_gmem, lhs_gmem, rhs_gmem, out_gmem, *
 
 def supports(lhs, rhs, out_dtype, tile_n: int = 128, swiglu: bool = False) -> bool:
     """Whether `gmm` takes these operands: bf16, K % 64 == 0, N % (2 tile_n) == 0, bf16/f32 out
-    (bf16 with swiglu)."""
+    (bf16 with swiglu). rhs: [G, K, N] (an array or a ShapeDtypeStruct)."""
     N = rhs.shape[2]
     return (lhs.dtype == jnp.bfloat16 and rhs.dtype == jnp.bfloat16 and lhs.shape[1] % TILE_K == 0
             and N % (2 * tile_n) == 0 and jnp.dtype(out_dtype) in (jnp.bfloat16, jnp.float32)
@@ -181,15 +209,20 @@ def supports(lhs, rhs, out_dtype, tile_n: int = 128, swiglu: bool = False) -> bo
 
 # Jitted so that a program lowers the kernel once for all its call sites of one shape (a model's
 # layers): lowering a Mosaic GPU kernel takes a good part of a second.
-@functools.partial(jax.jit, static_argnames=("preferred_element_type", "swiglu", "tile_m", "tile_n", "stages"))
-def gmm(lhs, rhs, group_sizes, *, group_offset=0, preferred_element_type=None, swiglu=False, tile_m=128,
-        tile_n=128, stages=4):
+@functools.partial(jax.jit, static_argnames=("preferred_element_type", "swiglu", "tile_m", "tile_n", "stages",
+                                             "interpret"))
+def gmm(lhs, rhs, group_sizes, *, group_offset=0, scale=None, preferred_element_type=None, swiglu=False,
+        tile_m=128, tile_n=128, stages=4, interpret=False):
     """lhs [M, K] bf16, rhs [>= group_offset + G, K, N] bf16, group_sizes [G] int32 -> [M, N]:
     `reference.gmm` of the groups rhs[group_offset:][:G] (read in place); swiglu=True -> [M, N / 2]:
     `reference.swiglu` of it, in the kernel's epilogue (bf16 only).
 
+    scale: None, or [>= group_offset + G, N] float32 column scales read like rhs: group g's float32
+    products are multiplied by scale[group_offset + g] before rounding (FP8 weights given as their
+    values in bf16: `reference.gmm` with scale).
     tile_m in {64, 128} rows per work item (128 with swiglu); each compute warpgroup owns tile_n
     columns (swiglu: tile_n gate and tile_n up columns of half the rows).
+    interpret: run in JAX's Mosaic GPU interpreter (any device).
     """
     M, K = lhs.shape
     G, N = group_sizes.shape[0], rhs.shape[2]
@@ -198,16 +231,20 @@ def gmm(lhs, rhs, group_sizes, *, group_offset=0, preferred_element_type=None, s
         raise NotImplementedError(f"gpu gmm takes bf16 operands with K % {TILE_K} == 0 and "
                                   f"N % {2 * tile_n} == 0 (swiglu: bf16 out), got {lhs.dtype} {lhs.shape} x "
                                   f"{rhs.dtype} {rhs.shape} -> {out_dtype}")
+    if scale is not None and (scale.shape != (rhs.shape[0], N) or scale.dtype != jnp.float32):
+        raise ValueError(f"gpu gmm: scale must be float32 {(rhs.shape[0], N)} (rhs's groups and columns), got "
+                         f"{scale.dtype} {scale.shape}")
     if swiglu and tile_m != 128:
         raise ValueError(f"swiglu splits a tile's rows over two warpgroups of 64: tile_m must be 128, got {tile_m}")
     if M % 8:  # TMA boxes need whole 8-row tiles of the global array
         lhs = jnp.pad(lhs, ((0, 8 - M % 8), (0, 0)))
     items, count = work_items(group_sizes, lhs.shape[0], tile_m)
-    sms = getattr(jax.devices()[0], "core_count", 132)
+    sms = INTERPRET_SMS if interpret else getattr(jax.devices()[0], "core_count", 132)
     kernel = plgpu.kernel(
         functools.partial(_kernel, groups=G, tile_m=tile_m, tile_n=tile_n, stages=stages, swiglu=swiglu),
         out_type=jax.ShapeDtypeStruct((lhs.shape[0], N // 2 if swiglu else N), out_dtype),
         grid=(sms,), grid_names=("sm",), num_threads=3, thread_name="wg",
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        interpret=gpu_interpreter() if interpret else None)
     offset = jnp.reshape(jnp.asarray(group_offset, jnp.int32), (1,))
-    return kernel(items, count, offset, lhs, rhs)[:M]
+    return kernel(items, count, offset, lhs, rhs, *([] if scale is None else [scale]))[:M]
