@@ -127,6 +127,10 @@ def test_matvec_scale_errors_and_backend(monkeypatch):
     monkeypatch.setattr(kernel_backend, "platform", lambda: "hopper")
     assert matvec_backend(x, values, scale=scale) == "gpu"
     assert matvec_backend(x, values) == "reference"                  # FP8 weights only with their scale
+    S = jax.ShapeDtypeStruct                                        # an LM head: FP8 takes the kernel, bf16 XLA
+    row, head, head_scale = S((1, 1, 2048), jnp.bfloat16), S((1, 157184, 2048), FP8), S((1, 157184), jnp.float32)
+    assert matvec_backend(row, head, scale=head_scale) == "gpu"
+    assert matvec_backend(row, S((1, 2048, 157184), jnp.bfloat16)) == "reference"
 
 
 def test_matvec_gradient_matches_float64():

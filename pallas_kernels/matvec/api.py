@@ -8,8 +8,8 @@ group reads its own matrix of a stack: a decode step's routed experts without so
 With `scale`, the weights are FP8 (`pallas_kernels.backend.FP8`): half the bytes to stream.
 
 Backends (`pallas_kernels.backend`): "gpu", the Pallas Triton kernel, which "auto" takes on Hopper
-GPUs for at most `gpu.MAX_ROWS` rows and matrices of at most `gpu.MAX_WEIGHT_ELEMENTS`; and the jnp
-reference (on a TPU too, where XLA's own matrix-vector products are used).
+GPUs for at most `gpu.MAX_ROWS` rows and matrices of at most `gpu.MAX_WEIGHT_ELEMENTS` (FP8 ones of
+any size); and the jnp reference (on a TPU too, where XLA's own matrix-vector products are used).
 """
 
 import jax.numpy as jnp

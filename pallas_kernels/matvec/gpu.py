@@ -42,7 +42,9 @@ TILE_BYTES = 16 * 1024
 NUM_WARPS = 4
 
 
-# Larger matrices (an LM head) stream well through XLA's own GEMM.
+# Larger bf16 or float32 matrices (an LM head) stream well through XLA's own GEMM. FP8 matrices take
+# the kernel at any size: XLA has no product of bf16 rows and FP8 weights, and would convert the
+# whole matrix to bf16 every call (a write and a read of twice its FP8 bytes).
 MAX_WEIGHT_ELEMENTS = 64 * 1024 * 1024
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
 
@@ -71,9 +73,10 @@ def fits(x, w, norm_weight=None, scale=None) -> bool:
 
 def supports(x, w, norm_weight=None, scale=None) -> bool:
     """Whether "auto" takes the kernel: it `fits`, at most MAX_ROWS rows per group and a matrix of
-    at most MAX_WEIGHT_ELEMENTS."""
+    at most MAX_WEIGHT_ELEMENTS unless FP8 (with scale)."""
     K, N = matrix_shape(_stacks(w)[0])
-    return fits(x, w, norm_weight, scale) and x.shape[-2] <= MAX_ROWS and K * N <= MAX_WEIGHT_ELEMENTS
+    return (fits(x, w, norm_weight, scale) and x.shape[-2] <= MAX_ROWS
+            and (K * N <= MAX_WEIGHT_ELEMENTS or scale is not None))
 
 
 def _rows(x_ref, norm_ref, index_ref, *, rows, s, bk, eps):
