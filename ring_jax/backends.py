@@ -35,12 +35,6 @@ FLASH_MIN_TOKENS = 8
 # are read (the jnp reference of the grouped matmul reads every expert). On a TPU, and under expert
 # parallelism on a GPU, the grouped-matmul kernel, which skips empty groups itself, is kept.
 GATHER_MAX_PAIRS = 64
-# FP8 experts on one GPU run gathered through the matvec kernel up to this many pairs per expert
-# (a batch-64 decode step of 256 experts, top-8): each pair reads one expert's FP8 bytes, so up to
-# 2 pairs per expert they read at most what the bf16 grouped kernel reads (every expert's bf16
-# bytes), while the grouped kernel with FP8 weights first converts every expert to bf16 (a read of
-# the FP8 stack, a write and a read of twice its bytes).
-FP8_GATHER_PAIRS_PER_EXPERT = 2
 
 
 def _matvec_takes(rows: int, x, w, scale=None) -> bool:
@@ -74,16 +68,13 @@ def experts_gather(tokens, ids, gate_up, down, expert_parallel: bool = False) ->
     expert's weights directly) rather than sorted through grouped matmuls: few pairs, and either no
     grouped-matmul kernel for these operands, or the matvec kernel for both products. Not the
     matvec kernel under expert parallelism: every device would run every pair there (pairs held
-    elsewhere point at a local expert and are masked), where the grouped kernel skips them. FP8
-    experts' few pairs are gathered everywhere, under expert parallelism too: the grouped paths
-    read every local expert (the GPU kernel takes FP8 weights converted to bf16 per call); on one
-    GPU up to FP8_GATHER_PAIRS_PER_EXPERT pairs per expert take the matvec kernel."""
-    fp8 = isinstance(gate_up, Fp8)
-    if ids.size <= GATHER_MAX_PAIRS and (fp8 or pallas_kernels.gmm_backend(tokens, gate_up) == "reference"):
+    elsewhere point at a local expert and are masked), where the grouped kernel skips them (FP8
+    experts alike: the GPU kernel reads their FP8 tiles)."""
+    if ids.size > GATHER_MAX_PAIRS:
+        return False
+    if pallas_kernels.gmm_backend(tokens, _values_scale(gate_up)[0]) == "reference":
         return True
-    limit = FP8_GATHER_PAIRS_PER_EXPERT * _values_scale(gate_up)[0].shape[0] if fp8 else GATHER_MAX_PAIRS
-    return (ids.size <= limit and not expert_parallel
-            and all(_matvec_takes(1, tokens, *_values_scale(w)) for w in (gate_up, down)))
+    return not expert_parallel and all(_matvec_takes(1, tokens, *_values_scale(w)) for w in (gate_up, down))
 
 
 def _values_scale(w) -> tuple:

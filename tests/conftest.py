@@ -93,7 +93,7 @@ def attention64(q, keys, values, cursor, start):
 SLOW_MODULES = ("test_sharding.py", "test_train.py", "test_linear_attention_tpu.py", "test_generate.py", "test_parity.py",
                 "test_fp8.py", "test_convert.py", "test_cli_notebook.py", "test_job.py", "test_router.py", "test_gmm_tpu.py",
                 "test_matvec.py", "test_user_errors.py", "test_compile.py", "test_damaged_checkpoints.py",
-                "test_gradients.py", "test_kernel_gradients.py", "test_eval.py")
+                "test_gradients.py", "test_kernel_gradients.py", "test_eval.py", "test_gmm_gpu.py")
 
 
 def pytest_configure(config):

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from conftest import load_config_dict, rel_err
+from pallas_kernels.backend import FP8
 from pallas_kernels.moe import api, gmm_gpu, reference
 from test_kernel_references import gmm64, swiglu64
 
@@ -45,42 +46,40 @@ def test_work_items_cover_every_row_once(tile_m, seed):
     np.testing.assert_array_equal(owner, expected)
 
 
-@pytest.mark.parametrize("scaled", [False, True])
+@pytest.mark.parametrize("weights", ["bf16", "bf16 with scales", "fp8"])
 @pytest.mark.parametrize("swiglu, tile_m", [(False, 64), (False, 128), (True, 128)])
-def test_kernel_lowers_for_cuda_on_any_machine(swiglu, tile_m, scaled):
-    """The Mosaic GPU kernel lowers (layout inference, pipelines, TMA boxes) without a GPU, with
-    and without the column scales of FP8 weights in its epilogue."""
+def test_kernel_lowers_for_cuda_on_any_machine(swiglu, tile_m, weights):
+    """The Mosaic GPU kernel lowers (layout inference, pipelines, TMA boxes) without a GPU: bf16
+    weights, with the column scales of FP8 weights in its epilogue, and FP8 tiles converted in SMEM."""
     S = jax.ShapeDtypeStruct
-    scale = S((8, 512), jnp.float32) if scaled else None
+    rhs = S((8, 512, 256), FP8) if weights == "fp8" else S((8, 256, 512), jnp.bfloat16)
+    scale = None if weights == "bf16" else S((8, 512), jnp.float32)
     f = jax.jit(lambda a, b, s, c: gmm_gpu.gmm(a, b, s, scale=c, swiglu=swiglu, tile_m=tile_m))
-    exported = jax.export.export(f, platforms=["cuda"])(
-        S((1000, 256), jnp.bfloat16), S((8, 256, 512), jnp.bfloat16), S((8,), jnp.int32), scale)
+    exported = jax.export.export(f, platforms=["cuda"])(S((1000, 256), jnp.bfloat16), rhs, S((8,), jnp.int32), scale)
     assert exported.out_avals[0].shape == (1000, 256 if swiglu else 512)
 
 
-INTERPRETED = {  # M, K, N, group sizes, group offset (of 2 G stacked groups), tile_m
-    "tiny groups, rows past the sum, 64-row tiles": (100, 128, 256, [0, 3, 1, 0, 50, 2], 6, 64),
-    "M not a multiple of 8, 128-row tiles": (203, 64, 256, [0, 120, 0, 80], 0, 128),
+INTERPRETED = {  # M, K, N, group sizes, group offset (of 2 G stacked groups), tile_m, output dtype
+    "tiny groups, rows past the sum, 64-row tiles": (100, 128, 256, [0, 3, 1, 0, 50, 2], 6, 64, jnp.float32),
+    "M not a multiple of 8, 128-row tiles": (203, 64, 256, [0, 120, 0, 80], 0, 128, jnp.bfloat16),
 }
 
 
 @pytest.mark.parametrize("case", INTERPRETED)
 def test_kernel_in_the_interpreter_matches_float64(case):
     """The kernel itself on the CPU (JAX's Mosaic GPU interpreter: warpgroups, TMA, barriers and
-    wgmma simulated): bf16 and float32 outputs against float64 and the reference, a layer's groups
-    read at an offset in a longer stack, zeros past the sum."""
-    M, K, N, sizes, offset, tile_m = INTERPRETED[case]
+    wgmma simulated): float32 and bf16 outputs against float64, a layer's groups read at an offset
+    in a longer stack, zeros past the sum."""
+    M, K, N, sizes, offset, tile_m, out_dtype = INTERPRETED[case]
     G = len(sizes)
     lhs, stack, group_sizes = operands(M, M, K, N, sizes + sizes)
     group_sizes, total = group_sizes[:G], sum(sizes)
-    groups = stack[offset:offset + G]
-    for out_dtype in (jnp.float32, jnp.bfloat16):
-        got = gmm_gpu.gmm(lhs, stack, group_sizes, group_offset=offset, preferred_element_type=out_dtype,
-                          tile_m=tile_m, interpret=True)
-        assert got.dtype == out_dtype and got.shape == (M, N)
-        assert rel_err(got[:total], gmm64(lhs, groups, group_sizes)[:total]) <= (1e-5 if out_dtype == jnp.float32
-                                                                                  else 5e-3)
-        assert not np.asarray(got[total:]).any()
+    got = gmm_gpu.gmm(lhs, stack, group_sizes, group_offset=offset, preferred_element_type=out_dtype,
+                      tile_m=tile_m, interpret=True)
+    assert got.dtype == out_dtype and got.shape == (M, N)
+    want = gmm64(lhs, stack[offset:offset + G], group_sizes)[:total]
+    assert rel_err(got[:total], want) <= (1e-5 if out_dtype == jnp.float32 else 5e-3)
+    assert not np.asarray(got[total:]).any()
 
 
 def fp8_operands(seed, M, K, N, G):
@@ -94,11 +93,11 @@ def fp8_operands(seed, M, K, N, G):
 
 
 @pytest.mark.parametrize("swiglu", [False, True])
-def test_fp8_weights_through_the_kernel_give_the_reference_bits(swiglu):
+def test_fp8_weights_through_the_kernel_give_the_reference_bits(swiglu, transposed_wgmma_operands):
     """FP8 weights on the GPU path (`api.gmm`/`gmm_swiglu` with backend "gpu", interpreted): the
-    layer's values converted to bf16 and the scales applied in the kernel's epilogue give the
-    reference's bits (but for rare one-ulp roundings), plain and with SwiGLU in the epilogue
-    (128-row tiles), at a group offset."""
+    kernel reads the K-major FP8 tiles of the layer's groups in the stack, converts them to bf16 in
+    SMEM, multiplies them transposed and applies the scales in its epilogue: the reference's bits
+    but for rare one-ulp roundings, plain (64-row tiles) and with SwiGLU in the epilogue (128)."""
     G = 4
     M, sizes = (1000, [300, 0, 500, 150]) if swiglu else (200, [60, 0, 7, 100])
     lhs, values, scale = fp8_operands(9, M, 128, 512, G)
@@ -108,6 +107,46 @@ def test_fp8_weights_through_the_kernel_give_the_reference_bits(swiglu):
     got = op(lhs, values, sizes, group_offset=G, scale=scale, backend="gpu", interpret=True)
     want = op(lhs, values, sizes, group_offset=G, scale=scale, backend="reference")
     assert_bits_but_rare_ulps(got, want)
+
+
+@pytest.fixture
+def transposed_wgmma_operands(monkeypatch):
+    """JAX 0.10's Mosaic GPU interpreter reads wgmma operands through index transforms only, and
+    the kernel passes FP8 weight tiles (K-major, converted to bf16 in SMEM) as transposed operands
+    (`plgpu.transpose_ref`). Test-only: the interpreter's wgmma is replaced by one that reads such
+    an operand without its last transform and transposes the values read (the GPU runs the
+    instruction itself)."""
+    if tuple(int(part) for part in jax.__version__.split(".")[:2]) >= (0, 11):
+        return
+    from jax._src.pallas.mosaic.interpret import utils
+    from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks as callbacks
+    from jax._src.state.types import TransposeTransform
+
+    def region(transforms):
+        return utils.to_range(jax.tree.map(int, callbacks._remove_noop_transforms(tuple(transforms))))
+
+    def read(memory, key, transforms, thread, info):
+        *transforms, last = transforms
+        transpose = isinstance(last, TransposeTransform)
+        value, _, _ = memory.get_buffer_content(callbacks.HostAllocationKey.from_array(key),
+                                                region(transforms if transpose else [*transforms, last]),
+                                                thread, logging_info=info)
+        return np.transpose(value, last.permutation) if transpose else value
+
+    def wgmma(*, token, device_id, grid_point_coords, thread_id, acc_allocation_key_as_array, acc_transforms,
+              acc_dtype, a_allocation_key_as_array, a_transforms, b_allocation_key_as_array, b_transforms,
+              source_info=None):
+        memory = callbacks._get_shared_memory()
+        thread = memory.get_global_thread_id(int(device_id), int(thread_id))
+        info = utils.GPULoggingInfo(device_id=int(device_id), grid_point_coords=tuple(int(x) for x in grid_point_coords),
+                                    thread_id=int(thread_id), source_info=source_info)
+        a = read(memory, a_allocation_key_as_array, a_transforms, thread, info)
+        b = read(memory, b_allocation_key_as_array, b_transforms, thread, info)
+        key, where = callbacks.HostAllocationKey.from_array(acc_allocation_key_as_array), region(acc_transforms)
+        acc, _, _ = memory.get_buffer_content(key, where, thread, logging_info=info)
+        memory.store_buffer_content(key, where, acc + np.matmul(a, b, dtype=acc_dtype), thread, logging_info=info)
+        return token
+    monkeypatch.setattr(callbacks, "wgmma", wgmma)
 
 
 def assert_bits_but_rare_ulps(got, want):
@@ -160,6 +199,32 @@ def test_gpu_gmm_matches_float64(case, tile_m):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", CASES)
+def test_gpu_gmm_fp8_matches_reference(case):
+    """FP8 weights read by the kernel (K-major tiles converted in SMEM, scales in the epilogue) at a
+    group offset: the reference's bits but for rare one-ulp roundings, both tile heights, bf16 and
+    float32 outputs, and with SwiGLU in the epilogue; zeros past the sum."""
+    M, K, N, sizes = CASES[case]
+    if sizes is None:
+        sizes = random_sizes(np.random.default_rng(0), M, 256)
+    G, total = len(sizes), int(np.sum(sizes))
+    lhs, values, scale = fp8_operands(len(case), M, K, N, G)
+    sizes = jnp.asarray(sizes, jnp.int32)
+    for tile_m in (64, 128):
+        for out_dtype in (jnp.bfloat16, jnp.float32):
+            got = gmm_gpu.gmm(lhs, values, sizes, group_offset=G, scale=scale, preferred_element_type=out_dtype,
+                              tile_m=tile_m)
+            want = reference.gmm(lhs, values[G:], sizes, scale=scale[G:], preferred_element_type=out_dtype)
+            assert not np.asarray(got[total:]).any()
+            if out_dtype == jnp.float32:
+                assert rel_err(got, want) <= 1e-5
+            else:
+                assert_bits_but_rare_ulps(got, want)
+    got = gmm_gpu.gmm(lhs, values, sizes, group_offset=G, scale=scale, swiglu=True)
+    assert_bits_but_rare_ulps(got, reference.gmm_swiglu(lhs, values[G:], sizes, scale=scale[G:]))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", CASES)
 def test_gpu_gmm_swiglu_epilogue_matches_unfused(case):
     """Same roundings as gmm then SwiGLU: bit-equal but for rare one-ulp differences (the kernel's
     exp is not XLA's)."""
@@ -194,7 +259,6 @@ def test_moe_layer_through_gpu_kernel_matches_reference_path(monkeypatch, fp8):
     if fp8:
         layer.experts.quantize()
     monkeypatch.setattr(backends, "GATHER_MAX_PAIRS", 0)      # decode sizes through the gmm too, not matvec
-    monkeypatch.setattr(backends, "FP8_GATHER_PAIRS_PER_EXPERT", 0)
     for tokens in (1, 8, 300, 1000):  # from 300 x top-4 rows on: 128-row tiles, SwiGLU in the kernel
         x = jax.random.normal(jax.random.PRNGKey(tokens), (1, tokens, 256)).astype(jnp.bfloat16)
         fast = layer(x)

@@ -3,14 +3,13 @@ implementation (`pallas_kernels.backend`).
 
 `gmm`: "tpu", the Mosaic TPU kernel (`gmm_tpu.py`); "gpu", the Mosaic GPU kernel (`gmm_gpu.py`: bf16,
 K % 64 == 0, N % 256 == 0); and the jnp reference. FP8 weights (`pallas_kernels.backend.FP8`): the GPU
-kernel takes the layer's values exactly in bf16, [G, K, N] (one XLA pass converts and transposes
-them per call), and multiplies by the scales in its epilogue; the TPU kernel takes none (int8 on the
-TPU is a later step), so they run through the reference there. `take_rows`, the gather of the
+kernel reads the K-major FP8 tiles, converts them to bf16 in SMEM and multiplies by the scales in
+its epilogue; the TPU kernel takes none (int8 on the TPU is a later step), so they run through the
+reference there. `take_rows`, the gather of the
 tokens' rows in expert order before the grouped matmuls: "gpu", a Pallas Triton kernel
 (`gather_gpu.py`), and XLA's gather.
 """
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -27,35 +26,22 @@ def _gmm_gpu(lhs, rhs, preferred_element_type, swiglu=False):
         from pallas_kernels.moe import gmm_gpu
 
         out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
-        return Kernel(None if gmm_gpu.supports(lhs, _kernel_rhs_type(lhs, rhs), out_dtype, swiglu=swiglu) else
-                      f"takes bf16 operands (or FP8 weights with bf16 rows) with K % {gmm_gpu.TILE_K} == 0 and "
+        return Kernel(None if gmm_gpu.supports(lhs, rhs, out_dtype, swiglu=swiglu) else
+                      f"takes bf16 lhs and bf16 [G, K, N] or FP8 [G, N, K] rhs with K % {gmm_gpu.TILE_K} == 0, "
                       f"N % 256 == 0 and a bf16 or float32 output, got {lhs.dtype} {lhs.shape} x {rhs.dtype} "
                       f"{rhs.shape} -> {out_dtype}")
     return answer
 
 
-def _kernel_rhs_type(lhs, rhs):
-    """The rhs the GPU kernel reads: rhs, or for FP8 weights [G, N, K] their values in lhs's dtype,
-    [G, K, N]."""
-    if jnp.dtype(rhs.dtype) != FP8:
-        return rhs
-    G, N, K = rhs.shape
-    return jax.ShapeDtypeStruct((G, K, N), lhs.dtype)
-
-
-def _gpu_kernel(lhs, group_sizes, scale, G: int, **settings):
-    """The GPU kernel as a function of (lhs, rhs, group_sizes, group_offset), for with_reference_gradient:
-    rhs read in place at group_offset, or FP8 values ([G', N, K]) of which the G groups at
-    group_offset are converted to lhs's dtype, [G, K, N], and multiplied by their scales."""
+def _gpu_kernel(lhs, group_sizes, scale, **settings):
+    """The GPU kernel as a function of (lhs, rhs, group_sizes, group_offset), for
+    with_reference_gradient: rhs (and FP8 weights' scales) read in place at group_offset."""
     from pallas_kernels.moe import gmm_gpu
 
     settings["tile_m"] = 128 if settings.get("swiglu") else _gpu_tile_m(lhs, group_sizes)
 
     def kernel(lhs, rhs, group_sizes, group_offset):
-        if scale is None:
-            return gmm_gpu.gmm(lhs, rhs, group_sizes, group_offset=group_offset, **settings)
-        values = jnp.swapaxes(_groups(rhs, group_offset, G), 1, 2).astype(lhs.dtype)    # exact: e4m3 in bf16
-        return gmm_gpu.gmm(lhs, values, group_sizes, scale=_groups(scale, group_offset, G), **settings)
+        return gmm_gpu.gmm(lhs, rhs, group_sizes, group_offset=group_offset, scale=scale, **settings)
     return kernel
 
 
@@ -99,7 +85,7 @@ def gmm(lhs, rhs, group_sizes, *, group_offset=0, scale=None, preferred_element_
                              scale=None if scale is None else _groups(scale, group_offset, G))
 
     if kind == "gpu":
-        kernel = _gpu_kernel(lhs, group_sizes, scale, G, preferred_element_type=preferred_element_type,
+        kernel = _gpu_kernel(lhs, group_sizes, scale, preferred_element_type=preferred_element_type,
                              interpret=bool(interpret))
     elif kind == "tpu":
         from pallas_kernels.moe import gmm_tpu
@@ -121,7 +107,7 @@ def gmm_swiglu(lhs, rhs, group_sizes, *, group_offset=0, scale=None, backend="au
     kind = resolve(backend, interpret, gpu=_gmm_gpu(lhs, rhs, None, swiglu=True), tpu=_tpu(rhs))
     if kind == "gpu" and _gpu_tile_m(lhs, group_sizes) == 128:
         G = group_sizes.shape[0]
-        kernel = _gpu_kernel(lhs, group_sizes, scale, G, swiglu=True, interpret=bool(interpret))
+        kernel = _gpu_kernel(lhs, group_sizes, scale, swiglu=True, interpret=bool(interpret))
 
         def ref(lhs, rhs, group_sizes, group_offset):
             return reference.gmm_swiglu(lhs, _groups(rhs, group_offset, G), group_sizes,

@@ -25,9 +25,13 @@ and 0.5 GB of lhs, 1 GB of rhs and 0.27 GB of output at least once each (0.41 ms
 0.79 ms at 700 TFLOP/s): compute-bound. Decode shapes (a few rows per group) read each chosen
 group's [K, N] once per column block and are bound by those bytes.
 
-Column scales (`scale`, [G, N] float32: FP8 weights whose values the caller passes exactly in
-bf16): each compute warpgroup copies its group's scales of its columns to SMEM while the pipeline
-runs and multiplies the float32 accumulator by them before rounding (and before SwiGLU).
+FP8 weights (`scale`, [G, N] float32 column scales). rhs is either their values exactly in bf16
+[G, K, N], or the FP8 values as stored, float8_e4m3fn [G, N, K] (K-major, half the bytes to load):
+then the memory warpgroup loads [2 tile_n, 64] FP8 blocks, and each compute warpgroup converts its
+[tile_n, 64] tiles to bf16 in an SMEM buffer of its own (through float32: Hopper converts e4m3
+only to f16 directly) and multiplies them as transposed wgmma operands. Either way each compute
+warpgroup copies its group's scales of its columns to SMEM while the pipeline runs and multiplies
+the float32 accumulator by them before rounding (and before SwiGLU).
 
 Numerics: bf16 operands, float32 accumulation, one rounding to the output dtype (bf16 or f32);
 with SwiGLU the roundings of `reference.swiglu` after a bf16 product.
@@ -44,9 +48,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.backend import gpu_interpreter
+from pallas_kernels.backend import FP8, gpu_interpreter
 
 TILE_K = 64
+# FP8 tile rows converted at a time: [64, 64] float32 values are 32 registers a thread, beside the
+# accumulator's 128.
+CONVERT_ROWS = 64
 INTERPRET_SMS = 3  # SMs simulated in interpret mode: enough for units to be spread over several
 
 
@@ -106,8 +113,9 @@ def _silu_times_up(gate, up, dtype):
 def _kernel(items_gmem, count_gmem, offset_gmem, lhs_gmem, rhs_gmem, *refs, groups, tile_m, tile_n, stages,
             swiglu):
     scale_gmem, out_gmem = refs if len(refs) == 2 else (None, refs[0])
+    fp8 = rhs_gmem.dtype == FP8  # K-major [G', N, K] tiles, converted to bf16 in SMEM by each warpgroup
     K = lhs_gmem.shape[1]
-    G, N = groups, rhs_gmem.shape[2]
+    G, N = groups, rhs_gmem.shape[1 if fp8 else 2]
     dtype = out_gmem.dtype
     epi_n = 128 // dtype.itemsize  # one 128-byte swizzle row
     if swiglu:  # a compute warpgroup: half of the tile's rows x tile_n gate and tile_n up columns
@@ -116,12 +124,15 @@ def _kernel(items_gmem, count_gmem, offset_gmem, lhs_gmem, rhs_gmem, *refs, grou
         n_blocks, wg_rows, rhs_n = N // (2 * tile_n), tile_m, (2 * tile_n,)
 
     def pipeline(body, context):
-        itemsize = lhs_gmem.dtype.itemsize
-        spec = functools.partial(plgpu.BlockSpec, memory_space=plgpu.SMEM, transforms=(
-            plgpu.TilingTransform((8, 128 // itemsize)), plgpu.SwizzleTransform(128)))
+        spec = functools.partial(plgpu.BlockSpec, memory_space=plgpu.SMEM, transforms=_swizzled(lhs_gmem.dtype))
+        if fp8:  # rows of TILE_K one-byte values: 64-byte swizzle
+            rhs_specs = [plgpu.BlockSpec((n, TILE_K), lambda k: (0, k), memory_space=plgpu.SMEM,
+                                         transforms=_swizzled(FP8, TILE_K)) for n in rhs_n]
+        else:
+            rhs_specs = [spec((TILE_K, n), lambda k: (k, 0)) for n in rhs_n]
         return plgpu.emit_pipeline_warp_specialized(
             body, grid=(K // TILE_K,), memory_registers=40, max_concurrent_steps=stages,
-            in_specs=[spec((tile_m, TILE_K), lambda k: (0, k))] + [spec((TILE_K, n), lambda k: (k, 0)) for n in rhs_n],
+            in_specs=[spec((tile_m, TILE_K), lambda k: (0, k))] + rhs_specs,
             wg_axis="wg", num_compute_wgs=2, compute_context=context)
 
     ignore = lambda *_, **__: None  # noqa: E731 - allocations do not depend on the bodies
@@ -132,8 +143,10 @@ def _kernel(items_gmem, count_gmem, offset_gmem, lhs_gmem, rhs_gmem, *refs, grou
                        **({} if scale_gmem is None else dict(
                            scale_smem=plgpu.SMEM((2, len(rhs_n), tile_n), jnp.float32),
                            scale_bar=plgpu.Barrier(num_arrivals=1, num_barriers=2 * len(rhs_n)))),
+                       **({} if not fp8 else dict(conv_smem=plgpu.SMEM(
+                           (2, len(rhs_n), tile_n, TILE_K), lhs_gmem.dtype, transforms=_swizzled(lhs_gmem.dtype)))),
                        collective_axes="wg")
-    def _scope(allocs, o_smem, scale_smem=None, scale_bar=None):
+    def _scope(allocs, o_smem, scale_smem=None, scale_bar=None, conv_smem=None):
         wg = lax.axis_index("wg")
 
         @plgpu.nd_loop((count_gmem[0] * n_blocks,), collective_axes="sm")
@@ -168,23 +181,34 @@ def _kernel(items_gmem, count_gmem, offset_gmem, lhs_gmem, rhs_gmem, *refs, grou
 
             def mma(_, a_smem, *b_smem_and_acc):
                 *b_smem, acc = b_smem_and_acc
+                if fp8:  # this warpgroup's [tile_n, TILE_K] FP8 tiles as bf16, K-major: transposed operands
+                    mine = b_smem if swiglu else [b_smem[0].at[pl.ds(pl.multiple_of(wg * tile_n, 8), tile_n)]]
+                    b_smem = []
+                    for i, b in enumerate(mine):
+                        conv = conv_smem.at[wg, i]
+                        for r in range(0, tile_n, CONVERT_ROWS):  # exact; no direct e4m3 -> bf16 conversion
+                            rows = pl.ds(r, CONVERT_ROWS)
+                            conv.at[rows][...] = b.at[rows][...].astype(jnp.float32).astype(conv.dtype)
+                        b_smem.append(plgpu.transpose_ref(conv, (1, 0)))
+                    plgpu.commit_smem()
                 if swiglu:  # this warpgroup's rows times the gate block, then the up block
                     a = a_smem.at[pl.ds(pl.multiple_of(wg * wg_rows, 8), wg_rows)]
                     for b, c in zip(b_smem, acc):
                         plgpu.wgmma(c, a, b)
                 else:
-                    plgpu.wgmma(acc, a_smem, b_smem[0].at[:, pl.ds(wg * tile_n, tile_n)])
+                    plgpu.wgmma(acc, a_smem, b_smem[0] if fp8 else b_smem[0].at[:, pl.ds(wg * tile_n, tile_n)])
                 plgpu.wgmma_wait(0)
                 return acc
 
             stacked = jnp.minimum(group, G - 1) + offset_gmem[0]   # group G: no rhs read
             rhs = rhs_gmem.at[stacked]
             if swiglu:
-                blocks = [rhs.at[:, pl.ds(half + n_block * tile_n, tile_n)] for half in (0, N // 2)]
                 scale_cols = [half + n_block * tile_n for half in (0, N // 2)]
+                widths = [(c, tile_n) for c in scale_cols]
             else:
-                blocks = [rhs.at[:, pl.ds(n_block * 2 * tile_n, 2 * tile_n)]]
                 scale_cols = [col]
+                widths = [(n_block * 2 * tile_n, 2 * tile_n)]
+            blocks = [rhs.at[pl.ds(*w)] if fp8 else rhs.at[:, pl.ds(*w)] for w in widths]
             scales = None if scale_gmem is None else scale_gmem.at[stacked]
 
             @pl.when(group < G)
@@ -198,12 +222,18 @@ def _kernel(items_gmem, count_gmem, offset_gmem, lhs_gmem, rhs_gmem, *refs, grou
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
+def _swizzled(dtype, row_bytes: int = 128):
+    """SMEM transforms of a TMA/wgmma tile whose rows are row_bytes long: 8-row tiles, swizzled."""
+    return plgpu.TilingTransform((8, row_bytes // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(row_bytes)
+
+
 def supports(lhs, rhs, out_dtype, tile_n: int = 128, swiglu: bool = False) -> bool:
-    """Whether `gmm` takes these operands: bf16, K % 64 == 0, N % (2 tile_n) == 0, bf16/f32 out
-    (bf16 with swiglu). rhs: [G, K, N] (an array or a ShapeDtypeStruct)."""
-    N = rhs.shape[2]
-    return (lhs.dtype == jnp.bfloat16 and rhs.dtype == jnp.bfloat16 and lhs.shape[1] % TILE_K == 0
-            and N % (2 * tile_n) == 0 and jnp.dtype(out_dtype) in (jnp.bfloat16, jnp.float32)
+    """Whether `gmm` takes these operands: bf16 lhs, bf16 rhs [G, K, N] or FP8 rhs [G, N, K] (an
+    array or a ShapeDtypeStruct), K % 64 == 0, N % (2 tile_n) == 0, bf16/f32 out (bf16 with swiglu)."""
+    fp8 = jnp.dtype(rhs.dtype) == FP8
+    K, N = rhs.shape[1:][::-1] if fp8 else rhs.shape[1:]
+    return (lhs.dtype == jnp.bfloat16 and (fp8 or rhs.dtype == jnp.bfloat16) and lhs.shape[1] == K
+            and K % TILE_K == 0 and N % (2 * tile_n) == 0 and jnp.dtype(out_dtype) in (jnp.bfloat16, jnp.float32)
             and (not swiglu or jnp.dtype(out_dtype) == jnp.bfloat16))
 
 
@@ -219,18 +249,24 @@ def gmm(lhs, rhs, group_sizes, *, group_offset=0, scale=None, preferred_element_
 
     scale: None, or [>= group_offset + G, N] float32 column scales read like rhs: group g's float32
     products are multiplied by scale[group_offset + g] before rounding (FP8 weights given as their
-    values in bf16: `reference.gmm` with scale).
+    values in bf16: `reference.gmm` with scale). With scale, rhs may be the FP8 values themselves,
+    float8_e4m3fn [>= group_offset + G, N, K] (K-major): each compute warpgroup converts its
+    [tile_n, 64] tiles to bf16 in SMEM (exactly) and multiplies them as transposed operands. The
+    interpreter of JAX 0.10 cannot run transposed operands: that path is tested on the GPU.
     tile_m in {64, 128} rows per work item (128 with swiglu); each compute warpgroup owns tile_n
     columns (swiglu: tile_n gate and tile_n up columns of half the rows).
     interpret: run in JAX's Mosaic GPU interpreter (any device).
     """
     M, K = lhs.shape
-    G, N = group_sizes.shape[0], rhs.shape[2]
+    fp8 = jnp.dtype(rhs.dtype) == FP8
+    G, N = group_sizes.shape[0], rhs.shape[1 if fp8 else 2]
     out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
     if not supports(lhs, rhs, out_dtype, tile_n, swiglu):
-        raise NotImplementedError(f"gpu gmm takes bf16 operands with K % {TILE_K} == 0 and "
-                                  f"N % {2 * tile_n} == 0 (swiglu: bf16 out), got {lhs.dtype} {lhs.shape} x "
+        raise NotImplementedError(f"gpu gmm takes bf16 lhs and bf16 [G, K, N] or FP8 [G, N, K] rhs with K % {TILE_K} "
+                                  f"== 0 and N % {2 * tile_n} == 0 (swiglu: bf16 out), got {lhs.dtype} {lhs.shape} x "
                                   f"{rhs.dtype} {rhs.shape} -> {out_dtype}")
+    if fp8 and scale is None:
+        raise ValueError("gpu gmm: FP8 rhs needs its scale, [G, N] float32")
     if scale is not None and (scale.shape != (rhs.shape[0], N) or scale.dtype != jnp.float32):
         raise ValueError(f"gpu gmm: scale must be float32 {(rhs.shape[0], N)} (rhs's groups and columns), got "
                          f"{scale.dtype} {scale.shape}")
