@@ -65,10 +65,10 @@ def gpu_interpreter():
 class Kernel:
     """A kernel's answer for the caller's operands: why it cannot take them (None: it can), whether
     "auto" takes it where it can (False where the reference is as fast or faster), and whether it
-    runs in interpret mode."""
+    runs in interpret mode (True; or False, or a string that says why not)."""
     refusal: str | None = None
     auto: bool = True
-    interprets: bool = True
+    interprets: bool | str = True
 
 
 DEVICE_KERNEL = {"tpu": "tpu", "hopper": "gpu"}
@@ -94,8 +94,9 @@ def resolve(backend: str, interpret=False, **kernels: Callable[[], Kernel]) -> s
         answer = kernels[backend]()
         if answer.refusal is not None:
             raise NotImplementedError(f"the {backend} kernel {answer.refusal}; use backend='reference' or 'auto'")
-        if interpret and not answer.interprets:
-            raise ValueError(f"the {backend} kernel has no interpret mode")
+        if interpret and answer.interprets is not True:
+            why = f" ({answer.interprets})" if isinstance(answer.interprets, str) else ""
+            raise ValueError(f"the {backend} kernel has no interpret mode{why}")
     return backend
 
 

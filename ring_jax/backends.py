@@ -32,8 +32,9 @@ FLASH_MIN_TOKENS = 8
 
 # Up to this many (token, expert) pairs (a decode step), each pair reads its chosen expert's
 # weights directly (`pallas_kernels.matvec`): no sort and no dispatch, and only the chosen experts
-# are read (the jnp reference of the grouped matmul reads every expert). On a TPU, and under expert
-# parallelism on a GPU, the grouped-matmul kernel, which skips empty groups itself, is kept.
+# are read (the jnp reference of the grouped matmul reads every expert). On a TPU (for bf16 or
+# float32 experts: FP8 ones have no TPU kernel), and under expert parallelism on a GPU, the
+# grouped-matmul kernel, which skips empty groups itself, is kept.
 GATHER_MAX_PAIRS = 64
 
 

@@ -5,7 +5,9 @@ The kernel is held to a float64 numpy loop over groups (`gmm64`) and to the jnp 
 fresh random inputs: group sizes with zeros, an empty first and last group, one group holding
 every row, groups of 1-3 rows (many per tile), rows past the sum (must come back as zeros), M not
 a multiple of 8 or of the tile, both tile heights, bf16 and float32 outputs. The kernel with SwiGLU
-in its epilogue is held to the kernel without it followed by the jnp SwiGLU.
+in its epilogue is held to the kernel without it followed by the jnp SwiGLU. FP8 weights (K-major
+tiles converted in SMEM, scales in the epilogue) are held to the reference; in the interpreter
+through a test shim that lets it read the transposed operands (`transposed_wgmma_operands`).
 """
 
 import functools
@@ -46,14 +48,14 @@ def test_work_items_cover_every_row_once(tile_m, seed):
     np.testing.assert_array_equal(owner, expected)
 
 
-@pytest.mark.parametrize("weights", ["bf16", "bf16 with scales", "fp8"])
+@pytest.mark.parametrize("fp8", [False, True])
 @pytest.mark.parametrize("swiglu, tile_m", [(False, 64), (False, 128), (True, 128)])
-def test_kernel_lowers_for_cuda_on_any_machine(swiglu, tile_m, weights):
+def test_kernel_lowers_for_cuda_on_any_machine(swiglu, tile_m, fp8):
     """The Mosaic GPU kernel lowers (layout inference, pipelines, TMA boxes) without a GPU: bf16
-    weights, with the column scales of FP8 weights in its epilogue, and FP8 tiles converted in SMEM."""
+    weights, and FP8 tiles converted in SMEM with the column scales in the epilogue."""
     S = jax.ShapeDtypeStruct
-    rhs = S((8, 512, 256), FP8) if weights == "fp8" else S((8, 256, 512), jnp.bfloat16)
-    scale = None if weights == "bf16" else S((8, 512), jnp.float32)
+    rhs = S((8, 512, 256), FP8) if fp8 else S((8, 256, 512), jnp.bfloat16)
+    scale = S((8, 512), jnp.float32) if fp8 else None
     f = jax.jit(lambda a, b, s, c: gmm_gpu.gmm(a, b, s, scale=c, swiglu=swiglu, tile_m=tile_m))
     exported = jax.export.export(f, platforms=["cuda"])(S((1000, 256), jnp.bfloat16), rhs, S((8,), jnp.int32), scale)
     assert exported.out_avals[0].shape == (1000, 256 if swiglu else 512)
@@ -82,42 +84,24 @@ def test_kernel_in_the_interpreter_matches_float64(case):
     assert not np.asarray(got[total:]).any()
 
 
-def fp8_operands(seed, M, K, N, G):
-    """lhs [M, K] bf16, FP8 weights of 2 G groups ([2 G, N, K] values, [2 G, N] scales)."""
+def fp8_operands(seed, M, K, N, G, offset):
+    """lhs [M, K] bf16, FP8 weights of offset + G groups ([offset + G, N, K] values, [offset + G, N]
+    scales)."""
     from ring_jax.quantization import quantize_rows
 
     rng = np.random.default_rng(seed)
-    lhs = jnp.asarray(rng.standard_normal((M, K)), jnp.bfloat16)
-    values, scale = quantize_rows(jnp.asarray(rng.standard_normal((2 * G, N, K)) / K ** 0.5, jnp.float32))
+    lhs = jnp.asarray(rng.standard_normal((M, K), np.float32), jnp.bfloat16)
+    values, scale = quantize_rows(jnp.asarray(rng.standard_normal((offset + G, N, K), np.float32) / K ** 0.5))
     return lhs, values, scale
-
-
-@pytest.mark.parametrize("swiglu", [False, True])
-def test_fp8_weights_through_the_kernel_give_the_reference_bits(swiglu, transposed_wgmma_operands):
-    """FP8 weights on the GPU path (`api.gmm`/`gmm_swiglu` with backend "gpu", interpreted): the
-    kernel reads the K-major FP8 tiles of the layer's groups in the stack, converts them to bf16 in
-    SMEM, multiplies them transposed and applies the scales in its epilogue: the reference's bits
-    but for rare one-ulp roundings, plain (64-row tiles) and with SwiGLU in the epilogue (128)."""
-    G = 4
-    M, sizes = (1000, [300, 0, 500, 150]) if swiglu else (200, [60, 0, 7, 100])
-    lhs, values, scale = fp8_operands(9, M, 128, 512, G)
-    sizes = jnp.asarray(sizes, jnp.int32)
-    op = api.gmm_swiglu if swiglu else api.gmm
-    assert (M > api.GPU_SMALL_TILE_ROWS * G) == swiglu       # 128-row tiles, SwiGLU in the epilogue
-    got = op(lhs, values, sizes, group_offset=G, scale=scale, backend="gpu", interpret=True)
-    want = op(lhs, values, sizes, group_offset=G, scale=scale, backend="reference")
-    assert_bits_but_rare_ulps(got, want)
 
 
 @pytest.fixture
 def transposed_wgmma_operands(monkeypatch):
-    """JAX 0.10's Mosaic GPU interpreter reads wgmma operands through index transforms only, and
+    """JAX's Mosaic GPU interpreter (0.10) reads wgmma operands through index transforms only, and
     the kernel passes FP8 weight tiles (K-major, converted to bf16 in SMEM) as transposed operands
     (`plgpu.transpose_ref`). Test-only: the interpreter's wgmma is replaced by one that reads such
-    an operand without its last transform and transposes the values read (the GPU runs the
-    instruction itself)."""
-    if tuple(int(part) for part in jax.__version__.split(".")[:2]) >= (0, 11):
-        return
+    an operand without its last transform and transposes the values read, and reads any other
+    operand as the interpreter does (the GPU runs the instruction itself)."""
     from jax._src.pallas.mosaic.interpret import utils
     from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks as callbacks
     from jax._src.state.types import TransposeTransform
@@ -126,12 +110,11 @@ def transposed_wgmma_operands(monkeypatch):
         return utils.to_range(jax.tree.map(int, callbacks._remove_noop_transforms(tuple(transforms))))
 
     def read(memory, key, transforms, thread, info):
-        *transforms, last = transforms
-        transpose = isinstance(last, TransposeTransform)
+        transpose = transforms[-1] if transforms and isinstance(transforms[-1], TransposeTransform) else None
         value, _, _ = memory.get_buffer_content(callbacks.HostAllocationKey.from_array(key),
-                                                region(transforms if transpose else [*transforms, last]),
+                                                region(transforms[:-1] if transpose else transforms),
                                                 thread, logging_info=info)
-        return np.transpose(value, last.permutation) if transpose else value
+        return value if transpose is None else np.transpose(value, transpose.permutation)
 
     def wgmma(*, token, device_id, grid_point_coords, thread_id, acc_allocation_key_as_array, acc_transforms,
               acc_dtype, a_allocation_key_as_array, a_transforms, b_allocation_key_as_array, b_transforms,
@@ -147,6 +130,39 @@ def transposed_wgmma_operands(monkeypatch):
         memory.store_buffer_content(key, where, acc + np.matmul(a, b, dtype=acc_dtype), thread, logging_info=info)
         return token
     monkeypatch.setattr(callbacks, "wgmma", wgmma)
+
+
+
+FP8_INTERPRETED = {  # M, group sizes, tile_m, swiglu, output dtype (bf16 out of plain 128-row tiles: on the GPU)
+    "64-row tiles, float32 out": (200, [60, 0, 7, 100], 64, False, jnp.float32),
+    "SwiGLU in the epilogue": (1000, [300, 0, 500, 150], 128, True, jnp.bfloat16),
+}
+
+
+@pytest.mark.parametrize("case", FP8_INTERPRETED)
+def test_kernel_reads_fp8_tiles(case, transposed_wgmma_operands):
+    """FP8 weights as stored (float8_e4m3fn [G, N, K]) at a group offset in a longer stack: the
+    kernel converts its K-major tiles to bf16 in SMEM, multiplies them transposed and applies the
+    scales in its epilogue (interpreted): the reference's numbers (float32 out: within summation
+    order; bf16: its bits but for rare one-ulp roundings), zeros past the sum. Through the entry
+    point, interpret mode refuses FP8 with the reason."""
+    M, sizes, tile_m, swiglu, out_dtype = FP8_INTERPRETED[case]
+    G = offset = len(sizes)
+    lhs, values, scale = fp8_operands(9, M, 128, 512, G, offset)
+    sizes, total = jnp.asarray(sizes, jnp.int32), sum(sizes)
+    got = gmm_gpu.gmm(lhs, values, sizes, group_offset=offset, scale=scale, preferred_element_type=out_dtype,
+                      swiglu=swiglu, tile_m=tile_m, interpret=True)
+    layer = values[offset:], scale[offset:]
+    if swiglu:
+        assert_bits_but_rare_ulps(got[:total], reference.gmm_swiglu(lhs, layer[0], sizes, scale=layer[1])[:total])
+    elif out_dtype == jnp.float32:
+        assert rel_err(got[:total], reference.gmm(lhs, layer[0], sizes, scale=layer[1],
+                                                   preferred_element_type=out_dtype)[:total]) <= 1e-6
+    else:
+        assert_bits_but_rare_ulps(got[:total], reference.gmm(lhs, layer[0], sizes, scale=layer[1])[:total])
+    assert not np.asarray(got[total:], np.float32).any()
+    with pytest.raises(ValueError, match="transposed wgmma operands"):
+        api.gmm(lhs, values, sizes, scale=scale, backend="gpu", interpret=True)
 
 
 def assert_bits_but_rare_ulps(got, want):
@@ -206,21 +222,21 @@ def test_gpu_gmm_fp8_matches_reference(case):
     M, K, N, sizes = CASES[case]
     if sizes is None:
         sizes = random_sizes(np.random.default_rng(0), M, 256)
-    G, total = len(sizes), int(np.sum(sizes))
-    lhs, values, scale = fp8_operands(len(case), M, K, N, G)
+    G, total, offset = len(sizes), int(np.sum(sizes)), 3
+    lhs, values, scale = fp8_operands(len(case), M, K, N, G, offset)
     sizes = jnp.asarray(sizes, jnp.int32)
     for tile_m in (64, 128):
         for out_dtype in (jnp.bfloat16, jnp.float32):
-            got = gmm_gpu.gmm(lhs, values, sizes, group_offset=G, scale=scale, preferred_element_type=out_dtype,
+            got = gmm_gpu.gmm(lhs, values, sizes, group_offset=offset, scale=scale, preferred_element_type=out_dtype,
                               tile_m=tile_m)
-            want = reference.gmm(lhs, values[G:], sizes, scale=scale[G:], preferred_element_type=out_dtype)
+            want = reference.gmm(lhs, values[offset:], sizes, scale=scale[offset:], preferred_element_type=out_dtype)
             assert not np.asarray(got[total:]).any()
             if out_dtype == jnp.float32:
                 assert rel_err(got, want) <= 1e-5
             else:
                 assert_bits_but_rare_ulps(got, want)
-    got = gmm_gpu.gmm(lhs, values, sizes, group_offset=G, scale=scale, swiglu=True)
-    assert_bits_but_rare_ulps(got, reference.gmm_swiglu(lhs, values[G:], sizes, scale=scale[G:]))
+    got = gmm_gpu.gmm(lhs, values, sizes, group_offset=offset, scale=scale, swiglu=True)
+    assert_bits_but_rare_ulps(got, reference.gmm_swiglu(lhs, values[offset:], sizes, scale=scale[offset:]))
 
 
 @pytest.mark.gpu

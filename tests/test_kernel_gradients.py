@@ -1,7 +1,8 @@
 """Every kernel entry point is differentiable (`pallas_kernels.backend.with_reference_gradient`): the
 gradient through a kernel is the jnp reference's at the same inputs. Triton and TPU kernels run in
-interpret mode here; the Mosaic GPU kernels (no interpret mode) through a jnp stand-in on the CPU,
-and for real in tests/test_gmm_gpu.py and tests/test_linear_attention_gpu.py."""
+interpret mode here; the Mosaic GPU kernels through a jnp stand-in on the CPU (the scan's has no
+interpret mode, the grouped matmul's FP8 path neither), and for real in tests/test_gmm_gpu.py and
+tests/test_linear_attention_gpu.py."""
 
 import jax
 import jax.numpy as jnp
@@ -104,13 +105,18 @@ def test_gmm_tpu_kernel():
                    lambda l, r: pallas_kernels.gmm(l, r, sizes, backend="reference"), (lhs, rhs), (0, 1))
 
 
+def gmm_stand_in(lhs, rhs, sizes, group_offset=0, scale=None, swiglu=False, **_):
+    """`gmm_gpu.gmm`'s numbers in jnp: the reference on the groups (and scales) at group_offset."""
+    def layer(stack):
+        return None if stack is None else jax.lax.dynamic_slice_in_dim(stack, group_offset, sizes.shape[0])
+    return (moe_reference.gmm_swiglu if swiglu else moe_reference.gmm)(lhs, layer(rhs), sizes, scale=layer(scale))
+
+
 def test_mosaic_gpu_branches_take_the_reference_gradient(monkeypatch):
     """The grouped matmul's (plain and SwiGLU, reading a layer's experts in a longer stack) and the
     linear-attention scan's GPU branches, their kernels swapped for jnp stand-ins: the gradient is
     the reference's, the stack's other layers get none."""
-    monkeypatch.setattr(gmm_gpu, "gmm", lambda l, r, s, group_offset=0, swiglu=False, **k: (
-        moe_reference.gmm_swiglu if swiglu else moe_reference.gmm)(l, jax.lax.dynamic_slice_in_dim(
-            r, group_offset, s.shape[0]), s))
+    monkeypatch.setattr(gmm_gpu, "gmm", gmm_stand_in)
     lhs, stack = normal((256, 128), jnp.bfloat16, seed=21), normal((6, 128, 512), jnp.bfloat16, seed=22, scale=0.1)
     sizes = jnp.asarray([120, 136], jnp.int32)                    # 128 rows per group: the SwiGLU epilogue
     for entry in (pallas_kernels.gmm, pallas_kernels.gmm_swiglu):
@@ -128,3 +134,27 @@ def test_mosaic_gpu_branches_take_the_reference_gradient(monkeypatch):
     same_gradients(lambda q, k, v: pallas_kernels.linear_attention(q, k, v, g, backend="gpu"),
                    lambda q, k, v: pallas_kernels.linear_attention(q, k, v, g, backend="reference"),
                    (q, k, v), (0, 1, 2))
+
+
+def test_fp8_grouped_matmul_gradient_in_a_scan_over_layers(monkeypatch):
+    """FP8 experts on the GPU branch inside a scan over layers, as the decoder runs them (LoRA over
+    an FP8 model trains through them): the layer index and the scales are tracers there, and the
+    gradient to the rows is the reference's (the kernel swapped for its jnp stand-in)."""
+    from pallas_kernels import backend as kernel_backend
+    from ring_jax.quantization import quantize_rows
+
+    monkeypatch.setattr(gmm_gpu, "gmm", gmm_stand_in)
+    monkeypatch.setattr(kernel_backend, "platform", lambda: "hopper")
+    lhs = normal((256, 128), jnp.bfloat16, seed=27)
+    values, scale = quantize_rows(normal((3 * 2, 512, 128), seed=28, scale=0.1))     # 3 layers of 2 experts
+    sizes = jnp.asarray([120, 136], jnp.int32)
+
+    def layers(backend):
+        def run(lhs, values, scale):           # the weights are arguments of the jitted gradient: tracers
+            def layer(x, index):
+                up = pallas_kernels.gmm_swiglu(x, values, sizes, group_offset=2 * index, scale=scale, backend=backend)
+                out = pallas_kernels.gmm(x, values, sizes, group_offset=2 * index, scale=scale, backend=backend)
+                return x + out[:, :128] + up[:, :128], None
+            return jax.lax.scan(layer, lhs, jnp.arange(3))[0]
+        return run
+    same_gradients(layers("gpu"), layers("reference"), (lhs, values, scale), (0,))

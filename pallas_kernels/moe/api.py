@@ -2,12 +2,11 @@
 implementation (`pallas_kernels.backend`).
 
 `gmm`: "tpu", the Mosaic TPU kernel (`gmm_tpu.py`); "gpu", the Mosaic GPU kernel (`gmm_gpu.py`: bf16,
-K % 64 == 0, N % 256 == 0); and the jnp reference. FP8 weights (`pallas_kernels.backend.FP8`): the GPU
-kernel reads the K-major FP8 tiles, converts them to bf16 in SMEM and multiplies by the scales in
-its epilogue; the TPU kernel takes none (int8 on the TPU is a later step), so they run through the
-reference there. `take_rows`, the gather of the
-tokens' rows in expert order before the grouped matmuls: "gpu", a Pallas Triton kernel
-(`gather_gpu.py`), and XLA's gather.
+K % 64 == 0, N % 256 == 0); and the jnp reference. FP8 weights (`pallas_kernels.backend.FP8`): the
+GPU kernel reads the K-major FP8 tiles, converts them to bf16 in SMEM and multiplies by the scales
+in its epilogue; the TPU kernel takes none (int8 on the TPU is a later step), so they run through
+the reference there. `take_rows`, the gather of the tokens' rows in expert order before the
+grouped matmuls: "gpu", a Pallas Triton kernel (`gather_gpu.py`), and XLA's gather.
 """
 
 import jax.numpy as jnp
@@ -26,21 +25,24 @@ def _gmm_gpu(lhs, rhs, preferred_element_type, swiglu=False):
         from pallas_kernels.moe import gmm_gpu
 
         out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
+        fp8 = jnp.dtype(rhs.dtype) == FP8
         return Kernel(None if gmm_gpu.supports(lhs, rhs, out_dtype, swiglu=swiglu) else
                       f"takes bf16 lhs and bf16 [G, K, N] or FP8 [G, N, K] rhs with K % {gmm_gpu.TILE_K} == 0, "
                       f"N % 256 == 0 and a bf16 or float32 output, got {lhs.dtype} {lhs.shape} x {rhs.dtype} "
-                      f"{rhs.shape} -> {out_dtype}")
+                      f"{rhs.shape} -> {out_dtype}",
+                      interprets="its FP8 tiles are transposed wgmma operands, which JAX's Mosaic GPU interpreter "
+                                 "does not read" if fp8 else True)
     return answer
 
 
-def _gpu_kernel(lhs, group_sizes, scale, **settings):
-    """The GPU kernel as a function of (lhs, rhs, group_sizes, group_offset), for
+def _gpu_kernel(lhs, group_sizes, **settings):
+    """The GPU kernel as a function of (lhs, rhs, group_sizes, group_offset, scale), for
     with_reference_gradient: rhs (and FP8 weights' scales) read in place at group_offset."""
     from pallas_kernels.moe import gmm_gpu
 
     settings["tile_m"] = 128 if settings.get("swiglu") else _gpu_tile_m(lhs, group_sizes)
 
-    def kernel(lhs, rhs, group_sizes, group_offset):
+    def kernel(lhs, rhs, group_sizes, group_offset, scale):
         return gmm_gpu.gmm(lhs, rhs, group_sizes, group_offset=group_offset, scale=scale, **settings)
     return kernel
 
@@ -55,8 +57,8 @@ def _tpu(rhs):
 
 
 def gmm_backend(lhs, rhs, preferred_element_type=None, backend="auto") -> str:
-    """The backend `gmm` runs for these operands: "gpu", "tpu" or "reference" (FP8 rhs: the
-    reference on a TPU)."""
+    """The backend `gmm` runs for these operands: "gpu", "tpu" or "reference" (FP8 rhs: the GPU
+    kernel on Hopper, the reference elsewhere)."""
     return resolve(backend, gpu=_gmm_gpu(lhs, rhs, preferred_element_type), tpu=_tpu(rhs))
 
 
@@ -80,22 +82,23 @@ def gmm(lhs, rhs, group_sizes, *, group_offset=0, scale=None, preferred_element_
     kind = resolve(backend, interpret, gpu=_gmm_gpu(lhs, rhs, preferred_element_type), tpu=_tpu(rhs))
     G, out_dtype = group_sizes.shape[0], jnp.dtype(preferred_element_type or lhs.dtype)
 
-    def ref(lhs, rhs, group_sizes, group_offset):
+    def ref(lhs, rhs, group_sizes, group_offset, scale):
         return reference.gmm(lhs, _groups(rhs, group_offset, G), group_sizes, preferred_element_type=out_dtype,
                              scale=None if scale is None else _groups(scale, group_offset, G))
 
     if kind == "gpu":
-        kernel = _gpu_kernel(lhs, group_sizes, scale, preferred_element_type=preferred_element_type,
+        kernel = _gpu_kernel(lhs, group_sizes, preferred_element_type=preferred_element_type,
                              interpret=bool(interpret))
     elif kind == "tpu":
         from pallas_kernels.moe import gmm_tpu
 
-        def kernel(lhs, rhs, group_sizes, group_offset):
+        def kernel(lhs, rhs, group_sizes, group_offset, scale):    # scale: None, the TPU kernel takes no FP8
             return gmm_tpu.gmm(lhs, _groups(rhs, group_offset, G), group_sizes,
                                preferred_element_type=preferred_element_type, interpret=interpret)
     else:
-        return ref(lhs, rhs, group_sizes, group_offset)
-    return with_reference_gradient(kernel, ref)(lhs, rhs, group_sizes, jnp.asarray(group_offset, jnp.int32))
+        return ref(lhs, rhs, group_sizes, group_offset, scale)
+    # The scale is an argument, not a closure constant: inside a scan over layers it is a tracer.
+    return with_reference_gradient(kernel, ref)(lhs, rhs, group_sizes, jnp.asarray(group_offset, jnp.int32), scale)
 
 
 def gmm_swiglu(lhs, rhs, group_sizes, *, group_offset=0, scale=None, backend="auto", interpret=False):
@@ -107,12 +110,13 @@ def gmm_swiglu(lhs, rhs, group_sizes, *, group_offset=0, scale=None, backend="au
     kind = resolve(backend, interpret, gpu=_gmm_gpu(lhs, rhs, None, swiglu=True), tpu=_tpu(rhs))
     if kind == "gpu" and _gpu_tile_m(lhs, group_sizes) == 128:
         G = group_sizes.shape[0]
-        kernel = _gpu_kernel(lhs, group_sizes, scale, swiglu=True, interpret=bool(interpret))
+        kernel = _gpu_kernel(lhs, group_sizes, swiglu=True, interpret=bool(interpret))
 
-        def ref(lhs, rhs, group_sizes, group_offset):
+        def ref(lhs, rhs, group_sizes, group_offset, scale):
             return reference.gmm_swiglu(lhs, _groups(rhs, group_offset, G), group_sizes,
                                         scale=None if scale is None else _groups(scale, group_offset, G))
-        return with_reference_gradient(kernel, ref)(lhs, rhs, group_sizes, jnp.asarray(group_offset, jnp.int32))
+        return with_reference_gradient(kernel, ref)(lhs, rhs, group_sizes, jnp.asarray(group_offset, jnp.int32),
+                                                    scale)
     return reference.swiglu(gmm(lhs, rhs, group_sizes, group_offset=group_offset, scale=scale, backend=backend,
                                 interpret=interpret))
 

@@ -3,8 +3,8 @@
 Work items. The rows of lhs are cut into tiles of `tile_m` rows. A tile that holds rows of several
 groups is one work item per group (megablox style: groups are not padded to tile multiples), and
 the rows past sum(group_sizes) form one more range whose items write zeros. `work_items` builds the
-table [4, W] (group, m tile, first row, end row) in jnp, W = cdiv(M, tile_m) + G is the static
-bound, and the count of live items. Each item times each block of `2 * tile_n` columns is one unit
+table [4, W] (group, m tile, first row, end row) in jnp, W = cdiv(M, tile_m) + 2 (G + 1) is the
+static bound, and the count of live items. Each item times each block of `2 * tile_n` columns is one unit
 of work; the units are spread over the SMs in order (n minor, so an lhs tile is reused from L2 by
 the column blocks that run at the same time).
 
@@ -25,13 +25,12 @@ and 0.5 GB of lhs, 1 GB of rhs and 0.27 GB of output at least once each (0.41 ms
 0.79 ms at 700 TFLOP/s): compute-bound. Decode shapes (a few rows per group) read each chosen
 group's [K, N] once per column block and are bound by those bytes.
 
-FP8 weights (`scale`, [G, N] float32 column scales). rhs is either their values exactly in bf16
-[G, K, N], or the FP8 values as stored, float8_e4m3fn [G, N, K] (K-major, half the bytes to load):
-then the memory warpgroup loads [2 tile_n, 64] FP8 blocks, and each compute warpgroup converts its
-[tile_n, 64] tiles to bf16 in an SMEM buffer of its own (through float32: Hopper converts e4m3
-only to f16 directly) and multiplies them as transposed wgmma operands. Either way each compute
-warpgroup copies its group's scales of its columns to SMEM while the pipeline runs and multiplies
-the float32 accumulator by them before rounding (and before SwiGLU).
+FP8 weights (rhs float8_e4m3fn [G, N, K], K-major, with `scale` [G, N] float32 column scales): the
+memory warpgroup loads [2 tile_n, 64] FP8 blocks (half the bytes of bf16); each compute warpgroup
+converts its [tile_n, 64] tiles to bf16 in an SMEM buffer of its own (exact; through float32, as
+Hopper converts e4m3 only to f16 directly) and multiplies them as transposed wgmma operands. It
+copies its group's scales of its columns to SMEM while the pipeline runs and multiplies the
+float32 accumulator by them before rounding (and before SwiGLU).
 
 Numerics: bf16 operands, float32 accumulation, one rounding to the output dtype (bf16 or f32);
 with SwiGLU the roundings of `reference.swiglu` after a bf16 product.
@@ -112,8 +111,8 @@ def _silu_times_up(gate, up, dtype):
 
 def _kernel(items_gmem, count_gmem, offset_gmem, lhs_gmem, rhs_gmem, *refs, groups, tile_m, tile_n, stages,
             swiglu):
-    scale_gmem, out_gmem = refs if len(refs) == 2 else (None, refs[0])
     fp8 = rhs_gmem.dtype == FP8  # K-major [G', N, K] tiles, converted to bf16 in SMEM by each warpgroup
+    scale_gmem, out_gmem = refs if fp8 else (None, refs[0])
     K = lhs_gmem.shape[1]
     G, N = groups, rhs_gmem.shape[1 if fp8 else 2]
     dtype = out_gmem.dtype
@@ -140,7 +139,7 @@ def _kernel(items_gmem, count_gmem, offset_gmem, lhs_gmem, rhs_gmem, *refs, grou
     @functools.partial(pl.run_scoped,
                        allocs=pipeline(ignore, ignore).get_allocations(lhs_gmem, *[rhs_gmem.at[0]] * len(rhs_n)),
                        o_smem=plgpu.SMEM((2, wg_rows, epi_n), dtype),
-                       **({} if scale_gmem is None else dict(
+                       **({} if not fp8 else dict(
                            scale_smem=plgpu.SMEM((2, len(rhs_n), tile_n), jnp.float32),
                            scale_bar=plgpu.Barrier(num_arrivals=1, num_barriers=2 * len(rhs_n)))),
                        **({} if not fp8 else dict(conv_smem=plgpu.SMEM(
@@ -165,13 +164,13 @@ def _kernel(items_gmem, count_gmem, offset_gmem, lhs_gmem, rhs_gmem, *refs, grou
 
             def context(run):
                 def scoped(*accs):
-                    if scale_gmem is not None:  # this unit's column scales arrive while the pipeline runs
+                    if fp8:  # this unit's column scales arrive while the pipeline runs
                         for i, c in enumerate(scale_cols):
                             plgpu.copy_gmem_to_smem(scales.at[pl.ds(c, tile_n)], scale_smem.at[wg, i],
                                                     scale_bar.at[wg * len(accs) + i])
                     run(accs if swiglu else accs[0])
                     values = [acc[...] for acc in accs]
-                    if scale_gmem is not None:
+                    if fp8:
                         for i in range(len(accs)):
                             plgpu.barrier_wait(scale_bar.at[wg * len(accs) + i])
                         values = [v * lax.broadcast_in_dim(scale_smem[wg, i], v.shape, (1,))
@@ -209,7 +208,7 @@ def _kernel(items_gmem, count_gmem, offset_gmem, lhs_gmem, rhs_gmem, *refs, grou
                 scale_cols = [col]
                 widths = [(n_block * 2 * tile_n, 2 * tile_n)]
             blocks = [rhs.at[pl.ds(*w)] if fp8 else rhs.at[:, pl.ds(*w)] for w in widths]
-            scales = None if scale_gmem is None else scale_gmem.at[stacked]
+            scales = scale_gmem.at[stacked] if fp8 else None
 
             @pl.when(group < G)
             def _():
@@ -247,12 +246,10 @@ def gmm(lhs, rhs, group_sizes, *, group_offset=0, scale=None, preferred_element_
     `reference.gmm` of the groups rhs[group_offset:][:G] (read in place); swiglu=True -> [M, N / 2]:
     `reference.swiglu` of it, in the kernel's epilogue (bf16 only).
 
-    scale: None, or [>= group_offset + G, N] float32 column scales read like rhs: group g's float32
-    products are multiplied by scale[group_offset + g] before rounding (FP8 weights given as their
-    values in bf16: `reference.gmm` with scale). With scale, rhs may be the FP8 values themselves,
-    float8_e4m3fn [>= group_offset + G, N, K] (K-major): each compute warpgroup converts its
-    [tile_n, 64] tiles to bf16 in SMEM (exactly) and multiplies them as transposed operands. The
-    interpreter of JAX 0.10 cannot run transposed operands: that path is tested on the GPU.
+    FP8 weights: rhs float8_e4m3fn [>= group_offset + G, N, K] (K-major) and scale, their
+    [>= group_offset + G, N] float32 column scales, read like rhs: `reference.gmm` with scale (each
+    compute warpgroup converts its [tile_n, 64] tiles to bf16 in SMEM, exactly, and multiplies them
+    as transposed operands, which JAX 0.10's interpreter reads only through the tests' shim).
     tile_m in {64, 128} rows per work item (128 with swiglu); each compute warpgroup owns tile_n
     columns (swiglu: tile_n gate and tile_n up columns of half the rows).
     interpret: run in JAX's Mosaic GPU interpreter (any device).
@@ -265,9 +262,10 @@ def gmm(lhs, rhs, group_sizes, *, group_offset=0, scale=None, preferred_element_
         raise NotImplementedError(f"gpu gmm takes bf16 lhs and bf16 [G, K, N] or FP8 [G, N, K] rhs with K % {TILE_K} "
                                   f"== 0 and N % {2 * tile_n} == 0 (swiglu: bf16 out), got {lhs.dtype} {lhs.shape} x "
                                   f"{rhs.dtype} {rhs.shape} -> {out_dtype}")
-    if fp8 and scale is None:
-        raise ValueError("gpu gmm: FP8 rhs needs its scale, [G, N] float32")
-    if scale is not None and (scale.shape != (rhs.shape[0], N) or scale.dtype != jnp.float32):
+    if fp8 != (scale is not None):
+        raise ValueError(f"gpu gmm: scale goes with FP8 (float8_e4m3fn) rhs and only with it; got {rhs.dtype} rhs, "
+                         f"scale {None if scale is None else scale.shape}")
+    if fp8 and (scale.shape != (rhs.shape[0], N) or scale.dtype != jnp.float32):
         raise ValueError(f"gpu gmm: scale must be float32 {(rhs.shape[0], N)} (rhs's groups and columns), got "
                          f"{scale.dtype} {scale.shape}")
     if swiglu and tile_m != 128:
@@ -283,4 +281,4 @@ def gmm(lhs, rhs, group_sizes, *, group_offset=0, scale=None, preferred_element_
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=gpu_interpreter() if interpret else None)
     offset = jnp.reshape(jnp.asarray(group_offset, jnp.int32), (1,))
-    return kernel(items, count, offset, lhs, rhs, *([] if scale is None else [scale]))[:M]
+    return kernel(items, count, offset, lhs, rhs, *([scale] if fp8 else []))[:M]
