@@ -121,8 +121,8 @@ def transposed_wgmma_operands(monkeypatch):
               source_info=None):
         memory = callbacks._get_shared_memory()
         thread = memory.get_global_thread_id(int(device_id), int(thread_id))
-        info = utils.GPULoggingInfo(device_id=int(device_id), grid_point_coords=tuple(int(x) for x in grid_point_coords),
-                                    thread_id=int(thread_id), source_info=source_info)
+        info = utils.GPULoggingInfo(device_id=int(device_id), thread_id=int(thread_id), source_info=source_info,
+                                    grid_point_coords=tuple(int(x) for x in grid_point_coords))
         a = read(memory, a_allocation_key_as_array, a_transforms, thread, info)
         b = read(memory, b_allocation_key_as_array, b_transforms, thread, info)
         key, where = callbacks.HostAllocationKey.from_array(acc_allocation_key_as_array), region(acc_transforms)

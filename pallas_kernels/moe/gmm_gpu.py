@@ -4,9 +4,9 @@ Work items. The rows of lhs are cut into tiles of `tile_m` rows. A tile that hol
 groups is one work item per group (megablox style: groups are not padded to tile multiples), and
 the rows past sum(group_sizes) form one more range whose items write zeros. `work_items` builds the
 table [4, W] (group, m tile, first row, end row) in jnp, W = cdiv(M, tile_m) + 2 (G + 1) is the
-static bound, and the count of live items. Each item times each block of `2 * tile_n` columns is one unit
-of work; the units are spread over the SMs in order (n minor, so an lhs tile is reused from L2 by
-the column blocks that run at the same time).
+static bound, and the count of live items. Each item times each block of `2 * tile_n` columns is one
+unit of work; the units are spread over the SMs in order (n minor, so an lhs tile is reused from L2
+by the column blocks that run at the same time).
 
 Per unit. Three warpgroups: one issues the TMA loads of [tile_m, 64] lhs and [64, 2 tile_n] rhs
 blocks into a ring of `stages` SMEM slots; two compute warpgroups each accumulate one
@@ -141,9 +141,9 @@ def _kernel(items_gmem, count_gmem, offset_gmem, lhs_gmem, rhs_gmem, *refs, grou
                        o_smem=plgpu.SMEM((2, wg_rows, epi_n), dtype),
                        **({} if not fp8 else dict(
                            scale_smem=plgpu.SMEM((2, len(rhs_n), tile_n), jnp.float32),
-                           scale_bar=plgpu.Barrier(num_arrivals=1, num_barriers=2 * len(rhs_n)))),
-                       **({} if not fp8 else dict(conv_smem=plgpu.SMEM(
-                           (2, len(rhs_n), tile_n, TILE_K), lhs_gmem.dtype, transforms=_swizzled(lhs_gmem.dtype)))),
+                           scale_bar=plgpu.Barrier(num_arrivals=1, num_barriers=2 * len(rhs_n)),
+                           conv_smem=plgpu.SMEM((2, len(rhs_n), tile_n, TILE_K), lhs_gmem.dtype,
+                                                transforms=_swizzled(lhs_gmem.dtype)))),
                        collective_axes="wg")
     def _scope(allocs, o_smem, scale_smem=None, scale_bar=None, conv_smem=None):
         wg = lax.axis_index("wg")
