@@ -223,9 +223,9 @@ def test_batch_one_decode_through_the_fp8_kernels(monkeypatch):
     decode logits equal the FP8 model's full forward."""
     model = ring_jax.RingModel(decode_config(), dtype=jnp.float32, rngs=nnx.Rngs(1)).quantize()
     p = np.random.default_rng(3).integers(2, 256, 12)
-    want = model(p[None])[0, -2:]
+    want = model(p[None])[0, -1:]
     calls = on_hopper(monkeypatch)
-    got = decode_logits(model, p, 2)
+    got = decode_logits(model, p, 1)
     # the experts of the 3 linear MoE layers, [3 x 64, N, K], each with the shared expert
     assert ("normed", ((3 * 64, 512, 256), (3, 512, 256))) in calls and ((3 * 64, 256, 256), (3, 256, 256)) in calls
     assert ("normed", (3, 768, 256)) in calls                              # linear attention qkv, K-major

@@ -61,26 +61,18 @@ def test_kernel_lowers_for_cuda_on_any_machine(swiglu, tile_m, fp8):
     assert exported.out_avals[0].shape == (1000, 256 if swiglu else 512)
 
 
-INTERPRETED = {  # M, K, N, group sizes, group offset (of 2 G stacked groups), tile_m, output dtype
-    "tiny groups, rows past the sum, 64-row tiles": (100, 128, 256, [0, 3, 1, 0, 50, 2], 6, 64, jnp.float32),
-    "M not a multiple of 8, 128-row tiles": (203, 64, 256, [0, 120, 0, 80], 0, 128, jnp.bfloat16),
-}
-
-
-@pytest.mark.parametrize("case", INTERPRETED)
-def test_kernel_in_the_interpreter_matches_float64(case):
+def test_kernel_in_the_interpreter_matches_float64():
     """The kernel itself on the CPU (JAX's Mosaic GPU interpreter: warpgroups, TMA, barriers and
-    wgmma simulated): float32 and bf16 outputs against float64, a layer's groups read at an offset
-    in a longer stack, zeros past the sum."""
-    M, K, N, sizes, offset, tile_m, out_dtype = INTERPRETED[case]
+    wgmma simulated): 128-row tiles, M not a multiple of 8, bf16 out against float64, a layer's
+    groups read at an offset in a longer stack, zeros past the sum. (64-row tiles, tiny groups and
+    float32 out: the FP8 cases below.)"""
+    M, K, N, sizes, offset = 203, 64, 256, [0, 120, 0, 80], 4
     G = len(sizes)
     lhs, stack, group_sizes = operands(M, M, K, N, sizes + sizes)
     group_sizes, total = group_sizes[:G], sum(sizes)
-    got = gmm_gpu.gmm(lhs, stack, group_sizes, group_offset=offset, preferred_element_type=out_dtype,
-                      tile_m=tile_m, interpret=True)
-    assert got.dtype == out_dtype and got.shape == (M, N)
-    want = gmm64(lhs, stack[offset:offset + G], group_sizes)[:total]
-    assert rel_err(got[:total], want) <= (1e-5 if out_dtype == jnp.float32 else 5e-3)
+    got = gmm_gpu.gmm(lhs, stack, group_sizes, group_offset=offset, tile_m=128, interpret=True)
+    assert got.dtype == jnp.bfloat16 and got.shape == (M, N)
+    assert rel_err(got[:total], gmm64(lhs, stack[offset:offset + G], group_sizes)[:total]) <= 5e-3
     assert not np.asarray(got[total:]).any()
 
 
@@ -134,7 +126,7 @@ def transposed_wgmma_operands(monkeypatch):
 
 
 FP8_INTERPRETED = {  # M, group sizes, tile_m, swiglu, output dtype (bf16 out of plain 128-row tiles: on the GPU)
-    "64-row tiles, float32 out": (200, [60, 0, 7, 100], 64, False, jnp.float32),
+    "tiny groups, 64-row tiles, float32 out": (200, [60, 0, 2, 1, 100], 64, False, jnp.float32),
     "SwiGLU in the epilogue": (1000, [300, 0, 500, 150], 128, True, jnp.bfloat16),
 }
 
