@@ -53,7 +53,8 @@ TILE_K = 64
 # FP8 tile rows converted at a time: [64, 64] float32 values are 32 registers a thread, beside the
 # accumulator's 128.
 CONVERT_ROWS = 64
-INTERPRET_SMS = 3  # SMs simulated in interpret mode: enough for units to be spread over several
+# SMs simulated in interpret mode: the units spread over more than one (each adds three simulated threads).
+INTERPRET_SMS = 2
 
 
 def work_items(group_sizes, m: int, tile_m: int):
