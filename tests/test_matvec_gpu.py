@@ -99,7 +99,8 @@ def test_fp8_kernel_matches_float64(case):
     x, values, scale, ids = fp8_operands(1, 1, K, E, N, P, jnp.bfloat16, seed=200 + case)
     out = gpu.matvec(x, values, ids, scale=scale)
     assert rel_err(out, fp8_matvec64(x, dequantized64(values, scale), ids)) <= 1e-6
-    assert rel_err(out, reference.matvec(x, values, ids, scale=scale)) <= 1e-6
+    # two float32 summation orders, each within 1e-6 of float64
+    assert rel_err(out, reference.matvec(x, values, ids, scale=scale)) <= 2e-6
 
 
 def test_fp8_decode_through_kernel_matches_forward(monkeypatch):
