@@ -2,6 +2,7 @@
 
     python -m benchmarks.generate [--config configs/ring-mini-linear-2.0.json]
                                   [--prefill 4096 32768 131008] [--decode-batch 1 8 64] [--quantize fp8]
+                                  [--fp8-activations grouped]
 
 The model is `RingModel` with random bf16 weights, or with --quantize fp8 random FP8 weights
 (`RingModel.quantize`'s layout, drawn directly: Ring-flash-linear-2.0 does not fit one GPU in
@@ -39,7 +40,7 @@ from ring_jax.cache import Cache, cache_bytes, cache_length, init_cache
 from ring_jax.generate import prefill, stream
 from ring_jax.batching import prefill_steps
 from ring_jax.progress import CompileReport
-from ring_jax.quantization import FP8
+from pallas_kernels.backend import FP8
 from ring_jax.sampling import Sampling, StopRule
 from ring_jax.sharding import first_array, model_mesh
 from ring_jax.steps import DecodeState, decode_loop, flatten, on_mesh, placer
@@ -221,9 +222,11 @@ def main(argv=None):
     parser.add_argument("--chunk", type=int, default=None,
                         help="prefill chunk (tokens; default: generate()'s, 32768 for bf16 models on Hopper GPUs, else 4096)")
     parser.add_argument("--quantize", choices=("fp8",), default=None, help="FP8 weights (`RingModel.quantize`)")
+    parser.add_argument("--fp8-activations", choices=("none", "grouped"), default="none",
+                        help="with --quantize fp8: the config switch `fp8_activations` (docs/FP8.md)")
     args = parser.parse_args(argv)
 
-    config = RingConfig.from_hf(args.config)
+    config = RingConfig.from_hf(args.config, fp8_activations=args.fp8_activations)
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, config {os.path.basename(args.config)}, "
           f"weights {args.quantize or 'bf16'}", flush=True)
     bw = copy_bandwidth()

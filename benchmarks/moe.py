@@ -67,6 +67,7 @@ def gmm_table(Ms, hbm):
         a, b, group_sizes=c, block_m=128, block_n=128, block_k=64, max_concurrent_steps=4, grid_block_n=1))
     ours = jax.jit(pallas_kernels.gmm)
     ours_fp8 = jax.jit(lambda a, b, s, c: pallas_kernels.gmm(a, b, c, scale=s))
+    ours_w8a8 = jax.jit(lambda a, b, s, c: pallas_kernels.gmm(a, b, c, scale=s, fp8_lhs=True))
     xla = jax.jit(lambda a, b, c: jax.lax.ragged_dot(a, b, c))
     dense = jax.jit(lambda a, b: a @ b[0])
     for name, (K, N) in SHAPES.items():
@@ -97,6 +98,9 @@ def gmm_table(Ms, hbm):
             fp8_ms = timed(ours_fp8, lhs, values, scale, equal)
             print(f"| {name}, FP8 weights (ours, auto) | {M} | equal | - | - | - | {cell(fp8_ms)}, "
                   f"{bf16_ms / fp8_ms:.2f}x bf16 |", flush=True)
+            w8a8_ms = timed(ours_w8a8, lhs, values, scale, equal)
+            print(f"| {name}, FP8 weights and rows (ours, auto, the rows' quantization included) | {M} | equal | - "
+                  f"| - | - | {cell(w8a8_ms)}, {bf16_ms / w8a8_ms:.2f}x bf16 |", flush=True)
 
 
 def swiglu_table(Ms):
@@ -107,12 +111,14 @@ def swiglu_table(Ms):
     from ring_jax.quantization import quantize_rows
 
     print("\n| gate_up + SwiGLU | M | sizes | gmm, then XLA SwiGLU | SwiGLU in the epilogue | saved | "
-          "FP8 weights, SwiGLU in the epilogue | bf16 / FP8 |")
-    print("|---|---|---|---|---|---|---|---|")
+          "FP8 weights, SwiGLU in the epilogue | bf16 / FP8 | FP8 weights and rows (quantized in the call) | "
+          "bf16 / that |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     key = jax.random.PRNGKey(1)
     unfused = jax.jit(lambda a, b, c: reference.swiglu(gmm_gpu.gmm(a, b, c)))
     fused = jax.jit(lambda a, b, c: gmm_gpu.gmm(a, b, c, swiglu=True))
     fused_fp8 = jax.jit(lambda a, b, s, c: gmm_gpu.gmm(a, b, c, scale=s, swiglu=True))
+    fused_w8a8 = jax.jit(lambda a, b, s, c: pallas_kernels.gmm_swiglu(a, b, c, scale=s, fp8_lhs=True))
     for name in ("mini gate_up", "flash gate_up"):
         K, N = SHAPES[name]
         rhs = (jax.random.normal(key, (256, K, N), jnp.float32) / 30).astype(jnp.bfloat16)
@@ -122,9 +128,10 @@ def swiglu_table(Ms):
             for skew in (False, True):
                 sizes = jnp.asarray(group_sizes(M, 256, skew), jnp.int32)
                 a, b = (device_ms(f, lhs, rhs, sizes) or bench_jax(f, lhs, rhs, sizes) for f in (unfused, fused))
-                c = device_ms(fused_fp8, lhs, values, scale, sizes) or bench_jax(fused_fp8, lhs, values, scale, sizes)
+                c, d = (device_ms(f, lhs, values, scale, sizes) or bench_jax(f, lhs, values, scale, sizes)
+                        for f in (fused_fp8, fused_w8a8))
                 print(f"| {name} | {M} | {'zipf' if skew else 'equal'} | {a:.3f} ms | {b:.3f} ms | {1 - b / a:.0%} | "
-                      f"{c:.3f} ms | {b / c:.2f}x |", flush=True)
+                      f"{c:.3f} ms | {b / c:.2f}x | {d:.3f} ms | {b / d:.2f}x |", flush=True)
 
 
 def gather_table():

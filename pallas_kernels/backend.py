@@ -16,7 +16,9 @@ FP8 weights (`FP8`), where an entry point takes them: float8_e4m3fn matrices sto
 (the contracting axis last, as torch stores Linear weights and as Hopper's FP8 tensor cores take
 them), with one float32 scale per output channel [N]; the matrix is values * scale[:, None]. The
 product takes the values exactly in the activations' dtype (every e4m3 value is a bf16 value),
-accumulates in float32 and only then multiplies by the scale.
+accumulates in float32 and only then multiplies by the scale. FP8 activations (the grouped
+matmul's `fp8_lhs`) are quantized per row the same way (`quantize_rows`) and multiplied on FP8
+tensor cores, both scales applied after the float32 accumulation.
 """
 
 from __future__ import annotations
@@ -27,8 +29,27 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 FP8 = jnp.dtype(jnp.float8_e4m3fn)
+FP8_MAX = float(jnp.finfo(FP8).max)     # 448
+
+
+def quantize_rows(x):
+    """x [..., K] (numpy or jax, any float dtype) -> (values [..., K] float8_e4m3fn, scale [...]
+    float32), of x's kind: each row's scale is its largest magnitude times float32(1 / 448) (1 for
+    a row of zeros), its values x times the float32 reciprocal of the scale, rounded to the nearest
+    e4m3 value; values * scale[..., None] approximates x.
+
+    Only multiplies by reciprocals, so that numpy and XLA give the same bits: XLA rewrites a
+    division by a broadcast value into a multiply by its reciprocal where it sees fit, which can
+    round differently."""
+    xp = jnp if isinstance(x, jax.Array) else np
+    x = x.astype(np.float32)
+    amax = xp.max(xp.abs(x), axis=-1)
+    scale = xp.where(amax > 0, amax * np.float32(1 / FP8_MAX), np.float32(1)).astype(np.float32)
+    inverse = (np.float32(1) / scale).astype(np.float32)
+    return (x * inverse[..., None]).astype(FP8), scale
 
 
 def matrix_shape(w) -> tuple[int, int]:

@@ -14,6 +14,12 @@ in `config.json` or as a keyword of `from_hf`:
   `num_nextn_predict_layers` of `num_hidden_layers`; "after" (Ling-V2) appends them (docs/SPEC.md §8).
 - `shared_expert_size`: "hf" sizes the shared expert `moe_intermediate_size * num_shared_experts`,
   "explicit" uses `moe_shared_expert_intermediate_size` (docs/SPEC.md §7).
+
+One more switch is a numerics choice for FP8 models (docs/FP8.md), set the same ways:
+- `fp8_activations`: "none" multiplies FP8 weights by the activations as they are (weight-only);
+  "grouped" quantizes the routed experts' input rows to FP8 per row in the grouped matmul (prefill
+  and large decode batches), which then runs on FP8 tensor cores; the few-row decode products stay
+  weight-only.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ SWITCHES = {
     "expert_bias_dtype": ("model", "float32"),
     "mtp_placement": ("inside", "after"),
     "shared_expert_size": ("hf", "explicit"),
+    "fp8_activations": ("none", "grouped"),
 }
 
 
@@ -89,6 +96,7 @@ class RingConfig:
     expert_bias_dtype: str = "model"
     mtp_placement: str = "inside"
     shared_expert_size: str = "hf"
+    fp8_activations: str = "none"
 
     def __post_init__(self):
         _validate(self)

@@ -27,13 +27,11 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 
-from pallas_kernels.backend import FP8
+from pallas_kernels import backend
 from ring_jax.config import ConfigError
 
-FP8_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)     # 448
 METHODS = ("fp8",)
 
 # The quantized parameters, by the end of their path in RingModel (`ring_jax.io.mapping`).
@@ -80,19 +78,9 @@ class Fp8(NamedTuple):
 
 
 def quantize_rows(w) -> Fp8:
-    """w [..., out, in] (numpy or jax, any float dtype) -> Fp8 of the same kind: each row's scale is
-    its largest magnitude times float32(1 / 448) (1 for a row of zeros), its values w times the
-    float32 reciprocal of the scale, rounded to the nearest e4m3 value.
-
-    Only multiplies by reciprocals, so that numpy and XLA give the same bits: XLA rewrites a
-    division by a broadcast value into a multiply by its reciprocal where it sees fit, which can
-    round differently."""
-    xp = jnp if isinstance(w, jax.Array) else np
-    w = w.astype(np.float32)
-    amax = xp.max(xp.abs(w), axis=-1)
-    scale = xp.where(amax > 0, amax * np.float32(1 / FP8_MAX), np.float32(1)).astype(np.float32)
-    inverse = (np.float32(1) / scale).astype(np.float32)
-    return Fp8((w * inverse[..., None]).astype(FP8), scale)
+    """w [..., out, in] (numpy or jax, any float dtype) -> Fp8 of the same kind, one scale per row
+    (`pallas_kernels.backend.quantize_rows`)."""
+    return Fp8(*backend.quantize_rows(w))
 
 
 def quantize_kernel(kernel: jax.Array) -> Fp8:

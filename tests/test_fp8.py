@@ -21,7 +21,8 @@ from ring_jax.io.conversion import convert_hf_to_jax, convert_jax_to_hf
 from ring_jax.io.mapping import tensor_table
 from ring_jax.io.random_checkpoint import write_random_hf_checkpoint, write_small_tokenizer
 from ring_jax.io.safetensors_io import SafetensorsFolder, write_hf_weights
-from ring_jax.quantization import FP8, FP8_MAX, dequantize, quantize_rows
+from pallas_kernels.backend import FP8, FP8_MAX
+from ring_jax.quantization import dequantize, quantize_rows
 from test_matvec import decode_logits, on_hopper
 
 IDS = np.random.default_rng(11).integers(0, 256, (4, 64))          # 256 positions of the tiny vocabulary
@@ -108,9 +109,11 @@ def test_fp8_logits_against_float32(hf):
     want = ring_jax.load_model(hf)(IDS)
     bf16 = kl(want, ring_jax.load_model(hf, dtype="bfloat16")(IDS))
     fp8 = kl(want, ring_jax.load_model(hf, dtype="bfloat16", quantize="fp8")(IDS))
-    print(f"KL from float32 (max, mean): bf16 {bf16}, fp8 {fp8}")
+    rows = kl(want, ring_jax.load_model(hf, dtype="bfloat16", quantize="fp8", fp8_activations="grouped")(IDS))
+    print(f"KL from float32 (max, mean): bf16 {bf16}, fp8 {fp8}, fp8 with FP8 expert rows {rows}")
     assert fp8[1] <= 0.1 and fp8[0] <= 1.0
     assert fp8[1] <= 5 * bf16[1]
+    assert rows[1] <= 0.1 and rows[0] <= 1.0
 
 
 def test_every_path_to_an_fp8_model_gives_the_same_bits(hf, folders, tmp_path):

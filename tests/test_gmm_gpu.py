@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from conftest import load_config_dict, rel_err
-from pallas_kernels.backend import FP8
+from pallas_kernels.backend import FP8, quantize_rows
 from pallas_kernels.moe import api, gmm_gpu, reference
 from test_kernel_references import gmm64, swiglu64
 
@@ -131,27 +131,29 @@ FP8_INTERPRETED = {  # M, group sizes, tile_m, swiglu, output dtype (bf16 out of
 }
 
 
+@pytest.mark.parametrize("fp8_lhs", [False, True])
 @pytest.mark.parametrize("case", FP8_INTERPRETED)
-def test_kernel_reads_fp8_tiles(case, transposed_wgmma_operands):
+def test_kernel_reads_fp8_tiles(case, fp8_lhs, transposed_wgmma_operands):
     """FP8 weights as stored (float8_e4m3fn [G, N, K]) at a group offset in a longer stack: the
-    kernel converts its K-major tiles to bf16 in SMEM, multiplies them transposed and applies the
-    scales in its epilogue (interpreted): the reference's numbers (float32 out: within summation
-    order; bf16: its bits but for rare one-ulp roundings), zeros past the sum. Through the entry
-    point, interpret mode refuses FP8 with the reason."""
+    kernel converts its K-major tiles to bf16 in SMEM (or with FP8 lhs and its row scales
+    multiplies both on FP8 tensor cores), multiplies them transposed and applies the scales in its
+    epilogue (interpreted): the reference's numbers (float32 out: within summation order; bf16: its
+    bits but for rare one-ulp roundings), zeros past the sum. Through the entry point, interpret
+    mode refuses FP8 with the reason."""
     M, sizes, tile_m, swiglu, out_dtype = FP8_INTERPRETED[case]
     G = offset = len(sizes)
-    lhs, values, scale = fp8_operands(9, M, 128, 512, G, offset)
+    lhs, values, scale = fp8_operands(9, M, 256 if fp8_lhs else 128, 512, G, offset)   # 2 or 2 K steps
+    rows = dict(zip(("lhs", "lhs_scale"), quantize_rows(lhs))) if fp8_lhs else dict(lhs=lhs)
     sizes, total = jnp.asarray(sizes, jnp.int32), sum(sizes)
-    got = gmm_gpu.gmm(lhs, values, sizes, group_offset=offset, scale=scale, preferred_element_type=out_dtype,
-                      swiglu=swiglu, tile_m=tile_m, interpret=True)
-    layer = values[offset:], scale[offset:]
+    got = gmm_gpu.gmm(rows["lhs"], values, sizes, group_offset=offset, scale=scale, lhs_scale=rows.get("lhs_scale"),
+                      preferred_element_type=out_dtype, swiglu=swiglu, tile_m=tile_m, interpret=True)
+    layer = dict(rhs=values[offset:], group_sizes=sizes, scale=scale[offset:], **rows)
     if swiglu:
-        assert_bits_but_rare_ulps(got[:total], reference.gmm_swiglu(lhs, layer[0], sizes, scale=layer[1])[:total])
+        assert_bits_but_rare_ulps(got[:total], reference.gmm_swiglu(**layer)[:total])
     elif out_dtype == jnp.float32:
-        assert rel_err(got[:total], reference.gmm(lhs, layer[0], sizes, scale=layer[1],
-                                                   preferred_element_type=out_dtype)[:total]) <= 1e-6
+        assert rel_err(got[:total], reference.gmm(**layer, preferred_element_type=out_dtype)[:total]) <= 1e-6
     else:
-        assert_bits_but_rare_ulps(got[:total], reference.gmm(lhs, layer[0], sizes, scale=layer[1])[:total])
+        assert_bits_but_rare_ulps(got[:total], reference.gmm(**layer)[:total])
     assert not np.asarray(got[total:], np.float32).any()
     with pytest.raises(ValueError, match="transposed wgmma operands"):
         api.gmm(lhs, values, sizes, scale=scale, backend="gpu", interpret=True)
@@ -206,29 +208,32 @@ def test_gpu_gmm_matches_float64(case, tile_m):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("fp8_lhs", [False, True])
 @pytest.mark.parametrize("case", CASES)
-def test_gpu_gmm_fp8_matches_reference(case):
-    """FP8 weights read by the kernel (K-major tiles converted in SMEM, scales in the epilogue) at a
-    group offset: the reference's bits but for rare one-ulp roundings, both tile heights, bf16 and
-    float32 outputs, and with SwiGLU in the epilogue; zeros past the sum."""
+def test_gpu_gmm_fp8_matches_reference(case, fp8_lhs):
+    """FP8 weights read by the kernel (K-major tiles converted in SMEM, or with FP8 lhs and its row
+    scales multiplied on FP8 tensor cores; scales in the epilogue) at a group offset: the
+    reference's bits but for rare one-ulp roundings, both tile heights, bf16 and float32 outputs,
+    and with SwiGLU in the epilogue; zeros past the sum."""
     M, K, N, sizes = CASES[case]
     if sizes is None:
         sizes = random_sizes(np.random.default_rng(0), M, 256)
     G, total, offset = len(sizes), int(np.sum(sizes)), 3
     lhs, values, scale = fp8_operands(len(case), M, K, N, G, offset)
-    sizes = jnp.asarray(sizes, jnp.int32)
+    rows = dict(zip(("lhs", "lhs_scale"), quantize_rows(lhs))) if fp8_lhs else dict(lhs=lhs)
+    layer = dict(rhs=values[offset:], group_sizes=jnp.asarray(sizes, jnp.int32), scale=scale[offset:], **rows)
+    run = functools.partial(gmm_gpu.gmm, rows["lhs"], values, layer["group_sizes"], group_offset=offset, scale=scale,
+                            lhs_scale=rows.get("lhs_scale"))
     for tile_m in (64, 128):
         for out_dtype in (jnp.bfloat16, jnp.float32):
-            got = gmm_gpu.gmm(lhs, values, sizes, group_offset=offset, scale=scale, preferred_element_type=out_dtype,
-                              tile_m=tile_m)
-            want = reference.gmm(lhs, values[offset:], sizes, scale=scale[offset:], preferred_element_type=out_dtype)
+            got = run(preferred_element_type=out_dtype, tile_m=tile_m)
+            want = reference.gmm(**layer, preferred_element_type=out_dtype)
             assert not np.asarray(got[total:]).any()
             if out_dtype == jnp.float32:
                 assert rel_err(got, want) <= 1e-5
             else:
                 assert_bits_but_rare_ulps(got, want)
-    got = gmm_gpu.gmm(lhs, values, sizes, group_offset=offset, scale=scale, swiglu=True)
-    assert_bits_but_rare_ulps(got, reference.gmm_swiglu(lhs, values[offset:], sizes, scale=scale[offset:]))
+    assert_bits_but_rare_ulps(run(swiglu=True), reference.gmm_swiglu(**layer))
 
 
 @pytest.mark.gpu

@@ -7,6 +7,7 @@ tests/test_linear_attention_gpu.py."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import pallas_kernels
 from pallas_kernels.linear_attention import api as linear_attention_api, reference as la_reference, scan_gpu
@@ -105,11 +106,12 @@ def test_gmm_tpu_kernel():
                    lambda l, r: pallas_kernels.gmm(l, r, sizes, backend="reference"), (lhs, rhs), (0, 1))
 
 
-def gmm_stand_in(lhs, rhs, sizes, group_offset=0, scale=None, swiglu=False, **_):
+def gmm_stand_in(lhs, rhs, sizes, group_offset=0, scale=None, lhs_scale=None, swiglu=False, **_):
     """`gmm_gpu.gmm`'s numbers in jnp: the reference on the groups (and scales) at group_offset."""
     def layer(stack):
         return None if stack is None else jax.lax.dynamic_slice_in_dim(stack, group_offset, sizes.shape[0])
-    return (moe_reference.gmm_swiglu if swiglu else moe_reference.gmm)(lhs, layer(rhs), sizes, scale=layer(scale))
+    return (moe_reference.gmm_swiglu if swiglu else moe_reference.gmm)(lhs, layer(rhs), sizes, scale=layer(scale),
+                                                                       lhs_scale=lhs_scale)
 
 
 def test_mosaic_gpu_branches_take_the_reference_gradient(monkeypatch):
@@ -136,10 +138,12 @@ def test_mosaic_gpu_branches_take_the_reference_gradient(monkeypatch):
                    (q, k, v), (0, 1, 2))
 
 
-def test_fp8_grouped_matmul_gradient_in_a_scan_over_layers(monkeypatch):
+@pytest.mark.parametrize("fp8_lhs", [False, True])
+def test_fp8_grouped_matmul_gradient_in_a_scan_over_layers(monkeypatch, fp8_lhs):
     """FP8 experts on the GPU branch inside a scan over layers, as the decoder runs them (LoRA over
     an FP8 model trains through them): the layer index and the scales are tracers there, and the
-    gradient to the rows is the reference's (the kernel swapped for its jnp stand-in)."""
+    gradient to the rows is the reference's (the kernel swapped for its jnp stand-in). With FP8
+    rows, one layer's gradient to its rows is the weight-only product's (straight through)."""
     from pallas_kernels import backend as kernel_backend
     from ring_jax.quantization import quantize_rows
 
@@ -152,9 +156,18 @@ def test_fp8_grouped_matmul_gradient_in_a_scan_over_layers(monkeypatch):
     def layers(backend):
         def run(lhs, values, scale):           # the weights are arguments of the jitted gradient: tracers
             def layer(x, index):
-                up = pallas_kernels.gmm_swiglu(x, values, sizes, group_offset=2 * index, scale=scale, backend=backend)
-                out = pallas_kernels.gmm(x, values, sizes, group_offset=2 * index, scale=scale, backend=backend)
+                up = pallas_kernels.gmm_swiglu(x, values, sizes, group_offset=2 * index, scale=scale, fp8_lhs=fp8_lhs,
+                                               backend=backend)
+                out = pallas_kernels.gmm(x, values, sizes, group_offset=2 * index, scale=scale, fp8_lhs=fp8_lhs,
+                                         backend=backend)
                 return x + out[:, :128] + up[:, :128], None
             return jax.lax.scan(layer, lhs, jnp.arange(3))[0]
         return run
     same_gradients(layers("gpu"), layers("reference"), (lhs, values, scale), (0,))
+    if fp8_lhs:
+        for backend in ("gpu", "reference"):
+            got, want = (grads(lambda x: pallas_kernels.gmm(x, values, sizes, scale=scale, fp8_lhs=rows,
+                                                             backend=backend), (lhs,), (0,))[0]
+                         for rows in (True, False))
+            assert np.asarray(got, np.float32).any()
+            np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))

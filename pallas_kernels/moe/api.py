@@ -4,15 +4,19 @@ implementation (`pallas_kernels.backend`).
 `gmm`: "tpu", the Mosaic TPU kernel (`gmm_tpu.py`); "gpu", the Mosaic GPU kernel (`gmm_gpu.py`: bf16,
 K % 64 == 0, N % 256 == 0); and the jnp reference. FP8 weights (`pallas_kernels.backend.FP8`): the
 GPU kernel reads the K-major FP8 tiles, converts them to bf16 in SMEM and multiplies by the scales
-in its epilogue; the TPU kernel takes none (int8 on the TPU is a later step), so they run through
-the reference there. `take_rows`, the gather of the tokens' rows in expert order before the
+in its epilogue; with `fp8_lhs` the rows are quantized to FP8 too and both multiply on the FP8
+tensor cores (K % 128 == 0). The TPU kernel takes no FP8 (int8 on the TPU is a later step), so
+they run through the reference there. `take_rows`, the gather of the tokens' rows in expert order before the
 grouped matmuls: "gpu", a Pallas Triton kernel (`gather_gpu.py`), and XLA's gather.
 """
 
+import functools
+
+import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.backend import FP8, Kernel, resolve, with_reference_gradient
+from pallas_kernels.backend import FP8, Kernel, quantize_rows, resolve, with_reference_gradient
 from pallas_kernels.moe import reference
 
 # Below this many rows per group on average, the GPU kernel uses 64-row tiles (decode-sized steps
@@ -20,30 +24,35 @@ from pallas_kernels.moe import reference
 GPU_SMALL_TILE_ROWS = 64
 
 
-def _gmm_gpu(lhs, rhs, preferred_element_type, swiglu=False):
+def _gmm_gpu(lhs, rhs, preferred_element_type, swiglu=False, fp8_lhs=False):
     def answer():
         from pallas_kernels.moe import gmm_gpu
 
         out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
         fp8 = jnp.dtype(rhs.dtype) == FP8
-        return Kernel(None if gmm_gpu.supports(lhs, rhs, out_dtype, swiglu=swiglu) else
-                      f"takes bf16 lhs and bf16 [G, K, N] or FP8 [G, N, K] rhs with K % {gmm_gpu.TILE_K} == 0, "
-                      f"N % 256 == 0 and a bf16 or float32 output, got {lhs.dtype} {lhs.shape} x {rhs.dtype} "
-                      f"{rhs.shape} -> {out_dtype}",
+        rows = jax.ShapeDtypeStruct(lhs.shape, FP8) if fp8_lhs else lhs
+        return Kernel(None if gmm_gpu.supports(rows, rhs, out_dtype, swiglu=swiglu) else
+                      f"takes bf16 lhs and bf16 [G, K, N] or FP8 [G, N, K] rhs with K % 64 == 0 (K % 128 == 0 with "
+                      f"fp8_lhs), N % 256 == 0 and a bf16 or float32 output, got {lhs.dtype} {lhs.shape} x "
+                      f"{rhs.dtype} {rhs.shape} -> {out_dtype}",
                       interprets="its FP8 tiles are transposed wgmma operands, which JAX's Mosaic GPU interpreter "
                                  "does not read" if fp8 else True)
     return answer
 
 
-def _gpu_kernel(lhs, group_sizes, **settings):
+def _gpu_kernel(lhs, group_sizes, fp8_lhs=False, **settings):
     """The GPU kernel as a function of (lhs, rhs, group_sizes, group_offset, scale), for
-    with_reference_gradient: rhs (and FP8 weights' scales) read in place at group_offset."""
+    with_reference_gradient: rhs (and FP8 weights' scales) read in place at group_offset; with
+    fp8_lhs, lhs quantized per row first."""
     from pallas_kernels.moe import gmm_gpu
 
     settings["tile_m"] = 128 if settings.get("swiglu") else _gpu_tile_m(lhs, group_sizes)
 
     def kernel(lhs, rhs, group_sizes, group_offset, scale):
-        return gmm_gpu.gmm(lhs, rhs, group_sizes, group_offset=group_offset, scale=scale, **settings)
+        rows = {}
+        if fp8_lhs:
+            lhs, rows["lhs_scale"] = quantize_rows(lhs)
+        return gmm_gpu.gmm(lhs, rhs, group_sizes, group_offset=group_offset, scale=scale, **rows, **settings)
     return kernel
 
 
@@ -62,8 +71,8 @@ def gmm_backend(lhs, rhs, preferred_element_type=None, backend="auto") -> str:
     return resolve(backend, gpu=_gmm_gpu(lhs, rhs, preferred_element_type), tpu=_tpu(rhs))
 
 
-def gmm(lhs, rhs, group_sizes, *, group_offset=0, scale=None, preferred_element_type=None, backend="auto",
-        interpret=False):
+def gmm(lhs, rhs, group_sizes, *, group_offset=0, scale=None, fp8_lhs=False, preferred_element_type=None,
+        backend="auto", interpret=False):
     """Grouped matmul, `jax.lax.ragged_dot` semantics: lhs [M, K], rhs [G, K, N], group_sizes [G]
     int32 (sum <= M; rows past the sum come back as zeros) -> [M, N] in preferred_element_type
     (default lhs.dtype), accumulated in float32. Empty groups read none of their rhs in the kernels.
@@ -75,56 +84,70 @@ def gmm(lhs, rhs, group_sizes, *, group_offset=0, scale=None, preferred_element_
     (K-major) and scale [G', N] float32, read at group_offset like rhs; group g's rows are
     (rows @ rhs[group_offset + g].T, accumulated in float32) * scale[group_offset + g], rounded
     once. The GPU kernel and the reference take them.
+    fp8_lhs: with FP8 weights, lhs (bf16) is quantized per row (`pallas_kernels.backend.quantize_rows`)
+    and the product is `reference.gmm` of the FP8 rows with their scales (`lhs_scale`): the GPU
+    kernel multiplies on the FP8 tensor cores. Its gradient is the weight-only product's (the
+    rows' rounding passed straight through).
 
     backend, interpret: `pallas_kernels.backend`.
     """
-    _check_scale(lhs, rhs, scale)
-    kind = resolve(backend, interpret, gpu=_gmm_gpu(lhs, rhs, preferred_element_type), tpu=_tpu(rhs))
+    _check_scale(lhs, rhs, scale, fp8_lhs)
+    kind = resolve(backend, interpret, gpu=_gmm_gpu(lhs, rhs, preferred_element_type, fp8_lhs=fp8_lhs),
+                   tpu=_tpu(rhs))
     G, out_dtype = group_sizes.shape[0], jnp.dtype(preferred_element_type or lhs.dtype)
 
-    def ref(lhs, rhs, group_sizes, group_offset, scale):
-        return reference.gmm(lhs, _groups(rhs, group_offset, G), group_sizes, preferred_element_type=out_dtype,
-                             scale=None if scale is None else _groups(scale, group_offset, G))
+    def ref(lhs, rhs, group_sizes, group_offset, scale, quantized=False):
+        rows = dict(zip(("lhs", "lhs_scale"), quantize_rows(lhs))) if quantized else dict(lhs=lhs)
+        return reference.gmm(rhs=_groups(rhs, group_offset, G), group_sizes=group_sizes, preferred_element_type=out_dtype,
+                             scale=None if scale is None else _groups(scale, group_offset, G), **rows)
 
     if kind == "gpu":
-        kernel = _gpu_kernel(lhs, group_sizes, preferred_element_type=preferred_element_type,
+        kernel = _gpu_kernel(lhs, group_sizes, fp8_lhs, preferred_element_type=preferred_element_type,
                              interpret=bool(interpret))
-    elif kind == "tpu":
+    elif kind == "tpu" and not fp8_lhs:
         from pallas_kernels.moe import gmm_tpu
 
         def kernel(lhs, rhs, group_sizes, group_offset, scale):    # scale: None, the TPU kernel takes no FP8
             return gmm_tpu.gmm(lhs, _groups(rhs, group_offset, G), group_sizes,
                                preferred_element_type=preferred_element_type, interpret=interpret)
+    elif fp8_lhs:
+        kernel = functools.partial(ref, quantized=True)
     else:
         return ref(lhs, rhs, group_sizes, group_offset, scale)
     # The scale is an argument, not a closure constant: inside a scan over layers it is a tracer.
     return with_reference_gradient(kernel, ref)(lhs, rhs, group_sizes, jnp.asarray(group_offset, jnp.int32), scale)
 
 
-def gmm_swiglu(lhs, rhs, group_sizes, *, group_offset=0, scale=None, backend="auto", interpret=False):
-    """`reference.swiglu(gmm(lhs, rhs, group_sizes, group_offset=..., scale=...))`: the experts'
-    gate and up products (rhs [G, K, 2 I], gate columns then up; FP8 with scale: [G, 2 I, K]) and
-    SwiGLU -> [M, I] in lhs.dtype. Where the GPU kernel runs with 128-row tiles, SwiGLU runs in its
-    epilogue, so the [M, 2 I] product is never written."""
-    _check_scale(lhs, rhs, scale)
-    kind = resolve(backend, interpret, gpu=_gmm_gpu(lhs, rhs, None, swiglu=True), tpu=_tpu(rhs))
+def gmm_swiglu(lhs, rhs, group_sizes, *, group_offset=0, scale=None, fp8_lhs=False, backend="auto",
+               interpret=False):
+    """`reference.swiglu(gmm(lhs, rhs, group_sizes, group_offset=..., scale=..., fp8_lhs=...))`: the
+    experts' gate and up products (rhs [G, K, 2 I], gate columns then up; FP8 with scale: [G, 2 I,
+    K]) and SwiGLU -> [M, I] in lhs.dtype. Where the GPU kernel runs with 128-row tiles, SwiGLU runs
+    in its epilogue, so the [M, 2 I] product is never written."""
+    _check_scale(lhs, rhs, scale, fp8_lhs)
+    kind = resolve(backend, interpret, gpu=_gmm_gpu(lhs, rhs, None, swiglu=True, fp8_lhs=fp8_lhs), tpu=_tpu(rhs))
     if kind == "gpu" and _gpu_tile_m(lhs, group_sizes) == 128:
         G = group_sizes.shape[0]
-        kernel = _gpu_kernel(lhs, group_sizes, swiglu=True, interpret=bool(interpret))
+        kernel = _gpu_kernel(lhs, group_sizes, fp8_lhs, swiglu=True, interpret=bool(interpret))
 
         def ref(lhs, rhs, group_sizes, group_offset, scale):
+            if fp8_lhs:    # SwiGLU's gradient at the FP8 product, the product's as `gmm` defines it
+                return reference.swiglu(gmm(lhs, rhs, group_sizes, group_offset=group_offset, scale=scale,
+                                            fp8_lhs=True, backend="reference"))
             return reference.gmm_swiglu(lhs, _groups(rhs, group_offset, G), group_sizes,
                                         scale=None if scale is None else _groups(scale, group_offset, G))
         return with_reference_gradient(kernel, ref)(lhs, rhs, group_sizes, jnp.asarray(group_offset, jnp.int32),
                                                     scale)
-    return reference.swiglu(gmm(lhs, rhs, group_sizes, group_offset=group_offset, scale=scale, backend=backend,
-                                interpret=interpret))
+    return reference.swiglu(gmm(lhs, rhs, group_sizes, group_offset=group_offset, scale=scale, fp8_lhs=fp8_lhs,
+                                backend=backend, interpret=interpret))
 
 
-def _check_scale(lhs, rhs, scale):
+def _check_scale(lhs, rhs, scale, fp8_lhs=False):
     """A ValueError unless rhs is FP8 [G', N, K] with K lhs's and scale its float32 [G', N] scales,
-    or rhs is not FP8 and scale is None."""
+    or rhs is not FP8 and scale is None and fp8_lhs False."""
     fp8 = jnp.dtype(rhs.dtype) == FP8
+    if fp8_lhs and not fp8:
+        raise ValueError(f"gmm: fp8_lhs multiplies FP8 rows by FP8 weights; rhs is {rhs.dtype}")
     if scale is None:
         if fp8:
             raise ValueError("gmm: FP8 (float8_e4m3fn) rhs needs its scale: pass scale, [G, N] float32")

@@ -49,7 +49,6 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.backend import FP8, gpu_interpreter
 
-TILE_K = 64
 # FP8 tile rows converted at a time: [64, 64] float32 values are 32 registers a thread, beside the
 # accumulator's 128.
 CONVERT_ROWS = 64
@@ -112,41 +111,49 @@ def _silu_times_up(gate, up, dtype):
 
 def _kernel(items_gmem, count_gmem, offset_gmem, lhs_gmem, rhs_gmem, *refs, groups, tile_m, tile_n, stages,
             swiglu):
-    fp8 = rhs_gmem.dtype == FP8  # K-major [G', N, K] tiles, converted to bf16 in SMEM by each warpgroup
-    scale_gmem, out_gmem = refs if fp8 else (None, refs[0])
+    fp8 = rhs_gmem.dtype == FP8          # K-major [G', N, K] tiles with column scales
+    fp8_lhs = lhs_gmem.dtype == FP8      # and FP8 lhs with row scales: FP8 tensor cores
+    convert = fp8 and not fp8_lhs        # bf16 lhs: the FP8 tiles become bf16 in SMEM, per warpgroup
+    scale_gmem, lhs_scale_gmem = (refs[0], refs[1] if fp8_lhs else None) if fp8 else (None, None)
+    out_gmem = refs[-1]
     K = lhs_gmem.shape[1]
     G, N = groups, rhs_gmem.shape[1 if fp8 else 2]
     dtype = out_gmem.dtype
     epi_n = 128 // dtype.itemsize  # one 128-byte swizzle row
+    tile_k = _tile_k(lhs_gmem.dtype)
     if swiglu:  # a compute warpgroup: half of the tile's rows x tile_n gate and tile_n up columns
         n_blocks, wg_rows, rhs_n = N // 2 // tile_n, tile_m // 2, (tile_n, tile_n)
     else:  # a compute warpgroup: all of the tile's rows x one half of 2 tile_n columns
         n_blocks, wg_rows, rhs_n = N // (2 * tile_n), tile_m, (2 * tile_n,)
+    n_scales = len(rhs_n) + fp8_lhs  # scale vectors a compute warpgroup copies per unit
 
     def pipeline(body, context):
         spec = functools.partial(plgpu.BlockSpec, memory_space=plgpu.SMEM, transforms=_swizzled(lhs_gmem.dtype))
-        if fp8:  # rows of TILE_K one-byte values: 64-byte swizzle
-            rhs_specs = [plgpu.BlockSpec((n, TILE_K), lambda k: (0, k), memory_space=plgpu.SMEM,
-                                         transforms=_swizzled(FP8, TILE_K)) for n in rhs_n]
+        if fp8:  # K-major rows of tile_k one-byte values: a 64-byte swizzle (128 with FP8 lhs)
+            rhs_specs = [plgpu.BlockSpec((n, tile_k), lambda k: (0, k), memory_space=plgpu.SMEM,
+                                         transforms=_swizzled(FP8, tile_k)) for n in rhs_n]
         else:
-            rhs_specs = [spec((TILE_K, n), lambda k: (k, 0)) for n in rhs_n]
+            rhs_specs = [spec((tile_k, n), lambda k: (k, 0)) for n in rhs_n]
         return plgpu.emit_pipeline_warp_specialized(
-            body, grid=(K // TILE_K,), memory_registers=40, max_concurrent_steps=stages,
-            in_specs=[spec((tile_m, TILE_K), lambda k: (0, k))] + rhs_specs,
+            body, grid=(K // tile_k,), memory_registers=40, max_concurrent_steps=stages,
+            in_specs=[spec((tile_m, tile_k), lambda k: (0, k))] + rhs_specs,
             wg_axis="wg", num_compute_wgs=2, compute_context=context)
 
     ignore = lambda *_, **__: None  # noqa: E731 - allocations do not depend on the bodies
+    scratch = {}
+    if fp8:
+        scratch.update(scale_smem=plgpu.SMEM((2, len(rhs_n), tile_n), jnp.float32),
+                       scale_bar=plgpu.Barrier(num_arrivals=1, num_barriers=2 * n_scales))
+    if fp8_lhs:
+        scratch.update(row_scale_smem=plgpu.SMEM((2, wg_rows), jnp.float32))
+    if convert:
+        scratch.update(conv_smem=plgpu.SMEM((2, len(rhs_n), tile_n, tile_k), jnp.bfloat16,
+                                            transforms=_swizzled(jnp.bfloat16)))
 
     @functools.partial(pl.run_scoped,
                        allocs=pipeline(ignore, ignore).get_allocations(lhs_gmem, *[rhs_gmem.at[0]] * len(rhs_n)),
-                       o_smem=plgpu.SMEM((2, wg_rows, epi_n), dtype),
-                       **({} if not fp8 else dict(
-                           scale_smem=plgpu.SMEM((2, len(rhs_n), tile_n), jnp.float32),
-                           scale_bar=plgpu.Barrier(num_arrivals=1, num_barriers=2 * len(rhs_n)),
-                           conv_smem=plgpu.SMEM((2, len(rhs_n), tile_n, TILE_K), lhs_gmem.dtype,
-                                                transforms=_swizzled(lhs_gmem.dtype)))),
-                       collective_axes="wg")
-    def _scope(allocs, o_smem, scale_smem=None, scale_bar=None, conv_smem=None):
+                       o_smem=plgpu.SMEM((2, wg_rows, epi_n), dtype), **scratch, collective_axes="wg")
+    def _scope(allocs, o_smem, scale_smem=None, scale_bar=None, row_scale_smem=None, conv_smem=None):
         wg = lax.axis_index("wg")
 
         @plgpu.nd_loop((count_gmem[0] * n_blocks,), collective_axes="sm")
@@ -165,32 +172,33 @@ def _kernel(items_gmem, count_gmem, offset_gmem, lhs_gmem, rhs_gmem, *refs, grou
 
             def context(run):
                 def scoped(*accs):
-                    if fp8:  # this unit's column scales arrive while the pipeline runs
-                        for i, c in enumerate(scale_cols):
-                            plgpu.copy_gmem_to_smem(scales.at[pl.ds(c, tile_n)], scale_smem.at[wg, i],
-                                                    scale_bar.at[wg * len(accs) + i])
+                    if fp8:  # this unit's column (and row) scales arrive while the pipeline runs
+                        copies = [(scales.at[pl.ds(c, tile_n)], scale_smem.at[wg, i]) for i, c in enumerate(scale_cols)]
+                        if fp8_lhs:
+                            copies.append((lhs_scale_gmem.at[pl.ds(pl.multiple_of(base, 8), wg_rows)],
+                                           row_scale_smem.at[wg]))
+                        for i, (src, dst) in enumerate(copies):
+                            plgpu.copy_gmem_to_smem(src, dst, scale_bar.at[wg * n_scales + i])
                     run(accs if swiglu else accs[0])
                     values = [acc[...] for acc in accs]
                     if fp8:
-                        for i in range(len(accs)):
-                            plgpu.barrier_wait(scale_bar.at[wg * len(accs) + i])
+                        for i in range(n_scales):
+                            plgpu.barrier_wait(scale_bar.at[wg * n_scales + i])
                         values = [v * lax.broadcast_in_dim(scale_smem[wg, i], v.shape, (1,))
                                   for i, v in enumerate(values)]
+                    if fp8_lhs:
+                        values = [v * lax.broadcast_in_dim(row_scale_smem[wg], v.shape, (0,)) for v in values]
                     store(_silu_times_up(*values, dtype) if swiglu else values[0])
                 pl.run_scoped(scoped, *[plgpu.ACC((wg_rows, tile_n), jnp.float32)] * len(rhs_n))
 
             def mma(_, a_smem, *b_smem_and_acc):
                 *b_smem, acc = b_smem_and_acc
-                if fp8:  # this warpgroup's [tile_n, TILE_K] FP8 tiles as bf16, K-major: transposed operands
+                if fp8:  # this warpgroup's K-major [tile_n, tile_k] tiles: transposed operands
                     mine = b_smem if swiglu else [b_smem[0].at[pl.ds(pl.multiple_of(wg * tile_n, 8), tile_n)]]
-                    b_smem = []
-                    for i, b in enumerate(mine):
-                        conv = conv_smem.at[wg, i]
-                        for r in range(0, tile_n, CONVERT_ROWS):  # exact; no direct e4m3 -> bf16 conversion
-                            rows = pl.ds(r, CONVERT_ROWS)
-                            conv.at[rows][...] = b.at[rows][...].astype(jnp.float32).astype(conv.dtype)
-                        b_smem.append(plgpu.transpose_ref(conv, (1, 0)))
-                    plgpu.commit_smem()
+                    if convert:
+                        mine = [_to_bf16(b, conv_smem.at[wg, i]) for i, b in enumerate(mine)]
+                        plgpu.commit_smem()
+                    b_smem = [plgpu.transpose_ref(b, (1, 0)) for b in mine]
                 if swiglu:  # this warpgroup's rows times the gate block, then the up block
                     a = a_smem.at[pl.ds(pl.multiple_of(wg * wg_rows, 8), wg_rows)]
                     for b, c in zip(b_smem, acc):
@@ -222,18 +230,34 @@ def _kernel(items_gmem, count_gmem, offset_gmem, lhs_gmem, rhs_gmem, *refs, grou
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
+def _to_bf16(b, conv):
+    """FP8 tile b [tile_n, tile_k] -> conv, the same values in bf16 (exact; through float32, as
+    Hopper converts e4m3 only to f16 directly), CONVERT_ROWS rows at a time."""
+    for r in range(0, b.shape[0], CONVERT_ROWS):
+        rows = pl.ds(r, CONVERT_ROWS)
+        conv.at[rows][...] = b.at[rows][...].astype(jnp.float32).astype(conv.dtype)
+    return conv
+
+
+def _tile_k(lhs_dtype) -> int:
+    """K per pipeline step: one 128-byte swizzle row of lhs (64 bf16 or 128 FP8 values)."""
+    return 128 // jnp.dtype(lhs_dtype).itemsize
+
+
 def _swizzled(dtype, row_bytes: int = 128):
     """SMEM transforms of a TMA/wgmma tile whose rows are row_bytes long: 8-row tiles, swizzled."""
     return plgpu.TilingTransform((8, row_bytes // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(row_bytes)
 
 
 def supports(lhs, rhs, out_dtype, tile_n: int = 128, swiglu: bool = False) -> bool:
-    """Whether `gmm` takes these operands: bf16 lhs, bf16 rhs [G, K, N] or FP8 rhs [G, N, K] (an
-    array or a ShapeDtypeStruct), K % 64 == 0, N % (2 tile_n) == 0, bf16/f32 out (bf16 with swiglu)."""
-    fp8 = jnp.dtype(rhs.dtype) == FP8
+    """Whether `gmm` takes these operands (arrays or ShapeDtypeStructs): bf16 lhs with bf16 rhs
+    [G, K, N] or FP8 rhs [G, N, K], or FP8 lhs with FP8 rhs; K a multiple of 128 bytes of lhs (64
+    bf16, 128 FP8 values), N % (2 tile_n) == 0, bf16/f32 out (bf16 with swiglu)."""
+    fp8, fp8_lhs = (jnp.dtype(x.dtype) == FP8 for x in (rhs, lhs))
     K, N = rhs.shape[1:][::-1] if fp8 else rhs.shape[1:]
-    return (lhs.dtype == jnp.bfloat16 and (fp8 or rhs.dtype == jnp.bfloat16) and lhs.shape[1] == K
-            and K % TILE_K == 0 and N % (2 * tile_n) == 0 and jnp.dtype(out_dtype) in (jnp.bfloat16, jnp.float32)
+    return ((lhs.dtype == jnp.bfloat16 or (fp8_lhs and fp8)) and (fp8 or rhs.dtype == jnp.bfloat16)
+            and lhs.shape[1] == K and K % _tile_k(lhs.dtype) == 0 and N % (2 * tile_n) == 0
+            and jnp.dtype(out_dtype) in (jnp.bfloat16, jnp.float32)
             and (not swiglu or jnp.dtype(out_dtype) == jnp.bfloat16))
 
 
@@ -241,38 +265,44 @@ def supports(lhs, rhs, out_dtype, tile_n: int = 128, swiglu: bool = False) -> bo
 # layers): lowering a Mosaic GPU kernel takes a good part of a second.
 @functools.partial(jax.jit, static_argnames=("preferred_element_type", "swiglu", "tile_m", "tile_n", "stages",
                                              "interpret"))
-def gmm(lhs, rhs, group_sizes, *, group_offset=0, scale=None, preferred_element_type=None, swiglu=False,
-        tile_m=128, tile_n=128, stages=4, interpret=False):
+def gmm(lhs, rhs, group_sizes, *, group_offset=0, scale=None, lhs_scale=None, preferred_element_type=None,
+        swiglu=False, tile_m=128, tile_n=128, stages=4, interpret=False):
     """lhs [M, K] bf16, rhs [>= group_offset + G, K, N] bf16, group_sizes [G] int32 -> [M, N]:
     `reference.gmm` of the groups rhs[group_offset:][:G] (read in place); swiglu=True -> [M, N / 2]:
-    `reference.swiglu` of it, in the kernel's epilogue (bf16 only).
+    `reference.swiglu` of it, in the kernel's epilogue (bf16 out).
 
     FP8 weights: rhs float8_e4m3fn [>= group_offset + G, N, K] (K-major) and scale, their
     [>= group_offset + G, N] float32 column scales, read like rhs: `reference.gmm` with scale (each
     compute warpgroup converts its [tile_n, 64] tiles to bf16 in SMEM, exactly, and multiplies them
     as transposed operands, which JAX 0.10's interpreter reads only through the tests' shim).
+    FP8 lhs too: lhs float8_e4m3fn [M, K] with lhs_scale [M] float32 row scales, multiplied on the
+    FP8 tensor cores (`reference.gmm` with lhs_scale; bf16 or f32 out).
     tile_m in {64, 128} rows per work item (128 with swiglu); each compute warpgroup owns tile_n
     columns (swiglu: tile_n gate and tile_n up columns of half the rows).
     interpret: run in JAX's Mosaic GPU interpreter (any device).
     """
     M, K = lhs.shape
-    fp8 = jnp.dtype(rhs.dtype) == FP8
+    fp8, fp8_lhs = (jnp.dtype(x.dtype) == FP8 for x in (rhs, lhs))
     G, N = group_sizes.shape[0], rhs.shape[1 if fp8 else 2]
-    out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
+    out_dtype = jnp.dtype(preferred_element_type or (jnp.bfloat16 if fp8_lhs else lhs.dtype))
     if not supports(lhs, rhs, out_dtype, tile_n, swiglu):
-        raise NotImplementedError(f"gpu gmm takes bf16 lhs and bf16 [G, K, N] or FP8 [G, N, K] rhs with K % {TILE_K} "
-                                  f"== 0 and N % {2 * tile_n} == 0 (swiglu: bf16 out), got {lhs.dtype} {lhs.shape} x "
-                                  f"{rhs.dtype} {rhs.shape} -> {out_dtype}")
+        raise NotImplementedError(f"gpu gmm takes bf16 lhs and bf16 [G, K, N] or FP8 [G, N, K] rhs, or FP8 lhs and FP8 "
+                                  f"rhs, with K a multiple of 128 bytes of lhs and N % {2 * tile_n} == 0 (swiglu: "
+                                  f"bf16 out), got {lhs.dtype} {lhs.shape} x {rhs.dtype} {rhs.shape} -> {out_dtype}")
     if fp8 != (scale is not None):
         raise ValueError(f"gpu gmm: scale goes with FP8 (float8_e4m3fn) rhs and only with it; got {rhs.dtype} rhs, "
                          f"scale {None if scale is None else scale.shape}")
     if fp8 and (scale.shape != (rhs.shape[0], N) or scale.dtype != jnp.float32):
         raise ValueError(f"gpu gmm: scale must be float32 {(rhs.shape[0], N)} (rhs's groups and columns), got "
                          f"{scale.dtype} {scale.shape}")
+    if fp8_lhs != (lhs_scale is not None) or (fp8_lhs and (lhs_scale.shape != (M,) or lhs_scale.dtype != jnp.float32)):
+        raise ValueError(f"gpu gmm: FP8 lhs goes with lhs_scale, its float32 [{M}] row scales, and only with it; got "
+                         f"{lhs.dtype} lhs, lhs_scale {None if lhs_scale is None else (lhs_scale.dtype, lhs_scale.shape)}")
     if swiglu and tile_m != 128:
         raise ValueError(f"swiglu splits a tile's rows over two warpgroups of 64: tile_m must be 128, got {tile_m}")
     if M % 8:  # TMA boxes need whole 8-row tiles of the global array
         lhs = jnp.pad(lhs, ((0, 8 - M % 8), (0, 0)))
+        lhs_scale = None if lhs_scale is None else jnp.pad(lhs_scale, (0, 8 - M % 8))
     items, count = work_items(group_sizes, lhs.shape[0], tile_m)
     sms = INTERPRET_SMS if interpret else getattr(jax.devices()[0], "core_count", 132)
     kernel = plgpu.kernel(
@@ -282,4 +312,5 @@ def gmm(lhs, rhs, group_sizes, *, group_offset=0, scale=None, preferred_element_
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=gpu_interpreter() if interpret else None)
     offset = jnp.reshape(jnp.asarray(group_offset, jnp.int32), (1,))
-    return kernel(items, count, offset, lhs, rhs, *([scale] if fp8 else []))[:M]
+    scales = [x for x in (scale, lhs_scale) if x is not None]
+    return kernel(items, count, offset, lhs, rhs, *scales)[:M]

@@ -14,7 +14,8 @@ from ring_jax.config import RingConfig
 from ring_jax.errors import CheckpointError
 from ring_jax.io.mapping import TIED_HEAD, check_tensors, tensor_table
 from ring_jax.io.safetensors_io import SafetensorsFolder
-from ring_jax.quantization import FBGEMM, FP8, HFQuantization, hf_quantization
+from pallas_kernels.backend import FP8
+from ring_jax.quantization import FBGEMM, HFQuantization, hf_quantization
 
 # Files beside the weights that a model folder keeps (tokenizer, chat template, generation defaults).
 AUX_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",

@@ -25,7 +25,8 @@ import numpy as np
 
 from ring_jax.errors import CheckpointError
 from ring_jax.config import RingConfig
-from ring_jax.quantization import FP8, Fp8, dequantize, quantize_rows, quantized_path, scale_name
+from pallas_kernels.backend import FP8
+from ring_jax.quantization import Fp8, dequantize, quantize_rows, quantized_path, scale_name
 
 
 @dataclasses.dataclass(frozen=True)

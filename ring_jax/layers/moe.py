@@ -83,15 +83,16 @@ def sort_by_expert(ids: jax.Array, num_experts: int):
     return order, rank, sizes
 
 
-def expert_outputs(tokens, ids, gate_up, down, expert_axis=None, gathered=None):
+def expert_outputs(tokens, ids, gate_up, down, expert_axis=None, gathered=None, fp8_rows=False):
     """Each (token, expert) pair through its expert: out[n, j] = expert_{ids[n, j]}(tokens[n]).
 
     tokens: [N, hidden]; ids: [N, k] int32; gate_up: [E, hidden, 2 I] and down: [E, I, hidden], the
     experts held here (arrays, or `StackSlice`s of every layer's experts; FP8: `Fp8`s of them,
     [E, 2 I, hidden] and [E, hidden, I] with their scales, `Experts.weights`). expert_axis: inside
     shard_map, the mesh axis the experts are split over (this device holds experts [i E, (i + 1) E),
-    i its index on the axis; pairs whose expert is elsewhere come back as zeros). Returns
-    [N, k, hidden] in tokens' dtype.
+    i its index on the axis; pairs whose expert is elsewhere come back as zeros). fp8_rows: with FP8
+    weights, the grouped matmuls quantize their rows to FP8 (`pallas_kernels.gmm`'s fp8_lhs; the
+    gathered products stay weight-only). Returns [N, k, hidden] in tokens' dtype.
 
     The pairs run sorted by expert through grouped matmuls (dropless), or, for few pairs, each
     through its chosen expert's weights (`backends.experts_gather`; inside shard_map the caller decides from the
@@ -101,13 +102,13 @@ def expert_outputs(tokens, ids, gate_up, down, expert_axis=None, gathered=None):
     if expert_axis is None:
         if backends.experts_gather(tokens, ids, gate_up, down) if gathered is None else gathered:
             return gathered_outputs(tokens, ids, gate_up, down)
-        return grouped_outputs(tokens, ids, gate_up, down)
+        return grouped_outputs(tokens, ids, gate_up, down, fp8_rows)
     local = ids - jax.lax.axis_index(expert_axis) * E
     here = (local >= 0) & (local < E)
     ids = jnp.where(here, local, E)                          # elsewhere: a group past the last
     if backends.experts_gather(tokens, ids, gate_up, down, True) if gathered is None else gathered:
         return jnp.where(here[..., None], gathered_outputs(tokens, jnp.minimum(ids, E - 1), gate_up, down), 0)
-    return grouped_outputs(tokens, ids, gate_up, down)
+    return grouped_outputs(tokens, ids, gate_up, down, fp8_rows)
 
 
 def _count(w) -> int:
@@ -136,8 +137,9 @@ def _kernel_operands(*stacks):
     return (values[0], dict(scale=scales[0])) if len(stacks) == 1 else (values, dict(scale=scales))
 
 
-def grouped_outputs(tokens, ids, gate_up, down):
-    """-> [N, k, hidden]; pairs with ids == E (experts held elsewhere) give zeros."""
+def grouped_outputs(tokens, ids, gate_up, down, fp8_rows=False):
+    """-> [N, k, hidden]; pairs with ids == E (experts held elsewhere) give zeros. fp8_rows: FP8
+    weights multiply FP8 rows (`expert_outputs`)."""
     N, k = ids.shape
     E = _count(gate_up)
     order, rank, group_sizes = sort_by_expert(ids.reshape(-1), E + 1)
@@ -145,8 +147,9 @@ def grouped_outputs(tokens, ids, gate_up, down):
     rows = pallas_kernels.take_rows(tokens, order // k)                          # sorted by expert
     (gate_up, first), (down, _) = _one_stack(gate_up), _one_stack(down)
     (gate_up, gate_up_scale), (down, down_scale) = _kernel_operands(gate_up), _kernel_operands(down)
-    out = pallas_kernels.gmm_swiglu(rows, gate_up, group_sizes, group_offset=first, **gate_up_scale)
-    out = pallas_kernels.gmm(out, down, group_sizes, group_offset=first, **down_scale)
+    fp8_lhs = dict(fp8_lhs=True) if fp8_rows and gate_up_scale else {}
+    out = pallas_kernels.gmm_swiglu(rows, gate_up, group_sizes, group_offset=first, **gate_up_scale, **fp8_lhs)
+    out = pallas_kernels.gmm(out, down, group_sizes, group_offset=first, **down_scale, **fp8_lhs)
     return out[rank].reshape(N, k, -1)
 
 
@@ -183,9 +186,12 @@ def _as_stack(w):
 class Experts(nnx.Module):
     """The routed experts, stacked: gate_up_proj [E, hidden, 2 I] (gate then up); down_proj [E, I,
     hidden]. After `quantize`: FP8 values [E, 2 I, hidden] and [E, hidden, I] with their scales
-    gate_up_proj_scale [E, 2 I] and down_proj_scale [E, hidden] (`ring_jax.quantization`)."""
+    gate_up_proj_scale [E, 2 I] and down_proj_scale [E, hidden] (`ring_jax.quantization`); fp8_rows:
+    then the grouped matmuls quantize their rows too (`expert_outputs`)."""
 
-    def __init__(self, num_experts: int, hidden: int, intermediate: int, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, num_experts: int, hidden: int, intermediate: int, *, dtype, rngs: nnx.Rngs,
+                 fp8_rows: bool = False):
+        self.fp8_rows = fp8_rows
         def init(shape, fan_in, axes):
             return param((jax.random.normal(rngs.params(), shape) / fan_in ** 0.5).astype(dtype), axes)
 
@@ -217,7 +223,7 @@ class Experts(nnx.Module):
         shard) block, the pairs' outputs brought together over `expert` (module docstring)."""
         gate_up, down = self.weights()
         if not in_mesh():
-            return combine(expert_outputs(tokens, ids, gate_up, down), weights)
+            return combine(expert_outputs(tokens, ids, gate_up, down, fp8_rows=self.fp8_rows), weights)
         arrays = [gate_up, down] if self.gate_up_proj_scale is None else [gate_up.values, gate_up.scale,
                                                                           down.values, down.scale]
         index = arrays[0].index if isinstance(arrays[0], StackSlice) else 0
@@ -232,7 +238,8 @@ class Experts(nnx.Module):
         gathered = backends.experts_gather(tokens, ids, *layer(stacks, index), expert_parallel=axis is not None)
 
         def block(tokens, ids, weights, index, *stacks):
-            out = expert_outputs(tokens, ids, *layer(stacks, index), expert_axis=axis, gathered=gathered)
+            out = expert_outputs(tokens, ids, *layer(stacks, index), expert_axis=axis, gathered=gathered,
+                                 fp8_rows=self.fp8_rows)
             if axis is None:
                 return combine(out, weights)
             if tokens.shape[0] < SCATTER_MIN_TOKENS:
@@ -274,7 +281,7 @@ class MoE(nnx.Module):
     def __init__(self, config: RingConfig, *, dtype, rngs: nnx.Rngs):
         self.gate = Router(config, dtype=dtype, rngs=rngs)
         self.experts = Experts(config.num_experts, config.hidden_size, config.moe_intermediate_size,
-                               dtype=dtype, rngs=rngs)
+                               dtype=dtype, rngs=rngs, fp8_rows=config.fp8_activations == "grouped")
         width = config.shared_expert_intermediate_size
         self.shared_experts = MLP(config.hidden_size, width, dtype=dtype, rngs=rngs) if width else None
 
