@@ -16,9 +16,9 @@ FP8 weights (`FP8`), where an entry point takes them: float8_e4m3fn matrices sto
 (the contracting axis last, as torch stores Linear weights and as Hopper's FP8 tensor cores take
 them), with one float32 scale per output channel [N]; the matrix is values * scale[:, None]. The
 product takes the values exactly in the activations' dtype (every e4m3 value is a bf16 value),
-accumulates in float32 and only then multiplies by the scale. FP8 activations (the grouped
-matmul's `fp8_lhs`) are quantized per row the same way (`quantize_rows`) and multiplied on FP8
-tensor cores, both scales applied after the float32 accumulation.
+accumulates in float32 and only then multiplies by the scale. FP8 rows (the grouped matmul's
+`lhs_scale`) are quantized per row the same way (`quantize_rows`) and multiplied on FP8 tensor
+cores, both scales applied after the float32 accumulation.
 """
 
 from __future__ import annotations

@@ -7,7 +7,6 @@ tests/test_linear_attention_gpu.py."""
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 import pallas_kernels
 from pallas_kernels.linear_attention import api as linear_attention_api, reference as la_reference, scan_gpu
@@ -138,12 +137,10 @@ def test_mosaic_gpu_branches_take_the_reference_gradient(monkeypatch):
                    (q, k, v), (0, 1, 2))
 
 
-@pytest.mark.parametrize("fp8_lhs", [False, True])
-def test_fp8_grouped_matmul_gradient_in_a_scan_over_layers(monkeypatch, fp8_lhs):
+def test_fp8_grouped_matmul_gradient_in_a_scan_over_layers(monkeypatch):
     """FP8 experts on the GPU branch inside a scan over layers, as the decoder runs them (LoRA over
     an FP8 model trains through them): the layer index and the scales are tracers there, and the
-    gradient to the rows is the reference's (the kernel swapped for its jnp stand-in). With FP8
-    rows, one layer's gradient to its rows is the weight-only product's (straight through)."""
+    gradient to the rows is the reference's (the kernel swapped for its jnp stand-in)."""
     from pallas_kernels import backend as kernel_backend
     from ring_jax.quantization import quantize_rows
 
@@ -156,18 +153,34 @@ def test_fp8_grouped_matmul_gradient_in_a_scan_over_layers(monkeypatch, fp8_lhs)
     def layers(backend):
         def run(lhs, values, scale):           # the weights are arguments of the jitted gradient: tracers
             def layer(x, index):
-                up = pallas_kernels.gmm_swiglu(x, values, sizes, group_offset=2 * index, scale=scale, fp8_lhs=fp8_lhs,
-                                               backend=backend)
-                out = pallas_kernels.gmm(x, values, sizes, group_offset=2 * index, scale=scale, fp8_lhs=fp8_lhs,
-                                         backend=backend)
+                up = pallas_kernels.gmm_swiglu(x, values, sizes, group_offset=2 * index, scale=scale, backend=backend)
+                out = pallas_kernels.gmm(x, values, sizes, group_offset=2 * index, scale=scale, backend=backend)
                 return x + out[:, :128] + up[:, :128], None
             return jax.lax.scan(layer, lhs, jnp.arange(3))[0]
         return run
     same_gradients(layers("gpu"), layers("reference"), (lhs, values, scale), (0,))
-    if fp8_lhs:
-        for backend in ("gpu", "reference"):
-            got, want = (grads(lambda x: pallas_kernels.gmm(x, values, sizes, scale=scale, fp8_lhs=rows,
-                                                             backend=backend), (lhs,), (0,))[0]
-                         for rows in (True, False))
-            assert np.asarray(got, np.float32).any()
-            np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
+def test_fp8_rows_pass_their_rounding_straight_through(monkeypatch):
+    """The experts with FP8 rows (`fp8_activations="grouped"`): forward, the FP8 product; gradient
+    to the tokens, the weight-only product's, on the GPU branch (kernels swapped for stand-ins) as
+    on the reference."""
+    from pallas_kernels import backend as kernel_backend
+    from ring_jax.layers.moe import grouped_outputs
+    from ring_jax.quantization import Fp8, quantize_rows
+
+    from pallas_kernels.moe import gather_gpu
+
+    monkeypatch.setattr(gmm_gpu, "gmm", gmm_stand_in)
+    monkeypatch.setattr(gather_gpu, "take_rows", lambda x, idx, **_: moe_reference.take_rows(x, idx))
+    tokens = normal((40, 128), jnp.bfloat16, seed=29)
+    ids = jax.random.randint(jax.random.PRNGKey(30), (40, 4), 0, 8)
+    gate_up, down = (Fp8(*quantize_rows(normal(shape, seed=s, scale=0.1))) for s, shape in ((31, (8, 512, 128)),
+                                                                                           (32, (8, 128, 256))))
+    for platform in ("hopper", "cpu"):
+        monkeypatch.setattr(kernel_backend, "platform", lambda: platform)
+        rows, plain = (jax.jit(lambda t, r=r: grouped_outputs(t, ids, gate_up, down, r)) for r in (True, False))
+        assert not np.array_equal(np.asarray(rows(tokens), np.float32), np.asarray(plain(tokens), np.float32))
+        got, want = (grads(f, (tokens,), (0,))[0] for f in (rows, plain))
+        assert np.asarray(got, np.float32).any()
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))

@@ -4,19 +4,16 @@ implementation (`pallas_kernels.backend`).
 `gmm`: "tpu", the Mosaic TPU kernel (`gmm_tpu.py`); "gpu", the Mosaic GPU kernel (`gmm_gpu.py`: bf16,
 K % 64 == 0, N % 256 == 0); and the jnp reference. FP8 weights (`pallas_kernels.backend.FP8`): the
 GPU kernel reads the K-major FP8 tiles, converts them to bf16 in SMEM and multiplies by the scales
-in its epilogue; with `fp8_lhs` the rows are quantized to FP8 too and both multiply on the FP8
-tensor cores (K % 128 == 0). The TPU kernel takes no FP8 (int8 on the TPU is a later step), so
+in its epilogue; given FP8 rows too (`lhs_scale`), it multiplies both on the FP8 tensor cores
+(K % 128 == 0). The TPU kernel takes no FP8 (int8 on the TPU is a later step), so
 they run through the reference there. `take_rows`, the gather of the tokens' rows in expert order before the
 grouped matmuls: "gpu", a Pallas Triton kernel (`gather_gpu.py`), and XLA's gather.
 """
 
-import functools
-
-import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.backend import FP8, Kernel, quantize_rows, resolve, with_reference_gradient
+from pallas_kernels.backend import FP8, Kernel, resolve, with_reference_gradient
 from pallas_kernels.moe import reference
 
 # Below this many rows per group on average, the GPU kernel uses 64-row tiles (decode-sized steps
@@ -24,35 +21,35 @@ from pallas_kernels.moe import reference
 GPU_SMALL_TILE_ROWS = 64
 
 
-def _gmm_gpu(lhs, rhs, preferred_element_type, swiglu=False, fp8_lhs=False):
+def _gmm_gpu(lhs, rhs, preferred_element_type, swiglu=False):
     def answer():
         from pallas_kernels.moe import gmm_gpu
 
-        out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
+        out_dtype = jnp.dtype(preferred_element_type or _out_dtype(lhs))
         fp8 = jnp.dtype(rhs.dtype) == FP8
-        rows = jax.ShapeDtypeStruct(lhs.shape, FP8) if fp8_lhs else lhs
-        return Kernel(None if gmm_gpu.supports(rows, rhs, out_dtype, swiglu=swiglu) else
-                      f"takes bf16 lhs and bf16 [G, K, N] or FP8 [G, N, K] rhs with K % 64 == 0 (K % 128 == 0 with "
-                      f"fp8_lhs), N % 256 == 0 and a bf16 or float32 output, got {lhs.dtype} {lhs.shape} x "
+        return Kernel(None if gmm_gpu.supports(lhs, rhs, out_dtype, swiglu=swiglu) else
+                      f"takes bf16 lhs (K % 64 == 0) with bf16 [G, K, N] or FP8 [G, N, K] rhs, or FP8 lhs and rhs "
+                      f"(K % 128 == 0), N % 256 == 0 and a bf16 or float32 output, got {lhs.dtype} {lhs.shape} x "
                       f"{rhs.dtype} {rhs.shape} -> {out_dtype}",
                       interprets="its FP8 tiles are transposed wgmma operands, which JAX's Mosaic GPU interpreter "
                                  "does not read" if fp8 else True)
     return answer
 
 
-def _gpu_kernel(lhs, group_sizes, fp8_lhs=False, **settings):
-    """The GPU kernel as a function of (lhs, rhs, group_sizes, group_offset, scale), for
-    with_reference_gradient: rhs (and FP8 weights' scales) read in place at group_offset; with
-    fp8_lhs, lhs quantized per row first."""
+def _out_dtype(lhs):
+    return jnp.bfloat16 if jnp.dtype(lhs.dtype) == FP8 else lhs.dtype
+
+
+def _gpu_kernel(lhs, group_sizes, **settings):
+    """The GPU kernel as a function of (lhs, rhs, group_sizes, group_offset, scale, lhs_scale), for
+    with_reference_gradient: rhs (and FP8 weights' scales) read in place at group_offset."""
     from pallas_kernels.moe import gmm_gpu
 
     settings["tile_m"] = 128 if settings.get("swiglu") else _gpu_tile_m(lhs, group_sizes)
 
-    def kernel(lhs, rhs, group_sizes, group_offset, scale):
-        rows = {}
-        if fp8_lhs:
-            lhs, rows["lhs_scale"] = quantize_rows(lhs)
-        return gmm_gpu.gmm(lhs, rhs, group_sizes, group_offset=group_offset, scale=scale, **rows, **settings)
+    def kernel(lhs, rhs, group_sizes, group_offset, scale, lhs_scale):
+        return gmm_gpu.gmm(lhs, rhs, group_sizes, group_offset=group_offset, scale=scale, lhs_scale=lhs_scale,
+                           **settings)
     return kernel
 
 
@@ -71,11 +68,12 @@ def gmm_backend(lhs, rhs, preferred_element_type=None, backend="auto") -> str:
     return resolve(backend, gpu=_gmm_gpu(lhs, rhs, preferred_element_type), tpu=_tpu(rhs))
 
 
-def gmm(lhs, rhs, group_sizes, *, group_offset=0, scale=None, fp8_lhs=False, preferred_element_type=None,
+def gmm(lhs, rhs, group_sizes, *, group_offset=0, scale=None, lhs_scale=None, preferred_element_type=None,
         backend="auto", interpret=False):
     """Grouped matmul, `jax.lax.ragged_dot` semantics: lhs [M, K], rhs [G, K, N], group_sizes [G]
     int32 (sum <= M; rows past the sum come back as zeros) -> [M, N] in preferred_element_type
-    (default lhs.dtype), accumulated in float32. Empty groups read none of their rhs in the kernels.
+    (default lhs.dtype; bf16 for FP8 lhs), accumulated in float32. Empty groups read none of their
+    rhs in the kernels.
 
     group_offset: int or [] int32: group g multiplies rhs[group_offset + g] of a longer stack
     [>= group_offset + G, K, N] (one layer's experts in the stack of every layer's: the GPU kernel
@@ -84,70 +82,70 @@ def gmm(lhs, rhs, group_sizes, *, group_offset=0, scale=None, fp8_lhs=False, pre
     (K-major) and scale [G', N] float32, read at group_offset like rhs; group g's rows are
     (rows @ rhs[group_offset + g].T, accumulated in float32) * scale[group_offset + g], rounded
     once. The GPU kernel and the reference take them.
-    fp8_lhs: with FP8 weights, lhs (bf16) is quantized per row (`pallas_kernels.backend.quantize_rows`)
-    and the product is `reference.gmm` of the FP8 rows with their scales (`lhs_scale`): the GPU
-    kernel multiplies on the FP8 tensor cores. Its gradient is the weight-only product's (the
-    rows' rounding passed straight through).
+    lhs_scale: None; or with FP8 weights, FP8 rows (`pallas_kernels.backend.quantize_rows`) and
+    their [M] float32 scales: `reference.gmm`'s lhs_scale product, which the GPU kernel runs on the
+    FP8 tensor cores. FP8 lhs gets no gradient (as FP8 weights get none): a caller that trains
+    through it passes the rows' rounding straight through itself (`ring_jax.layers.moe`).
 
     backend, interpret: `pallas_kernels.backend`.
     """
-    _check_scale(lhs, rhs, scale, fp8_lhs)
-    kind = resolve(backend, interpret, gpu=_gmm_gpu(lhs, rhs, preferred_element_type, fp8_lhs=fp8_lhs),
-                   tpu=_tpu(rhs))
-    G, out_dtype = group_sizes.shape[0], jnp.dtype(preferred_element_type or lhs.dtype)
+    _check_scale(lhs, rhs, scale, lhs_scale)
+    kind = resolve(backend, interpret, gpu=_gmm_gpu(lhs, rhs, preferred_element_type), tpu=_tpu(rhs))
+    G, out_dtype = group_sizes.shape[0], jnp.dtype(preferred_element_type or _out_dtype(lhs))
 
-    def ref(lhs, rhs, group_sizes, group_offset, scale, quantized=False):
-        rows = dict(zip(("lhs", "lhs_scale"), quantize_rows(lhs))) if quantized else dict(lhs=lhs)
-        return reference.gmm(rhs=_groups(rhs, group_offset, G), group_sizes=group_sizes, preferred_element_type=out_dtype,
-                             scale=None if scale is None else _groups(scale, group_offset, G), **rows)
+    def ref(lhs, rhs, group_sizes, group_offset, scale, lhs_scale):
+        return reference.gmm(lhs, _groups(rhs, group_offset, G), group_sizes, preferred_element_type=out_dtype,
+                             scale=None if scale is None else _groups(scale, group_offset, G), lhs_scale=lhs_scale)
 
     if kind == "gpu":
-        kernel = _gpu_kernel(lhs, group_sizes, fp8_lhs, preferred_element_type=preferred_element_type,
+        kernel = _gpu_kernel(lhs, group_sizes, preferred_element_type=preferred_element_type,
                              interpret=bool(interpret))
-    elif kind == "tpu" and not fp8_lhs:
+    elif kind == "tpu":
         from pallas_kernels.moe import gmm_tpu
 
-        def kernel(lhs, rhs, group_sizes, group_offset, scale):    # scale: None, the TPU kernel takes no FP8
+        def kernel(lhs, rhs, group_sizes, group_offset, scale, lhs_scale):   # scales: None, no FP8 on the TPU
             return gmm_tpu.gmm(lhs, _groups(rhs, group_offset, G), group_sizes,
                                preferred_element_type=preferred_element_type, interpret=interpret)
-    elif fp8_lhs:
-        kernel = functools.partial(ref, quantized=True)
     else:
-        return ref(lhs, rhs, group_sizes, group_offset, scale)
-    # The scale is an argument, not a closure constant: inside a scan over layers it is a tracer.
-    return with_reference_gradient(kernel, ref)(lhs, rhs, group_sizes, jnp.asarray(group_offset, jnp.int32), scale)
+        return ref(lhs, rhs, group_sizes, group_offset, scale, lhs_scale)
+    # The scales are arguments, not closure constants: inside a scan over layers they are tracers.
+    return with_reference_gradient(kernel, ref)(lhs, rhs, group_sizes, jnp.asarray(group_offset, jnp.int32), scale,
+                                                lhs_scale)
 
 
-def gmm_swiglu(lhs, rhs, group_sizes, *, group_offset=0, scale=None, fp8_lhs=False, backend="auto",
+def gmm_swiglu(lhs, rhs, group_sizes, *, group_offset=0, scale=None, lhs_scale=None, backend="auto",
                interpret=False):
-    """`reference.swiglu(gmm(lhs, rhs, group_sizes, group_offset=..., scale=..., fp8_lhs=...))`: the
-    experts' gate and up products (rhs [G, K, 2 I], gate columns then up; FP8 with scale: [G, 2 I,
-    K]) and SwiGLU -> [M, I] in lhs.dtype. Where the GPU kernel runs with 128-row tiles, SwiGLU runs
-    in its epilogue, so the [M, 2 I] product is never written."""
-    _check_scale(lhs, rhs, scale, fp8_lhs)
-    kind = resolve(backend, interpret, gpu=_gmm_gpu(lhs, rhs, None, swiglu=True, fp8_lhs=fp8_lhs), tpu=_tpu(rhs))
+    """`reference.swiglu(gmm(lhs, rhs, group_sizes, group_offset=..., scale=..., lhs_scale=...))`:
+    the experts' gate and up products (rhs [G, K, 2 I], gate columns then up; FP8 with scale: [G,
+    2 I, K]) and SwiGLU -> [M, I] in lhs.dtype (bf16 for FP8 lhs). Where the GPU kernel runs with
+    128-row tiles, SwiGLU runs in its epilogue, so the [M, 2 I] product is never written."""
+    _check_scale(lhs, rhs, scale, lhs_scale)
+    kind = resolve(backend, interpret, gpu=_gmm_gpu(lhs, rhs, None, swiglu=True), tpu=_tpu(rhs))
     if kind == "gpu" and _gpu_tile_m(lhs, group_sizes) == 128:
         G = group_sizes.shape[0]
-        kernel = _gpu_kernel(lhs, group_sizes, fp8_lhs, swiglu=True, interpret=bool(interpret))
+        kernel = _gpu_kernel(lhs, group_sizes, swiglu=True, interpret=bool(interpret))
 
-        def ref(lhs, rhs, group_sizes, group_offset, scale):
-            if fp8_lhs:    # SwiGLU's gradient at the FP8 product, the product's as `gmm` defines it
-                return reference.swiglu(gmm(lhs, rhs, group_sizes, group_offset=group_offset, scale=scale,
-                                            fp8_lhs=True, backend="reference"))
-            return reference.gmm_swiglu(lhs, _groups(rhs, group_offset, G), group_sizes,
+        def ref(lhs, rhs, group_sizes, group_offset, scale, lhs_scale):
+            return reference.gmm_swiglu(lhs, _groups(rhs, group_offset, G), group_sizes, lhs_scale=lhs_scale,
                                         scale=None if scale is None else _groups(scale, group_offset, G))
         return with_reference_gradient(kernel, ref)(lhs, rhs, group_sizes, jnp.asarray(group_offset, jnp.int32),
-                                                    scale)
-    return reference.swiglu(gmm(lhs, rhs, group_sizes, group_offset=group_offset, scale=scale, fp8_lhs=fp8_lhs,
+                                                    scale, lhs_scale)
+    return reference.swiglu(gmm(lhs, rhs, group_sizes, group_offset=group_offset, scale=scale, lhs_scale=lhs_scale,
                                 backend=backend, interpret=interpret))
 
 
-def _check_scale(lhs, rhs, scale, fp8_lhs=False):
-    """A ValueError unless rhs is FP8 [G', N, K] with K lhs's and scale its float32 [G', N] scales,
-    or rhs is not FP8 and scale is None and fp8_lhs False."""
+def _check_scale(lhs, rhs, scale, lhs_scale=None):
+    """A ValueError unless rhs is FP8 [G', N, K] with K lhs's and scale its float32 [G', N] scales
+    (and lhs is bf16, or FP8 with lhs_scale its float32 [M] scales), or nothing is FP8 and both
+    scales are None."""
     fp8 = jnp.dtype(rhs.dtype) == FP8
-    if fp8_lhs and not fp8:
-        raise ValueError(f"gmm: fp8_lhs multiplies FP8 rows by FP8 weights; rhs is {rhs.dtype}")
+    if (jnp.dtype(lhs.dtype) == FP8) != (lhs_scale is not None):
+        raise ValueError(f"gmm: FP8 (float8_e4m3fn) lhs goes with lhs_scale and only with it; got {lhs.dtype} lhs, "
+                         f"lhs_scale {None if lhs_scale is None else lhs_scale.shape}")
+    if lhs_scale is not None and (not fp8 or lhs_scale.shape != lhs.shape[:1]
+                                  or jnp.dtype(lhs_scale.dtype) != jnp.float32):
+        raise ValueError(f"gmm: FP8 lhs {lhs.shape} multiplies FP8 weights with lhs_scale float32 [{lhs.shape[0]}]; "
+                         f"got {rhs.dtype} rhs and lhs_scale {lhs_scale.dtype} {lhs_scale.shape}")
     if scale is None:
         if fp8:
             raise ValueError("gmm: FP8 (float8_e4m3fn) rhs needs its scale: pass scale, [G, N] float32")

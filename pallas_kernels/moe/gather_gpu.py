@@ -7,7 +7,7 @@ read top_k times, partly from L2); docs/PERFORMANCE.md has the figures.
 
 Grid (N / ROWS, H / block): each program copies ROWS rows of one column block (BLOCK_H columns,
 or the largest power of two dividing H below that), each row from the place its index names. A
-pure copy: the output's bits are the input's.
+pure copy: the output's bits are the input's (FP8 rows move as bytes).
 """
 
 import functools
@@ -47,6 +47,9 @@ def _kernel(idx_ref, x_ref, out_ref):
 @functools.partial(jax.jit, static_argnames=("interpret",))
 def take_rows(x, idx, *, interpret=False):
     """x: [R, H]; idx: [N] int32, each in [0, R) -> [N, H]: out[n] = x[idx[n]] (api.take_rows)."""
+    if jnp.dtype(x.dtype).itemsize == 1 and jnp.issubdtype(x.dtype, jnp.floating):    # FP8: as bytes
+        rows = take_rows(jax.lax.bitcast_convert_type(x, jnp.uint8), idx, interpret=interpret)
+        return jax.lax.bitcast_convert_type(rows, x.dtype)
     N, H = idx.shape[0], x.shape[1]
     bh = block_h(H)
     return pl.pallas_call(

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import pallas_kernels
+from pallas_kernels.backend import quantize_rows, with_reference_gradient
 from ring_jax import backends
 from ring_jax.config import RingConfig
 from ring_jax.layers.linear import matmul
@@ -91,7 +92,7 @@ def expert_outputs(tokens, ids, gate_up, down, expert_axis=None, gathered=None, 
     [E, 2 I, hidden] and [E, hidden, I] with their scales, `Experts.weights`). expert_axis: inside
     shard_map, the mesh axis the experts are split over (this device holds experts [i E, (i + 1) E),
     i its index on the axis; pairs whose expert is elsewhere come back as zeros). fp8_rows: with FP8
-    weights, the grouped matmuls quantize their rows to FP8 (`pallas_kernels.gmm`'s fp8_lhs; the
+    weights, the grouped matmuls quantize their rows to FP8 (`pallas_kernels.gmm`'s lhs_scale; the
     gathered products stay weight-only). Returns [N, k, hidden] in tokens' dtype.
 
     The pairs run sorted by expert through grouped matmuls (dropless), or, for few pairs, each
@@ -144,13 +145,35 @@ def grouped_outputs(tokens, ids, gate_up, down, fp8_rows=False):
     E = _count(gate_up)
     order, rank, group_sizes = sort_by_expert(ids.reshape(-1), E + 1)
     group_sizes = group_sizes[:E]                           # rows past their sum come back as zeros
-    rows = pallas_kernels.take_rows(tokens, order // k)                          # sorted by expert
     (gate_up, first), (down, _) = _one_stack(gate_up), _one_stack(down)
-    (gate_up, gate_up_scale), (down, down_scale) = _kernel_operands(gate_up), _kernel_operands(down)
-    fp8_lhs = dict(fp8_lhs=True) if fp8_rows and gate_up_scale else {}
-    out = pallas_kernels.gmm_swiglu(rows, gate_up, group_sizes, group_offset=first, **gate_up_scale, **fp8_lhs)
-    out = pallas_kernels.gmm(out, down, group_sizes, group_offset=first, **down_scale, **fp8_lhs)
+    operands = (tokens, order // k, group_sizes, jnp.asarray(first, jnp.int32), gate_up, down)
+    if fp8_rows and isinstance(gate_up, Fp8):   # the gradient passes the rows' rounding straight through
+        out = with_reference_gradient(_fp8_row_products, _products)(*operands)
+    else:
+        out = _products(*operands)
     return out[rank].reshape(N, k, -1)
+
+
+def _products(tokens, source, group_sizes, first, gate_up, down):
+    """tokens [N, hidden] -> [P, hidden]: rows `source` [P] of tokens (in expert order, group_sizes
+    [E] rows per expert) through the experts' gate_up and SwiGLU and down grouped matmuls, reading
+    the experts at `first` in their stacks (arrays, or Fp8s of them: weight-only)."""
+    rows = pallas_kernels.take_rows(tokens, source)
+    (gate_up, gate_up_scale), (down, down_scale) = _kernel_operands(gate_up), _kernel_operands(down)
+    out = pallas_kernels.gmm_swiglu(rows, gate_up, group_sizes, group_offset=first, **gate_up_scale)
+    return pallas_kernels.gmm(out, down, group_sizes, group_offset=first, **down_scale)
+
+
+def _fp8_row_products(tokens, source, group_sizes, first, gate_up, down):
+    """`_products` with FP8 weights (Fp8s) multiplying FP8 rows: each token quantized once, before
+    its top_k copies (which then move half the bytes), and the SwiGLU output per row."""
+    values, row_scale = quantize_rows(tokens)
+    rows = pallas_kernels.take_rows(values, source)
+    out = pallas_kernels.gmm_swiglu(rows, gate_up.values, group_sizes, group_offset=first, scale=gate_up.scale,
+                                    lhs_scale=row_scale[source])
+    values, row_scale = quantize_rows(out)
+    return pallas_kernels.gmm(values, down.values, group_sizes, group_offset=first, scale=down.scale,
+                              lhs_scale=row_scale)
 
 
 def gathered_outputs(tokens, ids, gate_up, down):
