@@ -256,18 +256,19 @@ def test_gpu_gmm_swiglu_epilogue_matches_unfused(case):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("fp8", [False, True, "rows"])
 def test_moe_layer_through_gpu_kernel_matches_reference_path(monkeypatch, fp8):
     """A whole MoE layer (router -> sorted dispatch -> kernel gmm -> SwiGLU -> gmm -> combine)
     against the same layer with the jnp reference gmm and SwiGLU, at prefill and decode sizes;
-    bf16 and FP8 experts."""
+    bf16 and FP8 experts, and FP8 experts on FP8 rows (`fp8_activations="grouped"`)."""
     from flax import nnx
 
     from ring_jax.config import RingConfig
     from ring_jax import backends
     from ring_jax.layers import moe
 
-    config = RingConfig.from_hf(load_config_dict("tiny.json"), hidden_size=256, moe_intermediate_size=128)
+    config = RingConfig.from_hf(load_config_dict("tiny.json"), hidden_size=256, moe_intermediate_size=128,
+                                fp8_activations="grouped" if fp8 == "rows" else "none")
     layer = moe.MoE(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
     if fp8:
         layer.experts.quantize()
