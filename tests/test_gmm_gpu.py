@@ -159,6 +159,16 @@ def test_kernel_reads_fp8_tiles(case, fp8_lhs, transposed_wgmma_operands):
         api.gmm(lhs, values, sizes, scale=scale, backend="gpu", interpret=True)
 
 
+def test_kernel_reads_k_major_bf16_weights(transposed_wgmma_operands):
+    """bf16 weights given K-major ([G, N, K], the rows' gradient's product with the forward's
+    weights), interpreted: the reference's product with the transposes, within summation order."""
+    lhs, rhs, sizes = operands(10, 200, 128, 512, [60, 0, 2, 1, 100])
+    got = gmm_gpu.gmm(lhs, jnp.swapaxes(rhs, 1, 2), sizes, k_major=True, preferred_element_type=jnp.float32,
+                      tile_m=64, interpret=True)
+    want = reference.gmm(lhs, rhs, sizes, preferred_element_type=jnp.float32)
+    assert rel_err(got[:163], want[:163]) <= 1e-6 and not np.asarray(got[163:]).any()
+
+
 def assert_bits_but_rare_ulps(got, want):
     """got equals want (bf16) but for rare one-ulp differences: the same products summed in another
     order can round the other way."""
@@ -214,7 +224,9 @@ def test_gpu_gmm_fp8_matches_reference(case, fp8_lhs):
     """FP8 weights read by the kernel (K-major tiles converted in SMEM, or with FP8 lhs and its row
     scales multiplied on FP8 tensor cores; scales in the epilogue) at a group offset: the
     reference's bits but for rare one-ulp roundings, both tile heights, bf16 and float32 outputs,
-    and with SwiGLU in the epilogue; zeros past the sum."""
+    and with SwiGLU in the epilogue; zeros past the sum. Hopper's FP8 MMA accumulates with less
+    than float32's precision, so with FP8 rows the float32 sums are within 1e-5 and the bf16
+    outputs round the other way more often (within 2e-3 relative)."""
     M, K, N, sizes = CASES[case]
     if sizes is None:
         sizes = random_sizes(np.random.default_rng(0), M, 256)
@@ -224,6 +236,13 @@ def test_gpu_gmm_fp8_matches_reference(case, fp8_lhs):
     layer = dict(rhs=values[offset:], group_sizes=jnp.asarray(sizes, jnp.int32), scale=scale[offset:], **rows)
     run = functools.partial(gmm_gpu.gmm, rows["lhs"], values, layer["group_sizes"], group_offset=offset, scale=scale,
                             lhs_scale=rows.get("lhs_scale"))
+
+    def bf16_close(got, want):
+        if fp8_lhs:
+            assert rel_err(got, want) <= 2e-3
+        else:
+            assert_bits_but_rare_ulps(got, want)
+
     for tile_m in (64, 128):
         for out_dtype in (jnp.bfloat16, jnp.float32):
             got = run(preferred_element_type=out_dtype, tile_m=tile_m)
@@ -232,8 +251,8 @@ def test_gpu_gmm_fp8_matches_reference(case, fp8_lhs):
             if out_dtype == jnp.float32:
                 assert rel_err(got, want) <= 1e-5
             else:
-                assert_bits_but_rare_ulps(got, want)
-    assert_bits_but_rare_ulps(run(swiglu=True), reference.gmm_swiglu(**layer))
+                bf16_close(got, want)
+    bf16_close(run(swiglu=True), reference.gmm_swiglu(**layer))
 
 
 @pytest.mark.gpu
@@ -260,7 +279,8 @@ def test_gpu_gmm_swiglu_epilogue_matches_unfused(case):
 def test_moe_layer_through_gpu_kernel_matches_reference_path(monkeypatch, fp8):
     """A whole MoE layer (router -> sorted dispatch -> kernel gmm -> SwiGLU -> gmm -> combine)
     against the same layer with the jnp reference gmm and SwiGLU, at prefill and decode sizes;
-    bf16 and FP8 experts, and FP8 experts on FP8 rows (`fp8_activations="grouped"`)."""
+    bf16 and FP8 experts, and FP8 experts on FP8 rows (`fp8_activations="grouped"`: the SwiGLU
+    output's one-ulp differences become e4m3 steps where they flip its quantization)."""
     from flax import nnx
 
     from ring_jax.config import RingConfig
@@ -281,7 +301,7 @@ def test_moe_layer_through_gpu_kernel_matches_reference_path(monkeypatch, fp8):
             mp.setattr(moe.pallas_kernels, "gmm", functools.partial(api.gmm, backend="reference"))
             mp.setattr(moe.pallas_kernels, "gmm_swiglu", functools.partial(api.gmm_swiglu, backend="reference"))
             slow = layer(x)
-        assert rel_err(fast, slow) <= 1e-2
+        assert rel_err(fast, slow) <= (3e-2 if fp8 == "rows" else 1e-2)
 
 
 @pytest.mark.gpu
@@ -302,10 +322,11 @@ def test_gpu_gmm_reads_a_layer_of_a_stack_in_place(swiglu):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32, FP8])
 def test_gpu_take_rows_copies_the_indexed_rows(dtype):
     """The row-gather kernel on the GPU, at a prefill chunk's dispatch shape (4096 tokens x top-8,
-    hidden 2048) and a small one: x[idx] bit for bit, and "auto" takes the kernel."""
+    hidden 2048) and a small one: x[idx] bit for bit (FP8 rows as bytes), and "auto" takes the
+    kernel."""
     import pallas_kernels
     from pallas_kernels.moe import gather_gpu
     from pallas_kernels.backend import platform
@@ -323,7 +344,9 @@ def test_gpu_take_rows_copies_the_indexed_rows(dtype):
 @pytest.mark.gpu
 def test_gradient_through_the_kernel_is_the_references():
     """jax.grad through the Mosaic GPU grouped matmul (plain and SwiGLU, a layer's experts read in
-    a longer stack) takes the reference's backward: the same gradients as through the reference."""
+    a longer stack): the rows' gradient through the kernel with the weights K-major (and SwiGLU's
+    at the product the kernel recomputes), the weights' the reference's: the gradients through the
+    reference, within summation order."""
     from test_kernel_gradients import grads
 
     rng = np.random.default_rng(3)
@@ -334,4 +357,4 @@ def test_gradient_through_the_kernel_is_the_references():
         got = grads(lambda l, r: entry(l, r, sizes, group_offset=4, backend="gpu"), (lhs, stack), (0, 1))
         want = grads(lambda l, r: entry(l, r, sizes, group_offset=4, backend="reference"), (lhs, stack), (0, 1))
         for g, w in zip(got, want):
-            np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
+            assert rel_err(g, w) <= 5e-3

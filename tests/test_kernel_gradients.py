@@ -105,20 +105,26 @@ def test_gmm_tpu_kernel():
                    lambda l, r: pallas_kernels.gmm(l, r, sizes, backend="reference"), (lhs, rhs), (0, 1))
 
 
-def gmm_stand_in(lhs, rhs, sizes, group_offset=0, scale=None, lhs_scale=None, swiglu=False, **_):
+def gmm_stand_in(lhs, rhs, sizes, group_offset=0, scale=None, lhs_scale=None, swiglu=False, k_major=False,
+                 preferred_element_type=None, **_):
     """`gmm_gpu.gmm`'s numbers in jnp: the reference on the groups (and scales) at group_offset."""
     def layer(stack):
         return None if stack is None else jax.lax.dynamic_slice_in_dim(stack, group_offset, sizes.shape[0])
-    return (moe_reference.gmm_swiglu if swiglu else moe_reference.gmm)(lhs, layer(rhs), sizes, scale=layer(scale),
-                                                                       lhs_scale=lhs_scale)
+    if swiglu:
+        return moe_reference.gmm_swiglu(lhs, layer(rhs), sizes, scale=layer(scale), lhs_scale=lhs_scale)
+    weights = jnp.swapaxes(layer(rhs), 1, 2) if k_major and scale is None else layer(rhs)
+    return moe_reference.gmm(lhs, weights, sizes, scale=layer(scale), lhs_scale=lhs_scale,
+                             preferred_element_type=preferred_element_type)
 
 
 def test_mosaic_gpu_branches_take_the_reference_gradient(monkeypatch):
-    """The grouped matmul's (plain and SwiGLU, reading a layer's experts in a longer stack) and the
-    linear-attention scan's GPU branches, their kernels swapped for jnp stand-ins: the gradient is
-    the reference's, the stack's other layers get none."""
-    monkeypatch.setattr(gmm_gpu, "gmm", gmm_stand_in)
-    lhs, stack = normal((256, 128), jnp.bfloat16, seed=21), normal((6, 128, 512), jnp.bfloat16, seed=22, scale=0.1)
+    """The grouped matmul's (plain and SwiGLU, reading a layer's experts in a longer stack; the rows'
+    gradient through the kernel with the weights K-major) and the linear-attention scan's GPU
+    branches, their kernels swapped for jnp stand-ins: the gradient is the reference's, the stack's
+    other layers get none."""
+    calls = []
+    monkeypatch.setattr(gmm_gpu, "gmm", lambda *a, **k: calls.append(k.get("k_major")) or gmm_stand_in(*a, **k))
+    lhs, stack = normal((256, 256), jnp.bfloat16, seed=21), normal((6, 256, 512), jnp.bfloat16, seed=22, scale=0.1)
     sizes = jnp.asarray([120, 136], jnp.int32)                    # 128 rows per group: the SwiGLU epilogue
     for entry in (pallas_kernels.gmm, pallas_kernels.gmm_swiglu):
         got = grads(lambda l, r: entry(l, r, sizes, group_offset=2, backend="gpu"), (lhs, stack), (0, 1))
@@ -126,6 +132,7 @@ def test_mosaic_gpu_branches_take_the_reference_gradient(monkeypatch):
         for g, w in zip(got, want):
             np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
         assert not np.asarray(got[1], np.float32)[[0, 1, 4, 5]].any()
+    assert True in calls
 
     monkeypatch.setattr(linear_attention_api, "GPU_MIN_JAX", (0, 0))
     monkeypatch.setattr(scan_gpu, "linear_attention", lambda q, k, v, g, scale=None, initial_state=None:

@@ -10,6 +10,7 @@ they run through the reference there. `take_rows`, the gather of the tokens' row
 grouped matmuls: "gpu", a Pallas Triton kernel (`gather_gpu.py`), and XLA's gather.
 """
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -51,6 +52,42 @@ def _gpu_kernel(lhs, group_sizes, **settings):
         return gmm_gpu.gmm(lhs, rhs, group_sizes, group_offset=group_offset, scale=scale, lhs_scale=lhs_scale,
                            **settings)
     return kernel
+
+
+def _with_kernel_gradient(kernel, G: int, swiglu: bool, interpret: bool):
+    """kernel(lhs, rhs, group_sizes, group_offset, None, None) for bf16 weights, differentiable
+    through grouped matmuls: the rows' gradient is the output's gradient (through SwiGLU's, at the
+    product recomputed by the kernel) times the transposed weights, the GPU kernel reading the
+    weights K-major where it takes the shapes (XLA's ragged_dot transpose, which the reference's
+    gradient would run, expands to a dense product of every row with every group's weights on
+    the GPU); the weights' gradient is the reference's, which XLA drops when nothing trains them."""
+    from pallas_kernels.moe import gmm_gpu
+
+    @jax.custom_vjp
+    def f(lhs, rhs, group_sizes, group_offset):
+        return kernel(lhs, rhs, group_sizes, group_offset, None, None)
+
+    def forward(lhs, rhs, group_sizes, group_offset):
+        return f(lhs, rhs, group_sizes, group_offset), (lhs, rhs, group_sizes, group_offset)
+
+    def backward(residuals, cotangent):
+        lhs, rhs, group_sizes, group_offset = residuals
+        grad, tile_m = cotangent, _gpu_tile_m(lhs, group_sizes)
+        if swiglu:
+            product = gmm_gpu.gmm(lhs, rhs, group_sizes, group_offset=group_offset, tile_m=tile_m, interpret=interpret)
+            grad = jax.vjp(reference.swiglu, product)[1](cotangent)[0]
+        if gmm_gpu.supports(grad, rhs, lhs.dtype, k_major=True):
+            d_lhs = gmm_gpu.gmm(grad, rhs, group_sizes, group_offset=group_offset, k_major=True,
+                                preferred_element_type=lhs.dtype, tile_m=tile_m, interpret=interpret)
+        else:
+            d_lhs = jax.vjp(lambda x: reference.gmm(x, _groups(rhs, group_offset, G), group_sizes,
+                                                    preferred_element_type=grad.dtype), lhs)[1](grad)[0]
+        d_rhs = jax.vjp(lambda r: reference.gmm(lhs, _groups(r, group_offset, G), group_sizes,
+                                                preferred_element_type=grad.dtype), rhs)[1](grad)[0]
+        return d_lhs, d_rhs, None, None
+
+    f.defvjp(forward, backward)
+    return lambda lhs, rhs, group_sizes, group_offset, scale, lhs_scale: f(lhs, rhs, group_sizes, group_offset)
 
 
 def _tpu(rhs):
@@ -108,9 +145,12 @@ def gmm(lhs, rhs, group_sizes, *, group_offset=0, scale=None, lhs_scale=None, pr
                                preferred_element_type=preferred_element_type, interpret=interpret)
     else:
         return ref(lhs, rhs, group_sizes, group_offset, scale, lhs_scale)
+    if kind == "gpu" and scale is None:
+        kernel = _with_kernel_gradient(kernel, G, False, bool(interpret))
+    else:
+        kernel = with_reference_gradient(kernel, ref)
     # The scales are arguments, not closure constants: inside a scan over layers they are tracers.
-    return with_reference_gradient(kernel, ref)(lhs, rhs, group_sizes, jnp.asarray(group_offset, jnp.int32), scale,
-                                                lhs_scale)
+    return kernel(lhs, rhs, group_sizes, jnp.asarray(group_offset, jnp.int32), scale, lhs_scale)
 
 
 def gmm_swiglu(lhs, rhs, group_sizes, *, group_offset=0, scale=None, lhs_scale=None, backend="auto",
@@ -128,8 +168,11 @@ def gmm_swiglu(lhs, rhs, group_sizes, *, group_offset=0, scale=None, lhs_scale=N
         def ref(lhs, rhs, group_sizes, group_offset, scale, lhs_scale):
             return reference.gmm_swiglu(lhs, _groups(rhs, group_offset, G), group_sizes, lhs_scale=lhs_scale,
                                         scale=None if scale is None else _groups(scale, group_offset, G))
-        return with_reference_gradient(kernel, ref)(lhs, rhs, group_sizes, jnp.asarray(group_offset, jnp.int32),
-                                                    scale, lhs_scale)
+        if scale is None:
+            kernel = _with_kernel_gradient(kernel, G, True, bool(interpret))
+        else:
+            kernel = with_reference_gradient(kernel, ref)
+        return kernel(lhs, rhs, group_sizes, jnp.asarray(group_offset, jnp.int32), scale, lhs_scale)
     return reference.swiglu(gmm(lhs, rhs, group_sizes, group_offset=group_offset, scale=scale, lhs_scale=lhs_scale,
                                 backend=backend, interpret=interpret))
 

@@ -110,14 +110,14 @@ def _silu_times_up(gate, up, dtype):
 
 
 def _kernel(items_gmem, count_gmem, offset_gmem, lhs_gmem, rhs_gmem, *refs, groups, tile_m, tile_n, stages,
-            swiglu):
+            swiglu, k_major):
     fp8 = rhs_gmem.dtype == FP8          # K-major [G', N, K] tiles with column scales
     fp8_lhs = lhs_gmem.dtype == FP8      # and FP8 lhs with row scales: FP8 tensor cores
     convert = fp8 and not fp8_lhs        # bf16 lhs: the FP8 tiles become bf16 in SMEM, per warpgroup
     scale_gmem, lhs_scale_gmem = (refs[0], refs[1] if fp8_lhs else None) if fp8 else (None, None)
     out_gmem = refs[-1]
     K = lhs_gmem.shape[1]
-    G, N = groups, rhs_gmem.shape[1 if fp8 else 2]
+    G, N = groups, rhs_gmem.shape[1 if k_major else 2]
     dtype = out_gmem.dtype
     epi_n = 128 // dtype.itemsize  # one 128-byte swizzle row
     tile_k = _tile_k(lhs_gmem.dtype)
@@ -129,9 +129,10 @@ def _kernel(items_gmem, count_gmem, offset_gmem, lhs_gmem, rhs_gmem, *refs, grou
 
     def pipeline(body, context):
         spec = functools.partial(plgpu.BlockSpec, memory_space=plgpu.SMEM, transforms=_swizzled(lhs_gmem.dtype))
-        if fp8:  # K-major rows of tile_k one-byte values: a 64-byte swizzle (128 with FP8 lhs)
+        if k_major:  # rows of tile_k values: FP8 converted to bf16, a 64-byte swizzle; else 128 bytes
             rhs_specs = [plgpu.BlockSpec((n, tile_k), lambda k: (0, k), memory_space=plgpu.SMEM,
-                                         transforms=_swizzled(FP8, tile_k)) for n in rhs_n]
+                                         transforms=_swizzled(rhs_gmem.dtype, tile_k * jnp.dtype(rhs_gmem.dtype).itemsize))
+                         for n in rhs_n]
         else:
             rhs_specs = [spec((tile_k, n), lambda k: (k, 0)) for n in rhs_n]
         return plgpu.emit_pipeline_warp_specialized(
@@ -193,7 +194,7 @@ def _kernel(items_gmem, count_gmem, offset_gmem, lhs_gmem, rhs_gmem, *refs, grou
 
             def mma(_, a_smem, *b_smem_and_acc):
                 *b_smem, acc = b_smem_and_acc
-                if fp8:  # this warpgroup's K-major [tile_n, tile_k] tiles: transposed operands
+                if k_major:  # this warpgroup's K-major [tile_n, tile_k] tiles: transposed operands
                     mine = b_smem if swiglu else [b_smem[0].at[pl.ds(pl.multiple_of(wg * tile_n, 8), tile_n)]]
                     if convert:
                         mine = [_to_bf16(b, conv_smem.at[wg, i]) for i, b in enumerate(mine)]
@@ -204,7 +205,7 @@ def _kernel(items_gmem, count_gmem, offset_gmem, lhs_gmem, rhs_gmem, *refs, grou
                     for b, c in zip(b_smem, acc):
                         plgpu.wgmma(c, a, b)
                 else:
-                    plgpu.wgmma(acc, a_smem, b_smem[0] if fp8 else b_smem[0].at[:, pl.ds(wg * tile_n, tile_n)])
+                    plgpu.wgmma(acc, a_smem, b_smem[0] if k_major else b_smem[0].at[:, pl.ds(wg * tile_n, tile_n)])
                 plgpu.wgmma_wait(0)
                 return acc
 
@@ -216,7 +217,7 @@ def _kernel(items_gmem, count_gmem, offset_gmem, lhs_gmem, rhs_gmem, *refs, grou
             else:
                 scale_cols = [col]
                 widths = [(n_block * 2 * tile_n, 2 * tile_n)]
-            blocks = [rhs.at[pl.ds(*w)] if fp8 else rhs.at[:, pl.ds(*w)] for w in widths]
+            blocks = [rhs.at[pl.ds(*w)] if k_major else rhs.at[:, pl.ds(*w)] for w in widths]
             scales = scale_gmem.at[stacked] if fp8 else None
 
             @pl.when(group < G)
@@ -249,12 +250,13 @@ def _swizzled(dtype, row_bytes: int = 128):
     return plgpu.TilingTransform((8, row_bytes // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(row_bytes)
 
 
-def supports(lhs, rhs, out_dtype, tile_n: int = 128, swiglu: bool = False) -> bool:
+def supports(lhs, rhs, out_dtype, tile_n: int = 128, swiglu: bool = False, k_major: bool = False) -> bool:
     """Whether `gmm` takes these operands (arrays or ShapeDtypeStructs): bf16 lhs with bf16 rhs
-    [G, K, N] or FP8 rhs [G, N, K], or FP8 lhs with FP8 rhs; K a multiple of 128 bytes of lhs (64
-    bf16, 128 FP8 values), N % (2 tile_n) == 0, bf16/f32 out (bf16 with swiglu)."""
+    [G, K, N] (k_major: [G, N, K]) or FP8 rhs [G, N, K], or FP8 lhs with FP8 rhs; K a multiple of
+    128 bytes of lhs (64 bf16, 128 FP8 values), N % (2 tile_n) == 0, bf16/f32 out (bf16 with
+    swiglu)."""
     fp8, fp8_lhs = (jnp.dtype(x.dtype) == FP8 for x in (rhs, lhs))
-    K, N = rhs.shape[1:][::-1] if fp8 else rhs.shape[1:]
+    K, N = rhs.shape[1:][::-1] if fp8 or k_major else rhs.shape[1:]
     return ((lhs.dtype == jnp.bfloat16 or (fp8_lhs and fp8)) and (fp8 or rhs.dtype == jnp.bfloat16)
             and lhs.shape[1] == K and K % _tile_k(lhs.dtype) == 0 and N % (2 * tile_n) == 0
             and jnp.dtype(out_dtype) in (jnp.bfloat16, jnp.float32)
@@ -263,13 +265,15 @@ def supports(lhs, rhs, out_dtype, tile_n: int = 128, swiglu: bool = False) -> bo
 
 # Jitted so that a program lowers the kernel once for all its call sites of one shape (a model's
 # layers): lowering a Mosaic GPU kernel takes a good part of a second.
-@functools.partial(jax.jit, static_argnames=("preferred_element_type", "swiglu", "tile_m", "tile_n", "stages",
-                                             "interpret"))
+@functools.partial(jax.jit, static_argnames=("preferred_element_type", "swiglu", "k_major", "tile_m", "tile_n",
+                                             "stages", "interpret"))
 def gmm(lhs, rhs, group_sizes, *, group_offset=0, scale=None, lhs_scale=None, preferred_element_type=None,
-        swiglu=False, tile_m=128, tile_n=128, stages=4, interpret=False):
+        swiglu=False, k_major=False, tile_m=128, tile_n=128, stages=4, interpret=False):
     """lhs [M, K] bf16, rhs [>= group_offset + G, K, N] bf16, group_sizes [G] int32 -> [M, N]:
     `reference.gmm` of the groups rhs[group_offset:][:G] (read in place); swiglu=True -> [M, N / 2]:
-    `reference.swiglu` of it, in the kernel's epilogue (bf16 out).
+    `reference.swiglu` of it, in the kernel's epilogue (bf16 out). k_major: bf16 rhs given as
+    [>= group_offset + G, N, K], the groups' transposes (the layout FP8 weights have; an input
+    gradient's product with the forward's weights).
 
     FP8 weights: rhs float8_e4m3fn [>= group_offset + G, N, K] (K-major) and scale, their
     [>= group_offset + G, N] float32 column scales, read like rhs: `reference.gmm` with scale (each
@@ -283,9 +287,10 @@ def gmm(lhs, rhs, group_sizes, *, group_offset=0, scale=None, lhs_scale=None, pr
     """
     M, K = lhs.shape
     fp8, fp8_lhs = (jnp.dtype(x.dtype) == FP8 for x in (rhs, lhs))
-    G, N = group_sizes.shape[0], rhs.shape[1 if fp8 else 2]
+    k_major = k_major or fp8
+    G, N = group_sizes.shape[0], rhs.shape[1 if k_major else 2]
     out_dtype = jnp.dtype(preferred_element_type or (jnp.bfloat16 if fp8_lhs else lhs.dtype))
-    if not supports(lhs, rhs, out_dtype, tile_n, swiglu):
+    if not supports(lhs, rhs, out_dtype, tile_n, swiglu, k_major):
         raise NotImplementedError(f"gpu gmm takes bf16 lhs and bf16 [G, K, N] or FP8 [G, N, K] rhs, or FP8 lhs and FP8 "
                                   f"rhs, with K a multiple of 128 bytes of lhs and N % {2 * tile_n} == 0 (swiglu: "
                                   f"bf16 out), got {lhs.dtype} {lhs.shape} x {rhs.dtype} {rhs.shape} -> {out_dtype}")
@@ -306,7 +311,8 @@ def gmm(lhs, rhs, group_sizes, *, group_offset=0, scale=None, lhs_scale=None, pr
     items, count = work_items(group_sizes, lhs.shape[0], tile_m)
     sms = INTERPRET_SMS if interpret else getattr(jax.devices()[0], "core_count", 132)
     kernel = plgpu.kernel(
-        functools.partial(_kernel, groups=G, tile_m=tile_m, tile_n=tile_n, stages=stages, swiglu=swiglu),
+        functools.partial(_kernel, groups=G, tile_m=tile_m, tile_n=tile_n, stages=stages, swiglu=swiglu,
+                          k_major=k_major),
         out_type=jax.ShapeDtypeStruct((lhs.shape[0], N // 2 if swiglu else N), out_dtype),
         grid=(sms,), grid_names=("sm",), num_threads=3, thread_name="wg",
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
