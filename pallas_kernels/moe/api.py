@@ -43,7 +43,7 @@ def _out_dtype(lhs):
 
 def _gpu_kernel(lhs, group_sizes, **settings):
     """The GPU kernel as a function of (lhs, rhs, group_sizes, group_offset, scale, lhs_scale), for
-    with_reference_gradient: rhs (and FP8 weights' scales) read in place at group_offset."""
+    the gradient wrappers: rhs (and FP8 weights' scales) read in place at group_offset."""
     from pallas_kernels.moe import gmm_gpu
 
     settings["tile_m"] = 128 if settings.get("swiglu") else _gpu_tile_m(lhs, group_sizes)
@@ -60,7 +60,8 @@ def _with_kernel_gradient(kernel, G: int, swiglu: bool, interpret: bool):
     product recomputed by the kernel) times the transposed weights, the GPU kernel reading the
     weights K-major where it takes the shapes (XLA's ragged_dot transpose, which the reference's
     gradient would run, expands to a dense product of every row with every group's weights on
-    the GPU); the weights' gradient is the reference's, which XLA drops when nothing trains them."""
+    the GPU; in interpret mode, whose interpreter reads no transposed operands, the reference's);
+    the weights' gradient is the reference's, which XLA drops when nothing trains them."""
     from pallas_kernels.moe import gmm_gpu
 
     @jax.custom_vjp
@@ -76,7 +77,7 @@ def _with_kernel_gradient(kernel, G: int, swiglu: bool, interpret: bool):
         if swiglu:
             product = gmm_gpu.gmm(lhs, rhs, group_sizes, group_offset=group_offset, tile_m=tile_m, interpret=interpret)
             grad = jax.vjp(reference.swiglu, product)[1](cotangent)[0]
-        if gmm_gpu.supports(grad, rhs, lhs.dtype, k_major=True):
+        if not interpret and gmm_gpu.supports(grad, rhs, lhs.dtype, k_major=True):
             d_lhs = gmm_gpu.gmm(grad, rhs, group_sizes, group_offset=group_offset, k_major=True,
                                 preferred_element_type=lhs.dtype, tile_m=tile_m, interpret=interpret)
         else:

@@ -30,10 +30,15 @@ memory warpgroup loads [2 tile_n, 64] FP8 blocks (half the bytes of bf16); each 
 converts its [tile_n, 64] tiles to bf16 in an SMEM buffer of its own (exact; through float32, as
 Hopper converts e4m3 only to f16 directly) and multiplies them as transposed wgmma operands. It
 copies its group's scales of its columns to SMEM while the pipeline runs and multiplies the
-float32 accumulator by them before rounding (and before SwiGLU).
+float32 accumulator by them before rounding (and before SwiGLU). With FP8 lhs too (row scales
+`lhs_scale`), the pipeline steps over K by 128 one-byte values, the tiles go to the FP8 tensor
+cores as they are, and the rows' scales join the columns' in the epilogue. bf16 weights given
+K-major (`k_major`: the input gradient's product with the forward's weights) take the same
+transposed-operand path without a conversion.
 
 Numerics: bf16 operands, float32 accumulation, one rounding to the output dtype (bf16 or f32);
-with SwiGLU the roundings of `reference.swiglu` after a bf16 product.
+with SwiGLU the roundings of `reference.swiglu` after a bf16 product. FP8 lhs: Hopper's FP8 MMA
+accumulates with less than float32's precision (the GPU tests bound it).
 
 Interpret mode (`interpret=True`) runs the kernel in JAX's Mosaic GPU interpreter on any device,
 over INTERPRET_SMS simulated SMs (the CPU tests).

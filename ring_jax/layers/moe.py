@@ -19,6 +19,8 @@ step where XLA fuses it otherwise (XLA:CPU does from about 130 tokens; tests/tes
 rounding can flip a later layer's routing.)
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -146,28 +148,65 @@ def grouped_outputs(tokens, ids, gate_up, down, fp8_rows=False):
     order, rank, group_sizes = sort_by_expert(ids.reshape(-1), E + 1)
     group_sizes = group_sizes[:E]                           # rows past their sum come back as zeros
     (gate_up, first), (down, _) = _one_stack(gate_up), _one_stack(down)
-    operands = (tokens, order // k, group_sizes, jnp.asarray(first, jnp.int32), gate_up, down)
+    operands = (tokens, order, rank, group_sizes, jnp.asarray(first, jnp.int32), gate_up, down)
     if fp8_rows and isinstance(gate_up, Fp8):   # the gradient passes the rows' rounding straight through
         out = with_reference_gradient(_fp8_row_products, _products)(*operands)
     else:
         out = _products(*operands)
-    return out[rank].reshape(N, k, -1)
+    return _permuted(out, rank, order).reshape(N, k, -1)
 
 
-def _products(tokens, source, group_sizes, first, gate_up, down):
-    """tokens [N, hidden] -> [P, hidden]: rows `source` [P] of tokens (in expert order, group_sizes
-    [E] rows per expert) through the experts' gate_up and SwiGLU and down grouped matmuls, reading
-    the experts at `first` in their stacks (arrays, or Fp8s of them: weight-only)."""
-    rows = pallas_kernels.take_rows(tokens, source)
+def _products(tokens, order, rank, group_sizes, first, gate_up, down):
+    """tokens [N, hidden] -> [N k, hidden]: the pairs in expert order (`_dispatch`; group_sizes [E]
+    rows per expert) through the experts' gate_up and SwiGLU and down grouped matmuls, reading the
+    experts at `first` in their stacks (arrays, or Fp8s of them: weight-only)."""
+    rows = _dispatch(tokens, order, rank)
     (gate_up, gate_up_scale), (down, down_scale) = _kernel_operands(gate_up), _kernel_operands(down)
     out = pallas_kernels.gmm_swiglu(rows, gate_up, group_sizes, group_offset=first, **gate_up_scale)
     return pallas_kernels.gmm(out, down, group_sizes, group_offset=first, **down_scale)
 
 
-def _fp8_row_products(tokens, source, group_sizes, first, gate_up, down):
+def _dispatch(tokens, order, rank):
+    """tokens [N, hidden], order [N k] (the pairs in expert order, pair n k + j token n's j-th) and
+    its inverse rank -> [N k, hidden]: row p is the token of pair order[p] (`take_rows`). The
+    gradient gathers where autodiff's would scatter-add (atomics on the GPU): token n's is the
+    float32 sum of its pairs' rows' gradients, found at rank[n k + j]."""
+    return _copies_in_order(tokens, order, rank, order.shape[0] // tokens.shape[0])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _copies_in_order(tokens, order, rank, k: int):
+    return pallas_kernels.take_rows(tokens, order // k)
+
+
+def _dispatch_forward(tokens, order, rank, k):
+    return _copies_in_order(tokens, order, rank, k), rank
+
+
+def _dispatch_backward(k, rank, cotangent):
+    pairs = cotangent[rank].reshape(-1, k, cotangent.shape[-1]).astype(jnp.float32)
+    return jnp.sum(pairs, axis=1).astype(cotangent.dtype), None, None
+
+
+_copies_in_order.defvjp(_dispatch_forward, _dispatch_backward)
+
+
+@jax.custom_vjp
+def _permuted(x, permutation, inverse):
+    """x [P, ...] -> x[permutation], with the gradient gathered through the inverse permutation
+    (autodiff's would scatter)."""
+    return x[permutation]
+
+
+_permuted.defvjp(lambda x, permutation, inverse: (x[permutation], inverse),
+                 lambda inverse, cotangent: (cotangent[inverse], None, None))
+
+
+def _fp8_row_products(tokens, order, rank, group_sizes, first, gate_up, down):
     """`_products` with FP8 weights (Fp8s) multiplying FP8 rows: each token quantized once, before
     its top_k copies (which then move half the bytes), and the SwiGLU output per row."""
     values, row_scale = quantize_rows(tokens)
+    source = order // (order.shape[0] // tokens.shape[0])
     rows = pallas_kernels.take_rows(values, source)
     out = pallas_kernels.gmm_swiglu(rows, gate_up.values, group_sizes, group_offset=first, scale=gate_up.scale,
                                     lhs_scale=row_scale[source])
