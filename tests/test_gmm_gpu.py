@@ -127,7 +127,7 @@ def transposed_wgmma_operands(monkeypatch):
 
 FP8_INTERPRETED = {  # M, group sizes, tile_m, swiglu, output dtype (bf16 out of plain 128-row tiles: on the GPU)
     "tiny groups, 64-row tiles, float32 out": (200, [60, 0, 2, 1, 100], 64, False, jnp.float32),
-    "SwiGLU in the epilogue": (1000, [300, 0, 500, 150], 128, True, jnp.bfloat16),
+    "SwiGLU in the epilogue": (400, [130, 0, 200, 50], 128, True, jnp.bfloat16),
 }
 
 
@@ -171,12 +171,14 @@ def test_kernel_reads_k_major_bf16_weights(transposed_wgmma_operands):
 
 def assert_bits_but_rare_ulps(got, want):
     """got equals want (bf16) but for rare one-ulp differences: the same products summed in another
-    order can round the other way."""
+    order can round the other way (for values a thousand times below the largest, which a sum's
+    cancellation leaves, one ulp of that thousandth)."""
     got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
     assert got.shape == want.shape
     differ = got != want
     assert differ.mean() <= 1e-3
-    assert (np.abs(got - want)[differ] <= np.abs(want)[differ] * 2.0 ** -7).all()
+    floor = 1e-3 * np.abs(want).max()
+    assert (np.abs(got - want)[differ] <= np.maximum(np.abs(want)[differ], floor) * 2.0 ** -7).all()
 
 
 def operands(seed, M, K, N, sizes):
