@@ -79,10 +79,6 @@ def test_generate_and_chat(model_dir, compilation_cache):
     assert again == ids
     for step in ("prefill_step", "decode_loop"):
         assert f"Persistent compilation cache hit for 'jit_{step}'" in log, log[-2000:]
-    if jax.default_backend() == "cpu":                      # conftest's 8 CPU devices
-        sharded = ring_jax_cli("generate", "--model", model_dir, "--prompt-ids", "5 6 7", "--prompt-ids", "8 9",
-                               "--max-new-tokens", "4", "--mesh", "data=2,expert=4")
-        assert sharded == ids
     text = ring_jax_cli("generate", "--model", model_dir, "--prompt", "Hello", "--max-new-tokens", "6")
     assert text.endswith("\n")
     out = ring_jax_cli("chat", "--model", model_dir, "--max-new-tokens", "5", "--temperature", "0.7",

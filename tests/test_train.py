@@ -161,11 +161,10 @@ def test_loss_in_pieces_equals_the_whole():
         return jax.jit(jax.value_and_grad(lambda p: train.loss(nnx.merge(graphdef, p), tokens, targets, weights,
                                                                 chunk=chunk)))(params)
     whole, whole_grads = value_and_grad(30)
-    for chunk in (8, 10):
-        value, grads = value_and_grad(chunk)
-        assert abs(float(value) - float(whole)) <= 1e-6 * float(whole)
-        for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(whole_grads)):
-            if not np.any(want):                      # the expert biases: selection only
-                assert not np.any(got)
-                continue
-            assert rel_err(got, want) <= 1e-5
+    value, grads = value_and_grad(8)                  # 4 pieces, the last padded
+    assert abs(float(value) - float(whole)) <= 1e-6 * float(whole)
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(whole_grads)):
+        if not np.any(want):                          # the expert biases: selection only
+            assert not np.any(got)
+            continue
+        assert rel_err(got, want) <= 1e-5
