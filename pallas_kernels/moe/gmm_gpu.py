@@ -135,9 +135,9 @@ def _kernel(items_gmem, count_gmem, offset_gmem, lhs_gmem, rhs_gmem, *refs, grou
     def pipeline(body, context):
         spec = functools.partial(plgpu.BlockSpec, memory_space=plgpu.SMEM, transforms=_swizzled(lhs_gmem.dtype))
         if k_major:  # rows of tile_k values: FP8 converted to bf16, a 64-byte swizzle; else 128 bytes
+            row_bytes = tile_k * jnp.dtype(rhs_gmem.dtype).itemsize
             rhs_specs = [plgpu.BlockSpec((n, tile_k), lambda k: (0, k), memory_space=plgpu.SMEM,
-                                         transforms=_swizzled(rhs_gmem.dtype, tile_k * jnp.dtype(rhs_gmem.dtype).itemsize))
-                         for n in rhs_n]
+                                         transforms=_swizzled(rhs_gmem.dtype, row_bytes)) for n in rhs_n]
         else:
             rhs_specs = [spec((tile_k, n), lambda k: (k, 0)) for n in rhs_n]
         return plgpu.emit_pipeline_warp_specialized(
@@ -306,8 +306,9 @@ def gmm(lhs, rhs, group_sizes, *, group_offset=0, scale=None, lhs_scale=None, pr
         raise ValueError(f"gpu gmm: scale must be float32 {(rhs.shape[0], N)} (rhs's groups and columns), got "
                          f"{scale.dtype} {scale.shape}")
     if fp8_lhs != (lhs_scale is not None) or (fp8_lhs and (lhs_scale.shape != (M,) or lhs_scale.dtype != jnp.float32)):
+        given = None if lhs_scale is None else (lhs_scale.dtype, lhs_scale.shape)
         raise ValueError(f"gpu gmm: FP8 lhs goes with lhs_scale, its float32 [{M}] row scales, and only with it; got "
-                         f"{lhs.dtype} lhs, lhs_scale {None if lhs_scale is None else (lhs_scale.dtype, lhs_scale.shape)}")
+                         f"{lhs.dtype} lhs, lhs_scale {given}")
     if swiglu and tile_m != 128:
         raise ValueError(f"swiglu splits a tile's rows over two warpgroups of 64: tile_m must be 128, got {tile_m}")
     if M % 8:  # TMA boxes need whole 8-row tiles of the global array
