@@ -48,16 +48,20 @@ def test_work_items_cover_every_row_once(tile_m, seed):
     np.testing.assert_array_equal(owner, expected)
 
 
-@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("fp8", [False, True, "rows"])
 @pytest.mark.parametrize("swiglu, tile_m", [(False, 64), (False, 128), (True, 128)])
 def test_kernel_lowers_for_cuda_on_any_machine(swiglu, tile_m, fp8):
     """The Mosaic GPU kernel lowers (layout inference, pipelines, TMA boxes) without a GPU: bf16
-    weights, and FP8 tiles converted in SMEM with the column scales in the epilogue."""
+    weights, FP8 tiles converted in SMEM with the column scales in the epilogue, and FP8 rows with
+    their row scales on the FP8 tensor cores."""
     S = jax.ShapeDtypeStruct
     rhs = S((8, 512, 256), FP8) if fp8 else S((8, 256, 512), jnp.bfloat16)
     scale = S((8, 512), jnp.float32) if fp8 else None
-    f = jax.jit(lambda a, b, s, c: gmm_gpu.gmm(a, b, s, scale=c, swiglu=swiglu, tile_m=tile_m))
-    exported = jax.export.export(f, platforms=["cuda"])(S((1000, 256), jnp.bfloat16), rhs, S((8,), jnp.int32), scale)
+    lhs, lhs_scale = S((1000, 256), jnp.bfloat16), None
+    if fp8 == "rows":
+        lhs, lhs_scale = S((1000, 256), FP8), S((1000,), jnp.float32)
+    f = jax.jit(lambda a, b, s, c, d: gmm_gpu.gmm(a, b, s, scale=c, lhs_scale=d, swiglu=swiglu, tile_m=tile_m))
+    exported = jax.export.export(f, platforms=["cuda"])(lhs, rhs, S((8,), jnp.int32), scale, lhs_scale)
     assert exported.out_avals[0].shape == (1000, 256 if swiglu else 512)
 
 
