@@ -7,8 +7,9 @@
 Prints, per shape, the GPU time of ours and of fla, each the sum of its kernels' durations in a
 profiler trace (`timing.device_ms`, `timing.torch_device_ms`), the q,k,v,o bytes over our time
 and its share of the measured device-to-device copy bandwidth; then both sides as a stream of calls
-queued back to back (host launch work included, one wait at the end); then the decode step inside
-a jitted loop. Also checks our kernel against the jnp reference on every shape (relative error).
+queued back to back (host launch work included, one wait at the end); then a training step's
+forward and backward (ours: the kernel's gradient as three more kernel scans, against autodiff of
+the jnp reference and fla's Triton backward); then the decode step inside a jitted loop. Also checks our kernel against the jnp reference on every shape (relative error).
 Ours and fla alternate for ROUNDS rounds; each figure is the lowest round, so a transient slowdown
 of the shared machine hits neither side alone.
 """
@@ -89,7 +90,41 @@ def main():
         print(f"| {B} | {T} | {H} | {D} | {gpu_ours:.3f} | {fla_cells[0]} | {io / gpu_ours / 1e6:.0f} "
               f"| {100 * io / (gpu_ours * 1e-3) / hbm:.0f}% | {b2b_ours:.3f} | {fla_cells[1]} | {t_ref:.3f} | {err:.1e} |",
               flush=True)
+    gradient_table(args.quick, chunk_simple_gla)
     decode_table(hbm)
+
+
+def gradient_table(quick, chunk_simple_gla):
+    """Forward and backward of sum(o * r) with respect to q, k and v, GPU ms."""
+    print("\n| gradient B | T | H | D | ours GPU ms | jnp ref GPU ms | fla GPU ms | fla / ours | max rel err vs ref |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for B, T, H, D in [(1, 4096, 16, 128), (8, 4096, 16, 128), (1, 32768, 16, 128)][:2 if quick else 3]:
+        ks = jax.random.split(jax.random.PRNGKey(T + B), 4)
+        q, k, v, r = (jax.random.normal(ks[i], (B, T, H, D), jnp.float32).astype(jnp.bfloat16) for i in range(4))
+        g = -(2.0 ** (-8.0 * (jnp.arange(H) + 1) / H))
+
+        def grad(backend):
+            def loss(q, k, v):
+                o, _ = api.linear_attention(q, k, v, g, backend=backend)
+                return jnp.sum(o.astype(jnp.float32) * r)
+            return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+        ours, ref = grad("gpu"), grad("reference")
+        err = max(rel_err(a, b) for a, b in zip(ours(q, k, v), ref(q, k, v)))
+        t_ours = min(device_ms(ours, q, k, v) for _ in range(ROUNDS))
+        t_ref = device_ms(ref, q, k, v)
+        t_fla, fla_cell = float("nan"), "n/a | n/a"
+        if chunk_simple_gla is not None:
+            import torch
+
+            tq, tk, tv = (torch.from_dlpack(x).detach().requires_grad_() for x in (q, k, v))
+            tg, tr = torch.from_dlpack(g.astype(jnp.float32)), torch.from_dlpack(r).float()
+
+            def fla():
+                o, _ = chunk_simple_gla(tq, tk, tv, g_gamma=tg, output_final_state=True)
+                return torch.autograd.grad((o.float() * tr).sum(), (tq, tk, tv))
+            t_fla = min(torch_device_ms(fla) for _ in range(ROUNDS))
+            fla_cell = f"{t_fla:.3f} | {t_fla / t_ours:.2f}x"
+        print(f"| {B} | {T} | {H} | {D} | {t_ours:.3f} | {t_ref:.3f} | {fla_cell} | {err:.1e} |", flush=True)
 
 
 def decode_table(hbm):

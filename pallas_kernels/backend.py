@@ -124,9 +124,10 @@ def resolve(backend: str, interpret=False, **kernels: Callable[[], Kernel]) -> s
 def with_reference_gradient(kernel: Callable, reference: Callable) -> Callable:
     """kernel, differentiable: f(*args) = kernel(*args), with the gradient of reference(*args)
     (`jax.vjp` of the jnp reference, which recomputes the forward in jnp in the backward pass).
-    Pallas kernels have no autodiff rule of their own, so every entry point's kernel branch goes
-    through this: `jax.grad` works through any backend, at the reference's cost in the backward
-    pass. args: pytrees of arrays (integer ones get no gradient, nor do float8 ones: quantized
+    Pallas kernels have no autodiff rule of their own, so an entry point's kernel branch goes
+    through this unless it has a backward of kernels (the grouped matmul's rows, the linear-
+    attention scan): `jax.grad` works through any backend, at the reference's cost in the
+    backward pass. args: pytrees of arrays (integer ones get no gradient, nor do float8 ones: quantized
     weights, not trained); static settings go in by closure."""
     @jax.custom_vjp
     def f(*args):

@@ -80,6 +80,13 @@ def abstract_model(config: RingConfig, dtype, quantize: str | None = None) -> Ri
     return nnx.eval_shape(build)
 
 
+@functools.cache
+def _zeros(shape: tuple[int, ...], dtype, where: jax.sharding.Sharding):
+    """A jitted maker of a zero stack laid out by `where`: one compilation per stack shape in a
+    process, however many models it loads."""
+    return jax.jit(functools.partial(jnp.zeros, shape, dtype), out_shardings=where)
+
+
 @functools.partial(jax.jit, donate_argnums=0)
 def _set_entry(stack, value, index):
     return jax.lax.dynamic_update_index_in_dim(stack, value, index, 0)
@@ -144,7 +151,7 @@ def model_from_tensors(config: RingConfig, tensors, dtype, mesh=None, quantize: 
             if not isinstance(stack, jax.Array):                    # the first entry: allocate the stack
                 where = _stacked(value.sharding) if mesh is None else jax.sharding.NamedSharding(
                     mesh, sharding.spec(variable.get_metadata()["out_sharding"], stack.shape, mesh))
-                stack = jax.jit(functools.partial(jnp.zeros, stack.shape, stack.dtype), out_shardings=where)()
+                stack = _zeros(stack.shape, np.dtype(stack.dtype), where)()
             variable.set_value(_set_entry(stack, value, jnp.int32(index)))
     return model
 

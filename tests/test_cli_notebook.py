@@ -37,9 +37,15 @@ def ring_jax_cli(*args, stdin=None, log_compiles=False):
     return (run.stdout, run.stderr) if log_compiles else run.stdout
 
 
-def test_help():
-    for command in ([], ["generate"], ["chat"], ["demo"]):
-        assert "usage" in ring_jax_cli(*command, "--help")
+def test_help(capsys):
+    """`python -m ring_jax --help` in its own process; the subcommands' in this one."""
+    from ring_jax.__main__ import main
+
+    assert "usage" in ring_jax_cli("--help")
+    for command in ("generate", "chat", "demo"):
+        with pytest.raises(SystemExit, match="0"):
+            main([command, "--help"])
+        assert "usage" in capsys.readouterr().out
 
 
 def test_compilation_cache_off_and_unwritable(tmp_path):

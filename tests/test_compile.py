@@ -25,8 +25,10 @@ def first_call_seconds(layers: int) -> float:
 
 
 def test_forty_layers_compile_about_as_fast_as_ten():
-    """The issue's bound: 40 layers at most 1.5 times 10 (unrolled, it was about 4 times). The
-    smaller of two runs each, so a busy neighbour on the CPU does not decide it."""
-    ten = min(first_call_seconds(10) for _ in range(2))
-    forty = min(first_call_seconds(40) for _ in range(2))
+    """The issue's bound: 40 layers at most 1.5 times 10 (unrolled, it was about 4 times). A miss
+    is measured again, each depth's smaller time kept, so a busy neighbour on the CPU does not
+    decide it."""
+    ten, forty = first_call_seconds(10), first_call_seconds(40)
+    if forty > 1.5 * ten:
+        ten, forty = min(ten, first_call_seconds(10)), min(forty, first_call_seconds(40))
     assert forty <= 1.5 * ten, (ten, forty)

@@ -1,15 +1,22 @@
-"""Every kernel entry point is differentiable (`pallas_kernels.backend.with_reference_gradient`): the
-gradient through a kernel is the jnp reference's at the same inputs. Triton and TPU kernels run in
-interpret mode here; the Mosaic GPU kernels through a jnp stand-in on the CPU (the scan's has no
-interpret mode, the grouped matmul's FP8 path neither), and for real in tests/test_gmm_gpu.py and
+"""Every kernel entry point is differentiable. Most through `pallas_kernels.backend.
+with_reference_gradient` (the gradient through a kernel is the jnp reference's at the same inputs);
+the grouped matmul's rows and the linear-attention scan through kernels of their own (the matmul
+with its weights K-major; the scan as three more scans, `pallas_kernels.linear_attention.backward`),
+held to the reference's gradient within rounding. Triton and TPU kernels run in interpret mode
+here; the Mosaic GPU kernels through a jnp stand-in on the CPU (the scan's has no interpret mode,
+the grouped matmul's FP8 path neither), and for real in tests/test_gmm_gpu.py and
 tests/test_linear_attention_gpu.py."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
+
+from conftest import rel_err
 
 import pallas_kernels
-from pallas_kernels.linear_attention import api as linear_attention_api, reference as la_reference, scan_gpu
+from pallas_kernels.linear_attention import (api as linear_attention_api, backward as la_backward,
+                                             reference as la_reference, scan_gpu)
 from pallas_kernels.moe import gmm_gpu, reference as moe_reference
 
 
@@ -88,14 +95,49 @@ def test_linear_attention_decode():
     same_gradients(call("gpu", True), call("reference", False), (qkv, state), (0, 1))
 
 
+def close_gradients(kernel_call, reference_call, args, argnums, tolerance):
+    for got, want in zip(jax.tree.leaves(grads(kernel_call, args, argnums)),
+                         jax.tree.leaves(grads(reference_call, args, argnums))):
+        assert np.asarray(want, np.float32).any()
+        assert rel_err(got, want) <= tolerance, rel_err(got, want)
+
+
+def linear_attention_operands(B, T, H, D, dtype=jnp.float32, seed=40):
+    q, k, v = (normal((B, T, H, D), dtype, seed=seed + i, scale=0.3) for i in range(3))
+    g = -jnp.abs(normal((H,), seed=seed + 3)) * 0.1
+    return q, k, v, g, normal((B, H, D, D), seed=seed + 4, scale=0.1)
+
+
+@pytest.mark.parametrize("case", ["plain", "padding", "scattered mask", "steep decay"])
+def test_linear_attention_gradient_by_three_scans(case):
+    """`backward.differentiable` over the jnp reference's forward, against autodiff of the
+    reference: every input's gradient (the decay's too), through the outputs and the final state,
+    with an initial state, a padding or scattered mask, and a decay steep enough that a factor
+    exp(-g) would overflow float32."""
+    q, k, v, g, s0 = linear_attention_operands(2, 100, 2, 32)
+    mask = {"padding": jnp.arange(100)[None, :] < jnp.asarray([[70], [100]]),
+            "scattered mask": jnp.asarray(np.random.default_rng(45).random((2, 100)) < 0.7)}.get(case)
+    if case == "steep decay":
+        g = jnp.asarray([-0.02, -120.0], jnp.float32)
+
+    def scan(q, k, v, g, s0, mask, scale):
+        return la_reference.linear_attention(q, k, v, g, initial_state=s0, mask=mask, scale=scale)
+    three_scans = la_backward.differentiable(scan, 32 ** -0.5)
+    close_gradients(lambda q, k, v, g, s0: three_scans(q, k, v, g, s0, mask),
+                    lambda q, k, v, g, s0: scan(q, k, v, g, s0, mask, 32 ** -0.5),
+                    (q, k, v, g, s0), (0, 1, 2, 3, 4), 2e-5)
+
+
 def test_linear_attention_tpu_kernel():
-    q, k, v = (normal((1, 96, 2, 128), seed=s, scale=0.3) for s in (14, 15, 16))
-    g, s0 = -jnp.abs(normal((2,), seed=17)) * 0.1, normal((1, 2, 128, 128), seed=18, scale=0.1)
+    """The TPU kernel (interpret mode, float32, a padding mask) differentiates by three more runs
+    of itself: the gradient is the reference's to float32 rounding."""
+    q, k, v, g, s0 = linear_attention_operands(2, 96, 2, 128)
+    mask = jnp.arange(96)[None, :] >= jnp.asarray([[0], [30]])
 
     def call(backend, interpret):
-        return lambda q, k, v, s0: pallas_kernels.linear_attention(q, k, v, g, initial_state=s0, backend=backend,
-                                                                   interpret=interpret)
-    same_gradients(call("tpu", True), call("reference", False), (q, k, v, s0), (0, 1, 2, 3))
+        return lambda q, k, v, g, s0: pallas_kernels.linear_attention(q, k, v, g, initial_state=s0, mask=mask,
+                                                                      backend=backend, interpret=interpret)
+    close_gradients(call("tpu", True), call("reference", False), (q, k, v, g, s0), (0, 1, 2, 3, 4), 2e-5)
 
 
 def test_gmm_tpu_kernel():
@@ -117,11 +159,11 @@ def gmm_stand_in(lhs, rhs, sizes, group_offset=0, scale=None, lhs_scale=None, sw
                              preferred_element_type=preferred_element_type)
 
 
-def test_mosaic_gpu_branches_take_the_reference_gradient(monkeypatch):
+def test_mosaic_gpu_branches_differentiate(monkeypatch):
     """The grouped matmul's (plain and SwiGLU, reading a layer's experts in a longer stack; the rows'
     gradient through the kernel with the weights K-major) and the linear-attention scan's GPU
-    branches, their kernels swapped for jnp stand-ins: the gradient is the reference's, the stack's
-    other layers get none."""
+    branches, their kernels swapped for jnp stand-ins: the gradient is the reference's (the
+    scan's, bf16, within rounding), the stack's other layers get none."""
     calls = []
     monkeypatch.setattr(gmm_gpu, "gmm", lambda *a, **k: calls.append(k.get("k_major")) or gmm_stand_in(*a, **k))
     lhs, stack = normal((256, 256), jnp.bfloat16, seed=21), normal((6, 256, 512), jnp.bfloat16, seed=22, scale=0.1)
@@ -137,11 +179,11 @@ def test_mosaic_gpu_branches_take_the_reference_gradient(monkeypatch):
     monkeypatch.setattr(linear_attention_api, "GPU_MIN_JAX", (0, 0))
     monkeypatch.setattr(scan_gpu, "linear_attention", lambda q, k, v, g, scale=None, initial_state=None:
                         la_reference.linear_attention(q, k, v, g, scale=scale, initial_state=initial_state))
-    q, k, v = (normal((1, 64, 2, 128), jnp.bfloat16, seed=s, scale=0.3) for s in (23, 24, 25))
-    g = -jnp.abs(normal((2,), seed=26)) * 0.1
-    same_gradients(lambda q, k, v: pallas_kernels.linear_attention(q, k, v, g, backend="gpu"),
-                   lambda q, k, v: pallas_kernels.linear_attention(q, k, v, g, backend="reference"),
-                   (q, k, v), (0, 1, 2))
+    q, k, v, g, s0 = linear_attention_operands(1, 128, 2, 128, jnp.bfloat16)
+    close_gradients(lambda q, k, v, s0: pallas_kernels.linear_attention(q, k, v, g, initial_state=s0, backend="gpu"),
+                    lambda q, k, v, s0: pallas_kernels.linear_attention(q, k, v, g, initial_state=s0,
+                                                                        backend="reference"),
+                    (q, k, v, s0), (0, 1, 2, 3), 1e-2)
 
 
 def test_fp8_grouped_matmul_gradient_in_a_scan_over_layers(monkeypatch):

@@ -58,15 +58,16 @@ def test_decode_kernel_matches_reference_and_float64(B, rotary_dim):
         np.testing.assert_array_equal(np.asarray(state[1]), np.asarray(rs[1]))     # padding: decayed only
 
 
-def test_gradient_through_the_kernel_is_the_references():
-    """jax.grad through the Mosaic GPU kernel (its forward) takes the reference's backward: the
-    same gradients as through the reference."""
+@pytest.mark.parametrize("T", [300, 4096])
+def test_gradient_through_the_kernel_matches_the_references(T):
+    """jax.grad through the Mosaic GPU kernel runs three more kernel scans (`backward.py`): within
+    bf16 rounding of the reference's gradient, for q, k, v, the decay and the initial state."""
     from test_kernel_gradients import grads
 
-    q, k, v, g, s0 = inputs(7, 1, 300, 2, 128)
+    q, k, v, g, s0 = inputs(7, 1, T, 2, 128)
 
     def call(backend):
-        return lambda q, k, v, s0: api.linear_attention(q, k, v, g, initial_state=s0, backend=backend)
-    for got, want in zip(grads(call("gpu"), (q, k, v, s0), (0, 1, 2, 3)),
-                         grads(call("reference"), (q, k, v, s0), (0, 1, 2, 3))):
-        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+        return lambda q, k, v, g, s0: api.linear_attention(q, k, v, g, initial_state=s0, backend=backend)
+    for got, want in zip(grads(call("gpu"), (q, k, v, g, s0), (0, 1, 2, 3, 4)),
+                         grads(call("reference"), (q, k, v, g, s0), (0, 1, 2, 3, 4))):
+        assert rel_err(got, want) <= 1e-2, rel_err(got, want)

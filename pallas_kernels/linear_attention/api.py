@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.backend import Kernel, resolve, with_reference_gradient
-from pallas_kernels.linear_attention import reference
+from pallas_kernels.linear_attention import backward, reference
 
 # JAX 0.10's Mosaic GPU layout inference finds no layout for the prefill kernel (lowering it for
 # CUDA on a CPU with JAX 0.10.2 fails); it is built and measured on JAX 0.11.
@@ -60,25 +60,24 @@ def linear_attention(q, k, v, log_decay, *, scale=None, initial_state=None, mask
     backend, interpret: `pallas_kernels.backend`. The GPU kernel always uses chunks of 64 tokens.
     """
     kind = resolve(backend, interpret, gpu=_scan_gpu(q, v, mask), tpu=_tpu)
-
-    def ref(q, k, v, log_decay, initial_state, mask):
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if kind == "reference":
         return reference.linear_attention(q, k, v, log_decay, scale=scale, initial_state=initial_state, mask=mask,
                                           chunk_size=chunk_size)
 
-    if kind == "gpu":
-        from pallas_kernels.linear_attention import scan_gpu
+    def scan(q, k, v, log_decay, initial_state, mask, scale):
+        if kind == "gpu" and _scan_gpu(q, v, mask)().refusal is None:
+            from pallas_kernels.linear_attention import scan_gpu
 
-        def kernel(q, k, v, log_decay, initial_state, mask):
             return scan_gpu.linear_attention(q, k, v, log_decay, scale=scale, initial_state=initial_state)
-    elif kind == "tpu":
-        from pallas_kernels.linear_attention import scan_tpu
+        if kind == "tpu":
+            from pallas_kernels.linear_attention import scan_tpu
 
-        def kernel(q, k, v, log_decay, initial_state, mask):
             return scan_tpu.linear_attention(q, k, v, log_decay, scale=scale, initial_state=initial_state,
                                              mask=mask, chunk_size=chunk_size, interpret=interpret)
-    else:
-        return ref(q, k, v, log_decay, initial_state, mask)
-    return with_reference_gradient(kernel, ref)(q, k, v, log_decay, initial_state, mask)
+        return reference.linear_attention(q, k, v, log_decay, scale=scale, initial_state=initial_state, mask=mask,
+                                          chunk_size=chunk_size)
+    return backward.differentiable(scan, scale)(q, k, v, log_decay, initial_state, mask)
 
 
 def linear_attention_step(q, k, v, log_decay, state, *, scale=None, backend="auto", interpret=False):
