@@ -1,7 +1,7 @@
 """Training steps at a full model shape with random weights, made on the device.
 
     python -m benchmarks.train [--config configs/ring-mini-linear-2.0.json] [--seq-len 4096]
-                               [--batch-size 1] [--lora-rank 16] [--steps 6] [--no-remat]
+                               [--batch-size 1] [--lora-rank 16] [--steps 6] [--no-remat] [--profile]
 
 The steps are `ring_jax.train.fit`'s, the path `python -m ring_jax.train` runs, on rows of random
 tokens with every position a target, in a temporary run folder (one checkpoint, at the end, outside
@@ -13,7 +13,8 @@ others. FLOPs per step count the active parameters:
   weight gradients a forward's more for the parameters that train: a LoRA step (whose adapters'
   FLOPs are negligible) counts 2 forwards, an every-parameter step 3;
 - remat's second forward of each layer is not counted: it is overhead, which the MFU shows.
-MFU against 989 TFLOP/s (H100/H200 SXM dense bf16).
+MFU against 989 TFLOP/s (H100/H200 SXM dense bf16). --profile adds the GPU kernels of one more step
+from a profiler trace, the costliest first.
 """
 
 import argparse
@@ -27,6 +28,7 @@ import jax
 import numpy as np
 
 from benchmarks.generate import PEAK_FLOPS, ROOT, make_model, weight_counts
+from benchmarks.timing import traced_kernels
 from ring_jax import RingConfig, train
 from ring_jax.train_data import Batches, Example
 
@@ -49,6 +51,7 @@ def main(argv=None):
     parser.add_argument("--lora-rank", type=int, default=16, help="0: every parameter trains")
     parser.add_argument("--steps", type=int, default=6, help="steps run (the first compiles)")
     parser.add_argument("--no-remat", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="list the GPU kernels of one step, costliest first")
     args = parser.parse_args(argv)
 
     config = RingConfig.from_hf(args.config)
@@ -75,9 +78,38 @@ def main(argv=None):
     print("|---|---|---|---|---|---|---|---|")
     print(f"| {B} x {T} | {trained} | {'yes' if settings.remat else 'no'} | {first:.1f} | {step:.3f} | "
           f"{B * T / step:,.0f} | {flops / step / 1e12:.0f} | {flops / step / PEAK_FLOPS:.1%} |")
+    if args.profile:
+        profile(model, settings, examples, step)
     stats = device.memory_stats() or {}
     if "peak_bytes_in_use" in stats:
         print(f"\npeak device memory: {stats['peak_bytes_in_use'] / 2**30:.1f} GiB")
+
+
+def profile(model, settings, examples, step_seconds: float, top: int = 40) -> None:
+    """The GPU kernels of one `train.train_step` (after a warm-up one), from a profiler trace:
+    each one's time and count, the costliest `top` first."""
+    from flax import nnx
+
+    graphdef, params, frozen = nnx.split(model, train.trainable(settings), ...)
+    tx = train.optimizer(settings)
+    opt_state = tx.init(params)
+    batch = tuple(np.stack([part]) for part in Batches(examples, settings.batch_size, settings.seq_len, 0).batch(0))
+    state = [params, opt_state]
+
+    def step():
+        state[:] = train.train_step(graphdef, tx, *state, frozen, batch)[:2]
+        jax.block_until_ready(state)
+    step()
+    kernels = traced_kernels(step)
+    total = sum(ns for ns, _ in kernels.values())
+    if not total:
+        print("\nno GPU kernels in the profiler trace: --profile lists a GPU's")
+        return
+    print(f"\nGPU time of one step: {total / 1e9:.3f} s ({total / 1e9 / step_seconds:.0%} of the step's wall time)")
+    print("| kernel | ms | calls | share |")
+    print("|---|---|---|---|")
+    for name, (ns, count) in sorted(kernels.items(), key=lambda item: -item[1][0])[:top]:
+        print(f"| {name[:90]} | {ns / 1e6:.2f} | {count} | {ns / total:.1%} |")
 
 
 if __name__ == "__main__":

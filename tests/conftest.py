@@ -1,16 +1,14 @@
 import json
 import os
 
-# Set before JAX starts: eight CPU devices for the sharding tests (unsharded tests use device 0;
-# on a GPU host the flag only concerns the host platform), bf16 rounding after every op as
-# `import ring_jax` asks for (whichever test module imports JAX first), and, on machines without
-# an NVIDIA GPU (CI's CPU machines), no LLVM optimisation of the compiled programs: the suite
-# compiles hundreds of programs and runs each briefly, and it runs about 20% faster so. Results
-# may differ in the last bit from default-flag runs (LLVM forms fewer FMAs), which no test relies
-# on: tests compare with tolerances, or two programs compiled alike. GPU hosts keep XLA's
-# defaults, under which the GPU tests were run.
-CPU_DEVICES = 8
-FLAGS = [f"--xla_force_host_platform_device_count={CPU_DEVICES}", "--xla_allow_excess_precision=false"]
+# Set before JAX starts: bf16 rounding after every op as `import ring_jax` asks for (whichever test
+# module imports JAX first), and, on machines without an NVIDIA GPU (CI's CPU machines), no LLVM
+# optimisation of the compiled programs: the suite compiles hundreds of programs and runs each
+# briefly, and it runs about 20% faster so. Results may differ in the last bit from default-flag
+# runs (LLVM forms fewer FMAs), which no test relies on: tests compare with tolerances, or two
+# programs compiled alike. GPU hosts keep XLA's defaults, under which the GPU tests were run. The
+# command lines the tests start inherit these flags.
+FLAGS = ["--xla_allow_excess_precision=false"]
 if not os.path.exists("/dev/nvidiactl"):
     FLAGS.append("--xla_backend_optimization_level=0")
 for flag in FLAGS:
@@ -31,6 +29,12 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_enable_x64", False)
+# Eight CPU devices for the sharding tests (unsharded tests use device 0; on a GPU host this only
+# concerns the host platform), in this process only: the command lines the tests start run on one
+# device, as on a user's machine, rather than splitting a tiny model over eight fake ones on two
+# cores. (The multi-process job test gives its processes devices of their own.)
+CPU_DEVICES = 8
+jax.config.update("jax_num_cpu_devices", CPU_DEVICES)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs")
 

@@ -102,7 +102,7 @@ def test_command_line_resumes_after_sigkill_bit_for_bit_and_merges(tmp_path):
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps({"text": " ".join(rng.choice(words, 12))}) + "\n" for _ in range(6)))
     config = tmp_path / "train.yaml"
-    config.write_text("steps: 24\nbatch-size: 2\nseq_len: 24\nsave_every: 8\nwarmup: 2\nlearning_rate: 0.003\n"
+    config.write_text("steps: 16\nbatch-size: 2\nseq_len: 24\nsave_every: 8\nwarmup: 2\nlearning_rate: 0.003\n"
                       "lora_rank: 4\n")
     command = [sys.executable, "-m", "ring_jax.train", "--model", model_dir, "--data", str(data), "--config",
                str(config), "--no-remat", "--compilation-cache", str(tmp_path / "xla")]
@@ -113,7 +113,7 @@ def test_command_line_resumes_after_sigkill_bit_for_bit_and_merges(tmp_path):
 
     done = subprocess.run(command + ["--out", str(tmp_path / "a")], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
-    assert "step 24/24" in done.stderr
+    assert "step 16/16" in done.stderr
 
     killed = subprocess.Popen(command + ["--out", str(tmp_path / "b")], stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
@@ -124,7 +124,7 @@ def test_command_line_resumes_after_sigkill_bit_for_bit_and_merges(tmp_path):
             break
         time.sleep(0.005)
     assert killed.wait(timeout=60) == -signal.SIGKILL, "the run ended before it could be killed"
-    assert len(log("b")) < 24
+    assert len(log("b")) < 16
     resumed = subprocess.run(command + ["--out", str(tmp_path / "b")], capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stderr
@@ -142,7 +142,7 @@ def test_command_line_resumes_after_sigkill_bit_for_bit_and_merges(tmp_path):
     tx = train.optimizer(settings)
     _, params, _ = nnx.split(adapted, train.trainable(settings), ...)
     run = train.Run(str(tmp_path / "a"), settings, model_dir, str(data))
-    nnx.update(adapted, run.restore(24, params, tx.init(params))[0])
+    nnx.update(adapted, run.restore(16, params, tx.init(params))[0])
     ids = rng.integers(0, adapted.config.vocab_size, (1, 12))
     assert rel_err(load_model(str(tmp_path / "merged"))(ids), adapted(ids)) <= 1e-5
 
