@@ -78,7 +78,7 @@ def test_lora_memorises_and_every_parameter_mode_keeps_expert_bias(tmp_path):
     bias = bias + np.linspace(-1, 1, bias.size, dtype=np.float32).reshape(bias.shape)   # a decay would move it
     model.linear_moe.mlp.gate.expert_bias.set_value(jnp.asarray(bias))
     config = train.TrainConfig(steps=3, batch_size=4, seq_len=32, learning_rate=1e-3, warmup=1, lora_rank=0,
-                               weight_decay=0.1, save_every=1000)
+                               weight_decay=0.1, save_every=1000, remat=False)
     train.prepare(model, config)
     train.fit(model, Batches(examples, 4, 32, 0), config, train.Run(tmp_path / "full", config, "m", "d"),
               say=lambda line: None)

@@ -58,6 +58,9 @@ def linear_attention(q, k, v, log_decay, *, scale=None, initial_state=None, mask
     """Causal Lightning attention: see `reference.linear_attention` for shapes and math.
 
     backend, interpret: `pallas_kernels.backend`. The GPU kernel always uses chunks of 64 tokens.
+    Differentiable in q, k, v, log_decay and initial_state: through a kernel, the gradient is three
+    more runs of it (`backward.py`; a run whose operands the GPU kernel does not take, the
+    reference's); through the reference, its autodiff.
     """
     kind = resolve(backend, interpret, gpu=_scan_gpu(q, v, mask), tpu=_tpu)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
