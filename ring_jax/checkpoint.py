@@ -81,10 +81,29 @@ def abstract_model(config: RingConfig, dtype, quantize: str | None = None) -> Ri
 
 
 @functools.cache
-def _zeros(shape: tuple[int, ...], dtype, where: jax.sharding.Sharding):
-    """A jitted maker of a zero stack laid out by `where`: one compilation per stack shape in a
-    process, however many models it loads."""
-    return jax.jit(functools.partial(jnp.zeros, shape, dtype), out_shardings=where)
+def _zeros(shapes: tuple[tuple[tuple[int, ...], np.dtype], ...], where: tuple):
+    """A jitted maker of zero arrays of `shapes` ((shape, dtype) each) laid out by `where` (one
+    sharding each): one compilation for all of a model's stacks."""
+    return jax.jit(lambda: tuple(jnp.zeros(shape, dtype) for shape, dtype in shapes), out_shardings=where)
+
+
+def _allocate_stacks(model: RingModel, config: RingConfig, quantize: str | None, mesh) -> None:
+    """Sets each stacked parameter of the abstract `model` to zeros, laid out by its annotation on
+    mesh (without one, on the default device), for `model_from_tensors` to fill entry by entry."""
+    stacks = {}
+    for spec in tensor_table(config, quantize):
+        for variable, index in locate(model, spec):
+            if index is not None:
+                stacks[id(variable)] = variable
+    variables = list(stacks.values())
+    shapes = tuple((v.get_value().shape, np.dtype(v.get_value().dtype)) for v in variables)
+    if mesh is None:      # where jnp.asarray puts the entries
+        where = (jax.sharding.SingleDeviceSharding(jnp.asarray(0).device),) * len(shapes)
+    else:
+        where = tuple(jax.sharding.NamedSharding(mesh, sharding.spec(v.get_metadata()["out_sharding"], shape, mesh))
+                      for v, (shape, _) in zip(variables, shapes))
+    for variable, zeros in zip(variables, _zeros(shapes, where)()):
+        variable.set_value(zeros)
 
 
 @functools.partial(jax.jit, donate_argnums=0)
@@ -95,13 +114,6 @@ def _set_entry(stack, value, index):
 def _piece(sharding: jax.sharding.NamedSharding) -> jax.sharding.NamedSharding:
     """The sharding of one entry of a stack laid out by `sharding` (its first axis unsplit)."""
     return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*tuple(sharding.spec)[1:]))
-
-
-def _stacked(piece: jax.sharding.Sharding) -> jax.sharding.Sharding:
-    """The sharding of a stack whose entries are laid out by `piece` (inverse of `_piece`)."""
-    if isinstance(piece, jax.sharding.NamedSharding):
-        return jax.sharding.NamedSharding(piece.mesh, jax.sharding.PartitionSpec(None, *piece.spec))
-    return piece
 
 
 def param_shardings(config: RingConfig, dtype, mesh, quantize: str | None = None) -> dict[str, jax.sharding.NamedSharding]:
@@ -126,9 +138,10 @@ def model_from_tensors(config: RingConfig, tensors, dtype, mesh=None, quantize: 
     table of `quantize` (or, for a quantized parameter, its unquantized array, quantized here on
     the device), without random init; on `mesh`, each laid out by its annotation (host arrays
     are split, device arrays must be). A stacked parameter is filled entry by entry in place:
-    what is held at once is the stacks built so far and the entry being written."""
+    what is held at once is the model's stacks and the entry being written."""
     model = abstract_model(config, dtype, quantize)
     placement = None if mesh is None else param_shardings(config, dtype, mesh, quantize)
+    _allocate_stacks(model, config, quantize, mesh)
     for spec in tensor_table(config, quantize):
         values = tuple(tensors(spec))
         if spec.quantized and len(values) == 1:
@@ -147,12 +160,7 @@ def model_from_tensors(config: RingConfig, tensors, dtype, mesh=None, quantize: 
             if index is None:
                 variable.set_value(value)
                 continue
-            stack = variable.get_value()
-            if not isinstance(stack, jax.Array):                    # the first entry: allocate the stack
-                where = _stacked(value.sharding) if mesh is None else jax.sharding.NamedSharding(
-                    mesh, sharding.spec(variable.get_metadata()["out_sharding"], stack.shape, mesh))
-                stack = _zeros(stack.shape, np.dtype(stack.dtype), where)()
-            variable.set_value(_set_entry(stack, value, jnp.int32(index)))
+            variable.set_value(_set_entry(variable.get_value(), value, jnp.int32(index)))
     return model
 
 
