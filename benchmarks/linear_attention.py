@@ -9,9 +9,10 @@ profiler trace (`timing.device_ms`, `timing.torch_device_ms`), the q,k,v,o bytes
 and its share of the measured device-to-device copy bandwidth; then both sides as a stream of calls
 queued back to back (host launch work included, one wait at the end); then a training step's
 forward and backward (ours: the kernel's gradient as three more kernel scans, against autodiff of
-the jnp reference and fla's Triton backward); then the decode step inside a jitted loop. Also checks our kernel against the jnp reference on every shape (relative error).
-Ours and fla alternate for ROUNDS rounds; each figure is the lowest round, so a transient slowdown
-of the shared machine hits neither side alone.
+the jnp reference, timed once, and fla's Triton backward); then the decode step inside a jitted
+loop. Also checks our kernel against the jnp reference on every shape (relative error). Ours and
+fla alternate for ROUNDS rounds; each figure is the lowest round, so a transient slowdown of the
+shared machine hits neither side alone.
 """
 
 import argparse

@@ -96,7 +96,7 @@ def profile(model, settings, examples, step_seconds: float, top: int = 40) -> No
     batch = tuple(np.stack([part]) for part in Batches(examples, settings.batch_size, settings.seq_len, 0).batch(0))
     state = [params, opt_state]
 
-    def step():
+    def step():             # donates the model's own arrays: the model is not used after this
         state[:] = train.train_step(graphdef, tx, *state, frozen, batch)[:2]
         jax.block_until_ready(state)
     step()

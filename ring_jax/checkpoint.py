@@ -87,6 +87,12 @@ def _zeros(shapes: tuple[tuple[tuple[int, ...], np.dtype], ...], where: tuple):
     return jax.jit(lambda: tuple(jnp.zeros(shape, dtype) for shape, dtype in shapes), out_shardings=where)
 
 
+def _home() -> jax.sharding.SingleDeviceSharding:
+    """Where a model loaded without a mesh lives: the default device (`jax.default_device`, else
+    the first device)."""
+    return jax.sharding.SingleDeviceSharding(jnp.zeros(()).device)
+
+
 def _allocate_stacks(model: RingModel, config: RingConfig, quantize: str | None, mesh) -> None:
     """Sets each stacked parameter of the abstract `model` to zeros, laid out by its annotation on
     mesh (without one, on the default device), for `model_from_tensors` to fill entry by entry."""
@@ -97,8 +103,8 @@ def _allocate_stacks(model: RingModel, config: RingConfig, quantize: str | None,
                 stacks[id(variable)] = variable
     variables = list(stacks.values())
     shapes = tuple((v.get_value().shape, np.dtype(v.get_value().dtype)) for v in variables)
-    if mesh is None:      # where jnp.asarray puts the entries
-        where = (jax.sharding.SingleDeviceSharding(jnp.asarray(0).device),) * len(shapes)
+    if mesh is None:
+        where = (_home(),) * len(shapes)
     else:
         where = tuple(jax.sharding.NamedSharding(mesh, sharding.spec(v.get_metadata()["out_sharding"], shape, mesh))
                       for v, (shape, _) in zip(variables, shapes))
@@ -142,6 +148,7 @@ def model_from_tensors(config: RingConfig, tensors, dtype, mesh=None, quantize: 
     model = abstract_model(config, dtype, quantize)
     placement = None if mesh is None else param_shardings(config, dtype, mesh, quantize)
     _allocate_stacks(model, config, quantize, mesh)
+    home = _home()
     for spec in tensor_table(config, quantize):
         values = tuple(tensors(spec))
         if spec.quantized and len(values) == 1:
@@ -152,7 +159,7 @@ def model_from_tensors(config: RingConfig, tensors, dtype, mesh=None, quantize: 
                 got = ", ".join(f"{np.dtype(v.dtype).name}{list(v.shape)}" for v in values)
                 raise CheckpointError(f"parameter {key} is {got}, the model needs {want.name}{list(shape)}")
             if placement is None:
-                value = jnp.asarray(value)
+                value = jax.device_put(value, home)
             elif not isinstance(value, jax.Array):
                 value = sharding.put(value, placement[key])
             elif value.sharding != placement[key]:
@@ -330,7 +337,7 @@ class ParamReader:
         self.sums = {key: entry[2] for key, entry in stored.items() if len(entry) > 2} if verify else {}
         if verify and len(self.sums) < len(stored):
             warnings.warn(f"{folder}: no checksums recorded (converted by an older ring_jax): not verified", stacklevel=3)
-        self.placement = (dict.fromkeys(self.expected, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+        self.placement = (dict.fromkeys(self.expected, _home())
                           if mesh is None else param_shardings(config, self.dtype, mesh, self.quantize))
         self.params_dir = os.path.abspath(os.path.join(folder, PARAMS_DIR))
         if not os.path.isdir(self.params_dir):

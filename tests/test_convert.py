@@ -5,8 +5,10 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 import ring_jax
 from conftest import ROOT
@@ -53,6 +55,11 @@ def test_load_model_from_hf_folder_equals_converted(tmp_path, tiny_dict):
     np.testing.assert_array_equal(np.asarray(a(ids)), np.asarray(b(ids)))
     c = ring_jax.load_model(str(tmp_path / "jax"), dtype="bfloat16")
     assert c.dtype == np.dtype("bfloat16") and c.layer(1).mlp.gate.expert_bias[...].dtype == np.float32
+    # without a mesh, every parameter on the default device, from either kind of folder
+    for folder in ("jax", "hf"):
+        with jax.default_device(jax.devices()[1]):
+            d = ring_jax.load_model(str(tmp_path / folder))
+        assert {x.device for x in jax.tree.leaves(nnx.state(d))} == {jax.devices()[1]}
 
 
 def test_save_model_then_load(tmp_path, tiny_dict):

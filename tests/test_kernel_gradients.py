@@ -111,22 +111,22 @@ def linear_attention_operands(B, T, H, D, dtype=jnp.float32, seed=40):
 @pytest.mark.parametrize("case", ["plain", "padding", "scattered mask", "steep decay"])
 def test_linear_attention_gradient_by_three_scans(case):
     """`backward.differentiable` over the jnp reference's forward, against autodiff of the
-    reference: every input's gradient (the decay's too), through the outputs and the final state,
-    with an initial state, a padding (under jax.checkpoint) or scattered mask, and a decay steep
-    enough that a factor exp(-g) would overflow float32."""
+    reference: every input's gradient (the decay's is the reference's own), through the outputs and
+    the final state, with an initial state, a padding (under jax.checkpoint) or scattered mask, and
+    a decay steep enough that a factor exp(-g) would overflow float32."""
     q, k, v, g, s0 = linear_attention_operands(2, 100, 2, 32)
     mask = {"padding": jnp.arange(100)[None, :] < jnp.asarray([[70], [100]]),
             "scattered mask": jnp.asarray(np.random.default_rng(45).random((2, 100)) < 0.7)}.get(case)
     if case == "steep decay":
         g = jnp.asarray([-0.02, -120.0], jnp.float32)
 
-    def scan(q, k, v, g, s0, mask, scale):
-        return la_reference.linear_attention(q, k, v, g, initial_state=s0, mask=mask, scale=scale)
-    three_scans = la_backward.differentiable(scan, 32 ** -0.5)
+    def scan(q, k, v, g, s0, mask):
+        return la_reference.linear_attention(q, k, v, g, initial_state=s0, mask=mask, scale=32 ** -0.5)
+    three_scans = la_backward.differentiable(scan, scan, 32 ** -0.5)
     if case == "padding":                     # inside a remat, as training runs each layer
         three_scans = jax.checkpoint(three_scans)
     close_gradients(lambda q, k, v, g, s0: three_scans(q, k, v, g, s0, mask),
-                    lambda q, k, v, g, s0: scan(q, k, v, g, s0, mask, 32 ** -0.5),
+                    lambda q, k, v, g, s0: scan(q, k, v, g, s0, mask),
                     (q, k, v, g, s0), (0, 1, 2, 3, 4), 2e-5)
 
 
@@ -182,10 +182,28 @@ def test_mosaic_gpu_branches_differentiate(monkeypatch):
     monkeypatch.setattr(scan_gpu, "linear_attention", lambda q, k, v, g, scale=None, initial_state=None:
                         la_reference.linear_attention(q, k, v, g, scale=scale, initial_state=initial_state))
     q, k, v, g, s0 = linear_attention_operands(1, 128, 2, 128, jnp.bfloat16)
-    close_gradients(lambda q, k, v, s0: pallas_kernels.linear_attention(q, k, v, g, initial_state=s0, backend="gpu"),
-                    lambda q, k, v, s0: pallas_kernels.linear_attention(q, k, v, g, initial_state=s0,
-                                                                        backend="reference"),
-                    (q, k, v, s0), (0, 1, 2, 3), 1e-2)
+    close_gradients(lambda q, k, v, g, s0: pallas_kernels.linear_attention(q, k, v, g, initial_state=s0, backend="gpu"),
+                    lambda q, k, v, g, s0: pallas_kernels.linear_attention(q, k, v, g, initial_state=s0,
+                                                                           backend="reference"),
+                    (q, k, v, g, s0), (0, 1, 2, 3, 4), 1e-2)
+
+
+def test_linear_attention_decay_gradient_runs_only_when_asked(monkeypatch):
+    """The decay's gradient is the reference's, whose chunk loop XLA drops from a program that
+    does not differentiate the decay (as the model's are constants): the GPU branch, its kernel a
+    loop-free stand-in, compiles no loop for the gradient to q alone and one for q and the decay."""
+    monkeypatch.setattr(linear_attention_api, "GPU_MIN_JAX", (0, 0))
+    monkeypatch.setattr(scan_gpu, "linear_attention", lambda q, k, v, g, scale=None, initial_state=None:
+                        la_reference.linear_attention_step(q, k, v, g, jnp.zeros(q.shape[:1] + (q.shape[2], q.shape[3],
+                                                                                                 v.shape[3])),
+                                                           scale=scale))
+    q, k, v, g, _ = linear_attention_operands(1, 256, 2, 128, jnp.bfloat16)
+
+    def loss(q, g):
+        return jnp.sum(pallas_kernels.linear_attention(q, k, v, g, backend="gpu")[0].astype(jnp.float32))
+    loops = [jax.jit(jax.grad(loss, argnums)).lower(q, g).compile().as_text().count(" while(")
+             for argnums in ((0,), (0, 1))]
+    assert loops[0] == 0 and loops[1] >= 1, loops
 
 
 def test_fp8_grouped_matmul_gradient_in_a_scan_over_layers(monkeypatch):

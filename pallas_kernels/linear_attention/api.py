@@ -59,28 +59,32 @@ def linear_attention(q, k, v, log_decay, *, scale=None, initial_state=None, mask
 
     backend, interpret: `pallas_kernels.backend`. The GPU kernel always uses chunks of 64 tokens.
     Differentiable in q, k, v, log_decay and initial_state: through a kernel, the gradient is three
-    more runs of it (`backward.py`; a run whose operands the GPU kernel does not take, the
-    reference's); through the reference, its autodiff.
+    more runs of it (`backward.py`), the decay's the reference's; through the reference, its
+    autodiff.
     """
     kind = resolve(backend, interpret, gpu=_scan_gpu(q, v, mask), tpu=_tpu)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if kind == "reference":
+
+    def ref(q, k, v, log_decay, initial_state, mask):
         return reference.linear_attention(q, k, v, log_decay, scale=scale, initial_state=initial_state, mask=mask,
                                           chunk_size=chunk_size)
+    if kind == "reference":
+        return ref(q, k, v, log_decay, initial_state, mask)
 
-    def scan(q, k, v, log_decay, initial_state, mask, scale):
-        if kind == "gpu" and _scan_gpu(q, v, mask)().refusal is None:
-            from pallas_kernels.linear_attention import scan_gpu
-
-            return scan_gpu.linear_attention(q, k, v, log_decay, scale=scale, initial_state=initial_state)
+    def kernel(q, k, v, log_decay, initial_state, mask):
+        """The kernel of `kind`; the reference for the backward pass's operands the GPU kernel
+        does not take."""
         if kind == "tpu":
             from pallas_kernels.linear_attention import scan_tpu
 
             return scan_tpu.linear_attention(q, k, v, log_decay, scale=scale, initial_state=initial_state,
                                              mask=mask, chunk_size=chunk_size, interpret=interpret)
-        return reference.linear_attention(q, k, v, log_decay, scale=scale, initial_state=initial_state, mask=mask,
-                                          chunk_size=chunk_size)
-    return backward.differentiable(scan, scale)(q, k, v, log_decay, initial_state, mask)
+        if _scan_gpu(q, v, mask)().refusal is None:
+            from pallas_kernels.linear_attention import scan_gpu
+
+            return scan_gpu.linear_attention(q, k, v, log_decay, scale=scale, initial_state=initial_state)
+        return ref(q, k, v, log_decay, initial_state, mask)
+    return backward.differentiable(kernel, ref, scale)(q, k, v, log_decay, initial_state, mask)
 
 
 def linear_attention_step(q, k, v, log_decay, state, *, scale=None, backend="auto", interpret=False):
