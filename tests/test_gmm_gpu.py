@@ -230,9 +230,10 @@ def test_gpu_gmm_fp8_matches_reference(case, fp8_lhs):
     """FP8 weights read by the kernel (K-major tiles converted in SMEM, or with FP8 lhs and its row
     scales multiplied on FP8 tensor cores; scales in the epilogue) at a group offset: the
     reference's bits but for rare one-ulp roundings, both tile heights, bf16 and float32 outputs,
-    and with SwiGLU in the epilogue; zeros past the sum. Hopper's FP8 MMA accumulates with less
-    than float32's precision, so with FP8 rows the float32 sums are within 1e-5 and the bf16
-    outputs round the other way more often (within one bf16 step of the largest output, 2^-7)."""
+    and with SwiGLU in the epilogue; zeros past the sum. Hopper's FP8 MMA accumulates with fewer
+    bits than float32 (as DeepSeek-V3's report describes), so with FP8 rows the float32 sums are
+    within 5e-3 of the reference's exact float32 sums (relative to the largest output) and the
+    bf16 outputs within 1e-2."""
     M, K, N, sizes = CASES[case]
     if sizes is None:
         sizes = random_sizes(np.random.default_rng(0), M, 256)
@@ -255,7 +256,7 @@ def test_gpu_gmm_fp8_matches_reference(case, fp8_lhs):
             want = reference.gmm(**layer, preferred_element_type=out_dtype)
             assert not np.asarray(got[total:]).any()
             if out_dtype == jnp.float32:
-                assert rel_err(got, want) <= 1e-5
+                assert rel_err(got, want) <= (5e-3 if fp8_lhs else 1e-5)
             else:
                 bf16_close(got, want)
     bf16_close(run(swiglu=True), reference.gmm_swiglu(**layer))
