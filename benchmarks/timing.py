@@ -40,11 +40,12 @@ def copy_bandwidth():
     return 2 * x.nbytes / ((device_ms(f, x) or bench_jax(f, x)) * 1e-3)
 
 
-def traced_kernels(run) -> dict[str, tuple[int, int]]:
+def traced_kernels(run, by_op: bool = False) -> dict:
     """The GPU work of run() in a JAX profiler trace: {kernel, memset or copy name: (total ns,
-    count)}. The trace is CUPTI's, process-wide, so it holds the GPU work of other libraries
-    (PyTorch) too; one profiler at a time, so this one serves both (torch.profiler and JAX's cannot
-    both subscribe to CUPTI in one process)."""
+    count)}; by_op: keyed (name, the XLA instruction that launched it, "" if none) instead. The
+    trace is CUPTI's, process-wide, so it holds the GPU work of other libraries (PyTorch) too; one
+    profiler at a time, so this one serves both (torch.profiler and JAX's cannot both subscribe to
+    CUPTI in one process)."""
     from jax.profiler import ProfileData
 
     kernels = {}
@@ -57,8 +58,9 @@ def traced_kernels(run) -> dict[str, tuple[int, int]]:
                 for line in plane.lines:
                     if line.name.startswith("Stream"):
                         for event in line.events:
-                            ns, count = kernels.get(event.name, (0, 0))
-                            kernels[event.name] = (ns + event.duration_ns, count + 1)
+                            key = (event.name, dict(event.stats).get("hlo_op", "")) if by_op else event.name
+                            ns, count = kernels.get(key, (0, 0))
+                            kernels[key] = (ns + event.duration_ns, count + 1)
     return kernels
 
 

@@ -19,6 +19,7 @@ from a profiler trace, the costliest first.
 
 import argparse
 import os
+import re
 import tempfile
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -100,17 +101,45 @@ def profile(model, settings, examples, step_seconds: float, top: int = 40) -> No
         state[:] = train.train_step(graphdef, tx, *state, frozen, batch)[:2]
         jax.block_until_ready(state)
     step()
-    kernels = traced_kernels(step)
+    kernels = traced_kernels(step, by_op=True)
     total = sum(ns for ns, _ in kernels.values())
     if not total:
         print("\nno GPU kernels in the profiler trace: --profile lists a GPU's")
         return
+    sources = op_sources(train.train_step.lower(graphdef, tx, *state, frozen, batch).compile().as_text())
     print(f"\nGPU time of one step: {total / 1e9:.3f} s ({total / 1e9 / step_seconds:.0%} of the step's wall time)")
-    print("| kernel | ms | calls | share |")
-    print("|---|---|---|---|")
-    for name, (ns, count) in sorted(kernels.items(), key=lambda item: -item[1][0])[:top]:
-        print(f"| {name[:90]} | {ns / 1e6:.2f} | {count} | {ns / total:.1%} |")
+    print("| kernel | XLA op | source | ms | calls | share |")
+    print("|---|---|---|---|---|---|")
+    for (name, op), (ns, count) in sorted(kernels.items(), key=lambda item: -item[1][0])[:top]:
+        print(f"| {name[:60]} | {op} | {sources.get(op, '')} | {ns / 1e6:.2f} | {count} | {ns / total:.1%} |")
 
 
-if __name__ == "__main__":
-    main()
+def op_sources(hlo: str, depth: int = 3) -> dict[str, str]:
+    """{instruction name: "op name @ file:line < caller file:line ..."} of the compiled HLO text's
+    instructions (their metadata's innermost `depth` Python frames): where in the Python a kernel's
+    work comes from."""
+    def table(section, pattern):
+        body = re.search(rf"^{section}\n(.*?)\n\n", hlo, re.S | re.M)
+        return {int(m[0]): m[1:] for m in re.findall(pattern, body.group(1))} if body else {}
+    files = {k: (os.path.basename(v[0]),) for k, v in table("FileNames", r'(\d+) "([^"]*)"()').items()}
+    locations = table("FileLocations", r"(\d+) \{file_name_id=(\d+) function_name_id=\d+ line=(\d+)")
+    frames = table("StackFrames", r"(\d+) \{file_location_id=(\d+) parent_frame_id=(\d+)")
+
+    def where(frame):
+        out = []
+        while frame in frames and len(out) < depth:
+            location, parent = frames[frame]
+            file_id, line = locations.get(int(location), ("0", "?"))
+            out.append(f"{files.get(int(file_id), ('?',))[0]}:{line}")
+            frame = int(parent) - 1       # the text prints a frame's parent id plus one (0: none)
+        return " < ".join(out)
+
+    sources = {}
+    for name, meta in re.findall(r"%?([\w.-]+) = [^\n]*?metadata=\{([^}\n]*)\}", hlo):
+        fields = dict(re.findall(r'(\w+)=("[^"]*"|\S+)', meta))
+        op = fields.get("op_name", "").strip('"').split("/")[-1]
+        if "stack_frame_id" in fields:
+            sources[name] = f"{op} @ {where(int(fields['stack_frame_id']))}"
+        elif "source_file" in fields:
+            sources[name] = f"{op} @ {os.path.basename(fields['source_file'].strip(chr(34)))}:{fields.get('source_line')}"
+    return sources

@@ -186,9 +186,18 @@ class RingModel(nnx.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """hidden: [..., hidden] -> float32 logits [..., vocab] (the head's matmul in model dtype)."""
+        fn, weights = self.head()
+        return fn(weights, hidden)
+
+    def head(self):
+        """The logits as a function of the head's own weights: (fn, weights), a pytree of arrays,
+        with fn(weights, hidden) = self.logits(hidden), for a loss that differentiates the head
+        apart from the rest of the model (`ring_jax.train.loss`)."""
         if self.lm_head is None:
-            return matmul(hidden, self.word_embeddings[...].T).astype(jnp.float32)
-        return self.lm_head(hidden).astype(jnp.float32)
+            return (lambda embeddings, hidden: matmul(hidden, embeddings.T).astype(jnp.float32),
+                    self.word_embeddings[...])
+        graphdef, state = nnx.split(self.lm_head)
+        return (lambda state, hidden: nnx.merge(graphdef, state)(hidden).astype(jnp.float32)), state
 
     def forward(self, input_ids: jax.Array) -> jax.Array:
         """input_ids: [B, T] int -> logits [B, T, vocab] float32 (full causal forward, no cache)."""

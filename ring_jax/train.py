@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.custom_derivatives import SymbolicZero
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ring_jax import lora
@@ -121,33 +122,92 @@ def prepare(model, config: TrainConfig) -> None:
         lora.attach(model, config.lora_rank, config.lora_alpha, config.lora_targets, seed=config.seed)
 
 
-# Positions per piece of the loss: the float32 logits exist [B, LOSS_CHUNK, vocab] at a time, in
-# the forward and again in the backward (2.6 GB for a 4096-token row at Ring's 157k vocabulary).
+# Positions per piece of the loss: the float32 logits exist [B, LOSS_CHUNK, vocab] at a time (2.6 GB
+# for a 4096-token row at Ring's 157k vocabulary).
 LOSS_CHUNK = 1024
 
 
 def loss(model, tokens, targets, weights, chunk: int = LOSS_CHUNK) -> jax.Array:
     """The weighted mean next-token loss (nats): tokens, targets: [B, L] int32; weights: [B, L]
     float32 (0 where a position is not a target). Logits in float32, as the scoring steps, computed
-    `chunk` positions at a time and again in the backward pass, so that their memory is bounded."""
-    hidden = model.hidden_states(tokens)                                              # [B, L, hidden]
+    `chunk` positions at a time, once (`_head_loss`), so that their memory is bounded."""
+    fn, head = model.head()
+    return _head_loss(fn, chunk, head, model.hidden_states(tokens), targets, weights)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _head_loss(fn, chunk, head, hidden, targets, weights):
+    """sum(weights * (logsumexp(logits) - logits[targets])) / max(sum(weights), 1), logits =
+    fn(head, hidden): [B, L, vocab]; hidden: [B, L, hidden]; targets, weights: [B, L].
+
+    Its gradients are made in the forward pass, piece by piece (`_head_pieces`): each piece's
+    logits are computed once, where autodiff of a loop of pieces would compute them again in the
+    backward pass (or keep every piece's); only the hidden states' gradient, [B, L, hidden], and
+    the head's, if it trains, wait for the backward pass. They are those of the loss itself
+    (cotangent 1): the backward pass scales them by its cotangent, which a train step's loss
+    gets as 1 (or 1 / accumulate)."""
+    return _head_pieces(fn, chunk, head, hidden, targets, weights, want=None)[0]
+
+
+def _normalizer(weights):
+    return jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def _head_pieces(fn, chunk, head, hidden, targets, weights, want):
+    """(loss, its gradient w.r.t. the head or None, its gradient w.r.t. hidden or None): want is
+    None (the loss only), "hidden" or "both"."""
     B, L, _ = hidden.shape
     size = min(chunk, L)
     pad = -L % size
-
-    @jax.checkpoint
-    def piece(total, part):
-        h, t, w = part                                                               # [B, size, ...]
-        logits = model.logits(h)                                                     # [B, size, V]
-        picked = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
-        return total + jnp.sum((jax.nn.logsumexp(logits, axis=-1) - picked) * w), None
+    scale = 1 / _normalizer(weights)           # the cotangent of a piece's sum: d loss / d sum
 
     def pieces(x):
         x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
         return jnp.moveaxis(x.reshape(B, (L + pad) // size, size, *x.shape[2:]), 1, 0)
 
-    total, _ = jax.lax.scan(piece, jnp.float32(0), (pieces(hidden), pieces(targets), pieces(weights)))
-    return total / jnp.maximum(jnp.sum(weights), 1.0)
+    def piece(carry, part):
+        total, d_head = carry
+        h, t, w = part                                                               # [B, size, ...]
+
+        def summed(head, h):
+            logits = fn(head, h)                                                     # [B, size, V]
+            picked = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
+            return jnp.sum((jax.nn.logsumexp(logits, axis=-1) - picked) * w)
+        if want is None:
+            return (total + summed(head, h), d_head), None
+        value, pullback = jax.vjp(summed, head, h)
+        g_head, g_h = pullback(scale)
+        if want == "both":
+            d_head = jax.tree.map(lambda acc, g: acc + g.astype(jnp.float32), d_head, g_head)
+        return (total + value, d_head), g_h
+
+    d_head = jax.tree.map(lambda w: jnp.zeros(w.shape, jnp.float32), head) if want == "both" else None
+    (total, d_head), d_hidden = jax.lax.scan(piece, (jnp.float32(0), d_head),
+                                             (pieces(hidden), pieces(targets), pieces(weights)))
+    if d_hidden is not None:
+        d_hidden = jnp.moveaxis(d_hidden, 0, 1).reshape(B, L + pad, -1)[:, :L]
+    if d_head is not None:
+        d_head = jax.tree.map(lambda g, w: g.astype(w.dtype), d_head, head)
+    return total * scale, d_head, d_hidden
+
+
+def _head_loss_forward(fn, chunk, head, hidden, targets, weights):
+    trains_head = any(leaf.perturbed for leaf in jax.tree.leaves(head))
+    values = [x.value for x in (hidden, targets, weights)]
+    head = jax.tree.map(lambda leaf: leaf.value, head)
+    value, d_head, d_hidden = _head_pieces(fn, chunk, head, *values, want="both" if trains_head else "hidden")
+    return value, (d_head, d_hidden)
+
+
+def _head_loss_backward(fn, chunk, residuals, cotangent):
+    d_head, d_hidden = residuals
+    if isinstance(cotangent, SymbolicZero):
+        return None, None, None, None
+    scaled = lambda g: (g * cotangent).astype(g.dtype)
+    return (None if d_head is None else jax.tree.map(scaled, d_head)), scaled(d_hidden), None, None
+
+
+_head_loss.defvjp(_head_loss_forward, _head_loss_backward, symbolic_zeros=True)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(2, 3))

@@ -1,10 +1,12 @@
 """Linear projection without bias: kernel [in, out] (the transpose of torch's weight)."""
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.custom_derivatives import SymbolicZero
 
 import pallas_kernels
 from ring_jax import backends
@@ -18,11 +20,48 @@ def einsum(spec: str, x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
     """jnp.einsum with float32 accumulation, rounded to `out_dtype` (default x.dtype).
 
     float32 inputs use full-precision passes (a GPU would otherwise use TF32); bf16 inputs use the
-    native bf16 MMA with a float32 accumulator, as torch does.
+    native bf16 MMA with a float32 accumulator, as torch does, and so do their gradients when the
+    product comes back in their dtype (`_rounded_einsum`).
     """
-    precision = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
-    y = jnp.einsum(spec, x, w, precision=precision, preferred_element_type=jnp.float32)
-    return y.astype(out_dtype or x.dtype)
+    out_dtype = jnp.dtype(out_dtype or x.dtype)
+    if x.dtype == jnp.float32:
+        y = jnp.einsum(spec, x, w, precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+        return y.astype(out_dtype)
+    if x.dtype == w.dtype == out_dtype:
+        return _rounded_einsum(spec, x, w)
+    return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32).astype(out_dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _rounded_einsum(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
+    """einsum(spec, x, w) of one narrow dtype (bf16), accumulated in float32 and rounded to it.
+
+    Its gradients are products of the same kind: the output's cotangent is of that dtype, so the
+    input's gradient is (cotangent @ w.T, accumulated in float32, rounded) and the weights' (x.T @
+    cotangent, likewise), as torch's backward of a bf16 Linear. Autodiff of the float32-accumulating
+    product would instead multiply the float32 cotangent with the weights upcast to float32: on a
+    GPU, TF32 products over float32 copies of the weights, at the same values and twice the cost.
+    """
+    return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def _rounded_forward(spec, x, w):
+    residual_x = x.value if w.perturbed else None            # x only serves the weights' gradient
+    return _rounded_einsum(spec, x.value, w.value), (residual_x, w.value)
+
+
+def _rounded_backward(spec, residuals, cotangent):
+    x, w = residuals
+    if isinstance(cotangent, SymbolicZero):
+        return None, None
+    inputs, out = spec.split("->")
+    x_spec, w_spec = inputs.split(",")
+    dx = _rounded_einsum(f"{out},{w_spec}->{x_spec}", cotangent, w)
+    dw = None if x is None else _rounded_einsum(f"{x_spec},{out}->{w_spec}", x, cotangent)
+    return dx, dw
+
+
+_rounded_einsum.defvjp(_rounded_forward, _rounded_backward, symbolic_zeros=True)
 
 
 def matmul(x, w, scale=None, out_dtype=None) -> jax.Array:
