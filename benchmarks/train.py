@@ -143,3 +143,7 @@ def op_sources(hlo: str, depth: int = 3) -> dict[str, str]:
         elif "source_file" in fields:
             sources[name] = f"{op} @ {os.path.basename(fields['source_file'].strip(chr(34)))}:{fields.get('source_line')}"
     return sources
+
+
+if __name__ == "__main__":
+    main()
