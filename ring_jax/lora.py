@@ -18,6 +18,8 @@ Targets name the projections by their place in a decoder layer:
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -49,13 +51,19 @@ class LoRA(nnx.Module):
 
     def __call__(self, x) -> jax.Array:
         """x: [..., in] (an array or a `Normed`) -> the update [..., out] in float32."""
-        x = read(x).astype(jnp.float32)
-        hp = jax.lax.Precision.HIGHEST
-        return self.scale * jnp.matmul(jnp.matmul(x, read(self.a), precision=hp), read(self.b), precision=hp)
+        return _update(read(x), read(self.a), read(self.b), self.scale)
 
     def delta(self) -> jax.Array:
         """The update of the weights, (alpha / rank) a b: [..., in, out] float32."""
         return self.scale * jnp.matmul(read(self.a), read(self.b), precision=jax.lax.Precision.HIGHEST)
+
+
+@functools.partial(jax.checkpoint, static_argnums=(3,))
+def _update(x, a, b, scale: float) -> jax.Array:
+    """scale (x a) b in float32 with full-precision passes: x [..., in], a [in, r], b [r, out]. The
+    backward pass recomputes it from x in x's own dtype, rather than keep x's float32 copy."""
+    x, hp = x.astype(jnp.float32), jax.lax.Precision.HIGHEST
+    return scale * jnp.matmul(jnp.matmul(x, a, precision=hp), b, precision=hp)
 
 
 def _find(module, path):

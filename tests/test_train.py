@@ -2,7 +2,9 @@
 merge into it, a memorisation run, the every-parameter mode, and the command line's resume after
 SIGKILL (the same losses, bit for bit) and merge."""
 
+import contextlib
 import dataclasses
+import io
 import json
 import os
 import signal
@@ -15,9 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.ad_checkpoint import print_saved_residuals
 
 from conftest import CONFIGS, rel_err, tiny_model_folder
 from ring_jax import RingConfig, RingModel, load_model, lora, train
+from ring_jax.layers.moe import combine
+from ring_jax.layers.norms import RMSNorm
 from ring_jax.train_data import Batches, Example
 
 pytestmark = pytest.mark.slow
@@ -183,3 +188,31 @@ def test_loss_in_pieces_equals_autodiff_of_the_whole(dtype, tied):
         whole = lambda leaves: np.concatenate([np.asarray(x, np.float64).ravel() for x in leaves])
         assert rel_err(whole(grads), whole(want_grads)) <= 0.05
         assert rel_err(whole(grads), whole(exact)) <= 1.1 * rel_err(whole(want_grads), whole(exact))
+
+
+def saved_residuals(f, *args) -> list[str]:
+    """The arrays autodiff keeps for f's backward pass, one line each ("f32[8,64] output of ...")."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        print_saved_residuals(f, *args)
+    return out.getvalue().splitlines()
+
+
+def test_backward_keeps_no_float32_copies_of_bf16_activations():
+    """The norms, the LoRA adapters and the MoE's combine compute in float32 from bf16 activations;
+    their backward passes recompute those float32 values rather than keep them (without remat a
+    step keeps every layer's): what autodiff saves of them is bf16 or per-row statistics."""
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.standard_normal((6, 8, 64)), jnp.bfloat16)
+    full = lambda lines: [l for l in lines if l.startswith(("f32[6,8,64] output", "f32[24,2,64] output"))]
+    probe = jnp.asarray(rng.standard_normal((6, 8, 64)), jnp.float32)        # a loss linear in the output
+    norm = RMSNorm(64, 1e-6, dtype=jnp.bfloat16)
+    a, b = (jnp.asarray(rng.standard_normal(shape), jnp.float32) for shape in ((64, 4), (4, 64)))
+    out, weights = x.reshape(24, 2, 64), jnp.asarray(rng.random((24, 2)), jnp.float32)
+    cases = {"norm": (lambda x: jnp.sum(norm(x) * probe), x),
+             "lora": (lambda a: jnp.sum(lora.LoRA(a, b, 8.0, (None, None))(x) * probe), a),
+             "combine": (lambda out, weights: jnp.sum(combine(out, weights) * probe[:3].reshape(24, 64)), out, weights)}
+    for name, (f, *args) in cases.items():
+        lines = saved_residuals(f, *args)
+        assert lines, name
+        assert not full(lines), (name, full(lines))

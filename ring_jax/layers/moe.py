@@ -319,6 +319,7 @@ class Experts(nnx.Module):
 SCATTER_MIN_TOKENS = 256
 
 
+@jax.checkpoint          # the backward pass upcasts out again rather than keep its float32 copy
 def combine(out: jax.Array, weights: jax.Array) -> jax.Array:
     """out: [N, k, hidden]; weights: [N, k] float32 -> [N, hidden] in out's dtype: the weighted sum
     in float32, then rounded once (HF moe_infer)."""

@@ -11,8 +11,18 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pallas_kernels.matvec.reference import normalize, rms_norm
+from pallas_kernels.matvec import reference
 from ring_jax.layers.stack import read, stack_and_index
+
+# The norm's formula, its backward pass recomputing the float32 statistics from x: autodiff of the
+# formula would keep float32 copies of x for it, four times x's bf16 bytes, and a decoder layer
+# normalises its activations five times or more (training without remat keeps every layer's).
+normalize = jax.checkpoint(reference.normalize, static_argnums=(1,))
+
+
+def rms_norm(x, weight, eps: float):
+    """weight [K] * normalize(x [..., K]): HF RMSNorm."""
+    return weight * normalize(x, eps)
 
 
 class Normed:
