@@ -144,8 +144,10 @@ def _head_loss(fn, chunk, head, hidden, targets, weights):
     logits are computed once, where autodiff of a loop of pieces would compute them again in the
     backward pass (or keep every piece's); only the hidden states' gradient, [B, L, hidden], and
     the head's, if it trains, wait for the backward pass. They are those of the loss itself
-    (cotangent 1): the backward pass scales them by its cotangent, which a train step's loss
-    gets as 1 (or 1 / accumulate)."""
+    (cotangent 1), rounded to their dtypes: the backward pass scales them by its cotangent, which
+    `train_step` gives as 1 (another one rounds bf16 gradients a second time). weights get no
+    gradient (a clear error if asked for one); forward-mode autodiff (jax.jvp) does not go
+    through this custom VJP."""
     return _head_pieces(fn, chunk, head, hidden, targets, weights, want=None)[0]
 
 
@@ -192,6 +194,9 @@ def _head_pieces(fn, chunk, head, hidden, targets, weights, want):
 
 
 def _head_loss_forward(fn, chunk, head, hidden, targets, weights):
+    if weights.perturbed:
+        raise ValueError("the loss takes no gradient with respect to its weights (the positions' "
+                         "weights are data): differentiate with respect to the model's parameters")
     trains_head = any(leaf.perturbed for leaf in jax.tree.leaves(head))
     values = [x.value for x in (hidden, targets, weights)]
     head = jax.tree.map(lambda leaf: leaf.value, head)

@@ -136,3 +136,28 @@ def test_bfloat16_model_gradients_as_exact_as_torch_bfloat16(tmp_path, tiny_dict
           f"ours from torch's bf16: {distance(got, want16):.3f}")
     assert distance(got, want16) <= BF16_GRAD_TOL
     assert ours <= 1.1 * theirs
+
+
+@pytest.mark.parametrize("spec,x_shape,w_shape", [("...k,kn->...n", (2, 5, 64), (64, 48)),
+                                                  ("...k,kn->...n", (64,), (64, 48)),
+                                                  ("btkgd,bskd->bkgts", (2, 7, 2, 3, 16), (2, 9, 2, 16)),
+                                                  ("bkgts,bskd->btkgd", (2, 2, 3, 7, 9), (2, 9, 2, 16))])
+def test_bf16_product_gradients_equal_autodiff(spec, x_shape, w_shape):
+    """The bf16 products' gradients (`ring_jax.layers.linear.einsum`: bf16 products of the bf16
+    cotangent) equal, bit for bit, autodiff of the float32-accumulating product rounded to bf16
+    (whose cotangent is the same bf16 values upcast), for every spec the model uses; with respect
+    to either operand alone, the other gets none."""
+    from ring_jax.layers.linear import einsum
+
+    rng = np.random.default_rng(11)
+    x, w = (jnp.asarray(rng.standard_normal(shape), jnp.bfloat16) for shape in (x_shape, w_shape))
+    probe = jnp.asarray(rng.standard_normal(jnp.einsum(spec, x, w).shape), jnp.bfloat16)
+
+    def plain(x, w):
+        return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32).astype(jnp.bfloat16)
+    for argnums in ((0, 1), 0, 1):
+        got = jax.grad(lambda x, w: jnp.sum(einsum(spec, x, w) * probe, dtype=jnp.float32), argnums)(x, w)
+        want = jax.grad(lambda x, w: jnp.sum(plain(x, w) * probe, dtype=jnp.float32), argnums)(x, w)
+        for g, v in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            assert g.dtype == v.dtype == jnp.bfloat16
+            np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(v, np.float32))

@@ -158,8 +158,9 @@ def test_loss_in_pieces_equals_autodiff_of_the_whole(dtype, tied):
     in the forward pass: the loss and every parameter's gradient (the head's and, tied, the
     embeddings' included) equal autodiff of the plain formula over all the logits at once, also
     where the pieces do not divide the row (padding with weight 0), and under a cotangent other
-    than 1 (accumulated micro-batches). In bf16, which rounds the gradients at other points, both
-    are as far from the float32 model's gradients (the whole gradient as one vector)."""
+    than 1. In bf16, which rounds the gradients at other points, both are as far from the float32
+    model's gradients (the whole gradient as one vector). The positions' weights take no gradient:
+    asking for one is an error."""
     config = dataclasses.replace(RingConfig.from_hf(os.path.join(CONFIGS, "tiny.json")), tie_word_embeddings=tied)
     rng = np.random.default_rng(3)
     tokens, targets = (jnp.asarray(rng.integers(0, config.vocab_size, (2, 30)), jnp.int32) for _ in range(2))
@@ -188,6 +189,9 @@ def test_loss_in_pieces_equals_autodiff_of_the_whole(dtype, tied):
         whole = lambda leaves: np.concatenate([np.asarray(x, np.float64).ravel() for x in leaves])
         assert rel_err(whole(grads), whole(want_grads)) <= 0.05
         assert rel_err(whole(grads), whole(exact)) <= 1.1 * rel_err(whole(want_grads), whole(exact))
+    model = RingModel(config, dtype=dtype, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="no gradient with respect to its weights"):
+        jax.grad(lambda w: train.loss(model, tokens, targets, w, chunk=8))(weights)
 
 
 def saved_residuals(f, *args) -> list[str]:

@@ -27,9 +27,19 @@ def einsum(spec: str, x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
     if x.dtype == jnp.float32:
         y = jnp.einsum(spec, x, w, precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
         return y.astype(out_dtype)
-    if x.dtype == w.dtype == out_dtype:
+    if x.dtype == w.dtype == out_dtype and _transposable(spec):
         return _rounded_einsum(spec, x, w)
     return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32).astype(out_dtype)
+
+
+def _transposable(spec: str) -> bool:
+    """Whether `_rounded_einsum`'s gradients, einsums of the output's and the other operand's
+    indices, cover spec "x,w->out": every index of each operand is in the other one or the output."""
+    if spec.count("->") != 1 or spec.count(",") != 1:
+        return False
+    inputs, out = spec.replace("...", ".").split("->")
+    x_spec, w_spec = inputs.split(",")
+    return set(x_spec) <= set(w_spec + out) and set(w_spec) <= set(x_spec + out)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -41,13 +51,15 @@ def _rounded_einsum(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
     cotangent, likewise), as torch's backward of a bf16 Linear. Autodiff of the float32-accumulating
     product would instead multiply the float32 cotangent with the weights upcast to float32: on a
     GPU, TF32 products over float32 copies of the weights, at the same values and twice the cost.
+    (A custom VJP: forward-mode autodiff, jax.jvp, does not go through it.)
     """
     return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32).astype(x.dtype)
 
 
 def _rounded_forward(spec, x, w):
-    residual_x = x.value if w.perturbed else None            # x only serves the weights' gradient
-    return _rounded_einsum(spec, x.value, w.value), (residual_x, w.value)
+    residuals = (x.value if w.perturbed else None,               # x serves the weights' gradient,
+                 w.value if x.perturbed else None)               # w the input's
+    return _rounded_einsum(spec, x.value, w.value), residuals
 
 
 def _rounded_backward(spec, residuals, cotangent):
@@ -56,7 +68,7 @@ def _rounded_backward(spec, residuals, cotangent):
         return None, None
     inputs, out = spec.split("->")
     x_spec, w_spec = inputs.split(",")
-    dx = _rounded_einsum(f"{out},{w_spec}->{x_spec}", cotangent, w)
+    dx = None if w is None else _rounded_einsum(f"{out},{w_spec}->{x_spec}", cotangent, w)
     dw = None if x is None else _rounded_einsum(f"{x_spec},{out}->{w_spec}", x, cotangent)
     return dx, dw
 
