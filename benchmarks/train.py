@@ -116,34 +116,33 @@ def profile(model, settings, examples, step_seconds: float, top: int = 40) -> No
 
 def op_sources(hlo: str, depth: int = 3) -> dict[str, str]:
     """{instruction name: "op name @ file:line < caller file:line ..."} of the compiled HLO text's
-    instructions (their metadata's innermost `depth` Python frames): where in the Python a kernel's
-    work comes from."""
-    def table(section, pattern):
+    instructions (their metadata's innermost `depth` Python frames, from the text's FileNames,
+    FileLocations and StackFrames tables): where in the Python a kernel's work comes from."""
+    def rows(section, pattern):
         body = re.search(rf"^{section}\n(.*?)\n\n", hlo, re.S | re.M)
-        return {int(m[0]): m[1:] for m in re.findall(pattern, body.group(1))} if body else {}
-    files = {k: (os.path.basename(v[0]),) for k, v in table("FileNames", r'(\d+) "([^"]*)"()').items()}
-    locations = table("FileLocations", r"(\d+) \{file_name_id=(\d+) function_name_id=\d+ line=(\d+)")
-    frames = table("StackFrames", r"(\d+) \{file_location_id=(\d+) parent_frame_id=(\d+)")
+        return re.findall(pattern, body.group(1)) if body else []
+    files = {int(i): os.path.basename(name) for i, name in rows("FileNames", r'(\d+) "([^"]*)"')}
+    locations = {int(i): (int(file), line) for i, file, line in
+                 rows("FileLocations", r"(\d+) \{file_name_id=(\d+) function_name_id=\d+ line=(\d+)")}
+    frames = {int(i): (int(location), int(parent)) for i, location, parent in
+              rows("StackFrames", r"(\d+) \{file_location_id=(\d+) parent_frame_id=(\d+)")}
 
     def where(frame):
         out = []
         while frame in frames and len(out) < depth:
             location, parent = frames[frame]
-            file_id, line = locations.get(int(location), ("0", "?"))
-            out.append(f"{files.get(int(file_id), ('?',))[0]}:{line}")
-            frame = int(parent) - 1       # the text prints a frame's parent id plus one (0: none)
+            file, line = locations.get(location, (0, "?"))
+            out.append(f"{files.get(file, '?')}:{line}")
+            frame = parent - 1            # the text prints a frame's parent id plus one (0: none)
         return " < ".join(out)
 
     sources = {}
     for name, meta in re.findall(r"%?([\w.-]+) = [^\n]*?metadata=\{([^}\n]*)\}", hlo):
         fields = dict(re.findall(r'(\w+)=("[^"]*"|\S+)', meta))
-        op = fields.get("op_name", "").strip('"').split("/")[-1]
         if "stack_frame_id" in fields:
+            op = fields.get("op_name", "").strip('"').split("/")[-1]
             sources[name] = f"{op} @ {where(int(fields['stack_frame_id']))}"
-        elif "source_file" in fields:
-            sources[name] = f"{op} @ {os.path.basename(fields['source_file'].strip(chr(34)))}:{fields.get('source_line')}"
     return sources
-
 
 if __name__ == "__main__":
     main()

@@ -151,17 +151,14 @@ def _head_loss(fn, chunk, head, hidden, targets, weights):
     return _head_pieces(fn, chunk, head, hidden, targets, weights, want=None)[0]
 
 
-def _normalizer(weights):
-    return jnp.maximum(jnp.sum(weights), 1.0)
-
-
 def _head_pieces(fn, chunk, head, hidden, targets, weights, want):
     """(loss, its gradient w.r.t. the head or None, its gradient w.r.t. hidden or None): want is
     None (the loss only), "hidden" or "both"."""
     B, L, _ = hidden.shape
     size = min(chunk, L)
     pad = -L % size
-    scale = 1 / _normalizer(weights)           # the cotangent of a piece's sum: d loss / d sum
+    normalizer = jnp.maximum(jnp.sum(weights), 1.0)
+    scale = 1 / normalizer                     # the cotangent of a piece's sum: d loss / d sum
 
     def pieces(x):
         x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
@@ -190,7 +187,7 @@ def _head_pieces(fn, chunk, head, hidden, targets, weights, want):
         d_hidden = jnp.moveaxis(d_hidden, 0, 1).reshape(B, L + pad, -1)[:, :L]
     if d_head is not None:
         d_head = jax.tree.map(lambda g, w: g.astype(w.dtype), d_head, head)
-    return total * scale, d_head, d_hidden
+    return total / normalizer, d_head, d_hidden
 
 
 def _head_loss_forward(fn, chunk, head, hidden, targets, weights):
