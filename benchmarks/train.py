@@ -88,7 +88,8 @@ def main(argv=None):
 
 def profile(model, settings, examples, step_seconds: float, top: int = 40) -> None:
     """The GPU kernels of one `train.train_step` (after a warm-up one), from a profiler trace:
-    each one's time and count, the costliest `top` first."""
+    each one's time and count, the costliest `top` first; then their time summed by the Python
+    line of the operation that launched them."""
     from flax import nnx
 
     graphdef, params, frozen = nnx.split(model, train.trainable(settings), ...)
@@ -112,16 +113,26 @@ def profile(model, settings, examples, step_seconds: float, top: int = 40) -> No
     print("|---|---|---|---|---|---|")
     for (name, op), (ns, count) in sorted(kernels.items(), key=lambda item: -item[1][0])[:top]:
         print(f"| {name[:60]} | {op} | {sources.get(op, '')} | {ns / 1e6:.2f} | {count} | {ns / total:.1%} |")
+    lines = {}
+    for (name, op), (ns, count) in kernels.items():
+        line = sources.get(op, " @ (no source)").split(" @ ")[1].split(" < ")[0]
+        line_ns, line_count = lines.get(line, (0, 0))
+        lines[line] = (line_ns + ns, line_count + count)
+    print("\nThe same time by the Python line whose operation launched each kernel:")
+    print("| source line | ms | kernels | share |")
+    print("|---|---|---|---|")
+    for line, (ns, count) in sorted(lines.items(), key=lambda item: -item[1][0])[:top]:
+        print(f"| {line} | {ns / 1e6:.2f} | {count} | {ns / total:.1%} |")
 
 
 def op_sources(hlo: str, depth: int = 3) -> dict[str, str]:
-    """{instruction name: "op name @ file:line < caller file:line ..."} of the compiled HLO text's
+    """{instruction name: "op name @ folder/file:line < caller's ..."} of the compiled HLO text's
     instructions (their metadata's innermost `depth` Python frames, from the text's FileNames,
     FileLocations and StackFrames tables): where in the Python a kernel's work comes from."""
     def rows(section, pattern):
         body = re.search(rf"^{section}\n(.*?)\n\n", hlo, re.S | re.M)
         return re.findall(pattern, body.group(1)) if body else []
-    files = {int(i): os.path.basename(name) for i, name in rows("FileNames", r'(\d+) "([^"]*)"')}
+    files = {int(i): "/".join(name.split("/")[-2:]) for i, name in rows("FileNames", r'(\d+) "([^"]*)"')}
     locations = {int(i): (int(file), line) for i, file, line in
                  rows("FileLocations", r"(\d+) \{file_name_id=(\d+) function_name_id=\d+ line=(\d+)")}
     frames = {int(i): (int(location), int(parent)) for i, location, parent in

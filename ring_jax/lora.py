@@ -58,12 +58,37 @@ class LoRA(nnx.Module):
         return self.scale * jnp.matmul(read(self.a), read(self.b), precision=jax.lax.Precision.HIGHEST)
 
 
-@functools.partial(jax.checkpoint, static_argnums=(3,))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _update(x, a, b, scale: float) -> jax.Array:
-    """scale (x a) b in float32 with full-precision passes: x [..., in], a [in, r], b [r, out]. The
-    backward pass recomputes it from x in x's own dtype, rather than keep x's float32 copy."""
-    x, hp = x.astype(jnp.float32), jax.lax.Precision.HIGHEST
-    return scale * jnp.matmul(jnp.matmul(x, a, precision=hp), b, precision=hp)
+    """scale (x a) b in float32 with full-precision passes: x [..., in] (bf16 or float32), a [in, r],
+    b [r, out] float32 -> [..., out] float32.
+
+    Its gradients are written out so that each is one pass over the wide arrays: the backward pass
+    keeps x in its own dtype and the narrow x a [..., r], where autodiff would keep x's float32 copy
+    (or, under jax.checkpoint, make x a again)."""
+    return _update_forward(x, a, b, scale)[0]
+
+
+def _matmul(x, y):
+    return jnp.matmul(x, y, precision=jax.lax.Precision.HIGHEST)
+
+
+def _update_forward(x, a, b, scale):
+    u = _matmul(x.astype(jnp.float32), a)                                               # [..., r]
+    return scale * _matmul(u, b), (x, a, b, u)
+
+
+def _update_backward(scale, residuals, cotangent):
+    x, a, b, u = residuals
+    g = scale * cotangent                                                               # [..., out]
+    d_u = _matmul(g, b.T)                                                               # [..., r]
+    flat = lambda v: v.reshape(-1, v.shape[-1])
+    d_a = _matmul(flat(x).astype(jnp.float32).T, flat(d_u))
+    d_b = _matmul(flat(u).T, flat(g))
+    return _matmul(d_u, a.T).astype(x.dtype), d_a, d_b
+
+
+_update.defvjp(_update_forward, _update_backward)
 
 
 def _find(module, path):

@@ -167,15 +167,11 @@ def _head_pieces(fn, chunk, head, hidden, targets, weights, want):
     def piece(carry, part):
         total, d_head = carry
         h, t, w = part                                                               # [B, size, ...]
-
-        def summed(head, h):
-            logits = fn(head, h)                                                     # [B, size, V]
-            picked = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
-            return jnp.sum((jax.nn.logsumexp(logits, axis=-1) - picked) * w)
         if want is None:
-            return (total + summed(head, h), d_head), None
-        value, pullback = jax.vjp(summed, head, h)
-        g_head, g_h = pullback(scale)
+            return (total + _cross_entropy(fn(head, h), t, w)[0], d_head), None
+        logits, pullback = jax.vjp(fn, head, h)                                      # [B, size, V]
+        value, d_logits = _cross_entropy(logits, t, w)
+        g_head, g_h = pullback(d_logits * scale)
         if want == "both":
             d_head = jax.tree.map(lambda acc, g: acc + g.astype(jnp.float32), d_head, g_head)
         return (total + value, d_head), g_h
@@ -188,6 +184,18 @@ def _head_pieces(fn, chunk, head, hidden, targets, weights, want):
     if d_head is not None:
         d_head = jax.tree.map(lambda g, w: g.astype(w.dtype), d_head, head)
     return total / normalizer, d_head, d_hidden
+
+
+def _cross_entropy(logits, targets, weights):
+    """(sum(weights * (logsumexp(logits) - logits[targets])), its gradient w.r.t. logits): logits
+    [..., V] float32, targets and weights [...]. The gradient, weights * (softmax - one-hot), is
+    written out rather than left to autodiff, whose take_along_axis transposes to a scatter: so
+    that it is one elementwise pass over the logits."""
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    target = jnp.arange(logits.shape[-1]) == targets[..., None]
+    picked = jnp.sum(jnp.where(target, logits, 0), axis=-1)
+    value = jnp.sum((lse - picked) * weights)
+    return value, (jnp.exp(logits - lse[..., None]) - target) * weights[..., None]
 
 
 def _head_loss_forward(fn, chunk, head, hidden, targets, weights):

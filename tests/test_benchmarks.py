@@ -21,6 +21,6 @@ def test_op_sources_name_each_instruction_with_its_python_frames():
     of `inner`, called from `outer`, reads as dot_general at inner's line < outer's line."""
     hlo = jax.jit(outer).lower(jnp.ones((8, 8))).compile().as_text()
     sources = op_sources(hlo, depth=2)
-    body = lambda f: f"test_benchmarks.py:{inspect.getsourcelines(f)[1] + 1}"     # its return line
+    body = lambda f: f"tests/test_benchmarks.py:{inspect.getsourcelines(f)[1] + 1}"     # its return line
     dots = [where for where in sources.values() if where.startswith("dot_general @ ")]
     assert dots and all(where == f"dot_general @ {body(inner)} < {body(outer)}" for where in dots), sources

@@ -165,7 +165,9 @@ def test_mosaic_gpu_branches_differentiate(monkeypatch):
     """The grouped matmul's (plain and SwiGLU, reading a layer's experts in a longer stack; the rows'
     gradient through the kernel with the weights K-major) and the linear-attention scan's GPU
     branches, their kernels swapped for jnp stand-ins: the gradient is the reference's (the
-    scan's, bf16, within rounding), the stack's other layers get none."""
+    scan's, bf16, within rounding), the stack's other layers get none; with the weights frozen,
+    the SwiGLU product's backward pass runs one grouped matmul (the rows' gradient) and no second
+    product."""
     calls = []
     monkeypatch.setattr(gmm_gpu, "gmm", lambda *a, **k: calls.append(k.get("k_major")) or gmm_stand_in(*a, **k))
     lhs, stack = normal((256, 256), jnp.bfloat16, seed=21), normal((6, 256, 512), jnp.bfloat16, seed=22, scale=0.1)
@@ -177,6 +179,11 @@ def test_mosaic_gpu_branches_differentiate(monkeypatch):
             np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
         assert not np.asarray(got[1], np.float32)[[0, 1, 4, 5]].any()
     assert True in calls
+    calls.clear()                    # frozen weights: SwiGLU's gradient reads the product kept from
+    got = grads(lambda l: pallas_kernels.gmm_swiglu(l, stack, sizes, group_offset=2, backend="gpu"), (lhs,), (0,))
+    want = grads(lambda l: pallas_kernels.gmm_swiglu(l, stack, sizes, group_offset=2, backend="reference"), (lhs,), (0,))
+    np.testing.assert_array_equal(np.asarray(got[0], np.float32), np.asarray(want[0], np.float32))
+    assert calls == [None, None, True]   # grads' shape trace, the forward's product, the rows' gradient
 
     monkeypatch.setattr(linear_attention_api, "GPU_MIN_JAX", (0, 0))
     monkeypatch.setattr(scan_gpu, "linear_attention", lambda q, k, v, g, scale=None, initial_state=None:

@@ -13,6 +13,7 @@ grouped matmuls: "gpu", a Pallas Triton kernel (`gather_gpu.py`), and XLA's gath
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
 
 from pallas_kernels.backend import FP8, Kernel, resolve, with_reference_gradient
 from pallas_kernels.moe import reference
@@ -56,12 +57,15 @@ def _gpu_kernel(lhs, group_sizes, **settings):
 
 def _with_kernel_gradient(kernel, G: int, swiglu: bool, interpret: bool):
     """kernel(lhs, rhs, group_sizes, group_offset, None, None) for bf16 weights, differentiable
-    through grouped matmuls: the rows' gradient is the output's gradient (through SwiGLU's, at the
-    product recomputed by the kernel) times the transposed weights, the GPU kernel reading the
-    weights K-major where it takes the shapes (XLA's ragged_dot transpose, which the reference's
-    gradient would run, expands to a dense product of every row with every group's weights on
-    the GPU; in interpret mode, whose interpreter reads no transposed operands, the reference's);
-    the weights' gradient is the reference's, which XLA drops when nothing trains them."""
+    through grouped matmuls: the rows' gradient is the output's gradient (through SwiGLU's) times
+    the transposed weights, the GPU kernel reading the weights K-major where it takes the shapes
+    (XLA's ragged_dot transpose, which the reference's gradient would run, expands to a dense
+    product of every row with every group's weights on the GPU; in interpret mode, whose
+    interpreter reads no transposed operands, the reference's); the weights' gradient is the
+    reference's. Under differentiation SwiGLU runs after the kernel rather than in its epilogue
+    (the same roundings, `reference.swiglu`), so that its gradient reads the kept [M, 2 I] product:
+    where the weights do not train, the backward pass keeps that product instead of the rows, which
+    are twice its width in the experts' shape, and runs no grouped matmul again."""
     from pallas_kernels.moe import gmm_gpu
 
     @jax.custom_vjp
@@ -69,25 +73,36 @@ def _with_kernel_gradient(kernel, G: int, swiglu: bool, interpret: bool):
         return kernel(lhs, rhs, group_sizes, group_offset, None, None)
 
     def forward(lhs, rhs, group_sizes, group_offset):
-        return f(lhs, rhs, group_sizes, group_offset), (lhs, rhs, group_sizes, group_offset)
+        keep_rows = rhs.perturbed or not swiglu                # the weights' gradient reads the rows
+        lhs, rhs, group_sizes, group_offset = (x.value for x in (lhs, rhs, group_sizes, group_offset))
+        product = None
+        if swiglu:
+            product = gmm_gpu.gmm(lhs, rhs, group_sizes, group_offset=group_offset,
+                                  tile_m=_gpu_tile_m(lhs, group_sizes), interpret=interpret)
+            out = reference.swiglu(product)
+        else:
+            out = f(lhs, rhs, group_sizes, group_offset)
+        return out, (lhs if keep_rows else None, rhs, group_sizes, group_offset, product)
 
     def backward(residuals, cotangent):
-        lhs, rhs, group_sizes, group_offset = residuals
-        grad, tile_m = cotangent, _gpu_tile_m(lhs, group_sizes)
-        if swiglu:
-            product = gmm_gpu.gmm(lhs, rhs, group_sizes, group_offset=group_offset, tile_m=tile_m, interpret=interpret)
-            grad = jax.vjp(reference.swiglu, product)[1](cotangent)[0]
-        if not interpret and gmm_gpu.supports(grad, rhs, lhs.dtype, k_major=True):
+        lhs, rhs, group_sizes, group_offset, product = residuals
+        if isinstance(cotangent, SymbolicZero):
+            return None, None, None, None
+        grad = cotangent if product is None else jax.vjp(reference.swiglu, product)[1](cotangent)[0]
+        rows = jax.ShapeDtypeStruct((grad.shape[0], rhs.shape[1]), (product if lhs is None else lhs).dtype)
+        tile_m = _gpu_tile_m(rows, group_sizes)
+        if not interpret and gmm_gpu.supports(grad, rhs, rows.dtype, k_major=True):
             d_lhs = gmm_gpu.gmm(grad, rhs, group_sizes, group_offset=group_offset, k_major=True,
-                                preferred_element_type=lhs.dtype, tile_m=tile_m, interpret=interpret)
+                                preferred_element_type=rows.dtype, tile_m=tile_m, interpret=interpret)
         else:
-            d_lhs = jax.vjp(lambda x: reference.gmm(x, _groups(rhs, group_offset, G), group_sizes,
-                                                    preferred_element_type=grad.dtype), lhs)[1](grad)[0]
-        d_rhs = jax.vjp(lambda r: reference.gmm(lhs, _groups(r, group_offset, G), group_sizes,
-                                                preferred_element_type=grad.dtype), rhs)[1](grad)[0]
+            d_lhs = jax.linear_transpose(lambda x: reference.gmm(x, _groups(rhs, group_offset, G), group_sizes,
+                                                                 preferred_element_type=grad.dtype), rows)(grad)[0]
+        d_rhs = None if lhs is None else jax.vjp(
+            lambda r: reference.gmm(lhs, _groups(r, group_offset, G), group_sizes,
+                                    preferred_element_type=grad.dtype), rhs)[1](grad)[0]
         return d_lhs, d_rhs, None, None
 
-    f.defvjp(forward, backward)
+    f.defvjp(forward, backward, symbolic_zeros=True)
     return lambda lhs, rhs, group_sizes, group_offset, scale, lhs_scale: f(lhs, rhs, group_sizes, group_offset)
 
 

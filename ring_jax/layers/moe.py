@@ -140,20 +140,35 @@ def _kernel_operands(*stacks):
     return (values[0], dict(scale=scales[0])) if len(stacks) == 1 else (values, dict(scale=scales))
 
 
+def combined_outputs(tokens, ids, weights, gate_up, down, fp8_rows=False, gathered=None):
+    """combine(expert_outputs(tokens, ids, gate_up, down, gathered=gathered, fp8_rows=fp8_rows),
+    weights) -> [N, hidden], every expert held here (no expert axis): the grouped matmuls' outputs
+    are combined where they lie, in expert order (`_combine_in_expert_order`), with no token-order
+    copy of them."""
+    if backends.experts_gather(tokens, ids, gate_up, down) if gathered is None else gathered:
+        return combine(gathered_outputs(tokens, ids, gate_up, down), weights)
+    return _combine_in_expert_order(*_outputs_in_expert_order(tokens, ids, gate_up, down, fp8_rows), weights)
+
+
 def grouped_outputs(tokens, ids, gate_up, down, fp8_rows=False):
     """-> [N, k, hidden]; pairs with ids == E (experts held elsewhere) give zeros. fp8_rows: FP8
     weights multiply FP8 rows (`expert_outputs`)."""
     N, k = ids.shape
+    out, order, rank = _outputs_in_expert_order(tokens, ids, gate_up, down, fp8_rows)
+    return _permuted(out, rank, order).reshape(N, k, -1)
+
+
+def _outputs_in_expert_order(tokens, ids, gate_up, down, fp8_rows):
+    """-> (out [N k, hidden]: the pairs' outputs sorted by expert, order [N k]: the pairs in that
+    order, rank [N k]: its inverse, where pair n k + j's output is)."""
     E = _count(gate_up)
     order, rank, group_sizes = sort_by_expert(ids.reshape(-1), E + 1)
     group_sizes = group_sizes[:E]                           # rows past their sum come back as zeros
     (gate_up, first), (down, _) = _one_stack(gate_up), _one_stack(down)
     operands = (tokens, order, rank, group_sizes, jnp.asarray(first, jnp.int32), gate_up, down)
     if fp8_rows and isinstance(gate_up, Fp8):   # the gradient passes the rows' rounding straight through
-        out = with_reference_gradient(_fp8_row_products, _products)(*operands)
-    else:
-        out = _products(*operands)
-    return _permuted(out, rank, order).reshape(N, k, -1)
+        return with_reference_gradient(_fp8_row_products, _products)(*operands), order, rank
+    return _products(*operands), order, rank
 
 
 def _products(tokens, order, rank, group_sizes, first, gate_up, down):
@@ -285,7 +300,7 @@ class Experts(nnx.Module):
         shard) block, the pairs' outputs brought together over `expert` (module docstring)."""
         gate_up, down = self.weights()
         if not in_mesh():
-            return combine(expert_outputs(tokens, ids, gate_up, down, fp8_rows=self.fp8_rows), weights)
+            return combined_outputs(tokens, ids, weights, gate_up, down, self.fp8_rows)
         arrays = [gate_up, down] if self.gate_up_proj_scale is None else [gate_up.values, gate_up.scale,
                                                                           down.values, down.scale]
         index = arrays[0].index if isinstance(arrays[0], StackSlice) else 0
@@ -300,10 +315,10 @@ class Experts(nnx.Module):
         gathered = backends.experts_gather(tokens, ids, *layer(stacks, index), expert_parallel=axis is not None)
 
         def block(tokens, ids, weights, index, *stacks):
+            if axis is None:
+                return combined_outputs(tokens, ids, weights, *layer(stacks, index), self.fp8_rows, gathered)
             out = expert_outputs(tokens, ids, *layer(stacks, index), expert_axis=axis, gathered=gathered,
                                  fp8_rows=self.fp8_rows)
-            if axis is None:
-                return combine(out, weights)
             if tokens.shape[0] < SCATTER_MIN_TOKENS:
                 return combine(jax.lax.psum(out, axis), weights)
             return scattered_combine(out, weights, axis)
@@ -324,6 +339,32 @@ def combine(out: jax.Array, weights: jax.Array) -> jax.Array:
     """out: [N, k, hidden]; weights: [N, k] float32 -> [N, hidden] in out's dtype: the weighted sum
     in float32, then rounded once (HF moe_infer)."""
     return jnp.sum(out.astype(jnp.float32) * weights[..., None], axis=1).astype(out.dtype)
+
+
+@jax.custom_vjp
+def _combine_in_expert_order(out, order, rank, weights):
+    """combine(out[rank].reshape(N, k, hidden), weights): out [N k, hidden] in expert order, order
+    and rank as `_outputs_in_expert_order`'s; weights [N, k]. Its gradients gather: the rows' in
+    expert order, out's own, and the weights' from out where it lies, where autodiff would keep a
+    token-order copy of out and scatter."""
+    N, k = weights.shape
+    return combine(out[rank].reshape(N, k, -1), weights)
+
+
+def _combine_in_expert_order_forward(out, order, rank, weights):
+    return _combine_in_expert_order(out, order, rank, weights), (out, order, rank, weights)
+
+
+def _combine_in_expert_order_backward(residuals, cotangent):
+    out, order, rank, weights = residuals
+    N, k = weights.shape
+    g = cotangent.astype(jnp.float32)                                                   # [N, hidden]
+    d_weights = jnp.sum(g[:, None] * out[rank].reshape(N, k, -1).astype(jnp.float32), axis=-1)
+    d_out = (g[order // k] * weights.reshape(-1)[order, None]).astype(out.dtype)       # [N k, hidden]
+    return d_out, None, None, d_weights
+
+
+_combine_in_expert_order.defvjp(_combine_in_expert_order_forward, _combine_in_expert_order_backward)
 
 
 def scattered_combine(out, weights, axis):
