@@ -115,7 +115,7 @@ def profile(model, settings, examples, step_seconds: float, top: int = 40) -> No
         print(f"| {name[:60]} | {op} | {sources.get(op, '')} | {ns / 1e6:.2f} | {count} | {ns / total:.1%} |")
     lines = {}
     for (name, op), (ns, count) in kernels.items():
-        line = sources.get(op, " @ (no source)").split(" @ ")[1].split(" < ")[0]
+        line = sources.get(op, " @ ").split(" @ ")[1].split(" < ")[0] or "(no source)"
         line_ns, line_count = lines.get(line, (0, 0))
         lines[line] = (line_ns + ns, line_count + count)
     print("\nThe same time by the Python line whose operation launched each kernel:")

@@ -65,7 +65,8 @@ def _update(x, a, b, scale: float) -> jax.Array:
 
     Its gradients are written out so that each is one pass over the wide arrays: the backward pass
     keeps x in its own dtype and the narrow x a [..., r], where autodiff would keep x's float32 copy
-    (or, under jax.checkpoint, make x a again)."""
+    (or, under jax.checkpoint, make x a again). a and b are one layer's factors (`LoRA.__call__`
+    reads a stack's layer). (A custom VJP: forward-mode autodiff, jax.jvp, does not go through it.)"""
     return _update_forward(x, a, b, scale)[0]
 
 

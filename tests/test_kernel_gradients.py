@@ -179,7 +179,7 @@ def test_mosaic_gpu_branches_differentiate(monkeypatch):
             np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
         assert not np.asarray(got[1], np.float32)[[0, 1, 4, 5]].any()
     assert True in calls
-    calls.clear()                    # frozen weights: SwiGLU's gradient reads the product kept from
+    calls.clear()                    # frozen weights: SwiGLU's gradient reads the forward's product
     got = grads(lambda l: pallas_kernels.gmm_swiglu(l, stack, sizes, group_offset=2, backend="gpu"), (lhs,), (0,))
     want = grads(lambda l: pallas_kernels.gmm_swiglu(l, stack, sizes, group_offset=2, backend="reference"), (lhs,), (0,))
     np.testing.assert_array_equal(np.asarray(got[0], np.float32), np.asarray(want[0], np.float32))
@@ -193,6 +193,32 @@ def test_mosaic_gpu_branches_differentiate(monkeypatch):
                     lambda q, k, v, g, s0: pallas_kernels.linear_attention(q, k, v, g, initial_state=s0,
                                                                            backend="reference"),
                     (q, k, v, g, s0), (0, 1, 2, 3, 4), 1e-2)
+
+
+def test_frozen_grouped_matmuls_keep_only_the_swiglu_product(monkeypatch):
+    """A MoE layer's two grouped matmuls in a scan over layers, the experts frozen (as LoRA trains):
+    what the backward pass keeps of each layer is the SwiGLU product [M, 2 I] alone, not the rows of
+    either matmul (only the weights' gradient reads those); the experts' stacks stay constants."""
+    import contextlib
+    import io
+
+    from jax.ad_checkpoint import print_saved_residuals
+
+    monkeypatch.setattr(gmm_gpu, "gmm", gmm_stand_in)
+    lhs = normal((256, 128), jnp.bfloat16, seed=33)
+    gate_up, down = normal((3 * 2, 128, 512), jnp.bfloat16, seed=34), normal((3 * 2, 256, 256), jnp.bfloat16, seed=35)
+    sizes = jnp.asarray([120, 136], jnp.int32)
+
+    def loss(x):
+        def layer(x, index):
+            up = pallas_kernels.gmm_swiglu(x, gate_up, sizes, group_offset=2 * index, backend="gpu")
+            return x + pallas_kernels.gmm(up, down, sizes, group_offset=2 * index, backend="gpu")[:, :128], None
+        return jnp.sum(jax.lax.scan(layer, x, jnp.arange(3))[0].astype(jnp.float32))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        print_saved_residuals(loss, lhs)
+    per_layer = [line.split(" output of ")[0] for line in out.getvalue().splitlines() if " output of scan" in line]
+    assert sorted(per_layer) == ["bf16[3,256,512]", "i32[3]", "i32[3]"], out.getvalue()
 
 
 def test_linear_attention_decay_gradient_runs_only_when_asked(monkeypatch):

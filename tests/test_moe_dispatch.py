@@ -96,8 +96,9 @@ def test_grouped_outputs_gradient_gathers_what_autodiff_scatters():
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_combining_in_expert_order_equals_combining_in_token_order(dtype):
     """`combined_outputs` combines the grouped matmuls' outputs where they lie, in expert order:
-    the same values as combining the token-order outputs, bit for bit, and the same gradients with
-    respect to the tokens and the routing weights, with no scatter-add in them."""
+    the same values as combining the token-order outputs, bit for bit; the same gradients with
+    respect to the tokens and the experts, bit for bit, and the routing weights (within float32
+    summation order), with no scatter-add in them."""
     import jax
 
     rng = np.random.default_rng(1)
@@ -110,12 +111,15 @@ def test_combining_in_expert_order_equals_combining_in_token_order(dtype):
     cotangent = jnp.asarray(rng.standard_normal((N, H)), dtype)
 
     def pullback(f):
-        return jax.jit(lambda x, w: jax.vjp(f, x, w)[1](cotangent))
-    fused = lambda x, w: moe.combined_outputs(x, ids, w, gate_up, down, gathered=False)
-    token_order = lambda x, w: moe.combine(moe.grouped_outputs(x, ids, gate_up, down), w)
-    np.testing.assert_array_equal(np.asarray(jax.jit(fused)(tokens, weights), np.float32),
-                                  np.asarray(jax.jit(token_order)(tokens, weights), np.float32))
-    for got, want in zip(pullback(fused)(tokens, weights), pullback(token_order)(tokens, weights)):
-        assert got.dtype == want.dtype
-        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=1e-5, atol=1e-6)
-    assert "scatter-add" not in str(jax.make_jaxpr(pullback(fused))(tokens, weights))
+        return jax.jit(lambda *args: jax.vjp(f, *args)[1](cotangent))
+    fused = lambda x, w, g, d: moe.combined_outputs(x, ids, w, g, d, gathered=False)
+    token_order = lambda x, w, g, d: moe.combine(moe.grouped_outputs(x, ids, g, d), w)
+    args = (tokens, weights, gate_up, down)
+    np.testing.assert_array_equal(np.asarray(jax.jit(fused)(*args), np.float32),
+                                  np.asarray(jax.jit(token_order)(*args), np.float32))
+    got, want = pullback(fused)(*args), pullback(token_order)(*args)
+    assert [g.dtype for g in got] == [w.dtype for w in want]
+    for i in (0, 2, 3):                                                      # tokens, gate_up, down
+        np.testing.assert_array_equal(np.asarray(got[i], np.float32), np.asarray(want[i], np.float32))
+    np.testing.assert_allclose(np.asarray(got[1]), np.asarray(want[1]), rtol=1e-5, atol=1e-6)
+    assert "scatter-add" not in str(jax.make_jaxpr(pullback(fused))(*args))

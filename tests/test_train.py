@@ -202,6 +202,24 @@ def saved_residuals(f, *args) -> list[str]:
     return out.getvalue().splitlines()
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_lora_gradients_equal_autodiff_of_its_formula(dtype):
+    """The adapter's update, scale (x a) b in float32, has its gradients written out (a custom
+    VJP): with respect to x (in x's dtype, over leading batch axes), a and b they are autodiff's of
+    the formula."""
+    rng = np.random.default_rng(6)
+    x = jnp.asarray(rng.standard_normal((3, 5, 64)), dtype)
+    a, b = (jnp.asarray(rng.standard_normal(shape) / 8, jnp.float32) for shape in ((64, 4), (4, 48)))
+    cotangent = jnp.asarray(rng.standard_normal((3, 5, 48)), jnp.float32)
+    hp = jax.lax.Precision.HIGHEST
+    formula = lambda x, a, b: 2.0 * jnp.matmul(jnp.matmul(x.astype(jnp.float32), a, precision=hp), b, precision=hp)
+    adapter = lambda x, a, b: lora.LoRA(a, b, 8.0, (None, None))(x)              # alpha 8, rank 4
+    got, want = (jax.jit(lambda *args, f=f: jax.vjp(f, *args)[1](cotangent))(x, a, b) for f in (adapter, formula))
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        assert rel_err(g, w) <= (1e-6 if g.dtype == jnp.float32 else 4e-3)
+
+
 def test_backward_keeps_no_float32_copies_of_bf16_activations():
     """The norms, the LoRA adapters and the MoE's combine compute in float32 from bf16 activations;
     their backward passes recompute those float32 values rather than keep them (without remat a

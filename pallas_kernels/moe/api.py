@@ -10,6 +10,8 @@ they run through the reference there. `take_rows`, the gather of the tokens' row
 grouped matmuls: "gpu", a Pallas Triton kernel (`gather_gpu.py`), and XLA's gather.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -62,18 +64,19 @@ def _with_kernel_gradient(kernel, G: int, swiglu: bool, interpret: bool):
     (XLA's ragged_dot transpose, which the reference's gradient would run, expands to a dense
     product of every row with every group's weights on the GPU; in interpret mode, whose
     interpreter reads no transposed operands, the reference's); the weights' gradient is the
-    reference's. Under differentiation SwiGLU runs after the kernel rather than in its epilogue
-    (the same roundings, `reference.swiglu`), so that its gradient reads the kept [M, 2 I] product:
-    where the weights do not train, the backward pass keeps that product instead of the rows, which
-    are twice its width in the experts' shape, and runs no grouped matmul again."""
+    reference's, and only it reads the rows: where the weights do not train, the backward pass
+    keeps none. Under differentiation SwiGLU runs after the kernel rather than in its epilogue
+    (`reference.swiglu`, whose roundings the epilogue keeps but for rare last bits,
+    tests/test_gmm_gpu.py), so that its gradient reads the kept [M, 2 I] product rather than
+    making it again (where the weights train, the rows are kept beside it)."""
     from pallas_kernels.moe import gmm_gpu
 
-    @jax.custom_vjp
-    def f(lhs, rhs, group_sizes, group_offset):
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+    def f(rows_dtype, lhs, rhs, group_sizes, group_offset):
         return kernel(lhs, rhs, group_sizes, group_offset, None, None)
 
-    def forward(lhs, rhs, group_sizes, group_offset):
-        keep_rows = rhs.perturbed or not swiglu                # the weights' gradient reads the rows
+    def forward(rows_dtype, lhs, rhs, group_sizes, group_offset):
+        keep_rows = rhs.perturbed                       # only the weights' gradient reads the rows
         lhs, rhs, group_sizes, group_offset = (x.value for x in (lhs, rhs, group_sizes, group_offset))
         product = None
         if swiglu:
@@ -81,19 +84,19 @@ def _with_kernel_gradient(kernel, G: int, swiglu: bool, interpret: bool):
                                   tile_m=_gpu_tile_m(lhs, group_sizes), interpret=interpret)
             out = reference.swiglu(product)
         else:
-            out = f(lhs, rhs, group_sizes, group_offset)
+            out = f(rows_dtype, lhs, rhs, group_sizes, group_offset)
         return out, (lhs if keep_rows else None, rhs, group_sizes, group_offset, product)
 
-    def backward(residuals, cotangent):
+    def backward(rows_dtype, residuals, cotangent):
         lhs, rhs, group_sizes, group_offset, product = residuals
         if isinstance(cotangent, SymbolicZero):
             return None, None, None, None
         grad = cotangent if product is None else jax.vjp(reference.swiglu, product)[1](cotangent)[0]
-        rows = jax.ShapeDtypeStruct((grad.shape[0], rhs.shape[1]), (product if lhs is None else lhs).dtype)
+        rows = jax.ShapeDtypeStruct((grad.shape[0], rhs.shape[1]), rows_dtype)
         tile_m = _gpu_tile_m(rows, group_sizes)
-        if not interpret and gmm_gpu.supports(grad, rhs, rows.dtype, k_major=True):
+        if not interpret and gmm_gpu.supports(grad, rhs, rows_dtype, k_major=True):
             d_lhs = gmm_gpu.gmm(grad, rhs, group_sizes, group_offset=group_offset, k_major=True,
-                                preferred_element_type=rows.dtype, tile_m=tile_m, interpret=interpret)
+                                preferred_element_type=rows_dtype, tile_m=tile_m, interpret=interpret)
         else:
             d_lhs = jax.linear_transpose(lambda x: reference.gmm(x, _groups(rhs, group_offset, G), group_sizes,
                                                                  preferred_element_type=grad.dtype), rows)(grad)[0]
@@ -103,7 +106,8 @@ def _with_kernel_gradient(kernel, G: int, swiglu: bool, interpret: bool):
         return d_lhs, d_rhs, None, None
 
     f.defvjp(forward, backward, symbolic_zeros=True)
-    return lambda lhs, rhs, group_sizes, group_offset, scale, lhs_scale: f(lhs, rhs, group_sizes, group_offset)
+    return lambda lhs, rhs, group_sizes, group_offset, scale, lhs_scale: f(jnp.dtype(lhs.dtype), lhs, rhs,
+                                                                          group_sizes, group_offset)
 
 
 def _tpu(rhs):

@@ -296,7 +296,8 @@ class Experts(nnx.Module):
 
     def __call__(self, tokens: jax.Array, ids: jax.Array, weights: jax.Array) -> jax.Array:
         """tokens: [N, hidden]; ids, weights: [N, k] -> the weighted sum of each token's pairs'
-        outputs (`expert_outputs`, `combine`) [N, hidden]. Under a mesh: per (batch shard, expert
+        outputs [N, hidden] (`combined_outputs`; with experts split over a mesh axis,
+        `expert_outputs` and `combine`). Under a mesh: per (batch shard, expert
         shard) block, the pairs' outputs brought together over `expert` (module docstring)."""
         gate_up, down = self.weights()
         if not in_mesh():
@@ -344,9 +345,10 @@ def combine(out: jax.Array, weights: jax.Array) -> jax.Array:
 @jax.custom_vjp
 def _combine_in_expert_order(out, order, rank, weights):
     """combine(out[rank].reshape(N, k, hidden), weights): out [N k, hidden] in expert order, order
-    and rank as `_outputs_in_expert_order`'s; weights [N, k]. Its gradients gather: the rows' in
-    expert order, out's own, and the weights' from out where it lies, where autodiff would keep a
-    token-order copy of out and scatter."""
+    and rank as `_outputs_in_expert_order`'s; weights [N, k]. The backward pass keeps out as it is,
+    in expert order, and its gradients gather: out's, [N k, hidden], in expert order from the
+    cotangent's rows; the weights', from out's rows in token order. Autodiff would keep a token-order
+    copy of out and scatter. (A custom VJP: forward-mode autodiff, jax.jvp, does not go through it.)"""
     N, k = weights.shape
     return combine(out[rank].reshape(N, k, -1), weights)
 
@@ -361,7 +363,7 @@ def _combine_in_expert_order_backward(residuals, cotangent):
     g = cotangent.astype(jnp.float32)                                                   # [N, hidden]
     d_weights = jnp.sum(g[:, None] * out[rank].reshape(N, k, -1).astype(jnp.float32), axis=-1)
     d_out = (g[order // k] * weights.reshape(-1)[order, None]).astype(out.dtype)       # [N k, hidden]
-    return d_out, None, None, d_weights
+    return d_out, None, None, d_weights.astype(weights.dtype)
 
 
 _combine_in_expert_order.defvjp(_combine_in_expert_order_forward, _combine_in_expert_order_backward)
