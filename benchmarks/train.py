@@ -97,9 +97,10 @@ def profile(model, settings, examples, step_seconds: float, top: int = 40) -> No
     opt_state = tx.init(params)
     batch = tuple(np.stack([part]) for part in Batches(examples, settings.batch_size, settings.seq_len, 0).batch(0))
     state = [params, opt_state]
+    compiled = train.train_step.lower(graphdef, tx, *state, frozen, batch).compile()   # once: its HLO names the kernels' ops
 
     def step():             # donates the model's own arrays: the model is not used after this
-        state[:] = train.train_step(graphdef, tx, *state, frozen, batch)[:2]
+        state[:] = compiled(*state, frozen, batch)[:2]
         jax.block_until_ready(state)
     step()
     kernels = traced_kernels(step, by_op=True)
@@ -107,7 +108,7 @@ def profile(model, settings, examples, step_seconds: float, top: int = 40) -> No
     if not total:
         print("\nno GPU kernels in the profiler trace: --profile lists a GPU's")
         return
-    sources = op_sources(train.train_step.lower(graphdef, tx, *state, frozen, batch).compile().as_text())
+    sources = op_sources(compiled.as_text())
     print(f"\nGPU time of one step: {total / 1e9:.3f} s ({total / 1e9 / step_seconds:.0%} of the step's wall time)")
     print("| kernel | XLA op | source | ms | calls | share |")
     print("|---|---|---|---|---|---|")

@@ -99,8 +99,10 @@ def schedule(config: TrainConfig) -> optax.Schedule:
                                               end_value=config.end_learning_rate)
 
 
+@functools.cache
 def optimizer(config: TrainConfig) -> optax.GradientTransformation:
-    """AdamW on `schedule`, after clipping the gradients' global norm."""
+    """AdamW on `schedule`, after clipping the gradients' global norm. One object per settings:
+    `train_step` takes it as a static argument, so another object would compile the step again."""
     return optax.chain(optax.clip_by_global_norm(config.clip),
                        optax.adamw(schedule(config), weight_decay=config.weight_decay))
 

@@ -13,6 +13,7 @@ from pallas_kernels.backend import platform
 from pallas_kernels.router import gpu, reference, select_experts
 from ring_jax.config import RingConfig
 from ring_jax.layers import moe
+from ring_jax.layers.linear import float32_matmul
 
 # (experts, groups, groups kept, top_k): Ring's router, an uneven number of kept groups, one group,
 # top_k 1 (no normalisation) with 16 groups
@@ -211,3 +212,33 @@ def test_scanned_model_routes_through_the_kernel(monkeypatch):
     assert calls and any(shape[0] > 1 for shape in calls)         # a stack of several layers' biases
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_narrow_float32_product_is_the_float32_product(dtype):
+    """`float32_matmul` of narrow operands (the router of a bf16 model, many rows) multiplies them
+    in their dtype with float32 output: the float32 product of their float32 copies up to the order
+    of its sums, and the same gradients as autodiff of that float32 product (full float32 products
+    of the cotangent, rounded to the operands' dtype), for x, w and each alone."""
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.standard_normal((3, 40, 96)), dtype)
+    w = jnp.asarray(rng.standard_normal((96, 24)) / 10, dtype)
+    r = jnp.asarray(rng.standard_normal((3, 40, 24)), jnp.float32)
+    want = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+    got = float32_matmul(x, w)
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+    def widened(x, w):
+        return jnp.sum(float32_matmul(x, w) * r)
+
+    def promoted(x, w):
+        return jnp.sum(jnp.einsum("...k,kn->...n", x.astype(jnp.float32), w.astype(jnp.float32),
+                                  precision=jax.lax.Precision.HIGHEST) * r)
+
+    for argnums in [(0, 1), 0, 1]:        # the same up to the float32 sums' order: a bf16 step at most
+        got, want = jax.grad(widened, argnums)(x, w), jax.grad(promoted, argnums)(x, w)
+        for g, v in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            assert g.dtype == dtype
+            np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(v, np.float32), rtol=2 ** -7)
+            assert np.mean(np.asarray(g) == np.asarray(v)) > 0.99

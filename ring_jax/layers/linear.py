@@ -100,6 +100,49 @@ def matmul(x, w, scale=None, out_dtype=None) -> jax.Array:
     return (einsum("...k,nk->...n", x, read(w).astype(x.dtype), jnp.float32) * read(scale)).astype(out_dtype)
 
 
+def float32_matmul(x, w) -> jax.Array:
+    """x [..., K] (an array or a `Normed`) @ w [K, N] in float32, as torch's `F.linear(x.float(),
+    w.float())` (the router, docs/SPEC.md §10.4). Where both are bf16 (or float16) and the product
+    is not a decode step's matvec, it runs on that dtype's tensor cores with float32 output: the
+    product of two such values is exact in float32, so this is the float32 product but for the
+    order of its sums, at a fraction of a float32 product's cost (`_widened_product`)."""
+    narrow = jnp.dtype(x.dtype) == jnp.dtype(w.dtype) and jnp.dtype(w.dtype) in (jnp.bfloat16, jnp.float16)
+    if not narrow or backends.projection_matvec(x.astype(jnp.float32), w):
+        return matmul(x.astype(jnp.float32), w)
+    return _widened_product(read(x), read(w))
+
+
+@jax.custom_vjp
+def _widened_product(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [..., K] @ w [K, N], both one narrow dtype -> [..., N] float32, accumulated in float32.
+
+    Its gradients are autodiff's of the float32 product of the float32 copies, which torch's
+    backward computes too: full float32 products of the float32 cotangent, rounded to the operands'
+    dtype at the end. (A custom VJP: autodiff of this product would run the cotangent's products
+    at the default precision, TF32 on a GPU.)
+    """
+    return jnp.einsum("...k,kn->...n", x, w, preferred_element_type=jnp.float32)
+
+
+def _widened_forward(x, w):
+    residuals = (x.value if w.perturbed else None,               # x serves the weights' gradient,
+                 w.value if x.perturbed else None)               # w the input's
+    return _widened_product(x.value, w.value), residuals
+
+
+def _widened_backward(residuals, cotangent):
+    x, w = residuals                                             # of one dtype
+    if isinstance(cotangent, SymbolicZero):
+        return None, None
+    highest = dict(precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+    dx = None if w is None else jnp.einsum("...n,kn->...k", cotangent, w.astype(jnp.float32), **highest).astype(w.dtype)
+    dw = None if x is None else jnp.einsum("...k,...n->kn", x.astype(jnp.float32), cotangent, **highest).astype(x.dtype)
+    return dx, dw
+
+
+_widened_product.defvjp(_widened_forward, _widened_backward, symbolic_zeros=True)
+
+
 class Linear(nnx.Module):
     """y = x @ kernel; kernel: [in_features, out_features] with logical axes `axes`, or after
     `quantize` FP8 values [out_features, in_features] with kernel_scale [out_features]

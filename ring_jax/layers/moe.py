@@ -29,7 +29,7 @@ import pallas_kernels
 from pallas_kernels.backend import quantize_rows, with_reference_gradient
 from ring_jax import backends
 from ring_jax.config import RingConfig
-from ring_jax.layers.linear import matmul
+from ring_jax.layers.linear import float32_matmul
 from ring_jax.layers.mlp import MLP, swiglu
 from ring_jax.layers.norms import norm_operands
 from ring_jax.layers.stack import StackSlice, read, stack_and_index
@@ -54,7 +54,7 @@ class Router(nnx.Module):
         """x: [N, hidden], an array or a `Normed` -> (expert ids [N, top_k] int32, weights [N, top_k]
         float32)."""
         kernel = self.kernel.get_value()                     # an array or a StackSlice
-        logits = matmul(x.astype(jnp.float32), kernel)       # [N, E] float32 (kernel promoted)
+        logits = float32_matmul(x, kernel)                   # [N, E] float32
         scores = jax.nn.sigmoid(logits)
         bias, index = stack_and_index(self.expert_bias.get_value())
         return pallas_kernels.select_experts(
