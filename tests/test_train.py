@@ -21,6 +21,7 @@ from jax.ad_checkpoint import print_saved_residuals
 
 from conftest import CONFIGS, rel_err, tiny_model_folder
 from ring_jax import RingConfig, RingModel, load_model, lora, train
+from pallas_kernels.moe.reference import swiglu
 from ring_jax.layers.moe import combine
 from ring_jax.layers.norms import RMSNorm
 from ring_jax.train_data import Batches, Example
@@ -221,7 +222,7 @@ def test_lora_gradients_equal_autodiff_of_its_formula(dtype):
 
 
 def test_backward_keeps_no_float32_copies_of_bf16_activations():
-    """The norms, the LoRA adapters and the MoE's combine compute in float32 from bf16 activations;
+    """The norms, the LoRA adapters, the MoE's combine and SwiGLU compute in float32 from bf16 activations;
     their backward passes recompute those float32 values rather than keep them (without remat a
     step keeps every layer's): what autodiff saves of them is bf16 or per-row statistics."""
     rng = np.random.default_rng(5)
@@ -233,7 +234,8 @@ def test_backward_keeps_no_float32_copies_of_bf16_activations():
     out, weights = x.reshape(24, 2, 64), jnp.asarray(rng.random((24, 2)), jnp.float32)
     cases = {"norm": (lambda x: jnp.sum(norm(x) * probe), x),
              "lora": (lambda a: jnp.sum(lora.LoRA(a, b, 8.0, (None, None))(x) * probe), a),
-             "combine": (lambda out, weights: jnp.sum(combine(out, weights) * probe[:3].reshape(24, 64)), out, weights)}
+             "combine": (lambda out, weights: jnp.sum(combine(out, weights) * probe[:3].reshape(24, 64)), out, weights),
+             "swiglu": (lambda x: jnp.sum(swiglu(jnp.concatenate([x, x], -1)) * probe), x)}
     for name, (f, *args) in cases.items():
         lines = saved_residuals(f, *args)
         assert lines, name

@@ -37,6 +37,7 @@ def row_groups(group_sizes, m: int):
     return jnp.searchsorted(jnp.cumsum(group_sizes), jnp.arange(m, dtype=jnp.int32), side="right").astype(jnp.int32)
 
 
+@jax.checkpoint          # its gradient computes silu's float32 values again rather than keep them
 def swiglu(gate_up):
     """silu(gate) * up for gate_up [..., 2 I] holding gate then up: silu computed in float32 and
     rounded once to the input dtype (as torch's bf16 activations are), the product in that dtype."""
