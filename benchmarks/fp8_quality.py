@@ -8,7 +8,9 @@ cast up, and the FP8 model is the bf16 one quantized (`RingModel.quantize`). Eac
 random prompt through its full forward; the table gives, per model, the max and mean over the
 positions of KL(float32 || model) and how often its top token is float32's. The models are made
 and dropped one after the other, the bf16 weights held on the host meanwhile, so that one model is
-on the device at a time (Ring-mini's float32 copy alone is 66 GB).
+on the device at a time. Ring-mini's float32 copy alone is 66 GB, and its forward's temporaries
+(the reference grouped matmul, the autotuner's scratch) add more: an H200 holds it, an 80 GB H100
+may not.
 """
 
 import argparse

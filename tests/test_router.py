@@ -2,6 +2,8 @@
 interpret mode against the jnp reference (ties, +-0.0, -inf included) and against a float64 numpy
 loop; the reference's comparison top-k against lax.top_k."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -213,21 +215,23 @@ def test_scanned_model_routes_through_the_kernel(monkeypatch):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-def test_narrow_float32_product_is_the_float32_product(dtype):
-    """`float32_matmul` of narrow operands (the router of a bf16 model, many rows) multiplies them
-    in their dtype with float32 output: the float32 product of their float32 copies up to the order
-    of its sums, and the same gradients as autodiff of that float32 product (full float32 products
-    of the cotangent, rounded to the operands' dtype), for x, w and each alone."""
+def test_narrow_float32_product_is_the_float32_product():
+    """`float32_matmul` of bf16 operands (the router of a bf16 model, many rows) multiplies them
+    as bf16 with float32 output (the lowered forward's product), which is the float32 product of
+    their float32 copies up to the order of its sums; its gradients are full-precision float32
+    products of the cotangent (the lowered backward's), as autodiff of that float32 product gives,
+    for x, w and each alone. float32 operands keep the float32 product."""
     rng = np.random.default_rng(7)
-    x = jnp.asarray(rng.standard_normal((3, 40, 96)), dtype)
-    w = jnp.asarray(rng.standard_normal((96, 24)) / 10, dtype)
+    x = jnp.asarray(rng.standard_normal((3, 40, 96)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((96, 24)) / 10, jnp.bfloat16)
     r = jnp.asarray(rng.standard_normal((3, 40, 24)), jnp.float32)
     want = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
     got = float32_matmul(x, w)
     assert got.dtype == jnp.float32
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    products = lambda f, *args: re.findall(r"dot_general.*", jax.jit(f).lower(*args).as_text())
+    assert [p for p in products(float32_matmul, x, w) if "bf16>) -> tensor<3x40x24xf32>" in p]
+    assert not [p for p in products(float32_matmul, x.astype(jnp.float32), w.astype(jnp.float32)) if "bf16" in p]
 
     def widened(x, w):
         return jnp.sum(float32_matmul(x, w) * r)
@@ -236,9 +240,11 @@ def test_narrow_float32_product_is_the_float32_product(dtype):
         return jnp.sum(jnp.einsum("...k,kn->...n", x.astype(jnp.float32), w.astype(jnp.float32),
                                   precision=jax.lax.Precision.HIGHEST) * r)
 
+    backward = products(jax.grad(widened, (0, 1)), x, w)              # dx and dw; the forward is unused
+    assert len(backward) == 2 and all("HIGHEST" in p and "bf16" not in p for p in backward), backward
     for argnums in [(0, 1), 0, 1]:        # the same up to the float32 sums' order: a bf16 step at most
         got, want = jax.grad(widened, argnums)(x, w), jax.grad(promoted, argnums)(x, w)
         for g, v in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-            assert g.dtype == dtype
+            assert g.dtype == jnp.bfloat16
             np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(v, np.float32), rtol=2 ** -7)
             assert np.mean(np.asarray(g) == np.asarray(v)) > 0.99

@@ -21,7 +21,7 @@ from jax.ad_checkpoint import print_saved_residuals
 
 from conftest import CONFIGS, rel_err, tiny_model_folder
 from ring_jax import RingConfig, RingModel, load_model, lora, train
-from pallas_kernels.moe.reference import swiglu
+from ring_jax.layers.mlp import swiglu
 from ring_jax.layers.moe import combine
 from ring_jax.layers.norms import RMSNorm
 from ring_jax.train_data import Batches, Example
@@ -97,6 +97,14 @@ def test_settings_are_checked():
         train.TrainConfig(steps=10, warmup=10)
     with pytest.raises(ValueError, match="batch_size"):
         train.TrainConfig(batch_size=0)
+
+
+def test_equal_settings_give_one_optimizer():
+    """`train_step` takes the optimizer as a static argument: equal settings give the same object
+    (so the step compiles once), others another."""
+    settings = train.TrainConfig(steps=10, warmup=2)
+    assert train.optimizer(settings) is train.optimizer(dataclasses.replace(settings))
+    assert train.optimizer(settings) is not train.optimizer(dataclasses.replace(settings, learning_rate=1e-3))
 
 
 def test_command_line_resumes_after_sigkill_bit_for_bit_and_merges(tmp_path):

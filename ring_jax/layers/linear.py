@@ -101,12 +101,13 @@ def matmul(x, w, scale=None, out_dtype=None) -> jax.Array:
 
 
 def float32_matmul(x, w) -> jax.Array:
-    """x [..., K] (an array or a `Normed`) @ w [K, N] in float32, as torch's `F.linear(x.float(),
-    w.float())` (the router, docs/SPEC.md §10.4). Where both are bf16 (or float16) and the product
-    is not a decode step's matvec, it runs on that dtype's tensor cores with float32 output: the
-    product of two such values is exact in float32, so this is the float32 product but for the
-    order of its sums, at a fraction of a float32 product's cost (`_widened_product`)."""
-    narrow = jnp.dtype(x.dtype) == jnp.dtype(w.dtype) and jnp.dtype(w.dtype) in (jnp.bfloat16, jnp.float16)
+    """x [..., K] (an array or a `Normed`) @ w [K, N] (an array or a `StackSlice`) -> [..., N]
+    float32, as torch's `F.linear(x.float(), w.float())` (the router, docs/SPEC.md §10.4). Where both
+    are bf16 and the product is not a decode step's matvec, it runs on the bf16 tensor cores with
+    float32 output (`_widened_product`): the product of two bf16 values is exact in float32, so this
+    is the float32 product up to the order and rounding of its float32 sums, at a fraction of a
+    float32 product's cost. (Not float16: a TPU has no float16 products to run it on.)"""
+    narrow = jnp.dtype(x.dtype) == jnp.dtype(w.dtype) == jnp.dtype(jnp.bfloat16)
     if not narrow or backends.projection_matvec(x.astype(jnp.float32), w):
         return matmul(x.astype(jnp.float32), w)
     return _widened_product(read(x), read(w))
@@ -114,12 +115,12 @@ def float32_matmul(x, w) -> jax.Array:
 
 @jax.custom_vjp
 def _widened_product(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x [..., K] @ w [K, N], both one narrow dtype -> [..., N] float32, accumulated in float32.
+    """x [..., K] @ w [K, N], both bf16 -> [..., N] float32, accumulated in float32.
 
     Its gradients are autodiff's of the float32 product of the float32 copies, which torch's
-    backward computes too: full float32 products of the float32 cotangent, rounded to the operands'
-    dtype at the end. (A custom VJP: autodiff of this product would run the cotangent's products
-    at the default precision, TF32 on a GPU.)
+    backward computes too: full float32 products of the float32 cotangent, rounded to bf16 at the
+    end. (A custom VJP: autodiff of this product would run the cotangent's products at the default
+    precision, TF32 on a GPU. Forward-mode autodiff, jax.jvp, does not go through it.)
     """
     return jnp.einsum("...k,kn->...n", x, w, preferred_element_type=jnp.float32)
 
