@@ -192,11 +192,14 @@ def _cross_entropy(logits, targets, weights):
     """(sum(weights * (logsumexp(logits) - logits[targets])), its gradient w.r.t. logits): logits
     [..., V] float32, targets and weights [...]. The gradient, weights * (softmax - one-hot), is
     written out rather than left to autodiff, whose take_along_axis transposes to a scatter: so
-    that it is one elementwise pass over the logits."""
+    that it is one elementwise pass over the logits. The targets' logits are gathered (one value
+    per position, not a pass over the logits); a target outside [0, V) picks 0, as it matches no
+    column of the one-hot."""
     lse = jax.nn.logsumexp(logits, axis=-1)
-    target = jnp.arange(logits.shape[-1]) == targets[..., None]
-    picked = jnp.sum(jnp.where(target, logits, 0), axis=-1)
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1, mode="fill", fill_value=0,
+                                 wrap_negative_indices=False)[..., 0]
     value = jnp.sum((lse - picked) * weights)
+    target = jnp.arange(logits.shape[-1]) == targets[..., None]
     return value, (jnp.exp(logits - lse[..., None]) - target) * weights[..., None]
 
 
