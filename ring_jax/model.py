@@ -94,6 +94,11 @@ class RingModel(nnx.Module):
         self.mtp_layers = nnx.List([MTPLayer(config, dtype=dtype, rngs=rngs)
                                     for _ in range(config.num_nextn_predict_layers)])
         self.remat = False             # training (`ring_jax.train`): recompute each layer in the backward pass
+        # Training without remat: the backward pass keeps every layer's activations. Kept inside a
+        # scan nested in the groups' scan, they would be copied from the inner loop's stack into the
+        # outer's and back out (a pass over all of them each way), so the groups run unrolled then,
+        # each run of layers of one kind still a scan.
+        self.unroll_groups = False
         self.quantization = None       # "fp8" after `quantize`
 
     def quantize(self, method: str = "fp8") -> RingModel:
@@ -154,7 +159,11 @@ class RingModel(nnx.Module):
 
         for r in schedule.head:
             x, cache = run(r, 0, x, cache)
-        if schedule.repeats:
+        if schedule.repeats and self.unroll_groups:
+            for repeat in range(schedule.repeats):
+                for r in schedule.group:
+                    x, cache = run(r, repeat, x, cache)
+        elif schedule.repeats:
             def group(carry, repeat):
                 for r in schedule.group:
                     carry = run(r, repeat, *carry)

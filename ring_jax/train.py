@@ -120,6 +120,7 @@ def prepare(model, config: TrainConfig) -> None:
         raise ValueError(f"an {model.quantization} model trains LoRA adapters only (lora_rank > 0): its quantized "
                          "weights take no gradient steps; train every parameter of the unquantized model")
     model.remat = config.remat
+    model.unroll_groups = not config.remat
     if config.lora_rank:
         lora.attach(model, config.lora_rank, config.lora_alpha, config.lora_targets, seed=config.seed)
 
@@ -229,13 +230,18 @@ _head_loss.defvjp(_head_loss_forward, _head_loss_backward, symbolic_zeros=True)
 def train_step(graphdef, tx, params, opt_state, frozen, batch):
     """One update from the micro-batches `batch` = (tokens, targets, weights), each [A, B, L]: the
     mean of their gradients. Returns (params, opt_state, mean loss, gradient global norm)."""
-    def micro(total, micro_batch):
-        value, grads = jax.value_and_grad(lambda p: loss(nnx.merge(graphdef, p, frozen), *micro_batch))(params)
-        return jax.tree.map(jnp.add, total, (value, grads)), None
+    def gradient(micro_batch):
+        return jax.value_and_grad(lambda p: loss(nnx.merge(graphdef, p, frozen), *micro_batch))(params)
 
-    zeros = (jnp.float32(0), jax.tree.map(jnp.zeros_like, params))
-    (value, grads), _ = jax.lax.scan(micro, zeros, batch)
+    def accumulate(total, micro_batch):
+        return jax.tree.map(jnp.add, total, gradient(micro_batch)), None
+
     count = batch[0].shape[0]
+    if count == 1:      # no loop of one turn around the whole step: its buffers would be the loop's
+        value, grads = gradient(jax.tree.map(lambda b: b[0], batch))
+    else:
+        zeros = (jnp.float32(0), jax.tree.map(jnp.zeros_like, params))
+        (value, grads), _ = jax.lax.scan(accumulate, zeros, batch)
     value, grads = value / count, jax.tree.map(lambda g: g / count, grads)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, value, optax.global_norm(grads)

@@ -248,3 +248,47 @@ def test_backward_keeps_no_float32_copies_of_bf16_activations():
         lines = saved_residuals(f, *args)
         assert lines, name
         assert not full(lines), (name, full(lines))
+
+
+def scan_depth(jaxpr) -> int:
+    """How deep scans nest in a jaxpr (0: none), looking into every sub-jaxpr."""
+    depth = 0
+    for eqn in jaxpr.eqns:
+        subs = [getattr(p, "jaxpr", p) for p in eqn.params.values() if hasattr(p, "eqns") or hasattr(p, "jaxpr")]
+        inner = max((scan_depth(s) for s in subs), default=0)
+        depth = max(depth, inner + (eqn.primitive.name == "scan"))
+    return depth
+
+
+def test_training_without_remat_unrolls_the_groups_with_the_same_gradients():
+    """Without remat the backward pass keeps every layer's activations, and the schedule's groups run
+    unrolled (`RingModel.unroll_groups`), each run of one kind a scan: no scan nested in a scan, whose
+    kept activations would be copied from the inner loop's stack into the outer's and back. The loss
+    and the adapters' gradients are the scanned groups'."""
+    config = RingConfig.from_hf(os.path.join(CONFIGS, "tiny.json"), num_hidden_layers=10, layer_group_size=3)
+    model = RingModel(config, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    assert model.schedule.repeats == 2 and max(r.length for r in model.schedule.group) == 2
+    settings = train.TrainConfig(steps=2, batch_size=2, seq_len=16, warmup=0, lora_rank=4, remat=False)
+    train.prepare(model, settings)
+    assert model.unroll_groups
+    for i, (_, linear) in enumerate(lora.projections(model)):
+        b = linear.lora.b.get_value()
+        linear.lora.b.set_value(0.05 * jax.random.normal(jax.random.key(i), b.shape, b.dtype))
+    graphdef, params, frozen = nnx.split(model, train.trainable(settings), ...)
+    rng = np.random.default_rng(7)
+    tokens, targets = (jnp.asarray(rng.integers(0, config.vocab_size, (2, 16)), jnp.int32) for _ in range(2))
+    weights = jnp.ones((2, 16), jnp.float32)
+
+    def f(params, unroll: bool):
+        model = nnx.merge(graphdef, params, frozen)
+        model.unroll_groups = unroll
+        return train.loss(model, tokens, targets, weights, chunk=8)       # the loss's pieces: one scan
+
+    depth = {unroll: scan_depth(jax.make_jaxpr(jax.grad(f), static_argnums=1)(params, unroll).jaxpr)
+             for unroll in (True, False)}
+    assert depth[False] == depth[True] + 1        # (the layers' own scans on the CPU: the chunked references)
+    (value, grads), (want, want_grads) = (jax.jit(jax.value_and_grad(f), static_argnums=1)(params, unroll)
+                                          for unroll in (True, False))
+    assert abs(float(value) - float(want)) <= 1e-6 * float(want)
+    for got, expected in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+        assert np.any(expected) and rel_err(got, expected) <= 1e-5          # float32, fused otherwise
