@@ -4,6 +4,7 @@ file, a full or read-only disk): one line on stderr and exit status 2, not a tra
 import argparse
 import logging
 import os
+import re
 import sys
 
 
@@ -25,11 +26,17 @@ def user_errors() -> tuple[type, ...]:
     return ConfigError, CheckpointError, ValueError, OSError
 
 
+# TensorStore's annotations after the cause: the spec of the array it was opening (a JSON object of
+# several hundred characters) and the source lines; the cause ("File too large") comes before them.
+_TENSORSTORE_ANNOTATIONS = re.compile(r" ?\[(?:tensorstore_spec|source locations)='.*?'\]", re.DOTALL)
+
+
 def one_line(error: BaseException, limit: int = 500) -> str:
     """The error's message on one line of about `limit` characters at most, without TensorStore's
-    pointer to its details: a longer one keeps its start and its end (where TensorStore puts the
-    cause), its middle cut."""
-    text = " ".join(str(error).split(" See full TensorStore details")[0].split()) or type(error).__name__
+    pointer to its details and its annotations: a longer one keeps its start and its end (where
+    TensorStore puts the cause), its middle cut."""
+    text = _TENSORSTORE_ANNOTATIONS.sub("", str(error).split(" See full TensorStore details")[0])
+    text = " ".join(text.split()) or type(error).__name__
     return text if len(text) <= limit else f"{text[:limit // 2]} ... {text[-limit // 2:]}"
 
 

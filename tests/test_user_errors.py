@@ -97,3 +97,21 @@ def test_demo_keeps_the_tiny_model(tmp_path):
     assert code == 0 and f"kept: {tmp_path / 'tiny' / 'hf'}" in out
     assert os.path.isfile(tmp_path / "tiny" / "jax" / "ring_jax.json")
     assert os.path.isfile(tmp_path / "tiny" / "hf" / "config.json")
+
+
+def test_tensorstore_errors_keep_their_cause_in_one_line():
+    """TensorStore puts the cause before its annotations (the array's spec, hundreds of characters,
+    and source lines): the one-line message drops those, so that the cause survives the shortening."""
+    from ring_jax.errors import one_line
+
+    folder = "/tmp/run/jax.tmp-1/orbax_partial.partial_save.orbax-checkpoint-tmp/state/ocdbt.process_0"
+    spec = '{"driver":"zarr3","kvstore":{"path":"' + "layers.1.mlp.experts.gate_up_proj/" * 20 + '"},' \
+           '"metadata":{"fill_value":true,"shape":[16,64,64]}}'
+    error = OSError(f'OUT_OF_RANGE: Error opening "zarr3" driver: Error writing "layers.1.mlp.experts.gate_up_proj/'
+                    f'zarr.json" in OCDBT database at local file "{folder}/": Failed writing: "{folder}/d/5ca2": '
+                    f"Failed to write 4096 bytes to file 12: File too large [os_error_code='27'] "
+                    f"[source locations='tensorstore/kvstore/file/file_key_value_store.cc:210\n"
+                    f"tensorstore/driver/zarr3/driver.cc:612'] [tensorstore_spec='{spec}']")
+    line = one_line(error)
+    assert "\n" not in line and len(line) <= 505
+    assert line.endswith("File too large [os_error_code='27']") and "tensorstore_spec" not in line
