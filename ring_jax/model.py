@@ -196,17 +196,17 @@ class RingModel(nnx.Module):
     def logits(self, hidden: jax.Array) -> jax.Array:
         """hidden: [..., hidden] -> float32 logits [..., vocab] (the head's matmul in model dtype)."""
         fn, weights = self.head()
-        return fn(weights, hidden)
+        return fn(weights, hidden).astype(jnp.float32)
 
     def head(self):
-        """The logits as a function of the head's own weights: (fn, weights), a pytree of arrays,
-        with fn(weights, hidden) = self.logits(hidden), for a loss that differentiates the head
-        apart from the rest of the model (`ring_jax.train.loss`)."""
+        """The head's product as a function of its own weights: (fn, weights), a pytree of arrays,
+        with fn(weights, hidden) the logits in the model's dtype (`logits` casts them to float32),
+        for a loss that differentiates the head apart from the rest of the model
+        (`ring_jax.train.loss`)."""
         if self.lm_head is None:
-            return (lambda embeddings, hidden: matmul(hidden, embeddings.T).astype(jnp.float32),
-                    self.word_embeddings[...])
+            return (lambda embeddings, hidden: matmul(hidden, embeddings.T)), self.word_embeddings[...]
         graphdef, state = nnx.split(self.lm_head)
-        return (lambda state, hidden: nnx.merge(graphdef, state)(hidden).astype(jnp.float32)), state
+        return (lambda state, hidden: nnx.merge(graphdef, state)(hidden)), state
 
     def forward(self, input_ids: jax.Array) -> jax.Array:
         """input_ids: [B, T] int -> logits [B, T, vocab] float32 (full causal forward, no cache)."""

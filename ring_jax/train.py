@@ -172,9 +172,9 @@ def _head_pieces(fn, chunk, head, hidden, targets, weights, want):
         h, t, w = part                                                               # [B, size, ...]
         if want is None:
             return (total + _cross_entropy(fn(head, h), t, w)[0], d_head), None
-        logits, pullback = jax.vjp(fn, head, h)                                      # [B, size, V]
+        logits, pullback = jax.vjp(fn, head, h)                       # [B, size, V] in the model's dtype
         value, d_logits = _cross_entropy(logits, t, w)
-        g_head, g_h = pullback(d_logits * scale)
+        g_head, g_h = pullback((d_logits * scale).astype(logits.dtype))
         if want == "both":
             d_head = jax.tree.map(lambda acc, g: acc + g.astype(jnp.float32), d_head, g_head)
         return (total + value, d_head), g_h
@@ -190,12 +190,14 @@ def _head_pieces(fn, chunk, head, hidden, targets, weights, want):
 
 
 def _cross_entropy(logits, targets, weights):
-    """(sum(weights * (logsumexp(logits) - logits[targets])), its gradient w.r.t. logits): logits
-    [..., V] float32, targets and weights [...]. The gradient, weights * (softmax - one-hot), is
+    """(sum(weights * (logsumexp(logits) - logits[targets])), its gradient w.r.t. logits, float32):
+    logits [..., V] (the model's dtype, computed in float32, as the scoring steps take the head's
+    output), targets and weights [...]. The gradient, weights * (softmax - one-hot), is
     written out rather than left to autodiff, whose take_along_axis transposes to a scatter: so
     that it is one elementwise pass over the logits. The targets' logits are gathered (one value
     per position, not a pass over the logits); a target outside [0, V) picks 0, as it matches no
     column of the one-hot."""
+    logits = logits.astype(jnp.float32)
     lse = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1, mode="fill", fill_value=0,
                                  wrap_negative_indices=False)[..., 0]
