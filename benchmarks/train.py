@@ -91,9 +91,7 @@ def profile(model, settings, examples, step_seconds: float, top: int = 40) -> No
     """The GPU kernels of one `train.train_step` (after a warm-up one), from a profiler trace:
     each one's time and count, the costliest `top` first; then their time summed by the Python
     line of the operation that launched them."""
-    from flax import nnx
-
-    graphdef, params, frozen = nnx.split(model, train.trainable(settings), ...)
+    graphdef, params, frozen = train.split(model, settings)
     tx = train.optimizer(settings)
     opt_state = tx.init(params)
     batch = tuple(np.stack([part]) for part in Batches(examples, settings.batch_size, settings.seq_len, 0).batch(0))

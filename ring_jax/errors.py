@@ -28,7 +28,7 @@ def user_errors() -> tuple[type, ...]:
 
 # TensorStore's annotations after the cause: the spec of the array it was opening (a JSON object of
 # several hundred characters) and the source lines; the cause ("File too large") comes before them.
-_TENSORSTORE_ANNOTATIONS = re.compile(r" ?\[(?:tensorstore_spec|source locations)='.*?'\]", re.DOTALL)
+_TENSORSTORE_ANNOTATIONS = re.compile(r" ?\[(?:tensorstore_spec|source locations)='[^']*'\]")
 
 
 def one_line(error: BaseException, limit: int = 500) -> str:

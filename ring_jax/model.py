@@ -93,7 +93,7 @@ class RingModel(nnx.Module):
                         else Linear(hidden, V, axes=("embed", "vocab"), dtype=dtype, rngs=rngs))
         self.mtp_layers = nnx.List([MTPLayer(config, dtype=dtype, rngs=rngs)
                                     for _ in range(config.num_nextn_predict_layers)])
-        self.remat = False             # training (`ring_jax.train`): recompute each layer in the backward pass
+        self.remat = False             # training (`ring_jax.train.split`): recompute each layer in the backward pass
         # Training without remat: the backward pass keeps every layer's activations. Kept inside a
         # scan nested in the groups' scan, they would be copied from the inner loop's stack into the
         # outer's and back out (a pass over all of them each way), so the groups run unrolled then,

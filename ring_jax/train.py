@@ -115,18 +115,29 @@ def trainable(config: TrainConfig):
 
 
 def prepare(model, config: TrainConfig) -> None:
-    """Readies `model` for training in place: remat, and the LoRA adapters."""
+    """Readies `model` for training in place: the LoRA adapters."""
     if model.quantization is not None and not config.lora_rank:
         raise ValueError(f"an {model.quantization} model trains LoRA adapters only (lora_rank > 0): its quantized "
                          "weights take no gradient steps; train every parameter of the unquantized model")
-    model.remat = config.remat
-    model.unroll_groups = not config.remat
     if config.lora_rank:
         lora.attach(model, config.lora_rank, config.lora_alpha, config.lora_targets, seed=config.seed)
 
 
-# Positions per piece of the loss: the float32 logits exist [B, LOSS_CHUNK, vocab] at a time (2.6 GB
-# for a 4096-token row at Ring's 157k vocabulary).
+def split(model, config: TrainConfig):
+    """(graphdef, params, frozen) of `model` (readied by `prepare`) for `train_step`: the parameters
+    that train, the rest, and the graph in its training layout: each layer recomputed in the
+    backward pass (remat), or without remat the schedule's groups unrolled
+    (`RingModel.unroll_groups`). The model itself keeps its layout for inference."""
+    kept = model.remat, model.unroll_groups
+    model.remat, model.unroll_groups = config.remat, not config.remat
+    try:
+        return nnx.split(model, trainable(config), ...)
+    finally:
+        model.remat, model.unroll_groups = kept
+
+
+# Positions per piece of the loss: the logits exist [B, LOSS_CHUNK, vocab] at a time (a 4096-token
+# row's would be 2.6 GB in float32 at Ring's 157k vocabulary).
 LOSS_CHUNK = 1024
 
 
@@ -191,8 +202,9 @@ def _head_pieces(fn, chunk, head, hidden, targets, weights, want):
 
 def _cross_entropy(logits, targets, weights):
     """(sum(weights * (logsumexp(logits) - logits[targets])), its gradient w.r.t. logits, float32):
-    logits [..., V] (the model's dtype, computed in float32, as the scoring steps take the head's
-    output), targets and weights [...]. The gradient, weights * (softmax - one-hot), is
+    logits [..., V] in the model's dtype, targets and weights [...]; the loss and its gradient are
+    computed in float32, as `RingModel.logits` casts them for scoring. The gradient, weights *
+    (softmax - one-hot), is
     written out rather than left to autodiff, whose take_along_axis transposes to a scatter: so
     that it is one elementwise pass over the logits. The targets' logits are gathered (one value
     per position, not a pass over the logits); a target outside [0, V) picks 0, as it matches no
@@ -239,7 +251,7 @@ def train_step(graphdef, tx, params, opt_state, frozen, batch):
         return jax.tree.map(jnp.add, total, gradient(micro_batch)), None
 
     count = batch[0].shape[0]
-    if count == 1:      # no loop of one turn around the whole step: its buffers would be the loop's
+    if count == 1:      # no scan of one turn: it would carry a zero-filled accumulator of the gradients
         value, grads = gradient(jax.tree.map(lambda b: b[0], batch))
     else:
         zeros = (jnp.float32(0), jax.tree.map(jnp.zeros_like, params))
@@ -327,7 +339,7 @@ def fit(model, batches: Batches, config: TrainConfig, run: Run, say=print) -> li
     """Trains `model` (readied by `prepare`) on `batches` for config.steps steps, resuming from the
     run's last checkpoint. Returns the log records of the steps it ran."""
     tx = optimizer(config)
-    graphdef, params, frozen = nnx.split(model, trainable(config), ...)
+    graphdef, params, frozen = split(model, config)
     mesh = model_mesh(model)
 
     def committed(x):

@@ -15,6 +15,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 from jax.ad_checkpoint import print_saved_residuals
@@ -199,6 +200,9 @@ def test_loss_in_pieces_equals_autodiff_of_the_whole(dtype, tied):
         assert rel_err(whole(grads), whole(want_grads)) <= 0.05
         assert rel_err(whole(grads), whole(exact)) <= 1.1 * rel_err(whole(want_grads), whole(exact))
     model = RingModel(config, dtype=dtype, rngs=nnx.Rngs(0))
+    fn, head = model.head()                       # the loss casts the head's product itself
+    hidden = model.hidden_states(tokens)
+    assert fn(head, hidden).dtype == dtype and model.logits(hidden).dtype == jnp.float32
     with pytest.raises(ValueError, match="no gradient with respect to its weights"):
         jax.grad(lambda w: train.loss(model, tokens, targets, w, chunk=8))(weights)
 
@@ -262,7 +266,8 @@ def scan_depth(jaxpr) -> int:
 
 def test_training_without_remat_unrolls_the_groups_with_the_same_gradients():
     """Without remat the backward pass keeps every layer's activations, and the schedule's groups run
-    unrolled (`RingModel.unroll_groups`), each run of one kind a scan: no scan nested in a scan, whose
+    unrolled (`RingModel.unroll_groups`, in the graph `train.split` gives `train_step`; the model
+    itself stays scanned for inference), each run of one kind a scan: no scan nested in a scan, whose
     kept activations would be copied from the inner loop's stack into the outer's and back. The loss
     and the adapters' gradients are the scanned groups'."""
     config = RingConfig.from_hf(os.path.join(CONFIGS, "tiny.json"), num_hidden_layers=10, layer_group_size=3)
@@ -270,11 +275,11 @@ def test_training_without_remat_unrolls_the_groups_with_the_same_gradients():
     assert model.schedule.repeats == 2 and max(r.length for r in model.schedule.group) == 2
     settings = train.TrainConfig(steps=2, batch_size=2, seq_len=16, warmup=0, lora_rank=4, remat=False)
     train.prepare(model, settings)
-    assert model.unroll_groups
     for i, (_, linear) in enumerate(lora.projections(model)):
         b = linear.lora.b.get_value()
         linear.lora.b.set_value(0.05 * jax.random.normal(jax.random.key(i), b.shape, b.dtype))
-    graphdef, params, frozen = nnx.split(model, train.trainable(settings), ...)
+    graphdef, params, frozen = train.split(model, settings)
+    assert nnx.merge(graphdef, params, frozen).unroll_groups and not model.unroll_groups   # inference: scanned
     rng = np.random.default_rng(7)
     tokens, targets = (jnp.asarray(rng.integers(0, config.vocab_size, (2, 16)), jnp.int32) for _ in range(2))
     weights = jnp.ones((2, 16), jnp.float32)
@@ -292,3 +297,24 @@ def test_training_without_remat_unrolls_the_groups_with_the_same_gradients():
     assert abs(float(value) - float(want)) <= 1e-6 * float(want)
     for got, expected in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
         assert np.any(expected) and rel_err(got, expected) <= 1e-5          # float32, fused otherwise
+
+
+def test_micro_batches_average_their_losses_and_gradients():
+    """A step of two micro-batches (a scan over them) takes the mean of their losses and gradients:
+    its loss and gradient norm are those of the mean of each one's, computed on its own."""
+    model = tiny_model()
+    settings = train.TrainConfig(steps=2, batch_size=2, seq_len=16, warmup=0, lora_rank=0, accumulate=2)
+    train.prepare(model, settings)
+    graphdef, params, frozen = train.split(model, settings)
+    batches = Batches(random_examples(4, 17, model.config.vocab_size, seed=8), 2, 16, 0)
+    micro = [batches.batch(0), batches.batch(1)]
+    each = [jax.value_and_grad(lambda p, m=m: train.loss(nnx.merge(graphdef, p, frozen), *m))(params)
+            for m in micro]
+    value = (each[0][0] + each[1][0]) / 2
+    norm = optax.global_norm(jax.tree.map(lambda a, b: (a + b) / 2, each[0][1], each[1][1]))
+    tx = train.optimizer(settings)
+    batch = tuple(jnp.asarray(np.stack(parts)) for parts in zip(*micro))              # [2, B, L] each
+    copy = lambda tree: jax.tree.map(jnp.array, tree)                                  # the step donates
+    _, _, got_value, got_norm = train.train_step(graphdef, tx, copy(params), tx.init(copy(params)), frozen, batch)
+    assert abs(float(got_value) - float(value)) <= 1e-6 * float(value)
+    assert abs(float(got_norm) - float(norm)) <= 1e-5 * float(norm)

@@ -115,3 +115,6 @@ def test_tensorstore_errors_keep_their_cause_in_one_line():
     line = one_line(error)
     assert "\n" not in line and len(line) <= 505
     assert line.endswith("File too large [os_error_code='27']") and "tensorstore_spec" not in line
+    long = OSError(str(error).replace(folder, folder * 4))                  # shortened: the cause stays at its end
+    line = one_line(long)
+    assert " ... " in line and len(line) <= 505 and line.endswith("File too large [os_error_code='27']")
