@@ -57,10 +57,23 @@ def quiet_closed_event_loops() -> None:
     sys.unraisablehook = hook
 
 
+def out_of_memory(error: BaseException) -> str | None:
+    """XLA's report of a device out of memory (RESOURCE_EXHAUSTED, compiling or running) as one line
+    that says what to change, or None for any other error."""
+    from jax.errors import JaxRuntimeError
+
+    if not (isinstance(error, JaxRuntimeError) and str(error).startswith("RESOURCE_EXHAUSTED")):
+        return None
+    return (f"out of device memory ({one_line(error, 300)}): use a smaller batch, shorter rows or prompts, "
+            "remat when training, or more devices; JAX takes 75% of a GPU unless XLA_PYTHON_CLIENT_MEM_FRACTION "
+            "allows more")
+
+
 def run_command(command, args, prog: str, debug: bool = False) -> int:
-    """command(args) -> its exit status; a user error is one line `prog: error: ...` and 2 (the
-    traceback too with debug), Ctrl-C is 130. Without debug, the error logs of Orbax's writer and
-    reader threads (absl's logger) are not shown: they repeat the error with a traceback."""
+    """command(args) -> its exit status; a user error (or a device out of memory) is one line
+    `prog: error: ...` and 2 (the traceback too with debug), Ctrl-C is 130. Without debug, the
+    error logs of Orbax's writer and reader threads (absl's logger) are not shown: they repeat the
+    error with a traceback."""
     quiet_closed_event_loops()
     if not debug:
         logging.getLogger("absl").setLevel(logging.CRITICAL)
@@ -69,10 +82,11 @@ def run_command(command, args, prog: str, debug: bool = False) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
-    except user_errors() as e:
-        if debug:
+    except Exception as e:
+        line = one_line(e) if isinstance(e, user_errors()) else out_of_memory(e)
+        if debug or line is None:
             raise
-        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
+        print(f"{prog}: error: {line}", file=sys.stderr)
         return 2
 
 

@@ -118,3 +118,25 @@ def test_tensorstore_errors_keep_their_cause_in_one_line():
     long = OSError(str(error).replace(folder, folder * 4))                  # shortened: the cause stays at its end
     line = one_line(long)
     assert " ... " in line and len(line) <= 505 and line.endswith("File too large [os_error_code='27']")
+
+
+def test_device_out_of_memory_is_one_line_that_says_what_to_change(capsys):
+    """XLA's RESOURCE_EXHAUSTED (here the CPU's, a 16 TB array) reads as one line with the remedies;
+    any other runtime error is a bug and keeps its traceback."""
+    import jax
+    import jax.numpy as jnp
+
+    from ring_jax.errors import run_command
+
+    def too_big(args):
+        jax.jit(lambda: jnp.ones(2 ** 42, jnp.float32))().block_until_ready()
+
+    assert run_command(too_big, None, "prog") == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
+    assert err.startswith("prog: error: out of device memory (RESOURCE_EXHAUSTED: Out of memory") and "smaller batch" in err
+
+    def bug(args):
+        raise jax.errors.JaxRuntimeError("INTERNAL: something else")
+    with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
+        run_command(bug, None, "prog")
