@@ -49,47 +49,68 @@ class LoRA(nnx.Module):
         self.a = nnx.LoRAParam(a, out_sharding=lead + (axes[0], None), eager_sharding=False)
         self.b = nnx.LoRAParam(b, out_sharding=lead + (None, axes[1]), eager_sharding=False)
 
-    def __call__(self, x) -> jax.Array:
-        """x: [..., in] (an array or a `Normed`) -> the update [..., out] in float32."""
-        return _update(read(x), read(self.a), read(self.b), self.scale)
+    def __call__(self, y: jax.Array, x) -> jax.Array:
+        """y: [..., out] the projection's output, x: [..., in] its input (an array or a `Normed`) ->
+        y plus the update, summed in float32 and rounded to y's dtype (as PEFT adds float32
+        adapters to a bf16 layer)."""
+        return _adapted(y, read(x), read(self.a), read(self.b), self.scale)
 
     def delta(self) -> jax.Array:
         """The update of the weights, (alpha / rank) a b: [..., in, out] float32."""
         return self.scale * jnp.matmul(read(self.a), read(self.b), precision=jax.lax.Precision.HIGHEST)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _update(x, a, b, scale: float) -> jax.Array:
-    """scale (x a) b in float32 with full-precision passes: x [..., in] (bf16 or float32), a [in, r],
-    b [r, out] float32 -> [..., out] float32.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _adapted(y, x, a, b, scale: float) -> jax.Array:
+    """round(y + scale (x a) b), the sum and the update in float32: y [..., out], x [..., in] (bf16
+    or float32), a [in, r], b [r, out] float32 -> [..., out] in y's dtype.
 
-    Its gradients are written out so that each is one pass over the wide arrays: the backward pass
-    keeps x in its own dtype and the narrow x a [..., r], where autodiff would keep x's float32 copy
-    (or, under jax.checkpoint, make x a again). a and b are one layer's factors (`LoRA.__call__`
-    reads a stack's layer). (A custom VJP: forward-mode autodiff, jax.jvp, does not go through it.)"""
-    return _update_forward(x, a, b, scale)[0]
+    The products over the wide axes, x a and those of the gradients, have one narrow operand of r
+    columns (`_narrow_product`): with a bf16 operand they run on the bf16 tensor cores at float32
+    precision. The gradients are written out so that each is one pass over the wide arrays: the
+    backward pass keeps x in its own dtype and the narrow x a [..., r], where autodiff would keep
+    x's float32 copy (or, under jax.checkpoint, make x a again). a and b are one layer's factors
+    (`LoRA.__call__` reads a stack's layer). (A custom VJP: forward-mode autodiff, jax.jvp, does not
+    go through it.)"""
+    return _adapted_forward(y, x, a, b, scale)[0]
 
 
 def _matmul(x, y):
     return jnp.matmul(x, y, precision=jax.lax.Precision.HIGHEST)
 
 
-def _update_forward(x, a, b, scale):
-    u = _matmul(x.astype(jnp.float32), a)                                               # [..., r]
-    return scale * _matmul(u, b), (x, a, b, u)
+def _narrow_product(x, w) -> jax.Array:
+    """x [..., K] @ w [K, n] -> [..., n] float32 at float32 precision: w float32, n narrow (the rank),
+    K wide. Where x is bf16 the product runs on the bf16 tensor cores: w is split into three bf16
+    parts whose sum is w exactly (8 + 8 + 8 bits of its 24), each part's products with x are exact
+    in float32 and summed in float32, one product of 3 n columns; float32 precision passes on a
+    float32 x would instead read x as float32 in a product of n columns, slow on a GPU."""
+    if jnp.dtype(x.dtype) != jnp.dtype(jnp.bfloat16):
+        return _matmul(x.astype(jnp.float32), w)
+    high = w.astype(jnp.bfloat16)
+    rest = w - high.astype(jnp.float32)
+    middle = rest.astype(jnp.bfloat16)
+    low = (rest - middle.astype(jnp.float32)).astype(jnp.bfloat16)
+    parts = jnp.concatenate([high, middle, low], axis=-1)                                # [K, 3 n]
+    y = jnp.matmul(x, parts, preferred_element_type=jnp.float32)
+    return jnp.sum(y.reshape(*y.shape[:-1], 3, w.shape[-1]), axis=-2)
 
 
-def _update_backward(scale, residuals, cotangent):
-    x, a, b, u = residuals
-    g = scale * cotangent                                                               # [..., out]
-    d_u = _matmul(g, b.T)                                                               # [..., r]
+def _adapted_forward(y, x, a, b, scale):
+    u = _narrow_product(x, a)                                                          # [..., r]
+    return (y.astype(jnp.float32) + scale * _matmul(u, b)).astype(y.dtype), (x, a, b, u)
+
+
+def _adapted_backward(scale, residuals, cotangent):
+    x, a, b, u = residuals                                 # cotangent: [..., out] in y's dtype
     flat = lambda v: v.reshape(-1, v.shape[-1])
-    d_a = _matmul(flat(x).astype(jnp.float32).T, flat(d_u))
-    d_b = _matmul(flat(u).T, flat(g))
-    return _matmul(d_u, a.T).astype(x.dtype), d_a, d_b
+    d_u = scale * _narrow_product(cotangent, b.T)                                      # [..., r]
+    d_a = _narrow_product(flat(x).T, flat(d_u))
+    d_b = scale * _narrow_product(flat(cotangent).T, flat(u)).T
+    return cotangent, _matmul(d_u, a.T).astype(x.dtype), d_a, d_b
 
 
-_update.defvjp(_update_forward, _update_backward)
+_adapted.defvjp(_adapted_forward, _adapted_backward)
 
 
 def _find(module, path):

@@ -217,20 +217,30 @@ def saved_residuals(f, *args) -> list[str]:
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_lora_gradients_equal_autodiff_of_its_formula(dtype):
-    """The adapter's update, scale (x a) b in float32, has its gradients written out (a custom
-    VJP): with respect to x (in x's dtype, over leading batch axes), a and b they are autodiff's of
-    the formula."""
+    """The adapted output, round(y + scale (x a) b) with the update in float32, has its gradients
+    written out (a custom VJP) and its products over the wide axes run on the bf16 tensor cores
+    where an operand is bf16: the value and the gradients with respect to y, x (in their dtypes,
+    over leading batch axes), a and b are autodiff's of the float32 formula, to float32 precision
+    against float64 in the factors' gradients."""
     rng = np.random.default_rng(6)
     x = jnp.asarray(rng.standard_normal((3, 5, 64)), dtype)
+    y = jnp.asarray(rng.standard_normal((3, 5, 48)), dtype)
     a, b = (jnp.asarray(rng.standard_normal(shape) / 8, jnp.float32) for shape in ((64, 4), (4, 48)))
-    cotangent = jnp.asarray(rng.standard_normal((3, 5, 48)), jnp.float32)
+    cotangent = jnp.asarray(rng.standard_normal((3, 5, 48)), dtype)
     hp = jax.lax.Precision.HIGHEST
-    formula = lambda x, a, b: 2.0 * jnp.matmul(jnp.matmul(x.astype(jnp.float32), a, precision=hp), b, precision=hp)
-    adapter = lambda x, a, b: lora.LoRA(a, b, 8.0, (None, None))(x)              # alpha 8, rank 4
-    got, want = (jax.jit(lambda *args, f=f: jax.vjp(f, *args)[1](cotangent))(x, a, b) for f in (adapter, formula))
+    formula = lambda y, x, a, b: (y.astype(jnp.float32) + 2.0 * jnp.matmul(
+        jnp.matmul(x.astype(jnp.float32), a, precision=hp), b, precision=hp)).astype(y.dtype)
+    adapter = lambda y, x, a, b: lora.LoRA(a, b, 8.0, (None, None))(y, x)           # alpha 8, rank 4
+    args = (y, x, a, b)
+    assert np.array_equal(np.asarray(jax.jit(adapter)(*args), np.float32), np.asarray(jax.jit(formula)(*args), np.float32))
+    got, want = (jax.jit(lambda *args, f=f: jax.vjp(f, *args)[1](cotangent))(*args) for f in (adapter, formula))
     for g, w in zip(got, want):
         assert g.dtype == w.dtype and g.shape == w.shape
         assert rel_err(g, w) <= (1e-6 if g.dtype == jnp.float32 else 4e-3)
+    x64, g64 = np.asarray(x, np.float64), 2.0 * np.asarray(cotangent, np.float64)  # the factors' gradients
+    exact_a = x64.reshape(-1, 64).T @ (g64 @ np.asarray(b, np.float64).T).reshape(-1, 4)
+    exact_b = (x64 @ np.asarray(a, np.float64)).reshape(-1, 4).T @ g64.reshape(-1, 48)
+    assert rel_err(got[2], exact_a) <= 1e-6 and rel_err(got[3], exact_b) <= 1e-6
 
 
 def test_backward_keeps_no_float32_copies_of_bf16_activations():
@@ -245,7 +255,7 @@ def test_backward_keeps_no_float32_copies_of_bf16_activations():
     a, b = (jnp.asarray(rng.standard_normal(shape), jnp.float32) for shape in ((64, 4), (4, 64)))
     out, weights = x.reshape(24, 2, 64), jnp.asarray(rng.random((24, 2)), jnp.float32)
     cases = {"norm": (lambda x: jnp.sum(norm(x) * probe), x),
-             "lora": (lambda a: jnp.sum(lora.LoRA(a, b, 8.0, (None, None))(x) * probe), a),
+             "lora": (lambda a: jnp.sum(lora.LoRA(a, b, 8.0, (None, None))(x, x) * probe), a),
              "combine": (lambda out, weights: jnp.sum(combine(out, weights) * probe[:3].reshape(24, 64)), out, weights),
              "swiglu": (lambda x: jnp.sum(swiglu(jnp.concatenate([x, x], -1)) * probe), x)}
     for name, (f, *args) in cases.items():
@@ -302,14 +312,15 @@ def test_training_without_remat_unrolls_the_groups_with_the_same_gradients():
 def test_micro_batches_average_their_losses_and_gradients():
     """A step of two micro-batches (a scan over them) takes the mean of their losses and gradients:
     its loss and gradient norm are those of the mean of each one's, computed on its own."""
-    model = tiny_model()
+    config = RingConfig.from_hf(os.path.join(CONFIGS, "tiny.json"), num_hidden_layers=2)   # dense, MoE
+    model = RingModel(config, dtype=jnp.float32, rngs=nnx.Rngs(0))
     settings = train.TrainConfig(steps=2, batch_size=2, seq_len=16, warmup=0, lora_rank=0, accumulate=2)
     train.prepare(model, settings)
     graphdef, params, frozen = train.split(model, settings)
-    batches = Batches(random_examples(4, 17, model.config.vocab_size, seed=8), 2, 16, 0)
+    batches = Batches(random_examples(4, 17, config.vocab_size, seed=8), 2, 16, 0)
     micro = [batches.batch(0), batches.batch(1)]
-    each = [jax.value_and_grad(lambda p, m=m: train.loss(nnx.merge(graphdef, p, frozen), *m))(params)
-            for m in micro]
+    one = jax.jit(jax.value_and_grad(lambda p, m: train.loss(nnx.merge(graphdef, p, frozen), *m)))
+    each = [one(params, m) for m in micro]
     value = (each[0][0] + each[1][0]) / 2
     norm = optax.global_norm(jax.tree.map(lambda a, b: (a + b) / 2, each[0][1], each[1][1]))
     tx = train.optimizer(settings)

@@ -185,6 +185,4 @@ class Linear(nnx.Module):
     def __call__(self, x) -> jax.Array:
         """x: [..., in] (an array or a `Normed`) -> [..., out] in x's dtype."""
         y = matmul(x, *self.weight()) if self.quantized else matmul(x, self.kernel.get_value())
-        if self.lora is None:
-            return y
-        return (y.astype(jnp.float32) + self.lora(x)).astype(y.dtype)
+        return y if self.lora is None else self.lora(y, x)
