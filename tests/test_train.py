@@ -21,7 +21,7 @@ from flax import nnx
 from jax.ad_checkpoint import print_saved_residuals
 
 from conftest import CONFIGS, rel_err, tiny_model_folder
-from ring_jax import RingConfig, RingModel, load_model, lora, train
+from ring_jax import RingConfig, RingModel, load_model, lora, make_mesh, shard_model, train
 from ring_jax.layers.mlp import swiglu
 from ring_jax.layers.moe import combine
 from ring_jax.layers.norms import RMSNorm
@@ -312,7 +312,7 @@ def test_training_without_remat_unrolls_the_groups_with_the_same_gradients():
 def test_micro_batches_average_their_losses_and_gradients():
     """A step of two micro-batches (a scan over them) takes the mean of their losses and gradients:
     its loss and gradient norm are those of the mean of each one's, computed on its own."""
-    config = RingConfig.from_hf(os.path.join(CONFIGS, "tiny.json"), num_hidden_layers=2)   # dense, MoE
+    config = RingConfig.from_hf(os.path.join(CONFIGS, "tiny.json"), num_hidden_layers=2)  # softmax: dense, MoE
     model = RingModel(config, dtype=jnp.float32, rngs=nnx.Rngs(0))
     settings = train.TrainConfig(steps=2, batch_size=2, seq_len=16, warmup=0, lora_rank=0, accumulate=2)
     train.prepare(model, settings)
@@ -329,3 +329,27 @@ def test_micro_batches_average_their_losses_and_gradients():
     _, _, got_value, got_norm = train.train_step(graphdef, tx, copy(params), tx.init(copy(params)), frozen, batch)
     assert abs(float(got_value) - float(value)) <= 1e-6 * float(value)
     assert abs(float(got_norm) - float(norm)) <= 1e-5 * float(norm)
+
+
+def test_training_on_the_inference_mesh_follows_one_device(tmp_path):
+    """Training on the inference mesh, data=2 x expert=4 of the tests' eight CPU devices (the batch
+    split over `data`, the experts over `expert`, the adapters laid out by their projections), logs
+    the losses of the same run on one device, each step's update included."""
+    config = RingConfig.from_hf(os.path.join(CONFIGS, "tiny.json"), num_hidden_layers=3)  # every kind of layer
+    examples = random_examples(4, 17, config.vocab_size, seed=9)
+    settings = train.TrainConfig(steps=3, batch_size=4, seq_len=16, learning_rate=3e-3, warmup=1, lora_rank=8,
+                                 save_every=1000)
+    losses = {}
+    for name, mesh in (("one", None), ("mesh", make_mesh(data=2, expert=4, devices=jax.devices()[:8]))):
+        model = RingModel(config, dtype=jnp.float32, rngs=nnx.Rngs(0))
+        if mesh is not None:
+            shard_model(model, mesh)
+        train.prepare(model, settings)
+        records = train.fit(model, Batches(examples, 4, 16, 0), settings, train.Run(tmp_path / name, settings, "m", "d"),
+                            say=lambda line: None)
+        losses[name] = [r["loss"] for r in records]
+    experts = model.linear_moe.mlp.experts.gate_up_proj.get_value()
+    adapter = model.linear_moe.attention.query_key_value.lora.a.get_value()
+    assert experts.sharding.spec[1] == "expert" and adapter.sharding.mesh == mesh
+    assert len(set(losses["one"])) == 3
+    np.testing.assert_allclose(losses["mesh"], losses["one"], rtol=1e-5)
