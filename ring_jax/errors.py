@@ -64,9 +64,10 @@ def out_of_memory(error: BaseException) -> str | None:
 
     if not (isinstance(error, JaxRuntimeError) and str(error).startswith("RESOURCE_EXHAUSTED")):
         return None
+    fraction = ("" if "XLA_PYTHON_CLIENT_MEM_FRACTION" in os.environ else
+                "; JAX takes 75% of a GPU unless XLA_PYTHON_CLIENT_MEM_FRACTION allows more")
     return (f"out of device memory ({one_line(error, 300)}): use a smaller batch, shorter rows or prompts, "
-            "remat when training, or more devices; JAX takes 75% of a GPU unless XLA_PYTHON_CLIENT_MEM_FRACTION "
-            "allows more")
+            f"remat when training, or more devices{fraction}")
 
 
 def run_command(command, args, prog: str, debug: bool = False) -> int:

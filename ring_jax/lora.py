@@ -39,8 +39,9 @@ DEFAULT_TARGETS = ("attention", "shared_expert")
 
 
 class LoRA(nnx.Module):
-    """The update (alpha / rank) (x a) b of one projection, or of a stack of them: a [..., in, r],
-    b [..., r, out] float32, the leading axes those of the projection's kernel stack."""
+    """The adapter of one projection, or of a stack of them, whose output y it updates by (alpha /
+    rank) (x a) b: a [..., in, r], b [..., r, out] float32, the leading axes those of the
+    projection's kernel stack."""
 
     def __init__(self, a: jax.Array, b: jax.Array, alpha: float, axes):
         rank = a.shape[-1]
@@ -82,27 +83,38 @@ def _matmul(x, y):
 def _narrow_product(x, w) -> jax.Array:
     """x [..., K] @ w [K, n] -> [..., n] float32 at float32 precision: w float32, n narrow (the rank),
     K wide. Where x is bf16 the product runs on the bf16 tensor cores: w is split into three bf16
-    parts whose sum is w exactly (8 + 8 + 8 bits of its 24), each part's products with x are exact
-    in float32 and summed in float32, one product of 3 n columns; float32 precision passes on a
-    float32 x would instead read x as float32 in a product of n columns, slow on a GPU."""
+    parts, its leading, next and last 8 significand bits, whose sum is w (exactly, but for parts
+    below float32's normal range: an error under 2^-120); each part's products with x are exact in
+    float32 and summed in float32, one product of 3 n columns. Float32 precision passes on a float32
+    x would instead read x as float32 in a product of n columns, slow on a GPU."""
     if jnp.dtype(x.dtype) != jnp.dtype(jnp.bfloat16):
         return _matmul(x.astype(jnp.float32), w)
-    high = w.astype(jnp.bfloat16)
-    rest = w - high.astype(jnp.float32)
-    middle = rest.astype(jnp.bfloat16)
-    low = (rest - middle.astype(jnp.float32)).astype(jnp.bfloat16)
-    parts = jnp.concatenate([high, middle, low], axis=-1)                                # [K, 3 n]
+    w = jnp.asarray(w)
+    high = _leading_bits(w)
+    middle = _leading_bits(w - high)
+    low = w - high - middle
+    parts = jnp.concatenate([high, middle, low], axis=-1).astype(jnp.bfloat16)        # [K, 3 n]
     y = jnp.matmul(x, parts, preferred_element_type=jnp.float32)
     return jnp.sum(y.reshape(*y.shape[:-1], 3, w.shape[-1]), axis=-2)
 
 
+def _leading_bits(v) -> jax.Array:
+    """float32 v with all but its leading 8 significand bits cleared: a bf16 value, exactly. Cleared
+    by a mask, not by a round trip through bf16, which XLA may fold away where it allows excess
+    precision."""
+    bits = jax.lax.bitcast_convert_type(v, jnp.uint32) & jnp.uint32(0xFFFF0000)
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
 def _adapted_forward(y, x, a, b, scale):
+    """-> (the adapted output [..., out], residuals: x [..., in], a, b, u = x a [..., r] float32)."""
     u = _narrow_product(x, a)                                                          # [..., r]
     return (y.astype(jnp.float32) + scale * _matmul(u, b)).astype(y.dtype), (x, a, b, u)
 
 
 def _adapted_backward(scale, residuals, cotangent):
-    x, a, b, u = residuals                                 # cotangent: [..., out] in y's dtype
+    """cotangent [..., out] in y's dtype -> the gradients of y, x (in their dtypes), a and b."""
+    x, a, b, u = residuals
     flat = lambda v: v.reshape(-1, v.shape[-1])
     d_u = scale * _narrow_product(cotangent, b.T)                                      # [..., r]
     d_a = _narrow_product(flat(x).T, flat(d_u))

@@ -7,6 +7,7 @@ import dataclasses
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -221,7 +222,7 @@ def test_lora_gradients_equal_autodiff_of_its_formula(dtype):
     written out (a custom VJP) and its products over the wide axes run on the bf16 tensor cores
     where an operand is bf16: the value and the gradients with respect to y, x (in their dtypes,
     over leading batch axes), a and b are autodiff's of the float32 formula, to float32 precision
-    against float64 in the factors' gradients."""
+    against float64 in the factors' gradients; the lowered wide products are bf16 for bf16 x."""
     rng = np.random.default_rng(6)
     x = jnp.asarray(rng.standard_normal((3, 5, 64)), dtype)
     y = jnp.asarray(rng.standard_normal((3, 5, 48)), dtype)
@@ -241,6 +242,10 @@ def test_lora_gradients_equal_autodiff_of_its_formula(dtype):
     exact_a = x64.reshape(-1, 64).T @ (g64 @ np.asarray(b, np.float64).T).reshape(-1, 4)
     exact_b = (x64 @ np.asarray(a, np.float64)).reshape(-1, 4).T @ g64.reshape(-1, 48)
     assert rel_err(got[2], exact_a) <= 1e-6 and rel_err(got[3], exact_b) <= 1e-6
+    products = re.findall(r"dot_general.*", jax.jit(lambda *args: jax.vjp(adapter, *args)[1](cotangent))
+                          .lower(*args).as_text())
+    wide = [p for p in products if "x4xf32>, tensor<4x" not in p]     # not d_u a^T, a product over the rank
+    assert len(wide) == 4 and all(("bf16" in p) == (dtype == jnp.bfloat16) for p in wide), wide   # x a, 3 gradients
 
 
 def test_backward_keeps_no_float32_copies_of_bf16_activations():

@@ -121,15 +121,16 @@ def test_tensorstore_errors_keep_their_cause_in_one_line():
 
 
 def test_device_out_of_memory_is_one_line_that_says_what_to_change(capsys):
-    """XLA's RESOURCE_EXHAUSTED (here the CPU's, a 16 TB array) reads as one line with the remedies;
-    any other runtime error is a bug and keeps its traceback."""
+    """XLA's RESOURCE_EXHAUSTED (here the CPU's, a 256 TiB array: more than a process's address
+    space) reads as one line with the remedies; any other runtime error is a bug and keeps its
+    traceback."""
     import jax
     import jax.numpy as jnp
 
     from ring_jax.errors import run_command
 
     def too_big(args):
-        jax.jit(lambda: jnp.ones(2 ** 42, jnp.float32))().block_until_ready()
+        jax.jit(lambda: jnp.ones(2 ** 46, jnp.float32))().block_until_ready()
 
     assert run_command(too_big, None, "prog") == 2
     err = capsys.readouterr().err
