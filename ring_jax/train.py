@@ -204,11 +204,10 @@ def _cross_entropy(logits, targets, weights):
     """(sum(weights * (logsumexp(logits) - logits[targets])), its gradient w.r.t. logits, float32):
     logits [..., V] in the model's dtype, targets and weights [...]; the loss and its gradient are
     computed in float32, as `RingModel.logits` casts them for scoring. The gradient, weights *
-    (softmax - one-hot), is
-    written out rather than left to autodiff, whose take_along_axis transposes to a scatter: so
-    that it is one elementwise pass over the logits. The targets' logits are gathered (one value
-    per position, not a pass over the logits); a target outside [0, V) picks 0, as it matches no
-    column of the one-hot."""
+    (softmax - one-hot), is written out rather than left to autodiff, whose take_along_axis
+    transposes to a scatter: so that it is one elementwise pass over the logits. The targets'
+    logits are gathered (one value per position, not a pass over the logits); a target outside
+    [0, V) picks 0, as it matches no column of the one-hot."""
     logits = logits.astype(jnp.float32)
     lse = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1, mode="fill", fill_value=0,
