@@ -1,5 +1,6 @@
 """What a command line does with an error its user caused (a bad value, a missing or damaged
-file, a full or read-only disk): one line on stderr and exit status 2, not a traceback."""
+file, a full or read-only disk, work too large for the device's memory): one line on stderr and
+exit status 2, not a traceback."""
 
 import argparse
 import logging
