@@ -134,11 +134,6 @@ def param_shardings(config: RingConfig, dtype, mesh, quantize: str | None = None
     return out
 
 
-@jax.jit
-def _quantize(kernel):
-    return tuple(quantize_kernel(kernel))
-
-
 def model_from_tensors(config: RingConfig, tensors, dtype, mesh=None, quantize: str | None = None) -> RingModel:
     """A RingModel whose parameters come from `tensors(spec)` -> the parameter's `arrays` of the
     table of `quantize` (or, for a quantized parameter, its unquantized array, quantized here on
@@ -152,7 +147,7 @@ def model_from_tensors(config: RingConfig, tensors, dtype, mesh=None, quantize: 
     for spec in tensor_table(config, quantize):
         values = tuple(tensors(spec))
         if spec.quantized and len(values) == 1:
-            values = _quantize(jnp.asarray(values[0]))
+            values = tuple(quantize_kernel(jnp.asarray(values[0])))
         for value, (key, shape, kind), (variable, index) in zip(values, spec.arrays, locate(model, spec)):
             want = np.dtype(dtype if kind == "model" else kind)
             if len(values) != len(spec.arrays) or value.shape != shape or value.dtype != want:

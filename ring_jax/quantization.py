@@ -84,9 +84,17 @@ def quantize_rows(w) -> Fp8:
 
 
 def quantize_kernel(kernel: jax.Array) -> Fp8:
-    """A parameter in the model's layout [..., in, out] -> its Fp8 [..., out, in] (`quantize_rows`;
-    XLA fuses the float32 steps into the reduction and the elementwise pass, so no float32 copy
-    of the parameter is made)."""
+    """A parameter in the model's layout [..., in, out] -> its Fp8 [..., out, in] (`quantize_rows`,
+    compiled). A stack of the experts' stacks [L, E, in, out] one layer at a time: XLA materialises
+    the transpose (a transpose and a reduction do not fuse on a GPU, and its autotuner allocates
+    the transpose's output again to time it), so that a whole stack's would add twice its bytes."""
+    if kernel.ndim > 3:
+        return Fp8(*(jnp.stack(parts) for parts in zip(*(_quantized_matrices(entry) for entry in kernel))))
+    return _quantized_matrices(kernel)
+
+
+@jax.jit
+def _quantized_matrices(kernel):
     return quantize_rows(jnp.swapaxes(kernel, -1, -2))
 
 
