@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from ring_jax.layers.linear import Linear
+from ring_jax.layers.linear import Linear, bf16_parts
 from ring_jax.layers.stack import read
 from ring_jax.sharding import model_mesh, spec
 
@@ -82,28 +82,14 @@ def _matmul(x, y):
 
 def _narrow_product(x, w) -> jax.Array:
     """x [..., K] @ w [K, n] -> [..., n] float32 at float32 precision: w float32, n narrow (the rank),
-    K wide. Where x is bf16 the product runs on the bf16 tensor cores: w is split into three bf16
-    parts, its leading, next and last 8 significand bits, whose sum is w (exactly, but for parts
-    below float32's normal range: an error under 2^-120); each part's products with x are exact in
-    float32 and summed in float32, one product of 3 n columns. Float32 precision passes on a float32
+    K wide. Where x is bf16 the product runs on the bf16 tensor cores, w as its three bf16 parts
+    (`bf16_parts`) side by side: one product of 3 n columns. Float32 precision passes on a float32
     x would instead read x as float32 in a product of n columns, slow on a GPU."""
     if jnp.dtype(x.dtype) != jnp.dtype(jnp.bfloat16):
         return _matmul(x.astype(jnp.float32), w)
-    w = jnp.asarray(w)
-    high = _leading_bits(w)
-    middle = _leading_bits(w - high)
-    low = w - high - middle
-    parts = jnp.concatenate([high, middle, low], axis=-1).astype(jnp.bfloat16)        # [K, 3 n]
+    parts = jnp.concatenate(bf16_parts(jnp.asarray(w)), axis=-1)                      # [K, 3 n]
     y = jnp.matmul(x, parts, preferred_element_type=jnp.float32)
     return jnp.sum(y.reshape(*y.shape[:-1], 3, w.shape[-1]), axis=-2)
-
-
-def _leading_bits(v) -> jax.Array:
-    """float32 v with all but its leading 8 significand bits cleared: a bf16 value, exactly. Cleared
-    by a mask, not by a round trip through bf16, which XLA may fold away where it allows excess
-    precision."""
-    bits = jax.lax.bitcast_convert_type(v, jnp.uint32) & jnp.uint32(0xFFFF0000)
-    return jax.lax.bitcast_convert_type(bits, jnp.float32)
 
 
 def _adapted_forward(y, x, a, b, scale):

@@ -94,11 +94,11 @@ class RingModel(nnx.Module):
         self.mtp_layers = nnx.List([MTPLayer(config, dtype=dtype, rngs=rngs)
                                     for _ in range(config.num_nextn_predict_layers)])
         self.remat = False             # training (`ring_jax.train.split`): recompute each layer in the backward pass
-        # Training without remat: the backward pass keeps every layer's activations. Kept inside a
-        # scan nested in the groups' scan, they would be copied from the inner loop's stack into the
-        # outer's and back out (a pass over all of them each way), so the groups run unrolled then,
-        # each run of layers of one kind still a scan.
-        self.unroll_groups = False
+        # Training without remat: the backward pass keeps every layer's activations. Kept by a scan,
+        # they would be written into its stacks of them (zeroed first) and copied back out of them
+        # (a pass over all of them each way, more at each level of nesting), so every layer runs
+        # unrolled then.
+        self.unroll = False
         self.quantization = None       # "fp8" after `quantize`
 
     def quantize(self, method: str = "fp8") -> RingModel:
@@ -145,8 +145,10 @@ class RingModel(nnx.Module):
                 # remat: a layer's activations are recomputed in the backward pass, not kept
                 return (jax.checkpoint(layer) if self.remat else layer)(x, cache, index, slot)
 
-            if r.length == 1:
-                return one(x, cache, index, slot)
+            if r.length == 1 or self.unroll:
+                for i in range(r.length):
+                    x, cache = one(x, cache, index + i, slot + i)
+                return x, cache
 
             # The layer's stack index and cache slot ride in the carry as counters: derived from
             # the scan's own counter, they would be one more launch per layer on a GPU.
@@ -159,7 +161,7 @@ class RingModel(nnx.Module):
 
         for r in schedule.head:
             x, cache = run(r, 0, x, cache)
-        if schedule.repeats and self.unroll_groups:
+        if schedule.repeats and self.unroll:
             for repeat in range(schedule.repeats):
                 for r in schedule.group:
                     x, cache = run(r, repeat, x, cache)

@@ -126,14 +126,14 @@ def prepare(model, config: TrainConfig) -> None:
 def split(model, config: TrainConfig):
     """(graphdef, params, frozen) of `model` (readied by `prepare`) for `train_step`: the parameters
     that train, the rest, and the graph in its training layout: each layer recomputed in the
-    backward pass (remat), or without remat the schedule's groups unrolled
-    (`RingModel.unroll_groups`). The model itself keeps its layout for inference."""
-    kept = model.remat, model.unroll_groups
-    model.remat, model.unroll_groups = config.remat, not config.remat
+    backward pass (remat), or without remat every layer unrolled (`RingModel.unroll`). The model
+    itself keeps its layout for inference."""
+    kept = model.remat, model.unroll
+    model.remat, model.unroll = config.remat, not config.remat
     try:
         return nnx.split(model, trainable(config), ...)
     finally:
-        model.remat, model.unroll_groups = kept
+        model.remat, model.unroll = kept
 
 
 # Positions per piece of the loss: the logits exist [B, LOSS_CHUNK, vocab] at a time (a 4096-token
@@ -207,14 +207,16 @@ def _cross_entropy(logits, targets, weights):
     (softmax - one-hot), is written out rather than left to autodiff, whose take_along_axis
     transposes to a scatter: so that it is one elementwise pass over the logits. The targets'
     logits are gathered (one value per position, not a pass over the logits); a target outside
-    [0, V) picks 0, as it matches no column of the one-hot."""
-    logits = logits.astype(jnp.float32)
-    lse = jax.nn.logsumexp(logits, axis=-1)
+    [0, V) picks 0, as it matches no column of the one-hot. The max and the gather read the
+    logits in their dtype (exact), so that only the sum's and the gradient's passes cast them."""
+    top = jnp.max(logits, axis=-1).astype(jnp.float32)
+    wide = logits.astype(jnp.float32)
+    lse = top + jnp.log(jnp.sum(jnp.exp(wide - top[..., None]), axis=-1))        # logsumexp's formula
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1, mode="fill", fill_value=0,
-                                 wrap_negative_indices=False)[..., 0]
+                                 wrap_negative_indices=False)[..., 0].astype(jnp.float32)
     value = jnp.sum((lse - picked) * weights)
     target = jnp.arange(logits.shape[-1]) == targets[..., None]
-    return value, (jnp.exp(logits - lse[..., None]) - target) * weights[..., None]
+    return value, (jnp.exp(wide - lse[..., None]) - target) * weights[..., None]
 
 
 def _head_loss_forward(fn, chunk, head, hidden, targets, weights):

@@ -279,12 +279,11 @@ def scan_depth(jaxpr) -> int:
     return depth
 
 
-def test_training_without_remat_unrolls_the_groups_with_the_same_gradients():
-    """Without remat the backward pass keeps every layer's activations, and the schedule's groups run
-    unrolled (`RingModel.unroll_groups`, in the graph `train.split` gives `train_step`; the model
-    itself stays scanned for inference), each run of one kind a scan: no scan nested in a scan, whose
-    kept activations would be copied from the inner loop's stack into the outer's and back. The loss
-    and the adapters' gradients are the scanned groups'."""
+def test_training_without_remat_unrolls_the_layers_with_the_same_gradients():
+    """Without remat the backward pass keeps every layer's activations, and every layer runs
+    unrolled (`RingModel.unroll`, in the graph `train.split` gives `train_step`; the model itself
+    stays scanned for inference): no scan over layers, which would write the kept activations into
+    its stacks and copy them back out. The loss and the adapters' gradients are the scanned layers'."""
     config = RingConfig.from_hf(os.path.join(CONFIGS, "tiny.json"), num_hidden_layers=10, layer_group_size=3)
     model = RingModel(config, dtype=jnp.float32, rngs=nnx.Rngs(0))
     assert model.schedule.repeats == 2 and max(r.length for r in model.schedule.group) == 2
@@ -294,19 +293,20 @@ def test_training_without_remat_unrolls_the_groups_with_the_same_gradients():
         b = linear.lora.b.get_value()
         linear.lora.b.set_value(0.05 * jax.random.normal(jax.random.key(i), b.shape, b.dtype))
     graphdef, params, frozen = train.split(model, settings)
-    assert nnx.merge(graphdef, params, frozen).unroll_groups and not model.unroll_groups   # inference: scanned
+    assert nnx.merge(graphdef, params, frozen).unroll and not model.unroll          # inference: scanned
     rng = np.random.default_rng(7)
     tokens, targets = (jnp.asarray(rng.integers(0, config.vocab_size, (2, 16)), jnp.int32) for _ in range(2))
     weights = jnp.ones((2, 16), jnp.float32)
 
     def f(params, unroll: bool):
         model = nnx.merge(graphdef, params, frozen)
-        model.unroll_groups = unroll
+        model.unroll = unroll
         return train.loss(model, tokens, targets, weights, chunk=8)       # the loss's pieces: one scan
 
     depth = {unroll: scan_depth(jax.make_jaxpr(jax.grad(f), static_argnums=1)(params, unroll).jaxpr)
              for unroll in (True, False)}
-    assert depth[False] == depth[True] + 1        # (the layers' own scans on the CPU: the chunked references)
+    assert depth[False] == depth[True] + 2        # the groups' scan and its runs' (the layers' own
+    #                                               scans remain on the CPU: the chunked references)
     (value, grads), (want, want_grads) = (jax.jit(jax.value_and_grad(f), static_argnums=1)(params, unroll)
                                           for unroll in (True, False))
     assert abs(float(value) - float(want)) <= 1e-6 * float(want)

@@ -113,14 +113,33 @@ def float32_matmul(x, w) -> jax.Array:
     return _widened_product(read(x), read(w))
 
 
+def bf16_parts(v: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """float32 v -> three bf16 arrays of its shape, its leading, next and last 8 significand bits,
+    whose float32 sum is v (exactly, but for parts below float32's normal range: an error under
+    2^-120). A product of v with a bf16 operand then runs on the bf16 tensor cores at float32
+    precision: each part's products are exact in float32, and summed in float32."""
+    high = _leading_bits(v)
+    middle = _leading_bits(v - high)
+    return tuple(part.astype(jnp.bfloat16) for part in (high, middle, v - high - middle))
+
+
+def _leading_bits(v) -> jax.Array:
+    """float32 v with all but its leading 8 significand bits cleared: a bf16 value, exactly. Cleared
+    by a mask, not by a round trip through bf16, which XLA may fold away where it allows excess
+    precision."""
+    bits = jax.lax.bitcast_convert_type(v, jnp.uint32) & jnp.uint32(0xFFFF0000)
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
 @jax.custom_vjp
 def _widened_product(x: jax.Array, w: jax.Array) -> jax.Array:
     """x [..., K] @ w [K, N], both bf16 -> [..., N] float32, accumulated in float32.
 
-    Its gradients are autodiff's of the float32 product of the float32 copies, which torch's
-    backward computes too: full float32 products of the float32 cotangent, rounded to bf16 at the
-    end. (A custom VJP: autodiff of this product would run the cotangent's products at the default
-    precision, TF32 on a GPU. Forward-mode autodiff, jax.jvp, does not go through it.)
+    Its gradients are those of the float32 product of the float32 copies, which torch's backward
+    computes: float32 products of the float32 cotangent, rounded to bf16 at the end, here on the
+    bf16 tensor cores (`_widened_backward`). (A custom VJP: autodiff of this product would run the
+    cotangent's products at the default precision, TF32 on a GPU. Forward-mode autodiff, jax.jvp,
+    does not go through it.)
     """
     return jnp.einsum("...k,kn->...n", x, w, preferred_element_type=jnp.float32)
 
@@ -132,13 +151,18 @@ def _widened_forward(x, w):
 
 
 def _widened_backward(residuals, cotangent):
-    x, w = residuals                                             # of one dtype
+    """The float32 products of the float32 cotangent [..., N] with the bf16 residuals, on the bf16
+    tensor cores: the cotangent as its three bf16 parts (`bf16_parts`), side by side on N."""
+    x, w = residuals                                             # bf16
     if isinstance(cotangent, SymbolicZero):
         return None, None
-    highest = dict(precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
-    dx = None if w is None else jnp.einsum("...n,kn->...k", cotangent, w.astype(jnp.float32), **highest).astype(w.dtype)
-    dw = None if x is None else jnp.einsum("...k,...n->kn", x.astype(jnp.float32), cotangent, **highest).astype(x.dtype)
-    return dx, dw
+    parts = jnp.concatenate(bf16_parts(cotangent), axis=-1)                                  # [..., 3 N]
+    dx = None if w is None else jnp.einsum("...n,kn->...k", parts, jnp.concatenate([w] * 3, axis=-1),
+                                           preferred_element_type=jnp.float32).astype(w.dtype)
+    if x is None:
+        return dx, None
+    dw = jnp.einsum("...k,...n->kn", x, parts, preferred_element_type=jnp.float32)            # [K, 3 N]
+    return dx, jnp.sum(dw.reshape(dw.shape[0], 3, -1), axis=1).astype(x.dtype)
 
 
 _widened_product.defvjp(_widened_forward, _widened_backward, symbolic_zeros=True)
