@@ -93,10 +93,14 @@ def profile(model, settings, examples, step_seconds: float, top: int = 40) -> No
     line of the operation that launched them."""
     graphdef, params, frozen = train.split(model, settings)
     tx = train.optimizer(settings)
-    opt_state = tx.init(params)
-    batch = tuple(np.stack([part]) for part in Batches(examples, settings.batch_size, settings.seq_len, 0).batch(0))
+    # Placed as `fit` places them, so that this is fit's program and JAX reuses its compilation (the
+    # compiled HLO names the kernels' operations).
+    where = jax.tree.leaves(params)[0].sharding
+    opt_state = jax.device_put(tx.init(params), where)
+    batch = tuple(jax.device_put(np.stack([part]), where)
+                  for part in Batches(examples, settings.batch_size, settings.seq_len, 0).batch(0))
     state = [params, opt_state]
-    compiled = train.train_step.lower(graphdef, tx, *state, frozen, batch).compile()   # once: its HLO names the kernels' ops
+    compiled = train.train_step.lower(graphdef, tx, *state, frozen, batch).compile()
 
     def step():             # donates the model's own arrays: the model is not used after this
         state[:] = compiled(*state, frozen, batch)[:2]
