@@ -136,16 +136,18 @@ def split(model, config: TrainConfig):
         model.remat, model.unroll = kept
 
 
-# Positions per piece of the loss: the logits exist [B, LOSS_CHUNK, vocab] at a time (a 4096-token
-# row's would be 2.6 GB in float32 at Ring's 157k vocabulary).
-LOSS_CHUNK = 1024
+# Tokens per piece of the loss: the logits exist for this many tokens at a time, whatever the batch
+# (a 4096-token row's would be 2.6 GB in float32 at Ring's 157k vocabulary).
+LOSS_TOKENS = 2048
 
 
-def loss(model, tokens, targets, weights, chunk: int = LOSS_CHUNK) -> jax.Array:
+def loss(model, tokens, targets, weights, chunk: int | None = None) -> jax.Array:
     """The weighted mean next-token loss (nats): tokens, targets: [B, L] int32; weights: [B, L]
     float32 (0 where a position is not a target). Logits in float32, as the scoring steps, computed
-    `chunk` positions at a time, once (`_head_loss`), so that their memory is bounded."""
+    `chunk` positions of every row at a time (default: LOSS_TOKENS // B), once (`_head_loss`), so
+    that their memory is bounded."""
     fn, head = model.head()
+    chunk = chunk or max(1, LOSS_TOKENS // tokens.shape[0])
     return _head_loss(fn, chunk, head, model.hidden_states(tokens), targets, weights)
 
 
