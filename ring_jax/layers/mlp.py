@@ -20,5 +20,7 @@ class MLP(nnx.Module):
 
 
 def rounded(fn, x: jax.Array) -> jax.Array:
-    """fn(x) computed in float32 and rounded once to x.dtype, as torch's bf16 activations are."""
-    return fn(x.astype(jnp.float32)).astype(x.dtype)
+    """fn(x) computed in float32 and rounded once to x.dtype, as torch's bf16 activations are. The
+    gradient computes fn's float32 values again from x (jax.checkpoint), where autodiff would keep
+    them for the backward pass: twice x's bytes (bf16), per layer of a training step."""
+    return jax.checkpoint(lambda x: fn(x.astype(jnp.float32)).astype(x.dtype))(x)
