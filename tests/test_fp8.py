@@ -238,7 +238,8 @@ def test_batch_one_decode_through_the_fp8_kernels(monkeypatch):
 def test_expert_parallel_fp8_equals_one_device(folders):
     """An FP8 folder loaded onto a mesh with the experts over 8 devices gives one device's logits
     on each way the pairs run there: gathered (2 tokens) and grouped with the scattered combine
-    (256); an unquantized folder quantized as it loads onto the mesh is the same model."""
+    (256); an unquantized folder quantized as it loads onto the mesh, or once loaded there
+    (`RingModel.quantize`: the experts' stacks a layer at a time), is the same model."""
     mesh = ring_jax.make_mesh(data=1, expert=8, devices=jax.devices()[:8])
     one = ring_jax.load_model(folders["fp8"])
     sharded = ring_jax.load_model(folders["fp8"], mesh=mesh)
@@ -246,6 +247,9 @@ def test_expert_parallel_fp8_equals_one_device(folders):
     for ids in (IDS[:2, :1], IDS):
         assert rel_err(sharded(ids), one(ids)) <= 1e-5
     assert_same_params(sharded, ring_jax.load_model(folders["plain"], mesh=mesh, quantize="fp8"))
+    quantized = ring_jax.load_model(folders["plain"], mesh=mesh).quantize()
+    assert quantized.linear_moe.mlp.experts.gate_up_proj[...].sharding.spec[:2] == (None, "expert")
+    assert_same_params(sharded, quantized)
 
 
 def test_lora_trains_over_fp8_weights(tmp_path):
