@@ -8,7 +8,9 @@ Ring-mini and Ring-flash expert shapes: a dense matmul of the same FLOPs (the ce
 `ragged_dot_mgpu` (128/128/64, 4 stages), and `pallas_kernels.gmm(backend="auto")` (our Mosaic GPU
 kernel on Hopper); and a row of `pallas_kernels.gmm` with FP8 weights (float8_e4m3fn [G, N, K] and
 per-column scales: on Hopper the kernel reads the FP8 tiles, converts them in SMEM and multiplies by
-the scales in its epilogue; the bf16-time-over-FP8-time ratio is printed). Then the gate_up product
+the scales in its epilogue; the bf16-time-over-FP8-time ratio is printed), and of FP8 weights and
+rows (both on the FP8 tensor cores), timed with the rows' quantization and without it (a model
+quantizes each token once, before the dispatch gathers its top-8 rows). Then the gate_up product
 with SwiGLU: our gmm followed by XLA's SwiGLU, against SwiGLU in the kernel's epilogue, and the
 same with FP8 weights, at prefill sizes.
 Table 2, the decode-sized expert step of one MoE layer (tokens x top-8 pairs, gate_up then down)
@@ -57,6 +59,7 @@ def group_sizes(M, G, skew, seed=0):
 def gmm_table(Ms, hbm):
     from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
 
+    from pallas_kernels import backend
     from ring_jax.quantization import quantize_rows
 
     print("| shape | M | sizes | dense same FLOPs | XLA ragged_dot | ragged_dot_mgpu | ours (auto) |")
@@ -68,6 +71,8 @@ def gmm_table(Ms, hbm):
     ours = jax.jit(pallas_kernels.gmm)
     ours_fp8 = jax.jit(lambda a, b, s, c: pallas_kernels.gmm(a, b, c, scale=s))
     ours_w8a8 = with_fp8_rows(pallas_kernels.gmm)
+    ours_w8a8_kernel = jax.jit(lambda a, b, s, r, c: pallas_kernels.gmm(a, b, c, scale=s, lhs_scale=r))
+    rows_fp8 = jax.jit(backend.quantize_rows)
     xla = jax.jit(lambda a, b, c: jax.lax.ragged_dot(a, b, c))
     dense = jax.jit(lambda a, b: a @ b[0])
     for name, (K, N) in SHAPES.items():
@@ -101,6 +106,10 @@ def gmm_table(Ms, hbm):
             w8a8_ms = timed(ours_w8a8, lhs, values, scale, equal)
             print(f"| {name}, FP8 weights and rows (ours, auto, the rows' quantization included) | {M} | equal | - "
                   f"| - | - | {cell(w8a8_ms)}, {bf16_ms / w8a8_ms:.2f}x bf16 |", flush=True)
+            rows, row_scale = rows_fp8(lhs)
+            kernel_ms = timed(ours_w8a8_kernel, rows, values, scale, row_scale, equal)
+            print(f"| {name}, FP8 weights and rows (ours, auto, the rows quantized beforehand) | {M} | equal | - "
+                  f"| - | - | {cell(kernel_ms)}, {bf16_ms / kernel_ms:.2f}x bf16 |", flush=True)
 
 
 def with_fp8_rows(entry):
