@@ -172,7 +172,9 @@ def test_loss_in_pieces_equals_autodiff_of_the_whole(dtype, tied):
     than 1. In bf16, which rounds the gradients at other points, both are as far from the float32
     model's gradients (the whole gradient as one vector). The positions' weights take no gradient:
     asking for one is an error."""
-    config = dataclasses.replace(RingConfig.from_hf(os.path.join(CONFIGS, "tiny.json")), tie_word_embeddings=tied)
+    # One group of layers (a dense, a linear and a softmax layer): the loss's pieces are at the head.
+    config = dataclasses.replace(RingConfig.from_hf(os.path.join(CONFIGS, "tiny.json")), tie_word_embeddings=tied,
+                                 num_hidden_layers=3)
     rng = np.random.default_rng(3)
     tokens, targets = (jnp.asarray(rng.integers(0, config.vocab_size, (2, 30)), jnp.int32) for _ in range(2))
     weights = jnp.asarray(rng.random((2, 30)) < 0.8, jnp.float32)
