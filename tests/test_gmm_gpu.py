@@ -36,9 +36,10 @@ def test_work_items_cover_every_row_once(tile_m, seed):
     M, G = int(rng.integers(1, 3000)), int(rng.integers(1, 40))
     sizes = random_sizes(rng, M, G, total=int(rng.integers(0, M + 1)))
     sizes[rng.random(G) < 0.3] = 0
-    items, count = gmm_gpu.work_items(jnp.asarray(sizes), M, tile_m)
-    items, count = np.asarray(items), int(count[0])
-    assert count <= items.shape[1]
+    items, counts = gmm_gpu.work_items(jnp.asarray(sizes), M, tile_m)
+    items, (products, count) = np.asarray(items), np.asarray(counts)
+    assert products <= count <= items.shape[1]
+    assert (items[0, :products] < G).all() and (items[0, products:count] == G).all()   # the zeros' items last
     owner = np.full(M, -1)
     for group, row, first, end in items[:, :count].T:
         assert row % 8 == 0 and row <= first < end <= row + tile_m
@@ -65,16 +66,19 @@ def test_kernel_lowers_for_cuda_on_any_machine(swiglu, tile_m, fp8):
     assert exported.out_avals[0].shape == (1000, 256 if swiglu else 512)
 
 
-def test_kernel_in_the_interpreter_matches_float64():
+@pytest.mark.parametrize("K, N, sizes, stages", [(64, 256, [0, 120, 0, 80], 4),          # one unit per SM
+                                                  (256, 512, [0, 100, 0, 40, 50, 0], 2)])   # a sequence per SM
+def test_kernel_in_the_interpreter_matches_float64(K, N, sizes, stages):
     """The kernel itself on the CPU (JAX's Mosaic GPU interpreter: warpgroups, TMA, barriers and
     wgmma simulated): 128-row tiles, M not a multiple of 8, bf16 out against float64, a layer's
-    groups read at an offset in a longer stack, zeros past the sum. (64-row tiles, tiny groups and
-    float32 out: the FP8 cases below.)"""
-    M, K, N, sizes, offset = 203, 64, 256, [0, 120, 0, 80], 4
-    G = len(sizes)
+    groups read at an offset in a longer stack, zeros past the sum; each of the 2 simulated SMs
+    runs one unit as a pipeline of its own, or a sequence of them (START, STEADY, STOP) over a
+    ring of 2 slots that each unit goes round twice. (64-row tiles, tiny groups and float32 out:
+    the FP8 cases below.)"""
+    M, G, offset = 203, len(sizes), len(sizes)
     lhs, stack, group_sizes = operands(M, M, K, N, sizes + sizes)
     group_sizes, total = group_sizes[:G], sum(sizes)
-    got = gmm_gpu.gmm(lhs, stack, group_sizes, group_offset=offset, tile_m=128, interpret=True)
+    got = gmm_gpu.gmm(lhs, stack, group_sizes, group_offset=offset, tile_m=128, stages=stages, interpret=True)
     assert got.dtype == jnp.bfloat16 and got.shape == (M, N)
     assert rel_err(got[:total], gmm64(lhs, stack[offset:offset + G], group_sizes)[:total]) <= 5e-3
     assert not np.asarray(got[total:]).any()

@@ -4,15 +4,20 @@ Work items. The rows of lhs are cut into tiles of `tile_m` rows. A tile that hol
 groups is one work item per group (megablox style: groups are not padded to tile multiples), and
 the rows past sum(group_sizes) form one more range whose items write zeros. `work_items` builds the
 table [4, W] (group, m tile, first row, end row) in jnp, W = cdiv(M, tile_m) + 2 (G + 1) is the
-static bound, and the count of live items. Each item times each block of `2 * tile_n` columns is one
-unit of work; the units are spread over the SMs in order (n minor, so an lhs tile is reused from L2
-by the column blocks that run at the same time).
+static bound, and the counts of the groups' items and of all. Each item times each block of
+`2 * tile_n` columns is one unit of work; the units are spread over the SMs in order (n minor, so an
+lhs tile is reused from L2 by the column blocks that run at the same time), the groups' first, then
+the zeros'.
 
 Per unit. Three warpgroups: one issues the TMA loads of [tile_m, 64] lhs and [64, 2 tile_n] rhs
-blocks into a ring of `stages` SMEM slots; two compute warpgroups each accumulate one
-[tile_m, tile_n] half in registers with wgmma over K. The epilogue writes only the item's rows:
-TMA stores of 2^i rows for the set bits of the row count (a row range of any length from boxes of
-static shapes), from an untiled SMEM copy of the accumulator, in column strips of 64.
+blocks into a ring of SMEM slots (`stages`, or the largest divisor of the K steps below it); two
+compute warpgroups each accumulate one [tile_m, tile_n] half in registers with wgmma over K. The
+epilogue writes only the item's rows: TMA stores of 2^i rows for the set bits of the row count (a
+row range of any length from boxes of static shapes), from an untiled SMEM copy of the
+accumulator, in column strips of 64. An SM's units are one sequence of pipelines over the same
+ring: the memory warpgroup loads the next unit's first blocks while the compute warpgroups finish
+this one and store it, so no unit waits for its first loads (a unit alone on its SM is a pipeline
+of its own).
 
 SwiGLU epilogue (`swiglu=True`, rhs [G, K, 2 I] holding gate then up columns, output [M, I]). A
 unit is a tile times one block of tile_n output columns; the memory warpgroup loads that block's
@@ -62,13 +67,14 @@ INTERPRET_SMS = 2
 
 
 def work_items(group_sizes, m: int, tile_m: int):
-    """group_sizes [G] int32 -> (items [4, W] int32: group, tile row, first row, end row; count [1]).
+    """group_sizes [G] int32 -> (items [4, W] int32: group, tile row, first row, end row; counts
+    [2] int32: the items of the G groups, and of all).
 
     Group g's rows [first_g, end_g) are covered by tiles of tile_m rows that start at first_g
     rounded down to a multiple of 8 (TMA moves whole 8-row tiles of the swizzled operands); each
     item computes its tile and stores rows [max(first_g, tile row), min(end_g, tile row + tile_m)).
-    Group G stands for the rows past sum(group_sizes), which are written as zeros. Items past
-    `count` are unused; W = cdiv(m, tile_m) + 2 (G + 1) bounds the count.
+    Group G stands for the rows past sum(group_sizes), which are written as zeros: its items come
+    after the groups'. Items past counts[1] are unused; W = cdiv(m, tile_m) + 2 (G + 1) bounds it.
     """
     G = group_sizes.shape[0]
     ends = jnp.cumsum(group_sizes.astype(jnp.int32))
@@ -85,7 +91,7 @@ def work_items(group_sizes, m: int, tile_m: int):
     end = jnp.minimum(ends[group], row + tile_m)
     live = w < item_end[-1]
     items = jnp.stack([group] + [jnp.where(live, x, 0) for x in (row, first, end)])
-    return items, item_end[-1:]
+    return items, item_end[-2:]
 
 
 def _store_rows(value, o_smem, o_gmem, offset, count):
@@ -114,15 +120,15 @@ def _silu_times_up(gate, up, dtype):
     return act.astype(dtype).astype(jnp.float32) * up
 
 
-def _kernel(items_gmem, count_gmem, offset_gmem, lhs_gmem, rhs_gmem, *refs, groups, tile_m, tile_n, stages,
-            swiglu, k_major):
+def _kernel(items_gmem, count_gmem, offset_gmem, lhs_gmem, rhs_gmem, *refs, tile_m, tile_n, stages, swiglu,
+            k_major):
     fp8 = rhs_gmem.dtype == FP8          # K-major [G', N, K] tiles with column scales
     fp8_lhs = lhs_gmem.dtype == FP8      # and FP8 lhs with row scales: FP8 tensor cores
     convert = fp8 and not fp8_lhs        # bf16 lhs: the FP8 tiles become bf16 in SMEM, per warpgroup
     scale_gmem, lhs_scale_gmem = (refs[0], refs[1] if fp8_lhs else None) if fp8 else (None, None)
     out_gmem = refs[-1]
     K = lhs_gmem.shape[1]
-    G, N = groups, rhs_gmem.shape[1 if k_major else 2]
+    N = rhs_gmem.shape[1 if k_major else 2]
     dtype = out_gmem.dtype
     epi_n = 128 // dtype.itemsize  # one 128-byte swizzle row
     tile_k = _tile_k(lhs_gmem.dtype)
@@ -132,7 +138,11 @@ def _kernel(items_gmem, count_gmem, offset_gmem, lhs_gmem, rhs_gmem, *refs, grou
         n_blocks, wg_rows, rhs_n = N // (2 * tile_n), tile_m, (2 * tile_n,)
     n_scales = len(rhs_n) + fp8_lhs  # scale vectors a compute warpgroup copies per unit
 
-    def pipeline(body, context):
+    steps = K // tile_k
+    # Pipelines in a sequence (`pipeline_state`) go round the SMEM ring a whole number of times.
+    depth = max(d for d in range(1, min(stages, steps) + 1) if steps % d == 0)
+
+    def pipeline(body, context, state=None):
         spec = functools.partial(plgpu.BlockSpec, memory_space=plgpu.SMEM, transforms=_swizzled(lhs_gmem.dtype))
         if k_major:  # rows of tile_k values: FP8 converted to bf16, a 64-byte swizzle; else 128 bytes
             row_bytes = tile_k * jnp.dtype(rhs_gmem.dtype).itemsize
@@ -141,9 +151,9 @@ def _kernel(items_gmem, count_gmem, offset_gmem, lhs_gmem, rhs_gmem, *refs, grou
         else:
             rhs_specs = [spec((tile_k, n), lambda k: (k, 0)) for n in rhs_n]
         return plgpu.emit_pipeline_warp_specialized(
-            body, grid=(K // tile_k,), memory_registers=40, max_concurrent_steps=stages,
+            body, grid=(steps,), memory_registers=40, max_concurrent_steps=depth,
             in_specs=[spec((tile_m, tile_k), lambda k: (0, k))] + rhs_specs,
-            wg_axis="wg", num_compute_wgs=2, compute_context=context)
+            wg_axis="wg", num_compute_wgs=2, compute_context=context, pipeline_state=state)
 
     ignore = lambda *_, **__: None  # noqa: E731 - allocations do not depend on the bodies
     scratch = {}
@@ -162,9 +172,11 @@ def _kernel(items_gmem, count_gmem, offset_gmem, lhs_gmem, rhs_gmem, *refs, grou
     def _scope(allocs, o_smem, scale_smem=None, scale_bar=None, row_scale_smem=None, conv_smem=None):
         wg = lax.axis_index("wg")
 
-        @plgpu.nd_loop((count_gmem[0] * n_blocks,), collective_axes="sm")
-        def _unit(info):
-            item, n_block = jnp.divmod(info.index[0], n_blocks)
+        def unit(index, state=None, alone=None):
+            """Unit `index`: its product through a pipeline in `state`, its place in this SM's
+            sequence of pipelines, or the only one on its SM (`alone`); without them zeros for rows
+            past the groups."""
+            item, n_block = jnp.divmod(index, n_blocks)
             group, row, first, end = (items_gmem[i, item] for i in range(4))
             row = pl.multiple_of(row, 8)
             base = row + wg * wg_rows if swiglu else row  # this warpgroup's first tile row
@@ -214,7 +226,12 @@ def _kernel(items_gmem, count_gmem, offset_gmem, lhs_gmem, rhs_gmem, *refs, grou
                 plgpu.wgmma_wait(0)
                 return acc
 
-            stacked = jnp.minimum(group, G - 1) + offset_gmem[0]   # group G: no rhs read
+            if alone is None:
+                @pl.when(wg < 2)
+                def _():
+                    store(jnp.zeros((wg_rows, tile_n), jnp.float32))
+                return
+            stacked = group + offset_gmem[0]
             rhs = rhs_gmem.at[stacked]
             if swiglu:
                 scale_cols = [half + n_block * tile_n for half in (0, N // 2)]
@@ -225,13 +242,24 @@ def _kernel(items_gmem, count_gmem, offset_gmem, lhs_gmem, rhs_gmem, *refs, grou
             blocks = [rhs.at[pl.ds(*w)] if k_major else rhs.at[:, pl.ds(*w)] for w in widths]
             scales = scale_gmem.at[stacked] if fp8 else None
 
-            @pl.when(group < G)
-            def _():
-                pipeline(mma, context)(lhs_gmem.at[pl.ds(row, tile_m)], *blocks, allocations=allocs)
+            def run(state):
+                pipeline(mma, context, state)(lhs_gmem.at[pl.ds(row, tile_m)], *blocks, allocations=allocs)
+            pl.when(alone)(lambda: run(None))
+            pl.when(~alone)(lambda: run(state))
 
-            @pl.when((group == G) & (wg < 2))
-            def _():
-                store(jnp.zeros((wg_rows, tile_n), jnp.float32))
+        # An SM's products: one sequence of pipelines (START, STEADY..., STOP; module docstring).
+        products = count_gmem[0] * n_blocks
+
+        @plgpu.nd_loop((products,), collective_axes="sm")
+        def _products(info):
+            i, n = info.local_index, info.num_local_steps
+            state = jnp.where(i == 0, plgpu.PipelinePipeline.START,
+                              jnp.where(i == n - 1, plgpu.PipelinePipeline.STOP, plgpu.PipelinePipeline.STEADY))
+            unit(info.index[0], state, alone=n == 1)
+
+        @plgpu.nd_loop(((count_gmem[1] - count_gmem[0]) * n_blocks,), collective_axes="sm")
+        def _zeros(info):
+            unit(products + info.index[0])
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
@@ -293,7 +321,7 @@ def gmm(lhs, rhs, group_sizes, *, group_offset=0, scale=None, lhs_scale=None, pr
     M, K = lhs.shape
     fp8, fp8_lhs = (jnp.dtype(x.dtype) == FP8 for x in (rhs, lhs))
     k_major = k_major or fp8
-    G, N = group_sizes.shape[0], rhs.shape[1 if k_major else 2]
+    N = rhs.shape[1 if k_major else 2]
     out_dtype = jnp.dtype(preferred_element_type or (jnp.bfloat16 if fp8_lhs else lhs.dtype))
     if not supports(lhs, rhs, out_dtype, tile_n, swiglu, k_major):
         raise NotImplementedError(f"gpu gmm takes bf16 lhs and bf16 [G, K, N] or FP8 [G, N, K] rhs, or FP8 lhs and FP8 "
@@ -317,7 +345,7 @@ def gmm(lhs, rhs, group_sizes, *, group_offset=0, scale=None, lhs_scale=None, pr
     items, count = work_items(group_sizes, lhs.shape[0], tile_m)
     sms = INTERPRET_SMS if interpret else getattr(jax.devices()[0], "core_count", 132)
     kernel = plgpu.kernel(
-        functools.partial(_kernel, groups=G, tile_m=tile_m, tile_n=tile_n, stages=stages, swiglu=swiglu,
+        functools.partial(_kernel, tile_m=tile_m, tile_n=tile_n, stages=stages, swiglu=swiglu,
                           k_major=k_major),
         out_type=jax.ShapeDtypeStruct((lhs.shape[0], N // 2 if swiglu else N), out_dtype),
         grid=(sms,), grid_names=("sm",), num_threads=3, thread_name="wg",
