@@ -225,6 +225,8 @@ def main(argv=None):
     parser.add_argument("--fp8-activations", choices=("none", "grouped"), default="none",
                         help="with --quantize fp8: the config switch `fp8_activations` (docs/FP8.md)")
     args = parser.parse_args(argv)
+    if args.fp8_activations != "none" and args.quantize is None:
+        parser.error("--fp8-activations grouped needs FP8 weights: add --quantize fp8")
 
     config = RingConfig.from_hf(args.config, fp8_activations=args.fp8_activations)
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, config {os.path.basename(args.config)}, "

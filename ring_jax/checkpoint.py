@@ -140,6 +140,9 @@ def model_from_tensors(config: RingConfig, tensors, dtype, mesh=None, quantize: 
     the device), without random init; on `mesh`, each laid out by its annotation (host arrays
     are split, device arrays must be). A stacked parameter is filled entry by entry in place:
     what is held at once is the model's stacks and the entry being written."""
+    if quantize is None and config.fp8_activations != "none":
+        raise ValueError(f"fp8_activations={config.fp8_activations!r} needs FP8 weights: pass quantize='fp8' or "
+                         "load an FP8 folder")
     model = abstract_model(config, dtype, quantize)
     placement = None if mesh is None else param_shardings(config, dtype, mesh, quantize)
     _allocate_stacks(model, config, quantize, mesh)
@@ -429,4 +432,4 @@ def load_model(path: str, dtype=None, mesh=None, verify: bool = False, quantize:
 
     source, dtype = open_hf_checkpoint(path, config, dtype)
     return model_from_tensors(config, lambda spec: spec.to_param(source.read, dtype), dtype, mesh,
-                              quantize or source.stored_quantization)
+                              source.model_quantization(quantize, config))

@@ -141,6 +141,9 @@ def hf_quantization(qc) -> HFQuantization | None:
     if not isinstance(qc, dict):
         raise ConfigError(f"quantization_config must be an object, got {qc!r}")
     method = qc.get("quant_method")
+    if method is None:
+        raise ConfigError(f"quantization_config has no quant_method ({qc!r}): ring_jax reads 'fbgemm_fp8' "
+                          "(per-channel) and 'fp8' (block-scaled) FP8 checkpoints, or unquantized ones")
     if method == "fbgemm_fp8":
         return FBGEMM
     if method == "fp8":
@@ -150,7 +153,7 @@ def hf_quantization(qc) -> HFQuantization | None:
             raise ConfigError(f"quantization_config activation_scheme {qc['activation_scheme']!r}: ring_jax reads "
                               "FP8 checkpoints with dynamic activations (no stored input scales)")
         block = qc.get("weight_block_size")
-        if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+        if not (isinstance(block, list) and len(block) == 2 and all(type(b) is int and b > 0 for b in block)):
             raise ConfigError(f"quantization_config weight_block_size {block!r}: ring_jax reads FP8 checkpoints "
                               "with one scale per [rows, columns] block, e.g. [128, 128]")
         return HFQuantization("fp8", tuple(block))

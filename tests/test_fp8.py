@@ -316,6 +316,12 @@ def test_errors(hf, folders, tmp_path):
         RingConfig.from_hf(dict(raw, quantization_config=dict(block, fmt="e5m2")))
     with pytest.raises(ConfigError, match="activation_scheme 'static'"):
         RingConfig.from_hf(dict(raw, quantization_config=dict(block, activation_scheme="static")))
+    with pytest.raises(ConfigError, match="weight_block_size \\[True, True\\]"):
+        RingConfig.from_hf(dict(raw, quantization_config=dict(block, weight_block_size=[True, True])))
+    with pytest.raises(ConfigError, match="has no quant_method"):
+        RingConfig.from_hf(dict(raw, quantization_config={"load_in_8bit": True}))
+    with pytest.raises(ValueError, match="fp8_activations='grouped' needs FP8 weights"):
+        ring_jax.load_model(folders["plain"], fp8_activations="grouped")
 
     config = json.loads(open(f"{folders['back']}/config.json").read())
     back = SafetensorsFolder(folders["back"])
@@ -341,3 +347,23 @@ def test_errors(hf, folders, tmp_path):
     with pytest.raises(CheckpointError, match="only projection and expert matrices may be FP8"):
         ring_jax.load_model(damaged("fp8-norm", lambda t: t.update(
             {"model.norm.weight": t["model.norm.weight"].astype(FP8)})))
+    with pytest.raises(CheckpointError, match=f"{scale} is int32; an FP8 weight's scale must be one of"):
+        ring_jax.load_model(damaged("int-scale", lambda t: t.update({scale: t[scale].astype(np.int32)})))
+    weight = scale.removesuffix("_scale")
+    dequantized = lambda t, name: (t[name].astype(np.float32) * t[name + "_scale"]).astype(np.float32)  # noqa: E731
+    with pytest.raises(CheckpointError, match=f"{weight} is float32 but has a scale, {scale}: a scaled weight must"):
+        ring_jax.load_model(damaged("kept-scale", lambda t: t.update({weight: dequantized(t, weight)})))
+    for bad in (np.nan, np.inf, 0.0, -1.0):
+        poked = tensors[scale].copy()
+        poked[7] = bad
+        with pytest.raises(CheckpointError, match=f"{scale} holds scales that are not finite and positive"):
+            ring_jax.load_model(damaged(f"scale-{bad}", lambda t: t.update({scale: poked})))
+    # An FBGEMM checkpoint whose LM head stays unquantized (transformers' modules_to_not_convert):
+    # read as stored it would be quantized, so it is refused unless quantize asks for it.
+    head = damaged("bf16-head", lambda t: t.update({"lm_head.weight": dequantized(t, "lm_head.weight")})
+                   or t.pop("lm_head.weight_scale"))
+    with pytest.raises(CheckpointError, match="lm_head.weight is float32 in an FP8 checkpoint .*quantize='fp8'"):
+        ring_jax.load_model(head)
+    requantized = ring_jax.load_model(head, quantize="fp8")
+    assert requantized.lm_head.kernel[...].dtype == FP8
+    assert rel_err(requantized(IDS[:1]), ring_jax.load_model(folders["back"])(IDS[:1])) <= 1e-5

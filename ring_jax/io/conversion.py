@@ -41,7 +41,7 @@ def convert_hf_to_jax(hf_dir: str, out_dir: str, dtype=None, progress: bool = Tr
         raise FileExistsError(f"{out_dir} exists; choose a new output folder")
     config = RingConfig.from_hf(hf_dir)
     source, dtype = open_hf_checkpoint(hf_dir, config, parse_dtype(dtype) if isinstance(dtype, str) else dtype)
-    quantize = quantize or source.stored_quantization
+    quantize = source.model_quantization(quantize, config)
     table = tensor_table(config, quantize)
     nbytes = [sum(int(np.prod(shape)) * (dtype if kind == "model" else np.dtype(kind)).itemsize
                   for _, shape, kind in spec.arrays) for spec in table]

@@ -43,7 +43,28 @@ class HFTensors:
         tensor = self.folder.read(name)
         if self.quantization is None or tensor.dtype != FP8:
             return tensor
-        return self.quantization.read(tensor, self.folder.read(name + self.quantization.scale_suffix))
+        scale_name = name + self.quantization.scale_suffix
+        scale = self.folder.read(scale_name).astype(np.float32)
+        if not np.all(np.isfinite(scale) & (scale > 0)):      # a damaged scale would pass as numbers
+            raise CheckpointError(f"tensor {scale_name} holds scales that are not finite and positive (NaN, inf, "
+                                  "0 or negative): a damaged checkpoint?")
+        return self.quantization.read(tensor, scale)
+
+    def model_quantization(self, quantize: str | None, config: RingConfig) -> str | None:
+        """The quantization of the model read from here: `quantize`, or as stored. As stored, an
+        FP8 model (FBGEMM's layout) holds every matrix of `ring_jax.quantization.QUANTIZED` in FP8:
+        one the checkpoint keeps unquantized (`modules_to_not_convert`, often the LM head) would
+        be quantized as it loads, so it is refused unless `quantize` asks for it."""
+        if quantize is not None or self.stored_quantization is None:
+            return quantize or self.stored_quantization
+        for spec in tensor_table(config, self.stored_quantization):
+            for name in spec.hf_names if spec.quantized else ():
+                if self.folder.dtype(name) != FP8:
+                    raise CheckpointError(
+                        f"tensor {name} is {self.folder.dtype(name)} in an FP8 checkpoint "
+                        f"({self.quantization.method}); a ring_jax FP8 model holds every projection, expert and "
+                        "the LM head in FP8: pass quantize='fp8' (--quantize fp8) to quantize it as it loads")
+        return self.stored_quantization
 
 
 def open_hf_checkpoint(hf_dir: str, config: RingConfig, dtype=None) -> tuple[HFTensors, np.dtype]:

@@ -223,14 +223,20 @@ def check_tensors(table: list[TensorSpec], names: set[str], shape_of, dtype_of, 
         if tuple(shape_of(name)) != tuple(shape):
             raise CheckpointError(f"tensor {name} has shape {list(shape_of(name))}, the config needs {list(shape)}")
         dtype = str(dtype_of(name))
+        scale = None if quantization is None else name + quantization.scale_suffix
         if quantization is not None and name in matrices and dtype == FP8.name:
-            scale = name + quantization.scale_suffix
             if scale not in names:
                 raise CheckpointError(f"tensor {name} is {FP8.name} but its scale {scale} is missing")
             if tuple(shape_of(scale)) != quantization.scale_shape(shape):
                 raise CheckpointError(f"tensor {scale} has shape {list(shape_of(scale))}, {name} {list(shape)} needs "
                                       f"{list(quantization.scale_shape(shape))}")
+            if str(dtype_of(scale)) not in FLOAT_DTYPES:
+                raise CheckpointError(f"tensor {scale} is {dtype_of(scale)}; an FP8 weight's scale must be one of "
+                                      f"{FLOAT_DTYPES}")
             scales.add(scale)
+        elif scale in names and name in matrices:
+            raise CheckpointError(f"tensor {name} is {dtype} but has a scale, {scale}: a scaled weight must be "
+                                  f"{FP8.name} (a weight dequantized without removing its scale?)")
         elif dtype not in FLOAT_DTYPES:
             why = ("" if dtype != FP8.name else " (FP8 weights need a quantization_config in config.json)"
                    if quantization is None else " (only projection and expert matrices may be FP8)")
