@@ -25,6 +25,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import sys
 from collections.abc import Sequence
 
@@ -84,6 +85,27 @@ def windows(n: int, context: int, stride: int) -> list[tuple[int, int, int]]:
         scored, start = end, start + stride
 
 
+def settings(config, context: int | None, stride: int | None, chunk: int) -> tuple[int, int]:
+    """(context, stride) of `perplexity`, their defaults filled in; a ValueError names a bad one."""
+    context = config.max_position_embeddings if context is None else context
+    if not 2 <= context <= config.max_position_embeddings:
+        raise ValueError(f"context={context} must be in [2, max_position_embeddings={config.max_position_embeddings}]")
+    stride = max(context // 2, 1) if stride is None else stride
+    if not 0 < stride <= context:
+        raise ValueError(f"stride={stride} must be in [1, context={context}]")
+    if chunk < 16 or chunk & (chunk - 1):
+        raise ValueError(f"chunk={chunk} must be a power of two >= 16")
+    return context, stride
+
+
+def check_ids(tokens, vocab_size: int, where: str = "") -> None:
+    """A ValueError naming the first token id outside [0, vocab_size) (`where`: its text)."""
+    tokens = np.asarray(tokens)
+    if tokens.min() < 0 or tokens.max() >= vocab_size:
+        raise ValueError(f"{where}token id {tokens.min() if tokens.min() < 0 else tokens.max()} is outside the "
+                         f"vocabulary [0, {vocab_size})")
+
+
 def perplexity(model, tokens, *, context: int | None = None, stride: int | None = None,
                chunk: int = CHUNK) -> Perplexity:
     """The loss of each token of `tokens` ([n] ids, n >= 2) given the ones before it in its window.
@@ -94,15 +116,9 @@ def perplexity(model, tokens, *, context: int | None = None, stride: int | None 
     tokens = np.asarray(tokens)
     if tokens.ndim != 1 or tokens.size < 2 or not np.issubdtype(tokens.dtype, np.integer):
         raise ValueError(f"perplexity takes [n] integer token ids with n >= 2, got {tokens.dtype} {tokens.shape}")
-    if tokens.min() < 0 or tokens.max() >= config.vocab_size:
-        raise ValueError(f"token id {tokens.min() if tokens.min() < 0 else tokens.max()} is outside the "
-                         f"vocabulary [0, {config.vocab_size})")
-    context = config.max_position_embeddings if context is None else context
-    if not 2 <= context <= config.max_position_embeddings:
-        raise ValueError(f"context={context} must be in [2, max_position_embeddings={config.max_position_embeddings}]")
-    if chunk < 16 or chunk & (chunk - 1):
-        raise ValueError(f"chunk={chunk} must be a power of two >= 16")
-    spans = windows(tokens.size, context, max(context // 2, 1) if stride is None else stride)
+    check_ids(tokens, config.vocab_size)
+    context, stride = settings(config, context, stride, chunk)
+    spans = windows(tokens.size, context, stride)
     structure, arrays = flatten(model)
     placed = arrays[0].sharding
     mesh = sharding_mesh(placed)
@@ -127,37 +143,61 @@ def perplexity(model, tokens, *, context: int | None = None, stride: int | None 
     return Perplexity(np.concatenate(losses), positions, len(spans))
 
 
-def read_texts(args, tokenizer) -> list[list[int]]:
-    """The token ids of --text (the whole file) or of each line of --jsonl ({"text": ...} or
-    {"input_ids": [...]})."""
+def read_texts(args, tokenizer) -> list[tuple[str, list[int]]]:
+    """(where, token ids) of --text (the whole file) or of each line of --jsonl ({"text": ...} or
+    {"input_ids": [...]}); where names the file, or the file and line, for messages."""
+    path = args.text or args.jsonl
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read() if args.text else f.readlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8: {e}") from None
     if args.text:
-        with open(args.text, encoding="utf-8") as f:
-            return [tokenizer.encode(f.read())]
+        return [(path, tokenizer.encode(lines))]
     texts = []
-    with open(args.jsonl, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{args.jsonl} line {n}: invalid JSON: {e}") from None
-            if not isinstance(obj, dict) or ("text" in obj) == ("input_ids" in obj):
-                raise ValueError(f'{args.jsonl} line {n}: needs exactly one of "text" and "input_ids"')
-            texts.append(tokenizer.encode(obj["text"]) if "text" in obj else obj["input_ids"])
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path} line {n}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: invalid JSON: {e}") from None
+        if not isinstance(obj, dict) or ("text" in obj) == ("input_ids" in obj):
+            raise ValueError(f'{where}: needs exactly one of "text" and "input_ids"')
+        if "text" in obj and not isinstance(obj["text"], str):
+            raise ValueError(f'{where}: "text" must be a string, got {type(obj["text"]).__name__}')
+        ids = obj.get("input_ids")
+        if ids is not None and not (isinstance(ids, list) and all(type(i) is int for i in ids)):
+            raise ValueError(f'{where}: "input_ids" must be a list of integers')
+        texts.append((where, tokenizer.encode(obj["text"]) if "text" in obj else ids))
+    if not texts:
+        raise ValueError(f"{path}: no texts (every line is blank)")
     return texts
+
+
+def writable(path: str) -> bool:
+    """Whether a file can be written at path (a new one, or over a file)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    return not os.path.isdir(path) and os.path.isdir(folder) and os.access(folder, os.W_OK)
 
 
 def run(args) -> int:
     import ring_jax
 
     ring_jax.enable_compilation_cache(args.compilation_cache)
-    texts = read_texts(args, ring_jax.load_tokenizer(args.tokenizer or args.model))   # bad input: before loading
-    short = [n for n, t in enumerate(texts, 1) if len(t) < 2]
-    if short:
-        raise ValueError(f"text {short[0]} has fewer than 2 tokens: nothing to score")
+    config = ring_jax.RingConfig.from_hf(args.model)                      # bad input first: before loading
+    settings(config, args.context, args.stride, args.chunk)
+    if args.losses and not writable(args.losses):
+        raise ValueError(f"--losses {args.losses}: cannot write a file there")
+    texts = read_texts(args, ring_jax.load_tokenizer(args.tokenizer or args.model))
+    for where, ids in texts:
+        if len(ids) < 2:
+            raise ValueError(f"{where}: fewer than 2 tokens, nothing to score")
+        check_ids(ids, config.vocab_size, f"{where}: ")
+    texts = [ids for _, ids in texts]
     overrides = {} if args.slope_law is None else {"slope_law": args.slope_law}
-    mesh = build_mesh(args.mesh, ring_jax.RingConfig.from_hf(args.model).num_experts)
+    mesh = build_mesh(args.mesh, config.num_experts)
     model = ring_jax.load_model(args.model, dtype=args.dtype, mesh=mesh, verify=True, quantize=args.quantize,
                                 **overrides)
     results = []

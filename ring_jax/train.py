@@ -32,6 +32,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import math
 import os
 import shutil
 import sys
@@ -48,7 +49,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ring_jax import lora
 from ring_jax.checkpoint import load_model, save_model
-from ring_jax.errors import ArgumentParser, exit_now, run_command
+from ring_jax.errors import ArgumentParser, exit_now, one_line, run_command
 from ring_jax.flags import add_model_flags, build_mesh, integer, number, positive_int
 from ring_jax.sharding import first_array, model_mesh
 from ring_jax.staging import staged_folder
@@ -77,6 +78,24 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self):
+        if isinstance(self.lora_targets, str):                    # "attention,shared_expert", as the flag
+            object.__setattr__(self, "lora_targets", [t.strip() for t in self.lora_targets.split(",") if t.strip()])
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.type == "float" and isinstance(value, str):    # YAML reads 1e-4 (no dot) as a string
+                try:
+                    object.__setattr__(self, field.name, value := float(value))
+                except ValueError:
+                    pass
+            if field.type == "int" and (type(value) is not int):
+                raise ValueError(f"{field.name} must be an integer, got {value!r}")
+            if field.type == "float" and (type(value) not in (int, float) or not math.isfinite(value)):
+                raise ValueError(f"{field.name} must be a finite number, got {value!r}")
+            if field.type == "bool" and type(value) is not bool:
+                raise ValueError(f"{field.name} must be true or false, got {value!r}")
+        if (not isinstance(self.lora_targets, (list, tuple)) or not self.lora_targets
+                or any(t not in lora.TARGETS for t in self.lora_targets)):
+            raise ValueError(f"lora_targets {self.lora_targets!r}: choose from {sorted(lora.TARGETS)}")
         for name in ("steps", "batch_size", "seq_len", "accumulate", "save_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -269,29 +288,39 @@ class Run:
 
     def __init__(self, folder: str, config: TrainConfig, model_path: str, data_path: str,
                  quantize: str | None = None):
-        import orbax.checkpoint as ocp
-
         self.folder = os.path.abspath(folder)
-        settings = {"model": os.path.abspath(model_path), "data": os.path.abspath(data_path),
-                    "config": config.as_dict()}
+        self.settings = {"model": os.path.abspath(model_path), "data": os.path.abspath(data_path),
+                         "config": config.as_dict()}
         if quantize is not None:                  # the base model quantized as it loads (--quantize)
-            settings["quantize"] = quantize
-        path = os.path.join(self.folder, "train.json")
-        if os.path.exists(path):
-            with open(path) as f:
-                before = json.load(f)
-            changed = [k for k in settings["config"] if before.get("config", {}).get(k) != settings["config"][k]]
-            changed += [k for k in ("model", "data", "quantize") if before.get(k) != settings.get(k)]
+            self.settings["quantize"] = quantize
+        before = read_settings(folder)
+        if before is not None:
+            changed = [k for k in self.settings["config"] if before["config"].get(k) != self.settings["config"][k]]
+            changed += [k for k in ("model", "data", "quantize") if before.get(k) != self.settings.get(k)]
             if changed:
                 raise ValueError(f"{folder} holds a run with other settings ({', '.join(changed)}); "
                                  f"resume it with its own or give a new --out")
-        else:
+        elif os.path.isfile(folder):
+            raise ValueError(f"{folder} is a file; --out is the run's folder")
+        elif os.path.isdir(folder) and os.listdir(folder):
+            raise ValueError(f"{folder} holds files but no run (no train.json); give a new or empty folder")
+
+    @functools.cached_property
+    def manager(self):
+        """The Orbax manager of checkpoints/ (made when first used: it makes the folder)."""
+        import orbax.checkpoint as ocp
+
+        options = ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False)
+        return ocp.CheckpointManager(os.path.join(self.folder, "checkpoints"), options=options)
+
+    def begin(self) -> None:
+        """Writes the run's settings (train.json), unless it holds them: a run folder is made only
+        once its settings are known to work."""
+        path = os.path.join(self.folder, "train.json")
+        if not os.path.exists(path):
             os.makedirs(self.folder, exist_ok=True)
             with open(path, "w") as f:
-                json.dump(settings, f, indent=1)
-        self.manager = ocp.CheckpointManager(
-            os.path.join(self.folder, "checkpoints"),
-            options=ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False))
+                json.dump(self.settings, f, indent=1)
 
     @property
     def log_path(self) -> str:
@@ -313,7 +342,11 @@ class Run:
 
         target = {"params": jax.tree.leaves(params), "opt_state": jax.tree.leaves(opt_state)}
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target)
-        tree = self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        try:
+            tree = self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        except ValueError as e:          # Orbax's words for another tree or shapes
+            raise ValueError(f"{self.folder}: checkpoint {step} does not fit this model and settings (was the run made "
+                             f"with another model?): {one_line(e, 200)}") from None
         return (jax.tree.unflatten(jax.tree.structure(params), tree["params"]),
                 jax.tree.unflatten(jax.tree.structure(opt_state), tree["opt_state"]))
 
@@ -338,6 +371,22 @@ class Run:
             f.writelines(kept)
 
 
+def read_settings(folder: str) -> dict | None:
+    """The settings a run folder holds (its train.json), or None if it holds none."""
+    path = os.path.join(folder, "train.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            settings = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a run's settings: {one_line(e)}") from None
+    keys = {"model", "data", "config"}
+    if not isinstance(settings, dict) or not keys <= set(settings) or not isinstance(settings["config"], dict):
+        raise ValueError(f"{path}: not a run's settings (needs {sorted(keys)})")
+    return settings
+
+
 def fit(model, batches: Batches, config: TrainConfig, run: Run, say=print) -> list[dict]:
     """Trains `model` (readied by `prepare`) on `batches` for config.steps steps, resuming from the
     run's last checkpoint. Returns the log records of the steps it ran."""
@@ -357,6 +406,7 @@ def fit(model, batches: Batches, config: TrainConfig, run: Run, say=print) -> li
     if start:
         params, opt_state = run.restore(start, params, opt_state)
         say(f"resuming {run.folder} at step {start}")
+    run.begin()
     run.truncate_log(start)
     place = placer(first_array(model).sharding)
     rate = jax.jit(schedule(config))
@@ -368,6 +418,9 @@ def fit(model, batches: Batches, config: TrainConfig, run: Run, say=print) -> li
             t = time.perf_counter()
             params, opt_state, value, norm = train_step(graphdef, tx, params, opt_state, frozen, batch)
             value = float(value)
+            if not math.isfinite(value):
+                raise ValueError(f"step {step + 1}: the loss is {value}; the run stops before saving it (a learning "
+                                 f"rate too high? damaged weights?)")
             seconds = time.perf_counter() - t
             targets = int(sum(float(np.sum(w)) for _, _, w in micro))
             record = {"step": step, "loss": value, "grad_norm": float(norm), "lr": float(rate(step)),
@@ -385,11 +438,9 @@ def fit(model, batches: Batches, config: TrainConfig, run: Run, say=print) -> li
 def merge_run(run_folder: str, out: str, model_path: str | None = None, say=print) -> None:
     """Writes the base model of a LoRA run with the adapters of its last checkpoint merged in, and
     the base folder's tokenizer files, to a new model folder `out`."""
-    path = os.path.join(run_folder, "train.json")
-    if not os.path.isfile(path):
+    settings = read_settings(run_folder)
+    if settings is None:
         raise FileNotFoundError(f"no training run at {run_folder} (no train.json)")
-    with open(path) as f:
-        settings = json.load(f)
     config = TrainConfig(**settings["config"])
     if not config.lora_rank:
         raise ValueError(f"{run_folder} trained every parameter: its checkpoints hold the model, there are no "
@@ -470,16 +521,16 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
     """The settings: the defaults, then the --config file, then the flags given."""
     settings = {}
     if args.config:
-        with open(args.config) as f:
-            text = f.read()
-        if args.config.endswith((".yaml", ".yml")):
-            import yaml
+        import yaml
 
-            settings = yaml.safe_load(text) or {}
-        else:
-            settings = json.loads(text)
-        if not isinstance(settings, dict):
-            raise ValueError(f"--config {args.config}: expected a mapping of settings")
+        try:
+            with open(args.config, encoding="utf-8") as f:
+                text = f.read()
+            settings = (yaml.safe_load(text) if args.config.endswith((".yaml", ".yml")) else json.loads(text)) or {}
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as e:
+            raise ValueError(f"--config {args.config}: {one_line(e)}") from None
+        if not isinstance(settings, dict) or not all(isinstance(k, str) for k in settings):
+            raise ValueError(f"--config {args.config}: expected a mapping of settings by name")
         settings = {k.replace("-", "_"): v for k, v in settings.items()}
         unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(TrainConfig)})
         if unknown:
@@ -503,10 +554,21 @@ def run(args: argparse.Namespace) -> int:
 
     enable_compilation_cache(args.compilation_cache)
     config = args.train
-    tokenizer = load_tokenizer(args.tokenizer or args.model)             # bad input first: before loading
-    batches = Batches(read_examples(args.data, tokenizer), config.batch_size, config.seq_len, config.seed)
+    model_config = RingConfig.from_hf(args.model)                       # bad input first: before loading
+    if config.seq_len > model_config.max_position_embeddings:
+        raise ValueError(f"seq_len={config.seq_len} is longer than the model's max_position_embeddings="
+                         f"{model_config.max_position_embeddings}")
+    if args.quantize is not None and not config.lora_rank:
+        raise ValueError(f"--quantize {args.quantize}: a quantized model trains LoRA adapters only (lora_rank > 0)")
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    examples = read_examples(args.data, tokenizer)
+    top = max(int(example.tokens.max()) for example in examples)
+    if top >= model_config.vocab_size:
+        raise ValueError(f"{args.data}: token id {top} is outside the model's vocabulary [0, "
+                         f"{model_config.vocab_size}) (a tokenizer of another model?)")
+    batches = Batches(examples, config.batch_size, config.seq_len, config.seed)
     run_folder = Run(args.out, config, args.model, args.data, args.quantize)
-    mesh = build_mesh(args.mesh, RingConfig.from_hf(args.model).num_experts)
+    mesh = build_mesh(args.mesh, model_config.num_experts)
     model = load_model(args.model, args.dtype, mesh=mesh, verify=True, quantize=args.quantize)
     prepare(model, config)
     fit(model, batches, config, run_folder, say=lambda line: print(line, file=sys.stderr, flush=True))
@@ -515,7 +577,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    return run_command(run, args, "ring_jax.train", args.debug)
+    return run_command(run, args, "python -m ring_jax.train", args.debug)
 
 
 if __name__ == "__main__":

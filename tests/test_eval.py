@@ -111,3 +111,26 @@ def test_command_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.strip().endswith('line 1: needs exactly one of "text" and "input_ids"') and "loading" not in err
     jax.clear_caches()
+
+
+def test_mistakes_are_one_line_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    """The texts, the window settings and the --losses file are checked before the model loads,
+    each mistake in one line naming the file and line."""
+    folder = tiny_model_folder(str(tmp_path))
+    monkeypatch.setattr(ring_jax, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    jsonl = tmp_path / "texts.jsonl"
+
+    def error(lines, *args):
+        jsonl.write_text(lines)
+        assert main(["--model", folder, "--jsonl", str(jsonl), *args]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("python -m ring_jax.eval: error: "), err
+        return err.strip().removeprefix("python -m ring_jax.eval: error: ")
+
+    ok = json.dumps({"text": "Hello there, how are you?"}) + "\n"
+    assert error("\n\n") == f"{jsonl}: no texts (every line is blank)"
+    assert error(ok + '{"text": 5}\n') == f'{jsonl} line 2: "text" must be a string, got int'
+    assert error('\n{"input_ids": ["1", "2"]}\n') == f'{jsonl} line 2: "input_ids" must be a list of integers'
+    assert error('{"input_ids": [1, 300]}\n') == f"{jsonl} line 1: token id 300 is outside the vocabulary [0, 256)"
+    assert error(ok, "--context", "16", "--stride", "32") == "stride=32 must be in [1, context=16]"
+    assert error(ok, "--losses", str(tmp_path / "no" / "losses.jsonl")).endswith("cannot write a file there")

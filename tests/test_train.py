@@ -360,3 +360,52 @@ def test_training_on_the_inference_mesh_follows_one_device(tmp_path):
     assert experts.sharding.spec[1] == "expert" and adapter.sharding.mesh == mesh
     assert len(set(losses["one"])) == 3
     np.testing.assert_allclose(losses["mesh"], losses["one"], rtol=1e-5)
+
+
+def test_mistakes_are_one_line_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    """Settings, their file, the data's fit to the model and the run folder are checked before the
+    model loads, each mistake in one line, and none leaves a run folder behind that would block
+    the corrected command. A loss that is not finite stops the run before it saves."""
+    model_dir = tiny_model_folder(str(tmp_path))
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps({"text": f"line {i} of the text"}) for i in range(4)) + "\n")
+    monkeypatch.setattr(train, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+
+    def error(*args, config=None, out="run"):
+        argv = ["--model", model_dir, "--data", str(data), "--out", str(tmp_path / out), "--steps", "2",
+                "--warmup", "0", "--seq-len", "16", *args]
+        if config is not None:
+            (tmp_path / "train.yaml").write_text(config)
+            argv += ["--config", str(tmp_path / "train.yaml")]
+        try:
+            assert train.main(argv) == 2
+        except SystemExit as e:                                      # argparse's error: the settings
+            assert e.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("python -m ring_jax.train: error: "), err
+        return err.strip().removeprefix("python -m ring_jax.train: error: ")
+
+    assert error("--config", str(tmp_path / "none.yaml")).startswith(f"--config {tmp_path / 'none.yaml'}: [Errno 2]")
+    assert error(config="steps: [1\n").startswith(f"--config {tmp_path / 'train.yaml'}: while parsing")
+    assert error(config="accumulate: two\n") == "accumulate must be an integer, got 'two'"
+    assert error(config="remat: 'no'\n") == "remat must be true or false, got 'no'"
+    assert error(config="lora_targets: atention\n").startswith("lora_targets ['atention']: choose from")
+    assert error("--seq-len", "4096") == "seq_len=4096 is longer than the model's max_position_embeddings=512"
+    (tmp_path / "afile").write_text("")
+    assert error(out="afile") == f"{tmp_path / 'afile'} is a file; --out is the run's folder"
+    assert error(out=os.path.relpath(model_dir, tmp_path)).endswith("holds files but no run (no train.json); give a "
+                                                                    "new or empty folder")
+    os.makedirs(tmp_path / "damaged")
+    (tmp_path / "damaged" / "train.json").write_text("{}")
+    assert error(out="damaged").endswith("train.json: not a run's settings (needs ['config', 'data', 'model'])")
+    assert not os.path.exists(tmp_path / "run")
+    assert train.TrainConfig(learning_rate="1e-4").learning_rate == 1e-4         # YAML's reading of 1e-4
+
+    model = load_model(model_dir)
+    model.norm.weight[...] = jnp.full_like(model.norm.weight[...], jnp.nan)
+    config = train.TrainConfig(steps=2, warmup=0, batch_size=2, seq_len=8, lora_rank=4)
+    train.prepare(model, config)
+    run = train.Run(tmp_path / "nan", config, "m", "d")
+    with pytest.raises(ValueError, match="step 1: the loss is nan; the run stops before saving it"):
+        train.fit(model, Batches(random_examples(2, 9, 256), 2, 8, 0), config, run, say=lambda _: None)
+    assert run.latest() is None
