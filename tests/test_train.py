@@ -409,3 +409,16 @@ def test_mistakes_are_one_line_before_the_model_loads(tmp_path, capsys, monkeypa
     with pytest.raises(ValueError, match="step 1: the loss is nan; the run stops before saving it"):
         train.fit(model, Batches(random_examples(2, 9, 256), 2, 8, 0), config, run, say=lambda _: None)
     assert run.latest() is None
+
+
+def test_a_checkpoint_of_other_shapes_is_named_as_such(tmp_path):
+    """Restoring a run's checkpoint into parameters of other shapes (another model at the run's
+    path, another rank) says so in one line, not in Orbax's words."""
+    config = train.TrainConfig(steps=2, warmup=0)
+    run = train.Run(tmp_path / "run", config, "m", "d")
+    run.begin()
+    run.save(1, {"a": jnp.zeros((2, 3))}, {"m": jnp.zeros(3)})
+    with pytest.raises(ValueError, match=r"checkpoint 1 does not fit this model and settings \(was the run made with "
+                                         r"another model\?\)") as e:
+        run.restore(1, {"a": jnp.zeros((2, 4))}, {"m": jnp.zeros(3)})
+    assert "\n" not in str(e.value)
