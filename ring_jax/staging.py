@@ -23,6 +23,8 @@ def staged_folder(out_dir: str):
     while not os.path.exists(parent):                       # the parents this call will make
         made.append(parent)
         parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise NotADirectoryError(f"{out_dir}: {parent} is a file, not a folder")
     remove_stale(out)
     tmp = f"{out}.tmp-{os.getpid()}"
     try:

@@ -121,6 +121,9 @@ def test_existing_output_and_missing_input(tmp_path, tiny_dict):
     (tmp_path / "out").mkdir()
     with pytest.raises(FileExistsError, match="exists"):
         convert_hf_to_jax(str(tmp_path / "hf"), str(tmp_path / "out"), progress=False)
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(NotADirectoryError, match=f"{tmp_path}/afile is a file, not a folder$"):
+        convert_hf_to_jax(str(tmp_path / "hf"), str(tmp_path / "afile" / "deep" / "out"), progress=False)
     (tmp_path / "hf" / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="neither model.safetensors nor"):
         convert_hf_to_jax(str(tmp_path / "hf"), str(tmp_path / "out2"), progress=False)
