@@ -29,6 +29,7 @@ jax2hf` take.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import json
@@ -83,10 +84,9 @@ class TrainConfig:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             if field.type == "float" and isinstance(value, str):    # YAML reads 1e-4 (no dot) as a string
-                try:
-                    object.__setattr__(self, field.name, value := float(value))
-                except ValueError:
-                    pass
+                with contextlib.suppress(ValueError):
+                    value = float(value)
+                    object.__setattr__(self, field.name, value)
             if field.type == "int" and (type(value) is not int):
                 raise ValueError(f"{field.name} must be an integer, got {value!r}")
             if field.type == "float" and (type(value) not in (int, float) or not math.isfinite(value)):
@@ -402,11 +402,11 @@ def fit(model, batches: Batches, config: TrainConfig, run: Run, say=print) -> li
         return jax.device_put(x, where)
 
     params, opt_state = jax.tree.map(committed, (params, jax.jit(tx.init)(params)))
+    run.begin()
     start = run.latest() or 0
     if start:
         params, opt_state = run.restore(start, params, opt_state)
         say(f"resuming {run.folder} at step {start}")
-    run.begin()
     run.truncate_log(start)
     place = placer(first_array(model).sharding)
     rate = jax.jit(schedule(config))
