@@ -74,8 +74,7 @@ class Perplexity:
 def windows(n: int, context: int, stride: int) -> list[tuple[int, int, int]]:
     """(start, end, first scored) of each window over n tokens: tokens [start, end) run, the
     targets [first scored, end) are scored (each predicted from the token before it)."""
-    if not 0 < stride <= context:
-        raise ValueError(f"stride={stride} must be in [1, context={context}]")
+    _check_stride(stride, context)
     spans, start, scored = [], 0, 1
     while True:
         end = min(start + context, n)
@@ -85,14 +84,18 @@ def windows(n: int, context: int, stride: int) -> list[tuple[int, int, int]]:
         scored, start = end, start + stride
 
 
+def _check_stride(stride: int, context: int) -> None:
+    if not 0 < stride <= context:
+        raise ValueError(f"stride={stride} must be in [1, context={context}]")
+
+
 def settings(config, context: int | None, stride: int | None, chunk: int) -> tuple[int, int]:
     """(context, stride) of `perplexity`, their defaults filled in; a ValueError names a bad one."""
     context = config.max_position_embeddings if context is None else context
     if not 2 <= context <= config.max_position_embeddings:
         raise ValueError(f"context={context} must be in [2, max_position_embeddings={config.max_position_embeddings}]")
     stride = max(context // 2, 1) if stride is None else stride
-    if not 0 < stride <= context:
-        raise ValueError(f"stride={stride} must be in [1, context={context}]")
+    _check_stride(stride, context)
     if chunk < 16 or chunk & (chunk - 1):
         raise ValueError(f"chunk={chunk} must be a power of two >= 16")
     return context, stride

@@ -133,11 +133,16 @@ def trainable(config: TrainConfig):
     return nnx.All(nnx.Param, nnx.Not(nnx.PathContains("expert_bias")))
 
 
+def check_quantized(quantization: str | None, config: TrainConfig) -> None:
+    """A quantized model (`quantization`, e.g. "fp8") trains LoRA adapters only: a ValueError otherwise."""
+    if quantization is not None and not config.lora_rank:
+        raise ValueError(f"an {quantization} model trains LoRA adapters only (lora_rank > 0): its quantized "
+                         "weights take no gradient steps; train every parameter of the unquantized model")
+
+
 def prepare(model, config: TrainConfig) -> None:
     """Readies `model` for training in place: the LoRA adapters."""
-    if model.quantization is not None and not config.lora_rank:
-        raise ValueError(f"an {model.quantization} model trains LoRA adapters only (lora_rank > 0): its quantized "
-                         "weights take no gradient steps; train every parameter of the unquantized model")
+    check_quantized(model.quantization, config)
     if config.lora_rank:
         lora.attach(model, config.lora_rank, config.lora_alpha, config.lora_targets, seed=config.seed)
 
@@ -558,8 +563,7 @@ def run(args: argparse.Namespace) -> int:
     if config.seq_len > model_config.max_position_embeddings:
         raise ValueError(f"seq_len={config.seq_len} is longer than the model's max_position_embeddings="
                          f"{model_config.max_position_embeddings}")
-    if args.quantize is not None and not config.lora_rank:
-        raise ValueError(f"--quantize {args.quantize}: a quantized model trains LoRA adapters only (lora_rank > 0)")
+    check_quantized(args.quantize, config)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     examples = read_examples(args.data, tokenizer)
     top = max(int(example.tokens.max()) for example in examples)

@@ -390,6 +390,7 @@ def test_mistakes_are_one_line_before_the_model_loads(tmp_path, capsys, monkeypa
     assert error(config="accumulate: two\n") == "accumulate must be an integer, got 'two'"
     assert error(config="remat: 'no'\n") == "remat must be true or false, got 'no'"
     assert error(config="lora_targets: atention\n").startswith("lora_targets ['atention']: choose from")
+    assert error("--quantize", "fp8", "--lora-rank", "0").startswith("an fp8 model trains LoRA adapters only")
     assert error("--seq-len", "4096") == "seq_len=4096 is longer than the model's max_position_embeddings=512"
     (tmp_path / "afile").write_text("")
     assert error(out="afile") == f"{tmp_path / 'afile'} is a file; --out is the run's folder"
