@@ -41,8 +41,10 @@ def prompt_ids(input_ids, attention_mask, vocab_size: int) -> list[np.ndarray]:
                     raise ValueError(f"attention_mask row {b} has holes: only left or right padding is supported")
                 prompts.append(row[where])
     for b, p in enumerate(prompts):
-        if p.ndim != 1 or p.size == 0:
-            raise ValueError(f"prompt {b} is empty or not a flat list of token ids")
+        if p.ndim != 1:
+            raise ValueError(f"prompt {b} is not a flat list of token ids (shape {p.shape})")
+        if p.size == 0:
+            raise ValueError(f"prompt {b} is empty: it needs at least one token")
         if p.dtype == object and all(isinstance(t, int) for t in p.tolist()):     # ids beyond int64
             bad = next(t for t in p.tolist() if not 0 <= t < vocab_size)
             raise ValueError(f"prompt {b} holds token id {bad}, outside the vocabulary [0, {vocab_size})")

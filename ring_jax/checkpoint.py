@@ -288,6 +288,9 @@ def save_model(model: RingModel, folder: str) -> None:
 # ------------------------------------------------------------------------------------ restoring
 def read_manifest(folder: str) -> dict:
     path = os.path.join(folder, MANIFEST)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{folder} is not a converted ring_jax folder (it has no {MANIFEST}; "
+                              f"`python -m convert hf2jax` writes one)")
     try:
         with open(path) as f:
             manifest = json.load(f)

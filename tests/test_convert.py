@@ -121,6 +121,8 @@ def test_existing_output_and_missing_input(tmp_path, tiny_dict):
     (tmp_path / "out").mkdir()
     with pytest.raises(FileExistsError, match="exists"):
         convert_hf_to_jax(str(tmp_path / "hf"), str(tmp_path / "out"), progress=False)
+    with pytest.raises(CheckpointError, match="is not a converted ring_jax folder .it has no ring_jax.json; "):
+        convert_jax_to_hf(str(tmp_path / "hf"), str(tmp_path / "out2"), progress=False)  # an HF folder to jax2hf
     (tmp_path / "hf" / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="neither model.safetensors nor"):
         convert_hf_to_jax(str(tmp_path / "hf"), str(tmp_path / "out2"), progress=False)
