@@ -111,5 +111,6 @@ def build_mesh(sizes: dict | None, num_experts: int):
     try:
         return make_mesh(**sizes)
     except ValueError as e:
-        raise ValueError(f"--mesh {','.join(f'{k}={v}' for k, v in sizes.items())} does not fit this run's "
+        given = ','.join(f'{k}={v}' for k, v in sizes.items() if v is not None)
+        raise ValueError(f"--mesh {given} does not fit this run's "
                          f"devices: {e}") from None

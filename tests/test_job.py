@@ -182,11 +182,12 @@ def test_resume_refuses_a_foreign_output(work):
 @pytest.mark.parametrize("extra, message", [
     (["--model", "/nonexistent/model"], "argument --model: no folder at /nonexistent/model"),   # the last wins
     (["--mesh", "data=2,bogus=1"], "argument --mesh:"),
-    (["--mesh", "data=64"], "does not fit this run's devices"),
+    (["--mesh", "data=64"], "--mesh data=64,tensor=1 does not fit this run's devices"),
     (["--num-processes", "2"], "go with --coordinator"),
     (["--top-p", "1.5"], "argument --top-p: 1.5 is outside (0, 1]"),
     (["--seed", "-1"], "argument --seed: -1 must be >= 0"),
     (["--output", "/"], "Is a directory"),
+    (["--output", "/nonexistent/out.jsonl"], "--output '/nonexistent/out.jsonl': no folder /nonexistent"),
 ])
 def test_clean_errors(work, extra, message):
     status, stderr = run_job(job_args(work, work / "never.jsonl", *extra))

@@ -3,6 +3,7 @@ Every process runs the same batches (SPMD); only process 0 touches the output fi
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -57,7 +58,8 @@ def open_output(path: str, items: Sequence[Item], digest: str) -> tuple[int, Ord
         except JobError as e:
             failure = e
         except OSError as e:
-            failure = JobError(f"--output {path!r}: {e}")
+            folder = os.path.dirname(os.path.abspath(path))
+            failure = JobError(f"--output {path!r}: " + (str(e) if os.path.isdir(folder) else f"no folder {folder}"))
     stop_all(failure)
     if jax.process_count() > 1:
         written = int(multihost_utils.broadcast_one_to_all(np.int32(written)))
