@@ -45,9 +45,12 @@ class GenerationConfig:
     cache_len: int | None = None
 
     def __post_init__(self):
+        for name in ("max_new_tokens", "seed", "max_len", "prefill_chunk", "cache_len", "pad_token_id"):
+            value = getattr(self, name)
+            if (value is not None or name == "seed") and (not isinstance(value, (int, np.integer))
+                                                          or isinstance(value, bool)):
+                raise TypeError(f"{name} must be an integer, got {value!r:.80}")
         n = self.max_new_tokens
-        if n is not None and (not isinstance(n, (int, np.integer)) or isinstance(n, bool)):
-            raise TypeError(f"max_new_tokens must be an integer, got {n!r}")
         if n is not None and n < 1:
             raise ValueError(f"max_new_tokens={n} must be >= 1")
         c = self.prefill_chunk

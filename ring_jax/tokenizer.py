@@ -187,6 +187,7 @@ class Tokenizer:
         with `tokenize=True` its token ids [T], encoded without added special tokens (the template
         writes the ones it wants).
         """
+        check_messages(messages)
         if self.chat_template is None:
             raise TokenizerError(
                 "this tokenizer has no chat template (no chat_template in tokenizer_config.json, no "
@@ -210,6 +211,19 @@ class Tokenizer:
         if self.add_eos_token and self.eos_token_id is not None and ids[-1:] != [self.eos_token_id]:
             ids = ids + [self.eos_token_id]
         return ids
+
+
+def check_messages(messages: Any) -> None:
+    """A TokenizerError unless messages is a list of {"role": str, "content": ...} dicts (content a
+    string, or absent or None as in a tool call's turn, or a list of parts), said in one line."""
+    if not isinstance(messages, (list, tuple)):
+        raise TokenizerError(f'messages must be a list of {{"role": ..., "content": ...}} dicts, got '
+                             f'{type(messages).__name__}')
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise TokenizerError(f'message {i} must be a dict with a "role" string, got {str(m)[:80]}')
+        if not isinstance(m.get("content"), (str, list, type(None))):
+            raise TokenizerError(f'message {i}: "content" must be a string, got {type(m["content"]).__name__}')
 
 
 def load_tokenizer(path: str | os.PathLike, default_chat_template: bool = True) -> Tokenizer:

@@ -161,6 +161,12 @@ def test_ring_template_later_system_and_errors(tok):
         tok.apply_chat_template([{"role": "tool", "content": "4"}])
     with pytest.raises(ChatTemplateError, match="no tool format"):
         tok.apply_chat_template(MESSAGES, tools=[{"type": "function"}])
+    # a conversation of another shape is named before any template sees it
+    for messages, match in (("Hi", "messages must be a list of .* dicts, got str"),
+                            ([{"content": "Hi"}], "message 0 must be a dict with a \"role\" string"),
+                            ([MESSAGES[0], {"role": "user", "content": 5}], 'message 1: "content" must be a string')):
+        with pytest.raises(TokenizerError, match=match):
+            tok.apply_chat_template(messages)
 
 
 def test_tokenize(tmp_path):
