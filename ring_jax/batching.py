@@ -19,6 +19,9 @@ from ring_jax import backends
 def prompt_ids(input_ids, attention_mask, vocab_size: int) -> list[np.ndarray]:
     """The real tokens of each prompt: [B, T] (or [T]) ids with an optional [B, T] 0/1 mask (left
     or right padding), or a list of token-id lists of any lengths."""
+    if isinstance(input_ids, str):
+        raise TypeError("prompts are token ids, not text: encode it first "
+                        "(ring_jax.load_tokenizer(folder).encode(text)), or use ring_jax.chat")
     if isinstance(input_ids, (list, tuple)) and input_ids and isinstance(input_ids[0], (list, tuple, np.ndarray)):
         if attention_mask is not None:
             raise ValueError("attention_mask goes with a [B, T] array, not with a list of prompts")

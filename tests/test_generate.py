@@ -356,6 +356,8 @@ def test_misuse_raises_clear_errors(model):
         generate(model, [[1, 2]], max_new_tokens=0)
     with pytest.raises(TypeError, match="max_new_tokens must be an integer, got 2.5"):
         generate(model, [[1, 2]], max_new_tokens=2.5)
+    with pytest.raises(TypeError, match="prompts are token ids, not text: encode it first"):
+        generate(model, "Hello", max_new_tokens=2)
     with pytest.raises(TypeError, match="seed must be an integer, got 'a'"):
         generate(model, [[1, 2]], max_new_tokens=2, seed="a")
     with pytest.raises(ValueError, match="prompt 0 is empty: it needs at least one token"):
