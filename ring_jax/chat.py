@@ -13,6 +13,9 @@ from ring_jax.sampling import GenerationConfig, eos_ids, until_eos
 
 def prompt_ids(tokenizer, messages: list[dict], enable_thinking: bool | None = None) -> list[int]:
     """The token ids of `messages` through the chat template, with the generation prompt."""
+    if not hasattr(tokenizer, "apply_chat_template"):
+        raise TypeError(f"tokenizer must be a tokenizer with a chat template (ring_jax.load_tokenizer(folder)), got "
+                        f"{type(tokenizer).__name__} {tokenizer!r:.80}")
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                          enable_thinking=enable_thinking)
 

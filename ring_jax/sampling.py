@@ -59,9 +59,11 @@ class GenerationConfig:
         self.sampling()                                  # validates temperature, top_k, top_p
         # Lists as tuples: the config is hashable, as a frozen dataclass should be.
         if self.stop is not None:
-            object.__setattr__(self, "stop", tuple(tuple(int(t) for t in s) for s in self.stop))
+            object.__setattr__(self, "stop", tuple(token_ids(s, "stop", "a list of token-id lists")
+                                                   for s in _sequence(self.stop, "stop", "a list of token-id lists")))
         if self.eos_token_id is not None and not isinstance(self.eos_token_id, (int, np.integer)):
-            object.__setattr__(self, "eos_token_id", tuple(int(e) for e in self.eos_token_id))
+            object.__setattr__(self, "eos_token_id", token_ids(self.eos_token_id, "eos_token_id",
+                                                               "a token id or a list of them"))
 
     @classmethod
     def of(cls, config: GenerationConfig | None = None, **settings) -> GenerationConfig:
@@ -79,6 +81,24 @@ class GenerationConfig:
         return Sampling(float(self.temperature), self.top_k, self.top_p)
 
 
+def _sequence(value, name: str, what: str):
+    if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__iter__"):
+        raise TypeError(f"{name} must be {what}, got {value!r:.80}")
+    return value
+
+
+def token_ids(value, name: str, what: str) -> tuple[int, ...]:
+    """value: a sequence of integer token ids (a list, numpy or JAX array) -> a tuple of ints; a
+    TypeError naming `name` and `what` it must be otherwise."""
+    try:
+        ids = np.asarray(list(_sequence(value, name, what)))
+    except (TypeError, ValueError):
+        ids = None
+    if ids is None or ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
+        raise TypeError(f"{name} must be {what}, got {value!r:.80}")
+    return tuple(int(t) for t in ids)
+
+
 @dataclasses.dataclass(frozen=True)
 class Sampling:
     """temperature 0: greedy (argmax). Otherwise logits / temperature, then the top_k most likely
@@ -88,8 +108,10 @@ class Sampling:
     top_p: float | None = None
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature={self.temperature} must be >= 0")
+        if not self.temperature >= 0 or self.temperature == float("inf"):
+            raise ValueError(f"temperature={self.temperature} must be a finite number >= 0")
+        if self.top_k is not None and (not isinstance(self.top_k, (int, np.integer)) or isinstance(self.top_k, bool)):
+            raise TypeError(f"top_k must be an integer (or None), got {self.top_k!r:.80}")
         if self.top_k is not None and self.top_k < 1:
             raise ValueError(f"top_k={self.top_k} must be >= 1 (or None)")
         if self.top_p is not None and not 0 < self.top_p <= 1:
@@ -146,6 +168,8 @@ class StopRule:
         stop = tuple(tuple(int(t) for t in s) for s in (stop or ()))
         if any(not s for s in stop):
             raise ValueError("stop sequences must be non-empty lists of token ids")
+        if not 0 <= pad < model_config.vocab_size:   # padding is embedded like any token
+            raise ValueError(f"pad_token_id={pad} is outside the vocabulary [0, {model_config.vocab_size})")
         return cls(eos, stop, int(pad))
 
     @property

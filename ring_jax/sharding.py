@@ -87,6 +87,9 @@ def make_mesh(data: int = 1, expert: int | None = None, tensor: int = 1, *,
 def check_mesh(config, mesh: jax.sharding.Mesh) -> None:
     """Refuses a mesh whose `expert` axis does not split the experts evenly: they would be
     replicated on every device instead (the whole model per device)."""
+    if not isinstance(mesh, jax.sharding.Mesh):
+        raise TypeError(f"mesh must be a jax.sharding.Mesh (ring_jax.make_mesh(data=..., expert=...)), got "
+                        f"{type(mesh).__name__} {mesh!r:.80}")
     experts = mesh.shape.get("expert", 1)
     if experts > 1 and config.num_experts % experts:
         raise ValueError(f"mesh axis expert={experts} does not divide num_experts={config.num_experts}: "

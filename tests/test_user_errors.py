@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import ROOT, tiny_model_folder
@@ -40,6 +41,32 @@ def test_bad_arguments_are_one_line_before_loading(model_dir, args, message, cap
         main(["generate", "--model", model_dir, *args])
     out, err = capsys.readouterr()
     assert exit_.value.code == 2 and err == f"python -m ring_jax generate: error: {message}\n" and not out, err
+
+
+def test_library_calls_name_the_argument_of_another_kind(model_dir):
+    """A notebook's mistakes in the library's calls: a folder where a model or tokenizer goes, a
+    mesh given as its command-line text, settings of the wrong type. Each is named before any
+    work; none is an AttributeError from deep inside or a silent wrong answer (a pad id outside
+    the vocabulary, or a NaN temperature, gave zeros)."""
+    import ring_jax
+
+    model, tokenizer = ring_jax.load_model(model_dir), ring_jax.load_tokenizer(model_dir)
+    with pytest.raises(TypeError, match=r"model must be a ring_jax.RingModel \(ring_jax.load_model\(folder\)\), got str"):
+        ring_jax.generate(model_dir, [[1, 2]], max_new_tokens=2)
+    with pytest.raises(TypeError, match="tokenizer must be a tokenizer with a chat template"):
+        ring_jax.chat(model, model_dir, [{"role": "user", "content": "Hi"}], max_new_tokens=2)
+    with pytest.raises(TypeError, match="mesh must be a jax.sharding.Mesh"):
+        ring_jax.load_model(model_dir, mesh="expert=8")
+    for settings, error, message in (
+            (dict(eos_token_id="x"), TypeError, "eos_token_id must be a token id or a list of them, got 'x'"),
+            (dict(stop="abc"), TypeError, "stop must be a list of token-id lists, got 'abc'"),
+            (dict(stop=[[1, "a"]]), TypeError, "stop must be a list of token-id lists"),
+            (dict(top_k=2.5), TypeError, "top_k must be an integer"),
+            (dict(temperature=float("nan")), ValueError, "temperature=nan must be a finite number >= 0"),
+            (dict(pad_token_id=999), ValueError, r"pad_token_id=999 is outside the vocabulary \[0, 256\)")):
+        with pytest.raises(error, match=message):
+            ring_jax.generate(model, [[1, 2]], max_new_tokens=2, **settings)
+    assert ring_jax.generate(model, [[1, 2]], max_new_tokens=2, stop=[np.array([3, 4])], eos_token_id=[5]).shape == (1, 2)
 
 
 def test_missing_model_and_bad_values_found_late_are_one_line(tmp_path, model_dir):
