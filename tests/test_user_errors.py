@@ -50,7 +50,7 @@ def test_library_calls_name_the_argument_of_another_kind(model_dir):
     the vocabulary, or a NaN temperature, gave zeros)."""
     import ring_jax
 
-    model, tokenizer = ring_jax.load_model(model_dir), ring_jax.load_tokenizer(model_dir)
+    model = ring_jax.load_model(model_dir)
     with pytest.raises(TypeError, match=r"model must be a ring_jax.RingModel \(ring_jax.load_model\(folder\)\), got str"):
         ring_jax.generate(model_dir, [[1, 2]], max_new_tokens=2)
     with pytest.raises(TypeError, match="tokenizer must be a tokenizer with a chat template"):
