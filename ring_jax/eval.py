@@ -34,6 +34,7 @@ import numpy as np
 from ring_jax.cache import cache_length, init_cache
 from ring_jax.errors import ArgumentParser, exit_now, run_command
 from ring_jax.flags import add_model_flags, build_mesh, positive_int
+from ring_jax.model import check_model
 from ring_jax.batching import Plan
 from ring_jax.sharding import sharding_mesh
 from ring_jax.steps import flatten, host_rows, on_mesh, placer, score_step
@@ -115,6 +116,7 @@ def perplexity(model, tokens, *, context: int | None = None, stride: int | None 
 
     context: tokens per window (default: the model's max_position_embeddings); stride: tokens
     between windows (default: context // 2); chunk: tokens per scoring step (a power of two)."""
+    check_model(model)
     config = model.config
     tokens = np.asarray(tokens)
     if tokens.ndim != 1 or tokens.size < 2 or not np.issubdtype(tokens.dtype, np.integer):

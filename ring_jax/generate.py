@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from ring_jax.cache import cache_length, init_cache
-from ring_jax.model import RingModel
+from ring_jax.model import check_model
 from ring_jax.batching import Plan, prompt_ids, token_bucket
 from ring_jax.sampling import GenerationConfig, StopRule
 from ring_jax.sharding import model_mesh, sharding_mesh
@@ -60,9 +60,7 @@ def prefill(model, input_ids, config: GenerationConfig | None = None, *, attenti
     n = config.max_new_tokens
     if n is None:
         raise TypeError("max_new_tokens is required: the tokens to generate per sequence")
-    if not isinstance(model, RingModel):
-        raise TypeError(f"model must be a ring_jax.RingModel (ring_jax.load_model(folder)), got "
-                        f"{type(model).__name__} {model!r:.80}")
+    check_model(model)
     model_config = model.config
     prompts = prompt_ids(input_ids, attention_mask, model_config.vocab_size)
     longest = max(len(p) for p in prompts)

@@ -269,3 +269,11 @@ def check_input_ids(input_ids, vocab_size: int) -> jax.Array:
         if lo < 0 or hi >= vocab_size:
             raise ValueError(f"input_ids hold {lo if lo < 0 else hi}, outside the vocabulary [0, {vocab_size})")
     return jnp.asarray(ids, jnp.int32)
+
+
+def check_model(model) -> None:
+    """A TypeError unless `model` is a RingModel: the entry points' first check, so that a folder
+    passed for the model is named as such."""
+    if not isinstance(model, RingModel):
+        raise TypeError(f"model must be a ring_jax.RingModel (ring_jax.load_model(folder)), got "
+                        f"{type(model).__name__} {model!r:.80}")

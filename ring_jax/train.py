@@ -52,6 +52,7 @@ from ring_jax import lora
 from ring_jax.checkpoint import load_model, save_model
 from ring_jax.errors import ArgumentParser, exit_now, one_line, run_command
 from ring_jax.flags import add_model_flags, build_mesh, integer, number, positive_int
+from ring_jax.model import check_model
 from ring_jax.sharding import first_array, model_mesh
 from ring_jax.staging import staged_folder
 from ring_jax.steps import on_mesh, placer
@@ -142,6 +143,7 @@ def check_quantized(quantization: str | None, config: TrainConfig) -> None:
 
 def prepare(model, config: TrainConfig) -> None:
     """Readies `model` for training in place: the LoRA adapters."""
+    check_model(model)
     check_quantized(model.quantization, config)
     if config.lora_rank:
         lora.attach(model, config.lora_rank, config.lora_alpha, config.lora_targets, seed=config.seed)

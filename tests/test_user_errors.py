@@ -49,10 +49,16 @@ def test_library_calls_name_the_argument_of_another_kind(model_dir):
     work; none is an AttributeError from deep inside or a silent wrong answer (a pad id outside
     the vocabulary, or a NaN temperature, gave zeros)."""
     import ring_jax
+    from ring_jax import train
+    from ring_jax.eval import perplexity
 
     model = ring_jax.load_model(model_dir)
     with pytest.raises(TypeError, match=r"model must be a ring_jax.RingModel \(ring_jax.load_model\(folder\)\), got str"):
         ring_jax.generate(model_dir, [[1, 2]], max_new_tokens=2)
+    with pytest.raises(TypeError, match="model must be a ring_jax.RingModel"):
+        perplexity(model_dir, [1, 2, 3])
+    with pytest.raises(TypeError, match="model must be a ring_jax.RingModel"):
+        train.prepare(model_dir, train.TrainConfig())
     with pytest.raises(TypeError, match="tokenizer must be a tokenizer with a chat template"):
         ring_jax.chat(model, model_dir, [{"role": "user", "content": "Hi"}], max_new_tokens=2)
     with pytest.raises(TypeError, match="mesh must be a jax.sharding.Mesh"):
