@@ -2,6 +2,7 @@
 (the command line of `ring_jax.io.conversion`)."""
 
 from ring_jax.errors import ArgumentParser, exit_now, run_command
+from ring_jax.flags import number
 
 
 def main(argv=None) -> int:
@@ -25,10 +26,12 @@ def main(argv=None) -> int:
                                    "FBGEMM's FP8 layout: float8_e4m3fn weights and weight_scale [out, 1]).")
     b.add_argument("--model-dir", required=True, help="folder written by hf2jax")
     b.add_argument("--out", required=True, help="new output folder (must not exist)")
-    b.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors shard, in GiB")
+    b.add_argument("--max-shard-gb", type=number(0, low_open=True), default=5.0, help="largest safetensors shard, in GiB")
     b.add_argument("--quiet", action="store_true", help="no progress lines")
     b.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
+    if not args.out:
+        sub.choices[args.command].error("--out is empty: name a new output folder")
     return run_command(_run, args, f"{parser.prog} {args.command}", args.debug)
 
 

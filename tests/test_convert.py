@@ -169,7 +169,12 @@ def test_cli_help_progress_and_errors(tmp_path, tiny_dict, capsys):
     assert "model.layers.1.mlp.experts.{e}.gate_proj.weight + model.layers.1.mlp.experts.{e}.up_proj.weight -> layers.1.mlp.experts.gate_up_proj [16, 64, 64]" in err
     assert convert_main(["hf2jax", "--hf-dir", str(tmp_path / "hf"), "--out", str(tmp_path / "jax")]) == 2
     assert "exists" in capsys.readouterr().err
-    capsys.readouterr()
+    for command, message in ((["hf2jax", "--hf-dir", str(tmp_path / "hf"), "--out", ""], "--out is empty"),
+                             (["jax2hf", "--model-dir", str(tmp_path / "jax"), "--out", str(tmp_path / "x"),
+                               "--max-shard-gb", "0"], "argument --max-shard-gb: 0 is outside (0, inf)")):
+        with pytest.raises(SystemExit) as e:
+            convert_main(command)
+        assert e.value.code == 2 and f"python -m convert {command[0]}: error: {message}" in capsys.readouterr().err
     assert convert_main(["jax2hf", "--model-dir", str(tmp_path / "jax"), "--out", str(tmp_path / "back")]) == 0
     err = capsys.readouterr().err                          # read and verified, then each parameter
     assert "read and verified" in err and "lm_head.kernel -> lm_head.weight" in err
