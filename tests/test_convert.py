@@ -129,6 +129,8 @@ def test_existing_output_and_missing_input(tmp_path, tiny_dict):
 
 
 def test_index_pointing_to_missing_shard(tmp_path, tiny_dict):
+    with pytest.raises(ValueError, match="max_shard_bytes=0 must be > 0"):        # not a file per tensor
+        write_random_hf_checkpoint(tmp_path / "none", tiny_dict, dtype="float32", max_shard_bytes=0)
     write_random_hf_checkpoint(tmp_path / "hf", tiny_dict, dtype="float32", max_shard_bytes=100_000)
     shards = sorted(p for p in os.listdir(tmp_path / "hf") if p.startswith("model-"))
     (tmp_path / "hf" / shards[1]).unlink()

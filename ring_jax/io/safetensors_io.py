@@ -142,6 +142,8 @@ def write_hf_weights(folder: str, layout: dict[str, tuple[np.dtype, tuple]], rea
                      max_shard_bytes: int = 5 * 2**30) -> list[str]:
     """Writes `model.safetensors`, or shards of at most max_shard_bytes plus the index when the
     tensors do not fit one. Returns the file names."""
+    if not max_shard_bytes > 0:
+        raise ValueError(f"max_shard_bytes={max_shard_bytes} must be > 0")
     shards: list[dict] = [{}]
     size = 0
     for name, (dtype, shape) in layout.items():
