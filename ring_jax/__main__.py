@@ -17,7 +17,7 @@ import time
 import numpy as np
 
 from ring_jax.errors import ArgumentParser, exit_now, run_command
-from ring_jax.flags import add_generation_flags, add_model_flags
+from ring_jax.flags import add_generation_flags, add_model_flags, positive_int
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")   # shipped in the package
 
@@ -193,8 +193,8 @@ def main(argv=None) -> int:
     d = sub.add_parser("demo", help="tiny random model: HF layout -> convert -> load -> generate and chat")
     d.add_argument("--config", default=os.path.join(CONFIGS, "tiny.json"), help="HF config.json to instantiate")
     d.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    d.add_argument("--prompt-len", type=int, default=12)
-    d.add_argument("--tokens", type=int, default=8, help="tokens to generate")
+    d.add_argument("--prompt-len", type=positive_int, default=12)
+    d.add_argument("--tokens", type=positive_int, default=8, help="tokens to generate")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--keep", metavar="DIR", help="keep the tiny model in DIR/hf (HF layout) and DIR/jax (converted)")
     g = sub.add_parser("generate", help="continue prompts (streamed for one prompt)")
@@ -210,6 +210,8 @@ def main(argv=None) -> int:
     _add_model_args(c)
     c.add_argument("--system", help="system prompt")
     args = parser.parse_args(argv)
+    if args.command == "generate" and args.chat and args.prompt_ids:
+        g.error("--chat renders text prompts (--prompt) with the chat template, not --prompt-ids")
     command = {"demo": demo, "generate": generate, "chat": chat}[args.command]
     return run_command(command, args, f"{parser.prog} {args.command}", getattr(args, "debug", False))
 

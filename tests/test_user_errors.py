@@ -31,6 +31,8 @@ def cli(*args, stdin=None):
     (["--prompt-ids", "1", "--temperature", "-1"], "argument --temperature: -1 is outside [0, inf)"),
     (["--prompt-ids", "1", "--top-p", "2"], "argument --top-p: 2 is outside (0, 1]"),
     (["--prompt-ids", "1", "--top-k", "0"], "argument --top-k: 0 must be >= 1"),
+    (["--prompt-ids", "1", "--temperature", "1e400"], "argument --temperature: 1e400 is outside [0, inf)"),
+    (["--prompt-ids", "1", "--chat"], "--chat renders text prompts (--prompt) with the chat template, not --prompt-ids"),
 ])
 def test_bad_arguments_are_one_line_before_loading(model_dir, args, message, capsys, monkeypatch):
     import ring_jax.checkpoint
