@@ -56,11 +56,11 @@ def prefill(model, input_ids, config: GenerationConfig | None = None, *, attenti
             **settings) -> Generation:
     """Checks the call, runs its prompts through the model into a new cache, and returns it ready
     to decode. input_ids, attention_mask, config and settings: as for `generate`."""
+    check_model(model)
     config = GenerationConfig.of(config, **settings)
     n = config.max_new_tokens
     if n is None:
         raise TypeError("max_new_tokens is required: the tokens to generate per sequence")
-    check_model(model)
     model_config = model.config
     prompts = prompt_ids(input_ids, attention_mask, model_config.vocab_size)
     longest = max(len(p) for p in prompts)

@@ -59,11 +59,11 @@ class GenerationConfig:
         self.sampling()                                  # validates temperature, top_k, top_p
         # Lists as tuples: the config is hashable, as a frozen dataclass should be.
         if self.stop is not None:
-            object.__setattr__(self, "stop", tuple(token_ids(s, "stop", "a list of token-id lists")
+            object.__setattr__(self, "stop", tuple(_token_ids(s, "stop", "a list of token-id lists")
                                                    for s in _sequence(self.stop, "stop", "a list of token-id lists")))
         if self.eos_token_id is not None and not isinstance(self.eos_token_id, (int, np.integer)):
-            object.__setattr__(self, "eos_token_id", token_ids(self.eos_token_id, "eos_token_id",
-                                                               "a token id or a list of them"))
+            object.__setattr__(self, "eos_token_id", _token_ids(self.eos_token_id, "eos_token_id",
+                                                                "a token id or a list of them"))
 
     @classmethod
     def of(cls, config: GenerationConfig | None = None, **settings) -> GenerationConfig:
@@ -87,7 +87,7 @@ def _sequence(value, name: str, what: str):
     return value
 
 
-def token_ids(value, name: str, what: str) -> tuple[int, ...]:
+def _token_ids(value, name: str, what: str) -> tuple[int, ...]:
     """value: a sequence of integer token ids (a list, numpy or JAX array) -> a tuple of ints; a
     TypeError naming `name` and `what` it must be otherwise."""
     try:
