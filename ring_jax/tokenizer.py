@@ -187,7 +187,7 @@ class Tokenizer:
         with `tokenize=True` its token ids [T], encoded without added special tokens (the template
         writes the ones it wants).
         """
-        check_messages(messages)
+        _check_messages(messages)
         if self.chat_template is None:
             raise TokenizerError(
                 "this tokenizer has no chat template (no chat_template in tokenizer_config.json, no "
@@ -213,7 +213,7 @@ class Tokenizer:
         return ids
 
 
-def check_messages(messages: Any) -> None:
+def _check_messages(messages: Any) -> None:
     """A TokenizerError unless messages is a list of {"role": str, "content": ...} dicts (content a
     string, or absent or None as in a tool call's turn, or a list of parts), said in one line."""
     if not isinstance(messages, (list, tuple)):
