@@ -38,8 +38,8 @@ def number(low: float, high: float | None = None, low_open: bool = False):
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if (not (value > low if low_open else value >= low) or (high is not None and value > high) or value != value
-                or value == float("inf")):
+        if (not math.isfinite(value) or not (value > low if low_open else value >= low)
+                or (high is not None and value > high)):
             bounds = f"{'(' if low_open else '['}{low:g}, {'inf)' if high is None else f'{high:g}]'}"
             raise argparse.ArgumentTypeError(f"{text} is outside {bounds}")
         return value
