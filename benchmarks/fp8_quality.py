@@ -7,10 +7,17 @@ One random bf16 model (`benchmarks.generate.make_model`); the float32 model hold
 cast up, and the FP8 model is the bf16 one quantized (`RingModel.quantize`), run with bf16 activations
 (weight-only) and with FP8 rows into the experts (`fp8_activations="grouped"`). Each runs the same
 random prompt through its full forward; the table gives, per model, the max and mean over the
-positions of KL(float32 || model) and how often its top token is float32's. The models are made
-and dropped one after the other, the bf16 weights held on the host meanwhile, so that one model is
-on the device at a time. Ring-mini's float32 copy alone is 66 GB, and its forward's temporaries
-(the reference grouped matmul) add more: the benchmark lets JAX take 95% of the device memory.
+positions of KL(float32 || model) and how often its top token is float32's.
+
+A deep random model is chaotic (a rounding flips an expert choice, and the flip carries to the
+end), so a second table takes the layers one at a time: each layer of each model is fed the float32
+model's input to that layer (cast to the model's dtype), and its update (output minus input) is
+compared with the float32 layer's: |update - float32 update| / |float32 update| over the positions.
+
+The models are made and dropped one after the other, the bf16 weights held on the host meanwhile,
+so that one model is on the device at a time. Ring-mini's float32 copy alone is 66 GB, and its
+forward's temporaries (the reference grouped matmul) add more: the benchmark lets JAX take 95% of
+the device memory.
 """
 
 import argparse
@@ -27,6 +34,8 @@ from flax import nnx
 
 from benchmarks.generate import ROOT, make_model
 from ring_jax import RingConfig, RingModel
+from ring_jax.layers.rope import rope_tables
+from ring_jax.schedule import cache_slot
 
 
 def on_device(graphdef, host_state, dtype=None):
@@ -43,6 +52,38 @@ def _figures(want, got):
     p, q = jax.nn.log_softmax(want, -1), jax.nn.log_softmax(got, -1)
     kl = jnp.sum(jnp.exp(p) * (p - q), axis=-1)
     return jnp.max(kl), jnp.mean(kl), jnp.mean(jnp.argmax(want, -1) == jnp.argmax(got, -1))
+
+
+def layer_runner(model, T: int):
+    """(i, x [1, T, hidden] in the model's dtype) -> decoder layer i's output, on its own."""
+    cos, sin = rope_tables(model.config, jnp.arange(T), model.dtype)
+    step = nnx.jit(lambda layer, x, slot: layer(x, cos, sin, None, slot)[0], static_argnums=2)
+    return lambda i, x: step(model.layer(i), x, cache_slot(model.config, i))
+
+
+def float32_layers(model, ids):
+    """The float32 model's input to each decoder layer and that layer's update (output minus
+    input): two lists of float32 [1, T, hidden]."""
+    run = layer_runner(model, ids.shape[1])
+    x = jnp.take(model.word_embeddings[...], jnp.asarray(ids), axis=0)
+    inputs, updates = [], []
+    for i in range(model.config.num_decoder_layers):
+        y = run(i, x)
+        inputs.append(np.asarray(x))
+        updates.append(np.asarray(y - x))
+        x = y
+    return inputs, updates
+
+
+def layer_updates(model, inputs):
+    """Each decoder layer's update of its float32 input inputs[i] [1, T, hidden], cast to the
+    model's dtype: a list of float32 [1, T, hidden]."""
+    run = layer_runner(model, inputs[0].shape[1])
+    out = []
+    for i, x in enumerate(inputs):
+        x = jnp.asarray(x).astype(model.dtype)
+        out.append(np.asarray(run(i, x), np.float32) - np.asarray(x, np.float32))
+    return out
 
 
 def main(argv=None):
@@ -63,18 +104,33 @@ def main(argv=None):
     del model, state
     f32_model = on_device(graphdef, host, jnp.float32)
     want = f32_model(ids)[0]
+    inputs, want_updates = float32_layers(f32_model, ids)
     del f32_model
-    fp8_model = on_device(graphdef, host).quantize()
+    fp8_model = on_device(graphdef, host)
+    updates = {"bf16": layer_updates(fp8_model, inputs)}
+    fp8_model.quantize()
     fp8 = fp8_model(ids)[0]
+    updates["fp8 weights"] = layer_updates(fp8_model, inputs)
     rows_config = dataclasses.replace(config, fp8_activations="grouped")
     rows_graphdef = nnx.split(nnx.eval_shape(
         lambda: RingModel(rows_config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)).quantize()))[0]
-    fp8_rows = nnx.merge(rows_graphdef, nnx.split(fp8_model)[1])(ids)[0]
+    rows_model = nnx.merge(rows_graphdef, nnx.split(fp8_model)[1])
+    fp8_rows = rows_model(ids)[0]
+    updates["fp8 weights and rows"] = layer_updates(rows_model, inputs)
     print("\n| weights | max KL from float32 | mean KL | top-1 agreement |")
     print("|---|---|---|---|")
     for name, got in (("bf16", bf16), ("fp8 weights (bf16 activations)", fp8), ("fp8 weights and rows", fp8_rows)):
         kl_max, kl_mean, top1 = (float(x) for x in _figures(want, got))
         print(f"| {name} | {kl_max:.2e} | {kl_mean:.2e} | {top1:.1%} |", flush=True)
+    print("\n| layer | kind | " + " | ".join(f"{name}: update rel. err" for name in updates) + " |")
+    print("|---|---|" + "---|" * len(updates))
+    errors = {name: [np.linalg.norm(got - want) / np.linalg.norm(want) for got, want in zip(values, want_updates)]
+              for name, values in updates.items()}
+    for i in range(config.num_decoder_layers):
+        attention = "softmax" if config.is_softmax_layer(i) else "linear"
+        kind = f"{attention}, {'MoE' if config.is_moe_layer(i) else 'dense'}"
+        print(f"| {i} | {kind} | " + " | ".join(f"{errors[name][i]:.2e}" for name in updates) + " |")
+    print("| median | | " + " | ".join(f"{np.median(errors[name]):.2e}" for name in updates) + " |", flush=True)
 
 
 if __name__ == "__main__":

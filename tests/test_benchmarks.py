@@ -4,8 +4,13 @@ import inspect
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 
+from benchmarks.fp8_quality import float32_layers
 from benchmarks.train import op_sources
+from ring_jax import RingConfig, RingModel
+from conftest import load_config_dict, rel_err
 
 
 def inner(x):
@@ -24,3 +29,14 @@ def test_op_sources_name_each_instruction_with_its_python_frames():
     body = lambda f: f"tests/test_benchmarks.py:{inspect.getsourcelines(f)[1] + 1}"     # its return line
     dots = [where for where in sources.values() if where.startswith("dot_general @ ")]
     assert dots and all(where == f"dot_general @ {body(inner)} < {body(outer)}" for where in dots), sources
+
+
+def test_fp8_quality_layers_one_at_a_time_make_the_forward():
+    """The per-layer table feeds each layer the float32 model's input to it: run one at a time
+    (`model.layer(i)` at its cache slot), the layers must give the model's own hidden states."""
+    config = RingConfig.from_hf(load_config_dict("tiny.json"))
+    model = RingModel(config, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    ids = np.random.default_rng(0).integers(0, config.vocab_size, (1, 12))
+    inputs, updates = float32_layers(model, ids)
+    assert len(inputs) == config.num_decoder_layers
+    assert rel_err(model.norm(inputs[-1] + updates[-1]), model.hidden_states(jnp.asarray(ids))) <= 1e-6
