@@ -12,7 +12,8 @@ positions of KL(float32 || model) and how often its top token is float32's.
 A deep random model is chaotic (a rounding flips an expert choice, and the flip carries to the
 end), so a second table takes the layers one at a time: each layer of each model is fed the float32
 model's input to that layer (cast to the model's dtype), and its update (output minus input) is
-compared with the float32 layer's: |update - float32 update| / |float32 update| over the positions.
+compared with the float32 layer's: |update - float32 update| / |float32 update| over the positions,
+and an MoE layer's expert choices with the float32 layer's (the share of the choices changed).
 
 The models are made and dropped one after the other, the bf16 weights held on the host meanwhile,
 so that one model is on the device at a time. Ring-mini's float32 copy alone is 66 GB, and its
@@ -34,6 +35,7 @@ from flax import nnx
 
 from benchmarks.generate import ROOT, make_model
 from ring_jax import RingConfig, RingModel
+from ring_jax.layers.moe import MoE
 from ring_jax.layers.rope import rope_tables
 from ring_jax.schedule import cache_slot
 
@@ -55,35 +57,53 @@ def _figures(want, got):
 
 
 def layer_runner(model, T: int):
-    """(i, x [1, T, hidden] in the model's dtype) -> decoder layer i's output, on its own."""
+    """(i, x [1, T, hidden] in the model's dtype) -> (decoder layer i's output, its expert choices
+    [T, top_k] or None for a dense MLP): the layer on its own."""
     cos, sin = rope_tables(model.config, jnp.arange(T), model.dtype)
-    step = nnx.jit(lambda layer, x, slot: layer(x, cos, sin, None, slot)[0], static_argnums=2)
+
+    def step(layer, x, slot):
+        out = layer(x, cos, sin, None, slot)[0]
+        if not isinstance(layer.mlp, MoE):
+            return out, None
+        # The router's input as `DecoderLayer` makes it: the attention's output added, normalised.
+        h = x + layer.attention(layer.input_layernorm.deferred(x), cos, sin, None, slot)[0]
+        return out, layer.mlp.gate(layer.post_attention_layernorm.deferred(h).reshape(-1, h.shape[-1]))[0]
+    step = nnx.jit(step, static_argnums=2)
     return lambda i, x: step(model.layer(i), x, cache_slot(model.config, i))
 
 
 def float32_layers(model, ids):
-    """The float32 model's input to each decoder layer and that layer's update (output minus
-    input): two lists of float32 [1, T, hidden]."""
+    """The float32 model's input to each decoder layer, that layer's update (output minus input)
+    and its expert choices: lists of float32 [1, T, hidden], of the same, and of int32 [T, top_k]
+    (None for a dense MLP)."""
     run = layer_runner(model, ids.shape[1])
     x = jnp.take(model.word_embeddings[...], jnp.asarray(ids), axis=0)
-    inputs, updates = [], []
+    inputs, updates, choices = [], [], []
     for i in range(model.config.num_decoder_layers):
-        y = run(i, x)
+        y, chosen = run(i, x)
         inputs.append(np.asarray(x))
         updates.append(np.asarray(y - x))
+        choices.append(None if chosen is None else np.asarray(chosen))
         x = y
-    return inputs, updates
+    return inputs, updates, choices
 
 
 def layer_updates(model, inputs):
-    """Each decoder layer's update of its float32 input inputs[i] [1, T, hidden], cast to the
-    model's dtype: a list of float32 [1, T, hidden]."""
+    """Each decoder layer on its float32 input inputs[i] [1, T, hidden], cast to the model's
+    dtype: (its updates, float32 [1, T, hidden], and expert choices, as `float32_layers`)."""
     run = layer_runner(model, inputs[0].shape[1])
-    out = []
+    updates, choices = [], []
     for i, x in enumerate(inputs):
         x = jnp.asarray(x).astype(model.dtype)
-        out.append(np.asarray(run(i, x), np.float32) - np.asarray(x, np.float32))
-    return out
+        y, chosen = run(i, x)
+        updates.append(np.asarray(y, np.float32) - np.asarray(x, np.float32))
+        choices.append(None if chosen is None else np.asarray(chosen))
+    return updates, choices
+
+
+def changed(got, want) -> float:
+    """The share of the expert choices in got [T, top_k] that are not among want's for the token."""
+    return 1 - np.mean([np.intersect1d(g, w).size / w.size for g, w in zip(got, want)])
 
 
 def main(argv=None):
@@ -104,34 +124,35 @@ def main(argv=None):
     del model, state
     f32_model = on_device(graphdef, host, jnp.float32)
     want = f32_model(ids)[0]
-    inputs, want_updates = float32_layers(f32_model, ids)
+    inputs, want_updates, want_choices = float32_layers(f32_model, ids)
     del f32_model
     fp8_model = on_device(graphdef, host)
-    updates = {"bf16": layer_updates(fp8_model, inputs)}
+    layers = {"bf16": layer_updates(fp8_model, inputs)}
     fp8_model.quantize()
     fp8 = fp8_model(ids)[0]
-    updates["fp8 weights"] = layer_updates(fp8_model, inputs)
+    layers["fp8 weights"] = layer_updates(fp8_model, inputs)
     rows_config = dataclasses.replace(config, fp8_activations="grouped")
     rows_graphdef = nnx.split(nnx.eval_shape(
         lambda: RingModel(rows_config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)).quantize()))[0]
     rows_model = nnx.merge(rows_graphdef, nnx.split(fp8_model)[1])
     fp8_rows = rows_model(ids)[0]
-    updates["fp8 weights and rows"] = layer_updates(rows_model, inputs)
+    layers["fp8 weights and rows"] = layer_updates(rows_model, inputs)
     print("\n| weights | max KL from float32 | mean KL | top-1 agreement |")
     print("|---|---|---|---|")
     for name, got in (("bf16", bf16), ("fp8 weights (bf16 activations)", fp8), ("fp8 weights and rows", fp8_rows)):
         kl_max, kl_mean, top1 = (float(x) for x in _figures(want, got))
         print(f"| {name} | {kl_max:.2e} | {kl_mean:.2e} | {top1:.1%} |", flush=True)
-    print("\n| layer | kind | " + " | ".join(f"{name}: update rel. err" for name in updates) + " |")
-    print("|---|---|" + "---|" * len(updates))
-    errors = {name: [np.linalg.norm(got - want) / np.linalg.norm(want) for got, want in zip(values, want_updates)]
-              for name, values in updates.items()}
+    print("\n| layer | kind | " + " | ".join(f"{name}: update rel. err, experts changed" for name in layers) + " |")
+    print("|---|---|" + "---|" * len(layers))
+    errors = {name: [np.linalg.norm(got - want) / np.linalg.norm(want) for got, want in zip(updates, want_updates)]
+              for name, (updates, _) in layers.items()}
     for i in range(config.num_decoder_layers):
-        attention = "softmax" if config.is_softmax_layer(i) else "linear"
-        kind = f"{attention}, {'MoE' if config.is_moe_layer(i) else 'dense'}"
-        print(f"| {i} | {kind} | " + " | ".join(f"{errors[name][i]:.2e}" for name in updates) + " |")
-    print("| median | | " + " | ".join(f"{np.median(errors[name]):.2e}" for name in updates) + " |", flush=True)
-
+        moe = want_choices[i] is not None
+        kind = f"{'softmax' if config.is_softmax_layer(i) else 'linear'}, {'MoE' if moe else 'dense'}"
+        cells = [f"{errors[name][i]:.2e}" + (f", {changed(choices[i], want_choices[i]):.1%}" if moe else "")
+                 for name, (_, choices) in layers.items()]
+        print(f"| {i} | {kind} | " + " | ".join(cells) + " |")
+    print("| median | | " + " | ".join(f"{np.median(errors[name]):.2e}" for name in layers) + " |", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -33,10 +33,13 @@ def test_op_sources_name_each_instruction_with_its_python_frames():
 
 def test_fp8_quality_layers_one_at_a_time_make_the_forward():
     """The per-layer table feeds each layer the float32 model's input to it: run one at a time
-    (`model.layer(i)` at its cache slot), the layers must give the model's own hidden states."""
+    (`model.layer(i)` at its cache slot), the layers must give the model's own hidden states, and
+    each MoE layer its expert choices."""
     config = RingConfig.from_hf(load_config_dict("tiny.json"))
     model = RingModel(config, dtype=jnp.float32, rngs=nnx.Rngs(0))
     ids = np.random.default_rng(0).integers(0, config.vocab_size, (1, 12))
-    inputs, updates = float32_layers(model, ids)
+    inputs, updates, choices = float32_layers(model, ids)
     assert len(inputs) == config.num_decoder_layers
+    assert [c is None or c.shape for c in choices] == [(12, config.num_experts_per_tok) if config.is_moe_layer(i)
+                                                       else True for i in range(config.num_decoder_layers)]
     assert rel_err(model.norm(inputs[-1] + updates[-1]), model.hidden_states(jnp.asarray(ids))) <= 1e-6
