@@ -35,7 +35,7 @@ def test_fp8_quality_layers_one_at_a_time_make_the_forward():
     """The per-layer table feeds each layer the float32 model's input to it: run one at a time
     (`model.layer(i)` at its cache slot), the layers must give the model's own hidden states, and
     each MoE layer its expert choices."""
-    config = RingConfig.from_hf(load_config_dict("tiny.json"))
+    config = RingConfig.from_hf(load_config_dict("tiny.json"), num_hidden_layers=3)   # linear, linear, softmax
     model = RingModel(config, dtype=jnp.float32, rngs=nnx.Rngs(0))
     ids = np.random.default_rng(0).integers(0, config.vocab_size, (1, 12))
     inputs, updates, choices = float32_layers(model, ids)
