@@ -126,15 +126,15 @@ def main(argv=None):
     want = f32_model(ids)[0]
     inputs, want_updates, want_choices = float32_layers(f32_model, ids)
     del f32_model
-    fp8_model = on_device(graphdef, host)
-    layers = {"bf16": layer_updates(fp8_model, inputs)}
-    fp8_model.quantize()
-    fp8 = fp8_model(ids)[0]
-    layers["fp8 weights"] = layer_updates(fp8_model, inputs)
+    model = on_device(graphdef, host)
+    layers = {"bf16": layer_updates(model, inputs)}
+    model.quantize()
+    fp8 = model(ids)[0]
+    layers["fp8 weights"] = layer_updates(model, inputs)
     rows_config = dataclasses.replace(config, fp8_activations="grouped")
     rows_graphdef = nnx.split(nnx.eval_shape(
         lambda: RingModel(rows_config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)).quantize()))[0]
-    rows_model = nnx.merge(rows_graphdef, nnx.split(fp8_model)[1])
+    rows_model = nnx.merge(rows_graphdef, nnx.split(model)[1])
     fp8_rows = rows_model(ids)[0]
     layers["fp8 weights and rows"] = layer_updates(rows_model, inputs)
     print("\n| weights | max KL from float32 | mean KL | top-1 agreement |")
@@ -153,6 +153,7 @@ def main(argv=None):
                  for name, (_, choices) in layers.items()]
         print(f"| {i} | {kind} | " + " | ".join(cells) + " |")
     print("| median | | " + " | ".join(f"{np.median(errors[name]):.2e}" for name in layers) + " |", flush=True)
+
 
 if __name__ == "__main__":
     main()
