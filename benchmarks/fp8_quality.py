@@ -65,7 +65,8 @@ def layer_runner(model, T: int):
         out = layer(x, cos, sin, None, slot)[0]
         if not isinstance(layer.mlp, MoE):
             return out, None
-        # The router's input as `DecoderLayer` makes it: the attention's output added, normalised.
+        # The layer's call does not return its router's choices: the router again on its input as
+        # `DecoderLayer` makes it (the attention's output added, normalised), in the same program.
         h = x + layer.attention(layer.input_layernorm.deferred(x), cos, sin, None, slot)[0]
         return out, layer.mlp.gate(layer.post_attention_layernorm.deferred(h).reshape(-1, h.shape[-1]))[0]
     step = nnx.jit(step, static_argnums=2)

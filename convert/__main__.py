@@ -26,7 +26,8 @@ def main(argv=None) -> int:
                                    "FBGEMM's FP8 layout: float8_e4m3fn weights and weight_scale [out, 1]).")
     b.add_argument("--model-dir", required=True, help="folder written by hf2jax")
     b.add_argument("--out", required=True, help="new output folder (must not exist)")
-    b.add_argument("--max-shard-gb", type=number(0, low_open=True), default=5.0, help="largest safetensors shard, in GiB")
+    b.add_argument("--max-shard-gb", type=number(0, low_open=True), default=5.0,
+                   help="largest safetensors shard, in GiB")
     b.add_argument("--quiet", action="store_true", help="no progress lines")
     b.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)

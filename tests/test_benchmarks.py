@@ -40,6 +40,6 @@ def test_fp8_quality_layers_one_at_a_time_make_the_forward():
     ids = np.random.default_rng(0).integers(0, config.vocab_size, (1, 12))
     inputs, updates, choices = float32_layers(model, ids)
     assert len(inputs) == config.num_decoder_layers
-    assert [c is None or c.shape for c in choices] == [(12, config.num_experts_per_tok) if config.is_moe_layer(i)
-                                                       else True for i in range(config.num_decoder_layers)]
+    assert [None if c is None else c.shape for c in choices] == [
+        (12, config.num_experts_per_tok) if config.is_moe_layer(i) else None for i in range(config.num_decoder_layers)]
     assert rel_err(model.norm(inputs[-1] + updates[-1]), model.hidden_states(jnp.asarray(ids))) <= 1e-6
