@@ -94,10 +94,10 @@ class RingModel(nnx.Module):
         self.mtp_layers = nnx.List([MTPLayer(config, dtype=dtype, rngs=rngs)
                                     for _ in range(config.num_nextn_predict_layers)])
         self.remat = False             # training (`ring_jax.train.split`): recompute each layer in the backward pass
-        # Training without remat: the backward pass keeps every layer's activations. Kept by a scan,
-        # they would be written into its stacks of them (zeroed first) and copied back out of them
-        # (a pass over all of them each way, more at each level of nesting), so every layer runs
-        # unrolled then.
+        # Every layer unrolled, not scanned: in training without remat, whose backward pass keeps
+        # every layer's activations (kept by a scan, they would be written into its stacks of them,
+        # zeroed first, and copied back out: a pass over all of them each way, more at each level of
+        # nesting); and in the decode loop's step for a few sequences (`steps.UNROLL_MAX_BATCH`).
         self.unroll = False
         self.quantization = None       # "fp8" after `quantize`
 

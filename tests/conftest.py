@@ -70,6 +70,16 @@ def rel_err(got, want) -> float:
     return float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
 
 
+def scan_depth(jaxpr) -> int:
+    """How deep scans nest in a jaxpr (0: none), looking into every sub-jaxpr."""
+    depth = 0
+    for eqn in jaxpr.eqns:
+        subs = [getattr(p, "jaxpr", p) for p in eqn.params.values() if hasattr(p, "eqns") or hasattr(p, "jaxpr")]
+        inner = max((scan_depth(s) for s in subs), default=0)
+        depth = max(depth, inner + (eqn.primitive.name == "scan"))
+    return depth
+
+
 def attention64(q, keys, values, cursor, start):
     """float64 truth: query t of sequence b reads slots [start[b], cursor + t] (only its own slot
     when it is padding). q: [B, T, H, D]; keys, values: [B, L, Hkv, D] -> [B, T, H, D]."""

@@ -21,7 +21,7 @@ import pytest
 from flax import nnx
 from jax.ad_checkpoint import print_saved_residuals
 
-from conftest import CONFIGS, rel_err, tiny_model_folder
+from conftest import CONFIGS, rel_err, scan_depth, tiny_model_folder
 from ring_jax import RingConfig, RingModel, load_model, lora, make_mesh, shard_model, train
 from ring_jax.layers.mlp import swiglu
 from ring_jax.layers.moe import combine
@@ -269,16 +269,6 @@ def test_backward_keeps_no_float32_copies_of_bf16_activations():
         lines = saved_residuals(f, *args)
         assert lines, name
         assert not full(lines), (name, full(lines))
-
-
-def scan_depth(jaxpr) -> int:
-    """How deep scans nest in a jaxpr (0: none), looking into every sub-jaxpr."""
-    depth = 0
-    for eqn in jaxpr.eqns:
-        subs = [getattr(p, "jaxpr", p) for p in eqn.params.values() if hasattr(p, "eqns") or hasattr(p, "jaxpr")]
-        inner = max((scan_depth(s) for s in subs), default=0)
-        depth = max(depth, inner + (eqn.primitive.name == "scan"))
-    return depth
 
 
 def test_training_without_remat_unrolls_the_layers_with_the_same_gradients():
