@@ -103,6 +103,22 @@ def shared_expert_joins(tokens, ids, gate_up, down, shared: tuple | None) -> boo
     return all(takes(e, w) for w, e in zip(shared, (gate_up, down)))
 
 
+# Up to this batch a decode step on a Hopper GPU runs its layers unrolled. A few sequences' step is
+# bound by its many small launches, and a scanned layer's bookkeeping (its counters, the loop's
+# carries, values not hoisted out of the body) adds a handful per layer: unrolled, steps of 1 and 8
+# sequences are 5-8% faster, for 1-4 s more of compile time, once. At 64 the gain is 2-4% and the
+# compile 3-10 s longer (XLA autotunes each layer's GEMM fusions apart), so larger batches keep the
+# scans (docs/PERFORMANCE.md, "Compile time").
+UNROLL_MAX_BATCH = 8
+
+
+def decode_unrolled(batch: int) -> bool:
+    """Whether the decode loop's step of `batch` sequences runs its layers unrolled rather than
+    scanned: a few sequences on a Hopper GPU, where it was measured. Elsewhere the scans, which
+    compile faster (the CPU's tests decode many tiny models)."""
+    return batch <= UNROLL_MAX_BATCH and kernel_backend.platform() == "hopper"
+
+
 def linear_decode_kernel(qkv, states, rotary_dim: int) -> bool:
     """Whether a linear layer's decode token (qkv [B, 1, 3 H D] after a state, one device) takes
     the kernel that runs the norms, the rotation and the recurrence in one launch and updates the

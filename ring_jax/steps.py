@@ -24,6 +24,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
+from ring_jax import backends
 from ring_jax.cache import Cache
 from ring_jax.sampling import Sampling, StopRule, sample
 from ring_jax.sharding import put, sharding_mesh, spec
@@ -32,14 +33,6 @@ from ring_jax.sharding import put, sharding_mesh, spec
 # autotuning over tile configurations is most of the step's compile time. Decoding keeps the Triton
 # GEMMs, faster on its small products (docs/PERFORMANCE.md, "Compile time").
 PREFILL_COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
-
-# Up to this batch a decode step runs its layers unrolled. A few sequences' step is bound by its
-# many small launches, and a scanned layer's bookkeeping (its counters, the loop's carries, values
-# not hoisted out of the body) adds a handful per layer: unrolled, steps of 1 and 8 sequences are
-# 5-8% faster, for 1-4 s more of compile time, once. At 64 the gain is 2-4% and the compile 3-10 s
-# longer (XLA autotunes each layer's GEMM fusions apart), so larger batches keep the scans
-# (docs/PERFORMANCE.md, "Compile time").
-UNROLL_MAX_BATCH = 8
 
 
 @jax.tree_util.register_dataclass
@@ -85,10 +78,10 @@ def score_step(structure, arrays, cache: Cache, ids: jax.Array, targets: jax.Arr
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("sampling", "rule"), donate_argnames="state")
 def decode_loop(structure, arrays, state: DecodeState, limit, *, sampling: Sampling, rule: StopRule):
-    """Decodes until `limit` tokens were generated in all or every sequence is done; up to
-    UNROLL_MAX_BATCH sequences, with the step's layers unrolled (`RingModel.unroll`)."""
+    """Decodes until `limit` tokens were generated in all or every sequence is done; the step's
+    layers unrolled where `backends.decode_unrolled` says (`RingModel.unroll`)."""
     model = jax.tree.unflatten(structure, arrays)
-    model.unroll = state.tokens.shape[0] <= UNROLL_MAX_BATCH
+    model.unroll = backends.decode_unrolled(state.tokens.shape[0])
 
     def running(s: DecodeState):
         return (s.step < limit) & ~jnp.all(s.done)

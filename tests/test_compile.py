@@ -1,5 +1,5 @@
-"""Compile time does not grow with depth: the decoder runs as scans over stacked layers (but in the
-decode loop, whose layers run unrolled)."""
+"""Compile time does not grow with depth: the decoder runs as scans over stacked layers (but in a GPU's
+decode loop of a few sequences, whose layers run unrolled)."""
 
 import time
 
@@ -9,11 +9,12 @@ import numpy as np
 from flax import nnx
 
 import ring_jax
-from conftest import scan_depth
+from conftest import as_if_on_hopper, scan_depth
 from ring_jax import RingConfig
 from ring_jax.cache import cache_length, init_cache
 from ring_jax.sampling import Sampling, StopRule
-from ring_jax.steps import UNROLL_MAX_BATCH, DecodeState, decode_loop, flatten
+from ring_jax.backends import UNROLL_MAX_BATCH
+from ring_jax.steps import DecodeState, decode_loop, flatten
 
 
 def first_call_seconds(layers: int) -> float:
@@ -39,11 +40,11 @@ def test_forty_layers_compile_about_as_fast_as_ten():
     assert forty <= 1.5 * ten, (ten, forty)
 
 
-def test_the_decode_loop_unrolls_the_layers_for_a_few_sequences():
-    """Up to `steps.UNROLL_MAX_BATCH` sequences the decode loop's step runs its layers unrolled,
-    where the forward scans them: no scan inside the loop, whose per-layer bookkeeping would cost
-    a few small launches per layer. Larger batches keep the scans. The model passed in keeps its
-    own layout."""
+def test_the_decode_loop_unrolls_the_layers_for_a_few_sequences_on_a_gpu(monkeypatch):
+    """Up to `backends.UNROLL_MAX_BATCH` sequences the decode loop's step on a Hopper GPU runs its
+    layers unrolled, where the forward scans them: no scan inside the loop, whose per-layer
+    bookkeeping would cost a few small launches per layer. Larger batches, and the CPU, keep the
+    scans. The model passed in keeps its own layout."""
     config = RingConfig.from_hf("configs/tiny.json", num_hidden_layers=10)
     model = ring_jax.RingModel(config, dtype=jnp.float32, rngs=nnx.Rngs(0))
 
@@ -54,7 +55,9 @@ def test_the_decode_loop_unrolls_the_layers_for_a_few_sequences():
         return scan_depth(decode_loop.trace(*flatten(model), state, np.int32(2), sampling=Sampling(),
                                             rule=StopRule((), (), 0)).jaxpr.jaxpr)
 
+    assert depth(1) >= 2                                                             # groups, runs
+    as_if_on_hopper(monkeypatch)
     assert depth(1) == depth(UNROLL_MAX_BATCH) == 0
-    assert depth(UNROLL_MAX_BATCH + 1) >= 2                                          # groups, runs
+    assert depth(UNROLL_MAX_BATCH + 1) >= 2
     assert scan_depth(jax.make_jaxpr(model.forward)(jnp.zeros((1, 4), jnp.int32)).jaxpr) >= 2
     assert not model.unroll
