@@ -152,7 +152,9 @@ def as_if_on_hopper(monkeypatch, record=None) -> list:
     Triton kernels run in interpret mode, and the rest as on this CPU: the Mosaic GPU kernels
     refuse their operands (the linear-attention one has no interpret mode; the grouped matmul's is
     seconds a call, tested on its own in tests/test_gmm_gpu.py) and cuDNN's flash attention is
-    absent (the jnp attention runs). record: {kernel function name: label}: each call of those kernels appends
+    absent (the jnp attention runs). The decode loop keeps its scans (`backends.decode_unrolled`):
+    unrolled, every layer's interpret-mode kernels would compile apart (tests/test_compile.py tests
+    the unrolling). record: {kernel function name: label}: each call of those kernels appends
     label(*args, **kwargs) to the list returned."""
     from pallas_kernels import backend
     from pallas_kernels.linear_attention import api as linear_attention_api, decode_gpu as linear_decode
@@ -166,6 +168,7 @@ def as_if_on_hopper(monkeypatch, record=None) -> list:
     monkeypatch.setattr(gmm_gpu, "supports", lambda *a, **k: False)
     monkeypatch.setattr(linear_attention_api, "GPU_MIN_JAX", (1 << 30, 0))
     monkeypatch.setattr(backends, "cudnn_attention", lambda: None)
+    monkeypatch.setattr(backends, "decode_unrolled", lambda batch: False)
     calls = []
     for module, name in ((matvec_gpu, "matvec"), (router_gpu, "select_experts"), (linear_decode, "decode_step"),
                          (softmax_decode, "decode_attention"), (gather_gpu, "take_rows")):
