@@ -105,10 +105,10 @@ def shared_expert_joins(tokens, ids, gate_up, down, shared: tuple | None) -> boo
 
 # Up to this batch a decode step on a Hopper GPU runs its layers unrolled. A few sequences' step is
 # bound by its many small launches, and a scanned layer's bookkeeping (its counters, the loop's
-# carries, values not hoisted out of the body) adds a handful per layer: unrolled, steps of 1 and 8
-# sequences are 5-8% faster, for 1-4 s more of compile time, once. At 64 the gain is 2-4% and the
-# compile 3-10 s longer (XLA autotunes each layer's GEMM fusions apart), so larger batches keep the
-# scans (docs/PERFORMANCE.md, "Compile time").
+# carries, values not hoisted out of the body) adds a handful per layer, which unrolling saves for
+# a few seconds more of compile time, once. Larger batches gain less and compile for much longer
+# (XLA autotunes each layer's GEMM fusions apart), so they keep the scans (docs/PERFORMANCE.md,
+# "The decode loop's layers unrolled").
 UNROLL_MAX_BATCH = 8
 
 

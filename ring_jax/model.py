@@ -97,7 +97,7 @@ class RingModel(nnx.Module):
         # Every layer unrolled, not scanned: in training without remat, whose backward pass keeps
         # every layer's activations (kept by a scan, they would be written into its stacks of them,
         # zeroed first, and copied back out: a pass over all of them each way, more at each level of
-        # nesting); and in the decode loop's step for a few sequences (`steps.UNROLL_MAX_BATCH`).
+        # nesting); and in a GPU's decode loop of a few sequences (`backends.decode_unrolled`).
         self.unroll = False
         self.quantization = None       # "fp8" after `quantize`
 
