@@ -10,6 +10,7 @@ import pytest
 import pallas_kernels
 from conftest import rel_err
 from pallas_kernels import backend as kernel_backend
+from pallas_kernels.backend import triton_offsets_overflow
 from pallas_kernels.matvec import matvec, matvec_backend, reference
 from pallas_kernels.moe import reference as moe_reference
 
@@ -50,6 +51,21 @@ def matvec64(x, w, ids):
     return np.einsum("pmk,pnk->pmn", np.repeat(x, len(ids) // len(x), axis=0), w[ids])
 
 
+@pytest.fixture(params=["values", "pairs"])
+def reads(request, monkeypatch):
+    """How the matvec kernel reads the FP8 stacks: as their values, or as uint16 pairs of them, as
+    it reads a stack of 2-4 GiB (`backend.triton_offsets_overflow`), here on small ones."""
+    if request.param == "pairs":
+        from pallas_kernels.matvec import gpu
+
+        monkeypatch.setattr(gpu, "triton_offsets_overflow", lambda a: True)
+        jax.clear_caches()                                   # no kernel traced with the values
+        yield request.param
+        jax.clear_caches()
+    else:
+        yield request.param
+
+
 def both(x, w, ids, **kwargs):
     """The kernel (interpret mode) and the reference."""
     return (matvec(x, w, ids, backend="gpu", interpret=True, **kwargs),
@@ -57,7 +73,7 @@ def both(x, w, ids, **kwargs):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_matvec_kernel_and_reference_match_float64(case):
+def test_matvec_kernel_and_reference_match_float64(case, reads):
     X, M, K, E, N, P, xd = CASES[case]
     x, values, scale, ids = operands(X, M, K, E, N, P, xd, seed=len(case))
     want = matvec64(x, dequantized64(values, scale), ids)
@@ -66,7 +82,7 @@ def test_matvec_kernel_and_reference_match_float64(case):
         assert rel_err(out, want) <= 1e-6
 
 
-def test_matvec_stacks_of_every_layer_addressed_as_one():
+def test_matvec_stacks_of_every_layer_addressed_as_one(reads):
     """The routed experts of 3 layers [3 E, N, K] and their shared experts [3, N, K], as the model
     passes them: ids pick layer 1's experts and its shared expert; the kernel equals its run on
     the concatenation bit for bit."""
@@ -85,7 +101,7 @@ def test_matvec_stacks_of_every_layer_addressed_as_one():
     assert np.array_equal(np.asarray(kernel), np.asarray(together))
 
 
-def test_matvec_rows_normalised_first():
+def test_matvec_rows_normalised_first(reads):
     """norm_weight [L, K] with norm_index: float32 rows against float64, and bf16 rows with the
     reference's roundings (kernel against reference)."""
     rng = np.random.default_rng(30)
@@ -103,6 +119,15 @@ def test_matvec_rows_normalised_first():
     assert rel_err(kernel, ref) <= 1e-5
     assert np.array_equal(np.asarray(ref), np.asarray(matvec(reference.rms_norm(xb, wnb[2], 1e-6), values, ids,
                                                              scale=scale)))
+
+
+def test_one_byte_stacks_of_2_to_4_gib_overflow_the_triton_offsets():
+    S = jax.ShapeDtypeStruct
+    assert triton_offsets_overflow(S((15 * 256, 2048, 512), FP8))         # Ring-mini's linear layers' down, 4.0 GB
+    assert triton_offsets_overflow(S((4 * 256, 4096, 1024), FP8))         # Ring-flash's softmax layers' down, 2^32 B
+    assert not triton_offsets_overflow(S((4 * 256, 2048, 1024), FP8))     # 2^31 bytes: every offset below 2^31
+    assert not triton_offsets_overflow(S((15 * 256, 1024, 2048), FP8))    # 8 GB: addressed in 64 bits
+    assert not triton_offsets_overflow(S((15 * 256, 2048, 512), jnp.bfloat16))
 
 
 def test_matvec_scale_errors_and_backend(monkeypatch):

@@ -336,15 +336,15 @@ def test_gpu_gmm_reads_a_layer_of_a_stack_in_place(swiglu):
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32, FP8])
 def test_gpu_take_rows_copies_the_indexed_rows(dtype):
     """The row-gather kernel on the GPU, at a prefill chunk's dispatch shape (4096 tokens x top-8,
-    hidden 2048) and a small one: x[idx] bit for bit (FP8 rows as bytes), and "auto" takes the
-    kernel."""
+    hidden 2048) and a small one: x[idx] bit for bit (FP8 rows as uint16 pairs), and "auto" takes
+    the kernel."""
     import pallas_kernels
     from pallas_kernels.moe import gather_gpu
     from pallas_kernels.backend import platform
 
     assert platform() == "hopper", "the kernel runs on Hopper GPUs only"
     rng = np.random.default_rng(0)
-    for R, H, k in ((4096, 2048, 8), (33, 96, 1)):
+    for R, H, k in ((4096, 2048, 8), (33, 192, 1)):
         x = jnp.asarray(rng.standard_normal((R, H)), dtype)
         idx = jnp.asarray(rng.permutation(R * k) // k if k > 1 else rng.integers(0, R, 40), jnp.int32)
         assert gather_gpu.fits(x, idx)

@@ -11,7 +11,7 @@ from flax import nnx
 import ring_jax
 from conftest import rel_err
 from pallas_kernels.matvec import gpu, reference
-from pallas_kernels.backend import platform
+from pallas_kernels.backend import platform, triton_offsets_overflow
 from test_fp8 import decode_config
 from test_fp8_kernels import dequantized64, matvec64 as fp8_matvec64, operands as fp8_operands
 from test_matvec import decode_logits, matvec64, model_with_kernel_shapes, operands
@@ -114,3 +114,25 @@ def test_fp8_decode_through_kernel_matches_forward(monkeypatch):
     got = decode_logits(model, p, 2)
     assert any(calls)
     assert rel_err(got, model(p[None])[0, -2:]) <= 1e-5
+
+
+def test_fp8_stack_of_2_to_4_gib_matches_the_reference():
+    """Ring-mini's linear layers' experts' down as the model stacks them (15 x 256 matrices [2048,
+    512], 4.0 GB: past the Triton lowering's 32-bit offsets) with their shared experts, in one
+    call: the kernel reads them as uint16 pairs and gives the reference's numbers, the stack's
+    last matrices included."""
+    def stack(E, seed):                       # random bytes, e4m3fn's NaNs (0x7f, 0xff) cleared
+        def draw(key):
+            bits = jax.random.bits(key, (E, 2048, 512), jnp.uint8)
+            return jax.lax.bitcast_convert_type(jnp.where(bits & 0x7F == 0x7F, 0, bits), jnp.float8_e4m3fn)
+        key = jax.random.key(seed)
+        return jax.jit(draw)(key), jax.random.uniform(key, (E, 2048), jnp.float32, 1e-4, 1e-3)
+
+    (routed, routed_scale), (shared, shared_scale) = stack(15 * 256, 0), stack(15, 1)
+    assert triton_offsets_overflow(routed)
+    x = jax.random.normal(jax.random.key(2), (9, 1, 512), jnp.bfloat16)
+    ids = jnp.asarray([15 * 256 - 1, 15 * 256 - 2, 3000, 2100, 2048, 2047, 5, 0, 15 * 256 + 14], jnp.int32)
+    w, scale = (routed, shared), (routed_scale, shared_scale)
+    got = gpu.matvec(x, w, ids, scale=scale)
+    assert rel_err(got, jax.jit(reference.matvec)(x, w, ids, scale=scale)) <= 2e-6
+

@@ -17,11 +17,11 @@ def test_sort_by_expert(pairs):
     np.testing.assert_array_equal(sizes, np.bincount(ids, minlength=16))
 
 
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-@pytest.mark.parametrize("R, H, N", [(37, 2048, 64), (5, 96, 8), (300, 256, 2400)])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32, jnp.float8_e4m3fn])
+@pytest.mark.parametrize("R, H, N", [(37, 2048, 64), (5, 192, 8), (300, 256, 2400)])
 def test_take_rows_kernel_copies_the_indexed_rows(dtype, R, H, N):
     """The GPU row-gather kernel (interpret mode) returns x[idx] bit for bit: random rows, indices
-    repeated and in any order, every column block."""
+    repeated and in any order, every column block; FP8 rows moved as uint16 pairs."""
     import pallas_kernels
 
     rng = np.random.default_rng(R + H + N)
@@ -39,6 +39,8 @@ def test_take_rows_kernel_names_shapes_it_does_not_take():
         pallas_kernels.take_rows(jnp.ones((4, 64)), jnp.zeros((5,), jnp.int32), backend="gpu")
     with pytest.raises(NotImplementedError, match="H % 32"):
         pallas_kernels.take_rows(jnp.ones((4, 40)), jnp.zeros((8,), jnp.int32), backend="gpu")
+    with pytest.raises(NotImplementedError, match="64 for 1-byte rows"):
+        pallas_kernels.take_rows(jnp.ones((4, 96), jnp.float8_e4m3fn), jnp.zeros((8,), jnp.int32), backend="gpu")
     np.testing.assert_array_equal(pallas_kernels.take_rows(jnp.arange(8.0).reshape(4, 2), jnp.asarray([3, 0])),
                                   [[6, 7], [0, 1]])
     with pytest.raises(ValueError, match="interpret runs a Pallas kernel"):      # interpret names no kernel

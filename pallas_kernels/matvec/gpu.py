@@ -12,7 +12,12 @@ whatever their dtype, 3% at M = 1.
 FP8 weights (`pallas_kernels.backend.FP8`: K-major [E, N, K] stacks with scales [E, N]): a program
 reads a [block_n, block_k] tile (block_k = 256 of the 1-byte values), converts it to float32 and
 reduces over K, so the kernel only learns to read K-major tiles; the per-column scale multiplies
-the summed partials afterwards, in the same XLA reduction.
+the summed partials afterwards, in the same XLA reduction. A stack of 2-4 GiB (Ring-mini's linear
+layers' experts' down, 4.0 GB) would overflow the lowering's 32-bit offsets
+(`backend.triton_offsets_overflow`), so then the kernel reads every stack as uint16 pairs of
+neighbouring K values (`_pairs`, the same bytes): each pair's low byte (K position 2j) meets x's
+even columns and its high byte its odd ones. Pairs cost more instructions per byte (5-15% more
+time per product on an H100, docs/PERFORMANCE.md), hence only there.
 
 Each row of x is multiplied with the tile and reduced over K inside the program (a static loop
 over the M rows: Triton tensors must have power-of-two shapes, M need not). With a norm, every
@@ -29,7 +34,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.backend import FP8, matrix_shape
+from pallas_kernels.backend import FP8, matrix_shape, triton_offsets_overflow
 from pallas_kernels.matvec import reference
 
 # "auto" takes the kernel for one row per group only: on an H200 XLA's GEMM was faster from 2 rows
@@ -79,49 +84,78 @@ def supports(x, w, norm_weight=None, scale=None) -> bool:
             and (K * N <= MAX_WEIGHT_ELEMENTS or scale is not None))
 
 
-def _rows(x_ref, norm_ref, index_ref, *, rows, s, bk, eps):
-    """The program's K slice of each row, float32 [bk] each; with a norm, RMS-normalised with the
-    reference's roundings (`reference.rms_norm`) from the whole row's statistics."""
+def _rows(x_ref, norm_ref, index_ref, columns, *, rows, eps, keepdims=False):
+    """For each slice of `columns` (`pl.ds` of x_ref's columns), the program's columns of each row:
+    float32 [size] each ([1, size] with keepdims), [slice][row]; with a norm, RMS-normalised with
+    the reference's roundings (`reference.rms_norm`) from the whole row's statistics. Strided
+    columns need keepdims: JAX's interpreter takes a strided slice only beside other slices."""
     f32 = jnp.float32
+
+    def load(ref, i, c):
+        return (ref[pl.ds(i, 1), c] if keepdims else ref[i, c]).astype(f32)
+
     if norm_ref is None:
-        return [x_ref[m, :].astype(f32) for m in range(rows)]
+        return [[load(x_ref, m, c) for m in range(rows)] for c in columns]
 
     def rnd(v):                                              # one rounding to the activation dtype
         return v.astype(x_ref.dtype).astype(f32)
 
-    weight = norm_ref[index_ref[0], pl.ds(s * bk, bk)].astype(f32)
-    out = []
+    inv = []
     for m in range(rows):
         row = x_ref[m, :].astype(f32)
-        inv = jax.lax.rsqrt(jnp.sum(row * row) / row.shape[0] + eps)
-        out.append(rnd(rnd(x_ref[m, pl.ds(s * bk, bk)].astype(f32) * inv) * weight))
+        inv.append(jax.lax.rsqrt(jnp.sum(row * row) / row.shape[0] + eps))
+    out = []
+    for c in columns:
+        weight = load(norm_ref, index_ref[0], c)
+        out.append([rnd(rnd(load(x_ref, m, c) * inv[m]) * weight) for m in range(rows)])
     return out
 
 
-def _kernel(ids_ref, x_ref, *refs, rows, bk, bn, sizes, eps, k_major):
+def _e4m3(byte):
+    """uint bytes (in a wider integer type) -> their float8_e4m3fn values, float32."""
+    return jax.lax.bitcast_convert_type(byte.astype(jnp.uint8), FP8).astype(jnp.float32)
+
+
+def _kernel(ids_ref, x_ref, *refs, rows, bk, bn, sizes, eps, fp8, pairs):
     norm_ref, index_ref = refs[:2] if eps is not None else (None, None)
     *w_refs, out_ref = refs[2:] if eps is not None else refs
     p, n, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     e = ids_ref[p]
-    x = _rows(x_ref, norm_ref, index_ref, rows=rows, s=s, bk=bk, eps=eps)
+    first = 0 if norm_ref is None else s * bk                # x_ref holds the K slice, or whole rows
+    if pairs:                                                # x's even and odd columns
+        even, odd = _rows(x_ref, norm_ref, index_ref, [pl.ds(first + j, bk // 2, stride=2) for j in (0, 1)],
+                          rows=rows, eps=eps, keepdims=True)
+    else:
+        (x,) = _rows(x_ref, norm_ref, index_ref, [pl.ds(first, bk)], rows=rows, eps=eps)
 
     def product(w_ref, i):
-        if k_major:                                          # FP8 [N, K]: the tile's rows run along K
-            tile = w_ref[i, pl.ds(n * bn, bn), pl.ds(s * bk, bk)].astype(jnp.float32)      # [bn, bk]
+        if pairs:                                # uint16 pairs [N, K / 2]: the tile's rows run along K
+            tile = w_ref[i, pl.ds(n * bn, bn), pl.ds(s * (bk // 2), bk // 2)]                 # [bn, bk / 2]
+            low, high = _e4m3(tile & 0xFF), _e4m3(tile >> 8)
+            for m in range(rows):
+                out_ref[m, :] = jnp.sum(even[m] * low + odd[m] * high, axis=1)
+        elif fp8:                                        # FP8 [N, K]: the tile's rows run along K
+            tile = w_ref[i, pl.ds(n * bn, bn), pl.ds(s * bk, bk)].astype(jnp.float32)          # [bn, bk]
             for m in range(rows):
                 out_ref[m, :] = jnp.sum(x[m][None, :] * tile, axis=1)
-            return
-        tile = w_ref[i, pl.ds(s * bk, bk), pl.ds(n * bn, bn)].astype(jnp.float32)          # [bk, bn]
-        for m in range(rows):
-            out_ref[m, :] = jnp.sum(x[m][:, None] * tile, axis=0)
+        else:
+            tile = w_ref[i, pl.ds(s * bk, bk), pl.ds(n * bn, bn)].astype(jnp.float32)          # [bk, bn]
+            for m in range(rows):
+                out_ref[m, :] = jnp.sum(x[m][:, None] * tile, axis=0)
 
     if len(w_refs) == 1:
         product(w_refs[0], e)
         return
-    first = 0
+    start = 0
     for w_ref, size in zip(w_refs, sizes):                   # the stack that holds matrix e
-        pl.when((e >= first) & (e < first + size))(functools.partial(product, w_ref, e - first))
-        first += size
+        pl.when((e >= start) & (e < start + size))(functools.partial(product, w_ref, e - start))
+        start += size
+
+
+def _pairs(w):
+    """FP8 [E, N, K] -> uint16 [E, N, K / 2]: each element the values at K positions 2j (low
+    byte) and 2j + 1 (high byte), the same bytes."""
+    return jax.lax.bitcast_convert_type(w.reshape(*w.shape[:-1], w.shape[-1] // 2, 2), jnp.uint16)
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "interpret"))
@@ -135,6 +169,8 @@ def matvec(x, w, ids, norm_weight=None, norm_index=None, *, scale=None, eps=None
     share = P // X
     bk, bn = block_k(stacks[0].dtype), BLOCK_N
     S = K // bk
+    fp8 = jnp.dtype(stacks[0].dtype) == FP8
+    pairs = fp8 and any(map(triton_offsets_overflow, stacks))
     anywhere = pl.BlockSpec(memory_space=pl.ANY)
     if norm_weight is None:
         x_spec, norm, eps = pl.BlockSpec((None, M, bk), lambda p, n, s: (p // share, 0, s)), [], None
@@ -142,8 +178,8 @@ def matvec(x, w, ids, norm_weight=None, norm_index=None, *, scale=None, eps=None
         x_spec = pl.BlockSpec((None, M, K), lambda p, n, s: (p // share, 0, 0))
         norm = [norm_weight, jnp.reshape(jnp.asarray(norm_index, jnp.int32), (1,))]
     partial = pl.pallas_call(
-        functools.partial(_kernel, rows=M, bk=bk, bn=bn, sizes=tuple(s.shape[0] for s in stacks), eps=eps,
-                          k_major=jnp.dtype(stacks[0].dtype) == FP8),
+        functools.partial(_kernel, rows=M, bk=bk, bn=bn, sizes=tuple(s.shape[0] for s in stacks), eps=eps, fp8=fp8,
+                          pairs=pairs),
         grid=(P, N // bn, S),
         in_specs=[anywhere, x_spec] + [anywhere] * (len(norm) + len(stacks)),   # ids, norm, stacks: whole
         out_specs=pl.BlockSpec((None, None, M, bn), lambda p, n, s: (s, p, 0, n)),
@@ -151,6 +187,6 @@ def matvec(x, w, ids, norm_weight=None, norm_index=None, *, scale=None, eps=None
         compiler_params=pltriton.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
         interpret=interpret,
         name="matvec",
-    )(ids, x, *norm, *stacks)
+    )(ids, x, *norm, *(map(_pairs, stacks) if pairs else stacks))
     out = jnp.sum(partial, axis=0)
     return out if scale is None else out * reference.gather(scale, ids)[:, None, :]
