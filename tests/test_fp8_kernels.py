@@ -105,8 +105,8 @@ def test_matvec_rows_normalised_first(reads):
     """norm_weight [L, K] with norm_index: float32 rows against float64, and bf16 rows with the
     reference's roundings (kernel against reference)."""
     rng = np.random.default_rng(30)
-    x, values, scale, ids = operands(2, 1, 256, 4, 128, 4, jnp.float32, seed=31)
-    weights = jnp.asarray(rng.standard_normal((3, 256)), jnp.float32)
+    x, values, scale, ids = operands(2, 1, 512, 4, 128, 4, jnp.float32, seed=31)      # 2 K slices
+    weights = jnp.asarray(rng.standard_normal((3, 512)), jnp.float32)
     x64 = np.asarray(x, np.float64)
     normed = x64 / np.sqrt(np.mean(x64 ** 2, axis=-1, keepdims=True) + 1e-6) * np.asarray(weights[1], np.float64)
     want = matvec64(normed, dequantized64(values, scale), ids)

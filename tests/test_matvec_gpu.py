@@ -135,4 +135,3 @@ def test_fp8_stack_of_2_to_4_gib_matches_the_reference():
     w, scale = (routed, shared), (routed_scale, shared_scale)
     got = gpu.matvec(x, w, ids, scale=scale)
     assert rel_err(got, jax.jit(reference.matvec)(x, w, ids, scale=scale)) <= 2e-6
-

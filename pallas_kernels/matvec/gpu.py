@@ -16,7 +16,7 @@ the summed partials afterwards, in the same XLA reduction. A stack of 2-4 GiB (R
 layers' experts' down, 4.0 GB) would overflow the lowering's 32-bit offsets
 (`backend.triton_offsets_overflow`), so then the kernel reads every stack as uint16 pairs of
 neighbouring K values (`_pairs`, the same bytes): each pair's low byte (K position 2j) meets x's
-even columns and its high byte its odd ones. Pairs cost more instructions per byte (5-15% more
+even columns and its high byte its odd ones. Pairs cost more instructions per byte (2-15% more
 time per product on an H100, docs/PERFORMANCE.md), hence only there.
 
 Each row of x is multiplied with the tile and reduced over K inside the program (a static loop

@@ -254,7 +254,7 @@ def _gather_gpu(x, idx):
         from pallas_kernels.moe import gather_gpu
 
         return Kernel(None if gather_gpu.fits(x, idx) else
-                      f"takes a 2-D x [R > 0, H] with H % {gather_gpu.MIN_BLOCK_H} == 0 ({2 * gather_gpu.MIN_BLOCK_H} for "
-                      f"1-byte rows) and an integer idx [N] with N a positive multiple of {gather_gpu.ROWS} (got "
-                      f"{x.dtype} {x.shape} and {idx.dtype} {idx.shape})")
+                      f"takes a 2-D x [R > 0, H] with H % {gather_gpu.MIN_BLOCK_H} == 0 "
+                      f"({2 * gather_gpu.MIN_BLOCK_H} for 1-byte rows) and an integer idx [N] with N a positive "
+                      f"multiple of {gather_gpu.ROWS} (got {x.dtype} {x.shape} and {idx.dtype} {idx.shape})")
     return answer

@@ -7,8 +7,9 @@ read top_k times, partly from L2); docs/PERFORMANCE.md has the figures.
 
 Grid (N / ROWS, H / block): each program copies ROWS rows of one column block (BLOCK_H columns,
 or the largest power of two dividing H below that), each row from the place its index names. A
-pure copy: the output's bits are the input's. 1-byte rows (FP8) move as uint16 pairs: 2-4 GiB of
-them in bytes would overflow the Triton lowering's 32-bit offsets (`backend.triton_offsets_overflow`).
+pure copy: the output's bits are the input's. 1-byte rows (FP8) move as uint16 pairs, always (one
+path, tested at every size): 2-4 GiB of them in bytes would overflow the Triton lowering's 32-bit
+offsets (`backend.triton_offsets_overflow`).
 """
 
 import functools
@@ -34,10 +35,15 @@ def block_h(H: int) -> int:
 def fits(x, idx) -> bool:
     """Whether the kernel takes these operands: x [R, H], R > 0, with H a multiple of MIN_BLOCK_H
     (of 2 MIN_BLOCK_H for 1-byte rows) and idx [N] integer with N a positive multiple of ROWS."""
-    units = 2 if x.ndim == 2 and jnp.dtype(x.dtype).itemsize == 1 else 1
+    units = 2 if x.ndim == 2 and _paired(x.dtype) else 1
     return (x.ndim == 2 and idx.ndim == 1 and x.shape[0] > 0 and x.shape[1] % units == 0
             and block_h(x.shape[1] // units) >= MIN_BLOCK_H
             and idx.shape[0] > 0 and idx.shape[0] % ROWS == 0 and jnp.issubdtype(idx.dtype, jnp.integer))
+
+
+def _paired(dtype) -> bool:
+    """Whether rows of `dtype` move as uint16 pairs: 1-byte numbers (not bool, which has no bitcast)."""
+    return jnp.dtype(dtype).itemsize == 1 and jnp.dtype(dtype) != jnp.dtype(bool)
 
 
 def _kernel(idx_ref, x_ref, out_ref):
@@ -50,7 +56,7 @@ def _kernel(idx_ref, x_ref, out_ref):
 @functools.partial(jax.jit, static_argnames=("interpret",))
 def take_rows(x, idx, *, interpret=False):
     """x: [R, H]; idx: [N] int32, each in [0, R) -> [N, H]: out[n] = x[idx[n]] (api.take_rows)."""
-    if jnp.dtype(x.dtype).itemsize == 1:                                     # as uint16 pairs
+    if _paired(x.dtype):
         R, H = x.shape
         rows = take_rows(jax.lax.bitcast_convert_type(x.reshape(R, H // 2, 2), jnp.uint16), idx, interpret=interpret)
         return jax.lax.bitcast_convert_type(rows, x.dtype).reshape(idx.shape[0], H)
