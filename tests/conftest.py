@@ -49,6 +49,22 @@ def tiny_dict() -> dict:
     return load_config_dict("tiny.json")
 
 
+@pytest.fixture(params=["values", "pairs"])
+def reads(request, monkeypatch):
+    """How the matvec kernel reads FP8 stacks: as their values, or as uint16 pairs of them, as it
+    reads a stack of 2-4 GiB (`pallas_kernels.backend.triton_offsets_overflow`), here on small
+    ones. The jit caches are cleared around the pairs, so that no kernel traced one way serves the
+    other."""
+    from pallas_kernels.matvec import gpu
+
+    if request.param == "pairs":
+        monkeypatch.setattr(gpu, "triton_offsets_overflow", lambda a: True)
+        jax.clear_caches()
+    yield request.param
+    if request.param == "pairs":
+        jax.clear_caches()
+
+
 def tiny_model_folder(work) -> str:
     """The tiny random model with a small tokenizer, written in the HF layout to work/hf and
     converted to work/jax (float32). Returns the converted folder."""

@@ -51,21 +51,6 @@ def matvec64(x, w, ids):
     return np.einsum("pmk,pnk->pmn", np.repeat(x, len(ids) // len(x), axis=0), w[ids])
 
 
-@pytest.fixture(params=["values", "pairs"])
-def reads(request, monkeypatch):
-    """How the matvec kernel reads the FP8 stacks: as their values, or as uint16 pairs of them, as
-    it reads a stack of 2-4 GiB (`backend.triton_offsets_overflow`), here on small ones."""
-    if request.param == "pairs":
-        from pallas_kernels.matvec import gpu
-
-        monkeypatch.setattr(gpu, "triton_offsets_overflow", lambda a: True)
-        jax.clear_caches()                                   # no kernel traced with the values
-        yield request.param
-        jax.clear_caches()
-    else:
-        yield request.param
-
-
 def both(x, w, ids, **kwargs):
     """The kernel (interpret mode) and the reference."""
     return (matvec(x, w, ids, backend="gpu", interpret=True, **kwargs),
