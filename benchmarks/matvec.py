@@ -26,9 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.timing import bench_jax, copy_bandwidth, device_ms
+from pallas_kernels.backend import quantize_rows
 from pallas_kernels.matvec import gpu, reference
 from ring_jax import RingConfig
-from ring_jax.quantization import quantize_rows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WEIGHTS = ("bfloat16", "float8_e4m3fn")
@@ -56,7 +56,7 @@ def shapes(config):
 
 def weights(key, count: int, K: int, N: int, dtype: str):
     """count random matrices: (bf16 [count, K, N], None), or FP8 [count, N, K] with their scales
-    [count, N] (`ring_jax.quantization.quantize_rows`)."""
+    [count, N] (`pallas_kernels.backend.quantize_rows`)."""
     if dtype == "bfloat16":
         return jax.random.normal(key, (count, K, N), jnp.float32).astype(jnp.bfloat16), None
     return tuple(quantize_rows(jax.random.normal(key, (count, N, K), jnp.float32)))

@@ -60,7 +60,6 @@ def gmm_table(Ms, hbm):
     from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
 
     from pallas_kernels import backend
-    from ring_jax.quantization import quantize_rows
 
     print("| shape | M | sizes | dense same FLOPs | XLA ragged_dot | ragged_dot_mgpu | ours (auto) |")
     print("|---|---|---|---|---|---|---|")
@@ -77,7 +76,7 @@ def gmm_table(Ms, hbm):
     dense = jax.jit(lambda a, b: a @ b[0])
     for name, (K, N) in SHAPES.items():
         rhs = (jax.random.normal(key, (G, K, N), jnp.float32) / 30).astype(jnp.bfloat16)
-        values, scale = quantize_rows(jnp.swapaxes(rhs, 1, 2))
+        values, scale = backend.quantize_rows(jnp.swapaxes(rhs, 1, 2))
         for M in Ms:
             lhs = jax.random.normal(jax.random.fold_in(key, M), (M, K), jnp.float32).astype(jnp.bfloat16)
             fl = 2 * M * K * N
@@ -126,9 +125,8 @@ def with_fp8_rows(entry):
 def swiglu_table(Ms):
     """The gate_up product and SwiGLU: our gmm then XLA's SwiGLU, against SwiGLU in the kernel's
     epilogue (`pallas_kernels.gmm_swiglu`, which skips writing and re-reading the [M, 2 I] product)."""
+    from pallas_kernels.backend import quantize_rows
     from pallas_kernels.moe import gmm_gpu, reference
-
-    from ring_jax.quantization import quantize_rows
 
     print("\n| gate_up + SwiGLU | M | sizes | gmm, then XLA SwiGLU | SwiGLU in the epilogue | saved | "
           "FP8 weights, SwiGLU in the epilogue | bf16 / FP8 | FP8 weights and rows (quantized in the call) | "

@@ -53,9 +53,9 @@ def _matvec_takes(rows: int, x, w, scale=None) -> bool:
 
 def projection_matvec(x, w, scale=None) -> bool:
     """Whether x [..., K] (an array or a `Normed`) @ w [K, N] (FP8 with `scale`: [N, K]) takes the
-    matvec kernel: a few rows (a decode step) on one Hopper GPU, where it streams the weights
-    faster than XLA's product of that shape, reads a stacked layer's weights in their stack and
-    normalises a Normed's rows."""
+    matvec kernel: as many rows as the kernel takes (`pallas_kernels.matvec`'s "auto": a batch-1
+    decode step) on one Hopper GPU, where it streams the weights faster than XLA's product of that
+    shape, reads a stacked layer's weights in their stack and normalises a Normed's rows."""
     return not in_mesh() and _matvec_takes(math.prod(x.shape[:-1]), x, w, scale)
 
 
@@ -75,7 +75,14 @@ def experts_gather(tokens, ids, gate_up, down, expert_parallel: bool = False) ->
         return False
     if pallas_kernels.gmm_backend(tokens, _values_scale(gate_up)[0]) == "reference":
         return True
-    return not expert_parallel and all(_matvec_takes(1, tokens, *_values_scale(w)) for w in (gate_up, down))
+    return not expert_parallel and all(_matvec_takes(1, rows, *_values_scale(w))
+                                       for rows, w in _product_rows(tokens, gate_up, down))
+
+
+def _product_rows(tokens, gate_up, down) -> tuple:
+    """((rows, gate_up), (rows, down)) of the experts' two products: gate_up reads the tokens (a
+    Normed: normalised in the kernel), down the SwiGLU of its output, plain rows of their dtype."""
+    return (tokens, gate_up), (norm_operands(tokens)[0], down)
 
 
 def _values_scale(w) -> tuple:
@@ -97,10 +104,10 @@ def shared_expert_joins(tokens, ids, gate_up, down, shared: tuple | None) -> boo
     if shared is None or in_mesh() or not experts_gather(tokens, ids, gate_up, down):
         return False
 
-    def takes(routed, shared):
+    def takes(rows, routed, shared):
         (values, scale), (shared_values, shared_scale) = _values_scale(routed), _stack_of_one(shared)
-        return _matvec_takes(1, tokens, (values, shared_values), None if scale is None else (scale, shared_scale))
-    return all(takes(e, w) for w, e in zip(shared, (gate_up, down)))
+        return _matvec_takes(1, rows, (values, shared_values), None if scale is None else (scale, shared_scale))
+    return all(takes(rows, e, w) for w, (rows, e) in zip(shared, _product_rows(tokens, gate_up, down)))
 
 
 # Up to this batch a decode step on a Hopper GPU runs its layers unrolled. A few sequences' step is

@@ -77,17 +77,12 @@ class Fp8(NamedTuple):
     scale: np.ndarray | jax.Array
 
 
-def quantize_rows(w) -> Fp8:
-    """w [..., out, in] (numpy or jax, any float dtype) -> Fp8 of the same kind, one scale per row
-    (`pallas_kernels.backend.quantize_rows`)."""
-    return Fp8(*backend.quantize_rows(w))
-
-
 def quantize_kernel(kernel: jax.Array) -> Fp8:
-    """A parameter in the model's layout [..., in, out] -> its Fp8 [..., out, in] (`quantize_rows`,
-    compiled). A stack of the experts' stacks [L, E, in, out] one layer at a time: XLA materialises
-    the transpose (a transpose and a reduction do not fuse on a GPU, and its autotuner allocates
-    the transpose's output again to time it), so that a whole stack's would add twice its bytes."""
+    """A parameter in the model's layout [..., in, out] -> its Fp8 [..., out, in]
+    (`pallas_kernels.backend.quantize_rows`, compiled). A stack of the experts' stacks [L, E, in,
+    out] one layer at a time: XLA materialises the transpose (a transpose and a reduction do not
+    fuse on a GPU, and its autotuner allocates the transpose's output again to time it), so that a
+    whole stack's would add twice its bytes."""
     if kernel.ndim > 3:
         return Fp8(*(jnp.stack(parts) for parts in zip(*(_quantized_matrices(entry) for entry in kernel))))
     return _quantized_matrices(kernel)
@@ -95,7 +90,7 @@ def quantize_kernel(kernel: jax.Array) -> Fp8:
 
 @jax.jit
 def _quantized_matrices(kernel):
-    return quantize_rows(jnp.swapaxes(kernel, -1, -2))
+    return Fp8(*backend.quantize_rows(jnp.swapaxes(kernel, -1, -2)))
 
 
 def dequantize(q: Fp8):

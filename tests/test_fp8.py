@@ -21,8 +21,8 @@ from ring_jax.io.conversion import convert_hf_to_jax, convert_jax_to_hf
 from ring_jax.io.mapping import tensor_table
 from ring_jax.io.random_checkpoint import write_random_hf_checkpoint, write_small_tokenizer
 from ring_jax.io.safetensors_io import SafetensorsFolder, write_hf_weights
-from pallas_kernels.backend import FP8, FP8_MAX
-from ring_jax.quantization import dequantize, quantize_rows
+from pallas_kernels.backend import FP8, FP8_MAX, quantize_rows
+from ring_jax.quantization import Fp8, dequantize
 from test_matvec import decode_logits, on_hopper
 
 IDS = np.random.default_rng(11).integers(0, 256, (4, 64))          # 256 positions of the tiny vocabulary
@@ -90,8 +90,8 @@ def check_quantize_rows():
     w = rng.standard_normal((3, 48, 96)).astype(np.float32) * np.exp(rng.uniform(-8, 8, (3, 48, 1))).astype(np.float32)
     w[1, 5] = 0
     for source in (w, w.astype(ml_dtypes.bfloat16)):
-        host = quantize_rows(source)
-        device = quantize_rows(jnp.asarray(source))
+        host = Fp8(*quantize_rows(source))
+        device = Fp8(*quantize_rows(jnp.asarray(source)))
         assert host.values.dtype == FP8 and host.scale.dtype == np.float32 and host.scale.shape == (3, 48)
         assert np.asarray(device.values).tobytes() == host.values.tobytes()
         assert np.asarray(device.scale).tobytes() == host.scale.tobytes()
@@ -203,7 +203,7 @@ def test_block_scaled_hf_checkpoint(hf, tmp_path):
     assert plain.quantization is None and plain.dtype == np.float32
     np.testing.assert_array_equal(np.asarray(plain.layer(1).mlp.experts.down_proj[...][2]), want.T)
     quantized = ring_jax.load_model(str(folder), quantize="fp8")
-    q = quantize_rows(want)
+    q = Fp8(*quantize_rows(want))
     got = quantized.layer(1).mlp.experts
     assert np.asarray(got.down_proj[...][2]).tobytes() == q.values.tobytes()
     assert np.asarray(got.down_proj_scale[...][2]).tobytes() == q.scale.tobytes()

@@ -87,8 +87,6 @@ def test_kernel_in_the_interpreter_matches_float64(K, N, sizes, stages):
 def fp8_operands(seed, M, K, N, G, offset):
     """lhs [M, K] bf16, FP8 weights of offset + G groups ([offset + G, N, K] values, [offset + G, N]
     scales)."""
-    from ring_jax.quantization import quantize_rows
-
     rng = np.random.default_rng(seed)
     lhs = jnp.asarray(rng.standard_normal((M, K), np.float32), jnp.bfloat16)
     values, scale = quantize_rows(jnp.asarray(rng.standard_normal((offset + G, N, K), np.float32) / K ** 0.5))

@@ -244,7 +244,7 @@ def test_fp8_grouped_matmul_gradient_in_a_scan_over_layers(monkeypatch):
     an FP8 model trains through them): the layer index and the scales are tracers there, and the
     gradient to the rows is the reference's (the kernel swapped for its jnp stand-in)."""
     from pallas_kernels import backend as kernel_backend
-    from ring_jax.quantization import quantize_rows
+    from pallas_kernels.backend import quantize_rows
 
     monkeypatch.setattr(gmm_gpu, "gmm", gmm_stand_in)
     monkeypatch.setattr(kernel_backend, "platform", lambda: "hopper")
@@ -268,8 +268,9 @@ def test_fp8_rows_pass_their_rounding_straight_through(monkeypatch):
     to the tokens, the weight-only product's, on the GPU branch (kernels swapped for stand-ins) as
     on the reference."""
     from pallas_kernels import backend as kernel_backend
+    from pallas_kernels.backend import quantize_rows
     from ring_jax.layers.moe import grouped_outputs
-    from ring_jax.quantization import Fp8, quantize_rows
+    from ring_jax.quantization import Fp8
 
     from pallas_kernels.moe import gather_gpu
 

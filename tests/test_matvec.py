@@ -16,6 +16,7 @@ from pallas_kernels.matvec import matvec, matvec_backend, reference
 from ring_jax import RingConfig, backends
 from ring_jax.cache import init_cache
 from ring_jax.layers import moe
+from ring_jax.layers.norms import Normed
 from ring_jax.quantization import Fp8
 from test_generate import extend
 
@@ -208,6 +209,10 @@ def test_gathered_path_choice(monkeypatch):
     assert backends.experts_gather(tokens, ids, gate_up, down)
     assert not backends.experts_gather(tokens, ids, gate_up, down, expert_parallel=True)
     assert not backends.experts_gather(tokens, ids, gate_up, jnp.zeros((64, 100, 256), jnp.bfloat16))
+    # Normed tokens: only gate_up normalises its rows (whole rows: K a power of two), down's K = 384 is not one
+    normed = Normed(tokens, jnp.ones(256, jnp.bfloat16), 1e-6)
+    wide = jnp.zeros((64, 256, 768), jnp.bfloat16), jnp.zeros((64, 384, 256), jnp.bfloat16)
+    assert backends.experts_gather(normed, ids, *wide)
     fp8 = [Fp8(jnp.zeros((64, n, 256), jnp.float8_e4m3fn), jnp.ones((64, n), jnp.float32)) for n in (512, 256)]
     assert backends.experts_gather(tokens, ids, *fp8)                        # FP8 experts (K-major) alike
     assert not backends.experts_gather(tokens, ids, *fp8, expert_parallel=True)

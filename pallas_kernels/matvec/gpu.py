@@ -13,11 +13,11 @@ FP8 weights (`pallas_kernels.backend.FP8`: K-major [E, N, K] stacks with scales 
 reads a [block_n, block_k] tile (block_k = 256 of the 1-byte values), converts it to float32 and
 reduces over K, so the kernel only learns to read K-major tiles; the per-column scale multiplies
 the summed partials afterwards, in the same XLA reduction. A stack of 2-4 GiB (Ring-mini's linear
-layers' experts' down, 4.0 GB) would overflow the lowering's 32-bit offsets
+layers' experts' down, 4.03 GB) would overflow the lowering's 32-bit offsets
 (`backend.triton_offsets_overflow`), so then the kernel reads every stack as uint16 pairs of
 neighbouring K values (`_pairs`, the same bytes): each pair's low byte (K position 2j) meets x's
-even columns and its high byte its odd ones. Pairs cost more instructions per byte (2-15% more
-time per product on an H100, docs/PERFORMANCE.md), hence only there.
+even columns and its high byte its odd ones. Pairs cost more instructions per byte (each
+product's time in docs/PERFORMANCE.md, "FP8 end to end"), hence only there.
 
 Each row of x is multiplied with the tile and reduced over K inside the program (a static loop
 over the M rows: Triton tensors must have power-of-two shapes, M need not). With a norm, every

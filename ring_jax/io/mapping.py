@@ -25,8 +25,8 @@ import numpy as np
 
 from ring_jax.errors import CheckpointError
 from ring_jax.config import RingConfig
-from pallas_kernels.backend import FP8
-from ring_jax.quantization import Fp8, dequantize, quantize_rows, quantized_path, scale_name
+from pallas_kernels.backend import FP8, quantize_rows
+from ring_jax.quantization import Fp8, dequantize, quantized_path, scale_name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +83,7 @@ class TensorSpec:
     def to_param(self, read, dtype) -> tuple[np.ndarray, ...]:
         """The parameter's `arrays`, from `read(hf_name)` -> an np.ndarray or an `Fp8` (an FP8
         checkpoint's tensor): cast to dtype (or float32), or quantized from its dtype cast
-        (`quantize_rows`, as `RingModel.quantize` quantizes a model of that dtype; an Fp8 tensor
+        (`pallas_kernels.backend.quantize_rows`, as `RingModel.quantize` quantizes a model of that dtype; an Fp8 tensor
         is taken as it is)."""
         if self.quantized:
             (_, shape, _), (_, scale_shape, _) = self.arrays

@@ -76,15 +76,15 @@ def _rounded_backward(spec, residuals, cotangent):
 _rounded_einsum.defvjp(_rounded_forward, _rounded_backward, symbolic_zeros=True)
 
 
-def matmul(x, w, scale=None, out_dtype=None) -> jax.Array:
-    """x [..., K] (an array or a `Normed`) @ w [K, N] (an array or a `StackSlice`), as `einsum`;
-    with `scale` [N] (float32), w is FP8 in its K-major layout [N, K] and the product is x times
-    its values, accumulated in float32, times the scale (`ring_jax.quantization`). A decode step's
-    few rows may take the matvec kernel (`backends.projection_matvec`), which reads a stacked
-    layer's weights in their stack and normalises a Normed's rows itself."""
+def matmul(x, w, scale=None) -> jax.Array:
+    """x [..., K] (an array or a `Normed`) @ w [K, N] (an array or a `StackSlice`) -> [..., N] of x's
+    dtype, as `einsum`; with `scale` [N] (float32; a StackSlice where w is one), w is FP8 in its
+    K-major layout [N, K] and the product is x times its values, accumulated in float32, times the
+    scale (`ring_jax.quantization`). A decode step's single row may take the matvec kernel
+    (`backends.projection_matvec`), which reads a stacked layer's weights in their stack and
+    normalises a Normed's rows itself."""
     K, N = w.shape[::-1] if scale is not None else w.shape
     rows = math.prod(x.shape[:-1])
-    out_dtype = out_dtype or x.dtype
     if backends.projection_matvec(x, w, scale):
         rows_in, norm = norm_operands(x)
         if isinstance(w, StackSlice):
@@ -93,11 +93,11 @@ def matmul(x, w, scale=None, out_dtype=None) -> jax.Array:
         else:
             scales = {} if scale is None else dict(scale=scale[None])
             y = pallas_kernels.matvec(rows_in.reshape(1, rows, K), w[None], **scales, **norm)
-        return y.reshape(*x.shape[:-1], N).astype(out_dtype)
+        return y.reshape(*x.shape[:-1], N).astype(x.dtype)
     if scale is None:
-        return einsum("...k,kn->...n", read(x), read(w), out_dtype)
+        return einsum("...k,kn->...n", read(x), read(w))
     x = read(x)
-    return (einsum("...k,nk->...n", x, read(w).astype(x.dtype), jnp.float32) * read(scale)).astype(out_dtype)
+    return (einsum("...k,nk->...n", x, read(w).astype(x.dtype), jnp.float32) * read(scale)).astype(x.dtype)
 
 
 def float32_matmul(x, w) -> jax.Array:

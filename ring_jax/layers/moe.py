@@ -98,18 +98,19 @@ def expert_outputs(tokens, ids, gate_up, down, expert_axis=None, gathered=None, 
     gathered products stay weight-only). Returns [N, k, hidden] in tokens' dtype.
 
     The pairs run sorted by expert through grouped matmuls (dropless), or, for few pairs, each
-    through its chosen expert's weights (`backends.experts_gather`; inside shard_map the caller decides from the
-    global pairs).
+    through its chosen expert's weights (`backends.experts_gather`; inside shard_map the caller
+    decides from the global pairs and passes `gathered`).
     """
-    E = _count(gate_up)
+    if gathered is None:
+        gathered = backends.experts_gather(tokens, ids, gate_up, down, expert_parallel=expert_axis is not None)
     if expert_axis is None:
-        if backends.experts_gather(tokens, ids, gate_up, down) if gathered is None else gathered:
-            return gathered_outputs(tokens, ids, gate_up, down)
-        return grouped_outputs(tokens, ids, gate_up, down, fp8_rows)
+        return gathered_outputs(tokens, ids, gate_up, down) if gathered else grouped_outputs(
+            tokens, ids, gate_up, down, fp8_rows)
+    E = _count(gate_up)
     local = ids - jax.lax.axis_index(expert_axis) * E
     here = (local >= 0) & (local < E)
     ids = jnp.where(here, local, E)                          # elsewhere: a group past the last
-    if backends.experts_gather(tokens, ids, gate_up, down, True) if gathered is None else gathered:
+    if gathered:
         return jnp.where(here[..., None], gathered_outputs(tokens, jnp.minimum(ids, E - 1), gate_up, down), 0)
     return grouped_outputs(tokens, ids, gate_up, down, fp8_rows)
 
