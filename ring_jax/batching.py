@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import numpy as np
 
 from ring_jax import backends
@@ -22,20 +23,26 @@ def prompt_ids(input_ids, attention_mask, vocab_size: int) -> list[np.ndarray]:
     if isinstance(input_ids, str):
         raise TypeError("prompts are token ids, not text: encode it first "
                         "(ring_jax.load_tokenizer(folder).encode(text)), or use ring_jax.chat")
-    if isinstance(input_ids, (list, tuple)) and input_ids and isinstance(input_ids[0], (list, tuple, np.ndarray)):
+    if isinstance(input_ids, (list, tuple)) and input_ids and isinstance(input_ids[0], (list, tuple, np.ndarray,
+                                                                                       jax.Array)):
         if attention_mask is not None:
             raise ValueError("attention_mask goes with a [B, T] array, not with a list of prompts")
         prompts = [np.asarray(p) for p in input_ids]
     else:
-        ids = np.asarray(input_ids)
+        try:
+            ids = np.asarray(input_ids)
+        except ValueError:                                     # e.g. [1, [2, 3]]
+            raise ValueError("input_ids must be [batch, seq_len] token ids, [seq_len], or a list of "
+                             "token-id lists") from None
         ids = ids[None] if ids.ndim == 1 else ids
         if ids.ndim != 2:
             raise ValueError(f"input_ids must be [batch, seq_len], got shape {ids.shape}")
         if attention_mask is None:
             prompts = list(ids)
         else:
-            mask = np.asarray(attention_mask).reshape(ids.shape) if np.size(attention_mask) == ids.size else None
-            if mask is None:
+            mask = np.asarray(attention_mask)
+            mask = mask[None] if mask.ndim == 1 else mask
+            if mask.shape != ids.shape:
                 raise ValueError(f"attention_mask shape {np.shape(attention_mask)} != input_ids shape {ids.shape}")
             prompts = []
             for b, (row, m) in enumerate(zip(ids, mask.astype(bool))):
@@ -48,9 +55,11 @@ def prompt_ids(input_ids, attention_mask, vocab_size: int) -> list[np.ndarray]:
             raise ValueError(f"prompt {b} is not a flat list of token ids (shape {p.shape})")
         if p.size == 0:
             raise ValueError(f"prompt {b} is empty: it needs at least one token")
-        if p.dtype == object and all(isinstance(t, int) for t in p.tolist()):     # ids beyond int64
-            bad = next(t for t in p.tolist() if not 0 <= t < vocab_size)
-            raise ValueError(f"prompt {b} holds token id {bad}, outside the vocabulary [0, {vocab_size})")
+        if p.dtype == object and all(isinstance(t, int) for t in p.tolist()):     # Python ints, maybe huge
+            bad = next((t for t in p.tolist() if not 0 <= t < vocab_size), None)
+            if bad is not None:
+                raise ValueError(f"prompt {b} holds token id {bad}, outside the vocabulary [0, {vocab_size})")
+            p = prompts[b] = p.astype(np.int64)
         if not np.issubdtype(p.dtype, np.integer):
             raise TypeError(f"prompt {b}: token ids must be integers, got {p.dtype}")
         if p.min() < 0 or p.max() >= vocab_size:

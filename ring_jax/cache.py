@@ -59,10 +59,6 @@ class Cache:
     cursor: jax.Array
 
     @property
-    def max_len(self) -> int:
-        return self.keys.shape[2]
-
-    @property
     def lengths(self) -> jax.Array:
         """[B] int32: the tokens each sequence holds."""
         return self.cursor - self.start

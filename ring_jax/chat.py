@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from ring_jax.generate import generate, stream
+from ring_jax.model import check_model
 from ring_jax.sampling import GenerationConfig, eos_ids, until_eos
 
 
@@ -42,6 +43,7 @@ REPLY_TOKENS = 512
 def _call(model, tokenizer, messages, enable_thinking, config, settings) -> tuple[list[int], GenerationConfig]:
     """(the prompt ids, the call's settings: eos by `eos_ids` with the tokenizer, max_new_tokens
     (default REPLY_TOKENS) capped to the room left in the context)."""
+    check_model(model)
     config = GenerationConfig.of(config, **settings)
     ids = prompt_ids(tokenizer, messages, enable_thinking)
     room = room_left(model, ids, config.max_len)

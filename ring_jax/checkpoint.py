@@ -35,6 +35,7 @@ from ring_jax.config import RingConfig
 from ring_jax.errors import CheckpointError, one_line, quiet_closed_event_loops
 from ring_jax.io.hf import open_hf_checkpoint, parse_dtype
 from ring_jax.io.mapping import TensorSpec, tensor_table
+from ring_jax.layers.stack import set_entry
 from ring_jax.model import RingModel
 from ring_jax.quantization import check_method, quantize_kernel
 from ring_jax.schedule import kind_index
@@ -112,9 +113,7 @@ def _allocate_stacks(model: RingModel, config: RingConfig, quantize: str | None,
         variable.set_value(zeros)
 
 
-@functools.partial(jax.jit, donate_argnums=0)
-def _set_entry(stack, value, index):
-    return jax.lax.dynamic_update_index_in_dim(stack, value, index, 0)
+_set_entry = jax.jit(set_entry, donate_argnums=0)            # in place: the stack's buffer is reused
 
 
 def _piece(sharding: jax.sharding.NamedSharding) -> jax.sharding.NamedSharding:
@@ -165,7 +164,7 @@ def model_from_tensors(config: RingConfig, tensors, dtype, mesh=None, quantize: 
             if index is None:
                 variable.set_value(value)
                 continue
-            variable.set_value(_set_entry(variable.get_value(), value, jnp.int32(index)))
+            variable.set_value(_set_entry(variable.get_value(), jnp.int32(index), value))
     return model
 
 
@@ -412,8 +411,8 @@ def load_model(path: str, dtype=None, mesh=None, verify: bool = False, quantize:
     do); a damaged parameter is a CheckpointError naming it.
     """
     check_method(quantize)
-    if isinstance(dtype, str):
-        dtype = parse_dtype(dtype)
+    if dtype is not None:                   # a name or a dtype object, by the same rule
+        dtype = parse_dtype(dtype if isinstance(dtype, str) else dtype_name(dtype))
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path} is not a folder")
     config = RingConfig.from_hf(path, **config_overrides)

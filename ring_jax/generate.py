@@ -16,7 +16,7 @@ from typing import Iterator, Sequence
 import jax
 import numpy as np
 
-from ring_jax.cache import cache_length, init_cache
+from ring_jax.cache import ATTENTION_BLOCK, cache_length, init_cache
 from ring_jax.model import check_model
 from ring_jax.batching import Plan, prompt_ids, token_bucket
 from ring_jax.sampling import GenerationConfig, StopRule
@@ -79,6 +79,9 @@ def prefill(model, input_ids, config: GenerationConfig | None = None, *, attenti
                    1 if mesh is None else mesh.shape.get("data", 1))
     ids, start = plan.padded(prompts, rule.pad_id)
     needed = plan.length + n
+    if config.cache_len is not None and config.cache_len > ATTENTION_BLOCK and config.cache_len % ATTENTION_BLOCK:
+        raise ValueError(f"cache_len={config.cache_len}: beyond {ATTENTION_BLOCK} it must be a multiple of "
+                         f"{ATTENTION_BLOCK} (ring_jax.cache.cache_length(n) gives the one for n slots)")
     if config.cache_len is not None and config.cache_len < needed:
         raise ValueError(f"cache_len={config.cache_len} is below the {needed} slots this call needs "
                          f"(prompt bucket {plan.length} + max_new_tokens {n})")
@@ -121,6 +124,8 @@ def stream(model, input_ids, config: GenerationConfig | None = None, *, steps_pe
     jitted call of the decode loop each). Concatenated they equal generate()'s output up to the
     step where every sequence finished.
     """
+    if not isinstance(steps_per_call, (int, np.integer)) or isinstance(steps_per_call, bool):
+        raise TypeError(f"steps_per_call must be an integer, got {steps_per_call!r:.80}")
     if steps_per_call < 1:
         raise ValueError(f"steps_per_call={steps_per_call} must be >= 1")
     run = prefill(model, input_ids, config, attention_mask=attention_mask, **settings)
@@ -151,16 +156,19 @@ def warmup(model, config: GenerationConfig | None = None, *, batch_sizes: Sequen
     in threads at once (XLA compiles outside Python's lock; each holds its cache meanwhile), one
     after the other on a multi-process launch (where every process must run the same steps in the
     same order). Returns the number of distinct shapes compiled."""
+    check_model(model)
     config = GenerationConfig.of(config, **settings)
     if config.max_new_tokens is None:
         config = dataclasses.replace(config, max_new_tokens=256)
     mesh = model_mesh(model)
     data = 1 if mesh is None else mesh.shape.get("data", 1)
+    for name, sizes in (("batch_sizes", batch_sizes), ("prompt_lengths", prompt_lengths)):
+        if isinstance(sizes, (str, bytes)) or not hasattr(sizes, "__iter__") or not all(
+                isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n >= 1 for n in sizes):
+            raise ValueError(f"warmup: {name} must be a list of integers >= 1, got {sizes!r:.80}")
     pairs = {}
-    for B in batch_sizes:
-        for T in prompt_lengths:
-            if B < 1 or T < 1:
-                raise ValueError(f"warmup: batch sizes and prompt lengths must be >= 1, got {B} and {T}")
+    for B in map(int, batch_sizes):
+        for T in map(int, prompt_lengths):
             plan = Plan.of(model.config, model.dtype, B, T, config.prefill_chunk, data)
             pairs.setdefault(plan, (B, T))
     token = 0 if config.pad_token_id is None else config.pad_token_id

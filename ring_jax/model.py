@@ -26,6 +26,7 @@ from ring_jax.layers.stack import layer_view, stack_modules
 from ring_jax.schedule import Run, Schedule, attention_of, kind_index
 from ring_jax.quantization import METHODS, quantized_path
 from ring_jax.sharding import constrain, model_mesh, param, put, shard_model, spec
+from ring_jax.steps import flatten
 
 ACTIVATION_AXES = ("batch", None, "embed")   # x: [B, T, hidden]
 
@@ -235,29 +236,26 @@ class RingModel(nnx.Module):
         ids = check_input_ids(input_ids, self.config.vocab_size)
         mesh = model_mesh(self)
         if mesh is None or isinstance(ids, jax.core.Tracer):          # traced: under the caller's mesh
-            return _jit_forward(*_flat(self), ids)
+            return _jit_forward(*flatten(self), ids)
         with jax.set_mesh(mesh):
             ids = put(np.asarray(ids), jax.sharding.NamedSharding(mesh, spec(("batch", None), ids.shape, mesh)))
-            return _jit_forward(*_flat(self), ids)
-
-
-def _flat(model):
-    """(structure, arrays) for `_jit_forward`. A jitted call that takes the NNX module itself
-    walks its graph in Python on every call, which costs more host time than flattening it once
-    and calling with the arrays."""
-    arrays, structure = jax.tree.flatten(model)
-    return structure, arrays
+            return _jit_forward(*flatten(self), ids)
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _jit_forward(structure, arrays, input_ids):
-    """The model as its arrays and its static structure (`_flat`)."""
+    """The model as its arrays and its static structure (`ring_jax.steps.flatten`: cheaper per call
+    than a jitted call that walks the NNX module's graph)."""
     return jax.tree.unflatten(structure, arrays).forward(input_ids)
 
 
 def check_input_ids(input_ids, vocab_size: int) -> jax.Array:
     """Validates token ids: integer, [B, T] (a [T] vector becomes [1, T]), T >= 1, ids in range."""
-    ids = input_ids if isinstance(input_ids, jax.Array) else np.asarray(input_ids)
+    try:
+        ids = input_ids if isinstance(input_ids, jax.Array) else np.asarray(input_ids)
+    except ValueError:                                         # a ragged list
+        raise ValueError("input_ids must be a rectangular [batch, seq_len] of token ids (prompts of "
+                         "different lengths: ring_jax.generate takes a list of them)") from None
     if not jnp.issubdtype(ids.dtype, jnp.integer):
         raise TypeError(f"input_ids must be integer token ids, got dtype {ids.dtype}")
     if ids.ndim == 1:

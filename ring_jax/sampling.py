@@ -24,7 +24,8 @@ class GenerationConfig:
     A sequence finishes at one of eos_token_id (int or list; default: the model config's, or
     where a tokenizer is at hand its eos set: `eos_ids`) or when its output ends with one of `stop`
     (token-id sequences); its later tokens are pad_token_id (default: the config's pad, else the
-    first eos). The eos or stop tokens themselves are part of the output.
+    first eos, else 0). The eos or stop tokens themselves are part of the output, and every id
+    must be in the vocabulary.
     max_len: the most prompt + new tokens allowed (default: the config's max_position_embeddings).
     prefill_chunk: prompt tokens per prefill step, summed over the batch (a power of two >= 16; it
     bounds the activation memory). None: `ring_jax.backends.prefill_chunk`: 32768 for bf16 models
@@ -51,6 +52,13 @@ class GenerationConfig:
             if (value is not None or name == "seed") and (not isinstance(value, (int, np.integer))
                                                           or isinstance(value, bool)):
                 raise TypeError(f"{name} must be an integer, got {value!r:.80}")
+            if value is not None:
+                object.__setattr__(self, name, int(value))
+        for name in ("temperature", "top_p"):
+            value = getattr(self, name)
+            if (value is not None or name == "temperature") and (
+                    not isinstance(value, (int, float, np.integer, np.floating)) or isinstance(value, bool)):
+                raise TypeError(f"{name} must be a number, got {value!r:.80}")
         n = self.max_new_tokens
         if n is not None and n < 1:
             raise ValueError(f"max_new_tokens={n} must be >= 1")
@@ -169,8 +177,13 @@ class StopRule:
         stop = tuple(tuple(int(t) for t in s) for s in (stop or ()))
         if any(not s for s in stop):
             raise ValueError("stop sequences must be non-empty lists of token ids")
-        if not 0 <= pad < model_config.vocab_size:   # padding is embedded like any token
-            raise ValueError(f"pad_token_id={pad} is outside the vocabulary [0, {model_config.vocab_size})")
+        vocab = model_config.vocab_size
+        if not 0 <= pad < vocab:                      # padding is embedded like any token
+            raise ValueError(f"pad_token_id={pad} is outside the vocabulary [0, {vocab})")
+        for name, ids in (("eos_token_id", eos), ("stop", [t for s in stop for t in s])):
+            bad = next((t for t in ids if not 0 <= t < vocab), None)
+            if bad is not None:                       # a token the model never produces: no stop
+                raise ValueError(f"{name} holds token id {bad}, outside the vocabulary [0, {vocab})")
         return cls(eos, stop, int(pad))
 
     @property

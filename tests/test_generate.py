@@ -268,7 +268,8 @@ def test_eos_and_stop_sequences(model):
     got = generate(model, p, max_new_tokens=10, eos_token_id=free[3], pad_token_id=0)[0].tolist()
     k = free.index(free[3])
     assert got == free[:k + 1] + [0] * (9 - k)
-    got = generate(model, p, max_new_tokens=10, eos_token_id=[], stop=[[free[5], free[6]], [999]],
+    never = next(t for t in range(model.config.vocab_size) if t not in free)
+    got = generate(model, p, max_new_tokens=10, eos_token_id=[], stop=[[free[5], free[6]], [never]],
                    pad_token_id=0)[0].tolist()
     assert got[:7] == free[:7] and got[7:] == [0, 0, 0]
 

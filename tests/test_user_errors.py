@@ -71,9 +71,29 @@ def test_library_calls_name_the_argument_of_another_kind(model_dir):
             (dict(stop=[[1, "a"]]), TypeError, "stop must be a list of token-id lists"),
             (dict(top_k=2.5), TypeError, "top_k must be an integer"),
             (dict(temperature=float("nan")), ValueError, "temperature=nan must be a finite number >= 0"),
-            (dict(pad_token_id=999), ValueError, r"pad_token_id=999 is outside the vocabulary \[0, 256\)")):
+            (dict(pad_token_id=999), ValueError, r"pad_token_id=999 is outside the vocabulary \[0, 256\)"),
+            (dict(eos_token_id=999), ValueError, r"eos_token_id holds token id 999, outside the vocabulary"),
+            (dict(stop=[[1, -1]]), ValueError, r"stop holds token id -1, outside the vocabulary"),
+            (dict(temperature="0.5"), TypeError, "temperature must be a number, got '0.5'"),
+            (dict(top_p=True), TypeError, "top_p must be a number, got True"),
+            (dict(cache_len=5000), ValueError, "cache_len=5000: beyond 4096 it must be a multiple of 4096")):
         with pytest.raises(error, match=message):
             ring_jax.generate(model, [[1, 2]], max_new_tokens=2, **settings)
+    with pytest.raises(ValueError, match=r"attention_mask shape \(2, 1\) != input_ids shape \(1, 2\)"):
+        ring_jax.generate(model, np.array([[1, 2]]), max_new_tokens=2, attention_mask=np.ones((2, 1)))
+    with pytest.raises(TypeError, match="steps_per_call must be an integer, got 2.5"):
+        next(ring_jax.stream(model, [[1, 2]], max_new_tokens=2, steps_per_call=2.5))
+    with pytest.raises(ValueError, match="input_ids must be .* or a list of token-id lists"):
+        ring_jax.generate(model, [1, [2, 3]], max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"rectangular \[batch, seq_len\]"):
+        model([[1, 2], [3]])
+    with pytest.raises(ValueError, match="warmup: batch_sizes must be a list of integers >= 1, got 2"):
+        ring_jax.warmup(model, batch_sizes=2)
+    with pytest.raises(ValueError, match="dtype must be bfloat16, float32 or float16, got 'int32'"):
+        ring_jax.load_model(model_dir, dtype=np.int32)
+    want = ring_jax.generate(model, [[1, 2]], max_new_tokens=2)
+    # numpy integers and Python ints in an object array are the same settings and ids
+    assert np.array_equal(ring_jax.generate(model, np.array([[1, 2]], object), max_new_tokens=np.int64(2)), want)
     assert ring_jax.generate(model, [[1, 2]], max_new_tokens=2, stop=[np.array([3, 4])], eos_token_id=[5]).shape == (1, 2)
 
 
