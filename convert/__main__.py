@@ -2,7 +2,7 @@
 (the command line of `ring_jax.io.conversion`)."""
 
 from ring_jax.errors import ArgumentParser, exit_now, run_command
-from ring_jax.flags import number
+from ring_jax.flags import folder, number
 
 
 def main(argv=None) -> int:
@@ -11,7 +11,7 @@ def main(argv=None) -> int:
     a = sub.add_parser("hf2jax", help="HF safetensors folder -> ring_jax folder (Orbax)",
                        description="Streams an HF Ring-linear-2.0 checkpoint (model.safetensors or a "
                                    "sharded set with model.safetensors.index.json) into an Orbax checkpoint.")
-    a.add_argument("--hf-dir", required=True, help="folder with config.json and the safetensors files")
+    a.add_argument("--hf-dir", required=True, type=folder, help="folder with config.json and the safetensors files")
     a.add_argument("--out", required=True, help="new output folder (must not exist)")
     a.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
                    help="parameter dtype (default: the config's torch_dtype); expert_bias stays float32")
@@ -24,7 +24,7 @@ def main(argv=None) -> int:
     b = sub.add_parser("jax2hf", help="ring_jax folder -> HF safetensors folder",
                        description="Writes the HF layout back from a folder made by hf2jax (an FP8 one in "
                                    "FBGEMM's FP8 layout: float8_e4m3fn weights and weight_scale [out, 1]).")
-    b.add_argument("--model-dir", required=True, help="folder written by hf2jax")
+    b.add_argument("--model-dir", required=True, type=folder, help="folder written by hf2jax")
     b.add_argument("--out", required=True, help="new output folder (must not exist)")
     b.add_argument("--max-shard-gb", type=number(0, low_open=True), default=5.0,
                    help="largest safetensors shard, in GiB")
@@ -33,6 +33,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if not args.out:
         sub.choices[args.command].error("--out is empty: name a new output folder")
+    if args.command == "jax2hf" and int(args.max_shard_gb * 2**30) < 1:
+        b.error(f"argument --max-shard-gb: {args.max_shard_gb} GiB is under one byte")
     return run_command(_run, args, f"{parser.prog} {args.command}", args.debug)
 
 

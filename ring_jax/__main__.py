@@ -7,7 +7,6 @@ chat      an interactive conversation through the model's chat template, streame
 """
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -58,12 +57,15 @@ def demo(args) -> int:
     import ring_jax
     from ring_jax.io.conversion import convert_hf_to_jax
     from ring_jax.io.random_checkpoint import write_random_hf_checkpoint, write_small_tokenizer
+    from ring_jax.staging import staged_folder
 
+    ring_jax.RingConfig.from_hf(args.config)                 # a config error names its field, before any work
     with open(args.config) as f:
         config = json.load(f)
     if args.keep and os.path.exists(args.keep):
         raise FileExistsError(f"--keep {args.keep} exists; choose a new folder")
-    with (contextlib.nullcontext(args.keep) if args.keep else tempfile.TemporaryDirectory()) as work:
+    # --keep: built in a temporary folder beside it and renamed at the end, so a failure keeps nothing
+    with (staged_folder(args.keep) if args.keep else tempfile.TemporaryDirectory()) as work:
         hf_dir, jax_dir = os.path.join(work, "hf"), os.path.join(work, "jax")
         write_random_hf_checkpoint(hf_dir, config, dtype=args.dtype, seed=args.seed)
         write_small_tokenizer(hf_dir, config["vocab_size"])
@@ -87,6 +89,7 @@ def demo(args) -> int:
                               max_new_tokens=args.tokens, temperature=0.8, seed=args.seed)
         print(f"6. chat('Hello!') with the Ring chat template (random weights, so noise): {reply!r}")
     if args.keep:
+        hf_dir, jax_dir = os.path.join(args.keep, "hf"), os.path.join(args.keep, "jax")
         print(f"kept: {hf_dir} (HF layout) and {jax_dir} (converted): "
               f"python -m ring_jax chat --model {jax_dir}")
     return 0

@@ -41,7 +41,7 @@ from ring_jax.quantization import check_method, quantize_kernel
 from ring_jax.schedule import kind_index
 from ring_jax.staging import staged_folder
 
-FORMAT_VERSION = 2  # 2: SwiGLU gate and up joined into gate_up_proj
+FORMAT_VERSION = 2  # the layout of params/: each SwiGLU's gate and up projections as one gate_up_proj
 MANIFEST = "ring_jax.json"
 PARAMS_DIR = "params"
 
@@ -137,7 +137,7 @@ def model_from_tensors(config: RingConfig, tensors, dtype, mesh=None, quantize: 
     """A RingModel whose parameters come from `tensors(spec)` -> the parameter's `arrays` of the
     table of `quantize` (or, for a quantized parameter, its unquantized array, quantized here on
     the device), without random init; on `mesh`, each laid out by its annotation (host arrays
-    are split, device arrays must be). A stacked parameter is filled entry by entry in place:
+    are split, device arrays moved to their layout). A stacked parameter is filled entry by entry in place:
     what is held at once is the model's stacks and the entry being written."""
     if quantize is None and config.fp8_activations != "none":
         raise ValueError(f"fp8_activations={config.fp8_activations!r} needs FP8 weights: pass quantize='fp8' or "
@@ -299,6 +299,13 @@ def read_manifest(folder: str) -> dict:
         raise _damaged(folder, f"{MANIFEST} lacks its parameter list")
     if manifest.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: format {manifest.get('format')!r}, this ring_jax reads {FORMAT_VERSION}")
+    if manifest.get("dtype") not in ("bfloat16", "float32", "float16"):
+        raise _damaged(folder, f"{MANIFEST} names no model dtype (bfloat16, float32 or float16): "
+                               f"{manifest.get('dtype')!r:.40}")
+    for key, entry in manifest["params"].items():       # [shape, dtype name, checksum (optional)]
+        if not (isinstance(entry, list) and len(entry) in (2, 3) and isinstance(entry[0], list)
+                and all(isinstance(d, int) and d >= 0 for d in entry[0]) and isinstance(entry[1], str)):
+            raise _damaged(folder, f"{MANIFEST}: the entry of parameter {key} is malformed ({entry!r:.60})")
     return manifest
 
 

@@ -143,7 +143,7 @@ class RingConfig:
 
         hf_quantization(raw.get("quantization_config"))       # a layout ring_jax cannot read: an error
         if raw.get("head_dim", 0) is None:  # HF: head_dim or hidden_size // num_attention_heads
-            raw["head_dim"] = raw.get("hidden_size", 2048) // raw.get("num_attention_heads", 16)
+            raw["head_dim"] = raw["hidden_size"] // raw["num_attention_heads"]
         if "layer_group_size" not in raw:
             raise ConfigError("config.json lacks layer_group_size (the softmax-layer period)")
         names = {f.name for f in dataclasses.fields(cls)}
@@ -263,6 +263,23 @@ def _validate(c: RingConfig) -> None:
          f"{c.num_experts_per_tok} exceeds the experts of topk_group={c.topk_group} groups")
     need(c.num_shared_experts is None or (isinstance(c.num_shared_experts, int) and c.num_shared_experts >= 0),
          "num_shared_experts", f"must be a non-negative integer or null, got {c.num_shared_experts!r}")
+    def integer(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    def number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    need(integer(c.first_k_dense_replace), "first_k_dense_replace",
+         f"must be an integer, got {c.first_k_dense_replace!r}")
+    need(c.moe_shared_expert_intermediate_size is None or (integer(c.moe_shared_expert_intermediate_size)
+                                                          and c.moe_shared_expert_intermediate_size >= 0),
+         "moe_shared_expert_intermediate_size",
+         f"must be a non-negative integer or null, got {c.moe_shared_expert_intermediate_size!r}")
+    need(c.pad_token_id is None or integer(c.pad_token_id), "pad_token_id",
+         f"must be a token id or null, got {c.pad_token_id!r}")
+    eos = c.eos_token_id
+    need(eos is None or integer(eos) or (isinstance(eos, list) and all(map(integer, eos))), "eos_token_id",
+         f"must be a token id, a list of them or null, got {eos!r}")
     need(0 <= c.first_k_dense_replace <= c.num_hidden_layers, "first_k_dense_replace",
          f"must be in [0, num_hidden_layers], got {c.first_k_dense_replace}")
     need(isinstance(c.num_nextn_predict_layers, int) and c.num_nextn_predict_layers >= 0,
@@ -277,5 +294,8 @@ def _validate(c: RingConfig) -> None:
              f"{c.rope_type!r} is not implemented (default and yarn are)")
         if c.rope_type == "yarn":
             factor = c.rope_scaling.get("factor")
-            need(isinstance(factor, (int, float)) and factor >= 1, "rope_scaling.factor",
-                 f"yarn needs a factor >= 1, got {factor!r}")
+            need(number(factor) and factor >= 1, "rope_scaling.factor", f"yarn needs a factor >= 1, got {factor!r}")
+            for key in ("original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor", "mscale",
+                        "mscale_all_dim"):
+                value = c.rope_scaling.get(key)
+                need(value is None or number(value), f"rope_scaling.{key}", f"must be a number or null, got {value!r}")

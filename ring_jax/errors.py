@@ -21,10 +21,9 @@ class CheckpointError(ValueError):
 
 
 def user_errors() -> tuple[type, ...]:
-    """The exception types that report the user's input or environment, not a bug."""
-    from ring_jax.config import ConfigError
-
-    return ConfigError, CheckpointError, ValueError, OSError
+    """The exception types that report the user's input or environment, not a bug (ConfigError and
+    CheckpointError among the ValueErrors)."""
+    return ValueError, OSError
 
 
 # TensorStore's annotations after the cause: the spec of the array it was opening (a JSON object of
@@ -73,7 +72,7 @@ def out_of_memory(error: BaseException) -> str | None:
 
 def run_command(command, args, prog: str, debug: bool = False) -> int:
     """command(args) -> its exit status; a user error (or a device out of memory) is one line
-    `prog: error: ...` and 2 (the traceback too with debug), Ctrl-C is 130. Without debug, the
+    `prog: error: ...` and 2 (with debug, the error is raised: its traceback and 1), Ctrl-C is 130. Without debug, the
     error logs of Orbax's writer and reader threads (absl's logger) are not shown: they repeat the
     error with a traceback."""
     quiet_closed_event_loops()

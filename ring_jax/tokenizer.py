@@ -79,10 +79,6 @@ their Ring format is not documented.
 """
 
 
-# The files of a tokenizer folder (a model folder's copy of them goes with it, e.g. when merged).
-FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
-
-
 class TokenizerError(ValueError):
     """A tokenizer folder whose files are malformed, or a request the tokenizer cannot serve."""
 

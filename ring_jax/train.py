@@ -52,11 +52,12 @@ from ring_jax import lora
 from ring_jax.checkpoint import load_model, save_model
 from ring_jax.errors import ArgumentParser, exit_now, one_line, run_command
 from ring_jax.flags import add_model_flags, build_mesh, integer, number, positive_int
+from ring_jax.io.hf import AUX_FILES
 from ring_jax.model import check_model
 from ring_jax.sharding import first_array, model_mesh
 from ring_jax.staging import staged_folder
 from ring_jax.steps import on_mesh, placer
-from ring_jax.tokenizer import FILES as TOKENIZER_FILES, load_tokenizer
+from ring_jax.tokenizer import load_tokenizer
 from ring_jax.train_data import Batches, read_examples
 
 
@@ -467,7 +468,7 @@ def merge_run(run_folder: str, out: str, model_path: str | None = None, say=prin
     with staged_folder(out) as tmp:      # the model and the tokenizer files appear at once
         os.rmdir(tmp)                     # save_model stages its own folder, which must not exist yet
         save_model(model, tmp)
-        for name in TOKENIZER_FILES:
+        for name in AUX_FILES:
             if os.path.isfile(os.path.join(base, name)):
                 shutil.copy(os.path.join(base, name), tmp)
     say(f"merged {merged} adapted projections of step {step} into {out}")

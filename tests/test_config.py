@@ -61,6 +61,13 @@ def test_yarn_is_read(tiny_dict):
     ({"num_nextn_predict_layers": -1, "mtp_placement": "after"}, "num_nextn_predict_layers"),
     ({"quantization_config": {"quant_method": "fp8"}}, "quantization_config"),
     ({"linear_silu": False, "use_linear_silu": True}, "use_linear_silu"),
+    ({"first_k_dense_replace": "1"}, "first_k_dense_replace"),
+    ({"moe_shared_expert_intermediate_size": "32"}, "moe_shared_expert_intermediate_size"),
+    ({"pad_token_id": "0"}, "pad_token_id"),
+    ({"eos_token_id": "1"}, "eos_token_id"),
+    ({"eos_token_id": [1, "2"]}, "eos_token_id"),
+    ({"rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": "x"}},
+     "rope_scaling.original_max_position_embeddings"),
 ])
 def test_bad_fields_are_named(tiny_dict, change, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -225,11 +226,34 @@ def test_malformed_files_are_named(tmp_path, tiny_dict):
         convert_hf_to_jax(str(tmp_path / "hf"), str(tmp_path / "out"), progress=False)
 
 
+@pytest.mark.parametrize("header, data, message", [
+    ([], b"", "malformed safetensors header (not a JSON object)"),
+    ({"w": {"dtype": "F32", "shape": None, "data_offsets": [0, 4]}}, b"0000", "malformed header entry for tensor w"),
+    ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}}, b"0" * 8, "malformed header entry for tensor w"),
+    ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"0000", "past the end of the file"),
+])
+def test_malformed_headers_are_named_when_the_folder_opens(tmp_path, header, data, message):
+    """Every header entry is checked before any tensor is read (a truncated file included)."""
+    raw = json.dumps(header).encode()
+    (tmp_path / "model.safetensors").write_bytes(len(raw).to_bytes(8, "little") + raw + data)
+    with pytest.raises(CheckpointError, match=f"model.safetensors: .*{re.escape(message)}"):
+        SafetensorsFolder(str(tmp_path))
+
+
+def test_malformed_index_is_named(tmp_path):
+    index = tmp_path / "model.safetensors.index.json"
+    for text, message in (("{", "is not valid JSON"), ("[]", "no weight_map"),
+                          ('{"weight_map": {"w": 5}}', "no weight_map of tensor names to file names")):
+        index.write_text(text)
+        with pytest.raises(CheckpointError, match=f"model.safetensors.index.json.*{message}"):
+            SafetensorsFolder(str(tmp_path))
+
+
 def test_written_config_states_the_stored_dtype(tmp_path, tiny_dict):
-    write_random_hf_checkpoint(tmp_path / "hf", tiny_dict, dtype="float32")
+    write_random_hf_checkpoint(tmp_path / "hf", dict(tiny_dict, dtype="float32"), dtype="float32")
     convert_hf_to_jax(str(tmp_path / "hf"), str(tmp_path / "jax"), dtype="bfloat16", progress=False)
     written = json.loads((tmp_path / "jax" / "config.json").read_text())
-    assert written["torch_dtype"] == "bfloat16" and written["auto_map"] == tiny_dict["auto_map"]
+    assert written["torch_dtype"] == written["dtype"] == "bfloat16" and written["auto_map"] == tiny_dict["auto_map"]
     with pytest.raises(ValueError, match="both >= 1"):
         ring_jax.load_model(str(tmp_path / "jax"))(np.zeros((0, 3), np.int32))
 

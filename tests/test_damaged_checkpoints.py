@@ -2,6 +2,7 @@
 command lines, and a checksum catches what loads without an error."""
 
 import glob
+import json
 import os
 import shutil
 import subprocess
@@ -33,6 +34,15 @@ def overwrite(path, at=1000, size=4096):
         f.write(np.random.default_rng(0).bytes(size))
 
 
+def edit_manifest(folder, change):
+    path = os.path.join(folder, MANIFEST)
+    with open(path) as f:
+        manifest = json.load(f)
+    change(manifest)
+    with open(path, "w") as f:
+        json.dump(manifest, f)
+
+
 DAMAGE = {
     "data file deleted": lambda d: os.remove(largest_data_file(d)),
     "data file truncated": lambda d: os.truncate(largest_data_file(d), os.path.getsize(largest_data_file(d)) // 2),
@@ -41,6 +51,9 @@ DAMAGE = {
     "Orbax metadata removed": lambda d: os.remove(os.path.join(d, "params", "_METADATA")),
     "params removed": lambda d: shutil.rmtree(os.path.join(d, "params")),
     "manifest cut": lambda d: os.truncate(os.path.join(d, MANIFEST), 100),
+    "manifest's dtype removed": lambda d: edit_manifest(d, lambda m: m.pop("dtype")),
+    "a manifest entry a number": lambda d: edit_manifest(d, lambda m: m["params"].update(
+        {next(iter(m["params"])): 5})),
 }
 
 

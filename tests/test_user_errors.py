@@ -1,6 +1,7 @@
 """What a user can get wrong reads as one line: command-line arguments (before the model loads),
 a missing model folder, a chat that outgrows the context (the session goes on)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -143,8 +144,25 @@ def test_convert_and_demo_arguments_are_one_line(tmp_path, capsys):
         convert_main(["hf2jax", "--hf-dir", str(tmp_path)])
     assert exit_.value.code == 2
     assert capsys.readouterr().err == "python -m convert hf2jax: error: the following arguments are required: --out\n"
+    (tmp_path / "config.json").write_text("{}")
+    for args, message in ((["hf2jax", "--hf-dir", str(tmp_path / "config.json")], f"argument --hf-dir: "
+                           f"{tmp_path / 'config.json'} is not a folder"),
+                          (["jax2hf", "--model-dir", str(tmp_path), "--max-shard-gb", "1e-10"],
+                           "argument --max-shard-gb: 1e-10 GiB is under one byte")):
+        with pytest.raises(SystemExit) as exit_:
+            convert_main([*args, "--out", str(tmp_path / "out")])
+        assert exit_.value.code == 2
+        assert capsys.readouterr().err == f"python -m convert {args[0]}: error: {message}\n"
     assert main(["demo", "--keep", str(tmp_path)]) == 2
     assert capsys.readouterr().err == f"python -m ring_jax demo: error: --keep {tmp_path} exists; choose a new folder\n"
+    (tmp_path / "list.json").write_text("[1]")
+    assert main(["demo", "--config", str(tmp_path / "list.json")]) == 2
+    assert capsys.readouterr().err == f"python -m ring_jax demo: error: {tmp_path / 'list.json'} holds no JSON object\n"
+    small = dict(json.loads(open(os.path.join(ROOT, "configs", "tiny.json")).read()), vocab_size=50)
+    (tmp_path / "small.json").write_text(json.dumps(small))
+    assert main(["demo", "--config", str(tmp_path / "small.json"), "--keep", str(tmp_path / "kept")]) == 2
+    assert "too small for a character-level tokenizer" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "list.json", "small.json"]    # nothing kept
 
 
 def test_demo_keeps_the_tiny_model(tmp_path):

@@ -32,7 +32,8 @@ def convert_hf_to_jax(hf_dir: str, out_dir: str, dtype=None, progress: bool = Tr
     None the model as stored (FBGEMM's per-channel FP8 as FP8; block-scaled FP8 dequantized to
     dtype).
 
-    Every tensor is checked before anything is written; the output is built in a temporary folder
+    Every tensor's name, shape, dtype and byte range is checked before anything is written (an FP8
+    scale's values as it is read); the output is built in a temporary folder
     beside out_dir and renamed into place at the end (`ring_jax.staging`), so a failure leaves
     nothing behind, and a later run removes what a killed one left.
     """
@@ -59,8 +60,12 @@ def convert_hf_to_jax(hf_dir: str, out_dir: str, dtype=None, progress: bool = Tr
         writer.close(dtype, quantize)
         with open(os.path.join(hf_dir, "config.json")) as f:
             config_json = json.load(f)
-        config_json["torch_dtype"] = dtype.name  # every other key as the HF folder has it, but the
-        config_json.pop("quantization_config", None)   # quantization, which the manifest holds
+        # Every other key as the HF folder has it, but the dtype (newer transformers write `dtype`
+        # beside or instead of torch_dtype) and the quantization, which the manifest holds.
+        config_json["torch_dtype"] = dtype.name
+        if "dtype" in config_json:
+            config_json["dtype"] = dtype.name
+        config_json.pop("quantization_config", None)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config_json, f, indent=2)
         for name in AUX_FILES:
@@ -76,8 +81,8 @@ def convert_jax_to_hf(model_dir: str, out_dir: str, max_shard_bytes: int = 5 * 2
     """Writes the HF layout of a converted folder: `model.safetensors` or shards of at most
     max_shard_bytes with their index, config.json and the aux files.
 
-    The parameters are restored whole (host memory of the model's size) and checked against
-    their checksums first."""
+    The parameters are restored whole onto the default device (its memory must hold the model)
+    and checked against their checksums first."""
     if os.path.exists(out_dir):
         raise FileExistsError(f"{out_dir} exists; choose a new output folder")
     config = RingConfig.from_hf(model_dir)

@@ -90,10 +90,8 @@ def open_hf_checkpoint(hf_dir: str, config: RingConfig, dtype=None) -> tuple[HFT
     return source, np.dtype(dtype)
 
 
-def parse_dtype(name: str | None):
-    """"bfloat16", "float32" or "float16" (a config's torch_dtype, a --dtype) -> numpy dtype; None -> None."""
-    if name is None:
-        return None
+def parse_dtype(name: str):
+    """"bfloat16", "float32" or "float16" (a config's torch_dtype, a --dtype) -> numpy dtype."""
     if name not in ("bfloat16", "float32", "float16"):
         raise ValueError(f"dtype must be bfloat16, float32 or float16, got {name!r}")
     return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)

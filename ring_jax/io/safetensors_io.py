@@ -2,8 +2,8 @@
 
 A safetensors file is an 8-byte little-endian header length, a JSON header
 `{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}` and the raw
-little-endian bytes. Reading goes one tensor at a time (`os.pread`), so a caller holds only the
-tensors it asks for.
+little-endian bytes. Reading goes one tensor at a time, so a caller holds only the tensors it asks
+for; every header entry is checked against the file's size when the folder is opened.
 """
 
 from __future__ import annotations
@@ -30,7 +30,9 @@ SINGLE_FILE = "model.safetensors"
 
 
 def read_header(path: str) -> dict:
-    """The JSON header of one safetensors file, without `__metadata__`."""
+    """The JSON header of one safetensors file, without `__metadata__`: every entry's dtype, shape
+    and byte range checked (a range past the end of the file: a truncated file)."""
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
@@ -42,6 +44,8 @@ def read_header(path: str) -> dict:
             header = json.loads(f.read(n))
         except ValueError as e:
             raise CheckpointError(f"{path}: malformed safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: malformed safetensors header (not a JSON object)")
     header.pop("__metadata__", None)
     for name, info in header.items():
         if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
@@ -49,7 +53,19 @@ def read_header(path: str) -> dict:
         info["offset"] = 8 + n
         if info["dtype"] not in DTYPES:
             raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+        shape, offsets = info["shape"], info["data_offsets"]
+        if not (isinstance(shape, list) and all(_count(d) for d in shape) and isinstance(offsets, list)
+                and len(offsets) == 2 and all(map(_count, offsets)) and offsets[0] <= offsets[1]):
+            raise CheckpointError(f"{path}: malformed header entry for tensor {name} (shape {shape!r:.40}, "
+                                  f"data_offsets {offsets!r:.40})")
+        if info["offset"] + offsets[1] > size:
+            raise CheckpointError(f"{path}: tensor {name} ends at byte {info['offset'] + offsets[1]}, past the "
+                                  f"end of the file ({size} bytes): a truncated file")
     return header
+
+
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 class SafetensorsFolder:
@@ -61,9 +77,13 @@ class SafetensorsFolder:
         index_path = os.path.join(folder, INDEX_FILE)
         if os.path.isfile(index_path):
             with open(index_path) as f:
-                weight_map = json.load(f).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise CheckpointError(f"{index_path}: no weight_map")
+                try:
+                    index = json.load(f)
+                except ValueError as e:
+                    raise CheckpointError(f"{index_path} is not valid JSON ({e})") from None
+            weight_map = index.get("weight_map") if isinstance(index, dict) else None
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise CheckpointError(f"{index_path}: no weight_map of tensor names to file names")
             files = sorted(set(weight_map.values()))
         elif os.path.isfile(os.path.join(folder, SINGLE_FILE)):
             weight_map, files = None, [SINGLE_FILE]
@@ -93,10 +113,6 @@ class SafetensorsFolder:
 
     def dtype(self, name: str) -> np.dtype:
         return DTYPES[self._entries[name][1]["dtype"]]
-
-    def nbytes(self, name: str) -> int:
-        begin, end = self._entries[name][1]["data_offsets"]
-        return end - begin
 
     def read(self, name: str) -> np.ndarray:
         """The tensor as a fresh numpy array (its own memory, nothing kept mapped)."""
