@@ -28,8 +28,8 @@ class GenerationConfig:
     must be in the vocabulary.
     max_len: the most prompt + new tokens allowed (default: the config's max_position_embeddings).
     prefill_chunk: prompt tokens per prefill step, summed over the batch (a power of two >= 16; it
-    bounds the activation memory). None: `ring_jax.backends.prefill_chunk`: 32768 for bf16 models
-    on Hopper GPUs, else 4096.
+    bounds the activation memory). None: `ring_jax.backends.prefill_chunk`: 32768 where the prefill
+    takes cuDNN's flash attention (bf16 or f16 models on Hopper GPUs), else 4096.
     cache_len: the cache's slots (default: the prompt bucket + max_new_tokens, rounded up). The
     compiled steps depend on it: one fixed value serves every prompt length with one compile, at
     the cost of decode steps that read the whole cache.
