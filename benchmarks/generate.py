@@ -7,14 +7,14 @@
 The model is `RingModel` with random bf16 weights, or with --quantize fp8 random FP8 weights
 (`RingModel.quantize`'s layout, drawn directly: Ring-flash-linear-2.0 does not fit one GPU in
 bf16), the same modules and code path as a loaded checkpoint; prefill and decode go through `ring_jax.generate`'s own jitted steps. A prefill figure
-is the median of three runs after the first (which compiles: its excess is the compile time; the
-second run was up to 6% slower than later ones at 32k, cause not established), a decode figure the
-run after the compiling one; each sits beside its roofline:
-- prefill: FLOPs = 2 x (active non-embedding parameters + head) per token + causal softmax
-  attention; MFU against 989 TFLOP/s (H100 SXM dense bf16), of the wall time of generate()'s
-  prefill (set-up included) and of its GPU time alone (kernel durations in a trace, one more call:
-  the difference is host work and idle GPU); and the time to first token through
-  `ring_jax.stream` (the prefill plus validation, cache set-up and the first sampled token);
+is the median of three runs after the first (which compiles: its excess is the compile time), a
+decode figure the run after the compiling one; each sits beside its roofline:
+- prefill: FLOPs = 2 x active non-embedding parameters per token, 2 x the head's once (only the
+  last position's logits) and the causal softmax attention; MFU against 989 TFLOP/s (H100 SXM
+  dense bf16), of the wall time of generate()'s prefill (set-up included) and of its GPU time
+  alone (kernel durations in a trace, one more call: the difference is host work and idle GPU);
+  and the time to first token through `ring_jax.stream` (the prefill plus validation, cache
+  set-up and the first sampled token);
 - decode: bytes per step = the weights one step reads (every non-expert weight, the head, and the
   expected number of distinct experts that B x top-k picks touch; 1 byte each in FP8) + the KV
   cache and the linear states, over the copy bandwidth measured in the same run.
@@ -98,7 +98,8 @@ def _normal_fp8(key, shape):
 
 
 def weight_counts(config, model):
-    """(expert params per expert, non-expert params excluding the embedding table, head params)."""
+    """(expert params per expert, non-expert params excluding the embedding table, head params,
+    MoE layers)."""
     I, hidden = config.moe_intermediate_size, config.hidden_size
     per_expert = 3 * hidden * I
     total = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

@@ -8,8 +8,8 @@ shared and dense MLPs, 8 routed experts' matrices picked by id, and the LM head 
 multiplied by `rows` rows, with bf16 weights and with FP8 weights (`pallas_kernels.backend.FP8`:
 float8_e4m3fn [N, K] values and a float32 scale per output column; XLA's way converts the values
 to the rows' dtype, multiplies, and scales the float32 sums). Both ways return float32 sums. Each
-is timed as R products on R distinct matrices (more than 256 MB in all, so that the 50 MB L2 does
-not serve them) inside one jitted call; the time is the GPU kernels' own time per product
+is timed as R products on R distinct matrices (up to 32, to pass 256 MB in all where they can, so
+that the 50 MB L2 serves little of them) inside one jitted call; the time is the GPU kernels' own time per product
 (`timing.device_ms`: from a profiler trace of 20 calls, divided by R, the kernel's partial-sum
 reduction and scaling included), as they run back to back inside a decode step. Without a GPU,
 wall-clock medians (a smoke run). Bytes: the weights each product reads (FP8: the 1-byte values

@@ -23,8 +23,8 @@ read and written per second (the tokens' rows are read top-8 times, partly from 
 pass the copy bandwidth). Table 3, a whole Ring-mini MoE layer (router, dispatch, experts, combine, shared expert) in
 tokens per second.
 Times in milliseconds. Tables 1 and 2, the SwiGLU and the gather tables: the GPU kernels' own time per call, summed over a trace of 20
-calls after warm-up (no per-call host round trip, which is 0.1-0.2 ms on the shared GPU host and
-would blur every row under a millisecond). Table 3: median wall-clock time of 20 jitted calls.
+calls after warm-up (no per-call host round trip, which would blur every row under a
+millisecond). Table 3: median wall-clock time of 20 jitted calls.
 """
 
 import argparse
@@ -56,7 +56,7 @@ def group_sizes(M, G, skew, seed=0):
     return sizes
 
 
-def gmm_table(Ms, hbm):
+def gmm_table(Ms):
     from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
 
     from pallas_kernels import backend
@@ -227,7 +227,7 @@ def main():
     hbm = copy_bandwidth()
     print(f"# {jax.devices()[0].device_kind} | jax {jax.__version__} | copy bandwidth {hbm / 1e12:.2f} TB/s")
     if "gmm" in args.only:
-        gmm_table([4096, 131072] if args.quick else [8, 64, 512, 4096, 16384, 131072], hbm)
+        gmm_table([4096, 131072] if args.quick else [8, 64, 512, 4096, 16384, 131072])
     if "swiglu" in args.only:
         swiglu_table([32768, 131072])
     if "gather" in args.only:

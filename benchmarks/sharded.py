@@ -40,7 +40,8 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
-from benchmarks.generate import decode_bytes, prefill_flops, run_decode, run_prefill, weight_counts  # noqa: E402
+from benchmarks.generate import (PEAK_FLOPS, decode_bytes, prefill_flops, run_decode, run_prefill,  # noqa: E402
+                                 weight_counts)
 from benchmarks.timing import bench_jax, copy_bandwidth  # noqa: E402
 from ring_jax import RingConfig, RingModel, job  # noqa: E402
 from ring_jax.cache import cache_length  # noqa: E402
@@ -48,7 +49,6 @@ from ring_jax.batching import prefill_steps  # noqa: E402
 from ring_jax.layers import moe  # noqa: E402
 from ring_jax.sharding import make_mesh, param_shardings, parse_mesh  # noqa: E402
 
-PEAK_FLOPS = 989e12
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BLOCK = 1 << 20          # noise elements drawn per parameter; tiled over the rest
 

@@ -33,8 +33,8 @@ def back_to_back_ms(f, *args, n=20):
 
 def copy_bandwidth():
     """Device bytes read + written per second by a 2 GiB elementwise pass (the memory ceiling),
-    from its GPU time (a per-call host clock adds a round trip: 3.1-3.5 TB/s instead of 4.3 on an
-    H200); the median wall clock where there is no GPU."""
+    from its GPU time (a per-call host clock would add a round trip to every call); the median wall
+    clock where there is no GPU."""
     x = jnp.ones((2 * 1024**3 // 4,), jnp.float32)
     f = jax.jit(lambda a: a + 1)
     return 2 * x.nbytes / ((device_ms(f, x) or bench_jax(f, x)) * 1e-3)

@@ -67,6 +67,17 @@ def triton_offsets_overflow(a) -> bool:
     return a.size > 2**31 and a.size * jnp.dtype(a.dtype).itemsize <= 2**32
 
 
+def power_of_two(n: int) -> bool:
+    """Whether n is a positive power of two (a Triton block's sizes must be)."""
+    return n > 0 and n & (n - 1) == 0
+
+
+def sm_count() -> int:
+    """The streaming multiprocessors of the first device (an H100's or H200's 132 where the device
+    does not say: interpret mode on the CPU)."""
+    return getattr(jax.devices()[0], "core_count", 132)
+
+
 @functools.cache
 def platform() -> str:
     """"tpu", "hopper" (a CUDA GPU of compute capability 9.0 or newer) or "other"."""

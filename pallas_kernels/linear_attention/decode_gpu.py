@@ -29,12 +29,10 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels.backend import power_of_two
+
 BLOCK_V = 32
 NUM_WARPS = 4
-
-
-def _pow2(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
 
 
 def _spans(D: int, rotary_dim: int) -> tuple[tuple[int, int], ...]:
@@ -47,9 +45,9 @@ def fits(qkv, state, rotary_dim: int) -> bool:
     float32 qkv, a float32 state [..., D, D] with D a power of two of at least BLOCK_V, and
     rotary_dim / 2 and D - rotary_dim (unless 0) powers of two."""
     D, Dv = state.shape[-2:]
-    spans_ok = rotary_dim % 2 == 0 and 0 < rotary_dim <= D and all(_pow2(n) for _, n in _spans(D, rotary_dim))
+    spans_ok = rotary_dim % 2 == 0 and 0 < rotary_dim <= D and all(power_of_two(n) for _, n in _spans(D, rotary_dim))
     return (jnp.dtype(qkv.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
-            and jnp.dtype(state.dtype) == jnp.dtype(jnp.float32) and D == Dv and _pow2(D) and D >= BLOCK_V
+            and jnp.dtype(state.dtype) == jnp.dtype(jnp.float32) and D == Dv and power_of_two(D) and D >= BLOCK_V
             and spans_ok)
 
 

@@ -18,7 +18,7 @@ Occupancy. A CTA's chunk is a chain of dependent steps (two pairs of wgmmas with
 between them), so the SM needs a second CTA to overlap with, and each kernel fits two per SM at
 D = Dv = 128: 112 KB of SMEM each. Buffers read only before the chunk loop (decay tables, the
 incoming state) and the final state's way out are scoped around the loop and reuse its memory, and
-the output tile leaves through the score tile's buffer. (One CTA per SM, 177 KB, was slower:
+the output tile leaves through the score tile's buffer. (One CTA per SM with 177 KB is slower:
 docs/PERFORMANCE.md.)
 
 Numerics: q, k, v and o are bf16; every product accumulates in float32; S stays float32 across the
@@ -34,6 +34,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.backend import sm_count
 
 CHUNK = 64
 COL_GROUPS = 2  # CTAs per (batch, head, segment), each owning Dv / COL_GROUPS value columns
@@ -63,7 +65,7 @@ def decay_tables(log_decay, chunk: int, head_dim: int, tail: int):
 def _num_segments(n_chunks: int, parallel: int) -> int:
     """1 when `parallel` CTAs already cover the SMs; else the largest divisor of n_chunks up to
     two CTAs per SM (segments of at least 4 chunks)."""
-    sms = getattr(jax.devices()[0], "core_count", 132)
+    sms = sm_count()
     if parallel >= sms:
         return 1
     want = max(1, min(n_chunks // 4, -(-2 * sms // parallel)))

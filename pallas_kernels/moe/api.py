@@ -199,8 +199,8 @@ def gmm_swiglu(lhs, rhs, group_sizes, *, group_offset=0, scale=None, lhs_scale=N
 
 def _check_scale(lhs, rhs, scale, lhs_scale=None):
     """A ValueError unless rhs is FP8 [G', N, K] with K lhs's and scale its float32 [G', N] scales
-    (and lhs is bf16, or FP8 with lhs_scale its float32 [M] scales), or nothing is FP8 and both
-    scales are None."""
+    (and lhs of the model's dtype, or FP8 with lhs_scale its float32 [M] scales), or nothing is FP8
+    and both scales are None."""
     fp8 = jnp.dtype(rhs.dtype) == FP8
     if (jnp.dtype(lhs.dtype) == FP8) != (lhs_scale is not None):
         raise ValueError(f"gmm: FP8 (float8_e4m3fn) lhs goes with lhs_scale and only with it; got {lhs.dtype} lhs, "

@@ -22,11 +22,11 @@ of its own).
 SwiGLU epilogue (`swiglu=True`, rhs [G, K, 2 I] holding gate then up columns, output [M, I]). A
 unit is a tile times one block of tile_n output columns; the memory warpgroup loads that block's
 gate and up columns, and each compute warpgroup accumulates half of the tile's rows against both,
-so silu(gate) * up is formed in registers and the [M, 2 I] product is never written (2-11% less
-time than the product followed by XLA's SwiGLU at the Ring shapes on an H200).
+so silu(gate) * up is formed in registers and the [M, 2 I] product is never written (less time
+than the product followed by XLA's SwiGLU at the Ring shapes: docs/PERFORMANCE.md).
 
 Cost at the Ring-mini prefill shape (M = 131072, K = 2048, N = 1024, 256 equal groups): 0.55 TFLOP,
-and 0.5 GB of lhs, 1 GB of rhs and 0.27 GB of output at least once each (0.41 ms at 4.31 TB/s;
+and 0.54 GB of lhs, 1.07 GB of rhs and 0.27 GB of output at least once each (0.44 ms at 4.31 TB/s;
 0.79 ms at 700 TFLOP/s): compute-bound. Decode shapes (a few rows per group) read each chosen
 group's [K, N] once per column block and are bound by those bytes.
 
@@ -57,7 +57,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.backend import FP8, gpu_interpreter
+from pallas_kernels.backend import FP8, gpu_interpreter, sm_count
 
 # FP8 tile rows converted at a time: [64, 64] float32 values are 32 registers a thread, beside the
 # accumulator's 128.
@@ -95,8 +95,9 @@ def work_items(group_sizes, m: int, tile_m: int):
 
 
 def _store_rows(value, o_smem, o_gmem, offset, count):
-    """Rows [offset, offset + count) of value [tile_m, tile_n] -> the same rows of o_gmem, through
-    an untiled [tile_m, epi_n] SMEM strip and TMA boxes of 2^i rows for the set bits of count."""
+    """Rows [offset, offset + count) of value [wg_rows, tile_n] (a warpgroup's rows of the tile) ->
+    the same rows of o_gmem, through an untiled [wg_rows, epi_n] SMEM strip and TMA boxes of 2^i
+    rows for the set bits of count."""
     rows, cols = o_smem.shape
     for j in range(value.shape[1] // cols):
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -343,7 +344,7 @@ def gmm(lhs, rhs, group_sizes, *, group_offset=0, scale=None, lhs_scale=None, pr
         lhs = jnp.pad(lhs, ((0, 8 - M % 8), (0, 0)))
         lhs_scale = None if lhs_scale is None else jnp.pad(lhs_scale, (0, 8 - M % 8))
     items, count = work_items(group_sizes, lhs.shape[0], tile_m)
-    sms = INTERPRET_SMS if interpret else getattr(jax.devices()[0], "core_count", 132)
+    sms = INTERPRET_SMS if interpret else sm_count()
     kernel = plgpu.kernel(
         functools.partial(_kernel, tile_m=tile_m, tile_n=tile_n, stages=stages, swiglu=swiglu,
                           k_major=k_major),

@@ -28,8 +28,8 @@ W = cdiv(M, tm) + G is static: the items of all ranges number at most cdiv(M, tm
 border between two non-empty ranges (at most G borders among G + 1 ranges). Steps past the last
 item are SKIP: they keep the last item's out tile, so nothing is written back twice.
 ZERO and SKIP items read the blocks of the last COMPUTE item at the last k step, which are already
-in VMEM: they cost no DMA. The table takes 24 W bytes of SMEM (31 KiB at M = 131072, tm = 128,
-G = 256; Mosaic pads the 6 rows to 8).
+in VMEM: they cost no DMA. The table takes 24 W bytes of SMEM, 32 W as Mosaic pads its 6 rows to 8
+(40 KiB at M = 131072, tm = 128, G = 256: W = 1280).
 
 Grid (cdiv(N, tn), W, cdiv(K, tk)): n tiles "parallel" (split across TensorCores on megacore
 chips), items and k steps "arbitrary" (in order). Per item: the f32 accumulator [tm, tn] (VMEM

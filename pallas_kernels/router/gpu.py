@@ -15,19 +15,16 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels.backend import power_of_two
 from pallas_kernels.router.reference import order_key
 
 NUM_WARPS = 2
 _EXCLUDED = jnp.iinfo(jnp.int32).min     # below every score's key, -inf's included
 
 
-def _pow2(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
-
-
 def fits(E: int, top_k: int, n_group: int) -> bool:
     """Whether the kernel takes this router: Triton blocks need power-of-two sizes."""
-    return _pow2(n_group) and E % n_group == 0 and _pow2(E // n_group) and _pow2(top_k)
+    return power_of_two(n_group) and E % n_group == 0 and power_of_two(E // n_group) and power_of_two(top_k)
 
 
 def _pick(key, index, size):

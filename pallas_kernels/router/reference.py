@@ -9,8 +9,8 @@ import jax.numpy as jnp
 
 # Up to this many comparisons (rows x n x n: a decode step of up to 16 tokens) the selections
 # compare all pairs of scores instead of calling lax.top_k, which XLA:GPU lowers to a sort per
-# selection. Past it the comparisons cost more than the sorts (and XLA:GPU took minutes to compile
-# them for 4096 rows).
+# selection. Past it the comparisons cost more than the sorts (and compile slowly at prefill's row
+# counts).
 COMPARE_TOP_K_MAX = 1 << 20
 
 

@@ -35,16 +35,14 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels.backend import power_of_two
+
 BLOCK = 64               # slots per product
 NUM_WARPS = 4
 NUM_STAGES = 3           # loads in flight in each kernel's loop (Triton's software pipelining)
 MAX_ROWS = 64            # query rows (T G) per kv head
 MMA_ROWS = 16            # the matrix unit's fewest rows
 TARGET_PROGRAMS = 512    # each kernel splits the slots until B Hkv splits reaches this
-
-
-def _pow2(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
 
 
 def fits(q, keys) -> bool:
@@ -55,7 +53,7 @@ def fits(q, keys) -> bool:
     L, Hkv = keys.shape[2], keys.shape[3]
     return (q.dtype == keys.dtype and jnp.dtype(q.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16),
                                                              jnp.dtype(jnp.float32))
-            and _pow2(D) and D >= 16 and L % BLOCK == 0 and H % Hkv == 0 and T * (H // Hkv) <= MAX_ROWS)
+            and power_of_two(D) and D >= 16 and L % BLOCK == 0 and H % Hkv == 0 and T * (H // Hkv) <= MAX_ROWS)
 
 
 def slot_splits(B: int, Hkv: int, n_blocks: int) -> tuple[int, int]:
