@@ -78,6 +78,14 @@ def cache_length(needed: int) -> int:
     return -(-needed // ATTENTION_BLOCK) * ATTENTION_BLOCK
 
 
+def check_cache_length(max_len: int, name: str = "max_len") -> None:
+    """A ValueError unless max_len is a length a cache can have: any up to one attention block, a
+    multiple of ATTENTION_BLOCK beyond (`cache_length` gives one)."""
+    if max_len > ATTENTION_BLOCK and max_len % ATTENTION_BLOCK:
+        raise ValueError(f"{name}={max_len}: beyond {ATTENTION_BLOCK} it must be a multiple of {ATTENTION_BLOCK} "
+                         f"(ring_jax.cache.cache_length(n) gives the one for n slots)")
+
+
 def cache_shardings(cache: Cache, mesh: jax.sharding.Mesh) -> Cache:
     """NamedShardings of a (possibly abstract) cache on `mesh`."""
     def named(x, axes):
@@ -93,9 +101,7 @@ def init_cache(config: RingConfig, batch: int, max_len: int, start, dtype, mesh=
     device (or single-device sharding) to commit it to, like the outputs of the steps that
     continue it, so that the first prefill chunk and the later ones share one compilation
     (default: uncommitted, on JAX's default device)."""
-    if max_len > ATTENTION_BLOCK and max_len % ATTENTION_BLOCK:
-        raise ValueError(f"max_len={max_len}: beyond {ATTENTION_BLOCK} it must be a multiple of "
-                         f"{ATTENTION_BLOCK} (use cache_length)")
+    check_cache_length(max_len)
     start = np.asarray(start, np.int32).reshape(batch)
     if mesh is None:
         start = jnp.asarray(start) if device is None else jax.device_put(start, device)

@@ -16,7 +16,7 @@ from typing import Iterator, Sequence
 import jax
 import numpy as np
 
-from ring_jax.cache import ATTENTION_BLOCK, cache_length, init_cache
+from ring_jax.cache import cache_length, check_cache_length, init_cache
 from ring_jax.model import check_model
 from ring_jax.batching import Plan, prompt_ids, token_bucket
 from ring_jax.sampling import GenerationConfig, StopRule
@@ -79,9 +79,8 @@ def prefill(model, input_ids, config: GenerationConfig | None = None, *, attenti
                    1 if mesh is None else mesh.shape.get("data", 1))
     ids, start = plan.padded(prompts, rule.pad_id)
     needed = plan.length + n
-    if config.cache_len is not None and config.cache_len > ATTENTION_BLOCK and config.cache_len % ATTENTION_BLOCK:
-        raise ValueError(f"cache_len={config.cache_len}: beyond {ATTENTION_BLOCK} it must be a multiple of "
-                         f"{ATTENTION_BLOCK} (ring_jax.cache.cache_length(n) gives the one for n slots)")
+    if config.cache_len is not None:
+        check_cache_length(config.cache_len, "cache_len")
     if config.cache_len is not None and config.cache_len < needed:
         raise ValueError(f"cache_len={config.cache_len} is below the {needed} slots this call needs "
                          f"(prompt bucket {plan.length} + max_new_tokens {n})")
