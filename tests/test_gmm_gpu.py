@@ -67,14 +67,15 @@ def test_kernel_lowers_for_cuda_on_any_machine(swiglu, tile_m, fp8):
 
 
 @pytest.mark.parametrize("K, N, sizes, stages", [(64, 256, [0, 120, 0, 80], 4),          # one unit per SM
-                                                  (256, 512, [0, 100, 0, 40, 50, 0], 2)])   # a sequence per SM
+                                                  (256, 512, [0, 100, 0, 40, 50, 0], 2),    # a sequence per SM
+                                                  (64, 512, [0, 100, 0, 40, 50, 0], 4)])    # ... over one slot
 def test_kernel_in_the_interpreter_matches_float64(K, N, sizes, stages):
     """The kernel itself on the CPU (JAX's Mosaic GPU interpreter: warpgroups, TMA, barriers and
     wgmma simulated): 128-row tiles, M not a multiple of 8, bf16 out against float64, a layer's
     groups read at an offset in a longer stack, zeros past the sum; each of the 2 simulated SMs
     runs one unit as a pipeline of its own, or a sequence of them (START, STEADY, STOP) over a
-    ring of 2 slots that each unit goes round twice. (64-row tiles, tiny groups and float32 out:
-    the FP8 cases below.)"""
+    ring of 2 slots that each unit goes round twice, or over a ring of one slot (K in one step).
+    (64-row tiles, tiny groups and float32 out: the FP8 cases below.)"""
     M, G, offset = 203, len(sizes), len(sizes)
     lhs, stack, group_sizes = operands(M, M, K, N, sizes + sizes)
     group_sizes, total = group_sizes[:G], sum(sizes)
@@ -283,13 +284,11 @@ def test_gpu_gmm_swiglu_epilogue_matches_unfused(case):
     assert rel_err(fused[:total], swiglu64(gmm64(lhs, rhs, group_sizes))[:total]) <= 1e-2
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("fp8", [False, True, "rows"])
-def test_moe_layer_through_gpu_kernel_matches_reference_path(monkeypatch, fp8):
+def moe_layer_against_reference_path(monkeypatch, fp8, token_counts):
     """A whole MoE layer (router -> sorted dispatch -> kernel gmm -> SwiGLU -> gmm -> combine)
-    against the same layer with the jnp reference gmm and SwiGLU, at prefill and decode sizes;
-    bf16 and FP8 experts, and FP8 experts on FP8 rows (`fp8_activations="grouped"`: the SwiGLU
-    output's one-ulp differences become e4m3 steps where they flip its quantization)."""
+    against the same layer with the jnp reference gmm and SwiGLU, at each of token_counts; bf16 or
+    FP8 experts (fp8 True), or FP8 experts on FP8 rows (fp8 "rows", `fp8_activations="grouped"`:
+    the SwiGLU output's one-ulp differences become e4m3 steps where they flip its quantization)."""
     from flax import nnx
 
     from ring_jax.config import RingConfig
@@ -302,7 +301,7 @@ def test_moe_layer_through_gpu_kernel_matches_reference_path(monkeypatch, fp8):
     if fp8:
         layer.experts.quantize()
     monkeypatch.setattr(backends, "GATHER_MAX_PAIRS", 0)      # decode sizes through the gmm too, not matvec
-    for tokens in (1, 8, 300, 1000):  # from 300 x top-4 rows on: 128-row tiles, SwiGLU in the kernel
+    for tokens in token_counts:
         x = jax.random.normal(jax.random.PRNGKey(tokens), (1, tokens, 256)).astype(jnp.bfloat16)
         fast = layer(x)
         with pytest.MonkeyPatch.context() as mp:
@@ -311,6 +310,26 @@ def test_moe_layer_through_gpu_kernel_matches_reference_path(monkeypatch, fp8):
             mp.setattr(moe.pallas_kernels, "gmm_swiglu", functools.partial(api.gmm_swiglu, backend="reference"))
             slow = layer(x)
         assert rel_err(fast, slow) <= (3e-2 if fp8 == "rows" else 1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fp8", [False, True, "rows"])
+def test_moe_layer_through_gpu_kernel_matches_reference_path(monkeypatch, fp8):
+    """`moe_layer_against_reference_path` on the GPU at prefill and decode sizes (from 300 x top-4
+    rows on: 128-row tiles, SwiGLU in the kernel)."""
+    moe_layer_against_reference_path(monkeypatch, fp8, (1, 8, 300, 1000))
+
+
+def test_moe_layer_with_fp8_rows_in_the_interpreter(monkeypatch, transposed_wgmma_operands):
+    """The same with FP8 rows on the CPU: the grouped matmul in JAX's Mosaic GPU interpreter (its
+    2 simulated SMs each run a sequence of units) and the Triton kernels in interpret mode."""
+    from conftest import as_if_on_hopper
+
+    supports, kernel = gmm_gpu.supports, gmm_gpu.gmm
+    as_if_on_hopper(monkeypatch)
+    monkeypatch.setattr(gmm_gpu, "supports", supports)
+    monkeypatch.setattr(gmm_gpu, "gmm", lambda *a, **k: kernel(*a, **{**k, "interpret": True}))
+    moe_layer_against_reference_path(monkeypatch, "rows", (300,))
 
 
 @pytest.mark.gpu
