@@ -1,12 +1,16 @@
 """Peak host memory of `python -m convert hf2jax` on a synthetic checkpoint, against its size.
 
-Writes a random HF checkpoint (default about 2.7 GB, bf16) whose largest stacked tensor is one
-layer's expert projection, converts it in a child process (as stored, and with --quantize fp8
-quantized as well), and prints a table: checkpoint bytes, largest stacked tensor, the child's peak
-RSS, and the RSS of a child that only imports the same modules (the baseline the conversion adds
-to).
+Writes a random HF checkpoint (default about 2.7 GB, bf16: Ring-mini's layers, 1024 per expert
+and a 32768-token vocabulary, so that the largest stacked tensor is one layer's expert projection),
+converts it in a child process (as stored, and with --quantize fp8 quantized as well; --outputs
+picks), and prints a table: checkpoint bytes, largest stacked tensor, the child's peak RSS, and
+the RSS of a child that only imports the same modules (the baseline the conversion adds to).
 
     python -m benchmarks.convert_memory [--workdir DIR] [--layers 4] [--experts 64] [--quantize fp8]
+    python -m benchmarks.convert_memory --config configs/ring-flash-linear-2.0.json --layers 2 \
+        --experts 256 --vocab 157184 --outputs fp8 --workdir DIR     # Ring-flash's width, 2 layers
+
+With --workdir the folders stay: DIR/hf (the checkpoint) and DIR/jax (the last output).
 """
 
 import argparse
@@ -22,10 +26,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def child_peak_rss(code: str) -> tuple[float, float]:
-    """(peak RSS in bytes, seconds) of a fresh Python running `code`."""
+    """(peak RSS in bytes, seconds) of a fresh Python running `code`. The peak is Linux's VmHWM,
+    which starts afresh at exec; getrusage's ru_maxrss would carry this process's RSS at the fork."""
     start = time.time()
-    out = subprocess.run([sys.executable, "-c", code + "\nimport resource; print(resource.getrusage("
-                          "resource.RUSAGE_SELF).ru_maxrss)"], cwd=ROOT, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", code + "\nprint([line.split()[1] for line in open('/proc/self/status') "
+                          "if line.startswith('VmHWM:')][0])"], cwd=ROOT, capture_output=True, text=True)
     if out.returncode:
         raise RuntimeError(out.stderr)
     return int(out.stdout.split()[-1]) * 1024, time.time() - start
@@ -34,19 +39,24 @@ def child_peak_rss(code: str) -> tuple[float, float]:
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default=None)
+    p.add_argument("--config", default=os.path.join(ROOT, "configs", "ring-mini-linear-2.0.json"))
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--experts", type=int, default=64)
+    p.add_argument("--vocab", type=int, default=32768)
     p.add_argument("--quantize", choices=("fp8",), help="also convert with --quantize fp8")
+    p.add_argument("--outputs", nargs="+", choices=("bf16", "fp8"),
+                   help="the conversions to run (default: bf16, and fp8 with --quantize fp8)")
     args = p.parse_args()
+    outputs = args.outputs or ["bf16"] + ([args.quantize] if args.quantize else [])
 
     from ring_jax.io.mapping import tensor_table
     from ring_jax.io.random_checkpoint import write_random_hf_checkpoint
     from ring_jax.config import RingConfig
 
-    with open(os.path.join(ROOT, "configs", "ring-mini-linear-2.0.json")) as f:
+    with open(args.config) as f:
         config = json.load(f)
     config.update(num_hidden_layers=args.layers, layer_group_size=args.layers, num_experts=args.experts,
-                  moe_intermediate_size=1024, vocab_size=32768)
+                  moe_intermediate_size=1024, vocab_size=args.vocab)
     table = tensor_table(RingConfig.from_hf(config))
     sizes = [2 * len(s.hf_names) * int.__mul__(*s.hf_shape[:2]) if len(s.hf_shape) == 2 else 0 for s in table]
     work = args.workdir or tempfile.mkdtemp(prefix="convert-memory-")
@@ -59,11 +69,12 @@ def main():
         gib = 2**30
         print("| output | checkpoint (bf16) | largest stacked tensor | peak RSS | import-only RSS | peak - import | time |")
         print("|---|---|---|---|---|---|---|")
-        for quantize in (None,) + ((args.quantize,) if args.quantize else ()):
+        for output in outputs:
+            quantize = None if output == "bf16" else output
             shutil.rmtree(out, ignore_errors=True)
             peak, secs = child_peak_rss(f"from ring_jax.io.conversion import convert_hf_to_jax\n"
                                         f"convert_hf_to_jax({hf!r}, {out!r}, progress=False, quantize={quantize!r})")
-            print(f"| {quantize or 'bf16'} | {ckpt_bytes / gib:.2f} GiB | {max(sizes) / gib:.3f} GiB | {peak / gib:.2f} GiB | "
+            print(f"| {output} | {ckpt_bytes / gib:.2f} GiB | {max(sizes) / gib:.3f} GiB | {peak / gib:.2f} GiB | "
                   f"{base / gib:.2f} GiB | {(peak - base) / gib:.2f} GiB ({(peak - base) / max(sizes):.1f}x largest) | "
                   f"{secs:.0f} s |", flush=True)
     finally:
