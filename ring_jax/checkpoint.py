@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import shutil
 import warnings
@@ -193,15 +194,46 @@ def checksum(array: np.ndarray) -> int:
     return total % 2**32
 
 
-@jax.jit
 def device_checksum(x: jax.Array) -> jax.Array:
-    """`checksum` on the device, in x's layout (the flat index from iotas: no reshape)."""
+    """`checksum` on the device, in x's layout (the flat index from iotas: no reshape). XLA:CPU
+    writes the [x.shape] uint32 products out before it sums them (4x the bytes of a 1-byte array),
+    so an array on one CPU device is summed in blocks of its leading axis of about _CHUNK
+    elements each; elsewhere in one fused reduction (a block's slice of an array split over
+    devices would gather it)."""
+    devices = x.sharding.device_set
+    if x.ndim > 1 and x.size > _CHUNK and len(devices) == 1 and next(iter(devices)).platform == "cpu":
+        return _checksum_in_blocks(x, _block_rows(x.shape[0], _CHUNK // math.prod(x.shape[1:])))
+    return _checksum(x)
+
+
+def _block_rows(rows: int, most: int) -> int:
+    """The largest divisor of rows that is at most max(most, 1)."""
+    return max(d for d in range(1, max(most, 1) + 1) if rows % d == 0)
+
+
+def _products(x, first_index):
+    """x's uint32 bits times 2 i + 1, i = first_index + x's flat index (modulo 2**32)."""
     bits = jax.lax.bitcast_convert_type(x, _bits(x.dtype)).astype(jnp.uint32)
-    index, stride = jnp.zeros(x.shape, jnp.uint32), 1
+    index, stride = jnp.zeros(x.shape, jnp.uint32) + first_index, 1
     for axis in reversed(range(x.ndim)):
         index += jax.lax.broadcasted_iota(jnp.uint32, x.shape, axis) * jnp.uint32(stride % 2**32)
         stride *= x.shape[axis]
-    return jnp.sum(bits * (index * jnp.uint32(2) + jnp.uint32(1)), dtype=jnp.uint32)
+    return bits * (index * jnp.uint32(2) + jnp.uint32(1))
+
+
+@jax.jit
+def _checksum(x):
+    return jnp.sum(_products(x, jnp.uint32(0)), dtype=jnp.uint32)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _checksum_in_blocks(x, rows: int):
+    block = rows * math.prod(x.shape[1:]) % 2**32
+
+    def add(i, total):
+        part = jax.lax.dynamic_slice_in_dim(x, i * rows, rows)
+        return total + jnp.sum(_products(part, i.astype(jnp.uint32) * jnp.uint32(block)), dtype=jnp.uint32)
+    return jax.lax.fori_loop(0, x.shape[0] // rows, add, jnp.uint32(0))
 
 
 def _damaged(folder: str, what: str) -> CheckpointError:

@@ -111,6 +111,20 @@ def test_host_and_device_checksums_agree(dtype):
     assert checksum(y) != want
 
 
+@pytest.mark.parametrize("dtype", [jnp.float8_e4m3fn, jnp.bfloat16])
+def test_device_checksum_in_blocks_agrees(monkeypatch, dtype):
+    """On one CPU device an array past _CHUNK elements is summed in blocks of its leading axis
+    (XLA:CPU would write out every product first): the same checksum, at blocks of one row and of
+    several."""
+    from ring_jax import checkpoint
+
+    x = np.asarray(np.random.default_rng(2).standard_normal((12, 10, 24)), dtype)
+    want = checksum(x)
+    for chunk in (100, 1000):                                # blocks of 1 row, then of 4 rows
+        monkeypatch.setattr(checkpoint, "_CHUNK", chunk)
+        assert int(checkpoint.device_checksum(jnp.asarray(x))) == want
+
+
 def test_command_lines_say_it_in_one_line(good, tmp_path):
     folder = str(tmp_path / "model")
     shutil.copytree(good, folder)
