@@ -208,7 +208,8 @@ def device_checksum(x: jax.Array) -> jax.Array:
 
 def _block_rows(rows: int, most: int) -> int:
     """The largest divisor of rows that is at most max(most, 1)."""
-    return max(d for d in range(1, max(most, 1) + 1) if rows % d == 0)
+    pairs = [(d, rows // d) for d in range(1, math.isqrt(rows) + 1) if rows % d == 0]
+    return max(d for pair in pairs for d in pair if d <= max(most, 1))
 
 
 def _products(x, first_index):

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import load_config_dict, rel_err
+from conftest import as_if_on_hopper, load_config_dict, rel_err
 from pallas_kernels.backend import FP8, quantize_rows
 from pallas_kernels.moe import api, gmm_gpu, reference
 from test_kernel_references import gmm64, swiglu64
@@ -323,8 +323,6 @@ def test_moe_layer_through_gpu_kernel_matches_reference_path(monkeypatch, fp8):
 def test_moe_layer_with_fp8_rows_in_the_interpreter(monkeypatch, transposed_wgmma_operands):
     """The same with FP8 rows on the CPU: the grouped matmul in JAX's Mosaic GPU interpreter (its
     2 simulated SMs each run a sequence of units) and the Triton kernels in interpret mode."""
-    from conftest import as_if_on_hopper
-
     supports, kernel = gmm_gpu.supports, gmm_gpu.gmm
     as_if_on_hopper(monkeypatch)
     monkeypatch.setattr(gmm_gpu, "supports", supports)
