@@ -2,11 +2,11 @@
 
 Writes a random HF checkpoint (default about 2.7 GB, bf16: Ring-mini's layers, 1024 per expert
 and a 32768-token vocabulary, so that the largest stacked tensor is one layer's expert projection),
-converts it in a child process (as stored, and with --quantize fp8 quantized as well; --outputs
-picks), and prints a table: checkpoint bytes, largest stacked tensor, the child's peak RSS, and
-the RSS of a child that only imports the same modules (the baseline the conversion adds to).
+converts it in a child process (--outputs: as stored, bf16, and/or quantized, fp8), and prints a
+table: checkpoint bytes, largest stacked tensor, the child's peak RSS, and the RSS of a child that
+only imports the same modules (the baseline the conversion adds to).
 
-    python -m benchmarks.convert_memory [--workdir DIR] [--layers 4] [--experts 64] [--quantize fp8]
+    python -m benchmarks.convert_memory [--workdir DIR] [--layers 4] [--experts 64] [--outputs bf16 fp8]
     python -m benchmarks.convert_memory --config configs/ring-flash-linear-2.0.json --layers 2 \
         --experts 256 --vocab 157184 --outputs fp8 --workdir DIR     # Ring-flash's width, 2 layers
 
@@ -43,11 +43,9 @@ def main():
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--experts", type=int, default=64)
     p.add_argument("--vocab", type=int, default=32768)
-    p.add_argument("--quantize", choices=("fp8",), help="also convert with --quantize fp8")
-    p.add_argument("--outputs", nargs="+", choices=("bf16", "fp8"),
-                   help="the conversions to run (default: bf16, and fp8 with --quantize fp8)")
+    p.add_argument("--outputs", nargs="+", choices=("bf16", "fp8"), default=["bf16"],
+                   help="the conversions to run: as stored (bf16), with --quantize fp8 (fp8)")
     args = p.parse_args()
-    outputs = args.outputs or ["bf16"] + ([args.quantize] if args.quantize else [])
 
     from ring_jax.io.mapping import tensor_table
     from ring_jax.io.random_checkpoint import write_random_hf_checkpoint
@@ -69,7 +67,7 @@ def main():
         gib = 2**30
         print("| output | checkpoint (bf16) | largest stacked tensor | peak RSS | import-only RSS | peak - import | time |")
         print("|---|---|---|---|---|---|---|")
-        for output in outputs:
+        for output in args.outputs:
             quantize = None if output == "bf16" else output
             shutil.rmtree(out, ignore_errors=True)
             peak, secs = child_peak_rss(f"from ring_jax.io.conversion import convert_hf_to_jax\n"
