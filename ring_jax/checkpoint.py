@@ -198,11 +198,13 @@ def device_checksum(x: jax.Array) -> jax.Array:
     """`checksum` on the device, in x's layout (the flat index from iotas: no reshape). XLA:CPU
     writes the [x.shape] uint32 products out before it sums them (4x the bytes of a 1-byte array),
     so an array on one CPU device is summed in blocks of whole rows of its leading axis, at most
-    _CHUNK elements each where a row allows; elsewhere in one fused reduction (a block's slice of
-    an array split over devices would gather it)."""
+    _CHUNK elements each where a row allows, from its bits taken apart first (inside the loop's
+    program XLA:CPU would widen a whole FP8 array to f16); elsewhere in one fused reduction (a
+    block's slice of an array split over devices would gather it)."""
     devices = x.sharding.device_set
     if x.ndim > 1 and x.size > _CHUNK and len(devices) == 1 and next(iter(devices)).platform == "cpu":
-        return _checksum_in_blocks(x, _block_rows(x.shape[0], _CHUNK // math.prod(x.shape[1:])))
+        bits = jax.lax.bitcast_convert_type(x, _bits(x.dtype))
+        return _checksum_in_blocks(bits, _block_rows(x.shape[0], _CHUNK // math.prod(x.shape[1:])))
     return _checksum(x)
 
 

@@ -111,18 +111,36 @@ def test_host_and_device_checksums_agree(dtype):
     assert checksum(y) != want
 
 
-@pytest.mark.parametrize("dtype", [jnp.float8_e4m3fn, jnp.bfloat16])
-def test_device_checksum_in_blocks_agrees(monkeypatch, dtype):
-    """On one CPU device an array past _CHUNK elements is summed in blocks of its leading axis
-    (XLA:CPU would write out every product first): the same checksum, at blocks of one row and of
-    several."""
-    from ring_jax import checkpoint
+@pytest.mark.parametrize("shape", [(17, 1 << 20), (18, 1 << 20)])       # blocks of 1 row, of 9 rows
+def test_device_checksum_of_a_large_array_agrees(shape):
+    """An array past 2^24 elements on one CPU device is summed in blocks of its leading axis: the
+    host's checksum, with 1-byte elements (FP8)."""
+    from ring_jax.checkpoint import device_checksum
 
-    x = np.asarray(np.random.default_rng(2).standard_normal((12, 10, 24)), dtype)
-    want = checksum(x)
-    for chunk in (100, 1000):                                # blocks of 1 row, then of 4 rows
-        monkeypatch.setattr(checkpoint, "_CHUNK", chunk)
-        assert int(checkpoint.device_checksum(jnp.asarray(x))) == want
+    x = np.random.default_rng(3).integers(0, 256, shape, dtype=np.uint8).view(jnp.float8_e4m3fn)
+    assert int(device_checksum(jnp.asarray(x))) == checksum(x)
+
+
+def test_device_checksum_holds_no_copy_of_its_products():
+    """XLA:CPU writes a reduction's operand out before it sums it: the checksum of a 256 MiB FP8
+    array must not add the 1 GiB of its uint32 products to the peak memory (a fresh process; the
+    peak is reset after a first call, which compiles). The blocks add the array's bits (256 MiB)
+    and one block's products (64 MiB)."""
+    code = """
+import jax.numpy as jnp, numpy as np
+from ring_jax.checkpoint import device_checksum
+def hwm():
+    return [int(line.split()[1]) * 1024 for line in open('/proc/self/status') if line.startswith('VmHWM:')][0]
+x = jnp.asarray(np.ones((256, 1 << 20), np.uint8)).view(jnp.float8_e4m3fn)
+device_checksum(x).block_until_ready()
+open('/proc/self/clear_refs', 'w').write('5')     # the peak RSS starts again from the RSS
+before = hwm()
+device_checksum(x).block_until_ready()
+print(hwm() - before)
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout.split()[-1]) < 2**29, "the checksum added 512 MiB or more to the peak RSS"
 
 
 def test_command_lines_say_it_in_one_line(good, tmp_path):
