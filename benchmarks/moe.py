@@ -1,6 +1,6 @@
 """MoE expert products on one GPU: grouped matmul peers and our paths, measured in one process.
 
-    python -m benchmarks.moe [--quick] [--only gmm swiglu gather decode layer]
+    python -m benchmarks.moe [--quick] [--only gmm swiglu gather quantize decode layer]
 
 Table 1, grouped matmul [M, K] x [G, K, N] with G = 256 groups, equal or Zipf-skewed sizes, at the
 Ring-mini and Ring-flash expert shapes: a dense matmul of the same FLOPs (the ceiling), XLA's
@@ -20,8 +20,9 @@ bytes of the chosen experts' weights; times are the GPU kernels' own (`timing.de
 trace). The dispatch's row gather at prefill sizes (tokens x top-8 rows of the hidden size in
 expert order): XLA's gather against `pallas_kernels.take_rows` (the kernel on Hopper), in bytes
 read and written per second (the tokens' rows are read top-8 times, partly from L2, so this can
-pass the copy bandwidth). Table 3, a whole Ring-mini MoE layer (router, dispatch, experts, combine, shared expert) in
-tokens per second.
+pass the copy bandwidth). The FP8 rows' quantization at prefill sizes: XLA's against
+`pallas_kernels.quantize_rows` (the kernel on Hopper), against the copy bandwidth. Table 3, a whole
+Ring-mini MoE layer (router, dispatch, experts, combine, shared expert) in tokens per second.
 Times in milliseconds. Tables 1 and 2, the SwiGLU and the gather tables: the GPU kernels' own time per call, summed over a trace of 20
 calls after warm-up (no per-call host round trip, which would blur every row under a
 millisecond). Table 3: median wall-clock time of 20 jitted calls.
@@ -113,11 +114,10 @@ def gmm_table(Ms):
 
 def with_fp8_rows(entry):
     """entry (`pallas_kernels.gmm` or `gmm_swiglu`) as a jitted f(lhs, FP8 values, scale, sizes)
-    that quantizes lhs per row first (`pallas_kernels.backend.quantize_rows`), timed with it."""
-    from pallas_kernels.backend import quantize_rows
-
+    that quantizes lhs per row first (`pallas_kernels.quantize_rows`, as the model does), timed
+    with it."""
     def run(lhs, values, scale, sizes):
-        rows, row_scale = quantize_rows(lhs)
+        rows, row_scale = pallas_kernels.quantize_rows(lhs)
         return entry(rows, values, sizes, scale=scale, lhs_scale=row_scale)
     return jax.jit(run)
 
@@ -166,6 +166,26 @@ def gather_table():
             a, b = (device_ms(f, x, idx) or bench_jax(f, x, idx) for f in (xla, kernel))
             print(f"| {hidden} | {idx.shape[0]} | {nbytes / 1e9:.2f} GB | {a:.3f} | {nbytes / a / 1e9:.2f} | {b:.3f} | "
                   f"{nbytes / b / 1e9:.2f} | {same} |", flush=True)
+
+
+def quantize_table(hbm):
+    """FP8 rows (`fp8_activations="grouped"`): XLA's `backend.quantize_rows` against the kernel of
+    `pallas_kernels.quantize_rows`, at a 32k prefill chunk's rows (the tokens; the SwiGLU output,
+    tokens x top-8 rows of the expert width); bytes: bf16 read, FP8 and scales written."""
+    from pallas_kernels.backend import quantize_rows
+
+    print("\n| rows | M | K | bytes read + written | XLA ms | % copy | kernel ms | % copy | same bits |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    xla = jax.jit(quantize_rows)
+    kernel = jax.jit(pallas_kernels.quantize_rows)
+    for name, M, K in (("tokens, mini", 32768, 2048), ("SwiGLU output, mini", 262144, 512),
+                       ("tokens, flash", 32768, 4096), ("SwiGLU output, flash", 262144, 1024)):
+        x = jax.random.normal(jax.random.PRNGKey(M + K), (M, K), jnp.float32).astype(jnp.bfloat16)
+        nbytes = M * K * 3 + M * 4
+        same = all(np.asarray(a).tobytes() == np.asarray(b).tobytes() for a, b in zip(xla(x), kernel(x)))
+        a, b = (device_ms(f, x) or bench_jax(f, x) for f in (xla, kernel))
+        print(f"| {name} | {M} | {K} | {nbytes / 1e9:.2f} GB | {a:.3f} | {nbytes / (a * 1e-3) / hbm:.0%} | "
+              f"{b:.3f} | {nbytes / (b * 1e-3) / hbm:.0%} | {same} |", flush=True)
 
 
 def decode_table(hbm):
@@ -221,7 +241,7 @@ def layer_table():
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="M in {4096, 131072} only")
-    tables = ("gmm", "swiglu", "gather", "decode", "layer")
+    tables = ("gmm", "swiglu", "gather", "quantize", "decode", "layer")
     p.add_argument("--only", nargs="+", choices=tables, default=tables, help="the tables to run (default: all)")
     args = p.parse_args()
     hbm = copy_bandwidth()
@@ -232,6 +252,8 @@ def main():
         swiglu_table([32768, 131072])
     if "gather" in args.only:
         gather_table()
+    if "quantize" in args.only:
+        quantize_table(hbm)
     if "decode" in args.only:
         decode_table(hbm)
     if "layer" in args.only:

@@ -3,10 +3,10 @@
 from pallas_kernels.linear_attention import (linear_attention, linear_attention_decode, linear_attention_decode_backend,
                                              linear_attention_step)
 from pallas_kernels.matvec import matvec, matvec_backend
-from pallas_kernels.moe import gmm, gmm_backend, gmm_swiglu, take_rows
+from pallas_kernels.moe import gmm, gmm_backend, gmm_swiglu, quantize_rows, take_rows
 from pallas_kernels.router import select_experts
 from pallas_kernels.softmax_attention import softmax_attention_decode, softmax_attention_decode_backend
 
 __all__ = ["gmm", "gmm_backend", "gmm_swiglu", "linear_attention", "linear_attention_decode",
-           "linear_attention_decode_backend", "linear_attention_step", "matvec", "matvec_backend", "select_experts",
-           "softmax_attention_decode", "softmax_attention_decode_backend", "take_rows"]
+           "linear_attention_decode_backend", "linear_attention_step", "matvec", "matvec_backend", "quantize_rows",
+           "select_experts", "softmax_attention_decode", "softmax_attention_decode_backend", "take_rows"]

@@ -175,7 +175,7 @@ def as_if_on_hopper(monkeypatch, record=None) -> list:
     from pallas_kernels import backend
     from pallas_kernels.linear_attention import api as linear_attention_api, decode_gpu as linear_decode
     from pallas_kernels.matvec import gpu as matvec_gpu
-    from pallas_kernels.moe import gather_gpu, gmm_gpu
+    from pallas_kernels.moe import gather_gpu, gmm_gpu, quantize_gpu
     from pallas_kernels.router import gpu as router_gpu
     from pallas_kernels.softmax_attention import decode_gpu as softmax_decode
     from ring_jax import backends
@@ -187,7 +187,8 @@ def as_if_on_hopper(monkeypatch, record=None) -> list:
     monkeypatch.setattr(backends, "decode_unrolled", lambda batch: False)
     calls = []
     for module, name in ((matvec_gpu, "matvec"), (router_gpu, "select_experts"), (linear_decode, "decode_step"),
-                         (softmax_decode, "decode_attention"), (gather_gpu, "take_rows")):
+                         (softmax_decode, "decode_attention"), (gather_gpu, "take_rows"),
+                         (quantize_gpu, "quantize_rows")):
         def interpreted(*args, _kernel=getattr(module, name), _label=(record or {}).get(name), **kwargs):
             if _label is not None:
                 calls.append(_label(*args, **kwargs))

@@ -61,6 +61,7 @@ def test_every_entry_point_takes_the_one_meaning():
     calls = [lambda **k: pallas_kernels.matvec(x, w, **k),
              lambda **k: pallas_kernels.gmm(jnp.ones((4, 64)), jnp.ones((2, 64, 256)), jnp.asarray([2, 2]), **k),
              lambda **k: pallas_kernels.take_rows(jnp.ones((4, 64)), jnp.zeros((8,), jnp.int32), **k),
+             lambda **k: pallas_kernels.quantize_rows(jnp.ones((4, 64)), **k),
              lambda **k: pallas_kernels.select_experts(jnp.ones((2, 16)), jnp.zeros(16), top_k=2, n_group=4,
                                                        topk_group=2, **k)]
     for call in calls:

@@ -1,6 +1,7 @@
 """FP8 weights (`pallas_kernels.backend.FP8`: float8_e4m3fn [N, K] matrices with a float32 scale
 per output channel) in the few-row matmul (kernel in Pallas interpret mode, and its reference) and
-the grouped matmul's reference, against float64 of the fp8 values times their scales."""
+the grouped matmul's reference, against float64 of the fp8 values times their scales; and the
+row-quantization kernel of FP8 rows against `backend.quantize_rows`, bit for bit."""
 
 import jax
 import jax.numpy as jnp
@@ -243,3 +244,63 @@ def test_gmm_fp8_backends(monkeypatch):
         pallas_kernels.gmm(lhs, values, sizes, scale=scale[:, :256])
     with pytest.raises(ValueError, match="K-major"):
         pallas_kernels.gmm(lhs, jnp.swapaxes(values, 1, 2), sizes, scale=scale)
+
+
+def rows_to_quantize(M, K, dtype, seed):
+    """x [M, K]: normal values spread over 2^-12 of their row's range (many land in e4m3's
+    subnormals), rows scaled by 2^-20 to 2^20, row 1 of zeros, and a row whose largest magnitude
+    appears twice with both signs."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((M, K)) * np.exp2(rng.uniform(-12, 0, (M, K)) + rng.uniform(-20, 20, (M, 1)))
+    x[1] = 0
+    x[-1, :2] = [3.5, -3.5]
+    x[-1, 2:] = np.clip(x[-1, 2:], -3, 3)
+    return jnp.asarray(x, dtype)
+
+
+def same_bits(got, want):
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        assert np.asarray(g).tobytes() == np.asarray(w).tobytes()
+
+
+@pytest.mark.parametrize("M, K, dtype", [(37, 512, jnp.bfloat16), (5, 2048, jnp.float32), (3, 16384, jnp.bfloat16),
+                                         (100, 16, jnp.bfloat16), (16, 512, jnp.float32)])
+def test_quantize_rows_kernel_gives_the_reference_bits(M, K, dtype):
+    """The row-quantization kernel (interpret mode) against `backend.quantize_rows`: values and
+    scales bit for bit, with blocks of 16 rows at K = 512 (M = 37: a last block of 5 rows), one row
+    per program at K = 16384, and rows of zeros."""
+    x = rows_to_quantize(M, K, dtype, M + K)
+    same_bits(pallas_kernels.quantize_rows(x, backend="gpu", interpret=True), kernel_backend.quantize_rows(x))
+
+
+def test_quantize_rows_kernel_refusals_and_cuda_lowering():
+    """Shapes the kernel does not take name themselves (and "auto" runs XLA on them); on CUDA it
+    lowers with the IEEE division of the scales' reciprocals."""
+    from pallas_kernels.moe import quantize_gpu
+
+    for x, why in ((jnp.ones((4, 96)), "K a power of two"), (jnp.ones((2, 4, 64)), r"\(2, 4, 64\)"),
+                   (jnp.ones((4, 32768)), "from 16 to 16384"), (jnp.ones((4, 64), jnp.float16), "float16")):
+        with pytest.raises(NotImplementedError, match=why):
+            pallas_kernels.quantize_rows(x, backend="gpu")
+    x = jnp.ones((2, 4, 64))
+    same_bits(pallas_kernels.quantize_rows(x), kernel_backend.quantize_rows(x))
+    lowered = jax.jit(quantize_gpu.quantize_rows).trace(jax.ShapeDtypeStruct((1000, 512), jnp.bfloat16))
+    assert "div.rn.f32" in lowered.lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.gpu
+def test_gpu_quantize_rows_kernel_gives_xla_bits():
+    """On the GPU "auto" takes the kernel, and its values and scales are XLA's (and numpy's) bits
+    at the FP8-rows shapes of a 4096-token prefill chunk (Ring-mini: the tokens, hidden 2048; the
+    SwiGLU output, top-8 x 512) and Ring-flash's hidden 4096."""
+    from pallas_kernels.backend import platform
+    from pallas_kernels.moe import quantize_gpu
+
+    assert platform() == "hopper", "the kernel runs on Hopper GPUs only"
+    for M, K in ((4096, 2048), (32768, 512), (1000, 4096)):
+        x = rows_to_quantize(M, K, jnp.bfloat16, K)
+        assert quantize_gpu.fits(x)
+        got = jax.jit(pallas_kernels.quantize_rows)(x)
+        same_bits(got, jax.jit(lambda x: pallas_kernels.quantize_rows(x, backend="reference"))(x))
+        same_bits(got, kernel_backend.quantize_rows(np.asarray(x.astype(jnp.float32))))

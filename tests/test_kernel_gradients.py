@@ -72,6 +72,13 @@ def test_take_rows():
                    lambda x: pallas_kernels.take_rows(x, idx, backend="reference"), (x,), 0)
 
 
+def test_quantize_rows():
+    """The values' and the scales' gradients reach x (the reference's: rounding and row maxima)."""
+    x = normal((24, 64), seed=8)
+    same_gradients(lambda x: pallas_kernels.quantize_rows(x, backend="gpu", interpret=True),
+                   lambda x: pallas_kernels.quantize_rows(x, backend="reference"), (x,), 0)
+
+
 def test_decode_attention():
     q, keys, values = normal((1, 2, 4, 16), seed=5), normal((2, 1, 64, 2, 16), seed=6), normal((2, 1, 64, 2, 16), seed=7)
     start, cursor = jnp.zeros((1,), jnp.int32), jnp.int32(40)

@@ -1,3 +1,3 @@
-from pallas_kernels.moe.api import gmm, gmm_backend, gmm_swiglu, take_rows
+from pallas_kernels.moe.api import gmm, gmm_backend, gmm_swiglu, quantize_rows, take_rows
 
-__all__ = ["gmm", "gmm_backend", "gmm_swiglu", "take_rows"]
+__all__ = ["gmm", "gmm_backend", "gmm_swiglu", "quantize_rows", "take_rows"]

@@ -7,7 +7,9 @@ GPU kernel reads the K-major FP8 tiles, converts them to bf16 in SMEM and multip
 in its epilogue; given FP8 rows too (`lhs_scale`), it multiplies both on the FP8 tensor cores
 (K % 128 == 0). The TPU kernel takes no FP8 (int8 on the TPU is a later step), so
 they run through the reference there. `take_rows`, the gather of the tokens' rows in expert order before the
-grouped matmuls: "gpu", a Pallas Triton kernel (`gather_gpu.py`), and XLA's gather.
+grouped matmuls: "gpu", a Pallas Triton kernel (`gather_gpu.py`), and XLA's gather. `quantize_rows`,
+the FP8 rows of `fp8_activations="grouped"` (`pallas_kernels.backend.quantize_rows`): "gpu", a
+Pallas Triton kernel that reads each row once (`quantize_gpu.py`), and XLA's reduction and fusion.
 """
 
 import functools
@@ -17,6 +19,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
+from pallas_kernels import backend as _backend
 from pallas_kernels.backend import FP8, Kernel, resolve, with_reference_gradient
 from pallas_kernels.moe import reference
 
@@ -257,4 +260,30 @@ def _gather_gpu(x, idx):
                       f"takes a 2-D x [R > 0, H] with H % {gather_gpu.MIN_BLOCK_H} == 0 "
                       f"({2 * gather_gpu.MIN_BLOCK_H} for 1-byte rows) and an integer idx [N] with N a positive "
                       f"multiple of {gather_gpu.ROWS} (got {x.dtype} {x.shape} and {idx.dtype} {idx.shape})")
+    return answer
+
+
+def quantize_rows(x, *, backend="auto", interpret=False):
+    """x [M, K] bf16 or float32 -> (values [M, K] float8_e4m3fn, scale [M] float32):
+    `pallas_kernels.backend.quantize_rows`, the same bits (rows holding a NaN aside: the kernel's
+    maximum skips it). Gradients: the reference's.
+
+    backend, interpret: `pallas_kernels.backend`; "auto" takes the kernel where it takes x.
+    """
+    if resolve(backend, interpret, gpu=_quantize_gpu(x)) == "gpu":
+        from pallas_kernels.moe import quantize_gpu
+
+        def kernel(x):
+            return quantize_gpu.quantize_rows(x, interpret=bool(interpret))
+        return with_reference_gradient(kernel, _backend.quantize_rows)(x)
+    return _backend.quantize_rows(x)
+
+
+def _quantize_gpu(x):
+    def answer():
+        from pallas_kernels.moe import quantize_gpu
+
+        return Kernel(None if quantize_gpu.fits(x) else
+                      f"takes bf16 or float32 x [M > 0, K] with K a power of two from 16 to {quantize_gpu.MAX_K} "
+                      f"and under 2^31 elements (got {x.dtype} {x.shape})")
     return answer

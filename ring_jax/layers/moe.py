@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import pallas_kernels
-from pallas_kernels.backend import quantize_rows, with_reference_gradient
+from pallas_kernels.backend import with_reference_gradient
 from ring_jax import backends
 from ring_jax.config import RingConfig
 from ring_jax.layers.linear import float32_matmul
@@ -221,12 +221,12 @@ _permuted.defvjp(lambda x, permutation, inverse: (x[permutation], inverse),
 def _fp8_row_products(tokens, order, rank, group_sizes, first, gate_up, down):
     """`_products` with FP8 weights (Fp8s) multiplying FP8 rows: each token quantized once, before
     its top_k copies (which then move half the bytes), and the SwiGLU output per row."""
-    values, row_scale = quantize_rows(tokens)
+    values, row_scale = pallas_kernels.quantize_rows(tokens)
     source = order // (order.shape[0] // tokens.shape[0])
     rows = pallas_kernels.take_rows(values, source)
     out = pallas_kernels.gmm_swiglu(rows, gate_up.values, group_sizes, group_offset=first, scale=gate_up.scale,
                                     lhs_scale=row_scale[source])
-    values, row_scale = quantize_rows(out)
+    values, row_scale = pallas_kernels.quantize_rows(out)
     return pallas_kernels.gmm(values, down.values, group_sizes, group_offset=first, scale=down.scale,
                               lhs_scale=row_scale)
 
