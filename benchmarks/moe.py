@@ -23,12 +23,14 @@ read and written per second (the tokens' rows are read top-8 times, partly from 
 pass the copy bandwidth). The FP8 rows' quantization at prefill sizes: XLA's against
 `pallas_kernels.quantize_rows` (the kernel on Hopper), against the copy bandwidth. Table 3, a whole
 Ring-mini MoE layer (router, dispatch, experts, combine, shared expert) in tokens per second.
-Times in milliseconds. Tables 1 and 2, the SwiGLU and the gather tables: the GPU kernels' own time per call, summed over a trace of 20
-calls after warm-up (no per-call host round trip, which would blur every row under a
-millisecond). Table 3: median wall-clock time of 20 jitted calls.
+Times in milliseconds. Tables 1 and 2, the SwiGLU, gather and quantization tables: the GPU
+kernels' own time per call, summed over a trace of 20 calls after warm-up (no per-call host round
+trip, which would blur every row under a millisecond). Table 3: median wall-clock time of 20
+jitted calls.
 """
 
 import argparse
+import functools
 import os
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -169,15 +171,17 @@ def gather_table():
 
 
 def quantize_table(hbm):
-    """FP8 rows (`fp8_activations="grouped"`): XLA's `backend.quantize_rows` against the kernel of
-    `pallas_kernels.quantize_rows`, at a 32k prefill chunk's rows (the tokens; the SwiGLU output,
-    tokens x top-8 rows of the expert width); bytes: bf16 read, FP8 and scales written."""
-    from pallas_kernels.backend import quantize_rows
+    """FP8 rows (`fp8_activations="grouped"`): XLA's quantization against the kernel of
+    `pallas_kernels.quantize_rows` (on Hopper; the reference elsewhere), at a 32k prefill chunk's
+    rows (the tokens; the SwiGLU output, tokens x top-8 rows of the expert width); bytes: bf16
+    read, FP8 and scales written."""
+    from pallas_kernels.backend import platform
 
     print("\n| rows | M | K | bytes read + written | XLA ms | % copy | kernel ms | % copy | same bits |")
     print("|---|---|---|---|---|---|---|---|---|")
-    xla = jax.jit(quantize_rows)
-    kernel = jax.jit(pallas_kernels.quantize_rows)
+    xla = jax.jit(functools.partial(pallas_kernels.quantize_rows, backend="reference"))
+    kernel = jax.jit(functools.partial(pallas_kernels.quantize_rows,
+                                       backend="gpu" if platform() == "hopper" else "reference"))
     for name, M, K in (("tokens, mini", 32768, 2048), ("SwiGLU output, mini", 262144, 512),
                        ("tokens, flash", 32768, 4096), ("SwiGLU output, flash", 262144, 1024)):
         x = jax.random.normal(jax.random.PRNGKey(M + K), (M, K), jnp.float32).astype(jnp.bfloat16)

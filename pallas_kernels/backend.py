@@ -46,10 +46,15 @@ def quantize_rows(x):
     round differently."""
     xp = jnp if isinstance(x, jax.Array) else np
     x = x.astype(np.float32)
-    amax = xp.max(xp.abs(x), axis=-1)
-    scale = xp.where(amax > 0, amax * np.float32(1 / FP8_MAX), np.float32(1)).astype(np.float32)
+    scale = row_scale(xp.max(xp.abs(x), axis=-1), xp)
     inverse = (np.float32(1) / scale).astype(np.float32)
     return (x * inverse[..., None]).astype(FP8), scale
+
+
+def row_scale(amax, xp=np):
+    """The FP8 scales of rows whose largest magnitudes are amax (float32, numpy or jax: xp):
+    amax times float32(1 / 448), and 1 for a row of zeros."""
+    return xp.where(amax > 0, amax * np.float32(1 / FP8_MAX), np.float32(1)).astype(np.float32)
 
 
 def matrix_shape(w) -> tuple[int, int]:

@@ -264,43 +264,47 @@ def same_bits(got, want):
         assert np.asarray(g).tobytes() == np.asarray(w).tobytes()
 
 
-@pytest.mark.parametrize("M, K, dtype", [(37, 512, jnp.bfloat16), (5, 2048, jnp.float32), (3, 16384, jnp.bfloat16),
-                                         (100, 16, jnp.bfloat16), (16, 512, jnp.float32)])
+@pytest.mark.parametrize("M, K, dtype", [(37, 512, jnp.bfloat16), (5, 2048, jnp.float32), (3, 8192, jnp.bfloat16),
+                                         (100, 128, jnp.bfloat16), (16, 512, jnp.float32)])
 def test_quantize_rows_kernel_gives_the_reference_bits(M, K, dtype):
     """The row-quantization kernel (interpret mode) against `backend.quantize_rows`: values and
-    scales bit for bit, with blocks of 16 rows at K = 512 (M = 37: a last block of 5 rows), one row
-    per program at K = 16384, and rows of zeros."""
+    scales bit for bit, in blocks of 16 rows at K = 512 (M = 37: a last block of 5 rows, the rest
+    masked), of 64 at K = 128 (a last block of 36), one row per program at K = 8192, rows of zeros."""
     x = rows_to_quantize(M, K, dtype, M + K)
     same_bits(pallas_kernels.quantize_rows(x, backend="gpu", interpret=True), kernel_backend.quantize_rows(x))
 
 
-def test_quantize_rows_kernel_refusals_and_cuda_lowering():
-    """Shapes the kernel does not take name themselves (and "auto" runs XLA on them); on CUDA it
-    lowers with the IEEE division of the scales' reciprocals."""
+def test_quantize_rows_kernel_refusals_and_cuda_lowering(monkeypatch):
+    """Shapes the kernel does not take name themselves; "auto" runs XLA's quantization, as on a
+    Hopper GPU (the kernel is named with backend="gpu" until it has run on one); on CUDA the kernel
+    lowers with the correctly rounded reciprocal of the scales."""
     from pallas_kernels.moe import quantize_gpu
 
-    for x, why in ((jnp.ones((4, 96)), "K a power of two"), (jnp.ones((2, 4, 64)), r"\(2, 4, 64\)"),
-                   (jnp.ones((4, 32768)), "from 16 to 16384"), (jnp.ones((4, 64), jnp.float16), "float16")):
+    for x, why in ((jnp.ones((4, 96 * 4)), "K a power of two"), (jnp.ones((2, 4, 256)), r"\(2, 4, 256\)"),
+                   (jnp.ones((4, 16384)), "from 128 to 8192"), (jnp.ones((4, 64)), "from 128"),
+                   (jnp.ones((4, 256), jnp.float16), "float16")):
         with pytest.raises(NotImplementedError, match=why):
             pallas_kernels.quantize_rows(x, backend="gpu")
-    x = jnp.ones((2, 4, 64))
-    same_bits(pallas_kernels.quantize_rows(x), kernel_backend.quantize_rows(x))
+    assert quantize_gpu.fits(jax.ShapeDtypeStruct((2**17, 8192), jnp.bfloat16))          # 2^30 values
+    assert not quantize_gpu.fits(jax.ShapeDtypeStruct((2**18 + 1, 8192), jnp.bfloat16))  # past 2^31
+    monkeypatch.setattr(kernel_backend, "platform", lambda: "hopper")
+    for x in (jnp.ones((2, 4, 256)), rows_to_quantize(8, 256, jnp.bfloat16, 0)):
+        same_bits(pallas_kernels.quantize_rows(x), kernel_backend.quantize_rows(x))
     lowered = jax.jit(quantize_gpu.quantize_rows).trace(jax.ShapeDtypeStruct((1000, 512), jnp.bfloat16))
-    assert "div.rn.f32" in lowered.lower(lowering_platforms=("cuda",)).as_text()
+    assert "rcp.rn.f32" in lowered.lower(lowering_platforms=("cuda",)).as_text()
 
 
 @pytest.mark.gpu
 def test_gpu_quantize_rows_kernel_gives_xla_bits():
-    """On the GPU "auto" takes the kernel, and its values and scales are XLA's (and numpy's) bits
-    at the FP8-rows shapes of a 4096-token prefill chunk (Ring-mini: the tokens, hidden 2048; the
-    SwiGLU output, top-8 x 512) and Ring-flash's hidden 4096."""
+    """On the GPU the kernel's values and scales are XLA's (and numpy's) bits: at a 4096-token
+    prefill chunk's FP8-rows shapes (Ring-mini: the tokens, hidden 2048; the SwiGLU output, top-8 x
+    512), Ring-flash's hidden 4096, and row counts that leave the last block partly masked (1 and
+    37 rows, 300 x top-8 of width 256, 4097 of 4096)."""
     from pallas_kernels.backend import platform
-    from pallas_kernels.moe import quantize_gpu
 
     assert platform() == "hopper", "the kernel runs on Hopper GPUs only"
-    for M, K in ((4096, 2048), (32768, 512), (1000, 4096)):
-        x = rows_to_quantize(M, K, jnp.bfloat16, K)
-        assert quantize_gpu.fits(x)
-        got = jax.jit(pallas_kernels.quantize_rows)(x)
+    for M, K in ((4096, 2048), (32768, 512), (1000, 4096), (1, 2048), (37, 512), (2400, 256), (4097, 4096)):
+        x = rows_to_quantize(M, K, jnp.bfloat16, M + K)
+        got = jax.jit(lambda x: pallas_kernels.quantize_rows(x, backend="gpu"))(x)
         same_bits(got, jax.jit(lambda x: pallas_kernels.quantize_rows(x, backend="reference"))(x))
         same_bits(got, kernel_backend.quantize_rows(np.asarray(x.astype(jnp.float32))))

@@ -19,7 +19,6 @@ import jax.numpy as jnp
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
-from pallas_kernels import backend as _backend
 from pallas_kernels.backend import FP8, Kernel, resolve, with_reference_gradient
 from pallas_kernels.moe import reference
 
@@ -264,19 +263,20 @@ def _gather_gpu(x, idx):
 
 
 def quantize_rows(x, *, backend="auto", interpret=False):
-    """x [M, K] bf16 or float32 -> (values [M, K] float8_e4m3fn, scale [M] float32):
-    `pallas_kernels.backend.quantize_rows`, the same bits (rows holding a NaN aside: the kernel's
-    maximum skips it). Gradients: the reference's.
+    """x [M, K] bf16 or float32 -> (values [M, K] float8_e4m3fn, scale [M] float32): the FP8 rows
+    of `pallas_kernels.backend.quantize_rows` (which the reference is, for x [..., K] of any float
+    dtype), the same bits but for the rows `quantize_gpu.py` names. Gradients: the reference's.
 
-    backend, interpret: `pallas_kernels.backend`; "auto" takes the kernel where it takes x.
+    backend, interpret: `pallas_kernels.backend`. "auto" runs the reference: the kernel has not yet
+    run on a GPU, so "gpu" names it.
     """
     if resolve(backend, interpret, gpu=_quantize_gpu(x)) == "gpu":
         from pallas_kernels.moe import quantize_gpu
 
         def kernel(x):
             return quantize_gpu.quantize_rows(x, interpret=bool(interpret))
-        return with_reference_gradient(kernel, _backend.quantize_rows)(x)
-    return _backend.quantize_rows(x)
+        return with_reference_gradient(kernel, reference.quantize_rows)(x)
+    return reference.quantize_rows(x)
 
 
 def _quantize_gpu(x):
@@ -284,6 +284,7 @@ def _quantize_gpu(x):
         from pallas_kernels.moe import quantize_gpu
 
         return Kernel(None if quantize_gpu.fits(x) else
-                      f"takes bf16 or float32 x [M > 0, K] with K a power of two from 16 to {quantize_gpu.MAX_K} "
-                      f"and under 2^31 elements (got {x.dtype} {x.shape})")
+                      f"takes bf16 or float32 x [M > 0, K] with K a power of two from {quantize_gpu.MIN_K} to "
+                      f"{quantize_gpu.BLOCK_ELEMENTS}, M x K outside (2^31, 2^32] (got {x.dtype} {x.shape})",
+                      auto=False)
     return answer

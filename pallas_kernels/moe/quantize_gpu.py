@@ -2,14 +2,20 @@
 
 `backend.quantize_rows` in one pass over the rows: each program reads a block of whole rows once,
 takes each row's largest magnitude, and writes the rows' e4m3 values and float32 scales. (XLA's
-program for it, a reduction and then the values, ran at a third to a half of the copy bandwidth in
-the grouped-matmul benchmark.) The MoE's FP8-rows path quantizes each token before the dispatch
-and the SwiGLU output, [tokens x top_k, I], before the down product.
+program for it ran at 39-53% of the copy bandwidth: the grouped-matmul tables of
+docs/PERFORMANCE.md, their rows quantized in the call against ahead of it.) The MoE's FP8-rows path
+quantizes each token before the dispatch and the SwiGLU output, [tokens x top_k, I], before the
+down product.
 
-The bits are `backend.quantize_rows`'s: the scale is the maximum times float32(1 / 448), its
-reciprocal an IEEE division (`div.rn.f32`: the Triton lowering's own float32 division is
-approximate), the values rounded to the nearest e4m3 value (Hopper's convert, which saturates at
-448 where XLA's gives NaN from 464 on: a row's values reach 448 times 1 + a few float32 ulps).
+Grid (cdiv(M, rows),), rows = BLOCK_ELEMENTS / K. The Triton lowering does not mask a block that
+passes the array's end, so the last program masks its rows itself.
+
+The bits are `backend.quantize_rows`'s: `backend.row_scale` of each row's maximum, its reciprocal
+correctly rounded (`rcp.rn.f32`: the Triton lowering's own float32 division is the approximate
+`div.full.f32`), the values rounded to the nearest e4m3 value. Two kinds of row differ: one holding
+a NaN (Triton's maximum skips it, XLA's returns it) and one whose largest magnitude is under
+448 x 2^-128, whose reciprocal overflows (Hopper's convert saturates the infinite values at 448,
+XLA's makes them NaN).
 """
 
 import functools
@@ -20,37 +26,39 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.backend import FP8, FP8_MAX, power_of_two, triton_offsets_overflow
+from pallas_kernels.backend import FP8, power_of_two, row_scale, triton_offsets_overflow
 
-BLOCK_ELEMENTS = 8192        # a program's rows x K, in registers as float32
-MAX_K = 16384
+BLOCK_ELEMENTS = 8192        # a program's rows x K, held in registers as float32: 64 a thread
 NUM_WARPS = 4
+MIN_K = 128                  # FP8 rows go to the grouped matmul, which takes K % 128 == 0
 
 
 def fits(x) -> bool:
-    """Whether the kernel takes x: [M, K] bf16 or float32, M > 0, K a power of two from 16 to
-    MAX_K, and the FP8 values addressable by the Triton lowering (`backend.triton_offsets_overflow`)."""
+    """Whether the kernel takes x: [M, K] bf16 or float32 with M > 0, K a power of two from MIN_K
+    to BLOCK_ELEMENTS, and M x K outside (2^31, 2^32], where the FP8 values' 32-bit offsets in the
+    Triton lowering would overflow (`backend.triton_offsets_overflow`)."""
     return (x.ndim == 2 and x.shape[0] > 0 and jnp.dtype(x.dtype) in (jnp.bfloat16, jnp.float32)
-            and power_of_two(x.shape[1]) and 16 <= x.shape[1] <= MAX_K
+            and power_of_two(x.shape[1]) and MIN_K <= x.shape[1] <= BLOCK_ELEMENTS
             and not triton_offsets_overflow(jax.ShapeDtypeStruct(x.shape, FP8)))
 
 
 def _reciprocal(x, interpret: bool):
-    """1 / x, float32, correctly rounded (the interpreter's division is)."""
+    """1 / x, float32, correctly rounded (as the interpreter's division is)."""
     if interpret:
         return np.float32(1) / x
-    [inverse] = pltriton.elementwise_inline_asm("div.rn.f32 $0, $1, $2;", args=[jnp.ones_like(x), x],
-                                                constraints="=f,f,f", pack=1,
+    [inverse] = pltriton.elementwise_inline_asm("rcp.rn.f32 $0, $1;", args=[x], constraints="=f,f", pack=1,
                                                 result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)])
     return inverse
 
 
-def _kernel(x_ref, values_ref, scale_ref, *, interpret):
-    x = x_ref[...].astype(jnp.float32)                              # [rows, K]
-    amax = jnp.max(jnp.abs(x), axis=1)
-    scale = jnp.where(amax > 0, amax * np.float32(1 / FP8_MAX), np.float32(1))
-    values_ref[...] = (x * _reciprocal(scale, interpret)[:, None]).astype(FP8)
-    scale_ref[...] = scale
+def _kernel(x_ref, values_ref, scale_ref, *, M: int, interpret: bool):
+    rows, K = x_ref.shape
+    valid = pl.program_id(0) * rows + jnp.arange(rows) < M                         # [rows]
+    in_rows = jnp.broadcast_to(valid[:, None], (rows, K))
+    x = pltriton.load(x_ref, mask=in_rows, other=0).astype(jnp.float32)          # [rows, K]
+    scale = row_scale(jnp.max(jnp.abs(x), axis=1), jnp)
+    pltriton.store(values_ref, (x * _reciprocal(scale, interpret)[:, None]).astype(FP8), mask=in_rows)
+    pltriton.store(scale_ref, scale, mask=valid)
 
 
 @functools.partial(jax.jit, static_argnames=("interpret",))
@@ -58,9 +66,9 @@ def quantize_rows(x, *, interpret=False):
     """x [M, K] -> (values [M, K] float8_e4m3fn, scale [M] float32): `backend.quantize_rows`
     (api.quantize_rows)."""
     M, K = x.shape
-    rows = max(BLOCK_ELEMENTS // K, 1)
-    return pl.pallas_call(
-        functools.partial(_kernel, interpret=interpret),
+    rows = BLOCK_ELEMENTS // K
+    values, scale = pl.pallas_call(
+        functools.partial(_kernel, M=M, interpret=interpret),
         grid=(pl.cdiv(M, rows),),
         in_specs=[pl.BlockSpec((rows, K), lambda i: (i, 0))],
         out_specs=[pl.BlockSpec((rows, K), lambda i: (i, 0)), pl.BlockSpec((rows,), lambda i: (i,))],
@@ -69,3 +77,4 @@ def quantize_rows(x, *, interpret=False):
         interpret=interpret,
         name="quantize_rows",
     )(x)
+    return values, scale

@@ -1,7 +1,10 @@
-"""Grouped matmul in plain jnp: the reference every MoE kernel is held to."""
+"""Grouped matmul in plain jnp: the reference every MoE kernel is held to (and the row gather's
+and the FP8 rows' quantization's, `quantize_rows`)."""
 
 import jax
 import jax.numpy as jnp
+
+from pallas_kernels import backend
 
 
 def gmm(lhs, rhs, group_sizes, *, preferred_element_type=None, scale=None, lhs_scale=None):
@@ -54,3 +57,9 @@ def gmm_swiglu(lhs, rhs, group_sizes, *, scale=None, lhs_scale=None):
 def take_rows(x, idx):
     """x [R, H], idx [N] -> [N, H]: out[n] = x[idx[n]]."""
     return x[idx]
+
+
+def quantize_rows(x):
+    """x [..., K] -> (values [..., K] float8_e4m3fn, scale [...] float32): the FP8 rows,
+    `pallas_kernels.backend.quantize_rows`."""
+    return backend.quantize_rows(x)
