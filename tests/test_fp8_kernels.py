@@ -252,7 +252,7 @@ def rows_to_quantize(M, K, dtype, seed):
     appears twice with both signs."""
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((M, K)) * np.exp2(rng.uniform(-12, 0, (M, K)) + rng.uniform(-20, 20, (M, 1)))
-    x[1] = 0
+    x[min(1, M - 1)] = 0
     x[-1, :2] = [3.5, -3.5]
     x[-1, 2:] = np.clip(x[-1, 2:], -3, 3)
     return jnp.asarray(x, dtype)
@@ -275,9 +275,9 @@ def test_quantize_rows_kernel_gives_the_reference_bits(M, K, dtype):
 
 
 def test_quantize_rows_kernel_refusals_and_cuda_lowering(monkeypatch):
-    """Shapes the kernel does not take name themselves; "auto" runs XLA's quantization, as on a
-    Hopper GPU (the kernel is named with backend="gpu" until it has run on one); on CUDA the kernel
-    lowers with the correctly rounded reciprocal of the scales."""
+    """Shapes the kernel does not take name themselves, and "auto" runs XLA's quantization on them
+    as on a Hopper GPU; on CUDA the kernel lowers with the correctly rounded reciprocal of the
+    scales."""
     from pallas_kernels.moe import quantize_gpu
 
     for x, why in ((jnp.ones((4, 96 * 4)), "K a power of two"), (jnp.ones((2, 4, 256)), r"\(2, 4, 256\)"),
@@ -288,15 +288,16 @@ def test_quantize_rows_kernel_refusals_and_cuda_lowering(monkeypatch):
     assert quantize_gpu.fits(jax.ShapeDtypeStruct((2**17, 8192), jnp.bfloat16))          # 2^30 values
     assert not quantize_gpu.fits(jax.ShapeDtypeStruct((2**18 + 1, 8192), jnp.bfloat16))  # past 2^31
     monkeypatch.setattr(kernel_backend, "platform", lambda: "hopper")
-    for x in (jnp.ones((2, 4, 256)), rows_to_quantize(8, 256, jnp.bfloat16, 0)):
+    for x in (jnp.ones((2, 4, 256)), rows_to_quantize(8, 96, jnp.bfloat16, 0)):
         same_bits(pallas_kernels.quantize_rows(x), kernel_backend.quantize_rows(x))
     lowered = jax.jit(quantize_gpu.quantize_rows).trace(jax.ShapeDtypeStruct((1000, 512), jnp.bfloat16))
     assert "rcp.rn.f32" in lowered.lower(lowering_platforms=("cuda",)).as_text()
 
 
 @pytest.mark.gpu
-def test_gpu_quantize_rows_kernel_gives_xla_bits():
-    """On the GPU the kernel's values and scales are XLA's (and numpy's) bits: at a 4096-token
+def test_gpu_quantize_rows_kernel_gives_numpy_bits():
+    """On the GPU the kernel's values and scales are numpy's bits (XLA's own program there rounds
+    one e4m3 midpoint the other way: `quantize_gpu.py`): at a 4096-token
     prefill chunk's FP8-rows shapes (Ring-mini: the tokens, hidden 2048; the SwiGLU output, top-8 x
     512), Ring-flash's hidden 4096, and row counts that leave the last block partly masked (1 and
     37 rows, 300 x top-8 of width 256, 4097 of 4096)."""
@@ -306,5 +307,4 @@ def test_gpu_quantize_rows_kernel_gives_xla_bits():
     for M, K in ((4096, 2048), (32768, 512), (1000, 4096), (1, 2048), (37, 512), (2400, 256), (4097, 4096)):
         x = rows_to_quantize(M, K, jnp.bfloat16, M + K)
         got = jax.jit(lambda x: pallas_kernels.quantize_rows(x, backend="gpu"))(x)
-        same_bits(got, jax.jit(lambda x: pallas_kernels.quantize_rows(x, backend="reference"))(x))
         same_bits(got, kernel_backend.quantize_rows(np.asarray(x.astype(jnp.float32))))

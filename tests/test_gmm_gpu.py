@@ -322,12 +322,15 @@ def test_moe_layer_through_gpu_kernel_matches_reference_path(monkeypatch, fp8):
 
 def test_moe_layer_with_fp8_rows_in_the_interpreter(monkeypatch, transposed_wgmma_operands):
     """The same with FP8 rows on the CPU: the grouped matmul in JAX's Mosaic GPU interpreter (its
-    2 simulated SMs each run a sequence of units) and the Triton kernels in interpret mode."""
+    2 simulated SMs each run a sequence of units) and the Triton kernels in interpret mode, the
+    rows quantized by the kernel: the tokens [300, 256] and the SwiGLU output [300 x top-k, 128]."""
     supports, kernel = gmm_gpu.supports, gmm_gpu.gmm
-    as_if_on_hopper(monkeypatch)
+    quantized = as_if_on_hopper(monkeypatch, record={"quantize_rows": lambda x, **_: x.shape})
     monkeypatch.setattr(gmm_gpu, "supports", supports)
     monkeypatch.setattr(gmm_gpu, "gmm", lambda *a, **k: kernel(*a, **{**k, "interpret": True}))
     moe_layer_against_reference_path(monkeypatch, "rows", (300,))
+    top_k = load_config_dict("tiny.json")["num_experts_per_tok"]
+    assert set(quantized) == {(300, 256), (300 * top_k, 128)}
 
 
 @pytest.mark.gpu

@@ -280,10 +280,12 @@ def test_fp8_rows_pass_their_rounding_straight_through(monkeypatch):
     from ring_jax.layers.moe import grouped_outputs
     from ring_jax.quantization import Fp8
 
-    from pallas_kernels.moe import gather_gpu
+    from pallas_kernels.moe import gather_gpu, quantize_gpu
 
     monkeypatch.setattr(gmm_gpu, "gmm", gmm_stand_in)
     monkeypatch.setattr(gather_gpu, "take_rows", lambda x, idx, **_: moe_reference.take_rows(x, idx))
+    kernel = quantize_gpu.quantize_rows
+    monkeypatch.setattr(quantize_gpu, "quantize_rows", lambda x, **_: kernel(x, interpret=True))
     tokens = normal((40, 128), jnp.bfloat16, seed=29)
     ids = jax.random.randint(jax.random.PRNGKey(30), (40, 4), 0, 8)
     gate_up, down = (Fp8(*quantize_rows(normal(shape, seed=s, scale=0.1))) for s, shape in ((31, (8, 512, 128)),

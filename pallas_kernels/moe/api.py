@@ -265,10 +265,11 @@ def _gather_gpu(x, idx):
 def quantize_rows(x, *, backend="auto", interpret=False):
     """x [M, K] bf16 or float32 -> (values [M, K] float8_e4m3fn, scale [M] float32): the FP8 rows
     of `pallas_kernels.backend.quantize_rows` (which the reference is, for x [..., K] of any float
-    dtype), the same bits but for the rows `quantize_gpu.py` names. Gradients: the reference's.
+    dtype). The kernel gives its numpy bits but for the rows `quantize_gpu.py` names; XLA's program
+    for it on a Hopper GPU rounds one e4m3 midpoint the other way (`quantize_gpu.py`). Gradients:
+    the reference's.
 
-    backend, interpret: `pallas_kernels.backend`. "auto" runs the reference: the kernel has not yet
-    run on a GPU, so "gpu" names it.
+    backend, interpret: `pallas_kernels.backend`; "auto" takes the kernel where it takes x.
     """
     if resolve(backend, interpret, gpu=_quantize_gpu(x)) == "gpu":
         from pallas_kernels.moe import quantize_gpu
@@ -285,6 +286,5 @@ def _quantize_gpu(x):
 
         return Kernel(None if quantize_gpu.fits(x) else
                       f"takes bf16 or float32 x [M > 0, K] with K a power of two from {quantize_gpu.MIN_K} to "
-                      f"{quantize_gpu.BLOCK_ELEMENTS}, M x K outside (2^31, 2^32] (got {x.dtype} {x.shape})",
-                      auto=False)
+                      f"{quantize_gpu.BLOCK_ELEMENTS}, M x K outside (2^31, 2^32] (got {x.dtype} {x.shape})")
     return answer
