@@ -43,8 +43,8 @@ def quantize_rows(x):
 
     Only multiplies by reciprocals, so that numpy and XLA give the same bits: XLA rewrites a
     division by a broadcast value into a multiply by its reciprocal where it sees fit, which can
-    round differently. XLA on a Hopper GPU still rounds one e4m3 midpoint the other way (rare:
-    `pallas_kernels/moe/quantize_gpu.py`, whose kernel gives numpy's bits there)."""
+    round differently. XLA on a Hopper GPU misrounds, rarely, at one e4m3 midpoint
+    (`pallas_kernels/moe/quantize_gpu.py`, whose kernel gives numpy's bits there)."""
     xp = jnp if isinstance(x, jax.Array) else np
     x = x.astype(np.float32)
     scale = row_scale(xp.max(xp.abs(x), axis=-1), xp)

@@ -265,11 +265,11 @@ def _gather_gpu(x, idx):
 def quantize_rows(x, *, backend="auto", interpret=False):
     """x [M, K] bf16 or float32 -> (values [M, K] float8_e4m3fn, scale [M] float32): the FP8 rows
     of `pallas_kernels.backend.quantize_rows` (which the reference is, for x [..., K] of any float
-    dtype). The kernel gives its numpy bits but for the rows `quantize_gpu.py` names; XLA's program
-    for it on a Hopper GPU rounds one e4m3 midpoint the other way (`quantize_gpu.py`). Gradients:
-    the reference's.
+    dtype). The kernel gives numpy's bits (`backend.quantize_rows` on the host) but for the rows
+    `quantize_gpu.py` names; XLA's program for it on a Hopper GPU misrounds at one e4m3 midpoint
+    (`quantize_gpu.py`). Gradients: the reference's.
 
-    backend, interpret: `pallas_kernels.backend`; "auto" takes the kernel where it takes x.
+    backend, interpret: `pallas_kernels.backend`; "auto" takes the kernel on Hopper where it takes x.
     """
     if resolve(backend, interpret, gpu=_quantize_gpu(x)) == "gpu":
         from pallas_kernels.moe import quantize_gpu

@@ -3,9 +3,8 @@
 `backend.quantize_rows` in one pass over the rows: each program reads a block of whole rows once,
 takes each row's largest magnitude, and writes the rows' e4m3 values and float32 scales, near the
 copy bandwidth where XLA's program (a reduction, then a fusion that reads the rows again) reaches
-about half of it (docs/PERFORMANCE.md). The MoE's FP8-rows path
-quantizes each token before the dispatch and the SwiGLU output, [tokens x top_k, I], before the
-down product.
+about half of it (docs/PERFORMANCE.md). The MoE's FP8-rows path quantizes each token before the
+dispatch and the SwiGLU output, [tokens x top_k, I], before the down product.
 
 Grid (cdiv(M, rows),), rows = BLOCK_ELEMENTS / K. The Triton lowering does not mask a block that
 passes the array's end, so the last program masks its rows itself.
@@ -13,10 +12,10 @@ passes the array's end, so the last program masks its rows itself.
 The bits are `backend.quantize_rows`'s on the host (numpy's): `backend.row_scale` of each row's
 maximum, its reciprocal correctly rounded (`rcp.rn.f32`: the Triton lowering's own float32
 division is the approximate `div.full.f32`), the values rounded to the nearest e4m3 value, ties to
-even. XLA's program for `backend.quantize_rows` on a Hopper GPU (JAX 0.11.2) misses at one point:
+even. XLA's program for `backend.quantize_rows` on a Hopper GPU misrounds, rarely, at one point:
 the midpoint 3.5 x 2^-9 of the subnormals 3 x 2^-9 and 4 x 2^-9 goes to 3 x 2^-9, and the float32
-value just under it to 4 x 2^-9 (89 of the GPU test's 8.4 million values; XLA's conversion alone
-rounds both right, so its fused program is where it goes wrong). Two kinds of row differ from
+value just under it to 4 x 2^-9 (XLA's conversion alone rounds both right, so its fused program is
+where it goes wrong; docs/PERFORMANCE.md, "The FP8 rows' quantization"). Two kinds of row differ from
 numpy's too: one holding a NaN (Triton's maximum skips it, numpy's returns it) and one whose
 largest magnitude is under 448 x 2^-128, whose reciprocal overflows (Hopper's convert saturates
 the infinite values at 448, numpy's makes them NaN).
