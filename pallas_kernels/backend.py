@@ -73,6 +73,18 @@ def triton_offsets_overflow(a) -> bool:
     return a.size > 2**31 and a.size * jnp.dtype(a.dtype).itemsize <= 2**32
 
 
+def reciprocal(x, interpret: bool):
+    """1 / x, float32, correctly rounded, inside a Pallas Triton kernel (the lowering's own float32
+    division is approximate; the interpreter's is correctly rounded)."""
+    if interpret:
+        return np.float32(1) / x
+    from jax.experimental.pallas import triton as pltriton
+
+    [inverse] = pltriton.elementwise_inline_asm("rcp.rn.f32 $0, $1;", args=[x], constraints="=f,f", pack=1,
+                                                result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)])
+    return inverse
+
+
 def power_of_two(n: int) -> bool:
     """Whether n is a positive power of two (a Triton block's sizes must be)."""
     return n > 0 and n & (n - 1) == 0

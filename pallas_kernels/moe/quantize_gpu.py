@@ -25,11 +25,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.backend import FP8, power_of_two, row_scale, triton_offsets_overflow
+from pallas_kernels.backend import FP8, power_of_two, reciprocal, row_scale, triton_offsets_overflow
 
 BLOCK_ELEMENTS = 8192        # a program's rows x K, held in registers as float32: 64 a thread
 NUM_WARPS = 4
@@ -45,22 +44,13 @@ def fits(x) -> bool:
             and not triton_offsets_overflow(jax.ShapeDtypeStruct(x.shape, FP8)))
 
 
-def _reciprocal(x, interpret: bool):
-    """1 / x, float32, correctly rounded (as the interpreter's division is)."""
-    if interpret:
-        return np.float32(1) / x
-    [inverse] = pltriton.elementwise_inline_asm("rcp.rn.f32 $0, $1;", args=[x], constraints="=f,f", pack=1,
-                                                result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)])
-    return inverse
-
-
 def _kernel(x_ref, values_ref, scale_ref, *, M: int, interpret: bool):
     rows, K = x_ref.shape
     valid = pl.program_id(0) * rows + jnp.arange(rows) < M                         # [rows]
     in_rows = jnp.broadcast_to(valid[:, None], (rows, K))
     x = pltriton.load(x_ref, mask=in_rows, other=0).astype(jnp.float32)          # [rows, K]
     scale = row_scale(jnp.max(jnp.abs(x), axis=1), jnp)
-    pltriton.store(values_ref, (x * _reciprocal(scale, interpret)[:, None]).astype(FP8), mask=in_rows)
+    pltriton.store(values_ref, (x * reciprocal(scale, interpret)[:, None]).astype(FP8), mask=in_rows)
     pltriton.store(scale_ref, scale, mask=valid)
 
 

@@ -33,9 +33,9 @@ def _pick(key, index, size):
     return jnp.min(jnp.min(jnp.where(key == best, index, size), axis=1, keepdims=True), axis=0, keepdims=True)
 
 
-def _kernel(scores_ref, bias_ref, index_ref, ids_ref, weights_ref, *, top_k, topk_group, scaling, rounding):
-    scores = scores_ref[...]                                               # [G, g] float32
-    bias = bias_ref[index_ref[0]]                                          # the layer's, in the stack
+def choose(scores, bias, *, top_k, topk_group, scaling, rounding):
+    """scores, bias: [G, g] float32 (one token's, by group; bias rounded to `rounding` and back
+    first, unless None) -> (ids [1, top_k] int32, weights [1, top_k] float32), inside a kernel."""
     if rounding is not None:
         bias = bias.astype(rounding).astype(jnp.float32)
     biased = scores + bias
@@ -76,8 +76,11 @@ def _kernel(scores_ref, bias_ref, index_ref, ids_ref, weights_ref, *, top_k, top
         key = jnp.where(chosen, _EXCLUDED, key)
     if top_k > 1:
         weights = weights / (jnp.sum(weights, axis=1, keepdims=True) + 1e-20)
-    ids_ref[...] = ids
-    weights_ref[...] = weights * scaling
+    return ids, weights * scaling
+
+
+def _kernel(scores_ref, bias_ref, index_ref, ids_ref, weights_ref, **selection):
+    ids_ref[...], weights_ref[...] = choose(scores_ref[...], bias_ref[index_ref[0]], **selection)   # the layer's bias
 
 
 @functools.partial(jax.jit, static_argnames=("top_k", "n_group", "topk_group", "scaling", "rounding", "interpret"))
