@@ -86,8 +86,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=os.path.join(ROOT, "configs", "ring-mini-linear-2.0.json"))
     parser.add_argument("--layers", type=int, default=4,
-                        help="layers in the stacks (Ring-mini's 15 linear MoE layers make a 4.03 GB down stack, read "
-                             "as uint16 pairs, which ran out of memory here: docs/PERFORMANCE.md)")
+                        help="layers in the stacks (Ring-mini's 15 linear MoE layers make a 4.03 GB down stack, "
+                             "read as uint16 pairs: docs/PERFORMANCE.md on their memory)")
     parser.add_argument("--chain", type=int, default=19, help="blocks per timed program (Ring-mini's MoE layers: 19)")
     parser.add_argument("--programs", type=int, nargs="+", default=[0],
                         help="the fused kernel's programs (0: one per SM)")

@@ -49,15 +49,27 @@ def float64_block(x, norm, router, bias, gate_up, gate_up_scale, down, down_scal
     return total
 
 
-@pytest.mark.parametrize("pairs", [False, True], ids=["values", "pairs"])
+@pytest.fixture(params=["values", "pairs", "small router tiles"])
+def reads(request, monkeypatch):
+    """How the kernel reads: the FP8 stacks as values; the routed stacks as uint16 pairs (as it reads
+    a stack of 2-4 GiB, here small ones; the shared ones as values); or the router in tiles of 8
+    experts by 32 rows (8 partial sums of the logits, 4 expert blocks). The jit caches are cleared
+    around it, so that no kernel traced one way serves another."""
+    if request.param == "pairs":
+        monkeypatch.setattr(gpu, "triton_offsets_overflow", lambda a: a.shape[0] > 2)   # not the 2 shared
+    if request.param == "small router tiles":
+        monkeypatch.setattr(gpu, "BLOCK_E", 8)
+        monkeypatch.setattr(gpu, "ROUTER_TILE_BYTES", 8 * 32 * 2)
+    jax.clear_caches()
+    yield request.param
+    jax.clear_caches()
+
+
 @pytest.mark.parametrize("index", [(0, 0, 0, 0, 0), (2, 1, 2, 64, 1)], ids=["layer 0", "mixed entries"])
-def test_kernel_in_interpret_mode_equals_the_reference(index, pairs, monkeypatch):
+def test_kernel_in_interpret_mode_equals_the_reference(index, reads):
     """Both interpret forms (one program running the three phases; three kernels of 3 programs,
     each striding over the items) give the reference's selection, and its output to a bf16 step;
-    the reference is within bf16's rounding of the float64 block. pairs: the FP8 stacks read as
-    uint16 pairs, as the kernel reads a stack of 2-4 GiB, here small ones."""
-    monkeypatch.setattr(gpu, "triton_offsets_overflow", lambda a: pairs)
-    jax.clear_caches()
+    the reference is within bf16's rounding of the float64 block."""
     ops = operands()
     index = jnp.asarray(index, jnp.int32)
     want = pallas_kernels.moe_decode(*ops, index, **SELECTION, backend="reference")
@@ -75,10 +87,10 @@ def test_kernel_in_interpret_mode_equals_the_reference(index, pairs, monkeypatch
 def test_entry_point_takes_the_kernel_by_name_and_the_reference_by_default():
     ops, index = operands(), jnp.asarray([1, 1, 1, 32, 0], jnp.int32)
     want = pallas_kernels.moe_decode(*ops, index, **SELECTION)                      # "auto" on the CPU
-    assert pallas_kernels.moe_decode_backend(ops[0], ops[2], ops[4], 4, 4) == "reference"
+    assert pallas_kernels.moe_decode_backend(ops[2], ops[4], 4, 4) == "reference"
     got = pallas_kernels.moe_decode(*ops, index, **SELECTION, backend="gpu", interpret=True)
     assert np.array_equal(got[1], want[1])
-    assert pallas_kernels.moe_decode_backend(ops[0], ops[2], ops[4], 4, 4, backend="gpu") == "gpu"
+    assert pallas_kernels.moe_decode_backend(ops[2], ops[4], 4, 4, backend="gpu") == "gpu"
 
 
 def test_errors():
@@ -101,7 +113,7 @@ def test_gpu_kernel_at_ring_mini_sizes():
     """Ring-mini's block (hidden 2048, 256 experts of width 512, top 8 of 4 groups of 8) over
     stacks of 4 layers' experts against the reference on the GPU, with the grid barriers, and as
     three kernels. (Stacks of 2-4 GiB, read as pairs, are tested in interpret mode only: on the GPU
-    XLA materializes their bitcast to uint16, docs/PERFORMANCE.md.)"""
+    such a call ran out of memory, docs/PERFORMANCE.md.)"""
     K, I, E, L = 2048, 512, 256, 4
     keys = jax.random.split(jax.random.key(0), 8)
 
@@ -125,5 +137,6 @@ def test_gpu_kernel_at_ring_mini_sizes():
             out, ids, weights = gpu.moe_decode(*ops, index, **selection, split=split)
             assert np.array_equal(ids, want[1]), (layer, split)
             np.testing.assert_allclose(weights, want[2], rtol=1e-5)
-            err = np.abs(np.asarray(out, np.float32) - np.asarray(want[0], np.float32))
-            assert np.all(err <= 2.0 ** -7 * np.abs(np.asarray(want[0], np.float32)) + 1e-5), (layer, split)
+            want_out = np.asarray(want[0], np.float32)      # a term's flipped rounding: a bf16 step of the largest
+            err = np.abs(np.asarray(out, np.float32) - want_out)
+            assert np.all(err <= 2.0 ** -7 * (np.abs(want_out) + np.max(np.abs(want_out)))), (layer, split)

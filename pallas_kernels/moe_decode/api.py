@@ -23,11 +23,12 @@ def _gpu(K, I, E, router_dtype, top_k, n_group):
         if gpu.fits(K, I, E, router_dtype, top_k, n_group):
             return Kernel(auto=False)
         return Kernel(f"takes power-of-two sizes (hidden {K}, expert width {I}, {E} experts in {n_group} groups, "
-                      f"top_k {top_k}) with the hidden size a multiple of its router tile")
+                      f"top_k {top_k}), the width a multiple of {gpu.BLOCK_N} and the hidden size of "
+                      f"{gpu.BLOCK_D} and of the router tile's rows")
     return answer
 
 
-def moe_decode_backend(x, router, gate_up, top_k, n_group, backend="auto") -> str:
+def moe_decode_backend(router, gate_up, top_k, n_group, backend="auto") -> str:
     """The backend `moe_decode` runs for these operands: "gpu" or "reference"."""
     K, E = router.shape[-2:]
     return resolve(backend, gpu=_gpu(K, gate_up[0].shape[1] // 2, E, router.dtype, top_k, n_group))
@@ -45,14 +46,15 @@ def moe_decode(x, norm_weight, router, bias, gate_up, gate_up_scale, down, down_
     I]), FP8 stacks (K-major, every layer's experts), with their scales gate_up_scale ([R, 2 I],
     [S, 2 I]) and down_scale ([R, K], [S, K]) float32. index: [5] int32: the layer's entries in
     norm_weight, router and bias; its first expert in the routed stacks; its shared expert's matrix
-    in the shared stacks.
+    in the shared stacks; the chosen experts' entries (first plus an id) must lie in the routed
+    stacks (others are undefined: the kernel does not check them).
     Returns (out [1, K] in x's dtype: the routed experts' combine plus the shared expert, before
     the residual add; ids [top_k] int32 and weights [top_k] float32, the selection).
     backend, interpret: `pallas_kernels.backend`.
     """
     K = x.shape[-1]
-    L, K_r, E = router.shape
-    R, I2, K_g = gate_up[0].shape
+    L, _, E = router.shape
+    R, I2, _ = gate_up[0].shape
     expect = {"x": ((1, K), x.shape), "norm_weight": ((L, K), norm_weight.shape), "router": ((L, K, E), router.shape),
               "bias": ((L, E), bias.shape), "gate_up routed": ((R, I2, K), gate_up[0].shape),
               "gate_up shared": ((gate_up[1].shape[0], I2, K), gate_up[1].shape),
@@ -66,7 +68,8 @@ def moe_decode(x, norm_weight, router, bias, gate_up, gate_up_scale, down, down_
             raise ValueError(f"moe_decode: {name} must be {want}, got {got}")
     if any(jnp.dtype(w.dtype) != FP8 for w in (*gate_up, *down)) or any(
             jnp.dtype(s.dtype) != jnp.float32 for s in (*gate_up_scale, *down_scale, bias)):
-        raise ValueError("moe_decode: the experts must be FP8 (float8_e4m3fn) with float32 scales, and the bias float32")
+        raise ValueError("moe_decode: the experts must be FP8 (float8_e4m3fn) with float32 scales, and the bias "
+                         "float32")
     kind = resolve(backend, interpret, gpu=_gpu(K, I2 // 2, E, router.dtype, top_k, n_group))
     settings = dict(eps=eps, top_k=top_k, n_group=n_group, topk_group=topk_group, scaling=float(scaling),
                     rounding=bias_rounding)

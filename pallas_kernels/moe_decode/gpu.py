@@ -51,9 +51,10 @@ def router_tile(K: int, E: int, dtype) -> tuple[int, int]:
 
 
 def fits(K: int, I: int, E: int, router_dtype, top_k: int, n_group: int) -> bool:
-    """Whether the kernel takes these sizes: Triton blocks of power-of-two sizes."""
-    return (all(map(power_of_two, (K, I, E, n_group, top_k, E // n_group))) and E % n_group == 0
-            and I % BLOCK_N == 0 and K % BLOCK_D == 0 and min(K, I) >= 2 and K % router_tile(K, E, router_dtype)[0] == 0)
+    """Whether the kernel takes these sizes: Triton blocks of power-of-two sizes, I a multiple of
+    BLOCK_N, K of BLOCK_D and of the router tile's rows."""
+    return (all(map(power_of_two, (K, I, E, n_group, top_k, E // n_group))) and E % n_group == 0 and min(K, I) >= 2
+            and I % BLOCK_N == 0 and K % BLOCK_D == 0 and K % router_tile(K, E, router_dtype)[0] == 0)
 
 
 def _rnd(v, dtype):
@@ -210,7 +211,8 @@ def _kernel(index_ref, x_ref, norm_ref, router_ref, bias_ref, gate_up, gate_up_s
     selection = {k: settings[k] for k in ("n_group", "top_k", "topk_group", "scaling", "rounding", "interpret")}
     if "router" in phases:
         _router(index_ref, x_ref, norm_ref, router_ref, partial_ref, eps=eps, program=program, programs=programs)
-    together = phases == ("router", "gate_up", "down") and not interpret       # the interpreter's one program waits for none
+    # The interpreter's one program waits for none.
+    together = phases == ("router", "gate_up", "down") and not interpret
     if together:
         _barrier(count_ref, programs)
     if "gate_up" in phases:
@@ -245,6 +247,9 @@ def moe_decode(x, norm_weight, router, bias, gate_up, gate_up_scale, down, down_
     S = K // router_tile(K, E, router.dtype)[0]
     if interpret and not split and programs not in (None, 1):
         raise ValueError("moe_decode: the interpreter runs its programs one after another: one program, or split")
+    if not (interpret or split) and (programs or 0) > sm_count():
+        raise ValueError(f"moe_decode: {programs} programs cannot all be resident on {sm_count()} SMs, and the "
+                         f"grid barriers would wait forever: at most one per SM, or split")
     programs = programs or (1 if interpret and not split else sm_count())
     settings = dict(eps=eps, n_group=n_group, top_k=top_k, topk_group=topk_group, scaling=scaling,
                     rounding=None if rounding is None else jnp.dtype(rounding), interpret=interpret)
