@@ -68,9 +68,9 @@ def triton_offsets_overflow(a) -> bool:
     """Whether Pallas's Triton lowering would address array `a` (or its shape and dtype) past 2^31
     elements: it computes element offsets in signed 32 bits for arrays of at most 2^32 bytes, so a
     1-byte array of 2-4 GiB is read and written at negative offsets (JAX 0.10-0.11,
-    `_compute_offsets_from_indices`). Such an array is handed to a Triton kernel in 2-byte units
-    (a bitcast; in some programs XLA seemed to materialize it: docs/PERFORMANCE.md, "One decode
-    token's MoE block in one kernel")."""
+    `_compute_offsets_from_indices`). Such an array is handed to a Triton kernel in 2-byte units:
+    the same bytes, but XLA expands that bitcast into a copy of the array (docs/PERFORMANCE.md,
+    "One decode token's MoE block in one kernel")."""
     return a.size > 2**31 and a.size * jnp.dtype(a.dtype).itemsize <= 2**32
 
 
