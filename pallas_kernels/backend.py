@@ -68,10 +68,24 @@ def triton_offsets_overflow(a) -> bool:
     """Whether Pallas's Triton lowering would address array `a` (or its shape and dtype) past 2^31
     elements: it computes element offsets in signed 32 bits for arrays of at most 2^32 bytes, so a
     1-byte array of 2-4 GiB is read and written at negative offsets (JAX 0.10-0.11,
-    `_compute_offsets_from_indices`). Such an array is handed to a Triton kernel in 2-byte units:
-    the same bytes, but XLA expands that bitcast into a copy of the array (docs/PERFORMANCE.md,
-    "One decode token's MoE block in one kernel")."""
+    `_compute_offsets_from_indices`). Such an array is handed to a Triton kernel in 2-byte units
+    (`as_pairs`)."""
     return a.size > 2**31 and a.size * jnp.dtype(a.dtype).itemsize <= 2**32
+
+
+def as_pairs(a):
+    """A 1-byte array [..., K] (K even) -> uint16 [..., K / 2], each element the values at positions
+    2j (low byte) and 2j + 1 (high byte): the same bytes, in units Pallas's Triton lowering
+    addresses without overflow (`triton_offsets_overflow`). XLA computes it as a copy of the array
+    (a convert, shift and OR-reduce fusion), not as a bitcast (docs/PERFORMANCE.md, "One decode
+    token's MoE block in one kernel")."""
+    return jax.lax.bitcast_convert_type(a.reshape(*a.shape[:-1], a.shape[-1] // 2, 2), jnp.uint16)
+
+
+def e4m3(byte):
+    """Unsigned bytes (in a wider integer type: one byte of `as_pairs`) -> their float8_e4m3fn
+    values as float32, inside a kernel."""
+    return jax.lax.bitcast_convert_type(byte.astype(jnp.uint8), FP8).astype(jnp.float32)
 
 
 def reciprocal(x, interpret: bool):

@@ -15,8 +15,8 @@ reduces over K, so the kernel only learns to read K-major tiles; the per-column 
 the summed partials afterwards, in the same XLA reduction. A stack of 2-4 GiB (Ring-mini's linear
 layers' experts' down, 4.03 GB) would overflow the lowering's 32-bit offsets
 (`backend.triton_offsets_overflow`), so then the kernel reads every stack as uint16 pairs of
-neighbouring K values (`_pairs`, the same bytes): each pair's low byte (K position 2j) meets x's
-even columns and its high byte its odd ones. Pairs cost more instructions per byte (each
+neighbouring K values (`backend.as_pairs`, the same bytes): each pair's low byte (K position 2j)
+meets x's even columns and its high byte its odd ones. Pairs cost more instructions per byte (each
 product's time in docs/PERFORMANCE.md, "FP8 end to end"), hence only there.
 
 Each row of x is multiplied with the tile and reduced over K inside the program (a static loop
@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.backend import FP8, matrix_shape, triton_offsets_overflow
+from pallas_kernels.backend import FP8, as_pairs, e4m3, matrix_shape, triton_offsets_overflow
 from pallas_kernels.matvec import reference
 
 # "auto" takes the kernel for one row per group only: on an H200 XLA's GEMM was faster from 2 rows
@@ -111,11 +111,6 @@ def _rows(x_ref, norm_ref, index_ref, columns, *, rows, eps, keepdims=False):
     return out
 
 
-def _e4m3(byte):
-    """uint bytes (in a wider integer type) -> their float8_e4m3fn values, float32."""
-    return jax.lax.bitcast_convert_type(byte.astype(jnp.uint8), FP8).astype(jnp.float32)
-
-
 def _kernel(ids_ref, x_ref, *refs, rows, bk, bn, sizes, eps, fp8, pairs):
     norm_ref, index_ref = refs[:2] if eps is not None else (None, None)
     *w_refs, out_ref = refs[2:] if eps is not None else refs
@@ -131,7 +126,7 @@ def _kernel(ids_ref, x_ref, *refs, rows, bk, bn, sizes, eps, fp8, pairs):
     def product(w_ref, i):
         if pairs:                                # uint16 pairs [N, K / 2]: the tile's rows run along K
             tile = w_ref[i, pl.ds(n * bn, bn), pl.ds(s * (bk // 2), bk // 2)]                 # [bn, bk / 2]
-            low, high = _e4m3(tile & 0xFF), _e4m3(tile >> 8)
+            low, high = e4m3(tile & 0xFF), e4m3(tile >> 8)
             for m in range(rows):
                 out_ref[m, :] = jnp.sum(even[m] * low + odd[m] * high, axis=1)
         elif fp8:                                        # FP8 [N, K]: the tile's rows run along K
@@ -150,12 +145,6 @@ def _kernel(ids_ref, x_ref, *refs, rows, bk, bn, sizes, eps, fp8, pairs):
     for w_ref, size in zip(w_refs, sizes):                   # the stack that holds matrix e
         pl.when((e >= start) & (e < start + size))(functools.partial(product, w_ref, e - start))
         start += size
-
-
-def _pairs(w):
-    """FP8 [E, N, K] -> uint16 [E, N, K / 2]: each element the values at K positions 2j (low
-    byte) and 2j + 1 (high byte), the same bytes."""
-    return jax.lax.bitcast_convert_type(w.reshape(*w.shape[:-1], w.shape[-1] // 2, 2), jnp.uint16)
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "interpret"))
@@ -187,6 +176,6 @@ def matvec(x, w, ids, norm_weight=None, norm_index=None, *, scale=None, eps=None
         compiler_params=pltriton.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
         interpret=interpret,
         name="matvec",
-    )(ids, x, *norm, *(map(_pairs, stacks) if pairs else stacks))
+    )(ids, x, *norm, *(map(as_pairs, stacks) if pairs else stacks))
     out = jnp.sum(partial, axis=0)
     return out if scale is None else out * reference.gather(scale, ids)[:, None, :]

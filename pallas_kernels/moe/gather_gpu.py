@@ -20,6 +20,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels.backend import as_pairs
+
 # The fastest of 1-16 rows per program, 512-2048 columns and 2-8 warps at 262144 rows x 2048 on
 # an H200.
 ROWS = 8
@@ -58,7 +60,7 @@ def take_rows(x, idx, *, interpret=False):
     """x: [R, H]; idx: [N] int32, each in [0, R) -> [N, H]: out[n] = x[idx[n]] (api.take_rows)."""
     if _paired(x.dtype):
         R, H = x.shape
-        rows = take_rows(jax.lax.bitcast_convert_type(x.reshape(R, H // 2, 2), jnp.uint16), idx, interpret=interpret)
+        rows = take_rows(as_pairs(x), idx, interpret=interpret)
         return jax.lax.bitcast_convert_type(rows, x.dtype).reshape(idx.shape[0], H)
     N, H = idx.shape[0], x.shape[1]
     bh = block_h(H)

@@ -18,10 +18,11 @@ else running guarantees):
    combined with the weights in float32 and added to the shared expert's.
 
 The weights are FP8 (`pallas_kernels.backend.FP8`, K-major [E, N, K] with per-row scales): a
-program's item is then whole rows of contiguous bytes. A stack of 2-4 GiB is read as uint16 pairs
-(`_pairs`). In interpret mode the phases run as three kernels (`split`), as the interpreter runs
-programs one after another and a barrier would wait forever; on a GPU `split` runs them the same
-way (the GPU test compares both).
+program's item is then whole rows of contiguous bytes. A stack of 2-4 GiB (Ring-mini's linear
+layers' down, 4.03 GB) is read as uint16 pairs (`pallas_kernels.backend.as_pairs`). In interpret
+mode the phases run as three kernels (`split`), as the interpreter runs programs one after another
+and a barrier would wait forever; on a GPU `split` runs them the same way (the GPU test compares
+both).
 """
 
 import functools
@@ -31,11 +32,11 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.backend import FP8, power_of_two, reciprocal, sm_count, triton_offsets_overflow
+from pallas_kernels.backend import as_pairs, e4m3, power_of_two, reciprocal, sm_count, triton_offsets_overflow
 from pallas_kernels.router.gpu import choose
 
-# The fastest of a sweep of items and warps on an H100 (docs/PERFORMANCE.md): a program streams its
-# items one after another, so more warps keep more of its loads in flight.
+# The fastest of a sweep of items and warps on an H100 (docs/PERFORMANCE.md): a program loops over
+# its items, so more warps likely keep more of its loads in flight.
 NUM_WARPS = 8
 ROUTER_TILE_BYTES = 16 * 1024
 BLOCK_E = 64                   # the router tile's experts
@@ -75,14 +76,6 @@ def _normed(x_ref, norm_ref, layer, inverse_rms, columns):
     return _rnd(_rnd(x * inverse_rms, x_ref.dtype) * weight, x_ref.dtype).reshape(-1)
 
 
-def _pairs(w):
-    """FP8 [E, N, K] -> uint16 [E, N, K / 2], each element the values at K positions 2j (low byte)
-    and 2j + 1: how the kernel reads a stack of 2-4 GiB (Ring-mini's linear layers' down, 4.03
-    GB), which Pallas's Triton lowering would address at overflowed 32-bit offsets as bytes
-    (`pallas_kernels.backend.triton_offsets_overflow`), as `pallas_kernels.matvec` does."""
-    return jax.lax.bitcast_convert_type(w.reshape(*w.shape[:-1], w.shape[-1] // 2, 2), jnp.uint16)
-
-
 def _planes(w_ref) -> int:
     """The FP8 values per element of a weight stack as the kernel reads it: 2 for pairs, else 1."""
     return 2 if w_ref.dtype == jnp.uint16 else 1
@@ -94,14 +87,13 @@ def _strided(n: int, b: int, size: int):
 
 
 def _product(tile, columns):
-    """tile: FP8 [n, K], or pairs [n, K / 2] (`_pairs`); columns: [K / planes] float32 for each
+    """tile: FP8 [n, K], or pairs [n, K / 2] (`as_pairs`); columns: [K / planes] float32 for each
     plane b, the other operand's entries planes j + b -> [n] float32, the rows' products with it."""
     if len(columns) == 1:
         return jnp.sum(tile.astype(f32) * columns[0][None, :], axis=1)
     total = None
     for b, column in enumerate(columns):
-        byte = ((tile >> (8 * b)) & 0xFF).astype(jnp.uint8)
-        part = jnp.sum(jax.lax.bitcast_convert_type(byte, FP8).astype(f32) * column[None, :], axis=1)
+        part = jnp.sum(e4m3((tile >> (8 * b)) & 0xFF) * column[None, :], axis=1)
         total = part if total is None else total + part
     return total
 
@@ -258,7 +250,7 @@ def moe_decode(x, norm_weight, router, bias, gate_up, gate_up_scale, down, down_
               jax.ShapeDtypeStruct((1, top_k), f32), jax.ShapeDtypeStruct((S, E), f32),
               jax.ShapeDtypeStruct((P, I), x.dtype), jax.ShapeDtypeStruct((1,), jnp.int32)]
     def read(w):
-        return _pairs(w) if triton_offsets_overflow(w) else w
+        return as_pairs(w) if triton_offsets_overflow(w) else w
     operands = [jnp.asarray(index, jnp.int32), x, norm_weight, router, bias, read(gate_up[0]), gate_up_scale[0],
                 read(gate_up[1]), gate_up_scale[1], read(down[0]), down_scale[0], read(down[1]), down_scale[1]]
 
