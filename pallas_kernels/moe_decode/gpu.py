@@ -35,8 +35,8 @@ from jax.experimental.pallas import triton as pltriton
 from pallas_kernels.backend import as_pairs, e4m3, power_of_two, reciprocal, sm_count, triton_offsets_overflow
 from pallas_kernels.router.gpu import choose
 
-# The fastest of a sweep of items and warps on an H100 (docs/PERFORMANCE.md): a program loops over
-# its items, so more warps likely keep more of its loads in flight.
+# The fastest of a sweep of items and warps on an H100 (docs/PERFORMANCE.md). With one program per
+# SM its warps are all the SM's threads: 8 did better than 4 and 2; more have not been tried.
 NUM_WARPS = 8
 ROUTER_TILE_BYTES = 16 * 1024
 BLOCK_E = 64                   # the router tile's experts
