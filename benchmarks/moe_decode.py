@@ -4,7 +4,7 @@ shared experts' gate_up and down matvecs and the glue between them, as the model
 MoE layer without it. FP8 experts, random weights, every layer's stacks (read in place by index).
 
     python -m benchmarks.moe_decode [--config configs/ring-mini-linear-2.0.json] [--layers 4] [--chain 19]
-                                    [--programs 0 66]
+                                    [--programs 0 66] [--tiles 8/16/8 8/16/16]
 
 Timed as GPU time per layer over a chain of `--chain` layers in one program (each layer's input
 the last one's output plus the block's), from a profiler trace: the fixed cost of each launch is
@@ -28,6 +28,7 @@ import pallas_kernels  # noqa: E402
 from benchmarks.timing import bench_jax, copy_bandwidth, device_ms  # noqa: E402
 from pallas_kernels.backend import FP8  # noqa: E402
 from pallas_kernels.moe.reference import swiglu  # noqa: E402
+from pallas_kernels.moe_decode import gpu  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -82,6 +83,14 @@ def chained(block, layers: int, chain: int, E: int):
     return run
 
 
+def tiles(text: str):
+    """"N/D/W" -> the fused kernel's `Tiles`."""
+    try:
+        return gpu.Tiles(*map(int, text.split("/")))
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"tiles are three integers N/D/W (e.g. 8/16/8), got {text!r}") from None
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=os.path.join(ROOT, "configs", "ring-mini-linear-2.0.json"))
@@ -91,6 +100,10 @@ def main(argv=None):
     parser.add_argument("--chain", type=int, default=19, help="blocks per timed program (Ring-mini's MoE layers: 19)")
     parser.add_argument("--programs", type=int, nargs="+", default=[0],
                         help="the fused kernel's programs (0: one per SM)")
+    parser.add_argument("--tiles", type=tiles, nargs="+", default=[gpu.TILES], metavar="N/D/W",
+                        help="the fused kernel's items and warps: gate (and up) rows per gate_up item / output "
+                             "columns per down item / warps per program (default: the kernel's own, "
+                             f"{'/'.join(map(str, gpu.TILES))})")
     args = parser.parse_args(argv)
     config = ring_jax.RingConfig.from_hf(args.config)
     on_gpu = jax.devices()[0].platform == "gpu"
@@ -106,19 +119,20 @@ def main(argv=None):
           f"copy {bandwidth / 1e12:.2f} TB/s; {moved / 1e6:.1f} MB per block, floor "
           f"{moved / bandwidth * 1e6:.1f} us; " + ("GPU time from a trace" if on_gpu else
                                                     "wall clock, interpret mode (smoke run)"))
-    print("| block | programs | us per layer | of the floor | ids as unfused | largest difference / largest value |")
-    print("|---|---|---|---|---|---|")
+    print("| block | programs | tiles (rows / columns / warps) | us per layer | of the floor | ids as unfused | "
+          "largest difference / largest value |")
+    print("|---|---|---|---|---|---|---|")
     index = jnp.asarray([0, 0, 0, 0, 0], jnp.int32)
     want = jax.jit(functools.partial(unfused, settings))(x, *weights, index)
 
-    def fused(programs):
+    def fused(programs, tiles):
         kw = dict(programs=programs or None) if on_gpu else dict(split=True, programs=programs or 2, interpret=True)
-        from pallas_kernels.moe_decode import gpu
-        return lambda *a: gpu.moe_decode(*a, **settings, **kw)
+        return lambda *a: gpu.moe_decode(*a, **settings, **kw, tiles=tiles)
 
-    blocks = [("unfused (the model's matvec path)", "", functools.partial(unfused, settings))]
-    blocks += [("fused (`pallas_kernels.moe_decode`)", p or "one per SM", fused(p)) for p in args.programs]
-    for name, programs, block in blocks:
+    blocks = [("unfused (the model's matvec path)", "", "", functools.partial(unfused, settings))]
+    blocks += [("fused (`pallas_kernels.moe_decode`)", p or "one per SM", "/".join(map(str, t)), fused(p, t))
+               for p in args.programs for t in args.tiles]
+    for name, programs, shape, block in blocks:
         got = jax.jit(block)(x, *weights, index)
         same = bool(np.array_equal(got[1], want[1]))
         diff = float(jnp.max(jnp.abs(got[0].astype(jnp.float32) - want[0].astype(jnp.float32)))
@@ -126,8 +140,8 @@ def main(argv=None):
         run = chained(block, args.layers, args.chain, E)
         seconds = device_ms(run, x, *weights) / 1e3 if on_gpu else (bench_jax(run, x, *weights, n=2) / 1e3)
         us = seconds / args.chain * 1e6
-        print(f"| {name} | {programs} | {us:.2f} | {moved / bandwidth * 1e6 / us:.0%} | {same} | {diff:.1e} |",
-              flush=True)
+        print(f"| {name} | {programs} | {shape} | {us:.2f} | {moved / bandwidth * 1e6 / us:.0%} | {same} | "
+              f"{diff:.1e} |", flush=True)
 
 
 if __name__ == "__main__":

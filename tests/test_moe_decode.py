@@ -84,6 +84,17 @@ def test_kernel_in_interpret_mode_equals_the_reference(index, reads):
     assert np.max(np.abs(got - exact)) / np.max(np.abs(exact)) < 3e-2
 
 
+def test_other_tiles_change_the_work_not_the_result():
+    """Items of 2 gate rows and 64 down columns (and of 32 rows and 8 columns) over 3 programs give
+    the same bits as the kernel's own tiles: the tiles cut the same sums into other items."""
+    ops, index = operands(), jnp.asarray([2, 1, 2, 64, 1], jnp.int32)
+    want = gpu.moe_decode(*ops, index, **SELECTION, split=True, programs=3, interpret=True)
+    for tiles in (gpu.Tiles(2, 64, 4), gpu.Tiles(32, 8, 2)):
+        got = gpu.moe_decode(*ops, index, **SELECTION, split=True, programs=3, tiles=tiles, interpret=True)
+        for g, w in zip(got, want):
+            assert np.array_equal(np.asarray(g), np.asarray(w)), tiles
+
+
 def test_entry_point_takes_the_kernel_by_name_and_the_reference_by_default():
     ops, index = operands(), jnp.asarray([1, 1, 1, 32, 0], jnp.int32)
     want = pallas_kernels.moe_decode(*ops, index, **SELECTION)                      # "auto" on the CPU
@@ -106,6 +117,8 @@ def test_errors():
         pallas_kernels.moe_decode(*operands(E=24), index, **{**SELECTION, "n_group": 3}, backend="gpu")
     with pytest.raises(ValueError, match="one program, or split"):
         gpu.moe_decode(*ops, index, **SELECTION, interpret=True, programs=2)
+    with pytest.raises(ValueError, match=r"does not take hidden 256, expert width 64, .* Tiles\(block_n=128"):
+        gpu.moe_decode(*ops, index, **SELECTION, interpret=True, tiles=gpu.Tiles(128, 16, 8))
 
 
 @pytest.mark.gpu

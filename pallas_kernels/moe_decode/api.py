@@ -23,8 +23,8 @@ def _gpu(K, I, E, router_dtype, top_k, n_group):
         if gpu.fits(K, I, E, router_dtype, top_k, n_group):
             return Kernel(auto=False)
         return Kernel(f"takes power-of-two sizes (hidden {K}, expert width {I}, {E} experts in {n_group} groups, "
-                      f"top_k {top_k}), the width a multiple of {gpu.BLOCK_N} and the hidden size of "
-                      f"{gpu.BLOCK_D} and of the router tile's rows")
+                      f"top_k {top_k}), the width a multiple of {gpu.TILES.block_n} and the hidden size of "
+                      f"{gpu.TILES.block_d} and of the router tile's rows")
     return answer
 
 

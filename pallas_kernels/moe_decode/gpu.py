@@ -26,6 +26,7 @@ both).
 """
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,14 +36,22 @@ from jax.experimental.pallas import triton as pltriton
 from pallas_kernels.backend import as_pairs, e4m3, power_of_two, reciprocal, sm_count, triton_offsets_overflow
 from pallas_kernels.router.gpu import choose
 
-# The fastest of a sweep of items and warps on an H100 (docs/PERFORMANCE.md). With one program per
-# SM its warps are all the SM's threads: 8 did better than 4 and 2; more have not been tried.
-NUM_WARPS = 8
 ROUTER_TILE_BYTES = 16 * 1024
 BLOCK_E = 64                   # the router tile's experts
-BLOCK_N = 8                    # gate (and up) rows of a gate_up item
-BLOCK_D = 16                   # output columns of a down item
 f32 = jnp.float32
+
+
+class Tiles(NamedTuple):
+    """A program's work items and threads: `block_n` gate (and as many up) rows per gate_up item,
+    `block_d` output columns per down item (powers of two), `num_warps` warps per program."""
+    block_n: int
+    block_d: int
+    num_warps: int
+
+
+# The fastest of a sweep of items and warps on an H100 (docs/PERFORMANCE.md). With one program per
+# SM its warps are all the SM's threads: 8 did better than 4 and 2.
+TILES = Tiles(block_n=8, block_d=16, num_warps=8)
 
 
 def router_tile(K: int, E: int, dtype) -> tuple[int, int]:
@@ -51,11 +60,12 @@ def router_tile(K: int, E: int, dtype) -> tuple[int, int]:
     return min(K, ROUTER_TILE_BYTES // (block_e * jnp.dtype(dtype).itemsize)), block_e
 
 
-def fits(K: int, I: int, E: int, router_dtype, top_k: int, n_group: int) -> bool:
+def fits(K: int, I: int, E: int, router_dtype, top_k: int, n_group: int, tiles: Tiles = TILES) -> bool:
     """Whether the kernel takes these sizes: Triton blocks of power-of-two sizes, I a multiple of
-    BLOCK_N, K of BLOCK_D and of the router tile's rows."""
-    return (all(map(power_of_two, (K, I, E, n_group, top_k, E // n_group))) and E % n_group == 0 and min(K, I) >= 2
-            and I % BLOCK_N == 0 and K % BLOCK_D == 0 and K % router_tile(K, E, router_dtype)[0] == 0)
+    the tiles' block_n, K of their block_d and of the router tile's rows."""
+    return (all(map(power_of_two, (K, I, E, n_group, top_k, E // n_group, tiles.block_n, tiles.block_d)))
+            and E % n_group == 0 and min(K, I) >= 2 and I % tiles.block_n == 0 and K % tiles.block_d == 0
+            and K % router_tile(K, E, router_dtype)[0] == 0)
 
 
 def _rnd(v, dtype):
@@ -148,17 +158,17 @@ def _pick(values, j):
 
 
 def _gate_up(index_ref, x_ref, norm_ref, ids, act_ref, routed, routed_scale, shared, shared_scale, *, eps,
-             program, programs, interpret):
+             block_n, program, programs, interpret):
     P, I = act_ref.shape
     K = x_ref.shape[1]
     first, mine = index_ref[3], index_ref[4]
     inverse_rms = _inverse_rms(x_ref, eps)
     x = {n: [_normed(x_ref, norm_ref, index_ref[0], inverse_rms, _strided(n, b, K)) for b in range(n)]
          for n in {_planes(routed), _planes(shared)}}
-    blocks = I // BLOCK_N
+    blocks = I // block_n
 
     def product(w_ref, s_ref, m, j, c):
-        gate_rows, up_rows = pl.ds(c * BLOCK_N, BLOCK_N), pl.ds(I + c * BLOCK_N, BLOCK_N)
+        gate_rows, up_rows = pl.ds(c * block_n, block_n), pl.ds(I + c * block_n, block_n)
         gate = _product(w_ref[m, gate_rows, :], x[_planes(w_ref)]) * s_ref[m, gate_rows]
         up = _product(w_ref[m, up_rows, :], x[_planes(w_ref)]) * s_ref[m, up_rows]
         gate, up = _rnd(gate, x_ref.dtype), _rnd(up, x_ref.dtype)
@@ -173,7 +183,7 @@ def _gate_up(index_ref, x_ref, norm_ref, ids, act_ref, routed, routed_scale, sha
 
 
 def _down(index_ref, ids, weights, act_ref, out_ref, routed, routed_scale, shared, shared_scale, *,
-          program, programs):
+          block_d, program, programs):
     P, I = act_ref.shape
     K = out_ref.shape[1]
     first, mine = index_ref[3], index_ref[4]
@@ -184,22 +194,22 @@ def _down(index_ref, ids, weights, act_ref, out_ref, routed, routed_scale, share
         return [act_ref[pl.ds(j, 1), _strided(n, b, I)].astype(f32).reshape(-1) for b in range(n)]
 
     def item(i):
-        columns = pl.ds(i * BLOCK_D, BLOCK_D)
-        total = jnp.zeros((BLOCK_D,), f32)
+        columns = pl.ds(i * block_d, block_d)
+        total = jnp.zeros((block_d,), f32)
         for j in range(P - 1):
             m = _pick(ids, j) + first
             y = _product(routed[m, columns, :], act(j, routed)) * routed_scale[m, columns]
             total = total + _rnd(y, dtype) * _pick(weights, j)
         y = _product(shared[mine, columns, :], act(P - 1, shared)) * shared_scale[mine, columns]
         out_ref[0, columns] = (_rnd(total, dtype) + _rnd(y, dtype)).astype(dtype)
-    _items(K // BLOCK_D, program, programs, item)
+    _items(K // block_d, program, programs, item)
 
 
 def _kernel(index_ref, x_ref, norm_ref, router_ref, bias_ref, gate_up, gate_up_scale, shared_gate_up,
             shared_gate_up_scale, down, down_scale, shared_down, shared_down_scale, *refs, phases, settings):
     out_ref, ids_ref, weights_ref, partial_ref, act_ref, count_ref = refs[-6:]      # after their input buffers
     program, programs = pl.program_id(0), pl.num_programs(0)
-    eps, interpret = settings["eps"], settings["interpret"]
+    eps, interpret, tiles = settings["eps"], settings["interpret"], settings["tiles"]
     selection = {k: settings[k] for k in ("n_group", "top_k", "topk_group", "scaling", "rounding", "interpret")}
     if "router" in phases:
         _router(index_ref, x_ref, norm_ref, router_ref, partial_ref, eps=eps, program=program, programs=programs)
@@ -215,28 +225,34 @@ def _kernel(index_ref, x_ref, norm_ref, router_ref, bias_ref, gate_up, gate_up_s
             ids_ref[...] = ids
             weights_ref[...] = weights
         _gate_up(index_ref, x_ref, norm_ref, ids, act_ref, gate_up, gate_up_scale, shared_gate_up,
-                 shared_gate_up_scale, eps=eps, program=program, programs=programs, interpret=interpret)
+                 shared_gate_up_scale, eps=eps, block_n=tiles.block_n, program=program, programs=programs,
+                 interpret=interpret)
     if together:
         _barrier(count_ref, 2 * programs)
     if "down" in phases:
         if "gate_up" not in phases:
             ids, weights = ids_ref[...], weights_ref[...]
         _down(index_ref, ids, weights, act_ref, out_ref, down, down_scale, shared_down, shared_down_scale,
-              program=program, programs=programs)
+              block_d=tiles.block_d, program=program, programs=programs)
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "top_k", "n_group", "topk_group", "scaling", "rounding",
-                                             "programs", "split", "interpret"))
+                                             "programs", "split", "tiles", "interpret"))
 def moe_decode(x, norm_weight, router, bias, gate_up, gate_up_scale, down, down_scale, index, *, eps, top_k,
-               n_group, topk_group, scaling, rounding=None, programs=None, split=False, interpret=False):
+               n_group, topk_group, scaling, rounding=None, programs=None, split=False, tiles=TILES,
+               interpret=False):
     """x: [1, K]; the rest as `api.moe_decode` -> (out [1, K], ids [top_k], weights [top_k]).
     programs: how many (default: one per SM; 1 in interpret mode unless split); split: the phases
-    as three kernels."""
+    as three kernels; tiles: the programs' items and warps (`Tiles`)."""
     K = x.shape[1]
     E = router.shape[2]
     I = down[0].shape[2]
     P = top_k + 1
     S = K // router_tile(K, E, router.dtype)[0]
+    if not fits(K, I, E, router.dtype, top_k, n_group, tiles):
+        raise ValueError(f"moe_decode: the kernel does not take hidden {K}, expert width {I}, {E} experts in "
+                         f"{n_group} groups, top_k {top_k} with {tiles}: powers of two, block_n dividing the width, "
+                         f"block_d the hidden size")
     if interpret and not split and programs not in (None, 1):
         raise ValueError("moe_decode: the interpreter runs its programs one after another: one program, or split")
     if not (interpret or split) and (programs or 0) > sm_count():
@@ -244,7 +260,7 @@ def moe_decode(x, norm_weight, router, bias, gate_up, gate_up_scale, down, down_
                          f"grid barriers would wait forever: at most one per SM, or split")
     programs = programs or (1 if interpret and not split else sm_count())
     settings = dict(eps=eps, n_group=n_group, top_k=top_k, topk_group=topk_group, scaling=scaling,
-                    rounding=None if rounding is None else jnp.dtype(rounding), interpret=interpret)
+                    rounding=None if rounding is None else jnp.dtype(rounding), tiles=tiles, interpret=interpret)
     anywhere = pl.BlockSpec(memory_space=pl.ANY)
     shapes = [jax.ShapeDtypeStruct((1, K), x.dtype), jax.ShapeDtypeStruct((1, top_k), jnp.int32),
               jax.ShapeDtypeStruct((1, top_k), f32), jax.ShapeDtypeStruct((S, E), f32),
@@ -263,7 +279,7 @@ def moe_decode(x, norm_weight, router, bias, gate_up, gate_up_scale, down, down_
             out_specs=[anywhere] * len(shapes),
             out_shape=shapes,
             input_output_aliases={len(operands) + i: o for i, o in enumerate(outputs)},
-            compiler_params=pltriton.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
+            compiler_params=pltriton.CompilerParams(num_warps=tiles.num_warps, num_stages=1),
             interpret=interpret,
             name="moe_decode",
         )(*operands, *buffers)
