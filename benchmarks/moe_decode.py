@@ -102,7 +102,8 @@ def main(argv=None):
                         help="the fused kernel's programs (0: one per SM)")
     parser.add_argument("--tiles", type=tiles, nargs="+", default=[gpu.TILES], metavar="N/D/W",
                         help="the fused kernel's items and warps: gate (and up) rows per gate_up item / output "
-                             "columns per down item / warps per program (default: the kernel's own, "
+                             "columns per down item / warps per program, powers of two, N dividing the expert width, "
+                             "D the hidden size, W at most 32 (default: the kernel's own, "
                              f"{'/'.join(map(str, gpu.TILES))})")
     args = parser.parse_args(argv)
     config = ring_jax.RingConfig.from_hf(args.config)
@@ -110,6 +111,10 @@ def main(argv=None):
     K, I, E, k = config.hidden_size, config.moe_intermediate_size, config.num_experts, config.num_experts_per_tok
     settings = dict(eps=config.rms_norm_eps, top_k=k, n_group=config.n_group, topk_group=config.topk_group,
                     scaling=config.routed_scaling_factor)
+    unfit = [t for t in args.tiles if not gpu.fits(K, I, E, jnp.bfloat16, k, config.n_group, t)]
+    if unfit:
+        parser.error(f"--tiles {' '.join('/'.join(map(str, t)) for t in unfit)} do not fit hidden {K} and expert "
+                     f"width {I} (powers of two, N dividing the width, D the hidden size, W at most 32)")
     weights = random_weights(config, args.layers)
     x = jax.random.normal(jax.random.key(1), (1, K)).astype(jnp.bfloat16)
     moved = (k + 1) * 3 * I * K + K * E * 2                 # the chosen and shared FP8 experts, the bf16 router
@@ -125,14 +130,14 @@ def main(argv=None):
     index = jnp.asarray([0, 0, 0, 0, 0], jnp.int32)
     want = jax.jit(functools.partial(unfused, settings))(x, *weights, index)
 
-    def fused(programs, tiles):
+    def fused(programs, shape):
         kw = dict(programs=programs or None) if on_gpu else dict(split=True, programs=programs or 2, interpret=True)
-        return lambda *a: gpu.moe_decode(*a, **settings, **kw, tiles=tiles)
+        return lambda *a: gpu.moe_decode(*a, **settings, **kw, tiles=shape)
 
     blocks = [("unfused (the model's matvec path)", "", "", functools.partial(unfused, settings))]
     blocks += [("fused (`pallas_kernels.moe_decode`)", p or "one per SM", "/".join(map(str, t)), fused(p, t))
                for p in args.programs for t in args.tiles]
-    for name, programs, shape, block in blocks:
+    for name, programs, tile_text, block in blocks:
         got = jax.jit(block)(x, *weights, index)
         same = bool(np.array_equal(got[1], want[1]))
         diff = float(jnp.max(jnp.abs(got[0].astype(jnp.float32) - want[0].astype(jnp.float32)))
@@ -140,7 +145,7 @@ def main(argv=None):
         run = chained(block, args.layers, args.chain, E)
         seconds = device_ms(run, x, *weights) / 1e3 if on_gpu else (bench_jax(run, x, *weights, n=2) / 1e3)
         us = seconds / args.chain * 1e6
-        print(f"| {name} | {programs} | {shape} | {us:.2f} | {moved / bandwidth * 1e6 / us:.0%} | {same} | "
+        print(f"| {name} | {programs} | {tile_text} | {us:.2f} | {moved / bandwidth * 1e6 / us:.0%} | {same} | "
               f"{diff:.1e} |", flush=True)
 
 

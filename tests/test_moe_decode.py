@@ -1,7 +1,8 @@
 """One decode token's MoE block in one kernel (`pallas_kernels.moe_decode`): the persistent Pallas
 Triton kernel in interpret mode (its phases in one program, and as three kernels over several
-programs) against its jnp reference, the reference against float64 of the block, and the errors;
-on a GPU, with its grid barriers, at Ring-mini's sizes over stacks of several layers."""
+programs, and with other tiles) against its jnp reference, the reference against float64 of the
+block, and the errors; on a GPU, with its grid barriers, at Ring-mini's sizes over stacks of
+several layers."""
 
 import jax
 import jax.numpy as jnp
@@ -93,6 +94,14 @@ def test_other_tiles_change_the_work_not_the_result():
         got = gpu.moe_decode(*ops, index, **SELECTION, split=True, programs=3, tiles=tiles, interpret=True)
         for g, w in zip(got, want):
             assert np.array_equal(np.asarray(g), np.asarray(w)), tiles
+    # Sizes that only smaller tiles take (width 4, hidden 8): the kernel's own would leave no items.
+    ops = operands(K=8, I=4)
+    want = pallas_kernels.moe_decode(*ops, index, **SELECTION, backend="reference")
+    out, ids, _ = gpu.moe_decode(*ops, index, **SELECTION, split=True, programs=3, tiles=gpu.Tiles(4, 8, 2),
+                                 interpret=True)
+    assert np.array_equal(ids, want[1])
+    err = np.abs(np.asarray(out, np.float32) - np.asarray(want[0], np.float32))
+    assert np.all(err <= 2.0 ** -7 * np.abs(np.asarray(want[0], np.float32)) + 1e-6)
 
 
 def test_entry_point_takes_the_kernel_by_name_and_the_reference_by_default():
@@ -124,9 +133,9 @@ def test_errors():
 @pytest.mark.gpu
 def test_gpu_kernel_at_ring_mini_sizes():
     """Ring-mini's block (hidden 2048, 256 experts of width 512, top 8 of 4 groups of 8) over
-    stacks of 4 layers' experts against the reference on the GPU, with the grid barriers, and as
-    three kernels. (Stacks of 2-4 GiB, read as pairs, are tested in interpret mode only: on the GPU
-    such a call ran out of memory, docs/PERFORMANCE.md.)"""
+    stacks of 4 layers' experts against the reference on the GPU, with the grid barriers, as
+    three kernels, and with other tiles (16 warps). (Stacks of 2-4 GiB, read as pairs, are tested
+    in interpret mode only: on the GPU such a call ran out of memory, docs/PERFORMANCE.md.)"""
     K, I, E, L = 2048, 512, 256, 4
     keys = jax.random.split(jax.random.key(0), 8)
 
@@ -146,10 +155,10 @@ def test_gpu_kernel_at_ring_mini_sizes():
     for layer in (0, L - 1):
         index = jnp.asarray([layer, layer, layer, layer * E, 0], jnp.int32)
         want = pallas_kernels.moe_decode(*ops, index, **selection, backend="reference")
-        for split in (False, True):
-            out, ids, weights = gpu.moe_decode(*ops, index, **selection, split=split)
-            assert np.array_equal(ids, want[1]), (layer, split)
+        for split, tiles in ((False, gpu.TILES), (True, gpu.TILES), (False, gpu.Tiles(16, 32, 16))):
+            out, ids, weights = gpu.moe_decode(*ops, index, **selection, split=split, tiles=tiles)
+            assert np.array_equal(ids, want[1]), (layer, split, tiles)
             np.testing.assert_allclose(weights, want[2], rtol=1e-5)
             want_out = np.asarray(want[0], np.float32)      # a term's flipped rounding: a bf16 step of the largest
             err = np.abs(np.asarray(out, np.float32) - want_out)
-            assert np.all(err <= 2.0 ** -7 * (np.abs(want_out) + np.max(np.abs(want_out)))), (layer, split)
+            assert np.all(err <= 2.0 ** -7 * (np.abs(want_out) + np.max(np.abs(want_out)))), (layer, split, tiles)

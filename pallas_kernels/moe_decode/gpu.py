@@ -43,7 +43,8 @@ f32 = jnp.float32
 
 class Tiles(NamedTuple):
     """A program's work items and threads: `block_n` gate (and as many up) rows per gate_up item,
-    `block_d` output columns per down item (powers of two), `num_warps` warps per program."""
+    `block_d` output columns per down item, `num_warps` warps per program (powers of two, the warps
+    at most 32: a program's 1024 threads)."""
     block_n: int
     block_d: int
     num_warps: int
@@ -63,7 +64,7 @@ def router_tile(K: int, E: int, dtype) -> tuple[int, int]:
 def fits(K: int, I: int, E: int, router_dtype, top_k: int, n_group: int, tiles: Tiles = TILES) -> bool:
     """Whether the kernel takes these sizes: Triton blocks of power-of-two sizes, I a multiple of
     the tiles' block_n, K of their block_d and of the router tile's rows."""
-    return (all(map(power_of_two, (K, I, E, n_group, top_k, E // n_group, tiles.block_n, tiles.block_d)))
+    return (all(map(power_of_two, (K, I, E, n_group, top_k, E // n_group, *tiles))) and tiles.num_warps <= 32
             and E % n_group == 0 and min(K, I) >= 2 and I % tiles.block_n == 0 and K % tiles.block_d == 0
             and K % router_tile(K, E, router_dtype)[0] == 0)
 
@@ -252,7 +253,7 @@ def moe_decode(x, norm_weight, router, bias, gate_up, gate_up_scale, down, down_
     if not fits(K, I, E, router.dtype, top_k, n_group, tiles):
         raise ValueError(f"moe_decode: the kernel does not take hidden {K}, expert width {I}, {E} experts in "
                          f"{n_group} groups, top_k {top_k} with {tiles}: powers of two, block_n dividing the width, "
-                         f"block_d the hidden size")
+                         f"block_d dividing the hidden size, at most 32 warps")
     if interpret and not split and programs not in (None, 1):
         raise ValueError("moe_decode: the interpreter runs its programs one after another: one program, or split")
     if not (interpret or split) and (programs or 0) > sm_count():
