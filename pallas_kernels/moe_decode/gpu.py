@@ -62,8 +62,9 @@ def router_tile(K: int, E: int, dtype) -> tuple[int, int]:
 
 
 def fits(K: int, I: int, E: int, router_dtype, top_k: int, n_group: int, tiles: Tiles = TILES) -> bool:
-    """Whether the kernel takes these sizes: Triton blocks of power-of-two sizes, I a multiple of
-    the tiles' block_n, K of their block_d and of the router tile's rows."""
+    """Whether the kernel takes these sizes and tiles: Triton blocks of power-of-two sizes, I a
+    multiple of the tiles' block_n, K of their block_d and of the router tile's rows, at most 32
+    warps."""
     return (all(map(power_of_two, (K, I, E, n_group, top_k, E // n_group, *tiles))) and tiles.num_warps <= 32
             and E % n_group == 0 and min(K, I) >= 2 and I % tiles.block_n == 0 and K % tiles.block_d == 0
             and K % router_tile(K, E, router_dtype)[0] == 0)
