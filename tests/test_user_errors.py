@@ -112,15 +112,16 @@ def test_missing_model_and_bad_values_found_late_are_one_line(tmp_path, model_di
 
 def test_chat_keeps_the_session_when_the_context_fills(model_dir):
     """tiny: a context of 512 tokens. Long messages push the oldest out (said on stderr); one that
-    cannot fit alone is refused; the session answers the next message and ends normally."""
+    cannot fit alone is refused; the session answers the next message, starts over at /reset, and
+    ends normally (sampling at a temperature)."""
     long = "x" * 200
-    code, out, err = cli("chat", "--model", model_dir, "--max-new-tokens", "8",
-                         stdin=f"{long}\n{long}\n{long}\n{'y' * 2000}\nshort\n/exit\n")
+    code, out, err = cli("chat", "--model", model_dir, "--max-new-tokens", "8", "--temperature", "0.7",
+                         stdin=f"{long}\n{long}\n{long}\n{'y' * 2000}\nshort\n/reset\nHow are you?\n/exit\n")
     assert code == 0 and "Traceback" not in err, err
     assert "[context full: dropped the" in err
     assert "[message not sent: it does not fit in the context of 512 tokens" in err
     assert "[compiled " in err                  # the first reply says what it compiled
-    assert out.count("> ") == 6                 # every message was read; the session never ended early
+    assert out.count("> ") == 8                 # every message was read; the session never ended early
 
 
 def test_chat_caps_max_new_tokens_to_the_room_left(model_dir):
