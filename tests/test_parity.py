@@ -146,9 +146,9 @@ def test_inverse_frequencies_are_torch_bits(config):
 
 
 def forward_with_mtp(model, ids):
-    """ids [B, T] -> (logits, the MTP layer's logits), each [B, T, V]."""
+    """ids [B, T] -> (logits [B, T, V], the MTP layers' logits: a tuple of [B, T, V])."""
     hidden = model.hidden_states(ids)
-    return model.logits(hidden), model.mtp_logits(ids, hidden)[0]
+    return model.logits(hidden), model.mtp_logits(ids, hidden)
 
 
 def test_mtp_logits(tmp_path, tiny_dict):
@@ -160,7 +160,7 @@ def test_mtp_logits(tmp_path, tiny_dict):
         ids = token_ids(1, 9, tiny_dict["vocab_size"])
         with torch.no_grad():
             want_logits, want_mtp = ref.with_dtype(torch.float64).forward_with_mtp(torch.as_tensor(ids))
-        logits, mtp = jax.jit(forward_with_mtp)(model, jnp.asarray(ids))
+        logits, (mtp,) = jax.jit(forward_with_mtp)(model, jnp.asarray(ids))
         assert rel_err(logits, want_logits.numpy()) <= F32_TOL
         assert rel_err(mtp, want_mtp[0].numpy()) <= F32_TOL
 
