@@ -30,8 +30,8 @@ from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.backend import FP8, power_of_two, reciprocal, row_scale, triton_offsets_overflow
 
-# A program's rows x K, held in registers as float32: 32 a thread. Of the blocks and warps swept on
-# an H100 and an H200 (docs/PERFORMANCE.md, "The step and down's tiles"), the fastest on both.
+# A program's rows x K, held in registers as float32: 32 a thread. The best of the blocks and warps
+# swept on an H100 and an H200 (docs/PERFORMANCE.md, "The step and down's tiles, swept").
 BLOCK_ELEMENTS = 8192
 NUM_WARPS = 8
 MIN_K = 128                  # FP8 rows go to the grouped matmul, which takes K % 128 == 0
