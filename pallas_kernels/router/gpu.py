@@ -2,7 +2,7 @@
 
 One program per token: it loads the token's scores as [n_group, E / n_group], picks each group's
 two best, the best groups, then the best experts one at a time (a maximum, then the lowest index
-holding it), and writes the ids and normalised weights. Every comparison is on the scores' total
+holding it, over all E as one row), and writes the ids and normalised weights. Every comparison is on the scores' total
 order as integers (`reference.order_key`), so the picks are lax.top_k's, ties included. XLA runs
 the same selection as 3 sorts (or, for a few tokens, as about 7 chained reductions), each its own
 kernel; here it is one launch.
@@ -18,7 +18,9 @@ from jax.experimental.pallas import triton as pltriton
 from pallas_kernels.backend import power_of_two
 from pallas_kernels.router.reference import order_key
 
-NUM_WARPS = 2
+# One warp: a token's picks are chains of reductions over its E scores, and within one warp each is
+# a few shuffles with no barrier; fastest of 1, 2 and 4 at 1 to 4096 tokens (docs/PERFORMANCE.md).
+NUM_WARPS = 1
 _EXCLUDED = jnp.iinfo(jnp.int32).min     # below every score's key, -inf's included
 
 
@@ -43,7 +45,6 @@ def choose(scores, bias, *, top_k, topk_group, scaling, rounding):
     G, g = scores.shape
     column = jnp.arange(g, dtype=jnp.int32)[None, :]                      # [1, g]
     group = jnp.arange(G, dtype=jnp.int32)[:, None]                       # [G, 1]
-    expert = group * g + column                                            # [G, g]
 
     # Each group's score: the sum of its two best entries of scores + bias.
     best1 = jnp.max(key, axis=1, keepdims=True)
@@ -62,18 +63,21 @@ def choose(scores, bias, *, top_k, topk_group, scaling, rounding):
         keep = keep | chosen
         group_key = jnp.where(chosen, _EXCLUDED, group_key)
 
-    # The best experts of those groups, in descending order.
-    key = jnp.where(keep, key, order_key(jnp.full_like(scores, -jnp.inf)))
-    slot = jnp.arange(top_k, dtype=jnp.int32)[None, :]                    # [1, top_k]
-    ids = jnp.zeros((1, top_k), jnp.int32)
-    weights = jnp.zeros((1, top_k), jnp.float32)
+    # The best experts of those groups, in descending order, on the scores as one row [1, G g]: a
+    # pick is two reductions (the largest key, then the lowest index holding it).
+    E = G * g
+    key = jnp.where(keep, key, order_key(jnp.full_like(scores, -jnp.inf))).reshape(1, E)
+    expert = jnp.arange(E, dtype=jnp.int32)[None, :]                     # [1, E]
+    slot = jnp.arange(top_k, dtype=jnp.int32)[:, None]                   # [top_k, 1]
+    ids = jnp.zeros((top_k, 1), jnp.int32)
     for j in range(top_k):
-        pick = _pick(key, expert, G * g)                                   # [1, 1]
-        chosen = expert == pick
-        weight = jnp.sum(jnp.sum(jnp.where(chosen, scores, 0.0), axis=1, keepdims=True), axis=0, keepdims=True)
+        best = jnp.max(key, axis=1, keepdims=True)                         # [1, 1]
+        pick = jnp.min(jnp.where(key == best, expert, E), axis=1, keepdims=True)
         ids = jnp.where(slot == j, pick, ids)
-        weights = jnp.where(slot == j, weight, weights)
-        key = jnp.where(chosen, _EXCLUDED, key)
+        key = jnp.where(expert == pick, _EXCLUDED, key)
+    # Their scores, all in one reduction: each row holds one expert's score and zeros.
+    weights = jnp.sum(jnp.where(expert == ids, scores.reshape(1, E), 0.0), axis=1, keepdims=True)
+    ids, weights = ids.reshape(1, top_k), weights.reshape(1, top_k)
     if top_k > 1:
         weights = weights / (jnp.sum(weights, axis=1, keepdims=True) + 1e-20)
     return ids, weights * scaling
