@@ -2,10 +2,10 @@
 
 One program per token: it loads the token's scores as [n_group, E / n_group], picks each group's
 two best, the best groups, then the best experts one at a time (a maximum, then the lowest index
-holding it, over all E as one row), and writes the ids and normalised weights. Every comparison is on the scores' total
-order as integers (`reference.order_key`), so the picks are lax.top_k's, ties included. XLA runs
-the same selection as 3 sorts (or, for a few tokens, as about 7 chained reductions), each its own
-kernel; here it is one launch.
+holding it, over all E as one row), and writes the ids and normalised weights. Every comparison
+is on the scores' total order as integers (`reference.order_key`), so the picks are lax.top_k's,
+ties included. XLA runs the same selection as 3 sorts (or, for a few tokens, as about 7 chained
+reductions), each its own kernel; here it is one launch.
 """
 
 import functools
