@@ -220,15 +220,18 @@ _permuted.defvjp(lambda x, permutation, inverse: (x[permutation], inverse),
 
 def _fp8_row_products(tokens, order, rank, group_sizes, first, gate_up, down):
     """`_products` with FP8 weights (Fp8s) multiplying FP8 rows: each token quantized once, before
-    its top_k copies (which then move half the bytes), and the SwiGLU output per row."""
+    its top_k copies (which then move half the bytes), and the SwiGLU output per row (bf16, the
+    kernel's SwiGLU epilogue). Down's sums are rounded to bf16 for a bf16 model, else to float32
+    and then to tokens' dtype (the kernel writes bf16 or float32)."""
     values, row_scale = pallas_kernels.quantize_rows(tokens)
     source = order // (order.shape[0] // tokens.shape[0])
     rows = pallas_kernels.take_rows(values, source)
     out = pallas_kernels.gmm_swiglu(rows, gate_up.values, group_sizes, group_offset=first, scale=gate_up.scale,
                                     lhs_scale=row_scale[source])
     values, row_scale = pallas_kernels.quantize_rows(out)
-    return pallas_kernels.gmm(values, down.values, group_sizes, group_offset=first, scale=down.scale,
-                              lhs_scale=row_scale)
+    out = pallas_kernels.gmm(values, down.values, group_sizes, group_offset=first, scale=down.scale,
+                             lhs_scale=row_scale, preferred_element_type=jnp.promote_types(tokens.dtype, jnp.bfloat16))
+    return out.astype(tokens.dtype)
 
 
 def gathered_outputs(tokens, ids, gate_up, down):
@@ -331,8 +334,8 @@ class Experts(nnx.Module):
 
 
 # From this many tokens per device block, the pairs' outputs come back by reduce-scatter, combine
-# and all-gather instead of a psum (module docstring). On 2 x H200 the psum won up to 16 tokens,
-# they tied at 64 and the scatter won from 256 on (docs/PERFORMANCE.md).
+# and all-gather instead of a psum (module docstring): where the scatter was measured faster on two
+# GPUs (docs/PERFORMANCE.md).
 SCATTER_MIN_TOKENS = 256
 
 
