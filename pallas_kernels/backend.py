@@ -37,8 +37,8 @@ FP8_MAX = float(jnp.finfo(FP8).max)     # 448
 
 def quantize_rows(x):
     """x [..., K] (numpy or jax, any float dtype) -> (values [..., K] float8_e4m3fn, scale [...]
-    float32), of x's kind: each row's scale is its largest magnitude times float32(1 / 448) (1 for
-    a row of zeros), its values x times the float32 reciprocal of the scale, rounded to the nearest
+    float32), of x's kind: each row's scale is its largest magnitude times float32(1 / 448)
+    (`row_scale`), its values x times the float32 reciprocal of the scale, rounded to the nearest
     e4m3 value; values * scale[..., None] approximates x.
 
     Only multiplies by reciprocals, so that numpy and XLA give the same bits: XLA rewrites a
@@ -52,10 +52,16 @@ def quantize_rows(x):
     return (x * inverse[..., None]).astype(FP8), scale
 
 
+# A row whose largest magnitude is under this quantizes to zeros, with scale 1. Its scale would be
+# subnormal or zero (a reciprocal of inf, values of NaN), and numpy keeps subnormals where XLA
+# flushes them to zero; from it up, scales are normal and subnormal elements round to zero both ways.
+ZERO_ROW = np.float32(2.0 ** -64)
+
+
 def row_scale(amax, xp=np):
     """The FP8 scales of rows whose largest magnitudes are amax (float32, numpy or jax: xp):
-    amax times float32(1 / 448), and 1 for a row of zeros."""
-    return xp.where(amax > 0, amax * np.float32(1 / FP8_MAX), np.float32(1)).astype(np.float32)
+    amax times float32(1 / 448); 1 for a row of zeros or of magnitudes all under `ZERO_ROW`."""
+    return xp.where(amax >= ZERO_ROW, amax * np.float32(1 / FP8_MAX), np.float32(1)).astype(np.float32)
 
 
 def matrix_shape(w) -> tuple[int, int]:

@@ -248,12 +248,15 @@ def test_gmm_fp8_backends(monkeypatch):
 
 def rows_to_quantize(M, K, dtype, seed):
     """x [M, K]: normal values spread over 2^-12 of their row's range (many land in e4m3's
-    subnormals), rows scaled by 2^-20 to 2^20, row 1 of zeros (M > 2), and a last row whose largest
-    magnitude appears twice with both signs."""
+    subnormals), rows scaled by 2^-20 to 2^20, row 1 of zeros (M > 2), rows 2 and 3 (M > 4) of
+    magnitudes just under and just over `backend.ZERO_ROW` (2^-64: zeros with scale 1 under it),
+    and a last row whose largest magnitude appears twice with both signs."""
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((M, K)) * np.exp2(rng.uniform(-12, 0, (M, K)) + rng.uniform(-20, 20, (M, 1)))
     if M > 2:
         x[1] = 0
+    if M > 4:
+        x[2:4] = x[2:4] / np.abs(x[2:4]).max(-1, keepdims=True) * np.array([[2.0 ** -65], [2.0 ** -63]])
     x[-1, :2] = [3.5, -3.5]
     x[-1, 2:] = np.clip(x[-1, 2:], -3, 3)
     return jnp.asarray(x, dtype)

@@ -1,9 +1,9 @@
 """Per-row FP8 quantization on CUDA GPUs: a Pallas kernel through the Triton lowering.
 
 `backend.quantize_rows` in one pass over the rows: each program reads a block of whole rows once,
-takes each row's largest magnitude, and writes the rows' e4m3 values and float32 scales, near the
-copy bandwidth where XLA's program (a reduction, then a fusion that reads the rows again) reaches
-about half of it (docs/PERFORMANCE.md). The MoE's FP8-rows path quantizes each token before the
+takes each row's largest magnitude, and writes the rows' e4m3 values and float32 scales: one read
+of the rows, where XLA's program reads them twice (a reduction, then a fusion that converts;
+docs/PERFORMANCE.md, "The FP8 rows' quantization"). The MoE's FP8-rows path quantizes each token before the
 dispatch and the SwiGLU output, [tokens x top_k, I], before the down product.
 
 Grid (cdiv(M, rows),), rows = BLOCK_ELEMENTS / K. The Triton lowering does not mask a block that
@@ -15,10 +15,8 @@ division is the approximate `div.full.f32`), the values rounded to the nearest e
 even. XLA's program for `backend.quantize_rows` on a Hopper GPU misrounds, rarely, at one point:
 the midpoint 3.5 x 2^-9 of the subnormals 3 x 2^-9 and 4 x 2^-9 goes to 3 x 2^-9, and the float32
 value just under it to 4 x 2^-9 (XLA's conversion alone rounds both right, so its fused program is
-where it goes wrong; docs/PERFORMANCE.md, "The FP8 rows' quantization"). Two kinds of row differ from
-numpy's too: one holding a NaN (Triton's maximum skips it, numpy's returns it) and one whose
-largest magnitude is under 448 x 2^-128, whose reciprocal overflows (Hopper's convert saturates
-the infinite values at 448, numpy's makes them NaN).
+where it goes wrong; docs/PERFORMANCE.md, "The FP8 rows' quantization"). A row holding a NaN
+differs from numpy's too (Triton's maximum skips it, numpy's returns it).
 """
 
 import functools
@@ -30,8 +28,8 @@ from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.backend import FP8, power_of_two, reciprocal, row_scale, triton_offsets_overflow
 
-# A program's rows x K, held in registers as float32: 32 a thread. The best of the blocks and warps
-# swept on an H100 and an H200 (docs/PERFORMANCE.md, "The step and down's tiles, swept").
+# A program's rows x K, held in registers as float32: 32 a thread. The fastest block and warps of a
+# sweep (docs/PERFORMANCE.md, "The step and down's tiles, swept").
 BLOCK_ELEMENTS = 8192
 NUM_WARPS = 8
 MIN_K = 128                  # FP8 rows go to the grouped matmul, which takes K % 128 == 0
