@@ -40,6 +40,7 @@ from ring_jax.cache import Cache, cache_bytes, cache_length, init_cache
 from ring_jax.generate import prefill, stream
 from ring_jax.batching import prefill_steps
 from ring_jax.progress import CompileReport
+from ring_jax.quantization import METHODS
 from pallas_kernels.backend import FP8
 from ring_jax.sampling import Sampling, StopRule
 from ring_jax.sharding import first_array, model_mesh
@@ -222,7 +223,7 @@ def main(argv=None):
                         help="after each decode row, the N kernels that take most of a step's GPU time")
     parser.add_argument("--chunk", type=int, default=None,
                         help="prefill chunk (tokens; default: generate()'s, 32768 for bf16 models on Hopper GPUs, else 4096)")
-    parser.add_argument("--quantize", choices=("fp8",), default=None, help="FP8 weights (`RingModel.quantize`)")
+    parser.add_argument("--quantize", choices=METHODS, default=None, help="FP8 weights (`RingModel.quantize`)")
     parser.add_argument("--fp8-activations", choices=("none", "grouped"), default="none",
                         help="with --quantize fp8: the config switch `fp8_activations` (docs/FP8.md)")
     args = parser.parse_args(argv)

@@ -3,6 +3,7 @@
 
 from ring_jax.errors import ArgumentParser, exit_now, run_command
 from ring_jax.flags import folder, number
+from ring_jax.quantization import METHODS
 
 
 def main(argv=None) -> int:
@@ -15,7 +16,7 @@ def main(argv=None) -> int:
     a.add_argument("--out", required=True, help="new output folder (must not exist)")
     a.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
                    help="parameter dtype (default: the config's torch_dtype); expert_bias stays float32")
-    a.add_argument("--quantize", choices=("fp8",), default=None,
+    a.add_argument("--quantize", choices=METHODS, default=None,
                    help="fp8: projection and expert weights and the LM head as float8_e4m3fn with a float32 "
                         "scale per output channel (docs/FP8.md); default: as stored (a per-channel FP8 HF "
                         "checkpoint stays FP8, a block-scaled one is dequantized)")

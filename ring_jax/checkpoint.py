@@ -38,7 +38,7 @@ from ring_jax.io.hf import open_hf_checkpoint, parse_dtype
 from ring_jax.io.mapping import TensorSpec, tensor_table
 from ring_jax.layers.stack import set_entry
 from ring_jax.model import RingModel
-from ring_jax.quantization import check_method, quantize_kernel
+from ring_jax.quantization import METHODS, check_method, quantize_kernel
 from ring_jax.schedule import kind_index
 from ring_jax.staging import staged_folder
 
@@ -359,21 +359,24 @@ class ParamReader:
     def __init__(self, folder: str, config: RingConfig, dtype=None, mesh=None, verify: bool = False):
         manifest = read_manifest(folder)
         stored, self.quantize = manifest["params"], manifest.get("quantize")
-        try:
-            check_method(self.quantize)
-        except ValueError as e:
-            raise CheckpointError(f"{folder}: {MANIFEST}: {e}") from None
+        if self.quantize is not None and self.quantize not in METHODS:
+            raise CheckpointError(f"{folder}: {MANIFEST}: quantize {self.quantize!r:.40} is not one this ring_jax "
+                                  f"reads ({', '.join(METHODS)})")
         self.folder, self.table = folder, tensor_table(config, self.quantize)
         self.expected = {key: (shape, kind) for spec in self.table for key, shape, kind in spec.arrays}
         for key in self.expected:
             if key not in stored:
                 raise CheckpointError(f"{folder}: parameter {key} is missing")
-        for key, (shape, *_) in stored.items():
+        for key, (shape, stored_as, *_) in stored.items():
             if key not in self.expected:
                 raise CheckpointError(f"{folder}: unexpected parameter {key}")
-            if tuple(shape) != self.expected[key][0]:
+            want_shape, kind = self.expected[key]
+            if tuple(shape) != want_shape:
                 raise CheckpointError(f"{folder}: parameter {key} has shape {shape}, the config needs "
-                                      f"{list(self.expected[key][0])}")
+                                      f"{list(want_shape)}")
+            if kind != "model" and stored_as != kind:              # fixed dtypes: FP8 values, scales, biases
+                raise CheckpointError(f"{folder}: parameter {key} is stored as {stored_as}; the model holds it "
+                                      f"in {kind}")
         self.stored_dtype = np.dtype(parse_dtype(manifest["dtype"]))
         self.dtype = np.dtype(self.stored_dtype if dtype is None else dtype)
         self.sums = {key: entry[2] for key, entry in stored.items() if len(entry) > 2} if verify else {}

@@ -12,6 +12,7 @@ import argparse
 import math
 import os
 
+from ring_jax.quantization import METHODS
 from ring_jax.sampling import GenerationConfig
 
 
@@ -68,7 +69,7 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
                    help="converted folder (python -m convert hf2jax) or HF folder")
     p.add_argument("--tokenizer", type=folder, help="folder with tokenizer.json (default: the model folder)")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), help="parameter dtype (default: as stored)")
-    p.add_argument("--quantize", choices=("fp8",), help="quantize the weights as they load (docs/FP8.md; default: "
+    p.add_argument("--quantize", choices=METHODS, help="quantize the weights as they load (docs/FP8.md; default: "
                                                         "as stored)")
     p.add_argument("--mesh", type=mesh_sizes,
                    help="device mesh, e.g. expert=8 or data=2,expert=4,tensor=1 (axes left out: 1; its size is "

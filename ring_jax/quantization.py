@@ -5,7 +5,9 @@ An FP8 parameter is `Fp8(values, scale)`: float8_e4m3fn values in K-major layout
 (torch's layout: Hopper's FP8 tensor cores take only K-major operands) and one float32 scale per
 output channel [..., out]; the weight is values * scale[..., None]. The products read it as
 weight-only FP8: x times the values converted to x's dtype (exact: every e4m3 value is a bf16
-value), accumulated in float32, then times the scale (`ring_jax.layers.linear.matmul`).
+value), accumulated in float32, then times the scale (`ring_jax.layers.linear.matmul`). With the
+config's `fp8_activations="grouped"` the routed experts' grouped products quantize their rows to
+FP8 as well (`ring_jax.layers.moe`).
 
 What is quantized is `QUANTIZED`: every projection and expert matrix and the LM head. The
 embeddings, norms, the router (its kernel and expert_bias: the expert choice is discrete and
@@ -17,7 +19,7 @@ HF layouts read (`quantization_config` of config.json, `hf_quantization`):
 - "fp8" with `weight_block_size` [bo, bi] (DeepSeek-style): `<module>.weight` float8_e4m3fn and
   `<module>.weight_scale_inv` float32 [ceil(out / bo), ceil(in / bi)], one scale per block. Read
   dequantized (each value times its block's scale in float32, as torch computes it), then cast to
-  the model dtype, or quantized again per output channel.
+  the model dtype (and with quantize="fp8" quantized per output channel from that).
 """
 
 from __future__ import annotations
@@ -134,11 +136,8 @@ def hf_quantization(qc) -> HFQuantization | None:
     if not qc:
         return None
     if not isinstance(qc, dict):
-        raise ConfigError(f"quantization_config must be an object, got {qc!r}")
+        raise ConfigError(f"quantization_config must be an object, got {qc!r:.80}")
     method = qc.get("quant_method")
-    if method is None:
-        raise ConfigError(f"quantization_config has no quant_method ({qc!r}): ring_jax reads 'fbgemm_fp8' "
-                          "(per-channel) and 'fp8' (block-scaled) FP8 checkpoints, or unquantized ones")
     if method == "fbgemm_fp8":
         return FBGEMM
     if method == "fp8":
@@ -152,7 +151,7 @@ def hf_quantization(qc) -> HFQuantization | None:
             raise ConfigError(f"quantization_config weight_block_size {block!r}: ring_jax reads FP8 checkpoints "
                               "with one scale per [rows, columns] block, e.g. [128, 128]")
         return HFQuantization("fp8", tuple(block))
-    raise ConfigError(f"quantization_config quant_method {method!r}: ring_jax reads 'fbgemm_fp8' (per-channel) "
+    raise ConfigError(f"quantization_config quant_method {method!r:.40}: ring_jax reads 'fbgemm_fp8' (per-channel) "
                       "and 'fp8' (block-scaled) FP8 checkpoints, or unquantized ones")
 
 

@@ -76,7 +76,9 @@ def kl(want_logits, got_logits):
 def test_quantize_rows_numpy_and_xla_agree():
     """Per-channel quantization: the same bits from numpy (conversion) and XLA (`RingModel.quantize`,
     load-time quantization); each row's largest magnitude maps to 448, a row of zeros to zeros,
-    and every weight is within half an e4m3 step (2^-4 relative) of its dequantized value."""
+    and every weight is within half an e4m3 step (2^-4 relative) of its dequantized value. Rows of
+    magnitudes under 2^-64 (one of float32 subnormals, which XLA flushes to zero and numpy keeps)
+    quantize to zeros with scale 1 both ways, not to NaN; a row just above it keeps its values."""
     check_quantize_rows()
 
 
@@ -89,14 +91,21 @@ def check_quantize_rows():
     rng = np.random.default_rng(0)
     w = rng.standard_normal((3, 48, 96)).astype(np.float32) * np.exp(rng.uniform(-8, 8, (3, 48, 1))).astype(np.float32)
     w[1, 5] = 0
+    w[0, 3] = w[0, 3] / np.abs(w[0, 3]).max() * 2.0 ** -70                   # under ZERO_ROW: zeros
+    w[2, 7] = np.linspace(-1e-39, 1e-39, 96)                                 # subnormals: zeros
+    w[2, 8] = w[2, 8] / np.abs(w[2, 8]).max() * 2.0 ** -60                   # above it: quantized
+    tiny = [(0, 3), (2, 7)]
     for source in (w, w.astype(ml_dtypes.bfloat16)):
         host = Fp8(*quantize_rows(source))
         device = Fp8(*quantize_rows(jnp.asarray(source)))
         assert host.values.dtype == FP8 and host.scale.dtype == np.float32 and host.scale.shape == (3, 48)
         assert np.asarray(device.values).tobytes() == host.values.tobytes()
         assert np.asarray(device.scale).tobytes() == host.scale.tobytes()
-        assert np.all(np.abs(host.values.astype(np.float32)).max(-1)[np.arange(3) != 1] == FP8_MAX)
-        assert not np.any(host.values[1, 5].astype(np.float32)) and host.scale[1, 5] == 1
+        assert np.all(np.isfinite(host.values.astype(np.float32)))
+        largest = np.abs(host.values.astype(np.float32)).max(-1)
+        zeros = [(1, 5)] + tiny
+        assert all(largest[r] == 0 and host.scale[r] == 1 for r in zeros)
+        assert np.sum(largest == FP8_MAX) == largest.size - len(zeros)
         err = np.abs(dequantize(host) - source.astype(np.float32))
         assert np.all(err <= np.abs(source.astype(np.float32)) * 2.0 ** -4 + host.scale[..., None] * 2.0 ** -10)
 
@@ -114,6 +123,44 @@ def test_fp8_logits_against_float32(hf):
     assert fp8[1] <= 0.1 and fp8[0] <= 1.0
     assert fp8[1] <= 5 * bf16[1]
     assert rows[1] <= 0.1 and rows[0] <= 1.0
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_fp8_rows_keep_the_model_dtype(hf, dtype):
+    """FP8 rows in a float32 or float16 model: the experts' outputs come back in the model's dtype
+    (the grouped kernel writes bf16 or float32), so the layers' scan carries one dtype, the logits
+    are near the weight-only FP8 model's, and a gradient flows through them."""
+    weight_only = ring_jax.load_model(hf, dtype=dtype, quantize="fp8")
+    model = ring_jax.load_model(hf, dtype=dtype, quantize="fp8", fp8_activations="grouped")
+    got, want = model(IDS[:1]), weight_only(IDS[:1])
+    assert got.dtype == want.dtype and np.all(np.isfinite(np.asarray(got, np.float32)))
+    assert kl(want, got)[1] <= 0.1
+    if dtype == "float32":
+        def loss(model):
+            return jnp.mean(model(IDS[:1, :16]) ** 2)
+        grads = nnx.grad(loss)(model)
+        assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree.leaves(grads))
+
+
+def test_fp8_rows_grouped_outputs_in_float32():
+    """The experts' grouped products with FP8 rows give tokens' dtype (float32 here, the weight-only
+    path's too), and their gradient (the weight-only reference's, through the rows' rounding)
+    flows to the tokens."""
+    from ring_jax.layers import moe
+    from ring_jax.quantization import quantize_kernel
+
+    E, H, I, N, k = 4, 128, 128, 8, 2
+    keys = jax.random.split(jax.random.key(5), 4)
+    gate_up = quantize_kernel(jax.random.normal(keys[0], (E, H, 2 * I), jnp.float32) / 10)
+    down = quantize_kernel(jax.random.normal(keys[1], (E, I, H), jnp.float32) / 10)
+    tokens = jax.random.normal(keys[2], (N, H), jnp.float32)
+    ids = jax.random.randint(keys[3], (N, k), 0, E).astype(jnp.int32)
+    got = moe.grouped_outputs(tokens, ids, gate_up, down, fp8_rows=True)
+    want = moe.grouped_outputs(tokens, ids, gate_up, down)
+    assert got.dtype == want.dtype == jnp.float32
+    assert rel_err(got, want) < 0.1
+    grad = jax.grad(lambda t: jnp.sum(moe.grouped_outputs(t, ids, gate_up, down, fp8_rows=True) ** 2))(tokens)
+    assert grad.dtype == jnp.float32 and np.all(np.isfinite(np.asarray(grad)))
 
 
 def test_every_path_to_an_fp8_model_gives_the_same_bits(hf, folders, tmp_path):
@@ -294,6 +341,39 @@ def test_command_lines_pass_quantize_to_load_model(hf, monkeypatch):
     assert seen == ["fp8", "fp8"]
 
 
+def test_tied_head_stored_in_fp8_is_named(folders, tmp_path):
+    """An FP8 checkpoint whose config ties the head to the embeddings but which stores an FP8
+    lm_head.weight (without its scale): one error naming the head, not a missing scale."""
+    from test_convert import rewrite
+
+    def edit(tensors):
+        tensors.pop("lm_head.weight_scale")
+    rewrite(folders["back"], tmp_path / "tied", edit)
+    config = json.load(open(tmp_path / "tied" / "config.json"))
+    json.dump(dict(config, tie_word_embeddings=True), open(tmp_path / "tied" / "config.json", "w"))
+    with pytest.raises(CheckpointError, match=r"unexpected tensor lm_head.weight \(float8_e4m3fn\)"):
+        ring_jax.load_model(str(tmp_path / "tied"))
+
+
+def test_converted_fp8_array_of_another_dtype_is_named(folders, tmp_path):
+    """A converted FP8 folder whose manifest lists an FP8 array in another dtype is refused by name
+    (Orbax would cast it on restore), and one that names a quantization ring_jax does not read."""
+    import shutil
+
+    folder = tmp_path / "fp8"
+    shutil.copytree(folders["fp8"], folder)
+    manifest = json.load(open(folder / "ring_jax.json"))
+    manifest["params"]["layers.1.mlp.experts.down_proj"][1] = "bfloat16"
+    json.dump(manifest, open(folder / "ring_jax.json", "w"))
+    with pytest.raises(CheckpointError, match="layers.1.mlp.experts.down_proj is stored as bfloat16; the model "
+                                              "holds it in float8_e4m3fn"):
+        ring_jax.load_model(str(folder))
+    manifest["quantize"] = "int4"
+    json.dump(manifest, open(folder / "ring_jax.json", "w"))
+    with pytest.raises(CheckpointError, match=r"quantize 'int4' is not one this ring_jax reads \(fp8\)"):
+        ring_jax.load_model(str(folder))
+
+
 def test_errors(hf, folders, tmp_path):
     """Each mistake is one clear error."""
     model = ring_jax.load_model(hf).quantize()
@@ -318,7 +398,7 @@ def test_errors(hf, folders, tmp_path):
         RingConfig.from_hf(dict(raw, quantization_config=dict(block, activation_scheme="static")))
     with pytest.raises(ConfigError, match="weight_block_size \\[True, True\\]"):
         RingConfig.from_hf(dict(raw, quantization_config=dict(block, weight_block_size=[True, True])))
-    with pytest.raises(ConfigError, match="has no quant_method"):
+    with pytest.raises(ConfigError, match="quant_method None"):
         RingConfig.from_hf(dict(raw, quantization_config={"load_in_8bit": True}))
     with pytest.raises(ValueError, match="fp8_activations='grouped' needs FP8 weights"):
         ring_jax.load_model(folders["plain"], fp8_activations="grouped")

@@ -37,11 +37,11 @@ from jax.experimental.pallas import triton as pltriton
 from pallas_kernels.backend import FP8, as_pairs, e4m3, matrix_shape, triton_offsets_overflow
 from pallas_kernels.matvec import reference
 
-# "auto" takes the kernel for one row per group only: on an H200 XLA's GEMM was faster from 2 rows
-# on (a 5-layer Ring-mini decode step at batch 8; docs/PERFORMANCE.md).
+# "auto" takes the kernel for one row per group only: from 2 rows XLA's GEMM was the faster in a
+# Ring-mini decode step (docs/PERFORMANCE.md).
 MAX_ROWS = 1
-# The fastest tile and warps in the same model: 16 KB tiles of 64 columns and 4 warps (against 32 KB
-# tiles, 128 columns, 8 warps or 8 KB tiles).
+# The fastest tile and warps of a sweep in the same model (docs/PERFORMANCE.md): 16 KB tiles of 64
+# columns, 4 warps.
 BLOCK_N = 64
 TILE_BYTES = 16 * 1024
 NUM_WARPS = 4

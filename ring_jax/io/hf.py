@@ -76,17 +76,20 @@ def open_hf_checkpoint(hf_dir: str, config: RingConfig, dtype=None) -> tuple[HFT
     source = HFTensors(folder, quantization)
     table = tensor_table(config)
     check_tensors(table, folder.names, folder.shape, folder.dtype, quantization)
-    if config.tie_word_embeddings and TIED_HEAD in source.names:
-        if not np.array_equal(source.read(TIED_HEAD), source.read(table[0].hf_names[0])):
-            raise CheckpointError(f"unexpected tensor {TIED_HEAD}: the config ties the head to the "
-                                  "embeddings but the checkpoint's head differs from them")
+    embedding = table[0].hf_names[0]
+    if config.tie_word_embeddings and TIED_HEAD in source.names:     # a copy of the embeddings, as stored
+        if (folder.dtype(TIED_HEAD) != folder.dtype(embedding)
+                or not np.array_equal(folder.read(TIED_HEAD), folder.read(embedding))):
+            raise CheckpointError(f"unexpected tensor {TIED_HEAD} ({folder.dtype(TIED_HEAD)}): the config ties "
+                                  f"the head to the embeddings ({folder.dtype(embedding)}) but the checkpoint's head "
+                                  "differs from them")
     if dtype is None and config.torch_dtype not in (None, "auto"):
         try:
             dtype = parse_dtype(config.torch_dtype)
         except ValueError as e:
             raise CheckpointError(f"config.json torch_dtype: {e}") from None
     if dtype is None:
-        dtype = folder.dtype(table[0].hf_names[0])
+        dtype = folder.dtype(embedding)
     return source, np.dtype(dtype)
 
 
