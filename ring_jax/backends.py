@@ -42,7 +42,7 @@ def _matvec_takes(rows: int, x, w, scale=None) -> bool:
     """Whether `pallas_kernels.matvec` runs [1, rows, K] rows of x (an array or a `Normed`) against
     w (a [K, N] matrix, a stack [E, K, N], or a tuple of stacks; FP8 with `scale`: K-major, [N, K]
     and [E, N, K]) on its kernel."""
-    K = (w[0] if isinstance(w, tuple) else w).shape[-1 if scale is not None else -2]
+    K = kernel_backend.matrix_shape(w[0] if isinstance(w, tuple) else w)[0]
     if not isinstance(w, tuple) and len(w.shape) == 2:
         w = jax.ShapeDtypeStruct((1,) + tuple(w.shape), w.dtype)
         scale = None if scale is None else jax.ShapeDtypeStruct((1,) + tuple(scale.shape), scale.dtype)

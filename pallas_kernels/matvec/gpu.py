@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.backend import FP8, as_pairs, e4m3, matrix_shape, triton_offsets_overflow
+from pallas_kernels.backend import FP8, as_pairs, e4m3, matrix_shape, power_of_two, triton_offsets_overflow
 from pallas_kernels.matvec import reference
 
 # "auto" takes the kernel for one row per group only: from 2 rows XLA's GEMM was the faster in a
@@ -71,7 +71,7 @@ def fits(x, w, norm_weight=None, scale=None) -> bool:
     dtype = jnp.dtype(stacks[0].dtype)
     same = all(s.shape[-2:] == stacks[0].shape[-2:] and jnp.dtype(s.dtype) == dtype for s in stacks)
     weights_ok = dtype in DTYPES if scale is None else dtype == FP8
-    norm_ok = norm_weight is None or (K & (K - 1) == 0 and jnp.dtype(norm_weight.dtype) == jnp.dtype(x.dtype))
+    norm_ok = norm_weight is None or (power_of_two(K) and jnp.dtype(norm_weight.dtype) == jnp.dtype(x.dtype))
     return (same and norm_ok and jnp.dtype(x.dtype) in DTYPES and weights_ok
             and K % block_k(dtype) == 0 and N % BLOCK_N == 0)
 

@@ -12,6 +12,7 @@ import pallas_kernels
 from ring_jax import backends
 from ring_jax.layers.norms import norm_operands
 from ring_jax.layers.stack import StackSlice, read
+from pallas_kernels.backend import matrix_shape
 from ring_jax.quantization import Fp8, fp8_axes, quantize_kernel
 from ring_jax.sharding import param
 
@@ -83,7 +84,7 @@ def matmul(x, w, scale=None) -> jax.Array:
     scale (`ring_jax.quantization`). A decode step's single row may take the matvec kernel
     (`backends.projection_matvec`), which reads a stacked layer's weights in their stack and
     normalises a Normed's rows itself."""
-    K, N = w.shape[::-1] if scale is not None else w.shape
+    K, N = matrix_shape(w)
     rows = math.prod(x.shape[:-1])
     if backends.projection_matvec(x, w, scale):
         rows_in, norm = norm_operands(x)
@@ -168,6 +169,14 @@ def _widened_backward(residuals, cotangent):
 _widened_product.defvjp(_widened_forward, _widened_backward, symbolic_zeros=True)
 
 
+def quantized_params(weight: nnx.Variable, axes: tuple) -> tuple[nnx.Param, nnx.Param]:
+    """A weight [..., in, out] with logical axes `axes` -> its FP8 parameters: values [..., out, in]
+    and scale [..., out] (`ring_jax.quantization.quantize_kernel`), each with its axes."""
+    values_axes, scale_axes = fp8_axes(axes)
+    q = quantize_kernel(weight.get_value())
+    return param(q.values, values_axes), param(q.scale, scale_axes)
+
+
 class Linear(nnx.Module):
     """y = x @ kernel; kernel: [in_features, out_features] with logical axes `axes`, or after
     `quantize` FP8 values [out_features, in_features] with kernel_scale [out_features]
@@ -193,11 +202,8 @@ class Linear(nnx.Module):
         return tuple(shape), tuple(axes)
 
     def quantize(self) -> None:
-        """Makes the weight FP8 (`ring_jax.quantization.quantize_kernel`), in place."""
-        values_axes, scale_axes = fp8_axes(self.layout()[1])
-        q = quantize_kernel(self.kernel.get_value())
-        self.kernel = param(q.values, values_axes)
-        self.kernel_scale = param(q.scale, scale_axes)
+        """Makes the weight FP8 (`quantized_params`), in place."""
+        self.kernel, self.kernel_scale = quantized_params(self.kernel, self.layout()[1])
 
     def weight(self):
         """The kernel's value (an array or a StackSlice), or after `quantize` an Fp8 of the values
@@ -208,5 +214,6 @@ class Linear(nnx.Module):
 
     def __call__(self, x) -> jax.Array:
         """x: [..., in] (an array or a `Normed`) -> [..., out] in x's dtype."""
-        y = matmul(x, *self.weight()) if self.quantized else matmul(x, self.kernel.get_value())
+        w = self.weight()
+        y = matmul(x, *w) if self.quantized else matmul(x, w)
         return y if self.lora is None else self.lora(y, x)

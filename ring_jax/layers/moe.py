@@ -29,11 +29,11 @@ import pallas_kernels
 from pallas_kernels.backend import with_reference_gradient
 from ring_jax import backends
 from ring_jax.config import RingConfig
-from ring_jax.layers.linear import float32_matmul
+from ring_jax.layers.linear import float32_matmul, quantized_params
 from ring_jax.layers.mlp import MLP, swiglu
 from ring_jax.layers.norms import norm_operands
 from ring_jax.layers.stack import StackSlice, read, stack_and_index
-from ring_jax.quantization import Fp8, fp8_axes, quantize_kernel
+from ring_jax.quantization import Fp8, scale_name
 from ring_jax.sharding import in_mesh, mesh_axis, on_blocks, param
 
 
@@ -282,20 +282,19 @@ class Experts(nnx.Module):
         self.down_proj_scale = nnx.data(None)
 
     def quantize(self) -> None:
-        """Makes both stacks FP8 (`ring_jax.quantization.quantize_kernel`), in place."""
+        """Makes both stacks FP8 (`ring_jax.layers.linear.quantized_params`), in place."""
         for name in ("gate_up_proj", "down_proj"):
             variable = getattr(self, name)
-            values_axes, scale_axes = fp8_axes(variable.get_metadata()["out_sharding"])
-            q = quantize_kernel(variable.get_value())
-            setattr(self, name, param(q.values, values_axes))
-            setattr(self, name + "_scale", param(q.scale, scale_axes))
+            values, scale = quantized_params(variable, variable.get_metadata()["out_sharding"])
+            setattr(self, name, values)
+            setattr(self, scale_name(name), scale)
 
     def weights(self) -> tuple:
         """(gate_up, down): each the stack's value (an array or a StackSlice), or after `quantize`
         an Fp8 of the values and scales."""
         if self.gate_up_proj_scale is None:
             return self.gate_up_proj.get_value(), self.down_proj.get_value()
-        return tuple(Fp8(getattr(self, name).get_value(), getattr(self, name + "_scale").get_value())
+        return tuple(Fp8(getattr(self, name).get_value(), getattr(self, scale_name(name)).get_value())
                      for name in ("gate_up_proj", "down_proj"))
 
     def __call__(self, tokens: jax.Array, ids: jax.Array, weights: jax.Array) -> jax.Array:
