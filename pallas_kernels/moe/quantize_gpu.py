@@ -3,8 +3,8 @@
 `backend.quantize_rows` in one pass over the rows: each program reads a block of whole rows once,
 takes each row's largest magnitude, and writes the rows' e4m3 values and float32 scales: one read
 of the rows, where XLA's program reads them twice (a reduction, then a fusion that converts;
-docs/PERFORMANCE.md, "The FP8 rows' quantization"). The MoE's FP8-rows path quantizes each token before the
-dispatch and the SwiGLU output, [tokens x top_k, I], before the down product.
+docs/PERFORMANCE.md, "The FP8 rows' quantization"). The MoE's FP8-rows path quantizes each token
+before the dispatch and the SwiGLU output, [tokens x top_k, I], before the down product.
 
 Grid (cdiv(M, rows),), rows = BLOCK_ELEMENTS / K. The Triton lowering does not mask a block that
 passes the array's end, so the last program masks its rows itself.
