@@ -9,10 +9,10 @@ from flax import nnx
 from jax.custom_derivatives import SymbolicZero
 
 import pallas_kernels
+from pallas_kernels.backend import matrix_shape
 from ring_jax import backends
 from ring_jax.layers.norms import norm_operands
 from ring_jax.layers.stack import StackSlice, read
-from pallas_kernels.backend import matrix_shape
 from ring_jax.quantization import Fp8, fp8_axes, quantize_kernel
 from ring_jax.sharding import param
 
